@@ -1,0 +1,1 @@
+//! Audit events and sinks (DESIGN section 8).

@@ -1,0 +1,57 @@
+//! Command-line interface: one file per subcommand, each with its clap
+//! `Args` and a `run` that returns the process exit code.
+
+pub mod check_config;
+pub mod dev;
+pub mod keyring;
+pub mod keys;
+pub mod migrate;
+pub mod rewrap;
+pub mod serve;
+pub mod tenants;
+
+use clap::{Parser, Subcommand};
+
+/// Transparent per-tenant encryption proxy for PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "cmk-proxy", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy.
+    Serve(serve::Args),
+    /// Start a throwaway local PostgreSQL and the proxy in front of it (demo).
+    Dev(dev::Args),
+    /// Validate a policy file (and, with --live, against the database).
+    CheckConfig(check_config::Args),
+    /// Create or upgrade the `cmk` schema (or print the DDL).
+    Migrate(migrate::Args),
+    /// Play the tenant with a local keyring: create, disable, enable, destroy keys.
+    Keyring(keyring::Args),
+    /// Manage tenants in `cmk.tenants`.
+    Tenants(tenants::Args),
+    /// Data-key operations (rotation).
+    Keys(keys::Args),
+    /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
+    Rewrap(rewrap::Args),
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::CheckConfig(args) => check_config::run(args).await,
+        Command::Migrate(args) => migrate::run(args).await,
+        Command::Keyring(args) => keyring::run(args).await,
+        Command::Tenants(args) => tenants::run(args).await,
+        Command::Keys(args) => keys::run(args).await,
+        Command::Rewrap(args) => rewrap::run(args).await,
+    }
+}

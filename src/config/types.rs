@@ -1,0 +1,463 @@
+//! Serde types of the policy file. Every struct denies unknown keys so a typo
+//! is an error, not a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Address the proxy listens on for application connections.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Upstream PostgreSQL, e.g. `postgres://user:pw@127.0.0.1:5432/app`.
+    /// Host and port are where client sessions are relayed; user, password and
+    /// database are the proxy's own credentials for the `cmk` registry.
+    #[serde(default = "defaults::upstream")]
+    pub upstream: String,
+    /// TLS towards clients and towards PostgreSQL.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Key providers and key lifetimes.
+    #[serde(default)]
+    pub keys: KeysConfig,
+    /// Audit sinks.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// How the tenant of a session or row is found.
+    #[serde(default)]
+    pub tenant: TenantConfig,
+    /// Tenants to seed into `cmk.tenants` (optional).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantSeed>,
+    /// Protected tables, keyed by `schema.table`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, TablePolicy>,
+    /// Server behaviour: shutdown, limits, logging.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// TLS settings for both legs of the proxy.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate the proxy presents to clients. Without it, client
+    /// SSLRequests are answered with `N` (no TLS).
+    pub client: Option<ClientTls>,
+    /// TLS towards PostgreSQL.
+    #[serde(default)]
+    pub upstream: UpstreamTls,
+}
+
+/// Server certificate and key (PEM files) presented to clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// TLS towards the upstream PostgreSQL.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// disable / prefer / require / verify-full, as libpq's sslmode.
+    #[serde(default)]
+    pub mode: UpstreamTlsMode,
+    /// CA bundle (PEM) used by `verify-full`; the system roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Name checked against the server certificate in `verify-full`
+    /// (defaults to the upstream host).
+    pub server_name: Option<String>,
+}
+
+/// libpq-like sslmode for the upstream leg.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Never use TLS.
+    Disable,
+    /// Use TLS when the server offers it, without verifying the certificate.
+    #[default]
+    Prefer,
+    /// Require TLS, without verifying the certificate.
+    Require,
+    /// Require TLS and verify the certificate chain and host name.
+    VerifyFull,
+}
+
+/// Key providers and DEK lifetimes (DESIGN section 2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// How long an unwrapped DEK may be used before the KMS is asked again.
+    #[serde(default = "defaults::approval_ttl", with = "humantime_serde")]
+    pub approval_ttl: Duration,
+    /// How long cached approvals may outlive an unreachable KMS (0 = never).
+    #[serde(default, with = "humantime_serde")]
+    pub max_stale: Duration,
+    /// Age after which a DEK stops encrypting and a new epoch starts.
+    #[serde(default = "defaults::dek_max_age", with = "humantime_serde")]
+    pub dek_max_age: Duration,
+    /// Number of cells after which a DEK stops encrypting.
+    #[serde(default = "defaults::dek_max_cells")]
+    pub dek_max_cells: u64,
+    /// Named key providers, referenced by tenants.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            approval_ttl: defaults::approval_ttl(),
+            max_stale: Duration::ZERO,
+            dek_max_age: defaults::dek_max_age(),
+            dek_max_cells: defaults::dek_max_cells(),
+            providers: BTreeMap::new(),
+        }
+    }
+}
+
+/// One key provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// A local keyring file (development and tests).
+    Local {
+        /// Path of the keyring JSON file (mode 0600).
+        path: PathBuf,
+    },
+    /// AWS KMS through the standard credential chain.
+    AwsKms {
+        /// AWS region, e.g. `eu-west-1`.
+        region: Option<String>,
+        /// Endpoint override (tests: a local moto server).
+        endpoint: Option<String>,
+        /// Named profile of the shared AWS config.
+        profile: Option<String>,
+    },
+}
+
+/// Audit configuration (DESIGN section 8).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// The main sink every event goes to.
+    #[serde(default)]
+    pub sink: AuditSink,
+    /// Capacity of the in-memory queue in front of the sinks.
+    #[serde(default = "defaults::audit_queue")]
+    pub queue_capacity: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            sink: AuditSink::default(),
+            queue_capacity: defaults::audit_queue(),
+        }
+    }
+}
+
+/// Where audit events are written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum AuditSink {
+    /// No main sink (per-tenant sinks still receive their events).
+    None,
+    /// Standard output.
+    #[default]
+    Stdout,
+    /// Append JSON lines to a file.
+    File {
+        /// Path of the JSON-lines file.
+        path: PathBuf,
+    },
+    /// A file per tenant in a directory (`<dir>/<tenant>.jsonl`).
+    TenantFiles {
+        /// Directory of the per-tenant files.
+        dir: PathBuf,
+    },
+    /// POST each event as JSON to an HTTP endpoint.
+    Http {
+        /// Endpoint URL.
+        url: String,
+    },
+}
+
+/// Tenant resolution (DESIGN section 5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Session setting that names the tenant (`SET cmk.tenant_id = 'acme'`).
+    #[serde(default = "defaults::session_setting")]
+    pub session_setting: String,
+    /// Database user → tenant, for applications with a user per tenant.
+    #[serde(default)]
+    pub users: BTreeMap<String, String>,
+    /// Look up the tenant of the target rows for UPDATEs that name none.
+    #[serde(default = "defaults::yes")]
+    pub resolve_updates: bool,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        Self {
+            session_setting: defaults::session_setting(),
+            users: BTreeMap::new(),
+            resolve_updates: true,
+        }
+    }
+}
+
+/// A tenant seeded into `cmk.tenants`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSeed {
+    /// Provider name from `keys.providers`.
+    pub provider: String,
+    /// Key reference within the provider (ARN, alias, keyring entry).
+    pub key: String,
+    /// Optional per-tenant audit sink.
+    pub audit_sink: Option<AuditSink>,
+}
+
+/// Policy of one protected table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablePolicy {
+    /// Column holding the tenant id of each row.
+    pub tenant_column: String,
+    /// jsonb column holding `{dek_id: base64(edek)}` for the row.
+    #[serde(default = "defaults::edek_column")]
+    pub edek_column: String,
+    /// Show the EDEK column to clients (hidden by default).
+    #[serde(default)]
+    pub show_edek: bool,
+    /// `enforcing` (default) or `migrating` (legacy plaintext readable).
+    #[serde(default)]
+    pub mode: TableMode,
+    /// Protected columns and their declared plaintext types.
+    pub columns: BTreeMap<String, ColumnPolicy>,
+}
+
+/// Whether legacy plaintext cells are tolerated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableMode {
+    /// Every cell must be an envelope.
+    #[default]
+    Enforcing,
+    /// Cells without the envelope header are served as legacy plaintext.
+    Migrating,
+}
+
+/// One protected column.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnPolicy {
+    /// Declared plaintext type presented to clients.
+    #[serde(rename = "type")]
+    pub ty: DeclaredType,
+    /// Optional searchable equality through a blind index.
+    #[serde(default)]
+    pub search: SearchMode,
+}
+
+/// Plaintext types a protected column may declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeclaredType {
+    /// `text`
+    Text,
+    /// `varchar`
+    Varchar,
+    /// `int2`
+    Int2,
+    /// `int4`
+    Int4,
+    /// `int8`
+    Int8,
+    /// `numeric`
+    Numeric,
+    /// `float8`
+    Float8,
+    /// `bool`
+    Bool,
+    /// `date`
+    Date,
+    /// `timestamp`
+    Timestamp,
+    /// `timestamptz`
+    Timestamptz,
+    /// `uuid`
+    Uuid,
+    /// `jsonb`
+    Jsonb,
+    /// `bytea`
+    Bytea,
+}
+
+impl DeclaredType {
+    /// PostgreSQL type OID of the declared type.
+    pub fn oid(self) -> u32 {
+        match self {
+            Self::Text => 25,
+            Self::Varchar => 1043,
+            Self::Int2 => 21,
+            Self::Int4 => 23,
+            Self::Int8 => 20,
+            Self::Numeric => 1700,
+            Self::Float8 => 701,
+            Self::Bool => 16,
+            Self::Date => 1082,
+            Self::Timestamp => 1114,
+            Self::Timestamptz => 1184,
+            Self::Uuid => 2950,
+            Self::Jsonb => 3802,
+            Self::Bytea => 17,
+        }
+    }
+
+    /// SQL name of the declared type.
+    pub fn sql_name(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Varchar => "varchar",
+            Self::Int2 => "int2",
+            Self::Int4 => "int4",
+            Self::Int8 => "int8",
+            Self::Numeric => "numeric",
+            Self::Float8 => "float8",
+            Self::Bool => "bool",
+            Self::Date => "date",
+            Self::Timestamp => "timestamp",
+            Self::Timestamptz => "timestamptz",
+            Self::Uuid => "uuid",
+            Self::Jsonb => "jsonb",
+            Self::Bytea => "bytea",
+        }
+    }
+}
+
+/// Searchable-encryption mode of a column.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SearchMode {
+    /// No search: only whole-value reads and writes.
+    #[default]
+    None,
+    /// Equality through a blind index column `<col>_bidx`.
+    Equality,
+}
+
+/// Server behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// How long sessions may finish after SIGTERM/SIGINT.
+    #[serde(default = "defaults::shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// Largest protocol message accepted from a client, in bytes.
+    #[serde(default = "defaults::max_message_size")]
+    pub max_message_size: usize,
+    /// Timeout for connecting to the upstream.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// `human` or `json` log lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: defaults::shutdown_timeout(),
+            max_message_size: defaults::max_message_size(),
+            connect_timeout: defaults::connect_timeout(),
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Default values, in one place.
+pub mod defaults {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    pub(crate) fn listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 6432))
+    }
+    pub(crate) fn upstream() -> String {
+        "postgres://127.0.0.1:5432/postgres".to_owned()
+    }
+    pub(crate) fn approval_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub(crate) fn dek_max_age() -> Duration {
+        Duration::from_secs(30 * 24 * 3600)
+    }
+    /// 2^32 cells per DEK keeps random 96-bit nonces far inside
+    /// AES-GCM-SIV's bounds.
+    pub(crate) fn dek_max_cells() -> u64 {
+        1 << 32
+    }
+    pub(crate) fn audit_queue() -> usize {
+        65_536
+    }
+    pub(crate) fn session_setting() -> String {
+        "cmk.tenant_id".to_owned()
+    }
+    pub(crate) fn edek_column() -> String {
+        "cmk_edek".to_owned()
+    }
+    pub(crate) fn yes() -> bool {
+        true
+    }
+    pub(crate) fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    /// Default cap on a single client message (1 GiB, as PostgreSQL).
+    pub(crate) fn max_message_size() -> usize {
+        1 << 30
+    }
+    pub(crate) fn connect_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            listen: defaults::listen(),
+            upstream: defaults::upstream(),
+            tls: TlsConfig::default(),
+            keys: KeysConfig::default(),
+            audit: AuditConfig::default(),
+            tenant: TenantConfig::default(),
+            tenants: BTreeMap::new(),
+            tables: BTreeMap::new(),
+            server: ServerConfig::default(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! DEK registry, approval cache and rotation (DESIGN section 2).

@@ -1,0 +1,1 @@
+//! The KeyProvider trait and its providers: local keyring, AWS KMS.

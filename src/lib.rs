@@ -1,0 +1,14 @@
+//! cmk-proxy: a transparent PostgreSQL proxy that encrypts policy columns
+//! with per-tenant, customer-managed keys.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod keys;
+pub mod kms;
+pub mod localpg;
+pub mod protocol;
+pub mod proxy;
+pub mod rewrite;

@@ -1,0 +1,1 @@
+//! Message framing and the few message types the proxy decodes.

@@ -1,0 +1,1 @@
+//! Listener, per-connection session state machine, upstream connection.

@@ -1,0 +1,1 @@
+//! sqlparser-based analysis and rewriting of statements that touch protected columns.

@@ -2,6 +2,7 @@
 //! `Args` and a `run` that returns the process exit code.
 
 pub mod check_config;
+pub mod logging;
 pub mod dev;
 pub mod keyring;
 pub mod keys;

@@ -1,1 +1,13 @@
-//! Listener, per-connection session state machine, upstream connection.
+//! The proxy server: listener, per-connection sessions, upstream
+//! connections and TLS. Sessions relay bytes; only `session` knows the order
+//! of protocol phases.
+
+mod relay;
+mod server;
+mod session;
+mod stream;
+pub mod tls;
+mod upstream;
+
+pub use server::{run_server, ProxyError, ServerContext};
+pub use upstream::{Upstream, UpstreamError};

@@ -1,0 +1,425 @@
+//! One client session: the startup phase (TLS, GSSENC refusal, cancel
+//! requests), the upstream connection, and the two relay directions. This is
+//! the only place that knows the order of protocol phases.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
+use super::stream::Stream;
+use super::ServerContext;
+use crate::protocol::{
+    backend, frontend, rewrite_sasl_mechanisms, sqlstate, ErrorResponse, FrameHeader,
+    StartupPacket, StartupParams, CANCEL_REQUEST_CODE,
+};
+
+/// Serves one accepted client connection to its end.
+pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerContext>) {
+    let span = tracing::info_span!(
+        "conn",
+        client = %peer,
+        user = tracing::field::Empty,
+        database = tracing::field::Empty,
+        tls = tracing::field::Empty,
+    );
+    async move {
+        let _ = socket.set_nodelay(true);
+        match startup(socket, &ctx).await {
+            Ok(Some((client, params, leftover))) => {
+                let span = tracing::Span::current();
+                span.record("user", params.user.as_str());
+                span.record("database", params.database.as_str());
+                span.record("tls", client.is_tls());
+                debug!("session starting");
+                run_session(client, leftover, &ctx).await;
+            }
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "connection ended during startup"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// I/O failure during the startup phase.
+#[derive(Debug, thiserror::Error)]
+enum StartupFailure {
+    #[error("client I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Sends a FATAL error to the client and closes the stream.
+async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
+    let bytes = ErrorResponse::fatal(code, message).to_bytes();
+    let _ = stream.write_all(&bytes).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Handles SSLRequest/GSSENCRequest/CancelRequest until the StartupMessage.
+/// Returns `None` when the connection was fully handled (cancel, rejection).
+async fn startup(
+    socket: TcpStream,
+    ctx: &ServerContext,
+) -> Result<Option<(Stream, StartupParams, BytesMut)>, StartupFailure> {
+    let mut stream = Stream::Plain(socket);
+    let mut buf = BytesMut::with_capacity(512);
+    loop {
+        let parsed = match StartupPacket::parse(&buf) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                warn!(error = %e, "malformed startup packet");
+                reject(&mut stream, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await;
+                return Ok(None);
+            }
+        };
+        let Some((packet, used)) = parsed else {
+            if stream.read_buf(&mut buf).await? == 0 {
+                return Ok(None);
+            }
+            continue;
+        };
+        let _ = buf.split_to(used);
+        match packet {
+            StartupPacket::SslRequest => {
+                if !buf.is_empty() {
+                    // Bytes after SSLRequest but before the handshake could be
+                    // injected by a man in the middle (CVE-2021-23222).
+                    reject(&mut stream, sqlstate::PROTOCOL_VIOLATION, "unexpected data after SSLRequest").await;
+                    return Ok(None);
+                }
+                match (&ctx.acceptor, stream) {
+                    (Some(acceptor), Stream::Plain(mut tcp)) => {
+                        tcp.write_all(b"S").await?;
+                        let tls = acceptor.accept(tcp).await?;
+                        stream = Stream::ServerTls(Box::new(tls));
+                    }
+                    (_, mut other) => {
+                        other.write_all(b"N").await?;
+                        stream = other;
+                    }
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                stream.write_all(b"N").await?;
+            }
+            StartupPacket::Cancel { pid, raw } => {
+                debug!(backend_pid = pid, "forwarding cancel request");
+                if let Err(e) = ctx.upstream.send_cancel(&raw).await {
+                    warn!(error = %e, "cancel request could not be forwarded");
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup { params, raw } => {
+                if let Some(reason) = ctx.refuse_new_sessions() {
+                    reject(&mut stream, sqlstate::ADMIN_SHUTDOWN, reason).await;
+                    return Ok(None);
+                }
+                let mut initial = BytesMut::with_capacity(raw.len() + buf.len());
+                initial.extend_from_slice(&raw);
+                // The startup packet is relayed verbatim, ahead of whatever
+                // the client pipelined after it.
+                let leftover = buf;
+                return Ok(Some((stream, params, prepend(initial, leftover))));
+            }
+        }
+    }
+}
+
+fn prepend(mut head: BytesMut, tail: BytesMut) -> BytesMut {
+    head.extend_from_slice(&tail);
+    head
+}
+
+/// State shared by the two directions of a session.
+struct SessionState {
+    /// Request cycles sent by the client and not yet answered by ReadyForQuery.
+    /// Starts at 1: the startup cycle ends with the first ReadyForQuery.
+    open_cycles: AtomicI64,
+    /// Last transaction status from ReadyForQuery (`I`, `T`, `E`).
+    tx_status: AtomicU8,
+    /// CancelRequest for this session's backend (from BackendKeyData).
+    cancel_packet: Mutex<Option<[u8; 16]>>,
+    /// The client sent Terminate.
+    terminated: AtomicBool,
+}
+
+impl SessionState {
+    fn is_idle(&self) -> bool {
+        self.open_cycles.load(Ordering::Acquire) <= 0 && self.tx_status.load(Ordering::Acquire) == b'I'
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    ClientClosed,
+    ClientError(String),
+    UpstreamClosed,
+    UpstreamError(String),
+    Shutdown,
+}
+
+async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerContext) {
+    let server = match ctx.upstream.connect().await {
+        Ok(server) => server,
+        Err(e) => {
+            warn!(error = %e, "upstream connection failed");
+            reject(&mut client, sqlstate::CANNOT_CONNECT, &format!("cmk-proxy: {e}")).await;
+            return;
+        }
+    };
+    let state = SessionState {
+        open_cycles: AtomicI64::new(1),
+        tx_status: AtomicU8::new(b'I'),
+        cancel_packet: Mutex::new(None),
+        terminated: AtomicBool::new(false),
+    };
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut server_read, mut server_write) = tokio::io::split(server);
+    let limit = ctx.policy.server.max_message_size;
+    let shutdown = ctx.shutdown.clone();
+    let hard_stop = ctx.hard_stop.clone();
+
+    let end = {
+        let client_to_server = client_to_server(&mut client_read, &mut server_write, startup_bytes, limit, &state);
+        let server_to_client = server_to_client(
+            &mut server_read,
+            &mut client_write,
+            &state,
+            &shutdown,
+            &hard_stop,
+        );
+        tokio::select! {
+            end = client_to_server => end,
+            end = server_to_client => end,
+        }
+    };
+
+    match &end {
+        SessionEnd::ClientClosed | SessionEnd::ClientError(_) => {
+            if !state.terminated.load(Ordering::Acquire) && !state.is_idle() {
+                // The client vanished mid-query: stop the backend's work now
+                // instead of letting it run to completion for nobody.
+                let packet = state.cancel_packet.lock().ok().and_then(|p| *p);
+                if let Some(packet) = packet {
+                    info!("client left mid-query; cancelling its backend query");
+                    if let Err(e) = ctx.upstream.send_cancel(&packet).await {
+                        warn!(error = %e, "cancel after client disconnect failed");
+                    }
+                }
+            }
+        }
+        SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_) | SessionEnd::Shutdown => {}
+    }
+    if !matches!(end, SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_)) {
+        let _ = server_write.write_all(&[frontend::TERMINATE, 0, 0, 0, 4]).await;
+        let _ = server_write.shutdown().await;
+    }
+    let _ = client_write.shutdown().await;
+    match end {
+        SessionEnd::ClientError(e) | SessionEnd::UpstreamError(e) => info!(reason = %e, "session ended"),
+        other => debug!(reason = ?other, "session ended"),
+    }
+}
+
+/// Counts request cycles and notices Terminate; everything else streams.
+struct ClientInspector<'a> {
+    state: &'a SessionState,
+}
+
+impl Inspector for ClientInspector<'_> {
+    fn interest(&mut self, _tag: u8) -> Interest {
+        Interest::Header
+    }
+
+    fn on_header(&mut self, header: FrameHeader) {
+        match header.tag {
+            frontend::QUERY | frontend::SYNC | b'F' => {
+                self.state.open_cycles.fetch_add(1, Ordering::AcqRel);
+            }
+            frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
+            _ => {}
+        }
+    }
+
+    fn on_frame(&mut self, _header: FrameHeader, _frame: &[u8]) -> Verdict {
+        Verdict::Forward
+    }
+}
+
+async fn client_to_server<R, W>(
+    client: &mut R,
+    server: &mut W,
+    startup_bytes: BytesMut,
+    limit: usize,
+    state: &SessionState,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The startup packet has no tag byte: send it raw, then frame the rest.
+    let startup_len = startup_len(&startup_bytes);
+    let mut startup_bytes = startup_bytes;
+    let rest = startup_bytes.split_off(startup_len);
+    if let Err(e) = server.write_all(&startup_bytes).await {
+        return SessionEnd::UpstreamError(e.to_string());
+    }
+    let mut pump = Pump::new(rest, limit);
+    let mut inspector = ClientInspector { state };
+    if let Err(end) = pump.forward(server, &mut inspector).await {
+        return client_end(end);
+    }
+    loop {
+        if let Err(end) = pump.step(client, server, &mut inspector).await {
+            return client_end(end);
+        }
+        if state.is_idle() {
+            pump.shrink_if_idle();
+        }
+    }
+}
+
+fn startup_len(bytes: &[u8]) -> usize {
+    bytes
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .unwrap_or(0)
+        .min(bytes.len())
+}
+
+fn client_end(end: PumpEnd) -> SessionEnd {
+    match end {
+        PumpEnd::Eof => SessionEnd::ClientClosed,
+        PumpEnd::ReadError(e) => SessionEnd::ClientError(e.to_string()),
+        PumpEnd::WriteError(e) => SessionEnd::UpstreamError(e.to_string()),
+        PumpEnd::Protocol(e) => SessionEnd::ClientError(format!("protocol violation: {e}")),
+    }
+}
+
+/// Tracks ReadyForQuery and BackendKeyData, strips channel binding from the
+/// SASL offer.
+struct ServerInspector<'a> {
+    state: &'a SessionState,
+    last_fatal: bool,
+}
+
+impl Inspector for ServerInspector<'_> {
+    fn interest(&mut self, tag: u8) -> Interest {
+        match tag {
+            backend::AUTHENTICATION => Interest::Rewrite,
+            backend::READY_FOR_QUERY | backend::BACKEND_KEY_DATA | backend::ERROR_RESPONSE => {
+                Interest::Observe
+            }
+            _ => Interest::Header,
+        }
+    }
+
+    fn on_header(&mut self, _header: FrameHeader) {}
+
+    fn on_frame(&mut self, header: FrameHeader, frame: &[u8]) -> Verdict {
+        let body = &frame[crate::protocol::HEADER_LEN..];
+        match header.tag {
+            backend::AUTHENTICATION => {
+                if let Some(rewritten) = rewrite_sasl_mechanisms(body) {
+                    debug!("removed SCRAM-SHA-256-PLUS from the SASL offer");
+                    return Verdict::Replace(rewritten);
+                }
+            }
+            backend::READY_FOR_QUERY => {
+                if let Some(status) = body.first() {
+                    self.state.tx_status.store(*status, Ordering::Release);
+                }
+                self.state.open_cycles.fetch_sub(1, Ordering::AcqRel);
+            }
+            backend::BACKEND_KEY_DATA if body.len() >= 8 => {
+                let mut packet = [0u8; 16];
+                packet[..4].copy_from_slice(&16u32.to_be_bytes());
+                packet[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+                packet[8..16].copy_from_slice(&body[..8]);
+                if let Ok(mut slot) = self.state.cancel_packet.lock() {
+                    *slot = Some(packet);
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                self.last_fatal = matches!(
+                    crate::protocol::error_field(body, b'V').or(crate::protocol::error_field(body, b'S')),
+                    Some("FATAL") | Some("PANIC")
+                );
+            }
+            _ => {}
+        }
+        Verdict::Forward
+    }
+}
+
+async fn server_to_client<R, W>(
+    server: &mut R,
+    client: &mut W,
+    state: &SessionState,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> SessionEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut pump = Pump::new(BytesMut::new(), usize::MAX >> 1);
+    let mut inspector = ServerInspector {
+        state,
+        last_fatal: false,
+    };
+    loop {
+        let draining = shutdown.is_cancelled();
+        if (draining && state.is_idle() && pump.at_frame_boundary()) || hard_stop.is_cancelled() {
+            if pump.at_frame_boundary() {
+                let bytes = ErrorResponse::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection because cmk-proxy is shutting down",
+                )
+                .to_bytes();
+                let _ = client.write_all(&bytes).await;
+            }
+            return SessionEnd::Shutdown;
+        }
+        // Only the read races the shutdown signals: it is cancel-safe, the
+        // forwarding after it is not and always runs to completion.
+        let filled = tokio::select! {
+            r = pump.fill(server) => r,
+            _ = shutdown.cancelled(), if !draining => continue,
+            _ = hard_stop.cancelled() => continue,
+        };
+        let result = match filled {
+            Ok(()) => pump.forward(client, &mut inspector).await,
+            Err(end) => Err(end),
+        };
+        match result {
+            Ok(()) => {
+                if state.is_idle() {
+                    pump.shrink_if_idle();
+                }
+            }
+            Err(end) => {
+                let (ended, reason) = match end {
+                    PumpEnd::Eof => (SessionEnd::UpstreamClosed, "server closed the connection unexpectedly".to_owned()),
+                    PumpEnd::ReadError(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
+                    PumpEnd::Protocol(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
+                    PumpEnd::WriteError(e) => return SessionEnd::ClientError(e.to_string()),
+                };
+                if pump.at_frame_boundary() && !inspector.last_fatal {
+                    let message = format!("cmk-proxy: lost the upstream connection: {reason}");
+                    let bytes = ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
+                    let _ = client.write_all(&bytes).await;
+                }
+                return ended;
+            }
+        }
+    }
+}

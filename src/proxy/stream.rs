@@ -1,0 +1,85 @@
+//! A socket that is either plain TCP or TLS (as server towards clients, as
+//! client towards PostgreSQL), behind one AsyncRead/AsyncWrite type.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A connection to a client or to the upstream.
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS terminated by the proxy (client side).
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS originated by the proxy (upstream side).
+    ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        !matches!(self, Stream::Plain(_))
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $inner:ident => $call:expr) => {
+        match $self.get_mut() {
+            Stream::Plain($inner) => {
+                let $inner = Pin::new($inner);
+                $call
+            }
+            Stream::ServerTls($inner) => {
+                let $inner = Pin::new($inner.as_mut());
+                $call
+            }
+            Stream::ClientTls($inner) => {
+                let $inner = Pin::new($inner.as_mut());
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::ServerTls(s) => s.is_write_vectored(),
+            Stream::ClientTls(s) => s.is_write_vectored(),
+        }
+    }
+}

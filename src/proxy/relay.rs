@@ -61,6 +61,8 @@ pub struct Pump {
     buf: BytesMut,
     /// Bytes of the current passthrough frame still to forward.
     pending: usize,
+    /// A write is under way (if its future is dropped, output may end mid-frame).
+    writing: bool,
     limit: usize,
 }
 
@@ -76,6 +78,7 @@ impl Pump {
         Self {
             buf,
             pending: 0,
+            writing: false,
             limit,
         }
     }
@@ -83,7 +86,7 @@ impl Pump {
     /// True when no partial frame has been forwarded: a frame built by the
     /// proxy can be inserted into the output stream here.
     pub fn at_frame_boundary(&self) -> bool {
-        self.pending == 0
+        self.pending == 0 && !self.writing
     }
 
     /// Reads once from `src` into the buffer. Cancel-safe: if the future is
@@ -158,7 +161,7 @@ impl Pump {
                         Verdict::Replace(bytes) => {
                             self.flush_ready(dst, ready).await?;
                             ready = 0;
-                            dst.write_all(&bytes).await.map_err(PumpEnd::WriteError)?;
+                            self.write(dst, &bytes).await?;
                             self.buf.advance(header.frame_len());
                         }
                     }
@@ -172,8 +175,18 @@ impl Pump {
         if ready == 0 {
             return Ok(());
         }
+        self.writing = true;
         dst.write_all(&self.buf[..ready]).await.map_err(PumpEnd::WriteError)?;
+        self.writing = false;
         self.buf.advance(ready);
+        Ok(())
+    }
+
+    /// Writes proxy-made bytes (whole frames) to `dst`.
+    pub async fn write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, bytes: &[u8]) -> Result<(), PumpEnd> {
+        self.writing = true;
+        dst.write_all(bytes).await.map_err(PumpEnd::WriteError)?;
+        self.writing = false;
         Ok(())
     }
 

@@ -161,6 +161,7 @@ impl SessionState {
 enum SessionEnd {
     ClientClosed,
     ClientError(String),
+    ClientProtocol(String),
     UpstreamClosed,
     UpstreamError(String),
     Shutdown,
@@ -187,9 +188,13 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerCo
     let shutdown = ctx.shutdown.clone();
     let hard_stop = ctx.hard_stop.clone();
 
+    // Owned here, not by the direction future, so that after the session
+    // ends we still know whether the client's stream is at a frame boundary.
+    let mut server_pump = Pump::new(BytesMut::new(), usize::MAX >> 1);
     let end = {
         let client_to_server = client_to_server(&mut client_read, &mut server_write, startup_bytes, limit, &state);
         let server_to_client = server_to_client(
+            &mut server_pump,
             &mut server_read,
             &mut client_write,
             &state,
@@ -202,8 +207,14 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerCo
         }
     };
 
+    if let SessionEnd::ClientProtocol(message) = &end {
+        if server_pump.at_frame_boundary() {
+            let bytes = ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, message).to_bytes();
+            let _ = client_write.write_all(&bytes).await;
+        }
+    }
     match &end {
-        SessionEnd::ClientClosed | SessionEnd::ClientError(_) => {
+        SessionEnd::ClientClosed | SessionEnd::ClientError(_) | SessionEnd::ClientProtocol(_) => {
             if !state.terminated.load(Ordering::Acquire) && !state.is_idle() {
                 // The client vanished mid-query: stop the backend's work now
                 // instead of letting it run to completion for nobody.
@@ -224,7 +235,9 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerCo
     }
     let _ = client_write.shutdown().await;
     match end {
-        SessionEnd::ClientError(e) | SessionEnd::UpstreamError(e) => info!(reason = %e, "session ended"),
+        SessionEnd::ClientError(e) | SessionEnd::UpstreamError(e) | SessionEnd::ClientProtocol(e) => {
+            info!(reason = %e, "session ended")
+        }
         other => debug!(reason = ?other, "session ended"),
     }
 }
@@ -300,7 +313,7 @@ fn client_end(end: PumpEnd) -> SessionEnd {
         PumpEnd::Eof => SessionEnd::ClientClosed,
         PumpEnd::ReadError(e) => SessionEnd::ClientError(e.to_string()),
         PumpEnd::WriteError(e) => SessionEnd::UpstreamError(e.to_string()),
-        PumpEnd::Protocol(e) => SessionEnd::ClientError(format!("protocol violation: {e}")),
+        PumpEnd::Protocol(e) => SessionEnd::ClientProtocol(format!("cmk-proxy: protocol violation: {e}")),
     }
 }
 
@@ -361,6 +374,7 @@ impl Inspector for ServerInspector<'_> {
 }
 
 async fn server_to_client<R, W>(
+    pump: &mut Pump,
     server: &mut R,
     client: &mut W,
     state: &SessionState,
@@ -371,7 +385,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut pump = Pump::new(BytesMut::new(), usize::MAX >> 1);
     let mut inspector = ServerInspector {
         state,
         last_fatal: false,
@@ -385,7 +398,7 @@ where
                     "terminating connection because cmk-proxy is shutting down",
                 )
                 .to_bytes();
-                let _ = client.write_all(&bytes).await;
+                let _ = pump.write(client, &bytes).await;
             }
             return SessionEnd::Shutdown;
         }
@@ -416,7 +429,7 @@ where
                 if pump.at_frame_boundary() && !inspector.last_fatal {
                     let message = format!("cmk-proxy: lost the upstream connection: {reason}");
                     let bytes = ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
-                    let _ = client.write_all(&bytes).await;
+                    let _ = pump.write(client, &bytes).await;
                 }
                 return ended;
             }

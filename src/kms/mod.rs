@@ -1,1 +1,159 @@
-//! The KeyProvider trait and its providers: local keyring, AWS KMS.
+//! The `KeyProvider` trait and its providers: local keyring, AWS KMS.
+//! A provider wraps and unwraps DEKs under a tenant's master key and says
+//! whether that key is still enabled; it caches nothing and knows no SQL.
+
+pub mod aws;
+pub mod local;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{KeysConfig, ProviderConfig};
+use crate::crypto::Dek;
+
+pub use aws::AwsKmsProvider;
+pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
+
+/// A wrapped DEK (ciphertext from the tenant's KMS). Not secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edek(pub Vec<u8>);
+
+/// What a wrapped DEK is bound to; becomes the KMS encryption context
+/// (`{"tenant_id": .., "dek_id": ..}`) or the local wrap's AAD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyContext<'a> {
+    /// Tenant owning the DEK.
+    pub tenant_id: &'a str,
+    /// Registry id of the DEK.
+    pub dek_id: uuid::Uuid,
+}
+
+/// A tenant key management service.
+#[async_trait::async_trait]
+pub trait KeyProvider: Send + Sync + 'static {
+    /// `"local"` or `"aws-kms"`.
+    fn kind(&self) -> &'static str;
+    /// Wraps `dek` under the master key `key_ref`, bound to `ctx`.
+    async fn wrap(&self, key_ref: &str, ctx: &KeyContext<'_>, dek: &Dek) -> Result<Edek, KmsError>;
+    /// Unwraps `edek`; succeeds only if `key_ref` is enabled and `ctx`
+    /// matches the one used to wrap.
+    async fn unwrap(&self, key_ref: &str, ctx: &KeyContext<'_>, edek: &Edek)
+        -> Result<Dek, KmsError>;
+    /// `Ok` only if the master key exists and is enabled.
+    async fn check_key(&self, key_ref: &str) -> Result<(), KmsError>;
+}
+
+/// Why a KMS refused: the tenant (or its KMS) said no.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenialReason {
+    /// The master key is disabled.
+    Disabled,
+    /// The master key is scheduled for deletion.
+    PendingDeletion,
+    /// The master key is destroyed (material gone).
+    Destroyed,
+    /// The KMS denied access to the key.
+    AccessDenied,
+    /// No such master key.
+    NotFound,
+    /// The EDEK or its context does not match (wrong tenant/dek_id, other key, tampered).
+    InvalidCiphertext,
+}
+
+impl DenialReason {
+    /// Short stable name for logs and audit events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::PendingDeletion => "pending-deletion",
+            Self::Destroyed => "destroyed",
+            Self::AccessDenied => "access-denied",
+            Self::NotFound => "not-found",
+            Self::InvalidCiphertext => "invalid-ciphertext",
+        }
+    }
+}
+
+impl std::fmt::Display for DenialReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Errors of a key provider. Messages never contain key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// The KMS refused: revoke the tenant's cached DEKs.
+    #[error("key {key_ref} denied ({reason}): {detail}")]
+    Denied {
+        /// Master key reference.
+        key_ref: String,
+        /// Why.
+        reason: DenialReason,
+        /// Provider's explanation.
+        detail: String,
+    },
+    /// The KMS could not be reached or answered with a retryable error.
+    #[error("key {key_ref} temporarily unavailable: {detail}")]
+    Transient {
+        /// Master key reference.
+        key_ref: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The provider is misconfigured (bad file, bad mode, bad settings).
+    #[error("key provider configuration: {0}")]
+    Config(String),
+}
+
+impl KmsError {
+    /// True for an explicit refusal by the KMS (as opposed to unavailability
+    /// or misconfiguration).
+    pub fn is_denial(&self) -> bool {
+        matches!(self, Self::Denied { .. })
+    }
+
+    /// The denial reason, if this is a denial.
+    pub fn denial_reason(&self) -> Option<DenialReason> {
+        match self {
+            Self::Denied { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// Short outcome label for audit events (`denied:disabled`, `transient`, `config`).
+    pub fn outcome(&self) -> String {
+        match self {
+            Self::Denied { reason, .. } => format!("denied:{reason}"),
+            Self::Transient { .. } => "transient".to_owned(),
+            Self::Config(_) => "config".to_owned(),
+        }
+    }
+}
+
+/// Providers by their name in `keys.providers`.
+pub type Providers = HashMap<String, Arc<dyn KeyProvider>>;
+
+/// Builds every provider named in the policy.
+pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
+    let mut providers: Providers = HashMap::new();
+    for (name, provider) in &cfg.providers {
+        let built: Arc<dyn KeyProvider> = match provider {
+            ProviderConfig::Local { path } => Arc::new(LocalProvider::open(path)?),
+            ProviderConfig::AwsKms {
+                region,
+                endpoint,
+                profile,
+            } => Arc::new(
+                AwsKmsProvider::from_settings(
+                    region.as_deref(),
+                    endpoint.as_deref(),
+                    profile.as_deref(),
+                )
+                .await?,
+            ),
+        };
+        providers.insert(name.clone(), built);
+    }
+    Ok(providers)
+}

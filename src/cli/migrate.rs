@@ -1,10 +1,51 @@
-//! Placeholder until this subcommand is built.
+//! `cmk-proxy migrate`: create or upgrade the `cmk` registry schema, or print
+//! its DDL for a DBA to review. Safe to run from several replicas at once.
 
-/// Arguments.
+use std::path::PathBuf;
+
+use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
+
+/// Create or upgrade the `cmk` schema (tenants, data keys, schema versions).
+///
+/// Applies the embedded migrations that are missing, inside one transaction
+/// holding an advisory lock, and records them in `cmk.schema_version`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Policy file (YAML); its `upstream` credentials and `tls.upstream` are used.
+    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Upstream PostgreSQL URL (overrides `upstream`).
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Print the DDL instead of applying it.
+    #[arg(long)]
+    pub print: bool,
+}
 
 /// Runs the subcommand.
-pub async fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("not built yet")
+pub async fn run(args: Args) -> anyhow::Result<i32> {
+    if args.print {
+        print!("{}", ddl_script());
+        return Ok(0);
+    }
+    let policy =
+        match super::serve::load_with_overrides(args.config.as_ref(), None, args.upstream.as_ref())
+        {
+            Ok(p) => p,
+            Err(code) => return Ok(code),
+        };
+    let registry = Registry::new(&policy)?;
+    let client = registry.connect_dedicated().await?;
+    let applied = migrate(&client).await?;
+    let latest = MIGRATIONS.last().map(|m| m.version).unwrap_or_default();
+    if applied.is_empty() {
+        println!("cmk schema is up to date (version {latest})");
+    } else {
+        let list: Vec<String> = applied.iter().map(u32::to_string).collect();
+        println!(
+            "applied cmk schema versions {} (now at version {latest})",
+            list.join(", ")
+        );
+    }
+    Ok(0)
 }

@@ -1,0 +1,522 @@
+//! The DEK registry in PostgreSQL (`cmk.tenants`, `cmk.data_keys`): one
+//! reconnecting tokio-postgres connection using the `policy.upstream`
+//! credentials and `tls.upstream`. It stores wrapped keys only, never a DEK.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use super::KeyError;
+use crate::config::{Policy, UpstreamAddr, UpstreamTls, UpstreamTlsMode};
+
+/// Whether a tenant may use its key (`cmk.tenants.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TenantStatus {
+    /// Reads and writes allowed (subject to the KMS).
+    Active,
+    /// Administratively disabled: treated exactly like a revoked key.
+    Disabled,
+}
+
+impl TenantStatus {
+    /// The value stored in `cmk.tenants.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        // The CHECK constraint allows only the two values; anything else is
+        // treated as disabled (fail closed).
+        if s == "active" {
+            Self::Active
+        } else {
+            Self::Disabled
+        }
+    }
+}
+
+/// One row of `cmk.tenants`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRecord {
+    /// Tenant id, as used in rows and in the AAD.
+    pub tenant_id: String,
+    /// Provider name from `keys.providers`.
+    pub provider: String,
+    /// Key reference within the provider.
+    pub key_ref: String,
+    /// Active or disabled.
+    pub status: TenantStatus,
+    /// Optional per-tenant audit sink (JSON form of `config::AuditSink`).
+    pub audit_sink: Option<serde_json::Value>,
+    /// When the tenant was added.
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `cmk.data_keys`: a wrapped DEK of one tenant epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataKeyRecord {
+    /// Key id, written into every cell header.
+    pub dek_id: Uuid,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Provider that wrapped the EDEK.
+    pub provider: String,
+    /// Key reference that wrapped the EDEK.
+    pub key_ref: String,
+    /// The wrapped DEK (not secret).
+    pub edek: Vec<u8>,
+    /// Epoch number, 1-based, unique per tenant.
+    pub epoch: i32,
+    /// When the DEK was created.
+    pub created_at: DateTime<Utc>,
+    /// When it stopped encrypting (still decrypts).
+    pub retired_at: Option<DateTime<Utc>>,
+}
+
+/// Connection settings and the live connection to the registry.
+pub struct Registry {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    authority: String,
+    conn: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("upstream", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+const TENANT_COLS: &str = "tenant_id, provider, key_ref, status, audit_sink, created_at";
+const DEK_COLS: &str = "dek_id, tenant_id, provider, key_ref, edek, epoch, created_at, retired_at";
+
+fn pg_err(what: &str) -> impl Fn(tokio_postgres::Error) -> KeyError + '_ {
+    move |e| KeyError::Registry(format!("{what}: {e}"))
+}
+
+impl Registry {
+    /// Prepares (does not open) the registry connection described by the policy.
+    pub fn new(policy: &Policy) -> Result<Registry, KeyError> {
+        let addr = UpstreamAddr::parse(&policy.upstream)
+            .map_err(|e| KeyError::Registry(format!("upstream: {e}")))?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&addr.host)
+            .port(addr.port)
+            .user(addr.user.as_deref().unwrap_or("postgres"))
+            .application_name("cmk-proxy-registry")
+            .connect_timeout(policy.server.connect_timeout);
+        if let Some(pw) = &addr.password {
+            config.password(pw);
+        }
+        if let Some(db) = &addr.dbname {
+            config.dbname(db);
+        }
+        let up = &policy.tls.upstream;
+        config.ssl_mode(match up.mode {
+            UpstreamTlsMode::Disable => tokio_postgres::config::SslMode::Disable,
+            UpstreamTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            UpstreamTlsMode::Require | UpstreamTlsMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
+            }
+        });
+        if let (UpstreamTlsMode::VerifyFull, Some(name)) = (up.mode, &up.server_name) {
+            // Connect to the configured address, verify the certificate for `name`.
+            if let Ok(ip) = addr.host.parse::<std::net::IpAddr>() {
+                config.host(name).hostaddr(ip);
+            } else {
+                return Err(KeyError::Registry(
+                    "tls.upstream.server_name needs an IP address as upstream host".into(),
+                ));
+            }
+        }
+        Ok(Registry {
+            config,
+            tls: upstream_tls(up)?,
+            authority: addr.authority(),
+            conn: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Opens a new connection of its own (migrations, transactions).
+    pub async fn connect_dedicated(&self) -> Result<Client, KeyError> {
+        let unreachable = |e: tokio_postgres::Error| {
+            KeyError::Registry(format!("registry {}: {e}", self.authority))
+        };
+        let client = match &self.tls {
+            None => {
+                let (client, conn) = self.config.connect(NoTls).await.map_err(unreachable)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(error = %e, "registry connection closed");
+                    }
+                });
+                client
+            }
+            Some(tls) => {
+                let (client, conn) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(unreachable)?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::warn!(error = %e, "registry connection closed");
+                    }
+                });
+                client
+            }
+        };
+        Ok(client)
+    }
+
+    /// The shared connection, reopened when it has broken.
+    pub async fn client(&self) -> Result<Arc<Client>, KeyError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.connect_dedicated().await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Inserts a tenant unless it exists; returns whether it was inserted.
+    pub async fn add_tenant(
+        &self,
+        tenant_id: &str,
+        provider: &str,
+        key_ref: &str,
+        audit_sink: Option<&serde_json::Value>,
+    ) -> Result<bool, KeyError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO cmk.tenants (tenant_id, provider, key_ref, audit_sink) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id) DO NOTHING",
+                &[&tenant_id, &provider, &key_ref, &audit_sink],
+            )
+            .await
+            .map_err(pg_err("adding tenant"))?;
+        Ok(n == 1)
+    }
+
+    /// Every tenant, ordered by id.
+    pub async fn list_tenants(&self) -> Result<Vec<TenantRecord>, KeyError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!("SELECT {TENANT_COLS} FROM cmk.tenants ORDER BY tenant_id"),
+                &[],
+            )
+            .await
+            .map_err(pg_err("listing tenants"))?;
+        Ok(rows.iter().map(tenant_from_row).collect())
+    }
+
+    /// One tenant, if it exists.
+    pub async fn tenant(&self, tenant_id: &str) -> Result<Option<TenantRecord>, KeyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {TENANT_COLS} FROM cmk.tenants WHERE tenant_id = $1"),
+                &[&tenant_id],
+            )
+            .await
+            .map_err(pg_err("reading tenant"))?;
+        Ok(row.as_ref().map(tenant_from_row))
+    }
+
+    /// Sets a tenant's status; returns false when the tenant does not exist.
+    pub async fn set_tenant_status(
+        &self,
+        tenant_id: &str,
+        status: TenantStatus,
+    ) -> Result<bool, KeyError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE cmk.tenants SET status = $2 WHERE tenant_id = $1",
+                &[&tenant_id, &status.as_str()],
+            )
+            .await
+            .map_err(pg_err("updating tenant status"))?;
+        Ok(n == 1)
+    }
+
+    /// The DEK that encrypts now: highest epoch not retired.
+    pub async fn current_data_key(
+        &self,
+        tenant_id: &str,
+    ) -> Result<Option<DataKeyRecord>, KeyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!(
+                    "SELECT {DEK_COLS} FROM cmk.data_keys WHERE tenant_id = $1 AND retired_at IS NULL \
+                     ORDER BY epoch DESC LIMIT 1"
+                ),
+                &[&tenant_id],
+            )
+            .await
+            .map_err(pg_err("reading current data key"))?;
+        Ok(row.as_ref().map(dek_from_row))
+    }
+
+    /// One data key by id.
+    pub async fn data_key(&self, dek_id: Uuid) -> Result<Option<DataKeyRecord>, KeyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!("SELECT {DEK_COLS} FROM cmk.data_keys WHERE dek_id = $1"),
+                &[&dek_id],
+            )
+            .await
+            .map_err(pg_err("reading data key"))?;
+        Ok(row.as_ref().map(dek_from_row))
+    }
+
+    /// Every data key of a tenant, by epoch.
+    pub async fn data_keys(&self, tenant_id: &str) -> Result<Vec<DataKeyRecord>, KeyError> {
+        let rows = self
+            .client()
+            .await?
+            .query(
+                &format!(
+                    "SELECT {DEK_COLS} FROM cmk.data_keys WHERE tenant_id = $1 ORDER BY epoch"
+                ),
+                &[&tenant_id],
+            )
+            .await
+            .map_err(pg_err("listing data keys"))?;
+        Ok(rows.iter().map(dek_from_row).collect())
+    }
+
+    /// The epoch a new DEK of this tenant should claim.
+    pub async fn next_epoch(&self, tenant_id: &str) -> Result<i32, KeyError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT COALESCE(MAX(epoch), 0) + 1 FROM cmk.data_keys WHERE tenant_id = $1",
+                &[&tenant_id],
+            )
+            .await
+            .map_err(pg_err("reading epochs"))?;
+        Ok(row.get(0))
+    }
+
+    /// Claims `(tenant, epoch)` for a new DEK. Returns false when another
+    /// replica claimed that epoch first (its row stands, ours is not stored).
+    pub async fn insert_data_key(
+        &self,
+        dek_id: Uuid,
+        tenant_id: &str,
+        provider: &str,
+        key_ref: &str,
+        edek: &[u8],
+        epoch: i32,
+    ) -> Result<bool, KeyError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "INSERT INTO cmk.data_keys (dek_id, tenant_id, provider, key_ref, edek, epoch) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, epoch) DO NOTHING",
+                &[&dek_id, &tenant_id, &provider, &key_ref, &edek, &epoch],
+            )
+            .await
+            .map_err(pg_err("storing data key"))?;
+        Ok(n == 1)
+    }
+
+    /// Marks a DEK retired (it stops encrypting). Returns false when it was
+    /// already retired, i.e. someone else rolled the epoch.
+    pub async fn retire_data_key(&self, dek_id: Uuid) -> Result<bool, KeyError> {
+        let n = self
+            .client()
+            .await?
+            .execute(
+                "UPDATE cmk.data_keys SET retired_at = now() WHERE dek_id = $1 AND retired_at IS NULL",
+                &[&dek_id],
+            )
+            .await
+            .map_err(pg_err("retiring data key"))?;
+        Ok(n == 1)
+    }
+
+    /// Replaces the EDEKs of a tenant and its key_ref in one transaction on a
+    /// dedicated connection (the shared one must never carry a transaction).
+    pub async fn store_rewrapped(
+        &self,
+        tenant_id: &str,
+        key_ref: &str,
+        edeks: &[(Uuid, Vec<u8>)],
+    ) -> Result<(), KeyError> {
+        let mut client = self.connect_dedicated().await?;
+        let tx = client.transaction().await.map_err(pg_err("rewrap"))?;
+        for (dek_id, edek) in edeks {
+            let n = tx
+                .execute(
+                    "UPDATE cmk.data_keys SET edek = $3, key_ref = $2 WHERE dek_id = $1 AND tenant_id = $4",
+                    &[dek_id, &key_ref, edek, &tenant_id],
+                )
+                .await
+                .map_err(pg_err("rewrap"))?;
+            if n != 1 {
+                return Err(KeyError::Registry(format!(
+                    "rewrap: data key {dek_id} vanished"
+                )));
+            }
+        }
+        tx.execute(
+            "UPDATE cmk.tenants SET key_ref = $2 WHERE tenant_id = $1",
+            &[&tenant_id, &key_ref],
+        )
+        .await
+        .map_err(pg_err("rewrap"))?;
+        tx.commit().await.map_err(pg_err("rewrap commit"))
+    }
+}
+
+fn tenant_from_row(r: &tokio_postgres::Row) -> TenantRecord {
+    TenantRecord {
+        tenant_id: r.get(0),
+        provider: r.get(1),
+        key_ref: r.get(2),
+        status: TenantStatus::parse(r.get(3)),
+        audit_sink: r.get(4),
+        created_at: r.get(5),
+    }
+}
+
+fn dek_from_row(r: &tokio_postgres::Row) -> DataKeyRecord {
+    DataKeyRecord {
+        dek_id: r.get(0),
+        tenant_id: r.get::<_, Option<String>>(1).unwrap_or_default(),
+        provider: r.get::<_, Option<String>>(2).unwrap_or_default(),
+        key_ref: r.get::<_, Option<String>>(3).unwrap_or_default(),
+        edek: r.get(4),
+        epoch: r.get(5),
+        created_at: r.get::<_, Option<DateTime<Utc>>>(6).unwrap_or_default(),
+        retired_at: r.get(7),
+    }
+}
+
+/// The rustls connector for the registry connection, or `None` for
+/// `disable`. `prefer`/`require` encrypt without verifying (as libpq);
+/// `verify-full` checks the chain against `ca` (or the system roots) and the
+/// host name.
+pub fn upstream_tls(
+    tls: &UpstreamTls,
+) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, KeyError> {
+    use rustls::ClientConfig;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| KeyError::Registry(format!("TLS setup: {e}")))?;
+    let config = match tls.mode {
+        UpstreamTlsMode::Disable => return Ok(None),
+        UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth(),
+        UpstreamTlsMode::VerifyFull => {
+            let mut roots = rustls::RootCertStore::empty();
+            match &tls.ca {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|e| {
+                        KeyError::Registry(format!(
+                            "cannot read tls.upstream.ca {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                        let cert = cert.map_err(|e| {
+                            KeyError::Registry(format!("bad PEM in {}: {e}", path.display()))
+                        })?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| KeyError::Registry(format!("bad CA certificate: {e}")))?;
+                    }
+                }
+                None => {
+                    for cert in rustls_native_certs::load_native_certs().certs {
+                        // Unparseable system certificates are skipped, as every TLS client does.
+                        let _ = roots.add(cert);
+                    }
+                }
+            }
+            if roots.is_empty() {
+                return Err(KeyError::Registry(
+                    "verify-full: no CA certificate to trust".into(),
+                ));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
+}
+
+/// Encrypts without authenticating the server (`prefer`/`require`), but
+/// still checks handshake signatures so the session keys are sound.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Installs what the integration clients and the benchmark need on Debian 12:
+# apt packages (only the missing ones), the Python venv at <repo>/.venv, the
+# node packages of integration/node, and the compiled JDBC client.
+# Idempotent: when everything is present it only checks and prints "ok" lines.
+# Needs no network other than Debian apt, PyPI and npm.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+JDBC_JAR=/usr/share/java/postgresql.jar
+PG_BIN=/usr/lib/postgresql/15/bin
+
+step() { printf '[install-deps] %-28s %s\n' "$1" "$2"; }
+die() { printf '[install-deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=(sudo)
+else
+    SUDO=()
+fi
+
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+# ---- apt packages -----------------------------------------------------------
+# Each entry: package, and a test that is true when what we need from it is
+# already there (a runtime may come from another package, e.g. nodesource's
+# nodejs ships npm; openjdk-17-jdk-headless provides javac).
+missing=()
+check() { # name, test command...
+    local pkg="$1"; shift
+    if "$@" >/dev/null 2>&1; then
+        step "apt $pkg" "ok (present)"
+    else
+        missing+=("$pkg")
+    fi
+}
+check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
+check postgresql-contrib   test -x /usr/bin/pgbench
+check pgbouncer            command -v pgbouncer
+check libpostgresql-jdbc-java test -f "$JDBC_JAR"
+check default-jdk-headless bash -c 'command -v javac && command -v java'
+check nodejs               command -v node
+check npm                  command -v npm
+check python3-venv         /usr/bin/python3 -c 'import venv, ensurepip'
+check openssl              command -v openssl
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to install: ${missing[*]}"
+    step "apt-get update" "(missing: ${missing[*]})"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    step "apt-get install" "${missing[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+    for pkg in "${missing[@]}"; do step "apt $pkg" "installed"; done
+fi
+
+# The Debian pgbouncer package enables a system service on port 6432; the
+# benchmark runs its own instance, so make sure the system one is not in the way.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet pgbouncer 2>/dev/null; then
+    "${SUDO[@]}" systemctl stop pgbouncer >/dev/null 2>&1 || true
+    step "pgbouncer service" "stopped (benchmark starts its own)"
+fi
+
+# ---- Python venv ------------------------------------------------------------
+VENV="$REPO/.venv"
+PY_PKGS=("psycopg[binary]" "moto[server]" sqlalchemy pytest)
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+    step "python venv" "created $VENV"
+else
+    step "python venv" "ok ($VENV)"
+fi
+if "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
+import psycopg, psycopg_binary, moto, sqlalchemy, pytest, flask  # flask comes with moto[server]
+EOF
+then
+    step "python packages" "ok (psycopg, moto, sqlalchemy, pytest)"
+else
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}"
+    step "python packages" "installed ${PY_PKGS[*]}"
+fi
+
+# ---- node packages ----------------------------------------------------------
+NODE_DIR="$REPO/integration/node"
+if [ -f "$NODE_DIR/node_modules/.package-lock.json" ] \
+    && cmp -s <(sed -n '/"packages"/,$p' "$NODE_DIR/package-lock.json" | grep -c '"node_modules/') \
+              <(sed -n '/"packages"/,$p' "$NODE_DIR/node_modules/.package-lock.json" | grep -c '"node_modules/') \
+    && (cd "$NODE_DIR" && node -e 'require("pg")') >/dev/null 2>&1; then
+    step "node packages" "ok (integration/node/node_modules)"
+else
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    step "node packages" "installed (npm ci in integration/node)"
+fi
+
+# ---- JDBC client ------------------------------------------------------------
+JAVA_DIR="$REPO/integration/java"
+CLASS="$JAVA_DIR/build/Session.class"
+if [ -f "$CLASS" ] && [ "$CLASS" -nt "$JAVA_DIR/Session.java" ]; then
+    step "java client" "ok (integration/java/build)"
+else
+    mkdir -p "$JAVA_DIR/build"
+    javac -nowarn -cp "$JDBC_JAR" -d "$JAVA_DIR/build" "$JAVA_DIR/Session.java"
+    step "java client" "compiled integration/java/Session.java"
+fi
+
+step "done" "all client dependencies present"

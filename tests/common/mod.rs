@@ -352,6 +352,25 @@ pub fn error_message(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| format!("{e}"))
 }
 
+/// Polls pg_stat_activity until a backend runs `query` (hang guard: 20 s).
+pub async fn wait_for_activity(admin: &tokio_postgres::Client, query: &str) {
+    for _ in 0..400 {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                &[&query],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no backend ever ran {query}");
+}
+
 /// Raw protocol helpers for tests that send bytes a driver never would.
 pub mod raw {
     use super::*;

@@ -58,14 +58,13 @@ impl Writer {
         // Fail at start-up, not at the first event, on an unusable main sink.
         match writer.main.clone() {
             AuditSink::File { path } => {
-                writer.file(&path).map_err(|e| {
-                    AuditError::Io(format!("cannot open {}: {e}", path.display()))
-                })?;
+                writer
+                    .file(&path)
+                    .map_err(|e| AuditError::Io(format!("cannot open {}: {e}", path.display())))?;
             }
             AuditSink::TenantFiles { dir } => {
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    AuditError::Io(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| AuditError::Io(format!("cannot create {}: {e}", dir.display())))?;
             }
             AuditSink::Http { url } => {
                 reqwest::Url::parse(&url)
@@ -151,8 +150,10 @@ impl Writer {
                 .append(true)
                 .mode(0o640)
                 .open(path)?;
-            self.files
-                .insert(path.to_path_buf(), BufWriter::with_capacity(64 * 1024, file));
+            self.files.insert(
+                path.to_path_buf(),
+                BufWriter::with_capacity(64 * 1024, file),
+            );
         }
         self.files
             .get_mut(path)
@@ -221,7 +222,10 @@ mod tests {
     fn tenant_file_names_stay_inside_the_directory() {
         assert_eq!(tenant_file_name("acme"), "acme.jsonl");
         assert_eq!(tenant_file_name("a-b_c9"), "a-b_c9.jsonl");
-        assert_eq!(tenant_file_name("../etc/passwd"), "%2E%2E%2Fetc%2Fpasswd.jsonl");
+        assert_eq!(
+            tenant_file_name("../etc/passwd"),
+            "%2E%2E%2Fetc%2Fpasswd.jsonl"
+        );
         assert_eq!(tenant_file_name(".hidden"), "%2Ehidden.jsonl");
         assert_eq!(tenant_file_name(""), "%.jsonl");
         assert_ne!(tenant_file_name("a%2E"), tenant_file_name("a."));

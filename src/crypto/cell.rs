@@ -166,3 +166,299 @@ fn check_header(cell: &[u8]) -> Result<(), CellError> {
         other => Err(CellError::UnsupportedVersion(other)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use zeroize::Zeroizing;
+
+    const AAD: CellAad<'static> = CellAad {
+        tenant_id: "acme",
+        table: "public.patients",
+        column: "ssn",
+    };
+
+    fn dek() -> Dek {
+        Dek::generate()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        hex::decode(s).unwrap()
+    }
+
+    /// RFC 8452 Appendix C.2 (AEAD_AES_256_GCM_SIV): key, nonce, AAD,
+    /// plaintext, ciphertext || tag — run through the cipher a `Dek` builds.
+    const RFC8452_C2: &[[&str; 5]] = &[
+        [
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "030000000000000000000000",
+            "",
+            "",
+            "07f5f4169bbf55a8400cd47ea6fd400f",
+        ],
+        [
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "030000000000000000000000",
+            "",
+            "0100000000000000",
+            "c2ef328e5c71c83b843122130f7364b761e0b97427e3df28",
+        ],
+        [
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "030000000000000000000000",
+            "01",
+            "0200000000000000",
+            "1de22967237a813291213f267e3b452f02d01ae33e4ec854",
+        ],
+        [
+            "e66021d5eb8e4f4066d4adb9c33560e4f46e44bb3da0015c94f7088736864200",
+            "e0eaf5284d884a0e77d31646",
+            "",
+            "",
+            "169fbb2fbf389a995f6390af22228a62",
+        ],
+        [
+            "bae8e37fc83441b16034566b7a806c46bb91c3c5aedb64a6c590bc84d1a5e269",
+            "e4b47801afc0577e34699b9e",
+            "4fbdc66f14",
+            "671fdd",
+            "0eaccb93da9bb81333aee0c785b240d319719d",
+        ],
+        [
+            "9745b3d1ae06556fb6aa7890bebc18fe6b3db4da3d57aa94842b9803a96e07fb",
+            "6de71860f762ebfbd08284e4",
+            "f37de21c7ff901cfe8a69615a93fdf7a98cad481796245709f",
+            "21702de0de18baa9c9596291b08466",
+            "793576dfa5c0f88729a7ed3c2f1bffb3080d28f6ebb5d3648ce97bd5ba67fd",
+        ],
+        [
+            "3c535de192eaed3822a2fbbe2ca9dfc88255e14a661b8aa82cc54236093bbc23",
+            "688089e55540db1872504e1c",
+            "734320ccc9d9bbbb19cb81b2af4ecbc3e72834321f7aa0f70b7282b4f33df23f167541",
+            "ced532ce4159b035277d4dfbb7db62968b13cd4eec",
+            "626660c26ea6612fb17ad91e8e767639edd6c9faee9d6c7029675b89eaf4ba1ded1a286594",
+        ],
+    ];
+
+    #[test]
+    fn rfc8452_aes256_gcm_siv_known_answers() {
+        for [key, nonce, aad, pt, expected] in RFC8452_C2 {
+            let dek = Dek::from_bytes(Zeroizing::new(unhex(key))).unwrap();
+            let mut buf = unhex(pt);
+            let tag = dek
+                .cipher
+                .encrypt_in_place_detached(Nonce::from_slice(&unhex(nonce)), &unhex(aad), &mut buf)
+                .unwrap();
+            buf.extend_from_slice(&tag);
+            assert_eq!(hex::encode(&buf), *expected, "key {key}");
+            let (ct, tag) = buf.split_at(buf.len() - TAG_LEN);
+            let mut back = ct.to_vec();
+            dek.cipher
+                .decrypt_in_place_detached(
+                    Nonce::from_slice(&unhex(nonce)),
+                    &unhex(aad),
+                    &mut back,
+                    Tag::from_slice(tag),
+                )
+                .unwrap();
+            assert_eq!(hex::encode(back), *pt);
+        }
+    }
+
+    #[test]
+    fn envelope_layout_matches_the_design() {
+        let dek = dek();
+        let id = Uuid::new_v4();
+        let cell = seal(&dek, id, &AAD, b"123-45-6789");
+        assert_eq!(&cell[..3], b"CMK");
+        assert_eq!(cell[3], 1);
+        assert_eq!(&cell[4..20], id.as_bytes());
+        assert_eq!(cell.len(), HEADER_LEN + 11 + TAG_LEN);
+        assert!(is_envelope(&cell));
+        assert_eq!(peek_dek_id(&cell).unwrap(), id);
+        assert_eq!(open(&dek, &AAD, &cell).unwrap(), b"123-45-6789");
+    }
+
+    #[test]
+    fn same_plaintext_seals_to_different_cells() {
+        let dek = dek();
+        let id = Uuid::new_v4();
+        let a = seal(&dek, id, &AAD, b"same");
+        let b = seal(&dek, id, &AAD, b"same");
+        assert_ne!(a, b);
+        assert_ne!(a[20..32], b[20..32], "fresh nonce per cell");
+    }
+
+    #[test]
+    fn empty_plaintext_round_trips() {
+        let dek = dek();
+        let cell = seal(&dek, Uuid::new_v4(), &AAD, b"");
+        assert_eq!(cell.len(), ENVELOPE_OVERHEAD);
+        assert_eq!(open(&dek, &AAD, &cell).unwrap(), b"");
+    }
+
+    #[test]
+    fn every_single_byte_flip_fails() {
+        let dek = dek();
+        let cell = seal(&dek, Uuid::new_v4(), &AAD, b"a secret value of some length");
+        for i in 0..cell.len() {
+            for mask in [0x01u8, 0x80, 0xFF] {
+                let mut bad = cell.clone();
+                bad[i] ^= mask;
+                let err = open(&dek, &AAD, &bad).unwrap_err();
+                match i {
+                    0..=2 => assert_eq!(err, CellError::NotAnEnvelope, "byte {i}"),
+                    3 => assert_eq!(err, CellError::UnsupportedVersion(1 ^ mask), "byte {i}"),
+                    _ => assert_eq!(err, CellError::Integrity, "byte {i} mask {mask:#x}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn moved_cells_fail_with_integrity() {
+        let dek = dek();
+        let id = Uuid::new_v4();
+        let cell = seal(&dek, id, &AAD, b"v");
+        let elsewhere = [
+            CellAad {
+                column: "notes",
+                ..AAD
+            },
+            CellAad {
+                table: "public.other",
+                ..AAD
+            },
+            CellAad {
+                table: "other.patients",
+                ..AAD
+            },
+            CellAad {
+                tenant_id: "globex",
+                ..AAD
+            },
+            CellAad {
+                tenant_id: "",
+                ..AAD
+            },
+        ];
+        for aad in elsewhere {
+            assert_eq!(
+                open(&dek, &aad, &cell).unwrap_err(),
+                CellError::Integrity,
+                "{aad:?}"
+            );
+        }
+        // Field boundaries cannot be shifted between tenant, table and column.
+        let ab_c = CellAad {
+            tenant_id: "ab",
+            table: "c",
+            column: "x",
+        };
+        let a_bc = CellAad {
+            tenant_id: "a",
+            table: "bc",
+            column: "x",
+        };
+        let cell = seal(&dek, id, &ab_c, b"v");
+        assert_eq!(open(&dek, &a_bc, &cell).unwrap_err(), CellError::Integrity);
+    }
+
+    #[test]
+    fn dek_id_is_authenticated() {
+        let dek = dek();
+        let mut cell = seal(&dek, Uuid::new_v4(), &AAD, b"v");
+        cell[4..20].copy_from_slice(Uuid::new_v4().as_bytes());
+        assert_eq!(open(&dek, &AAD, &cell).unwrap_err(), CellError::Integrity);
+    }
+
+    #[test]
+    fn another_key_fails_with_integrity() {
+        let cell = seal(&dek(), Uuid::new_v4(), &AAD, b"v");
+        assert_eq!(open(&dek(), &AAD, &cell).unwrap_err(), CellError::Integrity);
+    }
+
+    #[test]
+    fn truncated_cells_are_reported_as_truncated() {
+        let dek = dek();
+        let cell = seal(&dek, Uuid::new_v4(), &AAD, b"0123456789");
+        assert_eq!(open(&dek, &AAD, &[]).unwrap_err(), CellError::NotAnEnvelope);
+        for len in 1..ENVELOPE_OVERHEAD {
+            assert_eq!(
+                open(&dek, &AAD, &cell[..len]).unwrap_err(),
+                CellError::Truncated,
+                "{len}"
+            );
+        }
+        for len in ENVELOPE_OVERHEAD..cell.len() {
+            assert_eq!(
+                open(&dek, &AAD, &cell[..len]).unwrap_err(),
+                CellError::Integrity,
+                "{len}"
+            );
+        }
+        for len in 1..HEADER_LEN - NONCE_LEN {
+            assert_eq!(
+                peek_dek_id(&cell[..len]).unwrap_err(),
+                CellError::Truncated,
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_versions_and_plain_bytes_are_named() {
+        let dek = dek();
+        let mut cell = seal(&dek, Uuid::new_v4(), &AAD, b"v");
+        cell[3] = 2;
+        assert!(!is_envelope(&cell));
+        assert_eq!(
+            open(&dek, &AAD, &cell).unwrap_err(),
+            CellError::UnsupportedVersion(2)
+        );
+        assert_eq!(
+            peek_dek_id(&cell).unwrap_err(),
+            CellError::UnsupportedVersion(2)
+        );
+        assert_eq!(
+            CellError::UnsupportedVersion(2).to_string(),
+            "encrypted cell has unsupported envelope version 2"
+        );
+        for plain in [
+            &b"hello world, plain legacy text"[..],
+            b"CM",
+            b"",
+            b"cmk\x01",
+        ] {
+            assert!(!is_envelope(plain));
+        }
+        assert_eq!(
+            open(&dek, &AAD, b"hello world").unwrap_err(),
+            CellError::NotAnEnvelope
+        );
+        assert_eq!(
+            peek_dek_id(b"hello world").unwrap_err(),
+            CellError::NotAnEnvelope
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn seal_then_open_round_trips(
+            plaintext in proptest::collection::vec(any::<u8>(), 0..4096),
+            tenant in ".{0,40}",
+            table in "[a-z_.]{1,40}",
+            column in "[a-z_]{1,40}",
+        ) {
+            let dek = Dek::generate();
+            let id = Uuid::new_v4();
+            let aad = CellAad { tenant_id: &tenant, table: &table, column: &column };
+            let cell = seal(&dek, id, &aad, &plaintext);
+            prop_assert!(is_envelope(&cell));
+            prop_assert_eq!(peek_dek_id(&cell).unwrap(), id);
+            prop_assert_eq!(cell.len(), plaintext.len() + ENVELOPE_OVERHEAD);
+            prop_assert_eq!(open(&dek, &aad, &cell).unwrap(), plaintext);
+        }
+    }
+}

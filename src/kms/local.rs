@@ -466,11 +466,7 @@ impl KeyProvider for LocalProvider {
         out.extend_from_slice(dek.expose_bytes());
         let aad = wrap_aad(key_ref, ctx, version.id);
         let tag = cipher
-            .encrypt_in_place_detached(
-                Nonce::from_slice(&nonce),
-                &aad,
-                &mut out[EDEK_HEADER_LEN..],
-            )
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[EDEK_HEADER_LEN..])
             .map_err(|_| KmsError::Config("local wrap failed".to_owned()))?;
         out.extend_from_slice(&tag);
         Ok(Edek(out))

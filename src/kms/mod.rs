@@ -37,8 +37,12 @@ pub trait KeyProvider: Send + Sync + 'static {
     async fn wrap(&self, key_ref: &str, ctx: &KeyContext<'_>, dek: &Dek) -> Result<Edek, KmsError>;
     /// Unwraps `edek`; succeeds only if `key_ref` is enabled and `ctx`
     /// matches the one used to wrap.
-    async fn unwrap(&self, key_ref: &str, ctx: &KeyContext<'_>, edek: &Edek)
-        -> Result<Dek, KmsError>;
+    async fn unwrap(
+        &self,
+        key_ref: &str,
+        ctx: &KeyContext<'_>,
+        edek: &Edek,
+    ) -> Result<Dek, KmsError>;
     /// `Ok` only if the master key exists and is enabled.
     async fn check_key(&self, key_ref: &str) -> Result<(), KmsError>;
 }

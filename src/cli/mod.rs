@@ -2,10 +2,10 @@
 //! `Args` and a `run` that returns the process exit code.
 
 pub mod check_config;
-pub mod logging;
 pub mod dev;
 pub mod keyring;
 pub mod keys;
+pub mod logging;
 pub mod migrate;
 pub mod rewrap;
 pub mod serve;

@@ -57,10 +57,11 @@ pub fn load_with_overrides(
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let policy = match load_with_overrides(args.config.as_ref(), args.listen, args.upstream.as_ref()) {
-        Ok(policy) => policy,
-        Err(code) => return Ok(code),
-    };
+    let policy =
+        match load_with_overrides(args.config.as_ref(), args.listen, args.upstream.as_ref()) {
+            Ok(policy) => policy,
+            Err(code) => return Ok(code),
+        };
     super::logging::init(args.log_format.unwrap_or(policy.server.log_format));
     let listener = match tokio::net::TcpListener::bind(policy.listen).await {
         Ok(listener) => listener,

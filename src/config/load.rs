@@ -154,7 +154,10 @@ fn validate(policy: &Policy) -> Vec<ConfigProblem> {
             ));
         }
         if table.columns.is_empty() {
-            problems.push(problem(format!("{at}.columns"), "names no protected column"));
+            problems.push(problem(
+                format!("{at}.columns"),
+                "names no protected column",
+            ));
         }
         for column in [&table.tenant_column, &table.edek_column] {
             if table.columns.contains_key(column) {
@@ -218,9 +221,15 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
 fn validate_files(policy: &Policy) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
     if let Some(client) = &policy.tls.client {
-        for (key, path) in [("tls.client.cert", &client.cert), ("tls.client.key", &client.key)] {
+        for (key, path) in [
+            ("tls.client.cert", &client.cert),
+            ("tls.client.key", &client.key),
+        ] {
             if !path.is_file() {
-                problems.push(problem(key, format!("file {} does not exist", path.display())));
+                problems.push(problem(
+                    key,
+                    format!("file {} does not exist", path.display()),
+                ));
             }
         }
     }
@@ -267,9 +276,15 @@ mod tests {
         };
         let locations: Vec<&str> = problems.iter().map(|p| p.location.as_str()).collect();
         assert!(locations.contains(&"upstream"), "{locations:?}");
-        assert!(locations.contains(&"tenants.acme.provider"), "{locations:?}");
+        assert!(
+            locations.contains(&"tenants.acme.provider"),
+            "{locations:?}"
+        );
         assert!(locations.contains(&"tables.patients"), "{locations:?}");
-        assert!(locations.contains(&"tables.patients.columns"), "{locations:?}");
+        assert!(
+            locations.contains(&"tables.patients.columns"),
+            "{locations:?}"
+        );
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! This module knows nothing about sockets, SQL rewriting or keys.
 
 mod load;
-mod upstream;
 mod types;
+mod upstream;
 
 pub use load::{load_policy, parse_policy, ConfigError, ConfigProblem};
 pub use types::*;

@@ -41,6 +41,52 @@ pub struct Policy {
     /// Server behaviour: shutdown, limits, logging.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Client authentication.
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Client authentication. The proxy relays authentication to PostgreSQL;
+/// SCRAM pass-through is needed only when TLS is terminated on both legs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `auto`: when the client and the upstream both use TLS and the server
+    /// asks for SCRAM, verify the client against the role's SCRAM verifier
+    /// and answer the server with the learned ClientKey (PgBouncer-style
+    /// pass-through), because relaying would fail the server's
+    /// channel-binding downgrade check. `off`: always relay.
+    #[serde(default)]
+    pub scram_passthrough: ScramPassthrough,
+    /// Query returning the stored SCRAM verifier for role `$1`, run with
+    /// the upstream URL's credentials (superuser, or a SECURITY DEFINER
+    /// function as for PgBouncer's auth_query).
+    #[serde(default = "defaults::verifier_query")]
+    pub verifier_query: String,
+    /// How long a looked-up verifier is reused.
+    #[serde(default = "defaults::verifier_cache_ttl", with = "humantime_serde")]
+    pub verifier_cache_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            scram_passthrough: ScramPassthrough::Auto,
+            verifier_query: defaults::verifier_query(),
+            verifier_cache_ttl: defaults::verifier_cache_ttl(),
+        }
+    }
+}
+
+/// Whether SCRAM pass-through is used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScramPassthrough {
+    /// When both legs use TLS.
+    #[default]
+    Auto,
+    /// Never: authentication is always relayed.
+    Off,
 }
 
 /// TLS settings for both legs of the proxy.
@@ -444,6 +490,12 @@ pub mod defaults {
     pub(crate) fn connect_timeout() -> Duration {
         Duration::from_secs(10)
     }
+    pub(crate) fn verifier_query() -> String {
+        "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1".to_owned()
+    }
+    pub(crate) fn verifier_cache_ttl() -> Duration {
+        Duration::from_secs(60)
+    }
 }
 
 impl Default for Policy {
@@ -458,6 +510,7 @@ impl Default for Policy {
             tenants: BTreeMap::new(),
             tables: BTreeMap::new(),
             server: ServerConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

@@ -35,7 +35,8 @@ pub enum UpstreamAddrError {
 impl UpstreamAddr {
     /// Parses `postgres://[user[:password]@]host[:port][/dbname]`.
     pub fn parse(text: &str) -> Result<Self, UpstreamAddrError> {
-        let url = url::Url::parse(text).map_err(|e| UpstreamAddrError::NotUrl(text.to_owned(), e))?;
+        let url =
+            url::Url::parse(text).map_err(|e| UpstreamAddrError::NotUrl(text.to_owned(), e))?;
         if url.scheme() != "postgres" && url.scheme() != "postgresql" {
             return Err(UpstreamAddrError::Scheme(url.scheme().to_owned()));
         }

@@ -219,7 +219,9 @@ mod tests {
     #[test]
     fn partial_packet_asks_for_more() {
         let raw = startup(&[("user", "alice")]);
-        assert!(StartupPacket::parse(&raw[..raw.len() - 1]).unwrap().is_none());
+        assert!(StartupPacket::parse(&raw[..raw.len() - 1])
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! connections and TLS. Sessions relay bytes; only `session` knows the order
 //! of protocol phases.
 
+pub mod admin;
+mod auth;
 mod relay;
+pub mod scram;
 mod server;
 mod session;
 mod stream;
 pub mod tls;
 mod upstream;
+mod verifiers;
 
 pub use server::{run_server, ProxyError, ServerContext};
 pub use upstream::{Upstream, UpstreamError};

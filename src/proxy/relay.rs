@@ -93,7 +93,10 @@ impl Pump {
     /// dropped, no bytes are lost. `Err` when the direction ends.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, src: &mut R) -> Result<(), PumpEnd> {
         self.ensure_room();
-        let n = src.read_buf(&mut self.buf).await.map_err(PumpEnd::ReadError)?;
+        let n = src
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(PumpEnd::ReadError)?;
         if n == 0 {
             return Err(PumpEnd::Eof);
         }
@@ -101,7 +104,12 @@ impl Pump {
     }
 
     /// Reads once from `src` and forwards what can be forwarded to `dst`.
-    pub async fn step<R, W, I>(&mut self, src: &mut R, dst: &mut W, inspector: &mut I) -> Result<(), PumpEnd>
+    pub async fn step<R, W, I>(
+        &mut self,
+        src: &mut R,
+        dst: &mut W,
+        inspector: &mut I,
+    ) -> Result<(), PumpEnd>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -171,19 +179,29 @@ impl Pump {
         self.flush_ready(dst, ready).await
     }
 
-    async fn flush_ready<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, ready: usize) -> Result<(), PumpEnd> {
+    async fn flush_ready<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        ready: usize,
+    ) -> Result<(), PumpEnd> {
         if ready == 0 {
             return Ok(());
         }
         self.writing = true;
-        dst.write_all(&self.buf[..ready]).await.map_err(PumpEnd::WriteError)?;
+        dst.write_all(&self.buf[..ready])
+            .await
+            .map_err(PumpEnd::WriteError)?;
         self.writing = false;
         self.buf.advance(ready);
         Ok(())
     }
 
     /// Writes proxy-made bytes (whole frames) to `dst`.
-    pub async fn write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, bytes: &[u8]) -> Result<(), PumpEnd> {
+    pub async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        bytes: &[u8],
+    ) -> Result<(), PumpEnd> {
         self.writing = true;
         dst.write_all(bytes).await.map_err(PumpEnd::WriteError)?;
         self.writing = false;
@@ -256,7 +274,7 @@ mod tests {
         input.extend(frame(b'Z', b"I"));
         let mut src = std::io::Cursor::new(input.clone());
         let mut out = Vec::new();
-        let mut pump = Pump::new(BytesMut::new(), 1024);
+        let mut pump = Pump::new(BytesMut::new(), 1 << 20);
         let mut inspector = CountTags(Vec::new());
         loop {
             match pump.step(&mut src, &mut out, &mut inspector).await {
@@ -275,12 +293,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn oversized_frame_is_a_protocol_error_before_any_byte_of_it_is_sent() {
+        let mut src = std::io::Cursor::new(frame(b'Q', &[1u8; 2048]));
+        let mut out = Vec::new();
+        let mut pump = Pump::new(BytesMut::new(), 1024);
+        let end = pump
+            .step(&mut src, &mut out, &mut CountTags(Vec::new()))
+            .await;
+        assert!(matches!(
+            end,
+            Err(PumpEnd::Protocol(FrameError::TooLarge { .. }))
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
     async fn bad_length_is_a_protocol_error() {
         let mut src = std::io::Cursor::new(b"Q\0\0\0\x01".to_vec());
         let mut out = Vec::new();
         let mut pump = Pump::new(BytesMut::new(), 1024);
-        let end = pump.step(&mut src, &mut out, &mut CountTags(Vec::new())).await;
-        assert!(matches!(end, Err(PumpEnd::Protocol(FrameError::BadLength { .. }))));
+        let end = pump
+            .step(&mut src, &mut out, &mut CountTags(Vec::new()))
+            .await;
+        assert!(matches!(
+            end,
+            Err(PumpEnd::Protocol(FrameError::BadLength { .. }))
+        ));
         assert!(out.is_empty());
     }
 }

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::session::serve_client;
 use super::tls::{self, TlsError};
 use super::upstream::{Upstream, UpstreamError};
+use super::verifiers::VerifierStore;
 use crate::config::Policy;
 
 /// Why the server could not start or run.
@@ -41,6 +42,8 @@ pub struct ServerContext {
     pub shutdown: CancellationToken,
     /// Fired when the shutdown timeout ran out: every session closes.
     pub hard_stop: CancellationToken,
+    /// SCRAM verifiers for authentication pass-through.
+    pub verifiers: VerifierStore,
 }
 
 impl ServerContext {
@@ -52,6 +55,7 @@ impl ServerContext {
         };
         Ok(Self {
             upstream: Upstream::from_policy(&policy)?,
+            verifiers: VerifierStore::new(policy.clone()),
             policy,
             acceptor,
             shutdown,
@@ -103,8 +107,14 @@ pub async fn run_server(
     let open = sessions.len();
     let timeout = ctx.policy.server.shutdown_timeout;
     info!(open_sessions = open, timeout = ?timeout, "shutting down: no longer accepting");
-    if tokio::time::timeout(timeout, sessions.wait()).await.is_err() {
-        warn!(open_sessions = sessions.len(), "shutdown timeout reached; closing remaining sessions");
+    if tokio::time::timeout(timeout, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open_sessions = sessions.len(),
+            "shutdown timeout reached; closing remaining sessions"
+        );
         ctx.hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), sessions.wait()).await;
     }

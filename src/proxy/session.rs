@@ -12,9 +12,11 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use super::auth::{self, AuthOutcome};
 use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
 use super::stream::Stream;
 use super::ServerContext;
+use crate::config::ScramPassthrough;
 use crate::protocol::{
     backend, frontend, rewrite_sasl_mechanisms, sqlstate, ErrorResponse, FrameHeader,
     StartupPacket, StartupParams, CANCEL_REQUEST_CODE,
@@ -38,7 +40,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
                 span.record("database", params.database.as_str());
                 span.record("tls", client.is_tls());
                 debug!("session starting");
-                run_session(client, leftover, &ctx).await;
+                run_session(client, leftover, &params.user, &ctx).await;
             }
             Ok(None) => {}
             Err(e) => debug!(error = %e, "connection ended during startup"),
@@ -91,7 +93,12 @@ async fn startup(
                 if !buf.is_empty() {
                     // Bytes after SSLRequest but before the handshake could be
                     // injected by a man in the middle (CVE-2021-23222).
-                    reject(&mut stream, sqlstate::PROTOCOL_VIOLATION, "unexpected data after SSLRequest").await;
+                    reject(
+                        &mut stream,
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "unexpected data after SSLRequest",
+                    )
+                    .await;
                     return Ok(None);
                 }
                 match (&ctx.acceptor, stream) {
@@ -152,7 +159,8 @@ struct SessionState {
 
 impl SessionState {
     fn is_idle(&self) -> bool {
-        self.open_cycles.load(Ordering::Acquire) <= 0 && self.tx_status.load(Ordering::Acquire) == b'I'
+        self.open_cycles.load(Ordering::Acquire) <= 0
+            && self.tx_status.load(Ordering::Acquire) == b'I'
     }
 }
 
@@ -167,15 +175,59 @@ enum SessionEnd {
     Shutdown,
 }
 
-async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerContext) {
-    let server = match ctx.upstream.connect().await {
+async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ctx: &ServerContext) {
+    let mut server = match ctx.upstream.connect().await {
         Ok(server) => server,
         Err(e) => {
             warn!(error = %e, "upstream connection failed");
-            reject(&mut client, sqlstate::CANNOT_CONNECT, &format!("cmk-proxy: {e}")).await;
+            reject(
+                &mut client,
+                sqlstate::CANNOT_CONNECT,
+                &format!("cmk-proxy: {e}"),
+            )
+            .await;
             return;
         }
     };
+    // The startup packet has no tag byte: send it raw, then frame the rest.
+    let mut client_buf = startup_bytes;
+    let startup = client_buf.split_to(startup_len(&client_buf));
+    if let Err(e) = server.write_all(&startup).await {
+        warn!(error = %e, "upstream connection failed");
+        reject(
+            &mut client,
+            sqlstate::CANNOT_CONNECT,
+            &format!("cmk-proxy: upstream {}: {e}", ctx.upstream.authority()),
+        )
+        .await;
+        return;
+    }
+    let mut server_buf = BytesMut::new();
+    if ctx.policy.auth.scram_passthrough == ScramPassthrough::Auto
+        && client.is_tls()
+        && server.is_tls()
+    {
+        let outcome = auth::scram_passthrough(
+            &mut client,
+            &mut client_buf,
+            &mut server,
+            &mut server_buf,
+            user,
+            &ctx.verifiers,
+        )
+        .await;
+        match outcome {
+            Ok(AuthOutcome::Done) | Ok(AuthOutcome::Relay) => {}
+            Ok(AuthOutcome::Failed) => {
+                let _ = client.shutdown().await;
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "authentication ended");
+                return;
+            }
+        }
+    }
     let state = SessionState {
         open_cycles: AtomicI64::new(1),
         tx_status: AtomicU8::new(b'I'),
@@ -190,9 +242,15 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerCo
 
     // Owned here, not by the direction future, so that after the session
     // ends we still know whether the client's stream is at a frame boundary.
-    let mut server_pump = Pump::new(BytesMut::new(), usize::MAX >> 1);
+    let mut server_pump = Pump::new(server_buf, usize::MAX >> 1);
     let end = {
-        let client_to_server = client_to_server(&mut client_read, &mut server_write, startup_bytes, limit, &state);
+        let client_to_server = client_to_server(
+            &mut client_read,
+            &mut server_write,
+            client_buf,
+            limit,
+            &state,
+        );
         let server_to_client = server_to_client(
             &mut server_pump,
             &mut server_read,
@@ -229,13 +287,20 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, ctx: &ServerCo
         }
         SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_) | SessionEnd::Shutdown => {}
     }
-    if !matches!(end, SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_)) {
-        let _ = server_write.write_all(&[frontend::TERMINATE, 0, 0, 0, 4]).await;
+    if !matches!(
+        end,
+        SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_)
+    ) {
+        let _ = server_write
+            .write_all(&[frontend::TERMINATE, 0, 0, 0, 4])
+            .await;
         let _ = server_write.shutdown().await;
     }
     let _ = client_write.shutdown().await;
     match end {
-        SessionEnd::ClientError(e) | SessionEnd::UpstreamError(e) | SessionEnd::ClientProtocol(e) => {
+        SessionEnd::ClientError(e)
+        | SessionEnd::UpstreamError(e)
+        | SessionEnd::ClientProtocol(e) => {
             info!(reason = %e, "session ended")
         }
         other => debug!(reason = ?other, "session ended"),
@@ -270,7 +335,7 @@ impl Inspector for ClientInspector<'_> {
 async fn client_to_server<R, W>(
     client: &mut R,
     server: &mut W,
-    startup_bytes: BytesMut,
+    pending: BytesMut,
     limit: usize,
     state: &SessionState,
 ) -> SessionEnd
@@ -278,14 +343,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    // The startup packet has no tag byte: send it raw, then frame the rest.
-    let startup_len = startup_len(&startup_bytes);
-    let mut startup_bytes = startup_bytes;
-    let rest = startup_bytes.split_off(startup_len);
-    if let Err(e) = server.write_all(&startup_bytes).await {
-        return SessionEnd::UpstreamError(e.to_string());
-    }
-    let mut pump = Pump::new(rest, limit);
+    let mut pump = Pump::new(pending, limit);
     let mut inspector = ClientInspector { state };
     if let Err(end) = pump.forward(server, &mut inspector).await {
         return client_end(end);
@@ -313,7 +371,9 @@ fn client_end(end: PumpEnd) -> SessionEnd {
         PumpEnd::Eof => SessionEnd::ClientClosed,
         PumpEnd::ReadError(e) => SessionEnd::ClientError(e.to_string()),
         PumpEnd::WriteError(e) => SessionEnd::UpstreamError(e.to_string()),
-        PumpEnd::Protocol(e) => SessionEnd::ClientProtocol(format!("cmk-proxy: protocol violation: {e}")),
+        PumpEnd::Protocol(e) => {
+            SessionEnd::ClientProtocol(format!("cmk-proxy: protocol violation: {e}"))
+        }
     }
 }
 
@@ -363,7 +423,8 @@ impl Inspector for ServerInspector<'_> {
             }
             backend::ERROR_RESPONSE => {
                 self.last_fatal = matches!(
-                    crate::protocol::error_field(body, b'V').or(crate::protocol::error_field(body, b'S')),
+                    crate::protocol::error_field(body, b'V')
+                        .or(crate::protocol::error_field(body, b'S')),
                     Some("FATAL") | Some("PANIC")
                 );
             }
@@ -389,6 +450,10 @@ where
         state,
         last_fatal: false,
     };
+    // Bytes read during the authentication phase go first.
+    if let Err(PumpEnd::WriteError(e)) = pump.forward(client, &mut inspector).await {
+        return SessionEnd::ClientError(e.to_string());
+    }
     loop {
         let draining = shutdown.is_cancelled();
         if (draining && state.is_idle() && pump.at_frame_boundary()) || hard_stop.is_cancelled() {
@@ -421,14 +486,22 @@ where
             }
             Err(end) => {
                 let (ended, reason) = match end {
-                    PumpEnd::Eof => (SessionEnd::UpstreamClosed, "server closed the connection unexpectedly".to_owned()),
-                    PumpEnd::ReadError(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
-                    PumpEnd::Protocol(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
+                    PumpEnd::Eof => (
+                        SessionEnd::UpstreamClosed,
+                        "server closed the connection unexpectedly".to_owned(),
+                    ),
+                    PumpEnd::ReadError(e) => {
+                        (SessionEnd::UpstreamError(e.to_string()), e.to_string())
+                    }
+                    PumpEnd::Protocol(e) => {
+                        (SessionEnd::UpstreamError(e.to_string()), e.to_string())
+                    }
                     PumpEnd::WriteError(e) => return SessionEnd::ClientError(e.to_string()),
                 };
                 if pump.at_frame_boundary() && !inspector.last_fatal {
                     let message = format!("cmk-proxy: lost the upstream connection: {reason}");
-                    let bytes = ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
+                    let bytes =
+                        ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
                     let _ = pump.write(client, &bytes).await;
                 }
                 return ended;

@@ -89,7 +89,9 @@ pub fn client_acceptor(cfg: &ClientTls) -> Result<tokio_rustls::TlsAcceptor, Tls
 
 /// The rustls client configuration for the upstream leg, or `None` when
 /// the mode is `disable`.
-pub fn upstream_client_config(cfg: &UpstreamTls) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
+pub fn upstream_client_config(
+    cfg: &UpstreamTls,
+) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
     let config = match cfg.mode {
@@ -150,7 +152,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -159,7 +166,12 @@ impl ServerCertVerifier for AcceptAnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -61,7 +61,10 @@ fn require_command(program: &str, what: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(found, "{what} (`{program}`) not found on PATH: run scripts/install-deps.sh");
+    assert!(
+        found,
+        "{what} (`{program}`) not found on PATH: run scripts/install-deps.sh"
+    );
 }
 
 /// PostgreSQL (TLS) + proxy with client TLS and a verified upstream leg.
@@ -79,7 +82,10 @@ fn setup() -> Setup {
         .tempdir()
         .expect("temp dir");
     let (cert, key, client_ca) = client_tls_files(tls_dir.path());
-    let pg_ca = pg.ca_cert_path().expect("PostgreSQL started with TLS").to_owned();
+    let pg_ca = pg
+        .ca_cert_path()
+        .expect("PostgreSQL started with TLS")
+        .to_owned();
     let yaml = format!(
         "tls:\n  client: {{cert: {}, key: {}}}\n  upstream: {{mode: verify-full, ca: {}}}\n",
         cert.display(),
@@ -121,9 +127,12 @@ fn run_client(setup: &Setup, sslmode: &str, program: &Path, args: &[&str], cwd: 
     for var in SCRUBBED_ENV {
         cmd.env_remove(var);
     }
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}: run scripts/install-deps.sh", program.display()));
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {}: {e}: run scripts/install-deps.sh",
+            program.display()
+        )
+    });
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for client") {
@@ -141,7 +150,11 @@ fn run_client(setup: &Setup, sslmode: &str, program: &Path, args: &[&str], cwd: 
         std::thread::sleep(Duration::from_millis(50));
     };
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-    println!("---- {} {} ----\n{output}", program.display(), args.join(" "));
+    println!(
+        "---- {} {} ----\n{output}",
+        program.display(),
+        args.join(" ")
+    );
     assert!(
         status.success(),
         "{} {} exited with {status}\n---- client output ----\n{output}\n---- proxy log ----\n{}",
@@ -161,7 +174,13 @@ fn psql_session_through_proxy_over_tls_scram() {
     let script = repo().join("integration/psql/session.sh");
     require(&script, "integration/psql/session.sh");
     let setup = setup();
-    run_client(&setup, "verify-full", Path::new("bash"), &[script.to_str().expect("utf-8 path")], &repo());
+    run_client(
+        &setup,
+        "verify-full",
+        Path::new("bash"),
+        &[script.to_str().expect("utf-8 path")],
+        &repo(),
+    );
 }
 
 #[test]
@@ -171,16 +190,31 @@ fn python_psycopg_session_through_proxy_over_tls_scram() {
     let script = repo().join("integration/python/session.py");
     require(&script, "integration/python/session.py");
     let setup = setup();
-    run_client(&setup, "verify-full", &python, &[script.to_str().expect("utf-8 path")], &repo());
+    run_client(
+        &setup,
+        "verify-full",
+        &python,
+        &[script.to_str().expect("utf-8 path")],
+        &repo(),
+    );
 }
 
 #[test]
 fn node_pg_session_through_proxy_over_tls_scram() {
     require_command("node", "Node.js");
     let dir = repo().join("integration/node");
-    require(&dir.join("node_modules/pg/package.json"), "node-postgres (integration/node/node_modules)");
+    require(
+        &dir.join("node_modules/pg/package.json"),
+        "node-postgres (integration/node/node_modules)",
+    );
     let setup = setup();
-    run_client(&setup, "verify-full", Path::new("node"), &["session.js"], &dir);
+    run_client(
+        &setup,
+        "verify-full",
+        Path::new("node"),
+        &["session.js"],
+        &dir,
+    );
 }
 
 #[test]
@@ -191,14 +225,24 @@ fn java_jdbc_session_through_proxy_over_tls_scram() {
     let dir = repo().join("integration/java");
     let class = dir.join("build/Session.class");
     require(&class, "compiled JDBC client (integration/java/build)");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).expect("stat");
+    let modified = |p: &Path| {
+        std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .expect("stat")
+    };
     assert!(
         modified(&class) >= modified(&dir.join("Session.java")),
         "integration/java/build/Session.class is older than Session.java: run scripts/install-deps.sh"
     );
     let classpath = format!("{}:{}", jar.display(), dir.join("build").display());
     let setup = setup();
-    run_client(&setup, "verify-full", Path::new("java"), &["-cp", &classpath, "Session"], &dir);
+    run_client(
+        &setup,
+        "verify-full",
+        Path::new("java"),
+        &["-cp", &classpath, "Session"],
+        &dir,
+    );
 }
 
 #[test]
@@ -207,5 +251,11 @@ fn psql_session_through_proxy_with_sslmode_require() {
     let script = repo().join("integration/psql/session.sh");
     require(&script, "integration/psql/session.sh");
     let setup = setup();
-    run_client(&setup, "require", Path::new("bash"), &[script.to_str().expect("utf-8 path")], &repo());
+    run_client(
+        &setup,
+        "require",
+        Path::new("bash"),
+        &[script.to_str().expect("utf-8 path")],
+        &repo(),
+    );
 }

@@ -41,6 +41,8 @@ if [ $rc -eq 0 ] && grep -q 'SSL connection' <<<"$info"; then
     ok "connect over TLS as scram_user"
 else
     fail "connect over TLS as scram_user" "rc=$rc: $info"
+    echo "psql: $passed passed, $failed failed, $skipped skipped (stopped: cannot connect)"
+    exit 1
 fi
 expect "session user and database" "scram_user|app" -c "SELECT current_user, current_database()"
 

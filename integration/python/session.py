@@ -48,7 +48,12 @@ def expect(got, want, what):
         raise AssertionError(f"{what}: expected {want!r}, got {got!r}")
 
 
-conn = psycopg.connect(URL, autocommit=True, connect_timeout=20)
+try:
+    conn = psycopg.connect(URL, autocommit=True, connect_timeout=20)
+except psycopg.Error as e:
+    print(f"FAIL - connect over TLS as scram_user: {type(e).__name__}: {e}")
+    print("python: 0 passed, 1 failed, 0 skipped (stopped: cannot connect)")
+    sys.exit(1)
 
 
 @check("connect over TLS as scram_user")

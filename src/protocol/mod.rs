@@ -11,6 +11,7 @@
 
 mod error;
 mod frame;
+pub mod messages;
 mod startup;
 
 pub use error::{error_code, error_field, ErrorResponse};

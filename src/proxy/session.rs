@@ -39,7 +39,6 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
                 span.record("user", params.user.as_str());
                 span.record("database", params.database.as_str());
                 span.record("tls", client.is_tls());
-                debug!("session starting");
                 run_session(client, leftover, &params.user, &ctx).await;
             }
             Ok(None) => {}
@@ -202,6 +201,8 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
         .await;
         return;
     }
+    let started = std::time::Instant::now();
+    info!(upstream = ctx.upstream.authority(), "session started");
     let mut server_buf = BytesMut::new();
     if ctx.policy.auth.scram_passthrough == ScramPassthrough::Auto
         && client.is_tls()
@@ -219,11 +220,12 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
         match outcome {
             Ok(AuthOutcome::Done) | Ok(AuthOutcome::Relay) => {}
             Ok(AuthOutcome::Failed) => {
+                info!("session ended: authentication failed");
                 let _ = client.shutdown().await;
                 return;
             }
             Err(e) => {
-                debug!(error = %e, "authentication ended");
+                info!(error = %e, "session ended during authentication");
                 return;
             }
         }
@@ -297,13 +299,14 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
         let _ = server_write.shutdown().await;
     }
     let _ = client_write.shutdown().await;
+    let duration_ms = started.elapsed().as_millis() as u64;
     match end {
         SessionEnd::ClientError(e)
         | SessionEnd::UpstreamError(e)
         | SessionEnd::ClientProtocol(e) => {
-            info!(reason = %e, "session ended")
+            warn!(reason = %e, duration_ms, "session ended")
         }
-        other => debug!(reason = ?other, "session ended"),
+        other => info!(reason = ?other, duration_ms, "session ended"),
     }
 }
 

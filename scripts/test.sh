@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every test of cmk-proxy: formatting and lints, unit tests, the Rust
+# integration tests against throwaway PostgreSQL clusters and a local AWS KMS
+# (moto), and the real-client sessions (psql, psycopg 3, node-postgres, pgJDBC).
+# Installs what it needs first (scripts/install-deps.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== dependencies"
+scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== tests"
+# Each test starts its own PostgreSQL; most of their time is waiting, so
+# run more of them at once than there are cores.
+threads="${TEST_THREADS:-6}"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --locked --no-fail-fast --test-threads "$threads"
+    # nextest does not run doc tests.
+    cargo test --locked --doc
+else
+    cargo test --locked --no-fail-fast -- --test-threads "$threads"
+fi

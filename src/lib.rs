@@ -12,3 +12,4 @@ pub mod localpg;
 pub mod protocol;
 pub mod proxy;
 pub mod rewrite;
+pub mod values;

@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use uuid::Uuid;
 
 use super::KeyError;
-use crate::crypto::{self, CellAad, CellError, Dek};
+use crate::crypto::{self, BlindIndexKey, CellAad, CellError, Dek};
 
 /// Nanoseconds since the first call in this process: a monotonic clock that
 /// fits an atomic.
@@ -73,9 +73,10 @@ impl ApprovedDek {
         self.sealed.load(Ordering::Relaxed)
     }
 
-    /// The key itself, for deriving the tenant's blind-index key.
-    pub(crate) fn dek(&self) -> &Dek {
-        &self.dek
+    /// The blind-index key derived from this DEK for its tenant (HKDF).
+    /// Note: derived per DEK, so index values differ between epochs.
+    pub fn blind_index_key(&self) -> BlindIndexKey {
+        BlindIndexKey::derive(&self.dek, &self.tenant)
     }
 }
 

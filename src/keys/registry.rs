@@ -305,22 +305,11 @@ impl Registry {
         Ok(rows.iter().map(dek_from_row).collect())
     }
 
-    /// The epoch a new DEK of this tenant should claim.
-    pub async fn next_epoch(&self, tenant_id: &str) -> Result<i32, KeyError> {
-        let row = self
-            .client()
-            .await?
-            .query_one(
-                "SELECT COALESCE(MAX(epoch), 0) + 1 FROM cmk.data_keys WHERE tenant_id = $1",
-                &[&tenant_id],
-            )
-            .await
-            .map_err(pg_err("reading epochs"))?;
-        Ok(row.get(0))
-    }
-
-    /// Claims `(tenant, epoch)` for a new DEK. Returns false when another
-    /// replica claimed that epoch first (its row stands, ours is not stored).
+    /// Claims the next epoch for a new DEK, only while the tenant has no
+    /// current (unretired) DEK. One statement, one snapshot: a replica racing
+    /// us either sees our row (and inserts nothing) or computes the same
+    /// epoch and hits the unique (tenant_id, epoch) key. Returns the epoch
+    /// claimed, or `None` when another replica's DEK stands.
     pub async fn insert_data_key(
         &self,
         dek_id: Uuid,
@@ -328,19 +317,21 @@ impl Registry {
         provider: &str,
         key_ref: &str,
         edek: &[u8],
-        epoch: i32,
-    ) -> Result<bool, KeyError> {
-        let n = self
+    ) -> Result<Option<i32>, KeyError> {
+        let row = self
             .client()
             .await?
-            .execute(
+            .query_opt(
                 "INSERT INTO cmk.data_keys (dek_id, tenant_id, provider, key_ref, edek, epoch) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, epoch) DO NOTHING",
-                &[&dek_id, &tenant_id, &provider, &key_ref, &edek, &epoch],
+                 SELECT $1, $2, $3, $4, $5, COALESCE(MAX(epoch), 0) + 1 \
+                 FROM cmk.data_keys WHERE tenant_id = $2 \
+                 HAVING NOT COALESCE(bool_or(retired_at IS NULL), false) \
+                 ON CONFLICT (tenant_id, epoch) DO NOTHING RETURNING epoch",
+                &[&dek_id, &tenant_id, &provider, &key_ref, &edek],
             )
             .await
             .map_err(pg_err("storing data key"))?;
-        Ok(n == 1)
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Marks a DEK retired (it stops encrypting). Returns false when it was

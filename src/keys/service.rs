@@ -318,7 +318,7 @@ impl KeyService {
         let provider = inner.provider(&record)?;
         let target = to_key.unwrap_or(&record.key_ref).to_owned();
         inner
-            .kms_call(tenant, &record.provider, &target, "check_key", || {
+            .kms_call(tenant, &record.provider, &target, "check", || {
                 provider.check_key(&target)
             })
             .await
@@ -388,9 +388,7 @@ impl KeyService {
             .cloned()
             .ok_or_else(|| KeyError::Registry(format!("unknown provider '{provider}'")))?;
         inner
-            .kms_call(tenant, provider, key_ref, "check_key", || {
-                p.check_key(key_ref)
-            })
+            .kms_call(tenant, provider, key_ref, "check", || p.check_key(key_ref))
             .await
             .map_err(|e| {
                 if e.is_denial() {
@@ -643,13 +641,9 @@ impl Inner {
         }
         let info = ts.info();
         let result = self
-            .kms_call(
-                tenant,
-                &info.provider_name,
-                &info.key_ref,
-                "check_key",
-                || info.provider.check_key(&info.key_ref),
-            )
+            .kms_call(tenant, &info.provider_name, &info.key_ref, "check", || {
+                info.provider.check_key(&info.key_ref)
+            })
             .await;
         match result {
             Ok(()) => {
@@ -894,7 +888,6 @@ impl Inner {
                 }
                 continue;
             }
-            let epoch = self.registry.next_epoch(tenant).await?;
             let dek_id = Uuid::new_v4();
             let dek = Dek::generate();
             let info = ts.info();
@@ -908,18 +901,11 @@ impl Inner {
                 })
                 .await
                 .map_err(|e| self.kms_error(tenant, None, e))?;
-            let won = self
+            let claimed = self
                 .registry
-                .insert_data_key(
-                    dek_id,
-                    tenant,
-                    &info.provider_name,
-                    &info.key_ref,
-                    &edek.0,
-                    epoch,
-                )
+                .insert_data_key(dek_id, tenant, &info.provider_name, &info.key_ref, &edek.0)
                 .await?;
-            if won {
+            if let Some(epoch) = claimed {
                 self.lifecycle(tenant, "created", Some(dek_id), &format!("epoch {epoch}"));
                 let approved = self.admit(ts, dek_id, dek);
                 return Ok(self.slot(approved, edek, Duration::ZERO));

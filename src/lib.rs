@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod crypto;
@@ -12,3 +13,4 @@ pub mod localpg;
 pub mod protocol;
 pub mod proxy;
 pub mod rewrite;
+pub mod values;

@@ -1,5 +1,7 @@
-//! `cmk-proxy check-config FILE`: validate a policy and report every problem
-//! with its location (exit code 2 when invalid).
+//! `cmk-proxy check-config FILE [--live]`: validate a policy and report every
+//! problem with its location; with `--live`, also compare it with the
+//! schema of the upstream database and print the DDL that fixes each
+//! mismatch. Exit code 2 when anything is wrong.
 
 use std::path::PathBuf;
 
@@ -10,26 +12,44 @@ use crate::config;
 pub struct Args {
     /// Policy file (YAML).
     pub file: PathBuf,
+    /// Also check the policy tables in the upstream database (connects with
+    /// the credentials of the `upstream` URL).
+    #[arg(long)]
+    pub live: bool,
 }
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    match config::load_policy(&args.file) {
-        Ok(policy) => {
-            println!(
-                "{}: valid ({} protected table(s), {} provider(s), upstream {})",
-                args.file.display(),
-                policy.tables.len(),
-                policy.keys.providers.len(),
-                config::UpstreamAddr::parse(&policy.upstream)
-                    .map(|a| a.authority())
-                    .unwrap_or_default()
-            );
-            Ok(0)
-        }
+    let policy = match config::load_policy(&args.file) {
+        Ok(policy) => policy,
         Err(e) => {
             eprintln!("{e}");
-            Ok(super::serve::EXIT_CONFIG)
+            return Ok(super::serve::EXIT_CONFIG);
+        }
+    };
+    if args.live {
+        let client = crate::proxy::admin::connect(&policy).await?;
+        let problems = crate::catalog::check_schema(&client, &policy).await?;
+        if !problems.is_empty() {
+            eprintln!(
+                "{}: the live schema does not match the policy:",
+                args.file.display()
+            );
+            for problem in &problems {
+                eprintln!("  - {problem}");
+            }
+            return Ok(super::serve::EXIT_CONFIG);
         }
     }
+    println!(
+        "{}: valid ({} protected table(s), {} provider(s), upstream {}{})",
+        args.file.display(),
+        policy.tables.len(),
+        policy.keys.providers.len(),
+        config::UpstreamAddr::parse(&policy.upstream)
+            .map(|a| a.authority())
+            .unwrap_or_default(),
+        if args.live { ", schema matches" } else { "" }
+    );
+    Ok(0)
 }

@@ -6,6 +6,6 @@ mod load;
 mod types;
 mod upstream;
 
-pub use load::{load_policy, parse_policy, ConfigError, ConfigProblem};
+pub use load::{load_policy, parse_policy, split_table_name, ConfigError, ConfigProblem};
 pub use types::*;
 pub use upstream::{UpstreamAddr, UpstreamAddrError};

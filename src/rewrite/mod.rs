@@ -1,1 +1,53 @@
-//! sqlparser-based analysis and rewriting of statements that touch protected columns.
+//! SQL analysis and rewriting for statements that touch protected columns
+//! (sqlparser, PostgreSQL dialect). It decides, per statement, whether it
+//! can pass untouched, is a read whose results the session decrypts, is a
+//! write whose protected values become parameter slots the session fills
+//! with ciphertext, or must be refused (KM003/KM004) — fail closed.
+//! Knows SQL and the policy; knows nothing of sockets or keys.
+
+mod analyze;
+mod names;
+mod render;
+mod write;
+
+pub use analyze::{analyze, Analysis, StatementPlan};
+pub use render::{quote_literal, render_with_literals};
+pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
+
+/// A statement the proxy refuses, with what the client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Rejection {
+    /// SQLSTATE from DESIGN section 6.
+    pub sqlstate: &'static str,
+    /// `schema.table` involved, if known.
+    pub table: Option<String>,
+    /// Protected column involved, if known.
+    pub column: Option<String>,
+    /// Full message for the client.
+    pub message: String,
+}
+
+/// KM003: statement not supported on a protected column.
+pub const KM003: &str = "KM003";
+/// KM004: tenant could not be determined for a write.
+pub const KM004: &str = "KM004";
+
+impl Rejection {
+    /// KM003 naming table and column.
+    pub fn unsupported(table: &str, column: Option<&str>, what: &str) -> Self {
+        let target = match column {
+            Some(c) => format!("protected column {table}.{c}"),
+            None => format!("protected table {table}"),
+        };
+        Self {
+            sqlstate: KM003,
+            table: Some(table.to_owned()),
+            column: column.map(str::to_owned),
+            message: format!("cmk-proxy: {what} is not supported on {target}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,300 @@
+//! The live schema behind the policy: which (table OID, attribute number)
+//! pairs are protected columns, EDEK columns or blind indexes, and what is
+//! wrong with the schema for the policy, with the DDL that fixes it.
+//! Reads the catalog through a tokio-postgres client; knows no sockets of
+//! sessions and no keys.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::{split_table_name, DeclaredType, Policy, SearchMode};
+
+/// What a protected table column is for the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnRole {
+    /// An encrypted column with its declared plaintext type.
+    Protected(DeclaredType),
+    /// The row's EDEK column.
+    Edek,
+    /// The blind index of a searchable column.
+    BlindIndex,
+    /// The row's tenant column.
+    Tenant,
+}
+
+/// A column of a policy table, as found in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnRef {
+    /// `schema.table` as written in the policy.
+    pub table: Arc<str>,
+    /// Column name.
+    pub column: Arc<str>,
+    /// Its role.
+    pub role: ColumnRole,
+}
+
+/// (table OID, attnum) → policy column, for RowDescription lookups.
+#[derive(Debug, Clone, Default)]
+pub struct CatalogMap {
+    by_attr: HashMap<(u32, i16), ColumnRef>,
+    table_oids: BTreeMap<Arc<str>, u32>,
+}
+
+impl CatalogMap {
+    /// The policy column behind a result field, if any.
+    pub fn lookup(&self, table_oid: u32, attnum: i16) -> Option<&ColumnRef> {
+        if table_oid == 0 {
+            return None;
+        }
+        self.by_attr.get(&(table_oid, attnum))
+    }
+
+    /// OID of a policy table (`schema.table`).
+    pub fn table_oid(&self, table: &str) -> Option<u32> {
+        self.table_oids.get(table).copied()
+    }
+
+    /// Number of mapped columns.
+    pub fn len(&self) -> usize {
+        self.by_attr.len()
+    }
+
+    /// True when no column is mapped (no policy tables).
+    pub fn is_empty(&self) -> bool {
+        self.by_attr.is_empty()
+    }
+}
+
+/// A mismatch between the policy and the live schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaProblem {
+    /// `schema.table` or `schema.table.column`.
+    pub location: String,
+    /// What is wrong.
+    pub message: String,
+    /// DDL that fixes it, when there is one.
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for SchemaProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.message)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n    fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Reading the catalog failed.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the schema of the policy tables: {0}")]
+pub struct CatalogError(#[from] tokio_postgres::Error);
+
+/// One attribute of a policy table.
+struct Attr {
+    attnum: i16,
+    type_name: String,
+}
+
+struct TableInfo {
+    oid: u32,
+    attrs: HashMap<String, Attr>,
+}
+
+fn quote_ident(name: &str) -> String {
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !name.as_bytes()[0].is_ascii_digit();
+    if plain {
+        name.to_owned()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+fn qualified(table: &str) -> String {
+    match split_table_name(table) {
+        Some((schema, name)) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
+        None => quote_ident(table),
+    }
+}
+
+async fn read_tables(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<HashMap<String, TableInfo>, CatalogError> {
+    let names: Vec<String> = policy.tables.keys().cloned().collect();
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, c.oid, a.attnum, a.attname::text, \
+                    format_type(a.atttypid, NULL) \
+             FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE n.nspname || '.' || c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p')",
+            &[&names],
+        )
+        .await?;
+    let mut tables: HashMap<String, TableInfo> = HashMap::new();
+    for row in rows {
+        let table: String = row.get(0);
+        let oid: u32 = row.get(1);
+        let entry = tables.entry(table).or_insert_with(|| TableInfo {
+            oid,
+            attrs: HashMap::new(),
+        });
+        entry.attrs.insert(
+            row.get(3),
+            Attr {
+                attnum: row.get(2),
+                type_name: row.get(4),
+            },
+        );
+    }
+    Ok(tables)
+}
+
+/// Builds the (OID, attnum) map for the policy tables that exist.
+pub async fn load_map(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<CatalogMap, CatalogError> {
+    let tables = read_tables(client, policy).await?;
+    let mut map = CatalogMap::default();
+    for (name, table_policy) in &policy.tables {
+        let Some(info) = tables.get(name) else {
+            continue;
+        };
+        let table: Arc<str> = Arc::from(name.as_str());
+        map.table_oids.insert(table.clone(), info.oid);
+        let mut add = |column: &str, role: ColumnRole| {
+            if let Some(attr) = info.attrs.get(column) {
+                map.by_attr.insert(
+                    (info.oid, attr.attnum),
+                    ColumnRef {
+                        table: table.clone(),
+                        column: Arc::from(column),
+                        role,
+                    },
+                );
+            }
+        };
+        for (column, column_policy) in &table_policy.columns {
+            add(column, ColumnRole::Protected(column_policy.ty));
+            if column_policy.search == SearchMode::Equality {
+                add(&format!("{column}_bidx"), ColumnRole::BlindIndex);
+            }
+        }
+        add(&table_policy.edek_column, ColumnRole::Edek);
+        add(&table_policy.tenant_column, ColumnRole::Tenant);
+    }
+    Ok(map)
+}
+
+/// Compares the policy with the live schema; every problem comes with the
+/// DDL that fixes it where one exists.
+pub async fn check_schema(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<Vec<SchemaProblem>, CatalogError> {
+    let tables = read_tables(client, policy).await?;
+    let mut problems = Vec::new();
+    for (name, table_policy) in &policy.tables {
+        let Some(info) = tables.get(name) else {
+            problems.push(SchemaProblem {
+                location: name.clone(),
+                message: "table does not exist (or is not a plain or partitioned table)".to_owned(),
+                fix: None,
+            });
+            continue;
+        };
+        let table = qualified(name);
+        let mut expect = |column: &str, wanted: &str, why: &str, add_extra: Option<String>| {
+            let location = format!("{name}.{column}");
+            let col = quote_ident(column);
+            match info.attrs.get(column) {
+                None => problems.push(SchemaProblem {
+                    location,
+                    message: format!("column does not exist ({why})"),
+                    fix: Some(format!(
+                        "ALTER TABLE {table} ADD COLUMN {col} {wanted};{}",
+                        add_extra.map(|e| format!(" {e}")).unwrap_or_default()
+                    )),
+                }),
+                Some(attr) if attr.type_name != wanted => problems.push(SchemaProblem {
+                    location,
+                    message: format!("stored as {}, must be {wanted} ({why})", attr.type_name),
+                    fix: Some(if wanted == "bytea" {
+                        // Existing values become legacy plaintext cells: serve
+                        // them with `mode: migrating` until re-encrypted.
+                        format!(
+                            "ALTER TABLE {table} ALTER COLUMN {col} TYPE bytea USING convert_to({col}::text, 'UTF8');"
+                        )
+                    } else {
+                        format!("ALTER TABLE {table} ALTER COLUMN {col} TYPE {wanted} USING {col}::{wanted};")
+                    }),
+                }),
+                Some(_) => {}
+            }
+        };
+        for (column, column_policy) in &table_policy.columns {
+            expect(
+                column,
+                "bytea",
+                "protected columns hold encrypted cells",
+                None,
+            );
+            if column_policy.search == SearchMode::Equality {
+                let bidx = format!("{column}_bidx");
+                let index = format!("CREATE INDEX ON {table} ({});", quote_ident(&bidx));
+                expect(
+                    &bidx,
+                    "bytea",
+                    "blind index for search: equality",
+                    Some(index),
+                );
+            }
+        }
+        expect(
+            &table_policy.edek_column,
+            "jsonb",
+            "the EDEK column holds {dek_id: wrapped key}",
+            None,
+        );
+        if !info.attrs.contains_key(&table_policy.tenant_column) {
+            problems.push(SchemaProblem {
+                location: format!("{name}.{}", table_policy.tenant_column),
+                message: "tenant column does not exist".to_owned(),
+                fix: None,
+            });
+        }
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_only_when_needed() {
+        assert_eq!(quote_ident("ssn"), "ssn");
+        assert_eq!(quote_ident("Birth Date"), "\"Birth Date\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(qualified("public.patients"), "public.patients");
+    }
+
+    #[test]
+    fn problems_print_their_fix() {
+        let p = SchemaProblem {
+            location: "public.t.ssn".into(),
+            message: "stored as text, must be bytea".into(),
+            fix: Some("ALTER TABLE ...".into()),
+        };
+        assert!(p.to_string().contains("fix: ALTER TABLE"));
+    }
+}

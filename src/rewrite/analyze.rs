@@ -1,0 +1,297 @@
+//! Classifies every statement of a query string: untouched, a read of
+//! protected tables, a planned write, or a rejection.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    visit_expressions, visit_relations, Expr, ObjectName, Query, Select, SelectItem, SetExpr,
+    Statement, Value,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::names::{ident_name, mentions_policy_table, policy_table};
+use super::write::{plan_insert, plan_update, WritePlan};
+use super::Rejection;
+use crate::config::Policy;
+
+/// What the proxy does with one statement.
+#[derive(Debug, Clone)]
+pub enum StatementPlan {
+    /// Touches no protected table.
+    Untouched,
+    /// Reads protected tables: results are decrypted from RowDescription.
+    Read,
+    /// Schema change: the catalog map must be refreshed afterwards.
+    Ddl,
+    /// A write with protected values to encrypt.
+    Write(Box<WritePlan>),
+}
+
+/// The plan of a whole query string.
+#[derive(Debug, Clone)]
+pub struct Analysis {
+    /// One plan per statement, in order.
+    pub statements: Vec<StatementPlan>,
+}
+
+impl Analysis {
+    /// True if the SQL text must be replaced (some statement is a write).
+    pub fn needs_rewrite(&self) -> bool {
+        self.statements
+            .iter()
+            .any(|s| matches!(s, StatementPlan::Write(_)))
+    }
+}
+
+/// Analyzes `sql`. `client_params` is the number of parameters the client
+/// declared or uses (added placeholders are numbered after them).
+pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analysis, Rejection> {
+    if policy.tables.is_empty() {
+        return Ok(Analysis {
+            statements: vec![StatementPlan::Untouched],
+        });
+    }
+    let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => statements,
+        Err(_) => {
+            return match mentions_policy_table(policy, sql) {
+                Some(table) => Err(Rejection::unsupported(
+                    &table,
+                    None,
+                    "SQL that cmk-proxy cannot parse (it may touch protected data)",
+                )),
+                None => Ok(Analysis {
+                    statements: vec![StatementPlan::Untouched],
+                }),
+            };
+        }
+    };
+    let params = client_params.max(max_placeholder(&statements));
+    let plans = statements
+        .into_iter()
+        .map(|s| plan_statement(policy, s, params))
+        .collect::<Result<_, _>>()?;
+    Ok(Analysis { statements: plans })
+}
+
+fn max_placeholder(statements: &[Statement]) -> usize {
+    let mut max = 0;
+    for statement in statements {
+        let _ = visit_expressions(statement, |expr| {
+            if let Expr::Value(v) = expr {
+                if let Value::Placeholder(p) = &v.value {
+                    if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                        max = max.max(n);
+                    }
+                }
+            }
+            ControlFlow::<()>::Continue(())
+        });
+    }
+    max
+}
+
+/// Protected tables (policy keys) the statement refers to anywhere.
+fn protected_tables(policy: &Policy, statement: &Statement) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let _ = visit_relations(statement, |name: &ObjectName| {
+        if let Some((key, _)) = policy_table(policy, name) {
+            found.insert(key.to_owned());
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
+}
+
+fn plan_statement(
+    policy: &Policy,
+    statement: Statement,
+    params: usize,
+) -> Result<StatementPlan, Rejection> {
+    let tables = protected_tables(policy, &statement);
+    match &statement {
+        Statement::CreateTable(_)
+        | Statement::AlterTable { .. }
+        | Statement::Drop { .. }
+        | Statement::CreateView { .. }
+        | Statement::CreateSchema { .. } => return Ok(StatementPlan::Ddl),
+        _ => {}
+    }
+    if tables.is_empty() {
+        return Ok(StatementPlan::Untouched);
+    }
+    match &statement {
+        Statement::Copy { .. } => {
+            let table = tables.iter().next().cloned().unwrap_or_default();
+            Err(Rejection::unsupported(&table, None, "COPY"))
+        }
+        Statement::Insert(insert) => {
+            let target = match &insert.table {
+                sqlparser::ast::TableObject::TableName(name) => policy_table(policy, name),
+                _ => None,
+            };
+            if let Some(source) = &insert.source {
+                check_query(policy, &tables, source)?;
+            }
+            match target {
+                Some((table, table_policy)) => {
+                    match plan_insert(table, table_policy, statement.clone(), params)? {
+                        Some(plan) => Ok(StatementPlan::Write(Box::new(plan))),
+                        None => Ok(StatementPlan::Read),
+                    }
+                }
+                None => Ok(StatementPlan::Read),
+            }
+        }
+        Statement::Update { table, .. } => {
+            check_filters(policy, &tables, &statement)?;
+            let target = match &table.relation {
+                sqlparser::ast::TableFactor::Table { name, .. } => policy_table(policy, name),
+                _ => None,
+            };
+            match target {
+                Some((name, table_policy)) => {
+                    match plan_update(name, table_policy, statement.clone(), params)? {
+                        Some(plan) => Ok(StatementPlan::Write(Box::new(plan))),
+                        None => Ok(StatementPlan::Read),
+                    }
+                }
+                None => Ok(StatementPlan::Read),
+            }
+        }
+        Statement::Query(query) => {
+            check_query(policy, &tables, query)?;
+            Ok(StatementPlan::Read)
+        }
+        Statement::Delete(_) => {
+            check_filters(policy, &tables, &statement)?;
+            Ok(StatementPlan::Read)
+        }
+        Statement::Explain { .. } | Statement::Declare { .. } => Ok(StatementPlan::Read),
+        _ => {
+            let table = tables.iter().next().cloned().unwrap_or_default();
+            Err(Rejection::unsupported(
+                &table,
+                None,
+                "this kind of statement",
+            ))
+        }
+    }
+}
+
+/// Protected column names of the given tables, with their table.
+fn protected_columns<'p>(policy: &'p Policy, tables: &BTreeSet<String>) -> Vec<(&'p str, &'p str)> {
+    tables
+        .iter()
+        .filter_map(|t| policy.tables.get_key_value(t))
+        .flat_map(|(t, p)| p.columns.keys().map(move |c| (t.as_str(), c.as_str())))
+        .collect()
+}
+
+fn column_name(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::Identifier(i) => Some(ident_name(i)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(ident_name),
+        _ => None,
+    }
+}
+
+/// Any expression that mentions a protected column is refused, except bare
+/// column references in SELECT lists (their results are decrypted).
+fn check_query(policy: &Policy, tables: &BTreeSet<String>, query: &Query) -> Result<(), Rejection> {
+    let mut stripped = query.clone();
+    strip_bare_projections(&mut stripped.body);
+    if let Some(with) = &mut stripped.with {
+        for cte in &mut with.cte_tables {
+            strip_bare_projections(&mut cte.query.body);
+        }
+    }
+    find_protected_use(policy, tables, &Statement::Query(Box::new(stripped)))
+}
+
+fn check_filters(
+    policy: &Policy,
+    tables: &BTreeSet<String>,
+    statement: &Statement,
+) -> Result<(), Rejection> {
+    let mut stripped = statement.clone();
+    match &mut stripped {
+        Statement::Update {
+            assignments,
+            returning,
+            ..
+        } => {
+            // SET values are planned by the write planner; RETURNING lists
+            // are read like SELECT lists.
+            assignments.clear();
+            strip_items(returning.as_mut());
+        }
+        Statement::Delete(delete) => strip_items(delete.returning.as_mut()),
+        _ => {}
+    }
+    find_protected_use(policy, tables, &stripped)
+}
+
+fn strip_items(items: Option<&mut Vec<SelectItem>>) {
+    if let Some(items) = items {
+        items.retain(|item| !is_bare_column(item));
+    }
+}
+
+fn is_bare_column(item: &SelectItem) -> bool {
+    match item {
+        SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+            matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+        }
+        _ => false,
+    }
+}
+
+fn strip_bare_projections(body: &mut SetExpr) {
+    match body {
+        SetExpr::Select(select) => strip_select(select),
+        SetExpr::Query(query) => strip_bare_projections(&mut query.body),
+        SetExpr::SetOperation { left, right, .. } => {
+            strip_bare_projections(left);
+            strip_bare_projections(right);
+        }
+        _ => {}
+    }
+}
+
+fn strip_select(select: &mut Select) {
+    select.projection.retain(|item| !is_bare_column(item));
+    if select.projection.is_empty() {
+        select
+            .projection
+            .push(SelectItem::UnnamedExpr(Expr::value(Value::Null)));
+    }
+}
+
+fn find_protected_use(
+    policy: &Policy,
+    tables: &BTreeSet<String>,
+    statement: &Statement,
+) -> Result<(), Rejection> {
+    let columns = protected_columns(policy, tables);
+    let mut hit: Option<(String, String)> = None;
+    let _ = visit_expressions(statement, |expr| {
+        if let Some(name) = column_name(expr) {
+            if let Some((table, column)) = columns.iter().find(|(_, c)| *c == name) {
+                hit = Some((table.to_string(), column.to_string()));
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    match hit {
+        Some((table, column)) => Err(Rejection::unsupported(
+            &table,
+            Some(&column),
+            "a condition, ordering, grouping, function or expression",
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,48 @@
+//! Resolving SQL names against the policy: table names to `schema.table`
+//! policy keys, and column references to protected columns.
+
+use sqlparser::ast::{Ident, ObjectName};
+
+use crate::config::{Policy, TablePolicy};
+
+/// The normalized name of an identifier (unquoted names fold to lower case).
+pub fn ident_name(ident: &Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// The policy table an object name refers to (unqualified names are taken
+/// from the `public` schema, the default search_path).
+pub fn policy_table<'p>(
+    policy: &'p Policy,
+    name: &ObjectName,
+) -> Option<(&'p str, &'p TablePolicy)> {
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .filter_map(|p| p.as_ident().map(ident_name))
+        .collect();
+    let key = match parts.as_slice() {
+        [table] => format!("public.{table}"),
+        [schema, table] => format!("{schema}.{table}"),
+        [_db, schema, table] => format!("{schema}.{table}"),
+        _ => return None,
+    };
+    policy
+        .tables
+        .get_key_value(&key)
+        .map(|(k, v)| (k.as_str(), v))
+}
+
+/// True if `sql` names a policy table anywhere (used when parsing fails:
+/// unparseable SQL that may touch a protected table is refused).
+pub fn mentions_policy_table(policy: &Policy, sql: &str) -> Option<String> {
+    let lower = sql.to_lowercase();
+    policy.tables.keys().find_map(|key| {
+        let table = key.rsplit('.').next().unwrap_or(key);
+        lower.contains(&table.to_lowercase()).then(|| key.clone())
+    })
+}

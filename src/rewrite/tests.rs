@@ -1,0 +1,245 @@
+//! Unit tests of statement planning against a small policy.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::{parse_policy, Policy};
+
+fn policy() -> Policy {
+    parse_policy(
+        "tables:\n  public.patients:\n    tenant_column: tenant_id\n    columns:\n      ssn: {type: text, search: equality}\n      birth_date: {type: date}\n      notes: {type: text}\n",
+        "test",
+    )
+    .unwrap()
+}
+
+fn write_plan(sql: &str, params: usize) -> WritePlan {
+    let analysis = analyze(&policy(), sql, params).unwrap();
+    match analysis.statements.into_iter().next() {
+        Some(StatementPlan::Write(plan)) => *plan,
+        other => panic!("expected a write plan, got {other:?}"),
+    }
+}
+
+fn rejection(sql: &str) -> Rejection {
+    analyze(&policy(), sql, 0).unwrap_err()
+}
+
+#[test]
+fn statements_on_other_tables_are_untouched() {
+    let a = analyze(
+        &policy(),
+        "SELECT * FROM doctors WHERE name LIKE 'a%'; UPDATE doctors SET x = 1",
+        0,
+    )
+    .unwrap();
+    assert!(a
+        .statements
+        .iter()
+        .all(|s| matches!(s, StatementPlan::Untouched)));
+    assert!(!a.needs_rewrite());
+}
+
+#[test]
+fn plain_reads_of_protected_columns_are_allowed() {
+    for sql in [
+        "SELECT ssn, notes AS n, p.birth_date FROM patients p WHERE id = 1",
+        "SELECT * FROM public.patients ORDER BY id",
+        "WITH x AS (SELECT ssn FROM patients) SELECT * FROM x",
+        "SELECT id FROM patients WHERE tenant_id = 'acme'",
+    ] {
+        let a = analyze(&policy(), sql, 0).unwrap();
+        assert!(matches!(a.statements[0], StatementPlan::Read), "{sql}");
+    }
+}
+
+#[test]
+fn conditions_and_expressions_on_protected_columns_are_refused_with_km003() {
+    for (sql, column) in [
+        ("SELECT id FROM patients WHERE ssn = '1'", "ssn"),
+        ("SELECT id FROM patients ORDER BY birth_date", "birth_date"),
+        (
+            "SELECT notes, count(*) FROM patients GROUP BY notes",
+            "notes",
+        ),
+        ("SELECT upper(notes) FROM patients", "notes"),
+        ("SELECT id FROM patients WHERE notes LIKE 'x%'", "notes"),
+        (
+            "SELECT id FROM patients WHERE birth_date > '2000-01-01'",
+            "birth_date",
+        ),
+        ("DELETE FROM patients WHERE ssn = $1", "ssn"),
+        ("UPDATE patients SET notes = 'x' WHERE ssn = '1'", "ssn"),
+    ] {
+        let r = rejection(sql);
+        assert_eq!(r.sqlstate, KM003, "{sql}");
+        assert_eq!(r.column.as_deref(), Some(column), "{sql}");
+        assert!(
+            r.message.contains(&format!("public.patients.{column}")),
+            "{sql}: {}",
+            r.message
+        );
+    }
+}
+
+#[test]
+fn copy_insert_select_and_unparseable_sql_on_protected_tables_are_refused() {
+    assert_eq!(rejection("COPY patients FROM STDIN").sqlstate, KM003);
+    let r = rejection("INSERT INTO patients (tenant_id, ssn) SELECT tenant_id, ssn FROM old");
+    assert_eq!(r.sqlstate, KM003);
+    assert!(r.message.contains("INSERT ... SELECT"), "{}", r.message);
+    let r = rejection("SELEC ssn FROM patients");
+    assert!(r.message.contains("cannot parse"), "{}", r.message);
+    // Unparseable SQL that names no protected table passes untouched.
+    assert!(analyze(&policy(), "VACUUM (VERBOSE) doctors %%", 0).is_ok());
+}
+
+#[test]
+fn insert_literals_become_slots_with_edek_and_blind_index() {
+    let plan = write_plan(
+        "INSERT INTO patients (tenant_id, ssn, birth_date, notes) VALUES ('acme', '123-45-6789', '1980-01-02', NULL), ('globex', '999', '1990-03-04', 'n') RETURNING id, ssn",
+        0,
+    );
+    assert_eq!(plan.rows.len(), 2);
+    assert_eq!(plan.rows[0].tenant, TenantSource::Literal("acme".into()));
+    assert_eq!(plan.rows[0].cells.len(), 2, "NULL notes is not encrypted");
+    assert_eq!(
+        plan.rows[0].cells[0].column, "ssn",
+        "cells follow the column list"
+    );
+    assert_eq!(plan.rows[1].cells.len(), 3);
+    let ssn = plan.rows[0]
+        .cells
+        .iter()
+        .find(|c| c.column == "ssn")
+        .unwrap();
+    assert_eq!(ssn.value, ValueSource::Literal("123-45-6789".into()));
+    assert!(ssn.bidx_param.is_some());
+    let sql = plan.statement.to_string();
+    assert!(sql.contains("cmk_edek"), "{sql}");
+    assert!(sql.contains("ssn_bidx"), "{sql}");
+    assert!(
+        !sql.contains("123-45-6789"),
+        "plaintext must leave the SQL: {sql}"
+    );
+    assert!(sql.contains("RETURNING id, ssn"), "{sql}");
+}
+
+#[test]
+fn insert_parameters_keep_their_numbers_and_extras_follow() {
+    let plan = write_plan(
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ($1, $2, $3::date)",
+        3,
+    );
+    assert_eq!(plan.rows[0].tenant, TenantSource::Param(1));
+    let notes = &plan.rows[0]
+        .cells
+        .iter()
+        .find(|c| c.column == "notes")
+        .unwrap();
+    assert_eq!(notes.value, ValueSource::Param(2));
+    assert_eq!(notes.target_param, 2);
+    assert_eq!(plan.rows[0].edek_param, Some(4));
+    assert_eq!(plan.extra_params, 1);
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("$3::BYTEA"),
+        "the client's cast is replaced: {sql}"
+    );
+}
+
+#[test]
+fn insert_without_tenant_uses_the_session_and_expressions_are_refused() {
+    let plan = write_plan("INSERT INTO patients (notes) VALUES ('x')", 0);
+    assert_eq!(plan.rows[0].tenant, TenantSource::Session);
+    assert_eq!(
+        rejection("INSERT INTO patients (tenant_id, notes) VALUES ('a', upper('x'))")
+            .column
+            .as_deref(),
+        Some("notes")
+    );
+    assert_eq!(
+        rejection("INSERT INTO patients (tenant_id, notes) VALUES (lower('A'), 'x')").sqlstate,
+        KM004
+    );
+    assert_eq!(
+        rejection("INSERT INTO patients VALUES (1, 'a', 'x')").sqlstate,
+        KM003
+    );
+    assert_eq!(
+        rejection("INSERT INTO patients (tenant_id, cmk_edek) VALUES ('a', '{}')").sqlstate,
+        KM003
+    );
+}
+
+#[test]
+fn upsert_from_excluded_merges_the_edek() {
+    let plan = write_plan(
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes",
+        0,
+    );
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("cmk_edek = COALESCE(patients.cmk_edek, '{}'::JSONB) || excluded.cmk_edek"),
+        "{sql}"
+    );
+    assert_eq!(
+        rejection("INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'a', 'x') ON CONFLICT (id) DO UPDATE SET notes = 'y'").sqlstate,
+        KM003
+    );
+}
+
+#[test]
+fn update_finds_the_tenant_or_pins_to_the_session() {
+    let plan = write_plan(
+        "UPDATE patients SET notes = $1 WHERE id = $2 AND tenant_id = $3",
+        3,
+    );
+    assert_eq!(plan.rows[0].tenant, TenantSource::Param(3));
+    assert_eq!(plan.tenant_pin_param, None);
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("cmk_edek = COALESCE(cmk_edek, '{}'::JSONB) || $4::JSONB"),
+        "{sql}"
+    );
+
+    let plan = write_plan("UPDATE patients SET notes = 'secret' WHERE id = 7", 0);
+    assert_eq!(plan.rows[0].tenant, TenantSource::Session);
+    let pin = plan.tenant_pin_param.unwrap();
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains(&format!("(id = 7) AND tenant_id = ${pin}")),
+        "{sql}"
+    );
+    assert!(!sql.contains("secret"), "{sql}");
+    assert_eq!(
+        rejection("UPDATE patients SET tenant_id = 'b' WHERE id = 1").sqlstate,
+        KM003
+    );
+    assert_eq!(
+        rejection("UPDATE patients SET notes = notes || 'x'")
+            .column
+            .as_deref(),
+        Some("notes")
+    );
+}
+
+#[test]
+fn rendering_substitutes_literals_for_placeholders() {
+    let plan = write_plan(
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'x')",
+        0,
+    );
+    let mut literals = HashMap::new();
+    let cell = plan.rows[0].cells[0].target_param;
+    literals.insert(cell, "'\\x434d4b01'".to_owned());
+    literals.insert(
+        plan.rows[0].edek_param.unwrap(),
+        quote_literal("{\"k\": \"v\"}"),
+    );
+    let sql = render_with_literals(&plan.statement, &literals);
+    assert_eq!(
+        sql,
+        "INSERT INTO patients (tenant_id, notes, cmk_edek) VALUES ('acme', '\\x434d4b01'::BYTEA, '{\"k\": \"v\"}'::JSONB)"
+    );
+}

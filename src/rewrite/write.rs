@@ -1,0 +1,620 @@
+//! Planning INSERT and UPDATE on a protected table: each protected value
+//! becomes a parameter slot that the session fills with ciphertext, the
+//! EDEK (and blind index) columns get slots of their own, and the tenant of
+//! every row is located (literal, parameter, or the session's tenant).
+
+use sqlparser::ast::{
+    Assignment, AssignmentTarget, BinaryOperator, CastKind, DataType, Expr, Ident, ObjectName,
+    ObjectNamePart, OnConflictAction, OnInsert, SetExpr, Statement, Value,
+};
+
+use super::names::ident_name;
+use super::{Rejection, KM004};
+use crate::config::{DeclaredType, SearchMode, TablePolicy};
+
+/// Where a row's tenant comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantSource {
+    /// A literal in the statement.
+    Literal(String),
+    /// Client parameter `$n` (1-based).
+    Param(usize),
+    /// The session's tenant (setting, startup option or user map).
+    Session,
+}
+
+/// Where a protected value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// A literal in the statement (its text form).
+    Literal(String),
+    /// Client parameter `$n` (1-based).
+    Param(usize),
+}
+
+/// One protected value to encrypt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellSlot {
+    /// Protected column name.
+    pub column: String,
+    /// Its declared plaintext type.
+    pub ty: DeclaredType,
+    /// Where the plaintext comes from.
+    pub value: ValueSource,
+    /// Placeholder number that carries the ciphertext (for `Param(n)`, `n`).
+    pub target_param: usize,
+    /// Placeholder number of the blind index, for `search: equality`.
+    pub bidx_param: Option<usize>,
+}
+
+/// The protected values of one row (one VALUES tuple, or the SET list).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowPlan {
+    /// The row's tenant.
+    pub tenant: TenantSource,
+    /// Values to encrypt.
+    pub cells: Vec<CellSlot>,
+    /// Placeholder number carrying the row's EDEK JSON, if any cell is set.
+    pub edek_param: Option<usize>,
+}
+
+/// A write with its placeholders; `statement` is the rewritten AST.
+#[derive(Debug, Clone)]
+pub struct WritePlan {
+    /// `schema.table`.
+    pub table: String,
+    /// Tenant column of the table.
+    pub tenant_column: String,
+    /// Per-row slots.
+    pub rows: Vec<RowPlan>,
+    /// Placeholder that pins an UPDATE to the session tenant.
+    pub tenant_pin_param: Option<usize>,
+    /// Placeholders the proxy added (they come after the client's own).
+    pub extra_params: usize,
+    /// The rewritten statement.
+    pub statement: Statement,
+}
+
+/// Allocates placeholder numbers after the client's own.
+pub(crate) struct Placeholders {
+    next: usize,
+    added: usize,
+}
+
+impl Placeholders {
+    pub(crate) fn after(existing: usize) -> Self {
+        Self {
+            next: existing + 1,
+            added: 0,
+        }
+    }
+    fn take(&mut self) -> (usize, Expr) {
+        let n = self.next;
+        self.next += 1;
+        self.added += 1;
+        (n, placeholder(n))
+    }
+}
+
+pub(crate) fn placeholder(n: usize) -> Expr {
+    Expr::value(Value::Placeholder(format!("${n}")))
+}
+
+fn param_number(text: &str) -> Option<usize> {
+    text.strip_prefix('$')?.parse().ok()
+}
+
+/// A literal's text form, or `None` for NULL, `Err` for other expressions.
+enum Operand {
+    Null,
+    Literal(String),
+    Param(usize),
+    Default,
+    Other,
+}
+
+fn operand(expr: &Expr) -> Operand {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Null => Operand::Null,
+            Value::Placeholder(p) => param_number(p).map_or(Operand::Other, Operand::Param),
+            Value::SingleQuotedString(s)
+            | Value::EscapedStringLiteral(s)
+            | Value::DollarQuotedString(sqlparser::ast::DollarQuotedString { value: s, .. }) => {
+                Operand::Literal(s.clone())
+            }
+            Value::Number(n, _) => Operand::Literal(n.to_string()),
+            Value::Boolean(b) => Operand::Literal(if *b { "t" } else { "f" }.to_owned()),
+            _ => Operand::Other,
+        },
+        // A cast on a value only restates its type: the declared type rules.
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => operand(expr),
+        Expr::UnaryOp {
+            op: sqlparser::ast::UnaryOperator::Minus,
+            expr,
+        } => match operand(expr) {
+            Operand::Literal(n) => Operand::Literal(format!("-{n}")),
+            _ => Operand::Other,
+        },
+        Expr::Identifier(ident)
+            if ident.quote_style.is_none() && ident.value.eq_ignore_ascii_case("default") =>
+        {
+            Operand::Default
+        }
+        _ => Operand::Other,
+    }
+}
+
+fn bytea_cast(expr: Expr) -> Expr {
+    Expr::Cast {
+        kind: CastKind::DoubleColon,
+        expr: Box::new(expr),
+        data_type: DataType::Bytea,
+        format: None,
+    }
+}
+
+fn jsonb_cast(expr: Expr) -> Expr {
+    Expr::Cast {
+        kind: CastKind::DoubleColon,
+        expr: Box::new(expr),
+        data_type: DataType::JSONB,
+        format: None,
+    }
+}
+
+fn column_ident(name: &str) -> Ident {
+    Ident::new(name)
+}
+
+fn tenant_of(
+    expr: Option<&Expr>,
+    table: &str,
+    tenant_column: &str,
+) -> Result<TenantSource, Rejection> {
+    match expr.map(operand) {
+        None => Ok(TenantSource::Session),
+        Some(Operand::Literal(t)) => Ok(TenantSource::Literal(t)),
+        Some(Operand::Param(n)) => Ok(TenantSource::Param(n)),
+        Some(_) => Err(Rejection {
+            sqlstate: KM004,
+            table: Some(table.to_owned()),
+            column: Some(tenant_column.to_owned()),
+            message: format!(
+                "cmk-proxy: the tenant of a row written to {table} must be a literal or a parameter in {tenant_column}"
+            ),
+        }),
+    }
+}
+
+/// Plans an INSERT into a protected table. `Ok(None)`: no protected column
+/// is written, nothing to do.
+pub(crate) fn plan_insert(
+    table: &str,
+    policy: &TablePolicy,
+    mut statement: Statement,
+    client_params: usize,
+) -> Result<Option<WritePlan>, Rejection> {
+    let Statement::Insert(insert) = &mut statement else {
+        return Ok(None);
+    };
+    let columns: Vec<String> = insert.columns.iter().map(ident_name).collect();
+    if columns.is_empty() {
+        return Err(Rejection::unsupported(
+            table,
+            None,
+            "INSERT without a column list",
+        ));
+    }
+    if columns.iter().any(|c| {
+        *c == policy.edek_column
+            || c.ends_with("_bidx") && policy.columns.contains_key(c.trim_end_matches("_bidx"))
+    }) {
+        return Err(Rejection::unsupported(
+            table,
+            Some(&policy.edek_column),
+            "writing the EDEK or blind-index column directly",
+        ));
+    }
+    let protected: Vec<(usize, &String, DeclaredType, SearchMode)> = columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| policy.columns.get(c).map(|p| (i, c, p.ty, p.search)))
+        .collect();
+    if protected.is_empty() {
+        return Ok(None);
+    }
+    let tenant_index = columns.iter().position(|c| *c == policy.tenant_column);
+    let Some(source) = insert.source.as_mut() else {
+        return Err(Rejection::unsupported(
+            table,
+            Some(protected[0].1),
+            "INSERT without VALUES",
+        ));
+    };
+    let SetExpr::Values(values) = source.body.as_mut() else {
+        return Err(Rejection::unsupported(
+            table,
+            Some(protected[0].1),
+            "INSERT ... SELECT",
+        ));
+    };
+    let mut slots = Placeholders::after(client_params);
+    let mut rows = Vec::with_capacity(values.rows.len());
+    let searchable: Vec<&String> = protected
+        .iter()
+        .filter(|p| p.3 == SearchMode::Equality)
+        .map(|p| p.1)
+        .collect();
+    for row in values.rows.iter_mut() {
+        if row.len() != columns.len() {
+            return Err(Rejection::unsupported(
+                table,
+                None,
+                "a VALUES row whose length differs from the column list",
+            ));
+        }
+        let tenant = tenant_of(tenant_index.map(|i| &row[i]), table, &policy.tenant_column)?;
+        let mut cells = Vec::new();
+        let mut bidx_values = Vec::new();
+        for (index, column, ty, search) in &protected {
+            let value = match operand(&row[*index]) {
+                Operand::Null | Operand::Default => {
+                    if *search == SearchMode::Equality {
+                        bidx_values.push(Expr::value(Value::Null));
+                    }
+                    continue;
+                }
+                Operand::Literal(text) => {
+                    let (n, expr) = slots.take();
+                    row[*index] = bytea_cast(expr);
+                    (ValueSource::Literal(text), n)
+                }
+                Operand::Param(n) => {
+                    row[*index] = bytea_cast(placeholder(n));
+                    (ValueSource::Param(n), n)
+                }
+                Operand::Other => {
+                    return Err(Rejection::unsupported(
+                        table,
+                        Some(column),
+                        "an expression as the value",
+                    ));
+                }
+            };
+            let bidx_param = (*search == SearchMode::Equality).then(|| {
+                let (n, expr) = slots.take();
+                bidx_values.push(bytea_cast(expr));
+                n
+            });
+            cells.push(CellSlot {
+                column: (*column).clone(),
+                ty: *ty,
+                value: value.0,
+                target_param: value.1,
+                bidx_param,
+            });
+        }
+        let edek_param = if cells.is_empty() {
+            row.push(Expr::value(Value::Null));
+            None
+        } else {
+            let (n, expr) = slots.take();
+            row.push(jsonb_cast(expr));
+            Some(n)
+        };
+        row.extend(bidx_values);
+        rows.push(RowPlan {
+            tenant,
+            cells,
+            edek_param,
+        });
+    }
+    insert.columns.push(column_ident(&policy.edek_column));
+    for column in &searchable {
+        insert.columns.push(column_ident(&format!("{column}_bidx")));
+    }
+    if let Some(OnInsert::OnConflict(conflict)) = &mut insert.on {
+        if let OnConflictAction::DoUpdate(update) = &mut conflict.action {
+            plan_conflict_update(table, policy, &mut update.assignments)?;
+        }
+    }
+    Ok(Some(WritePlan {
+        table: table.to_owned(),
+        tenant_column: policy.tenant_column.clone(),
+        rows,
+        tenant_pin_param: None,
+        extra_params: slots.added,
+        statement,
+    }))
+}
+
+fn assigned_column(assignment: &Assignment) -> Option<String> {
+    match &assignment.target {
+        AssignmentTarget::ColumnName(name) => {
+            name.0.last().and_then(|p| p.as_ident()).map(ident_name)
+        }
+        AssignmentTarget::Tuple(_) => None,
+    }
+}
+
+/// `DO UPDATE SET col = EXCLUDED.col` keeps the proposed row's cell; the EDEK
+/// of that row is merged in too. Other values for protected columns are refused.
+fn plan_conflict_update(
+    table: &str,
+    policy: &TablePolicy,
+    assignments: &mut Vec<Assignment>,
+) -> Result<(), Rejection> {
+    let mut touches = false;
+    for assignment in assignments.iter() {
+        let Some(column) = assigned_column(assignment) else {
+            continue;
+        };
+        if column == policy.edek_column {
+            return Err(Rejection::unsupported(
+                table,
+                Some(&column),
+                "writing the EDEK column directly",
+            ));
+        }
+        if policy.columns.contains_key(&column) {
+            let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
+                if parts.len() == 2 && ident_name(&parts[0]) == "excluded" && ident_name(&parts[1]) == column);
+            if !from_excluded {
+                return Err(Rejection::unsupported(
+                    table,
+                    Some(&column),
+                    "ON CONFLICT DO UPDATE with a value other than EXCLUDED.<column>",
+                ));
+            }
+            touches = true;
+        }
+    }
+    if touches {
+        let edek = &policy.edek_column;
+        let table_name = table.rsplit('.').next().unwrap_or(table);
+        assignments.push(Assignment {
+            target: AssignmentTarget::ColumnName(ObjectName(vec![ObjectNamePart::Identifier(
+                column_ident(edek),
+            )])),
+            value: merge_edek(
+                Expr::CompoundIdentifier(vec![Ident::new(table_name), Ident::new(edek)]),
+                Expr::CompoundIdentifier(vec![Ident::new("excluded"), Ident::new(edek)]),
+            ),
+        });
+        for (column, column_policy) in &policy.columns {
+            if column_policy.search == SearchMode::Equality
+                && assignments
+                    .iter()
+                    .any(|a| assigned_column(a).as_deref() == Some(column))
+            {
+                let bidx = format!("{column}_bidx");
+                assignments.push(Assignment {
+                    target: AssignmentTarget::ColumnName(ObjectName(vec![
+                        ObjectNamePart::Identifier(column_ident(&bidx)),
+                    ])),
+                    value: Expr::CompoundIdentifier(vec![Ident::new("excluded"), Ident::new(bidx)]),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `COALESCE(old, '{}'::jsonb) || new`: the row keeps every DEK its cells use.
+fn merge_edek(old: Expr, new: Expr) -> Expr {
+    Expr::BinaryOp {
+        left: Box::new(Expr::Function(sqlparser::ast::Function {
+            name: ObjectName(vec![ObjectNamePart::Identifier(Ident::new("COALESCE"))]),
+            uses_odbc_syntax: false,
+            parameters: sqlparser::ast::FunctionArguments::None,
+            args: sqlparser::ast::FunctionArguments::List(sqlparser::ast::FunctionArgumentList {
+                duplicate_treatment: None,
+                args: vec![
+                    sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(
+                        old,
+                    )),
+                    sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(
+                        jsonb_cast(Expr::value(Value::SingleQuotedString("{}".to_owned()))),
+                    )),
+                ],
+                clauses: vec![],
+            }),
+            filter: None,
+            null_treatment: None,
+            over: None,
+            within_group: vec![],
+        })),
+        op: BinaryOperator::StringConcat,
+        right: Box::new(new),
+    }
+}
+
+/// Finds `tenant_column = <literal or $n>` among the top-level AND terms.
+fn tenant_in_where(selection: Option<&Expr>, tenant_column: &str) -> Option<TenantSource> {
+    let expr = selection?;
+    match expr {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => tenant_in_where(Some(left), tenant_column)
+            .or_else(|| tenant_in_where(Some(right), tenant_column)),
+        Expr::Nested(inner) => tenant_in_where(Some(inner), tenant_column),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => {
+            let is_tenant = |e: &Expr| match e {
+                Expr::Identifier(i) => ident_name(i) == tenant_column,
+                Expr::CompoundIdentifier(parts) => {
+                    parts.last().is_some_and(|i| ident_name(i) == tenant_column)
+                }
+                _ => false,
+            };
+            let (column_side, value_side) = if is_tenant(left) {
+                (left, right)
+            } else if is_tenant(right) {
+                (right, left)
+            } else {
+                return None;
+            };
+            let _ = column_side;
+            match operand(value_side) {
+                Operand::Literal(t) => Some(TenantSource::Literal(t)),
+                Operand::Param(n) => Some(TenantSource::Param(n)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Plans an UPDATE of a protected table. `Ok(None)`: no protected column is set.
+pub(crate) fn plan_update(
+    table: &str,
+    policy: &TablePolicy,
+    mut statement: Statement,
+    client_params: usize,
+) -> Result<Option<WritePlan>, Rejection> {
+    let Statement::Update {
+        assignments,
+        selection,
+        ..
+    } = &mut statement
+    else {
+        return Ok(None);
+    };
+    let mut slots = Placeholders::after(client_params);
+    let mut cells = Vec::new();
+    let mut extra_assignments = Vec::new();
+    for assignment in assignments.iter_mut() {
+        let Some(column) = assigned_column(assignment) else {
+            if let AssignmentTarget::Tuple(names) = &assignment.target {
+                for name in names {
+                    if let Some(c) = name.0.last().and_then(|p| p.as_ident()).map(ident_name) {
+                        if policy.columns.contains_key(&c) {
+                            return Err(Rejection::unsupported(
+                                table,
+                                Some(&c),
+                                "a tuple assignment",
+                            ));
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        if column == policy.edek_column {
+            return Err(Rejection::unsupported(
+                table,
+                Some(&column),
+                "writing the EDEK column directly",
+            ));
+        }
+        if column == policy.tenant_column {
+            return Err(Rejection::unsupported(
+                table,
+                Some(&column),
+                "changing the tenant of a row (its cells are bound to the tenant)",
+            ));
+        }
+        let Some(column_policy) = policy.columns.get(&column) else {
+            continue;
+        };
+        let (value, target) = match operand(&assignment.value) {
+            Operand::Null => {
+                if column_policy.search == SearchMode::Equality {
+                    extra_assignments.push((format!("{column}_bidx"), Expr::value(Value::Null)));
+                }
+                continue;
+            }
+            Operand::Literal(text) => {
+                let (n, expr) = slots.take();
+                assignment.value = bytea_cast(expr);
+                (ValueSource::Literal(text), n)
+            }
+            Operand::Param(n) => {
+                assignment.value = bytea_cast(placeholder(n));
+                (ValueSource::Param(n), n)
+            }
+            Operand::Default | Operand::Other => {
+                return Err(Rejection::unsupported(
+                    table,
+                    Some(&column),
+                    "an expression as the value",
+                ));
+            }
+        };
+        let bidx_param = (column_policy.search == SearchMode::Equality).then(|| {
+            let (n, expr) = slots.take();
+            extra_assignments.push((format!("{column}_bidx"), bytea_cast(expr)));
+            n
+        });
+        cells.push(CellSlot {
+            column,
+            ty: column_policy.ty,
+            value,
+            target_param: target,
+            bidx_param,
+        });
+    }
+    if cells.is_empty() && extra_assignments.is_empty() {
+        return Ok(None);
+    }
+    let mut tenant =
+        tenant_in_where(selection.as_ref(), &policy.tenant_column).unwrap_or(TenantSource::Session);
+    let mut tenant_pin_param = None;
+    if tenant == TenantSource::Session && !cells.is_empty() {
+        // Pin the UPDATE to the session tenant so no row of another tenant
+        // receives a cell under this tenant's key.
+        let (n, expr) = slots.take();
+        let pin = Expr::BinaryOp {
+            left: Box::new(Expr::Identifier(column_ident(&policy.tenant_column))),
+            op: BinaryOperator::Eq,
+            right: Box::new(expr),
+        };
+        *selection = Some(match selection.take() {
+            Some(existing) => Expr::BinaryOp {
+                left: Box::new(Expr::Nested(Box::new(existing))),
+                op: BinaryOperator::And,
+                right: Box::new(pin),
+            },
+            None => pin,
+        });
+        tenant_pin_param = Some(n);
+        tenant = TenantSource::Session;
+    }
+    let edek_param = if cells.is_empty() {
+        None
+    } else {
+        let (n, expr) = slots.take();
+        let edek = &policy.edek_column;
+        extra_assignments.push((
+            edek.clone(),
+            merge_edek(Expr::Identifier(column_ident(edek)), jsonb_cast(expr)),
+        ));
+        Some(n)
+    };
+    for (column, value) in extra_assignments {
+        assignments.push(Assignment {
+            target: AssignmentTarget::ColumnName(ObjectName(vec![ObjectNamePart::Identifier(
+                column_ident(&column),
+            )])),
+            value,
+        });
+    }
+    Ok(Some(WritePlan {
+        table: table.to_owned(),
+        tenant_column: policy.tenant_column.clone(),
+        rows: vec![RowPlan {
+            tenant,
+            cells,
+            edek_param,
+        }],
+        tenant_pin_param,
+        extra_params: slots.added,
+        statement,
+    }))
+}

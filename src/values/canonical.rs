@@ -1,0 +1,366 @@
+//! Canonical text of a value as PostgreSQL would print it (DateStyle ISO,
+//! timestamptz in UTC), so every spelling of a value encrypts and indexes
+//! the same way.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Timelike};
+
+use super::{invalid, ValueError};
+use crate::config::DeclaredType;
+
+/// Validates `input` (the value's text form as a client sent it) and
+/// returns its canonical text.
+pub fn canonical_text(ty: DeclaredType, input: &[u8]) -> Result<String, ValueError> {
+    let text = std::str::from_utf8(input).map_err(|_| invalid(ty, "not valid UTF-8"))?;
+    use DeclaredType as T;
+    match ty {
+        T::Text | T::Varchar => Ok(text.to_owned()),
+        T::Bytea => Ok(bytea_hex(
+            &parse_bytea(text).ok_or(invalid(ty, "not a bytea literal"))?,
+        )),
+        T::Int2 => parse_int::<i16>(ty, text),
+        T::Int4 => parse_int::<i32>(ty, text),
+        T::Int8 => parse_int::<i64>(ty, text),
+        T::Float8 => parse_float(text)
+            .map(format_float)
+            .ok_or(invalid(ty, "not a floating-point number")),
+        T::Numeric => canonical_numeric(text.trim()).ok_or(invalid(ty, "not a number")),
+        T::Bool => parse_bool(text)
+            .map(|b| if b { "t" } else { "f" }.to_owned())
+            .ok_or(invalid(ty, "not a boolean")),
+        T::Date => parse_date(text.trim())
+            .map(format_date)
+            .ok_or(invalid(ty, "expected YYYY-MM-DD")),
+        T::Timestamp => parse_timestamp(text.trim())
+            .map(format_timestamp)
+            .ok_or(invalid(ty, "expected YYYY-MM-DD HH:MM:SS[.ffffff]")),
+        T::Timestamptz => parse_timestamptz(text.trim())
+            .map(|ts| format!("{}+00", format_timestamp(ts)))
+            .ok_or(invalid(
+                ty,
+                "expected YYYY-MM-DD HH:MM:SS[.ffffff] with an explicit UTC offset",
+            )),
+        T::Uuid => uuid::Uuid::parse_str(text.trim())
+            .map(|u| u.hyphenated().to_string())
+            .map_err(|_| invalid(ty, "not a UUID")),
+        T::Jsonb => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).map_err(|_| invalid(ty, "not valid JSON"))?;
+            let mut out = String::with_capacity(text.len());
+            write_jsonb(&value, &mut out);
+            Ok(out)
+        }
+    }
+}
+
+fn parse_int<N: std::str::FromStr + ToString>(
+    ty: DeclaredType,
+    text: &str,
+) -> Result<String, ValueError> {
+    text.trim()
+        .parse::<N>()
+        .map(|n| n.to_string())
+        .map_err(|_| invalid(ty, "not an integer in range"))
+}
+
+/// Parses PostgreSQL's bytea input: `\x` hex, or the escape format.
+pub(crate) fn parse_bytea(text: &str) -> Option<Vec<u8>> {
+    if let Some(hex) = text.strip_prefix("\\x") {
+        let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+        if !digits.len().is_multiple_of(2) {
+            return None;
+        }
+        return digits
+            .chunks(2)
+            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+            .collect();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            out.push(bytes[i]);
+            i += 1;
+        } else if bytes.get(i + 1) == Some(&b'\\') {
+            out.push(b'\\');
+            i += 2;
+        } else {
+            let octal = std::str::from_utf8(bytes.get(i + 1..i + 4)?).ok()?;
+            out.push(u8::from_str_radix(octal, 8).ok()?);
+            i += 4;
+        }
+    }
+    Some(out)
+}
+
+/// bytea in hex output format.
+pub(crate) fn bytea_hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(2 + bytes.len() * 2);
+    out.push_str("\\x");
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+pub(crate) fn parse_float(text: &str) -> Option<f64> {
+    let t = text.trim();
+    match t.to_ascii_lowercase().as_str() {
+        "nan" => Some(f64::NAN),
+        "infinity" | "+infinity" | "inf" | "+inf" => Some(f64::INFINITY),
+        "-infinity" | "-inf" => Some(f64::NEG_INFINITY),
+        _ if t
+            .chars()
+            .any(|c| c.is_ascii_alphabetic() && c != 'e' && c != 'E') =>
+        {
+            None
+        }
+        _ => t.parse().ok(),
+    }
+}
+
+/// float8 output as PostgreSQL 12+ prints it: shortest exact digits,
+/// exponent form below 1e-4 and from 1e15 on.
+pub(crate) fn format_float(v: f64) -> String {
+    if v.is_nan() {
+        return "NaN".to_owned();
+    }
+    if v.is_infinite() {
+        return if v > 0.0 { "Infinity" } else { "-Infinity" }.to_owned();
+    }
+    if v == 0.0 {
+        return if v.is_sign_negative() { "-0" } else { "0" }.to_owned();
+    }
+    let sci = format!("{v:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..15).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
+    }
+    format!("{v}")
+}
+
+/// Canonical numeric text: plain decimal, scale kept as written.
+pub(crate) fn canonical_numeric(text: &str) -> Option<String> {
+    match text.to_ascii_lowercase().as_str() {
+        "nan" => return Some("NaN".to_owned()),
+        "infinity" | "+infinity" | "inf" => return Some("Infinity".to_owned()),
+        "-infinity" | "-inf" => return Some("-Infinity".to_owned()),
+        _ => {}
+    }
+    let (negative, body) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(pos) => (&body[..pos], body[pos + 1..].parse::<i32>().ok()?),
+        None => (body, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || exp.abs() > 1000
+    {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    // Position of the decimal point within `digits` after the exponent.
+    let point = int.len() as i64 + exp as i64;
+    let scale = (frac.len() as i64 - exp as i64).max(0) as usize;
+    let (mut int_part, frac_part) = if point <= 0 {
+        (
+            String::new(),
+            format!("{}{}", "0".repeat((-point) as usize), digits),
+        )
+    } else if point as usize >= digits.len() {
+        (
+            format!("{}{}", digits, "0".repeat(point as usize - digits.len())),
+            String::new(),
+        )
+    } else {
+        (
+            digits[..point as usize].to_owned(),
+            digits[point as usize..].to_owned(),
+        )
+    };
+    let trimmed = int_part.trim_start_matches('0');
+    int_part = if trimmed.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    };
+    let mut frac_part: String = frac_part.chars().take(scale).collect();
+    while frac_part.len() < scale {
+        frac_part.push('0');
+    }
+    let is_zero = int_part == "0" && frac_part.bytes().all(|b| b == b'0');
+    let sign = if negative && !is_zero { "-" } else { "" };
+    Some(if scale > 0 {
+        format!("{sign}{int_part}.{frac_part}")
+    } else {
+        format!("{sign}{int_part}")
+    })
+}
+
+pub(crate) fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "t" | "true" | "y" | "yes" | "on" | "1" => Some(true),
+        "f" | "false" | "n" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()
+}
+
+pub(crate) fn format_date(d: NaiveDate) -> String {
+    d.format("%Y-%m-%d").to_string()
+}
+
+pub(crate) fn parse_timestamp(text: &str) -> Option<NaiveDateTime> {
+    [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%d",
+    ]
+    .iter()
+    .find_map(|fmt| {
+        NaiveDateTime::parse_from_str(text, fmt).ok().or_else(|| {
+            (*fmt == "%Y-%m-%d")
+                .then(|| parse_date(text).and_then(|d| d.and_hms_opt(0, 0, 0)))
+                .flatten()
+        })
+    })
+}
+
+pub(crate) fn parse_timestamptz(text: &str) -> Option<NaiveDateTime> {
+    let normalized = text.replacen('T', " ", 1);
+    let with_minutes = match normalized.rfind(['+', '-']) {
+        // "+02" → "+02:00" so chrono's %:z accepts it.
+        Some(pos) if pos > 10 && normalized.len() - pos == 3 => format!("{normalized}:00"),
+        _ => normalized.replace('Z', "+00:00"),
+    };
+    [
+        "%Y-%m-%d %H:%M:%S%.f%:z",
+        "%Y-%m-%d %H:%M:%S%.f %:z",
+        "%Y-%m-%d %H:%M:%S%.f%z",
+    ]
+    .iter()
+    .find_map(|fmt| DateTime::parse_from_str(&with_minutes, fmt).ok())
+    .map(|dt| dt.naive_utc())
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` with trailing zeros of the fraction trimmed.
+pub(crate) fn format_timestamp(ts: NaiveDateTime) -> String {
+    let micros = ts.nanosecond() / 1000;
+    let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
+    if micros == 0 {
+        base
+    } else {
+        let frac = format!("{micros:06}");
+        format!("{base}.{}", frac.trim_end_matches('0'))
+    }
+}
+
+/// jsonb's text output: keys ordered by length then bytes, one space after
+/// `:` and `,`.
+fn write_jsonb(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
+            out.push('{');
+            for (i, key) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push_str(&Value::String((*key).clone()).to_string());
+                out.push_str(": ");
+                if let Some(v) = map.get(*key) {
+                    write_jsonb(v, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_jsonb(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DeclaredType as T;
+
+    fn canon(ty: DeclaredType, s: &str) -> String {
+        canonical_text(ty, s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn numbers_have_one_spelling() {
+        assert_eq!(canon(T::Int4, " 042"), "42");
+        assert!(canonical_text(T::Int2, b"70000").is_err());
+        assert_eq!(canon(T::Numeric, "001.50"), "1.50");
+        assert_eq!(canon(T::Numeric, "1.5e3"), "1500");
+        assert_eq!(canon(T::Numeric, "1.5e-3"), "0.0015");
+        assert_eq!(canon(T::Numeric, "-0.00"), "0.00");
+        assert_eq!(canon(T::Numeric, ".5"), "0.5");
+        assert!(canonical_text(T::Numeric, b"1.2.3").is_err());
+        assert_eq!(canon(T::Float8, "1e15"), "1e+15");
+        assert_eq!(canon(T::Float8, "123456789012345"), "123456789012345");
+        assert_eq!(canon(T::Float8, "0.1"), "0.1");
+        assert_eq!(canon(T::Float8, "0.00001"), "1e-05");
+        assert_eq!(canon(T::Float8, "-inf"), "-Infinity");
+    }
+
+    #[test]
+    fn dates_times_and_others() {
+        assert_eq!(canon(T::Bool, "YES"), "t");
+        assert_eq!(canon(T::Date, "2024-02-29"), "2024-02-29");
+        assert!(canonical_text(T::Date, b"2023-02-29").is_err());
+        assert_eq!(
+            canon(T::Timestamp, "2024-01-02T03:04:05.120"),
+            "2024-01-02 03:04:05.12"
+        );
+        assert_eq!(
+            canon(T::Timestamptz, "2024-01-02 03:04:05+02"),
+            "2024-01-02 01:04:05+00"
+        );
+        assert_eq!(
+            canon(T::Timestamptz, "2024-01-02T03:04:05Z"),
+            "2024-01-02 03:04:05+00"
+        );
+        assert!(canonical_text(T::Timestamptz, b"2024-01-02 03:04:05").is_err());
+        assert_eq!(
+            canon(T::Uuid, "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"),
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        );
+        assert_eq!(
+            canon(T::Jsonb, r#"{"bb":1,"a":[1,2]}"#),
+            r#"{"a": [1, 2], "bb": 1}"#
+        );
+        assert_eq!(canon(T::Bytea, "\\xDEAD"), "\\xdead");
+        assert_eq!(canon(T::Bytea, "a\\\\b\\001"), "\\x615c6201");
+    }
+
+    #[test]
+    fn errors_never_echo_the_value() {
+        let err = canonical_text(T::Int4, b"secret-123").unwrap_err();
+        assert!(!err.to_string().contains("secret"));
+    }
+}

@@ -177,10 +177,7 @@ impl KeyService {
                     seed.provider
                 )));
             }
-            let sink = match &seed.audit_sink {
-                Some(s) => Some(sink_to_json(s)),
-                None => None,
-            };
+            let sink = seed.audit_sink.as_ref().map(sink_to_json);
             service
                 .inner
                 .registry

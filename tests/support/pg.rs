@@ -40,8 +40,10 @@ pub fn key_env_with(keys: &[&str], approval_ttl: Duration, tls: bool) -> KeyEnv 
         ring.create_key(k).unwrap();
     }
     ring.save().unwrap();
-    let mut policy = Policy::default();
-    policy.upstream = pg.url("scram_user", "scram_pw", "app");
+    let mut policy = Policy {
+        upstream: pg.url("scram_user", "scram_pw", "app"),
+        ..Policy::default()
+    };
     policy.tls.upstream.mode = UpstreamTlsMode::Disable;
     policy.keys.approval_ttl = approval_ttl;
     policy.keys.providers.insert(

@@ -302,3 +302,144 @@ async fn cancel_request_through_the_proxy_cancels_the_running_query() {
     let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_over_tls_reaches_the_backend() {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let (yaml, ca) = client_tls_yaml(dir.path(), "require");
+    let proxy = start_proxy(&pg, &yaml);
+    let (client, _h) = connect_tls(&proxy.url("scram_user", "scram_pw", "app"), &ca).await;
+    let token = client.cancel_token();
+    let (admin, _ha) = connect(&pg.admin_url("app")).await;
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    wait_for_activity(&admin, "SELECT pg_sleep(60)").await;
+    // The cancel connection negotiates TLS first, like the session did.
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_client_config(&ca));
+    token.cancel_query(tls).await.unwrap();
+    let err = sleeper.await.unwrap().expect_err("not cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+}
+
+/// A raw trust session on `port`: the socket, and the BackendKeyData it was given.
+fn raw_session_with_key(port: u16) -> (std::net::TcpStream, [u8; 8]) {
+    let mut s = raw::connect(port);
+    raw::send(&mut s, &raw::startup("postgres", "app"));
+    let msgs = raw::read_until_ready(&mut s);
+    let key = msgs
+        .iter()
+        .find(|m| m.tag == b'K')
+        .expect("no BackendKeyData");
+    (s, key.body[..8].try_into().unwrap())
+}
+
+fn cancel_packet(key: [u8; 8]) -> Vec<u8> {
+    let mut p = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    p.extend_from_slice(&key);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_with_a_wrong_secret_cancels_nothing() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let (mut s, key) = raw_session_with_key(proxy.port());
+
+    // Wrong secret: the running statement completes normally.
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(1.5), 'survived'"));
+    let mut wrong = key;
+    wrong[7] ^= 0xff;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut c = raw::connect(proxy.port());
+    raw::send(&mut c, &cancel_packet(wrong));
+    let msgs = raw::read_until_ready(&mut s);
+    assert!(
+        msgs.iter().all(|m| m.tag != b'E'),
+        "a cancel with a wrong secret cancelled the query: {msgs:?}"
+    );
+    assert!(msgs.iter().any(|m| m.tag == b'D'), "{msgs:?}");
+
+    // The right key (control): the same kind of statement is cancelled.
+    raw::send(&mut s, &raw::query("SELECT pg_sleep(60)"));
+    let (admin, _ha) = connect(&pg.admin_url("app")).await;
+    wait_for_activity(&admin, "SELECT pg_sleep(60)").await;
+    let mut c = raw::connect(proxy.port());
+    raw::send(&mut c, &cancel_packet(key));
+    let msgs = raw::read_until_ready(&mut s);
+    let err = msgs.iter().find(|m| m.tag == b'E').expect("not cancelled");
+    assert_eq!(err.field(b'C').as_deref(), Some("57014"));
+}
+
+#[tokio::test]
+async fn ssl_prefer_client_falls_back_to_plain_when_the_proxy_has_no_certificate() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let ca = pg.ca_cert_path().unwrap().to_owned();
+    let url = format!("{}?sslmode=prefer", proxy.url("md5_user", "md5_pw", "app"));
+    let (client, _h) = connect_tls(&url, &ca).await;
+    let who: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "md5_user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_traffic_over_tls_on_both_legs_round_trips() {
+    use futures_util::{SinkExt, TryStreamExt};
+    use sha2::{Digest, Sha256};
+
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = client_tls_files(dir.path());
+    let yaml = format!(
+        "tls:\n  client: {{cert: {}, key: {}}}\n  upstream: {{mode: verify-full, ca: {}}}\n",
+        cert.display(),
+        key.display(),
+        pg.ca_cert_path().unwrap().display()
+    );
+    let proxy = start_proxy(&pg, &yaml);
+    let (client, _h) = connect_tls(&proxy.url("scram_user", "scram_pw", "app"), &ca).await;
+    assert!(upstream_ssl(&client).await);
+    client
+        .batch_execute("CREATE TABLE bulk (id int, payload text)")
+        .await
+        .unwrap();
+    let mut sent = Vec::new();
+    for i in 0..100_000u32 {
+        sent.extend_from_slice(format!("{i}\t{}\n", "t".repeat((i % 97) as usize)).as_bytes());
+    }
+    let sink = client.copy_in("COPY bulk FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for chunk in sent.chunks(100_000) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 100_000);
+    let received: Vec<u8> = client
+        .copy_out("COPY (SELECT * FROM bulk ORDER BY id) TO STDOUT")
+        .await
+        .unwrap()
+        .try_fold(Vec::new(), |mut acc, b| async move {
+            acc.extend_from_slice(&b);
+            Ok(acc)
+        })
+        .await
+        .unwrap();
+    assert_eq!(Sha256::digest(&received), Sha256::digest(&sent));
+    // A pipeline of large results over both TLS legs.
+    let results = futures_util::future::join_all((0..50i32).map(|i| {
+        let client = &client;
+        async move {
+            client
+                .query_one("SELECT length(repeat('r', 100000 + $1::int))", &[&i])
+                .await
+        }
+    }))
+    .await;
+    for (i, r) in results.into_iter().enumerate() {
+        assert_eq!(r.unwrap().get::<_, i32>(0), 100_000 + i as i32);
+    }
+}

@@ -199,3 +199,145 @@ async fn message_above_max_message_size_is_rejected_with_08p01() {
     assert_eq!(sqlstate(&err).as_deref(), Some("08P01"), "{err:?}");
     bystander.still_works().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_protocol_and_oversized_startup_packets_are_refused() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let bystander = Bystander::new(&proxy).await;
+
+    // Protocol 2.0 StartupMessage.
+    let mut v2 = raw::startup("postgres", "app");
+    v2[4..8].copy_from_slice(&0x0002_0000u32.to_be_bytes());
+    let mut s = raw::connect(proxy.port());
+    raw::send(&mut s, &v2);
+    let codes = errors_then_close(&mut s);
+    assert!(
+        codes.iter().all(|c| c == "0A000" || c == "08P01"),
+        "protocol 2.0: {codes:?}"
+    );
+
+    // A startup packet of 20 000 bytes (PostgreSQL's limit is 10 000).
+    let mut big = Vec::new();
+    big.extend_from_slice(&20_000u32.to_be_bytes());
+    big.extend_from_slice(&196_608u32.to_be_bytes());
+    big.resize(20_000, b'a');
+    let mut s = raw::connect(proxy.port());
+    raw::send(&mut s, &big);
+    let codes = errors_then_close(&mut s);
+    assert_protocol_violation_or_closed(&codes, "20 000-byte startup");
+
+    // A startup without a user.
+    let mut s = raw::connect(proxy.port());
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"database\0app\0\0");
+    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&body);
+    raw::send(&mut s, &msg);
+    let codes = errors_then_close(&mut s);
+    assert!(!codes.is_empty(), "no error for a startup without user");
+    bystander.still_works().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_transaction_rolls_it_back() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let (admin, _ha) = connect(&pg.admin_url("app")).await;
+    admin
+        .batch_execute("CREATE TABLE ledger (v int); GRANT ALL ON ledger TO scram_user")
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?application_name=leaving-client",
+        proxy.url("scram_user", "scram_pw", "app")
+    );
+    let (client, conn) = connect(&url).await;
+    client
+        .batch_execute("BEGIN; INSERT INTO ledger VALUES (1), (2)")
+        .await
+        .unwrap();
+    drop(client);
+    conn.abort();
+    let _ = conn.await;
+    assert!(
+        backend_gone(&admin, "leaving-client").await,
+        "the backend of a vanished client is still there"
+    );
+    let n: i64 = admin
+        .query_one("SELECT count(*) FROM ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "an abandoned transaction was committed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_churn_leaves_no_sockets_or_backends_behind() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let (admin, _ha) = connect(&pg.admin_url("postgres")).await;
+    let good = format!(
+        "{}?application_name=churn",
+        proxy.url("scram_user", "scram_pw", "app")
+    );
+    let bad = proxy.url("scram_user", "nope", "app");
+    {
+        let (c, _h) = connect(&good).await;
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let settle = |expected: usize| {
+        let proxy = &proxy;
+        async move {
+            let mut fds = proxy.fd_count();
+            for _ in 0..200 {
+                if fds <= expected {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                fds = proxy.fd_count();
+            }
+            fds
+        }
+    };
+    // Wait for the warm-up session to be fully gone, then take the baseline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline = proxy.fd_count();
+    for i in 0..200 {
+        match i % 5 {
+            0 => {
+                let (c, _h) = connect(&good).await;
+                c.simple_query("SELECT 1").await.unwrap();
+            }
+            1 => {
+                let err = try_connect(&bad).await.expect_err("bad password accepted");
+                assert_eq!(sqlstate(&err).as_deref(), Some("28P01"));
+            }
+            2 => {
+                // Startup sent, then gone before answering the auth request.
+                let mut s = raw::connect(proxy.port());
+                raw::send(&mut s, &raw::startup("scram_user", "app"));
+                let m = raw::read_message(&mut s).expect("an auth request");
+                assert_eq!(m.tag, b'R');
+            }
+            3 => {
+                // Connect and leave without a byte.
+                drop(raw::connect(proxy.port()));
+            }
+            _ => {
+                let (c, h) = connect(&good).await;
+                c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+                drop(c);
+                h.abort();
+            }
+        }
+    }
+    let fds = settle(baseline + 2).await;
+    assert!(
+        fds <= baseline + 2,
+        "the proxy holds {fds} descriptors after churn (baseline {baseline})"
+    );
+    assert!(backend_gone(&admin, "churn").await, "backends left behind");
+    let (c, _h) = connect(&good).await;
+    c.simple_query("SELECT 1").await.unwrap();
+}

@@ -668,6 +668,15 @@ impl Inner {
         let retry = nanos(self.approval_ttl / 4).max(nanos(KMS_BACKOFF));
         ts.lease
             .extend_stale(now.saturating_add(retry), self.max_stale);
+        let end_of_grace = ts
+            .lease
+            .expires_at
+            .load(Ordering::Acquire)
+            .saturating_add(nanos(self.max_stale));
+        if now >= end_of_grace {
+            // Neither approved nor inside the grace: the keys must go.
+            self.expire(ts, "key service unavailable beyond max_stale");
+        }
         unavailable(&ts.id, detail)
     }
 

@@ -188,6 +188,13 @@ impl Proxy {
         self.status_kib("VmHWM:")
     }
 
+    /// Number of open file descriptors of the proxy (sockets included).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .expect("read /proc/<pid>/fd")
+            .count()
+    }
+
     fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("read /proc/<pid>/status");

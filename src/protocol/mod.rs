@@ -39,6 +39,12 @@ pub mod backend {
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     /// CopyBothResponse (`W`).
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    /// RowDescription (`T`).
+    pub const ROW_DESCRIPTION: u8 = b'T';
+    /// DataRow (`D`).
+    pub const DATA_ROW: u8 = b'D';
+    /// CommandComplete (`C`).
+    pub const COMMAND_COMPLETE: u8 = b'C';
 }
 
 /// Frontend message tags the proxy looks at.
@@ -49,6 +55,8 @@ pub mod frontend {
     pub const QUERY: u8 = b'Q';
     /// Sync (`S`).
     pub const SYNC: u8 = b'S';
+    /// Parse (`P`).
+    pub const PARSE: u8 = b'P';
 }
 
 /// SQLSTATE codes the proxy itself raises.

@@ -4,10 +4,14 @@
 
 pub mod admin;
 mod auth;
+pub mod encryption;
 mod relay;
+mod results;
 pub mod scram;
 mod server;
 mod session;
+mod state;
+mod statements;
 mod stream;
 pub mod tls;
 mod upstream;

@@ -31,6 +31,9 @@ pub enum Verdict {
     Forward,
     /// Forward these bytes instead of the frame.
     Replace(BytesMut),
+    /// Hand the frame to the caller (it needs async work); forwarding
+    /// stops after the bytes before it.
+    Hold,
 }
 
 /// Decides which frames a direction looks at, and looks at them.
@@ -104,12 +107,13 @@ impl Pump {
     }
 
     /// Reads once from `src` and forwards what can be forwarded to `dst`.
+    /// Returns a frame the inspector held, if any.
     pub async fn step<R, W, I>(
         &mut self,
         src: &mut R,
         dst: &mut W,
         inspector: &mut I,
-    ) -> Result<(), PumpEnd>
+    ) -> Result<Option<BytesMut>, PumpEnd>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -119,8 +123,13 @@ impl Pump {
         self.forward(dst, inspector).await
     }
 
-    /// Forwards every complete (or streamable) frame in the buffer.
-    pub async fn forward<W, I>(&mut self, dst: &mut W, inspector: &mut I) -> Result<(), PumpEnd>
+    /// Forwards every complete (or streamable) frame in the buffer, up to a
+    /// frame the inspector holds, which is returned (call again after it).
+    pub async fn forward<W, I>(
+        &mut self,
+        dst: &mut W,
+        inspector: &mut I,
+    ) -> Result<Option<BytesMut>, PumpEnd>
     where
         W: AsyncWrite + Unpin,
         I: Inspector,
@@ -172,11 +181,16 @@ impl Pump {
                             self.write(dst, &bytes).await?;
                             self.buf.advance(header.frame_len());
                         }
+                        Verdict::Hold => {
+                            self.flush_ready(dst, ready).await?;
+                            return Ok(Some(self.buf.split_to(header.frame_len())));
+                        }
                     }
                 }
             }
         }
-        self.flush_ready(dst, ready).await
+        self.flush_ready(dst, ready).await?;
+        Ok(None)
     }
 
     async fn flush_ready<W: AsyncWrite + Unpin>(
@@ -278,7 +292,7 @@ mod tests {
         let mut inspector = CountTags(Vec::new());
         loop {
             match pump.step(&mut src, &mut out, &mut inspector).await {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(PumpEnd::Eof) => break,
                 Err(e) => panic!("{e:?}"),
             }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use super::encryption::{Encryption, EncryptionError};
 use super::session::serve_client;
 use super::tls::{self, TlsError};
 use super::upstream::{Upstream, UpstreamError};
@@ -25,6 +26,9 @@ pub enum ProxyError {
     /// Upstream settings are unusable.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// Column encryption could not start (keys, catalog, audit).
+    #[error("encryption: {0}")]
+    Encryption(#[from] EncryptionError),
     /// The listening socket failed.
     #[error("listener: {0}")]
     Listen(std::io::Error),
@@ -44,11 +48,19 @@ pub struct ServerContext {
     pub hard_stop: CancellationToken,
     /// SCRAM verifiers for authentication pass-through.
     pub verifiers: VerifierStore,
+    /// Column encryption, when the policy protects tables.
+    pub encryption: Option<Arc<Encryption>>,
 }
 
 impl ServerContext {
-    /// Builds the shared context from a policy.
-    pub fn new(policy: Arc<Policy>, shutdown: CancellationToken) -> Result<Self, ProxyError> {
+    /// Builds the shared context from a policy; with protected tables it
+    /// connects the key service and loads the catalog.
+    pub async fn new(policy: Arc<Policy>, shutdown: CancellationToken) -> Result<Self, ProxyError> {
+        let encryption = if policy.tables.is_empty() {
+            None
+        } else {
+            Some(Encryption::start(policy.clone()).await?)
+        };
         let acceptor = match &policy.tls.client {
             Some(client) => Some(tls::client_acceptor(client)?),
             None => None,
@@ -56,6 +68,7 @@ impl ServerContext {
         Ok(Self {
             upstream: Upstream::from_policy(&policy)?,
             verifiers: VerifierStore::new(policy.clone()),
+            encryption,
             policy,
             acceptor,
             shutdown,
@@ -77,7 +90,7 @@ pub async fn run_server(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    let ctx = Arc::new(ServerContext::new(policy, shutdown.clone())?);
+    let ctx = Arc::new(ServerContext::new(policy, shutdown.clone()).await?);
     let local = listener.local_addr().map_err(ProxyError::Listen)?;
     info!(
         address = %local,

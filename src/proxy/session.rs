@@ -2,8 +2,9 @@
 //! requests), the upstream connection, and the two relay directions. This is
 //! the only place that knows the order of protocol phases.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -13,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{self, AuthOutcome};
+use super::encryption::Encryption;
 use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
+use super::results::ResultState;
+use super::state::SessionState;
+use super::statements;
 use super::stream::Stream;
 use super::ServerContext;
 use crate::config::ScramPassthrough;
@@ -39,7 +44,7 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
                 span.record("user", params.user.as_str());
                 span.record("database", params.database.as_str());
                 span.record("tls", client.is_tls());
-                run_session(client, leftover, &params.user, &ctx).await;
+                run_session(client, leftover, &params, peer, &ctx).await;
             }
             Ok(None) => {}
             Err(e) => debug!(error = %e, "connection ended during startup"),
@@ -143,26 +148,6 @@ fn prepend(mut head: BytesMut, tail: BytesMut) -> BytesMut {
     head
 }
 
-/// State shared by the two directions of a session.
-struct SessionState {
-    /// Request cycles sent by the client and not yet answered by ReadyForQuery.
-    /// Starts at 1: the startup cycle ends with the first ReadyForQuery.
-    open_cycles: AtomicI64,
-    /// Last transaction status from ReadyForQuery (`I`, `T`, `E`).
-    tx_status: AtomicU8,
-    /// CancelRequest for this session's backend (from BackendKeyData).
-    cancel_packet: Mutex<Option<[u8; 16]>>,
-    /// The client sent Terminate.
-    terminated: AtomicBool,
-}
-
-impl SessionState {
-    fn is_idle(&self) -> bool {
-        self.open_cycles.load(Ordering::Acquire) <= 0
-            && self.tx_status.load(Ordering::Acquire) == b'I'
-    }
-}
-
 /// Why a session ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -174,7 +159,14 @@ enum SessionEnd {
     Shutdown,
 }
 
-async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ctx: &ServerContext) {
+async fn run_session(
+    mut client: Stream,
+    startup_bytes: BytesMut,
+    params: &StartupParams,
+    peer: SocketAddr,
+    ctx: &ServerContext,
+) {
+    let user = params.user.as_str();
     let mut server = match ctx.upstream.connect().await {
         Ok(server) => server,
         Err(e) => {
@@ -235,6 +227,13 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
         tx_status: AtomicU8::new(b'I'),
         cancel_packet: Mutex::new(None),
         terminated: AtomicBool::new(false),
+        client_cycles: AtomicU64::new(1),
+        answered: AtomicU64::new(0),
+        tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
+        error_swaps: Mutex::new(VecDeque::new()),
+        refresh_catalog: AtomicBool::new(false),
+        user: params.user.clone(),
+        client_addr: peer.to_string(),
     };
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut server_read, mut server_write) = tokio::io::split(server);
@@ -252,6 +251,7 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
             client_buf,
             limit,
             &state,
+            ctx.encryption.as_deref(),
         );
         let server_to_client = server_to_client(
             &mut server_pump,
@@ -260,6 +260,7 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
             &state,
             &shutdown,
             &hard_stop,
+            ctx.encryption.as_deref(),
         );
         tokio::select! {
             end = client_to_server => end,
@@ -310,20 +311,26 @@ async fn run_session(mut client: Stream, startup_bytes: BytesMut, user: &str, ct
     }
 }
 
-/// Counts request cycles and notices Terminate; everything else streams.
+/// Counts request cycles and notices Terminate; with a policy, holds the
+/// statements (Query, Parse) that may touch protected columns.
 struct ClientInspector<'a> {
     state: &'a SessionState,
+    encrypting: bool,
 }
 
 impl Inspector for ClientInspector<'_> {
-    fn interest(&mut self, _tag: u8) -> Interest {
-        Interest::Header
+    fn interest(&mut self, tag: u8) -> Interest {
+        match tag {
+            frontend::QUERY | frontend::PARSE if self.encrypting => Interest::Rewrite,
+            _ => Interest::Header,
+        }
     }
 
     fn on_header(&mut self, header: FrameHeader) {
         match header.tag {
             frontend::QUERY | frontend::SYNC | b'F' => {
                 self.state.open_cycles.fetch_add(1, Ordering::AcqRel);
+                self.state.client_cycles.fetch_add(1, Ordering::AcqRel);
             }
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
             _ => {}
@@ -331,7 +338,7 @@ impl Inspector for ClientInspector<'_> {
     }
 
     fn on_frame(&mut self, _header: FrameHeader, _frame: &[u8]) -> Verdict {
-        Verdict::Forward
+        Verdict::Hold
     }
 }
 
@@ -341,24 +348,65 @@ async fn client_to_server<R, W>(
     pending: BytesMut,
     limit: usize,
     state: &SessionState,
+    encryption: Option<&Encryption>,
 ) -> SessionEnd
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut pump = Pump::new(pending, limit);
-    let mut inspector = ClientInspector { state };
-    if let Err(end) = pump.forward(server, &mut inspector).await {
-        return client_end(end);
-    }
+    let mut inspector = ClientInspector {
+        state,
+        encrypting: encryption.is_some(),
+    };
+    let mut held = match pump.forward(server, &mut inspector).await {
+        Ok(held) => held,
+        Err(end) => return client_end(end),
+    };
     loop {
-        if let Err(end) = pump.step(client, server, &mut inspector).await {
-            return client_end(end);
+        while let Some(frame) = held.take() {
+            if let Some(encryption) = encryption {
+                let replacement = statements::client_statement(&frame, encryption, state).await;
+                if let Err(e) = server
+                    .write_all(replacement.as_deref().unwrap_or(&frame))
+                    .await
+                {
+                    return SessionEnd::UpstreamError(e.to_string());
+                }
+            }
+            held = match pump.forward(server, &mut inspector).await {
+                Ok(held) => held,
+                Err(end) => return client_end(end),
+            };
         }
+        held = match pump.step(client, server, &mut inspector).await {
+            Ok(held) => held,
+            Err(end) => return client_end(end),
+        };
         if state.is_idle() {
             pump.shrink_if_idle();
         }
     }
+}
+
+/// The tenant a session starts with: `-c <setting>=<tenant>` in the startup
+/// options, else the policy's user → tenant map.
+fn startup_tenant(params: &StartupParams, policy: &crate::config::Policy) -> Option<String> {
+    let setting = &policy.tenant.session_setting;
+    let from_options = params.options.as_deref().and_then(|options| {
+        let words: Vec<&str> = options.split_whitespace().collect();
+        words.iter().enumerate().find_map(|(i, word)| {
+            let assignment = if *word == "-c" {
+                words.get(i + 1).copied()?
+            } else {
+                word.strip_prefix("-c")
+                    .or_else(|| word.strip_prefix("--"))?
+            };
+            let (name, value) = assignment.split_once('=')?;
+            (name == setting && !value.is_empty()).then(|| value.to_owned())
+        })
+    });
+    from_options.or_else(|| policy.tenant.users.get(&params.user).cloned())
 }
 
 fn startup_len(bytes: &[u8]) -> usize {
@@ -381,16 +429,26 @@ fn client_end(end: PumpEnd) -> SessionEnd {
 }
 
 /// Tracks ReadyForQuery and BackendKeyData, strips channel binding from the
-/// SASL offer.
+/// SASL offer; with a policy, holds result messages for decryption.
 struct ServerInspector<'a> {
     state: &'a SessionState,
     last_fatal: bool,
+    encrypting: bool,
+    /// A result set with protected columns is being relayed.
+    in_result: bool,
 }
 
 impl Inspector for ServerInspector<'_> {
     fn interest(&mut self, tag: u8) -> Interest {
         match tag {
             backend::AUTHENTICATION => Interest::Rewrite,
+            backend::ROW_DESCRIPTION | backend::ERROR_RESPONSE if self.encrypting => {
+                Interest::Rewrite
+            }
+            backend::DATA_ROW | backend::COMMAND_COMPLETE if self.in_result => Interest::Rewrite,
+            backend::READY_FOR_QUERY if self.state.refresh_catalog.load(Ordering::Acquire) => {
+                Interest::Rewrite
+            }
             backend::READY_FOR_QUERY | backend::BACKEND_KEY_DATA | backend::ERROR_RESPONSE => {
                 Interest::Observe
             }
@@ -409,11 +467,18 @@ impl Inspector for ServerInspector<'_> {
                     return Verdict::Replace(rewritten);
                 }
             }
+            backend::ROW_DESCRIPTION | backend::DATA_ROW | backend::COMMAND_COMPLETE => {
+                return Verdict::Hold;
+            }
             backend::READY_FOR_QUERY => {
                 if let Some(status) = body.first() {
                     self.state.tx_status.store(*status, Ordering::Release);
                 }
                 self.state.open_cycles.fetch_sub(1, Ordering::AcqRel);
+                self.state.answered.fetch_add(1, Ordering::AcqRel);
+                if self.state.refresh_catalog.load(Ordering::Acquire) {
+                    return Verdict::Hold;
+                }
             }
             backend::BACKEND_KEY_DATA if body.len() >= 8 => {
                 let mut packet = [0u8; 16];
@@ -430,6 +495,9 @@ impl Inspector for ServerInspector<'_> {
                         .or(crate::protocol::error_field(body, b'S')),
                     Some("FATAL") | Some("PANIC")
                 );
+                if self.encrypting {
+                    return Verdict::Hold;
+                }
             }
             _ => {}
         }
@@ -444,6 +512,7 @@ async fn server_to_client<R, W>(
     state: &SessionState,
     shutdown: &CancellationToken,
     hard_stop: &CancellationToken,
+    encryption: Option<&Encryption>,
 ) -> SessionEnd
 where
     R: AsyncRead + Unpin,
@@ -452,12 +521,35 @@ where
     let mut inspector = ServerInspector {
         state,
         last_fatal: false,
+        encrypting: encryption.is_some(),
+        in_result: false,
     };
+    let mut results = ResultState::default();
     // Bytes read during the authentication phase go first.
-    if let Err(PumpEnd::WriteError(e)) = pump.forward(client, &mut inspector).await {
-        return SessionEnd::ClientError(e.to_string());
-    }
+    let mut held = match pump.forward(client, &mut inspector).await {
+        Ok(held) => held,
+        Err(PumpEnd::WriteError(e)) => return SessionEnd::ClientError(e.to_string()),
+        Err(_) => None,
+    };
     loop {
+        while let Some(frame) = held.take() {
+            if let Some(encryption) = encryption {
+                let out = results.server_message(&frame, encryption, state).await;
+                inspector.in_result = results.active();
+                if !out.is_empty() {
+                    if let Err(e) = pump.write(client, &out).await {
+                        return SessionEnd::ClientError(format!("{e:?}"));
+                    }
+                }
+            } else if let Err(e) = pump.write(client, &frame).await {
+                return SessionEnd::ClientError(format!("{e:?}"));
+            }
+            held = match pump.forward(client, &mut inspector).await {
+                Ok(held) => held,
+                Err(PumpEnd::WriteError(e)) => return SessionEnd::ClientError(e.to_string()),
+                Err(end) => return upstream_end(end, pump, client, &inspector).await,
+            };
+        }
         let draining = shutdown.is_cancelled();
         if (draining && state.is_idle() && pump.at_frame_boundary()) || hard_stop.is_cancelled() {
             if pump.at_frame_boundary() {
@@ -482,33 +574,40 @@ where
             Err(end) => Err(end),
         };
         match result {
-            Ok(()) => {
-                if state.is_idle() {
+            Ok(next) => {
+                held = next;
+                if held.is_none() && state.is_idle() {
                     pump.shrink_if_idle();
                 }
             }
-            Err(end) => {
-                let (ended, reason) = match end {
-                    PumpEnd::Eof => (
-                        SessionEnd::UpstreamClosed,
-                        "server closed the connection unexpectedly".to_owned(),
-                    ),
-                    PumpEnd::ReadError(e) => {
-                        (SessionEnd::UpstreamError(e.to_string()), e.to_string())
-                    }
-                    PumpEnd::Protocol(e) => {
-                        (SessionEnd::UpstreamError(e.to_string()), e.to_string())
-                    }
-                    PumpEnd::WriteError(e) => return SessionEnd::ClientError(e.to_string()),
-                };
-                if pump.at_frame_boundary() && !inspector.last_fatal {
-                    let message = format!("cmk-proxy: lost the upstream connection: {reason}");
-                    let bytes =
-                        ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
-                    let _ = pump.write(client, &bytes).await;
-                }
-                return ended;
-            }
+            Err(PumpEnd::WriteError(e)) => return SessionEnd::ClientError(e.to_string()),
+            Err(end) => return upstream_end(end, pump, client, &inspector).await,
         }
     }
+}
+
+/// The upstream went away: tell the client (at a frame boundary, unless the
+/// server already sent a FATAL) and end the session.
+async fn upstream_end<W: AsyncWrite + Unpin>(
+    end: PumpEnd,
+    pump: &mut Pump,
+    client: &mut W,
+    inspector: &ServerInspector<'_>,
+) -> SessionEnd {
+    let (ended, reason) = match end {
+        PumpEnd::Eof => (
+            SessionEnd::UpstreamClosed,
+            "server closed the connection unexpectedly".to_owned(),
+        ),
+        PumpEnd::ReadError(e) | PumpEnd::WriteError(e) => {
+            (SessionEnd::UpstreamError(e.to_string()), e.to_string())
+        }
+        PumpEnd::Protocol(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
+    };
+    if pump.at_frame_boundary() && !inspector.last_fatal {
+        let message = format!("cmk-proxy: lost the upstream connection: {reason}");
+        let bytes = ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
+        let _ = pump.write(client, &bytes).await;
+    }
+    ended
 }

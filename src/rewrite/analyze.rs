@@ -27,6 +27,8 @@ pub enum StatementPlan {
     Ddl,
     /// A write with protected values to encrypt.
     Write(Box<WritePlan>),
+    /// `SET [SESSION|LOCAL] <tenant setting> = 'x'` (`None` for `DEFAULT`).
+    SetTenant(Option<String>),
 }
 
 /// The plan of a whole query string.
@@ -105,11 +107,49 @@ fn protected_tables(policy: &Policy, statement: &Statement) -> BTreeSet<String> 
     found
 }
 
+/// Recognizes `SET <tenant setting> = value`.
+fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<Option<String>> {
+    let Statement::Set(sqlparser::ast::Set::SingleAssignment {
+        variable, values, ..
+    }) = statement
+    else {
+        return None;
+    };
+    let name: Vec<String> = variable
+        .0
+        .iter()
+        .filter_map(|p| p.as_ident().map(ident_name))
+        .collect();
+    if name.join(".") != policy.tenant.session_setting.to_lowercase() {
+        return None;
+    }
+    Some(match values.as_slice() {
+        [Expr::Value(v)] => match &v.value {
+            Value::SingleQuotedString(s) | Value::Number(s, _) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        },
+        [Expr::Identifier(i)] if !i.value.eq_ignore_ascii_case("default") => Some(i.value.clone()),
+        _ => None,
+    })
+}
+
 fn plan_statement(
     policy: &Policy,
     statement: Statement,
     params: usize,
 ) -> Result<StatementPlan, Rejection> {
+    if let Some(tenant) = tenant_setting(policy, &statement) {
+        return Ok(StatementPlan::SetTenant(tenant));
+    }
+    if let Statement::Copy {
+        source: sqlparser::ast::CopySource::Table { table_name, .. },
+        ..
+    } = &statement
+    {
+        if let Some((table, _)) = policy_table(policy, table_name) {
+            return Err(Rejection::unsupported(table, None, "COPY"));
+        }
+    }
     let tables = protected_tables(policy, &statement);
     match &statement {
         Statement::CreateTable(_)

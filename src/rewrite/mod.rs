@@ -11,6 +11,7 @@ mod render;
 mod write;
 
 pub use analyze::{analyze, Analysis, StatementPlan};
+pub use names::mentions_policy_table;
 pub use render::{quote_literal, render_with_literals};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
 

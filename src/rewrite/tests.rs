@@ -85,6 +85,14 @@ fn conditions_and_expressions_on_protected_columns_are_refused_with_km003() {
 #[test]
 fn copy_insert_select_and_unparseable_sql_on_protected_tables_are_refused() {
     assert_eq!(rejection("COPY patients FROM STDIN").sqlstate, KM003);
+    assert_eq!(
+        rejection("COPY public.patients (notes) TO STDOUT").sqlstate,
+        KM003
+    );
+    assert_eq!(
+        rejection("COPY (SELECT notes FROM patients) TO STDOUT").sqlstate,
+        KM003
+    );
     let r = rejection("INSERT INTO patients (tenant_id, ssn) SELECT tenant_id, ssn FROM old");
     assert_eq!(r.sqlstate, KM003);
     assert!(r.message.contains("INSERT ... SELECT"), "{}", r.message);
@@ -242,4 +250,17 @@ fn rendering_substitutes_literals_for_placeholders() {
         sql,
         "INSERT INTO patients (tenant_id, notes, cmk_edek) VALUES ('acme', '\\x434d4b01'::BYTEA, '{\"k\": \"v\"}'::JSONB)"
     );
+}
+
+#[test]
+fn tenant_setting_is_recognized() {
+    let a = analyze(
+        &policy(),
+        "SET cmk.tenant_id = 'acme'; SET cmk.tenant_id TO DEFAULT; SET work_mem = '1MB'",
+        0,
+    )
+    .unwrap();
+    assert!(matches!(&a.statements[0], StatementPlan::SetTenant(Some(t)) if t == "acme"));
+    assert!(matches!(&a.statements[1], StatementPlan::SetTenant(None)));
+    assert!(matches!(&a.statements[2], StatementPlan::Untouched));
 }

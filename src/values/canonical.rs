@@ -62,8 +62,8 @@ fn parse_int<N: std::str::FromStr + ToString>(
         .map_err(|_| invalid(ty, "not an integer in range"))
 }
 
-/// Parses PostgreSQL's bytea input: `\x` hex, or the escape format.
-pub(crate) fn parse_bytea(text: &str) -> Option<Vec<u8>> {
+/// Parses PostgreSQL's bytea text: `\x` hex, or the escape format.
+pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
     if let Some(hex) = text.strip_prefix("\\x") {
         let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
         if !digits.len().is_multiple_of(2) {

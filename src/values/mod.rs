@@ -8,7 +8,7 @@ mod binary;
 mod canonical;
 
 pub use binary::{from_binary, to_binary};
-pub use canonical::canonical_text;
+pub use canonical::{canonical_text, parse_bytea};
 
 /// A value that is not valid for its declared type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -333,3 +333,31 @@ async fn keyring_cli_plays_the_tenant_against_a_live_provider() {
         assert!(out.contains("--keyring"), "{sub}: {out}");
     }
 }
+
+#[test]
+fn concurrent_keyring_cli_runs_lose_no_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ring.json");
+    let file = path.to_str().unwrap().to_owned();
+    let children: Vec<_> = (0..8)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+                .args([
+                    "keyring",
+                    "create",
+                    &format!("tenant-{i}"),
+                    "--keyring",
+                    &file,
+                ])
+                .env_remove("CMK_KEYRING")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+    let ring = Keyring::load(&path).unwrap();
+    assert_eq!(ring.entries().count(), 8);
+}

@@ -208,7 +208,7 @@ pub(super) fn tenant_file_name(tenant: &str) -> String {
         }
     }
     if name.is_empty() {
-        name.push_str("%");
+        name.push('%');
     }
     name.push_str(".jsonl");
     name

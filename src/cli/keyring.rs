@@ -88,9 +88,8 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 fn execute(command: KeyringCommand) -> Result<String, String> {
     match command {
         KeyringCommand::Create { tenant, file } => {
-            let mut ring = Keyring::load_or_empty(&file.keyring).map_err(plain)?;
-            let version = ring.create_key(&tenant).map_err(plain)?;
-            ring.save().map_err(plain)?;
+            let version = Keyring::update(&file.keyring, true, |ring| ring.create_key(&tenant))
+                .map_err(plain)?;
             Ok(if version == 1 {
                 format!(
                     "created key {tenant:?} (version 1) in {}",
@@ -155,10 +154,7 @@ fn update(
     path: &Path,
     change: impl FnOnce(&mut Keyring) -> Result<String, KmsError>,
 ) -> Result<String, String> {
-    let mut ring = Keyring::load(path).map_err(plain)?;
-    let message = change(&mut ring).map_err(plain)?;
-    ring.save().map_err(plain)?;
-    Ok(message)
+    Keyring::update(path, false, change).map_err(plain)
 }
 
 /// The message of a keyring error without the provider-configuration prefix.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -187,6 +187,39 @@ impl Keyring {
             path: path.to_path_buf(),
             keys: file.keys,
         })
+    }
+
+    /// Loads (or starts empty when `create` and the file is missing), applies
+    /// `change` and saves, all under an exclusive `flock` on `<path>.lock`,
+    /// so concurrent `cmk-proxy keyring` runs cannot lose each other's edits.
+    /// Readers need no lock: they only ever see whole files (rename).
+    pub fn update<T>(
+        path: &Path,
+        create: bool,
+        change: impl FnOnce(&mut Keyring) -> Result<T, KmsError>,
+    ) -> Result<T, KmsError> {
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let io = |e: std::io::Error| {
+            KmsError::Config(format!("locking keyring {}: {e}", path.display()))
+        };
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io)?;
+        let _guard = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| io(std::io::Error::from(errno)))?;
+        let mut ring = if create {
+            Self::load_or_empty(path)?
+        } else {
+            Self::load(path)?
+        };
+        let out = change(&mut ring)?;
+        ring.save()?;
+        Ok(out)
     }
 
     /// Path of the file.

@@ -38,7 +38,7 @@ check() { # name, test command...
 }
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
-check pgbouncer            command -v pgbouncer
+check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"
 check default-jdk-headless bash -c 'command -v javac && command -v java'
 check nodejs               command -v node

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 
 #[test]
-fn dev_exit_after_demo_runs_a_session_through_the_proxy_and_exits_0() {
+fn dev_demo_shows_encrypt_decrypt_revoke_and_exits_0() {
     let port = free_port();
     let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
         .args(["dev", "--exit-after-demo", "--listen"])
@@ -26,8 +26,28 @@ fn dev_exit_after_demo_runs_a_session_through_the_proxy_and_exits_0() {
         )),
         "{stdout}"
     );
-    assert!(stdout.contains("3 rows"), "{stdout}");
-    assert!(stdout.contains("3 | third note"), "{stdout}");
+    // Encrypt, decrypt, revoke, refuse, restore.
+    assert!(
+        stdout.contains("ssn = \\x434d4b01"),
+        "ciphertext at rest: {stdout}"
+    );
+    assert!(
+        stdout.contains("1 | acme | 123-45-6789 | 1980-01-02 | allergic to penicillin"),
+        "plaintext through the proxy: {stdout}"
+    );
+    assert!(
+        stdout.contains("ERROR KM001"),
+        "revoked tenant refused: {stdout}"
+    );
+    assert!(
+        stdout.contains("ERROR KM003"),
+        "unsupported query refused: {stdout}"
+    );
+    assert!(
+        stdout.contains("2 | globex | 987-65-4321"),
+        "restored: {stdout}"
+    );
+    assert!(stdout.contains("demo complete"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

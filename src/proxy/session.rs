@@ -125,6 +125,8 @@ async fn startup(
                 if let Err(e) = ctx.upstream.send_cancel(&raw).await {
                     warn!(error = %e, "cancel request could not be forwarded");
                 }
+                // A TLS client (libpq 17+) expects close_notify, not a bare EOF.
+                let _ = stream.shutdown().await;
                 return Ok(None);
             }
             StartupPacket::Startup { params, raw } => {
@@ -604,7 +606,9 @@ async fn upstream_end<W: AsyncWrite + Unpin>(
         }
         PumpEnd::Protocol(e) => (SessionEnd::UpstreamError(e.to_string()), e.to_string()),
     };
-    if pump.at_frame_boundary() && !inspector.last_fatal {
+    // After Terminate the server closing is the expected end, not a failure.
+    let terminated = inspector.state.terminated.load(Ordering::Acquire);
+    if pump.at_frame_boundary() && !inspector.last_fatal && !terminated {
         let message = format!("cmk-proxy: lost the upstream connection: {reason}");
         let bytes = ErrorResponse::fatal(sqlstate::CONNECTION_FAILURE, &message).to_bytes();
         let _ = pump.write(client, &bytes).await;

@@ -584,13 +584,13 @@ impl Inner {
 
     /// Reads the tenant row; a disabled tenant is revoked.
     async fn load_tenant(&self, tenant: &str) -> Result<TenantRecord, KeyError> {
-        let record =
-            self.registry
-                .tenant(tenant)
-                .await?
-                .ok_or_else(|| KeyError::UnknownTenant {
-                    tenant: tenant.to_owned(),
-                })?;
+        let Some(record) = self.registry.tenant(tenant).await? else {
+            // Removed from the registry: its cached keys must not linger.
+            self.purge(tenant, "tenant not in cmk.tenants");
+            return Err(KeyError::UnknownTenant {
+                tenant: tenant.to_owned(),
+            });
+        };
         if record.status == TenantStatus::Disabled {
             let detail = "tenant is disabled in cmk.tenants";
             self.revoke(tenant, detail);
@@ -1003,9 +1003,10 @@ async fn refresh_loop(weak: Weak<Inner>, ts: Arc<TenantState>) {
             }
         }
         if now < expires_at {
-            // Unused so far in this lease: look again when it ends.
+            // Unused so far in this lease: look again a little later, so a
+            // tenant that becomes busy is still re-approved before expiry.
             drop(inner);
-            sleep_until_nanos(expires_at).await;
+            sleep_until_nanos(expires_at.min(now.saturating_add(ttl / 8))).await;
             continue;
         }
         // Idle and expired: forget the keys until someone asks again.

@@ -555,3 +555,36 @@ async fn concurrent_epoch_claims_leave_exactly_one_current_dek() {
     }
     drop(keys);
 }
+
+#[tokio::test]
+async fn blind_index_key_is_stable_across_rotation_and_replicas_and_follows_revocation() {
+    let mut env = key_env(&["acme", "globex"], Duration::from_secs(1));
+    seed(&mut env.policy, "acme", "acme");
+    seed(&mut env.policy, "globex", "globex");
+    let keys = KeyService::connect(&env.policy, Audit::disabled())
+        .await
+        .unwrap();
+    let index =
+        |k: &cmk_proxy::crypto::BlindIndexKey| cmk_proxy::crypto::blind_index(k, b"123-45-6789");
+    let before = index(&keys.blind_index_key("acme").await.unwrap());
+    keys.rotate("acme").await.unwrap();
+    keys.rotate("acme").await.unwrap();
+    let fresh = KeyService::connect(&env.policy, Audit::disabled())
+        .await
+        .unwrap();
+    assert_eq!(index(&fresh.blind_index_key("acme").await.unwrap()), before);
+    assert_eq!(index(&keys.blind_index_key("acme").await.unwrap()), before);
+    assert_ne!(
+        index(&keys.blind_index_key("globex").await.unwrap()),
+        before,
+        "per tenant"
+    );
+    edit_keyring(&env.keyring, |r| r.set_enabled("acme", false).unwrap());
+    poll_until("index key revoked", || async {
+        matches!(
+            keys.blind_index_key("acme").await,
+            Err(KeyError::Revoked { .. })
+        )
+    })
+    .await;
+}

@@ -74,7 +74,8 @@ impl ApprovedDek {
     }
 
     /// The blind-index key derived from this DEK for its tenant (HKDF).
-    /// Note: derived per DEK, so index values differ between epochs.
+    /// Derived per DEK, so values differ between epochs: for searchable
+    /// columns use `KeyService::blind_index_key`, which is stable.
     pub fn blind_index_key(&self) -> BlindIndexKey {
         BlindIndexKey::derive(&self.dek, &self.tenant)
     }

@@ -275,6 +275,23 @@ impl Registry {
         Ok(row.as_ref().map(dek_from_row))
     }
 
+    /// The tenant's first DEK (lowest epoch): the root of its blind-index key,
+    /// which must stay the same across rotations.
+    pub async fn first_data_key(&self, tenant_id: &str) -> Result<Option<DataKeyRecord>, KeyError> {
+        let row = self
+            .client()
+            .await?
+            .query_opt(
+                &format!(
+                    "SELECT {DEK_COLS} FROM cmk.data_keys WHERE tenant_id = $1 ORDER BY epoch LIMIT 1"
+                ),
+                &[&tenant_id],
+            )
+            .await
+            .map_err(pg_err("reading first data key"))?;
+        Ok(row.as_ref().map(dek_from_row))
+    }
+
     /// One data key by id.
     pub async fn data_key(&self, dek_id: Uuid) -> Result<Option<DataKeyRecord>, KeyError> {
         let row = self

@@ -15,7 +15,7 @@ use super::registry::{DataKeyRecord, Registry, TenantRecord, TenantStatus};
 use super::KeyError;
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{AuditSink, KeysConfig, Policy};
-use crate::crypto::Dek;
+use crate::crypto::{BlindIndexKey, Dek};
 use crate::kms::{DenialReason, Edek, KeyContext, KeyProvider, KmsError, Providers};
 
 /// Transient KMS errors are tried this many times per operation.
@@ -69,6 +69,8 @@ struct TenantState {
     purged: AtomicBool,
     refresher: AtomicBool,
     write: RwLock<Option<Arc<WriteSlot>>>,
+    /// Blind-index key, derived from the tenant's first DEK.
+    index_key: RwLock<Option<Arc<BlindIndexKey>>>,
     /// Serializes creation/rollover of the write DEK within this process.
     write_lock: tokio::sync::Mutex<()>,
 }
@@ -92,6 +94,20 @@ impl TenantState {
         match self.write.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn index_key(&self) -> Option<Arc<BlindIndexKey>> {
+        match self.index_key.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_index_key(&self, key: Option<Arc<BlindIndexKey>>) {
+        match self.index_key.write() {
+            Ok(mut g) => *g = key,
+            Err(p) => *p.into_inner() = key,
         }
     }
 
@@ -235,6 +251,39 @@ impl KeyService {
     /// Number of DEKs of `tenant` held in memory now.
     pub fn cached_deks(&self, tenant: &str) -> usize {
         self.inner.cache.tenant_len(tenant)
+    }
+
+    /// The tenant's blind-index key for searchable equality. Derived from
+    /// the tenant's *first* DEK (epoch 1, created here if needed), so index
+    /// values stay comparable across rotations and rewraps. Subject to the
+    /// same approval as the DEKs: revoked tenants get `Revoked`.
+    pub async fn blind_index_key(&self, tenant: &str) -> Result<Arc<BlindIndexKey>, KeyError> {
+        if let Some(ts) = self.inner.tenants.get(tenant).map(|t| t.clone()) {
+            if let Some(key) = ts.index_key() {
+                if ts.lease.usable(now_nanos()) {
+                    return Ok(key);
+                }
+            }
+        }
+        let first = match self.inner.registry.first_data_key(tenant).await? {
+            Some(first) => first,
+            None => {
+                self.write_key(tenant).await?;
+                self.inner
+                    .registry
+                    .first_data_key(tenant)
+                    .await?
+                    .ok_or_else(|| {
+                        KeyError::Registry(format!("tenant '{tenant}' has no data key"))
+                    })?
+            }
+        };
+        let dek = self.read_key(tenant, first.dek_id, None).await?;
+        let key = Arc::new(dek.blind_index_key());
+        if let Some(ts) = self.inner.tenants.get(tenant).map(|t| t.clone()) {
+            ts.set_index_key(Some(key.clone()));
+        }
+        Ok(key)
     }
 
     /// Zeroizes every cached DEK of the tenant (the next use asks the KMS again).
@@ -508,6 +557,7 @@ impl Inner {
             ts.purged.store(true, Ordering::SeqCst);
             ts.lease.end();
             ts.set_write_slot(None);
+            ts.set_index_key(None);
         }
         let dropped = self.cache.purge_tenant(tenant);
         if dropped > 0 {
@@ -524,6 +574,7 @@ impl Inner {
     /// revocation: the tenant state stays, the next use asks the KMS again).
     fn expire(&self, ts: &TenantState, why: &'static str) {
         ts.set_write_slot(None);
+        ts.set_index_key(None);
         let dropped = self.cache.purge_tenant(&ts.id);
         if dropped > 0 {
             self.lifecycle(
@@ -575,6 +626,7 @@ impl Inner {
                     purged: AtomicBool::new(false),
                     refresher: AtomicBool::new(false),
                     write: RwLock::new(None),
+                    index_key: RwLock::new(None),
                     write_lock: tokio::sync::Mutex::new(()),
                 });
                 Ok(this.tenants.entry(tenant.to_owned()).or_insert(ts).clone())

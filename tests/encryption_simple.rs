@@ -348,3 +348,49 @@ async fn revoked_tenant_is_refused_with_km001_while_others_keep_working() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_read_inside_a_transaction_fails_the_server_transaction_too() {
+    let s = setup().await;
+    let app = through_proxy(&s).await;
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'a'), ('globex', 'g')",
+    )
+    .await;
+    keyring(&s.dir.path().join("keyring.json"), "disable", "globex");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .simple_query("SELECT notes FROM patients WHERE tenant_id = 'globex'")
+        .await
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "revocation not effective");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.simple_query("BEGIN").await.unwrap();
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'half of the work')",
+    )
+    .await;
+    let (code, _) = refused(&app, "SELECT notes FROM patients ORDER BY id").await;
+    assert_eq!(code, "KM001");
+    let (code, message) = refused(&app, "SELECT 1").await;
+    assert_eq!(
+        code, "25P02",
+        "the transaction is aborted on the server too: {message}"
+    );
+    app.simple_query("COMMIT").await.unwrap();
+    let count: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM patients", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2, "COMMIT did not commit half of the work");
+    assert_eq!(
+        rows(&app, "SELECT count(*) FROM patients").await[0][0].as_deref(),
+        Some("2")
+    );
+}

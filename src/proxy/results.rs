@@ -121,7 +121,7 @@ impl ResultPlan {
         frame: &[u8],
         encryption: &Encryption,
         session_tenant: Option<&str>,
-    ) -> Result<BytesMut, BytesMut> {
+    ) -> Result<BytesMut, (&'static str, String, BytesMut)> {
         let cells = match decode_data_row(&frame[HEADER_LEN..]) {
             Ok(cells) => cells,
             Err(e) => return Err(self.fail("08P01", &format!("cmk-proxy: {e} from the server"))),
@@ -191,13 +191,17 @@ impl ResultPlan {
         Ok(out)
     }
 
-    fn fail_cell(&mut self, failure: &CellFailure) -> BytesMut {
+    fn fail_cell(&mut self, failure: &CellFailure) -> (&'static str, String, BytesMut) {
         self.fail(failure.sqlstate, &failure.message)
     }
 
-    fn fail(&mut self, code: &str, message: &str) -> BytesMut {
+    fn fail(&mut self, code: &'static str, message: &str) -> (&'static str, String, BytesMut) {
         self.failed = true;
-        ErrorResponse::error(code, message).to_bytes()
+        (
+            code,
+            message.to_owned(),
+            ErrorResponse::error(code, message).to_bytes(),
+        )
     }
 
     /// The audit counts of this result.
@@ -211,12 +215,20 @@ impl ResultPlan {
 #[derive(Default)]
 pub struct ResultState {
     plan: Option<ResultPlan>,
+    /// A result failed: at the next ReadyForQuery inside a transaction, the
+    /// transaction is poisoned (SQLSTATE, message).
+    failure: Option<(&'static str, String)>,
 }
 
 impl ResultState {
     /// True while a result set with protected columns is being relayed.
     pub fn active(&self) -> bool {
         self.plan.is_some()
+    }
+
+    /// True when the next ReadyForQuery must come through `server_message`.
+    pub fn wants_ready(&self) -> bool {
+        self.failure.is_some()
     }
 
     /// Handles a held server message; returns the bytes to send the client
@@ -227,6 +239,13 @@ impl ResultState {
         encryption: &Encryption,
         state: &SessionState,
     ) -> BytesMut {
+        if state.swallowing() {
+            // The response to an injected statement: never shown.
+            if frame.first() == Some(&backend::READY_FOR_QUERY) {
+                state.swallow.fetch_sub(1, Ordering::AcqRel);
+            }
+            return BytesMut::new();
+        }
         match frame.first().copied() {
             Some(backend::ROW_DESCRIPTION) => {
                 self.plan = None;
@@ -252,7 +271,11 @@ impl ResultState {
                 }
                 let tenant = state.tenant();
                 match plan.decrypt_row(frame, encryption, tenant.as_deref()).await {
-                    Ok(out) | Err(out) => out,
+                    Ok(out) => out,
+                    Err((code, message, out)) => {
+                        self.failure = Some((code, message));
+                        out
+                    }
                 }
             }
             Some(backend::COMMAND_COMPLETE) => match self.plan.take() {
@@ -294,7 +317,21 @@ impl ResultState {
                 if state.refresh_catalog.swap(false, Ordering::AcqRel) {
                     encryption.refresh_catalog().await;
                 }
-                BytesMut::from(frame)
+                let mut out = BytesMut::from(frame);
+                if let Some((code, message)) = self.failure.take() {
+                    if out.last() == Some(&b'T') {
+                        // The client was told its statement failed: from its
+                        // point of view the transaction is aborted, and the
+                        // server's will be before anything else runs.
+                        if let Ok(mut poison) = state.poison.lock() {
+                            *poison = Some((code, message));
+                        }
+                        if let Some(status) = out.last_mut() {
+                            *status = b'E';
+                        }
+                    }
+                }
+                out
             }
             _ => BytesMut::from(frame),
         }

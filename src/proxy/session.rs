@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -231,6 +231,8 @@ async fn run_session(
         terminated: AtomicBool::new(false),
         client_cycles: AtomicU64::new(1),
         answered: AtomicU64::new(0),
+        poison: Mutex::new(None),
+        swallow: AtomicU32::new(0),
         tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
         error_swaps: Mutex::new(VecDeque::new()),
         refresh_catalog: AtomicBool::new(false),
@@ -323,6 +325,8 @@ struct ClientInspector<'a> {
 impl Inspector for ClientInspector<'_> {
     fn interest(&mut self, tag: u8) -> Interest {
         match tag {
+            frontend::TERMINATE => Interest::Header,
+            _ if self.encrypting && self.state.is_poisoned() => Interest::Rewrite,
             frontend::QUERY | frontend::PARSE if self.encrypting => Interest::Rewrite,
             _ => Interest::Header,
         }
@@ -368,6 +372,11 @@ where
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
+                if let Some(fail) = statements::poison_query(state) {
+                    if let Err(e) = server.write_all(&fail).await {
+                        return SessionEnd::UpstreamError(e.to_string());
+                    }
+                }
                 let replacement = statements::client_statement(&frame, encryption, state).await;
                 if let Err(e) = server
                     .write_all(replacement.as_deref().unwrap_or(&frame))
@@ -438,17 +447,22 @@ struct ServerInspector<'a> {
     encrypting: bool,
     /// A result set with protected columns is being relayed.
     in_result: bool,
+    /// The next ReadyForQuery must be seen by the result state.
+    hold_ready: bool,
 }
 
 impl Inspector for ServerInspector<'_> {
     fn interest(&mut self, tag: u8) -> Interest {
         match tag {
+            _ if self.state.swallowing() => Interest::Rewrite,
             backend::AUTHENTICATION => Interest::Rewrite,
             backend::ROW_DESCRIPTION | backend::ERROR_RESPONSE if self.encrypting => {
                 Interest::Rewrite
             }
             backend::DATA_ROW | backend::COMMAND_COMPLETE if self.in_result => Interest::Rewrite,
-            backend::READY_FOR_QUERY if self.state.refresh_catalog.load(Ordering::Acquire) => {
+            backend::READY_FOR_QUERY
+                if self.hold_ready || self.state.refresh_catalog.load(Ordering::Acquire) =>
+            {
                 Interest::Rewrite
             }
             backend::READY_FOR_QUERY | backend::BACKEND_KEY_DATA | backend::ERROR_RESPONSE => {
@@ -478,7 +492,7 @@ impl Inspector for ServerInspector<'_> {
                 }
                 self.state.open_cycles.fetch_sub(1, Ordering::AcqRel);
                 self.state.answered.fetch_add(1, Ordering::AcqRel);
-                if self.state.refresh_catalog.load(Ordering::Acquire) {
+                if self.hold_ready || self.state.refresh_catalog.load(Ordering::Acquire) {
                     return Verdict::Hold;
                 }
             }
@@ -503,6 +517,9 @@ impl Inspector for ServerInspector<'_> {
             }
             _ => {}
         }
+        if self.state.swallowing() {
+            return Verdict::Hold;
+        }
         Verdict::Forward
     }
 }
@@ -525,6 +542,7 @@ where
         last_fatal: false,
         encrypting: encryption.is_some(),
         in_result: false,
+        hold_ready: false,
     };
     let mut results = ResultState::default();
     // Bytes read during the authentication phase go first.
@@ -538,6 +556,7 @@ where
             if let Some(encryption) = encryption {
                 let out = results.server_message(&frame, encryption, state).await;
                 inspector.in_result = results.active();
+                inspector.hold_ready = results.wants_ready();
                 if !out.is_empty() {
                     if let Err(e) = pump.write(client, &out).await {
                         return SessionEnd::ClientError(format!("{e:?}"));

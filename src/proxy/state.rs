@@ -1,7 +1,7 @@
 //! State shared by the two directions of one session.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 /// State shared by the two directions of a session.
@@ -26,6 +26,11 @@ pub(crate) struct SessionState {
     pub(crate) error_swaps: Mutex<VecDeque<(u64, &'static str, String)>>,
     /// A DDL statement went by: reload the catalog at the next ReadyForQuery.
     pub(crate) refresh_catalog: AtomicBool,
+    /// A read failed inside a transaction: before the client's next message
+    /// the server transaction is made to fail too (SQLSTATE, message).
+    pub(crate) poison: Mutex<Option<(&'static str, String)>>,
+    /// Injected request cycles whose responses the client must not see.
+    pub(crate) swallow: AtomicU32,
     /// Database user and client address, for audit events.
     pub(crate) user: String,
     pub(crate) client_addr: String,
@@ -34,6 +39,14 @@ pub(crate) struct SessionState {
 impl SessionState {
     pub(crate) fn tenant(&self) -> Option<String> {
         self.tenant.lock().ok().and_then(|t| t.clone())
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poison.lock().map(|p| p.is_some()).unwrap_or(false)
+    }
+
+    pub(crate) fn swallowing(&self) -> bool {
+        self.swallow.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn is_idle(&self) -> bool {

@@ -28,6 +28,24 @@ fn cstr(body: &[u8]) -> Option<&str> {
     std::str::from_utf8(&body[..end]).ok()
 }
 
+/// If a read failed inside the client's transaction, the query that makes
+/// the server transaction fail too; its response is swallowed, so the
+/// client's next statement meets an aborted transaction (and COMMIT rolls
+/// back) exactly as if the server had raised the error itself.
+pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
+    let (code, message) = state.poison.lock().ok()?.take()?;
+    let rejection = Rejection {
+        sqlstate: code,
+        table: None,
+        column: None,
+        message,
+    };
+    state.open_cycles.fetch_add(1, Ordering::AcqRel);
+    state.client_cycles.fetch_add(1, Ordering::AcqRel);
+    state.swallow.fetch_add(1, Ordering::AcqRel);
+    Some(query_message(&rejection_query(&rejection)))
+}
+
 /// Returns the bytes to send instead of `frame`, or `None` to send it as is.
 pub async fn client_statement(
     frame: &[u8],

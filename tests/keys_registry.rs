@@ -594,7 +594,9 @@ async fn registry_reconnects_after_a_postgres_restart() {
     let mut env = key_env(&["acme", "globex"], Duration::from_secs(60));
     seed(&mut env.policy, "acme", "acme");
     seed(&mut env.policy, "globex", "globex");
-    let keys = KeyService::connect(&env.policy, Audit::disabled()).await.unwrap();
+    let keys = KeyService::connect(&env.policy, Audit::disabled())
+        .await
+        .unwrap();
     let w = keys.write_key("acme").await.unwrap();
     env.pg.stop().unwrap();
     // Cached keys keep working while the registry is down.
@@ -602,6 +604,9 @@ async fn registry_reconnects_after_a_postgres_restart() {
     let err = keys.write_key("globex").await.unwrap_err();
     assert!(matches!(err, KeyError::Registry(_)), "{err}");
     env.pg.start_again().unwrap();
-    let g = keys.write_key("globex").await.expect("reconnected on the first use after the restart");
+    let g = keys
+        .write_key("globex")
+        .await
+        .expect("reconnected on the first use after the restart");
     assert_eq!(data_key_rows(&env.pg, "globex").await[0].0, g.dek.dek_id);
 }

@@ -398,3 +398,191 @@ async fn session_parameters_and_startup_options_reach_postgres() {
         .get(0);
     assert_eq!(tz, "UTC");
 }
+
+/// Frontend message bodies for the raw extended-protocol tests.
+mod msg {
+    use super::raw;
+
+    fn cstr(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+
+    /// Parse: statement name, SQL, no declared parameter types.
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, name);
+        cstr(&mut b, sql);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        raw::message(b'P', &b)
+    }
+
+    /// Bind: portal, statement, text parameters, text results.
+    pub fn bind(portal: &str, stmt: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        cstr(&mut b, stmt);
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&0u16.to_be_bytes());
+        raw::message(b'B', &b)
+    }
+
+    /// Describe a statement (`S`) or portal (`P`).
+    pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+        let mut b = vec![kind];
+        cstr(&mut b, name);
+        raw::message(b'D', &b)
+    }
+
+    /// Execute a portal with a row limit (0 = all).
+    pub fn execute(portal: &str, max_rows: i32) -> Vec<u8> {
+        let mut b = Vec::new();
+        cstr(&mut b, portal);
+        b.extend_from_slice(&max_rows.to_be_bytes());
+        raw::message(b'E', &b)
+    }
+
+    /// Close a statement (`S`) or portal (`P`).
+    pub fn close(kind: u8, name: &str) -> Vec<u8> {
+        let mut b = vec![kind];
+        cstr(&mut b, name);
+        raw::message(b'C', &b)
+    }
+
+    /// Flush.
+    pub fn flush() -> Vec<u8> {
+        raw::message(b'H', &[])
+    }
+
+    /// Sync.
+    pub fn sync() -> Vec<u8> {
+        raw::message(b'S', &[])
+    }
+}
+
+fn tags(msgs: &[raw::BackendMessage]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+/// Reads exactly `n` backend messages.
+fn read_n(s: &mut std::net::TcpStream, n: usize) -> Vec<raw::BackendMessage> {
+    (0..n)
+        .map(|_| raw::read_message(s).expect("connection closed"))
+        .collect()
+}
+
+#[tokio::test]
+async fn flush_without_sync_gets_responses_and_portals_suspend() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let mut s = raw::session(proxy.port(), "app");
+
+    // Parse + Describe + Flush, no Sync: the answers must arrive anyway
+    // (drivers such as pgJDBC and psycopg rely on this).
+    let mut out = msg::parse("s1", "SELECT g, $1::text FROM generate_series(1, 5) g");
+    out.extend(msg::describe(b'S', "s1"));
+    out.extend(msg::flush());
+    raw::send(&mut s, &out);
+    let got = read_n(&mut s, 3);
+    assert_eq!(
+        tags(&got),
+        "1tT",
+        "ParseComplete, ParameterDescription, RowDescription"
+    );
+
+    // Bind + Execute 2 rows + Flush: PortalSuspended after two rows.
+    let mut out = msg::bind("p1", "s1", &["x"]);
+    out.extend(msg::execute("p1", 2));
+    out.extend(msg::flush());
+    raw::send(&mut s, &out);
+    let got = read_n(&mut s, 4);
+    assert_eq!(tags(&got), "2DDs");
+
+    // Resume the portal, then close it and the statement, then Sync.
+    let mut out = msg::execute("p1", 0);
+    out.extend(msg::close(b'P', "p1"));
+    out.extend(msg::close(b'S', "s1"));
+    out.extend(msg::sync());
+    raw::send(&mut s, &out);
+    let got = raw::read_until_ready(&mut s);
+    assert_eq!(tags(&got), "DDDC33Z");
+
+    // The statement is gone upstream: binding it again fails with 26000,
+    // and the error is followed by ReadyForQuery after Sync.
+    let mut out = msg::bind("", "s1", &["x"]);
+    out.extend(msg::execute("", 0));
+    out.extend(msg::sync());
+    raw::send(&mut s, &out);
+    let got = raw::read_until_ready(&mut s);
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(got[0].field(b'C').as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn one_sync_pipeline_of_many_executes_and_an_error_skips_to_sync() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let mut s = raw::session(proxy.port(), "app");
+    let mut out = msg::parse("", "SELECT $1::int * 10");
+    for i in 0..100 {
+        out.extend(msg::bind("", "", &[&i.to_string()]));
+        out.extend(msg::execute("", 0));
+    }
+    out.extend(msg::sync());
+    raw::send(&mut s, &out);
+    let got = raw::read_until_ready(&mut s);
+    let rows: Vec<String> = got
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(&m.body[6..]).into_owned())
+        .collect();
+    assert_eq!(rows.len(), 100);
+    assert_eq!(rows[7], "70");
+
+    // An error in the middle: the rest up to Sync is skipped by PostgreSQL.
+    // (generate_series keeps PostgreSQL from folding 10 / 0 at Bind time.)
+    let mut out = msg::parse("", "SELECT 10 / g FROM generate_series($1::int, $1::int) g");
+    for d in ["1", "0", "2"] {
+        out.extend(msg::bind("", "", &[d]));
+        out.extend(msg::execute("", 0));
+    }
+    out.extend(msg::sync());
+    raw::send(&mut s, &out);
+    let got = raw::read_until_ready(&mut s);
+    assert_eq!(tags(&got), "12DC2EZ");
+    assert_eq!(got[5].field(b'C').as_deref(), Some("22012"));
+}
+
+#[tokio::test]
+async fn empty_query_and_copy_fail_are_relayed() {
+    let pg = pg();
+    let proxy = start_proxy(&pg, "");
+    let mut s = raw::session(proxy.port(), "app");
+    raw::send(&mut s, &raw::query(""));
+    assert_eq!(tags(&raw::read_until_ready(&mut s)), "IZ");
+
+    raw::send(&mut s, &raw::query("CREATE TEMP TABLE cf (v int)"));
+    raw::read_until_ready(&mut s);
+    raw::send(&mut s, &raw::query("COPY cf FROM STDIN"));
+    let got = raw::read_message(&mut s).expect("CopyInResponse");
+    assert_eq!(got.tag, b'G');
+    let mut out = raw::message(b'd', b"1\n2\n");
+    out.extend(raw::message(b'f', b"client gave up\0"));
+    raw::send(&mut s, &out);
+    let got = raw::read_until_ready(&mut s);
+    assert_eq!(tags(&got), "EZ");
+    assert_eq!(got[0].field(b'C').as_deref(), Some("57014"));
+    assert!(got[0]
+        .field(b'M')
+        .unwrap_or_default()
+        .contains("client gave up"));
+    raw::send(&mut s, &raw::query("SELECT count(*) FROM cf"));
+    let got = raw::read_until_ready(&mut s);
+    let row = got.iter().find(|m| m.tag == b'D').expect("a row");
+    assert_eq!(&row.body[6..], b"0");
+}

@@ -56,44 +56,54 @@ impl Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let dir = tempfile::Builder::new()
-                .prefix("cmk-proxy-test-")
-                .tempdir()
-                .expect("temp dir");
-            let config = dir.path().join("policy.yaml");
-            std::fs::write(&config, format!("listen: 127.0.0.1:{port}\n{yaml}"))
-                .expect("write policy");
-            let log = dir.path().join("proxy.log");
-            let out = std::fs::File::create(&log).expect("create log");
-            let err = out.try_clone().expect("clone log");
-            let child = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-                .arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .args(args)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(out)
-                .stderr(err)
-                .spawn()
-                .expect("spawn cmk-proxy");
-            let mut proxy = Proxy {
-                child,
-                port,
-                dir,
-                log,
-                exited: None,
-            };
-            match proxy.wait_listening() {
-                Ok(()) => return proxy,
+            match Self::try_start(port, &format!("listen: 127.0.0.1:{port}\n{yaml}"), args) {
+                Ok(proxy) => return proxy,
                 Err(log) if log.contains("in use") => last_log = log,
                 Err(log) => panic!("cmk-proxy did not start listening on {port}:\n{log}"),
             }
         }
         panic!("cmk-proxy could not find a free port:\n{last_log}");
+    }
+
+    /// Starts `cmk-proxy serve --config <file with config_text> <args>` and
+    /// waits for `port` to accept (the caller decides where it listens).
+    pub fn start_listening_on(port: u16, config_text: &str, args: &[&str]) -> Proxy {
+        Self::try_start(port, config_text, args)
+            .unwrap_or_else(|log| panic!("cmk-proxy did not start listening on {port}:\n{log}"))
+    }
+
+    fn try_start(port: u16, config_text: &str, args: &[&str]) -> Result<Proxy, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("cmk-proxy-test-")
+            .tempdir()
+            .expect("temp dir");
+        let config = dir.path().join("policy.yaml");
+        std::fs::write(&config, config_text).expect("write policy");
+        let log = dir.path().join("proxy.log");
+        let out = std::fs::File::create(&log).expect("create log");
+        let err = out.try_clone().expect("clone log");
+        let child = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn cmk-proxy");
+        let mut proxy = Proxy {
+            child,
+            port,
+            dir,
+            log,
+            exited: None,
+        };
+        proxy.wait_listening().map(|()| proxy)
     }
 
     fn wait_listening(&mut self) -> Result<(), String> {

@@ -259,6 +259,18 @@ impl Encryption {
                 .write_key(&tenant)
                 .await
                 .map_err(|e| key_rejection(&e, &plan.table))?;
+            // The index key is the tenant's, not the epoch's: equality
+            // search keeps finding rows written before a rotation.
+            let index_key = if row.cells.iter().any(|c| c.bidx_param.is_some()) {
+                Some(
+                    self.keys
+                        .blind_index_key(&tenant)
+                        .await
+                        .map_err(|e| key_rejection(&e, &plan.table))?,
+                )
+            } else {
+                None
+            };
             for cell in &row.cells {
                 let ValueSource::Literal(text) = &cell.value else {
                     return Err(Rejection::unsupported(
@@ -274,7 +286,7 @@ impl Encryption {
                     &cell.column,
                     cell.ty,
                     text.as_bytes(),
-                    cell.bidx_param.is_some(),
+                    cell.bidx_param.and(index_key.as_deref()),
                 )
                 .map_err(|e| invalid_value(&plan.table, &cell.column, &e))?;
                 literals.insert(cell.target_param, bytea_literal(&ciphertext));
@@ -323,10 +335,17 @@ impl Encryption {
         }
         let dek_id =
             crypto::peek_dek_id(cell).map_err(|_| integrity(None, "has a damaged header"))?;
-        let tenant = self
-            .tenant_of_dek(dek_id)
-            .await
-            .ok_or_else(|| integrity(None, "names an unknown data key"))?;
+        let tenant = match self.tenant_of_dek(dek_id).await {
+            Ok(Some(tenant)) => tenant,
+            Ok(None) => return Err(integrity(None, "names an unknown data key")),
+            Err(e) => {
+                return Err(CellFailure {
+                    sqlstate: e.sqlstate(),
+                    message: format!("cmk-proxy: cannot read {table}.{column}: {e}"),
+                    tenant: None,
+                })
+            }
+        };
         if let Some(session) = session_tenant {
             if session != tenant {
                 return Err(CellFailure {
@@ -361,13 +380,16 @@ impl Encryption {
         Ok((tenant, plaintext))
     }
 
-    async fn tenant_of_dek(&self, dek_id: Uuid) -> Option<String> {
+    /// The tenant a DEK belongs to (the registry is authoritative; cached).
+    async fn tenant_of_dek(&self, dek_id: Uuid) -> Result<Option<String>, KeyError> {
         if let Some(t) = self.dek_tenants.get(&dek_id) {
-            return Some(t.clone());
+            return Ok(Some(t.clone()));
         }
-        let record = self.keys.registry().data_key(dek_id).await.ok()??;
+        let Some(record) = self.keys.registry().data_key(dek_id).await? else {
+            return Ok(None);
+        };
         self.dek_tenants.insert(dek_id, record.tenant_id.clone());
-        Some(record.tenant_id)
+        Ok(Some(record.tenant_id))
     }
 }
 
@@ -404,7 +426,7 @@ fn seal_value(
     column: &str,
     ty: DeclaredType,
     text: &[u8],
-    with_index: bool,
+    index_key: Option<&crypto::BlindIndexKey>,
 ) -> Result<(Vec<u8>, Option<Vec<u8>>), values::ValueError> {
     let canonical = values::canonical_text(ty, text)?;
     let aad = CellAad {
@@ -413,8 +435,7 @@ fn seal_value(
         column,
     };
     let cell = key.dek.seal(&aad, canonical.as_bytes());
-    let index = with_index
-        .then(|| crypto::blind_index(&key.dek.blind_index_key(), canonical.as_bytes()).to_vec());
+    let index = index_key.map(|k| crypto::blind_index(k, canonical.as_bytes()).to_vec());
     Ok((cell, index))
 }
 

@@ -54,6 +54,19 @@ pub enum LocalPgError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The account running PostgreSQL cannot reach the data directory.
+    #[error(
+        "PostgreSQL runs as uid {uid} and cannot enter {} (mode {mode:o}); use a data dir whose parents are world-searchable (chmod o+x)",
+        .dir.display()
+    )]
+    Unreachable {
+        /// Uid of the cluster owner.
+        uid: u32,
+        /// The directory it cannot enter.
+        dir: PathBuf,
+        /// That directory's permission bits.
+        mode: u32,
+    },
     /// No PostgreSQL server binaries were found.
     #[error("no PostgreSQL binaries found (tried `pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH)")]
     NoBinaries,
@@ -213,6 +226,27 @@ impl Installation {
             cmd.uid(uid.as_raw()).gid(gid.as_raw());
         }
         cmd
+    }
+
+    /// Fails early, with a hint, when the cluster owner cannot reach `dir`
+    /// (e.g. a data dir under a root-only `mktemp -d` directory).
+    fn check_reachable(&self, dir: &Path) -> Result<(), LocalPgError> {
+        use std::os::unix::fs::MetadataExt;
+        let Some((uid, _)) = self.run_as else {
+            return Ok(());
+        };
+        for parent in dir.ancestors().skip(1) {
+            let meta =
+                fs::metadata(parent).map_err(io_err(format!("stat {}", parent.display())))?;
+            if meta.mode() & 0o001 == 0 && meta.uid() != uid.as_raw() {
+                return Err(LocalPgError::Unreachable {
+                    uid: uid.as_raw(),
+                    dir: parent.to_owned(),
+                    mode: meta.mode() & 0o7777,
+                });
+            }
+        }
+        Ok(())
     }
 
     fn chown(&self, path: &Path) -> Result<(), LocalPgError> {
@@ -487,7 +521,8 @@ fn free_port() -> Result<u16, LocalPgError> {
 }
 
 /// A running throwaway PostgreSQL cluster. Dropping it stops the server
-/// (immediate mode) and removes its temp directory.
+/// (immediate mode) and removes its temp directory; a cluster in a given
+/// `data_dir` is shut down cleanly (fast mode) and kept.
 #[derive(Debug)]
 pub struct LocalPostgres {
     inst: &'static Installation,
@@ -504,7 +539,11 @@ impl LocalPostgres {
         let (temp, data_dir) = match &opts.data_dir {
             Some(d) => {
                 fs::create_dir_all(d).map_err(io_err(format!("create {}", d.display())))?;
-                (None, d.clone())
+                // Commands run from another directory (and as another user).
+                let abs =
+                    fs::canonicalize(d).map_err(io_err(format!("resolve {}", d.display())))?;
+                inst.check_reachable(&abs)?;
+                (None, abs)
             }
             None => {
                 let t = tempfile::Builder::new()
@@ -666,12 +705,19 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
+        // A throwaway cluster is killed; a kept one is shut down cleanly, since
+        // with synchronous_commit off an immediate stop may lose the last commits.
+        let mode = if self.temp.is_some() {
+            "immediate"
+        } else {
+            "fast"
+        };
         let _ = run(self
             .inst
             .command("pg_ctl")
             .arg("-D")
             .arg(&self.data_dir)
-            .args(["-w", "-t", "20", "stop", "-m", "immediate"]));
+            .args(["-w", "-t", "20", "stop", "-m", mode]));
         if let Some(t) = self.temp.take() {
             let _ = t.close();
         }

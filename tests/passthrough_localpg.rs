@@ -83,3 +83,33 @@ async fn local_postgres_stops_starts_again_and_creates_databases() {
     assert_eq!(v, 7);
     assert!(pg.log_path().is_file());
 }
+
+#[tokio::test]
+async fn local_postgres_in_a_given_data_dir_keeps_and_reuses_its_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let opts = LocalPostgresOptions {
+        tls: false,
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    {
+        let pg = pg_with(opts.clone());
+        let (c, _h) = connect(&pg.admin_url("app")).await;
+        c.batch_execute("CREATE TABLE survives (v int); INSERT INTO survives VALUES (42)")
+            .await
+            .unwrap();
+    }
+    assert!(
+        data.join("PG_VERSION").is_file(),
+        "a given data dir must be kept"
+    );
+    let pg = pg_with(opts);
+    let (c, _h) = connect(&pg.admin_url("app")).await;
+    let v: i32 = c
+        .query_one("SELECT v FROM survives", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 42);
+}

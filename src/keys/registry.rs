@@ -425,106 +425,12 @@ fn dek_from_row(r: &tokio_postgres::Row) -> DataKeyRecord {
 }
 
 /// The rustls connector for the registry connection, or `None` for
-/// `disable`. `prefer`/`require` encrypt without verifying (as libpq);
-/// `verify-full` checks the chain against `ca` (or the system roots) and the
-/// host name.
+/// `disable`: the same TLS settings as the session connections
+/// (`proxy::tls::upstream_client_config`).
 pub fn upstream_tls(
     tls: &UpstreamTls,
 ) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, KeyError> {
-    use rustls::ClientConfig;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+    let config = crate::proxy::tls::upstream_client_config(tls)
         .map_err(|e| KeyError::Registry(format!("TLS setup: {e}")))?;
-    let config = match tls.mode {
-        UpstreamTlsMode::Disable => return Ok(None),
-        UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth(),
-        UpstreamTlsMode::VerifyFull => {
-            let mut roots = rustls::RootCertStore::empty();
-            match &tls.ca {
-                Some(path) => {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        KeyError::Registry(format!(
-                            "cannot read tls.upstream.ca {}: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                        let cert = cert.map_err(|e| {
-                            KeyError::Registry(format!("bad PEM in {}: {e}", path.display()))
-                        })?;
-                        roots
-                            .add(cert)
-                            .map_err(|e| KeyError::Registry(format!("bad CA certificate: {e}")))?;
-                    }
-                }
-                None => {
-                    for cert in rustls_native_certs::load_native_certs().certs {
-                        // Unparseable system certificates are skipped, as every TLS client does.
-                        let _ = roots.add(cert);
-                    }
-                }
-            }
-            if roots.is_empty() {
-                return Err(KeyError::Registry(
-                    "verify-full: no CA certificate to trust".into(),
-                ));
-            }
-            builder.with_root_certificates(roots).with_no_client_auth()
-        }
-    };
-    Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
-}
-
-/// Encrypts without authenticating the server (`prefer`/`require`), but
-/// still checks handshake signatures so the session keys are sound.
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    Ok(config.map(|c| tokio_postgres_rustls::MakeRustlsConnect::new(Arc::unwrap_or_clone(c))))
 }

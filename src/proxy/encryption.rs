@@ -32,9 +32,6 @@ pub enum EncryptionError {
     /// The key registry or providers failed.
     #[error("keys: {0}")]
     Keys(#[from] KeyError),
-    /// The proxy's own connection failed.
-    #[error(transparent)]
-    Admin(#[from] super::admin::AdminError),
     /// The catalog could not be read.
     #[error(transparent)]
     Catalog(#[from] catalog::CatalogError),

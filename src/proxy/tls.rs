@@ -115,6 +115,12 @@ pub fn upstream_client_config(
                     }
                 }
             }
+            if roots.is_empty() {
+                return Err(TlsError::Pem {
+                    path: "tls.upstream.ca".to_owned(),
+                    what: "verify-full has no CA certificate to trust",
+                });
+            }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
     };

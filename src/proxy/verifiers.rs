@@ -6,16 +6,17 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use super::admin::{self, AdminError};
+use super::admin;
 use super::scram::{ScramError, Verifier};
 use crate::config::Policy;
+use crate::keys::KeyError;
 
 /// Why no verifier is available.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifierError {
     /// The proxy's connection failed.
     #[error(transparent)]
-    Admin(#[from] AdminError),
+    Admin(#[from] KeyError),
     /// The query failed (e.g. permission denied on pg_authid).
     #[error("verifier query failed: {0}")]
     Query(tokio_postgres::Error),

@@ -6,10 +6,11 @@
 //! downgrade attack.
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::scram::{ClientExchange, ClientFirst, ScramError, ServerExchange};
+use super::stream::send;
 use super::verifiers::VerifierStore;
 use crate::protocol::{sqlstate, ErrorResponse, FrameHeader, HEADER_LEN};
 
@@ -124,9 +125,7 @@ async fn fail_client<C: AsyncWrite + Unpin>(
     code: &str,
     message: &str,
 ) -> Result<AuthOutcome, AuthError> {
-    client
-        .write_all(&ErrorResponse::fatal(code, message).to_bytes())
-        .await?;
+    send(client, &ErrorResponse::fatal(code, message).to_bytes()).await?;
     Ok(AuthOutcome::Failed)
 }
 
@@ -177,7 +176,7 @@ where
     let mut offer = BytesMut::new();
     offer.extend_from_slice(MECHANISM.as_bytes());
     offer.extend_from_slice(b"\0\0");
-    client.write_all(&auth_request(SASL, &offer)).await?;
+    send(client, &auth_request(SASL, &offer)).await?;
     let (tag, body) = read_frame(client, client_buf).await?;
     let first = match (tag, parse_initial_response(&body)) {
         (b'p', Some((MECHANISM, data))) => ClientFirst::parse(data),
@@ -190,9 +189,11 @@ where
         Err(e) => return fail_client(client, sqlstate::PROTOCOL_VIOLATION, &e.to_string()).await,
     };
     let (exchange, server_first) = ServerExchange::start(first, &verifier);
-    client
-        .write_all(&auth_request(SASL_CONTINUE, server_first.as_bytes()))
-        .await?;
+    send(
+        client,
+        &auth_request(SASL_CONTINUE, server_first.as_bytes()),
+    )
+    .await?;
     let (tag, body) = read_frame(client, client_buf).await?;
     if tag != b'p' {
         return fail_client(
@@ -214,9 +215,7 @@ where
 
     // Server leg: the proxy is the SCRAM client, using the learned ClientKey.
     let (mut upstream, client_first) = ClientExchange::start();
-    server
-        .write_all(&sasl_initial_response(&client_first))
-        .await?;
+    send(server, &sasl_initial_response(&client_first)).await?;
     let (tag, body) = read_frame(server, server_buf).await?;
     let continue_data = match (tag, auth_code(&body)) {
         (b'R', Some((SASL_CONTINUE, data))) => data,
@@ -233,7 +232,7 @@ where
             .await
         }
     };
-    server.write_all(&sasl_response(&reply)).await?;
+    send(server, &sasl_response(&reply)).await?;
     let (tag, body) = read_frame(server, server_buf).await?;
     match (tag, auth_code(&body)) {
         (b'R', Some((SASL_FINAL, data))) => {
@@ -248,9 +247,7 @@ where
         }
         _ => return relay_server_error(client, tag, &body).await,
     }
-    client
-        .write_all(&auth_request(SASL_FINAL, server_final.as_bytes()))
-        .await?;
+    send(client, &auth_request(SASL_FINAL, server_final.as_bytes())).await?;
     Ok(AuthOutcome::Done)
 }
 
@@ -266,7 +263,7 @@ async fn relay_server_error<C: AsyncWrite + Unpin>(
         frame.put_u8(b'E');
         frame.put_u32((4 + body.len()) as u32);
         frame.extend_from_slice(body);
-        client.write_all(&frame).await?;
+        send(client, &frame).await?;
         return Ok(AuthOutcome::Failed);
     }
     fail_client(

@@ -5,7 +5,9 @@
 //! are streamed through in pieces, so memory stays bounded.
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use super::stream::send;
 
 use crate::protocol::{FrameError, FrameHeader};
 
@@ -202,7 +204,7 @@ impl Pump {
             return Ok(());
         }
         self.writing = true;
-        dst.write_all(&self.buf[..ready])
+        send(dst, &self.buf[..ready])
             .await
             .map_err(PumpEnd::WriteError)?;
         self.writing = false;
@@ -217,7 +219,7 @@ impl Pump {
         bytes: &[u8],
     ) -> Result<(), PumpEnd> {
         self.writing = true;
-        dst.write_all(bytes).await.map_err(PumpEnd::WriteError)?;
+        send(dst, bytes).await.map_err(PumpEnd::WriteError)?;
         self.writing = false;
         Ok(())
     }

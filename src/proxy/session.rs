@@ -19,6 +19,7 @@ use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
 use super::results::ResultState;
 use super::state::SessionState;
 use super::statements;
+use super::stream::send;
 use super::stream::Stream;
 use super::ServerContext;
 use crate::config::ScramPassthrough;
@@ -64,7 +65,7 @@ enum StartupFailure {
 /// Sends a FATAL error to the client and closes the stream.
 async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
     let bytes = ErrorResponse::fatal(code, message).to_bytes();
-    let _ = stream.write_all(&bytes).await;
+    let _ = send(stream, &bytes).await;
     let _ = stream.shutdown().await;
 }
 
@@ -107,18 +108,18 @@ async fn startup(
                 }
                 match (&ctx.acceptor, stream) {
                     (Some(acceptor), Stream::Plain(mut tcp)) => {
-                        tcp.write_all(b"S").await?;
+                        send(&mut tcp, b"S").await?;
                         let tls = acceptor.accept(tcp).await?;
                         stream = Stream::ServerTls(Box::new(tls));
                     }
                     (_, mut other) => {
-                        other.write_all(b"N").await?;
+                        send(&mut other, b"N").await?;
                         stream = other;
                     }
                 }
             }
             StartupPacket::GssEncRequest => {
-                stream.write_all(b"N").await?;
+                send(&mut stream, b"N").await?;
             }
             StartupPacket::Cancel { pid, raw } => {
                 debug!(backend_pid = pid, "forwarding cancel request");
@@ -185,7 +186,7 @@ async fn run_session(
     // The startup packet has no tag byte: send it raw, then frame the rest.
     let mut client_buf = startup_bytes;
     let startup = client_buf.split_to(startup_len(&client_buf));
-    if let Err(e) = server.write_all(&startup).await {
+    if let Err(e) = send(&mut server, &startup).await {
         warn!(error = %e, "upstream connection failed");
         reject(
             &mut client,
@@ -275,7 +276,7 @@ async fn run_session(
     if let SessionEnd::ClientProtocol(message) = &end {
         if server_pump.at_frame_boundary() {
             let bytes = ErrorResponse::fatal(sqlstate::PROTOCOL_VIOLATION, message).to_bytes();
-            let _ = client_write.write_all(&bytes).await;
+            let _ = send(&mut client_write, &bytes).await;
         }
     }
     match &end {
@@ -298,9 +299,7 @@ async fn run_session(
         end,
         SessionEnd::UpstreamClosed | SessionEnd::UpstreamError(_)
     ) {
-        let _ = server_write
-            .write_all(&[frontend::TERMINATE, 0, 0, 0, 4])
-            .await;
+        let _ = send(&mut server_write, &[frontend::TERMINATE, 0, 0, 0, 4]).await;
         let _ = server_write.shutdown().await;
     }
     let _ = client_write.shutdown().await;
@@ -373,15 +372,12 @@ where
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
                 if let Some(fail) = statements::poison_query(state) {
-                    if let Err(e) = server.write_all(&fail).await {
+                    if let Err(e) = send(server, &fail).await {
                         return SessionEnd::UpstreamError(e.to_string());
                     }
                 }
                 let replacement = statements::client_statement(&frame, encryption, state).await;
-                if let Err(e) = server
-                    .write_all(replacement.as_deref().unwrap_or(&frame))
-                    .await
-                {
+                if let Err(e) = send(server, replacement.as_deref().unwrap_or(&frame)).await {
                     return SessionEnd::UpstreamError(e.to_string());
                 }
             }

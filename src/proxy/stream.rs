@@ -18,6 +18,15 @@ pub enum Stream {
     ClientTls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+/// Writes all of `bytes` and flushes. A TLS stream may keep the last
+/// records of a write in its buffer when the socket is full; without the
+/// flush they would wait for the next write, which may never come.
+pub async fn send<W: AsyncWrite + Unpin>(stream: &mut W, bytes: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 impl Stream {
     /// Whether the connection is encrypted.
     pub fn is_tls(&self) -> bool {

@@ -16,9 +16,15 @@ pub const DEK_LEN: usize = 32;
 /// schedule (built once, so sealing a small cell does not pay for key
 /// expansion) is wiped on drop by the `aes` crate's `zeroize` feature.
 /// Not `Clone`: share it behind an `Arc`. `Debug` never shows the bytes.
+/// The material sits behind a `Box`, so moving a `Dek` moves a pointer and
+/// leaves no stale copy of the key schedule behind.
 pub struct Dek {
+    inner: Box<DekInner>,
+}
+
+struct DekInner {
     bytes: Zeroizing<[u8; DEK_LEN]>,
-    pub(super) cipher: Aes256GcmSiv,
+    cipher: Aes256GcmSiv,
 }
 
 impl Dek {
@@ -42,13 +48,20 @@ impl Dek {
 
     fn from_array(bytes: Zeroizing<[u8; DEK_LEN]>) -> Dek {
         let cipher = Aes256GcmSiv::new((&*bytes).into());
-        Dek { bytes, cipher }
+        Dek {
+            inner: Box::new(DekInner { bytes, cipher }),
+        }
+    }
+
+    /// The expanded cipher (built once per key).
+    pub(super) fn cipher(&self) -> &Aes256GcmSiv {
+        &self.inner.cipher
     }
 
     /// The raw key bytes. Only for wrapping by a `KeyProvider` and for key
     /// derivation; never log or persist them.
     pub fn expose_bytes(&self) -> &[u8] {
-        self.bytes.as_slice()
+        self.inner.bytes.as_slice()
     }
 }
 
@@ -98,7 +111,7 @@ mod tests {
 
     impl Dek {
         fn cipher_key_schedule_probe(&self) -> aes::Aes256 {
-            aes::Aes256::new(self.bytes.as_slice().into())
+            aes::Aes256::new(self.inner.bytes.as_slice().into())
         }
     }
 }

@@ -170,7 +170,9 @@ async fn run_session(
     ctx: &ServerContext,
 ) {
     let user = params.user.as_str();
-    let mut server = match ctx.upstream.connect().await {
+    // Boxed: rarely-used large futures stay out of every idle session's
+    // state (per-connection memory is a budget).
+    let mut server = match Box::pin(ctx.upstream.connect()).await {
         Ok(server) => server,
         Err(e) => {
             warn!(error = %e, "upstream connection failed");
@@ -203,14 +205,14 @@ async fn run_session(
         && client.is_tls()
         && server.is_tls()
     {
-        let outcome = auth::scram_passthrough(
+        let outcome = Box::pin(auth::scram_passthrough(
             &mut client,
             &mut client_buf,
             &mut server,
             &mut server_buf,
             user,
             &ctx.verifiers,
-        )
+        ))
         .await;
         match outcome {
             Ok(AuthOutcome::Done) | Ok(AuthOutcome::Relay) => {}
@@ -376,7 +378,8 @@ where
                         return SessionEnd::UpstreamError(e.to_string());
                     }
                 }
-                let replacement = statements::client_statement(&frame, encryption, state).await;
+                let replacement =
+                    Box::pin(statements::client_statement(&frame, encryption, state)).await;
                 if let Err(e) = send(server, replacement.as_deref().unwrap_or(&frame)).await {
                     return SessionEnd::UpstreamError(e.to_string());
                 }
@@ -550,7 +553,7 @@ where
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
-                let out = results.server_message(&frame, encryption, state).await;
+                let out = Box::pin(results.server_message(&frame, encryption, state)).await;
                 inspector.in_result = results.active();
                 inspector.hold_ready = results.wants_ready();
                 if !out.is_empty() {

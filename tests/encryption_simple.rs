@@ -209,6 +209,20 @@ async fn unsupported_statements_are_refused_with_km003_and_the_connection_stays_
         Some("1"),
         "the half transaction was rolled back"
     );
+    // Protected data that reaches a result through a view or expression
+    // (no RowDescription link to the column) is refused, never shown as bytea.
+    rows(
+        &app,
+        "CREATE VIEW patient_notes AS SELECT id, notes FROM patients",
+    )
+    .await;
+    for sql in [
+        "SELECT notes FROM patient_notes",
+        "SELECT coalesce(notes, notes) AS n FROM patients",
+    ] {
+        let (code, message) = refused(&app, sql).await;
+        assert!(code == "KM003", "{sql}: {code} {message}");
+    }
     // Statements on other tables are never refused.
     rows(
         &app,

@@ -34,10 +34,25 @@ pub struct ResultPlan {
     columns: Vec<PlannedColumn>,
     /// Field indexes removed from the result (EDEK, blind index).
     hidden: Vec<usize>,
+    /// Unmapped bytea fields (index, binary, name): a cell there that is an
+    /// envelope reached the result through a view, function or expression.
+    watched: Vec<(usize, bool, String)>,
     /// Whether the last row failed: the rest of the result is dropped.
     pub failed: bool,
     batch: DecryptBatch,
     column_names: Vec<String>,
+}
+
+/// OID of bytea, the storage type of protected columns.
+const BYTEA_OID: u32 = 17;
+
+/// An envelope header, in binary or in bytea's hex text form.
+fn looks_like_envelope(raw: &[u8], binary: bool) -> bool {
+    if binary {
+        crate::crypto::is_envelope(raw)
+    } else {
+        raw.starts_with(b"\\x434d4b01")
+    }
 }
 
 /// Size a client expects for a fixed-size declared type (-1 = variable).
@@ -63,6 +78,7 @@ pub fn plan_row_description(
     let fields = decode_row_description(&frame[HEADER_LEN..])?;
     let mut columns = Vec::new();
     let mut hidden = Vec::new();
+    let mut watched = Vec::new();
     let mut out_fields: Vec<Field<'_>> = Vec::with_capacity(fields.len());
     for (index, field) in fields.iter().enumerate() {
         match catalog.lookup(field.table_oid, field.column) {
@@ -89,10 +105,15 @@ pub fn plan_row_description(
                 }
                 _ => out_fields.push(field.clone()),
             },
-            None => out_fields.push(field.clone()),
+            None => {
+                if field.type_oid == BYTEA_OID {
+                    watched.push((index, field.format == 1, field.name.to_owned()));
+                }
+                out_fields.push(field.clone())
+            }
         }
     }
-    if columns.is_empty() && hidden.is_empty() {
+    if columns.is_empty() && hidden.is_empty() && watched.is_empty() {
         return Ok(None);
     }
     let mut out = BytesMut::with_capacity(frame.len());
@@ -102,6 +123,7 @@ pub fn plan_row_description(
         ResultPlan {
             columns,
             hidden,
+            watched,
             failed: false,
             batch: DecryptBatch {
                 fingerprint,
@@ -126,6 +148,18 @@ impl ResultPlan {
             Ok(cells) => cells,
             Err(e) => return Err(self.fail("08P01", &format!("cmk-proxy: {e} from the server"))),
         };
+        for (index, binary, name) in &self.watched {
+            if let Some(Some(raw)) = cells.get(*index) {
+                if looks_like_envelope(raw, *binary) {
+                    return Err(self.fail(
+                        "KM003",
+                        &format!(
+                            "cmk-proxy: result column \"{name}\" carries protected (encrypted) data through a view, function or expression, which is not supported: select the protected column from its table"
+                        ),
+                    ));
+                }
+            }
+        }
         let mut opened: Vec<Option<Vec<u8>>> = vec![None; cells.len()];
         let mut row_tenant: Option<(String, Arc<str>)> = None;
         for column in &self.columns {

@@ -550,6 +550,10 @@ where
         Err(PumpEnd::WriteError(e)) => return SessionEnd::ClientError(e.to_string()),
         Err(_) => None,
     };
+    // Registered once, not per read: each `cancelled()` future takes the
+    // token's lock when it is first polled and again when dropped.
+    let mut shutdown_signal = std::pin::pin!(shutdown.cancelled());
+    let mut hard_stop_signal = std::pin::pin!(hard_stop.cancelled());
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
@@ -584,10 +588,12 @@ where
         }
         // Only the read races the shutdown signals: it is cancel-safe, the
         // forwarding after it is not and always runs to completion.
+        // Each signal future is polled only until it fires (then draining,
+        // or the hard stop, ends the loop above).
         let filled = tokio::select! {
             r = pump.fill(server) => r,
-            _ = shutdown.cancelled(), if !draining => continue,
-            _ = hard_stop.cancelled() => continue,
+            _ = &mut shutdown_signal, if !draining => continue,
+            _ = &mut hard_stop_signal, if !hard_stop.is_cancelled() => continue,
         };
         let result = match filled {
             Ok(()) => pump.forward(client, &mut inspector).await,

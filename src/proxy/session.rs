@@ -242,8 +242,8 @@ async fn run_session(
         user: params.user.clone(),
         client_addr: peer.to_string(),
     };
-    let (mut client_read, mut client_write) = tokio::io::split(client);
-    let (mut server_read, mut server_write) = tokio::io::split(server);
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
     let limit = ctx.policy.server.max_message_size;
     let shutdown = ctx.shutdown.clone();
     let hard_stop = ctx.hard_stop.clone();

@@ -96,3 +96,76 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// The read half of a [`Stream`]: plain TCP splits without a lock; TLS
+/// (one state machine for both directions) shares it behind tokio's split.
+pub enum ReadHalf {
+    /// Owned read half of a TCP socket.
+    Plain(tokio::net::tcp::OwnedReadHalf),
+    /// Read half of a TLS stream.
+    Tls(tokio::io::ReadHalf<Stream>),
+}
+
+/// The write half of a [`Stream`].
+pub enum WriteHalf {
+    /// Owned write half of a TCP socket.
+    Plain(tokio::net::tcp::OwnedWriteHalf),
+    /// Write half of a TLS stream.
+    Tls(tokio::io::WriteHalf<Stream>),
+}
+
+impl Stream {
+    /// Splits the stream so each direction of a session owns one half.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Plain(tcp) => {
+                let (r, w) = tcp.into_split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (ReadHalf::Tls(r), WriteHalf::Tls(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tls(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Tls(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Tls(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}

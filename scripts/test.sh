@@ -20,9 +20,10 @@ echo "== tests"
 # run more of them at once than there are cores.
 threads="${TEST_THREADS:-6}"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --locked --no-fail-fast --test-threads "$threads"
-    # nextest does not run doc tests.
+    # nextest does not run doc tests; run them first so the summary of the
+    # whole suite is the last thing printed.
     cargo test --locked --doc
+    cargo nextest run --locked --no-fail-fast --test-threads "$threads"
 else
     cargo test --locked --no-fail-fast -- --test-threads "$threads"
 fi

@@ -1,16 +1,11 @@
 //! `cmk-proxy keys rotate`: start a new data-key epoch for a tenant.
 
-use std::path::PathBuf;
-
 /// Data-key operations.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Policy file (YAML): upstream credentials and key providers.
-    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
-    /// Upstream PostgreSQL URL (overrides `upstream`).
-    #[arg(long, global = true)]
-    pub upstream: Option<String>,
+    /// Policy file and upstream.
+    #[command(flatten)]
+    pub policy: super::PolicyArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: KeysCommand,
@@ -31,11 +26,16 @@ pub enum KeysCommand {
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let (_policy, service) =
-        match super::tenants::connect(args.config.as_ref(), args.upstream.as_ref(), true).await? {
-            Ok(x) => x,
-            Err(code) => return Ok(code),
-        };
+    let (_policy, service) = match super::tenants::connect(
+        args.policy.config.as_ref(),
+        args.policy.upstream.as_ref(),
+        true,
+    )
+    .await?
+    {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
     let code = match args.command {
         KeysCommand::Rotate { tenant } => match service.rotate(&tenant).await {
             Ok(out) => {

@@ -1,8 +1,6 @@
 //! `cmk-proxy migrate`: create or upgrade the `cmk` registry schema, or print
 //! its DDL for a DBA to review. Safe to run from several replicas at once.
 
-use std::path::PathBuf;
-
 use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
 
 /// Create or upgrade the `cmk` schema (tenants, data keys, schema versions).
@@ -11,12 +9,9 @@ use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
 /// holding an advisory lock, and records them in `cmk.schema_version`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Policy file (YAML); its `upstream` credentials and `tls.upstream` are used.
-    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Upstream PostgreSQL URL (overrides `upstream`).
-    #[arg(long)]
-    pub upstream: Option<String>,
+    /// Policy file and upstream.
+    #[command(flatten)]
+    pub policy: super::PolicyArgs,
     /// Print the DDL instead of applying it.
     #[arg(long)]
     pub print: bool,
@@ -28,12 +23,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         print!("{}", ddl_script());
         return Ok(0);
     }
-    let policy =
-        match super::serve::load_with_overrides(args.config.as_ref(), None, args.upstream.as_ref())
-        {
-            Ok(p) => p,
-            Err(code) => return Ok(code),
-        };
+    let policy = match super::serve::load_with_overrides(
+        args.policy.config.as_ref(),
+        None,
+        args.policy.upstream.as_ref(),
+    ) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
     let registry = Registry::new(&policy)?;
     let client = registry.connect_dedicated().await?;
     let applied = migrate(&client).await?;

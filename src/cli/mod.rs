@@ -11,7 +11,20 @@ pub mod rewrap;
 pub mod serve;
 pub mod tenants;
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
+
+/// Where an administrative command finds the policy and the upstream.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyArgs {
+    /// Policy file (YAML): upstream credentials, TLS and key providers.
+    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Upstream PostgreSQL URL (overrides `upstream`).
+    #[arg(long, global = true)]
+    pub upstream: Option<String>,
+}
 
 /// Transparent per-tenant encryption proxy for PostgreSQL.
 #[derive(Debug, Parser)]

@@ -1,8 +1,6 @@
 //! `cmk-proxy rewrap`: re-wrap a tenant's EDEKs under a new key (or the
 //! newest version of its key) without touching cell ciphertext.
 
-use std::path::PathBuf;
-
 /// Re-wrap a tenant's data keys under a new master key without touching ciphertext.
 ///
 /// Unwraps each of the tenant's EDEKs in `cmk.data_keys` with its provider,
@@ -12,12 +10,9 @@ use std::path::PathBuf;
 /// protected row's EDEK column are not rewritten by this command.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Policy file (YAML): upstream credentials and key providers.
-    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Upstream PostgreSQL URL (overrides `upstream`).
-    #[arg(long)]
-    pub upstream: Option<String>,
+    /// Policy file and upstream.
+    #[command(flatten)]
+    pub policy: super::PolicyArgs,
     /// Tenant id.
     #[arg(long)]
     pub tenant: String,
@@ -28,11 +23,16 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let (_policy, service) =
-        match super::tenants::connect(args.config.as_ref(), args.upstream.as_ref(), true).await? {
-            Ok(x) => x,
-            Err(code) => return Ok(code),
-        };
+    let (_policy, service) = match super::tenants::connect(
+        args.policy.config.as_ref(),
+        args.policy.upstream.as_ref(),
+        true,
+    )
+    .await?
+    {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
     let code = match service.rewrap(&args.tenant, args.to_key.as_deref()).await {
         Ok(n) => {
             let key = match &args.to_key {

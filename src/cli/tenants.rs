@@ -12,12 +12,9 @@ use crate::keys::{KeyService, TenantStatus};
 /// Manage tenants and their customer-managed keys in `cmk.tenants`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Policy file (YAML): upstream credentials and key providers.
-    #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
-    /// Upstream PostgreSQL URL (overrides `upstream`).
-    #[arg(long, global = true)]
-    pub upstream: Option<String>,
+    /// Policy file and upstream.
+    #[command(flatten)]
+    pub policy: super::PolicyArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: TenantsCommand,
@@ -91,11 +88,16 @@ fn parse_sink(text: &str) -> anyhow::Result<serde_json::Value> {
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     let audit = matches!(args.command, TenantsCommand::Add { .. });
-    let (policy, service) =
-        match connect(args.config.as_ref(), args.upstream.as_ref(), audit).await? {
-            Ok(x) => x,
-            Err(code) => return Ok(code),
-        };
+    let (policy, service) = match connect(
+        args.policy.config.as_ref(),
+        args.policy.upstream.as_ref(),
+        audit,
+    )
+    .await?
+    {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
     let registry = service.registry();
     let code = match args.command {
         TenantsCommand::Add {

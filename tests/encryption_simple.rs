@@ -62,6 +62,23 @@ async fn refused(client: &Client, sql: &str) -> (String, String) {
     )
 }
 
+/// Polls `sql` until it fails (`want_error`) or succeeds; returns the last
+/// error. The 10 s limit only guards against a hang: revocation is bounded by
+/// approval_ttl (1 s here) plus one KMS call.
+async fn poll_until(app: &Client, sql: &str, want_error: bool) -> Option<tokio_postgres::Error> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.simple_query(sql).await {
+            Err(e) if want_error => return Some(e),
+            Ok(_) if !want_error => return None,
+            other => {
+                assert!(Instant::now() < deadline, "{sql}: still {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 struct Setup {
     _pg: cmk_proxy::localpg::LocalPostgres,
     proxy: common::Proxy,
@@ -317,23 +334,10 @@ async fn revoked_tenant_is_refused_with_km001_while_others_keep_working() {
     .await;
     let ring = s.dir.path().join("keyring.json");
     keyring(&ring, "disable", "globex");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match app
-            .simple_query("SELECT notes FROM patients WHERE tenant_id = 'globex'")
-            .await
-        {
-            Err(e) => {
-                assert_eq!(common::sqlstate(&e).as_deref(), Some("KM001"), "{e}");
-                assert!(common::error_message(&e).contains("globex"));
-                break;
-            }
-            Ok(_) => {
-                assert!(Instant::now() < deadline, "revocation not effective");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    let globex = "SELECT notes FROM patients WHERE tenant_id = 'globex'";
+    let e = poll_until(&app, globex, true).await.expect("an error");
+    assert_eq!(common::sqlstate(&e).as_deref(), Some("KM001"), "{e}");
+    assert!(common::error_message(&e).contains("globex"));
     let (code, _) = refused(
         &app,
         "INSERT INTO patients (tenant_id, notes) VALUES ('globex', 'x')",
@@ -345,22 +349,7 @@ async fn revoked_tenant_is_refused_with_km001_while_others_keep_working() {
         Some("a")
     );
     keyring(&ring, "enable", "globex");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match app
-            .simple_query("SELECT notes FROM patients WHERE tenant_id = 'globex'")
-            .await
-        {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "re-enabling did not restore access: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    poll_until(&app, globex, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -373,15 +362,12 @@ async fn a_failed_read_inside_a_transaction_fails_the_server_transaction_too() {
     )
     .await;
     keyring(&s.dir.path().join("keyring.json"), "disable", "globex");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app
-        .simple_query("SELECT notes FROM patients WHERE tenant_id = 'globex'")
-        .await
-        .is_ok()
-    {
-        assert!(Instant::now() < deadline, "revocation not effective");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll_until(
+        &app,
+        "SELECT notes FROM patients WHERE tenant_id = 'globex'",
+        true,
+    )
+    .await;
     app.simple_query("BEGIN").await.unwrap();
     rows(
         &app,

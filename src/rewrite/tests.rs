@@ -230,6 +230,23 @@ fn update_finds_the_tenant_or_pins_to_the_session() {
             .as_deref(),
         Some("notes")
     );
+    // The proxy's own columns are never set by a statement.
+    for (sql, column) in [
+        (
+            "UPDATE patients SET ssn_bidx = NULL WHERE id = 1",
+            "ssn_bidx",
+        ),
+        (
+            "UPDATE patients SET cmk_edek = '{}' WHERE id = 1",
+            "cmk_edek",
+        ),
+        (
+            "INSERT INTO patients (tenant_id, ssn_bidx) VALUES ('a', NULL)",
+            "ssn_bidx",
+        ),
+    ] {
+        assert_eq!(rejection(sql).column.as_deref(), Some(column), "{sql}");
+    }
 }
 
 #[test]

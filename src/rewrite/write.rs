@@ -187,6 +187,21 @@ fn tenant_of(
     }
 }
 
+/// The EDEK and blind-index columns are written only by the proxy: a
+/// statement that sets one itself is refused.
+fn managed_column_refusal(table: &str, policy: &TablePolicy, column: &str) -> Option<Rejection> {
+    let is_blind_index = column
+        .strip_suffix("_bidx")
+        .is_some_and(|base| policy.columns.contains_key(base));
+    (column == policy.edek_column || is_blind_index).then(|| {
+        Rejection::unsupported(
+            table,
+            Some(column),
+            "writing the EDEK or blind-index column directly",
+        )
+    })
+}
+
 /// Plans an INSERT into a protected table. `Ok(None)`: no protected column
 /// is written, nothing to do.
 pub(crate) fn plan_insert(
@@ -206,15 +221,11 @@ pub(crate) fn plan_insert(
             "INSERT without a column list",
         ));
     }
-    if columns.iter().any(|c| {
-        *c == policy.edek_column
-            || c.ends_with("_bidx") && policy.columns.contains_key(c.trim_end_matches("_bidx"))
-    }) {
-        return Err(Rejection::unsupported(
-            table,
-            Some(&policy.edek_column),
-            "writing the EDEK or blind-index column directly",
-        ));
+    if let Some(refusal) = columns
+        .iter()
+        .find_map(|c| managed_column_refusal(table, policy, c))
+    {
+        return Err(refusal);
     }
     let protected: Vec<(usize, &String, DeclaredType, SearchMode)> = columns
         .iter()
@@ -350,12 +361,8 @@ fn plan_conflict_update(
         let Some(column) = assigned_column(assignment) else {
             continue;
         };
-        if column == policy.edek_column {
-            return Err(Rejection::unsupported(
-                table,
-                Some(&column),
-                "writing the EDEK column directly",
-            ));
+        if let Some(refusal) = managed_column_refusal(table, policy, &column) {
+            return Err(refusal);
         }
         if policy.columns.contains_key(&column) {
             let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
@@ -506,12 +513,8 @@ pub(crate) fn plan_update(
             }
             continue;
         };
-        if column == policy.edek_column {
-            return Err(Rejection::unsupported(
-                table,
-                Some(&column),
-                "writing the EDEK column directly",
-            ));
+        if let Some(refusal) = managed_column_refusal(table, policy, &column) {
+            return Err(refusal);
         }
         if column == policy.tenant_column {
             return Err(Rejection::unsupported(

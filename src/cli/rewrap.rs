@@ -23,13 +23,7 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let (_policy, service) = match super::tenants::connect(
-        args.policy.config.as_ref(),
-        args.policy.upstream.as_ref(),
-        true,
-    )
-    .await?
-    {
+    let (_policy, service) = match super::tenants::connect(&args.policy, true).await? {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };

@@ -1,7 +1,7 @@
 //! `cmk-proxy tenants add|list|disable|enable`: manage `cmk.tenants`, the
 //! registry of tenants and their customer-managed keys.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 
@@ -55,11 +55,14 @@ pub enum TenantsCommand {
 /// Loads the policy and connects a key service (migrating the schema if
 /// needed); `Err(code)` after printing a configuration problem.
 pub(crate) async fn connect(
-    config: Option<&PathBuf>,
-    upstream: Option<&String>,
+    source: &super::PolicyArgs,
     audit: bool,
 ) -> anyhow::Result<Result<(Policy, KeyService), i32>> {
-    let policy = match super::serve::load_with_overrides(config, None, upstream) {
+    let policy = match super::serve::load_with_overrides(
+        source.config.as_ref(),
+        None,
+        source.upstream.as_ref(),
+    ) {
         Ok(p) => p,
         Err(code) => return Ok(Err(code)),
     };
@@ -88,13 +91,7 @@ fn parse_sink(text: &str) -> anyhow::Result<serde_json::Value> {
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
     let audit = matches!(args.command, TenantsCommand::Add { .. });
-    let (policy, service) = match connect(
-        args.policy.config.as_ref(),
-        args.policy.upstream.as_ref(),
-        audit,
-    )
-    .await?
-    {
+    let (policy, service) = match connect(&args.policy, audit).await? {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };

@@ -7,8 +7,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
@@ -16,78 +14,32 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+use common::encryption::{keyring, EncryptedSetup};
+
 const SCHEMA: &str = "CREATE TABLE typed (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, c_int8 bytea, \
     c_numeric bytea, c_float8 bytea, c_bool bytea, c_date bytea, c_ts bytea, c_tstz bytea, \
     c_uuid bytea, c_jsonb bytea, c_bytea bytea, plain_note text, cmk_edek jsonb)";
 
-const COLUMNS: &str =
-    "c_text: {type: text, search: equality}\n      c_varchar: {type: varchar}\n      \
-    c_int2: {type: int2}\n      c_int4: {type: int4}\n      c_int8: {type: int8}\n      \
-    c_numeric: {type: numeric}\n      c_float8: {type: float8}\n      c_bool: {type: bool}\n      \
-    c_date: {type: date}\n      c_ts: {type: timestamp}\n      c_tstz: {type: timestamptz}\n      \
-    c_uuid: {type: uuid}\n      c_jsonb: {type: jsonb}\n      c_bytea: {type: bytea}\n";
+const COLUMNS: &[&str] = &[
+    "c_text: {type: text, search: equality}",
+    "c_varchar: {type: varchar}",
+    "c_int2: {type: int2}",
+    "c_int4: {type: int4}",
+    "c_int8: {type: int8}",
+    "c_numeric: {type: numeric}",
+    "c_float8: {type: float8}",
+    "c_bool: {type: bool}",
+    "c_date: {type: date}",
+    "c_ts: {type: timestamp}",
+    "c_tstz: {type: timestamptz}",
+    "c_uuid: {type: uuid}",
+    "c_jsonb: {type: jsonb}",
+    "c_bytea: {type: bytea}",
+];
 
-fn keyring(file: &Path, action: &str, tenant: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .args(["keyring", action, tenant, "--keyring"])
-        .arg(file)
-        .output()
-        .expect("run cmk-proxy keyring");
-    assert!(
-        out.status.success(),
-        "keyring {action} {tenant}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-struct Setup {
-    _pg: cmk_proxy::localpg::LocalPostgres,
-    proxy: common::Proxy,
-    direct: Client,
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn ring(&self) -> std::path::PathBuf {
-        self.dir.path().join("keyring.json")
-    }
-
-    async fn app(&self) -> Client {
-        let (client, conn) = common::connect(&self.proxy.url("postgres", "", "app")).await;
-        std::mem::forget(conn);
-        client
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
-    }
-}
-
-async fn setup() -> Setup {
-    let pg = common::pg();
-    let (direct, conn) = common::connect(&pg.admin_url("app")).await;
-    std::mem::forget(conn);
-    direct.batch_execute(SCHEMA).await.expect("schema");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ring = dir.path().join("keyring.json");
-    keyring(&ring, "create", "acme");
-    keyring(&ring, "create", "globex");
-    let yaml = format!(
-        "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n\
-         audit: {{sink: {{kind: file, path: {}}}}}\n\
-         tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
-         tables:\n  public.typed:\n    tenant_column: tenant_id\n    columns:\n      {COLUMNS}",
-        ring.display(),
-        dir.path().join("audit.jsonl").display()
-    );
-    let proxy = common::start_proxy(&pg, &yaml);
-    Setup {
-        _pg: pg,
-        proxy,
-        direct,
-        dir,
-    }
+async fn setup() -> EncryptedSetup {
+    EncryptedSetup::start(SCHEMA, "public.typed", COLUMNS).await
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {

@@ -4,38 +4,27 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::encryption::{keyring, EncryptedSetup};
 use tokio_postgres::{Client, SimpleQueryMessage};
+
+const COLUMNS: &[&str] = &[
+    "ssn: {type: text, search: equality}",
+    "birth_date: {type: date}",
+    "notes: {type: text}",
+];
+
+async fn setup() -> EncryptedSetup {
+    EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await
+}
+
+async fn through_proxy(setup: &EncryptedSetup) -> Client {
+    setup.app().await
+}
 
 const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, birth_date bytea, notes bytea, cmk_edek jsonb)";
-
-fn keyring(file: &Path, action: &str, tenant: &str) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .args(["keyring", action, tenant, "--keyring"])
-        .arg(file)
-        .output()
-        .expect("run cmk-proxy keyring");
-    assert!(
-        out.status.success(),
-        "keyring {action} {tenant}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn policy(keyring: &Path, audit: &Path) -> String {
-    format!(
-        "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n\
-         audit: {{sink: {{kind: file, path: {}}}}}\n\
-         tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
-         tables:\n  public.patients:\n    tenant_column: tenant_id\n    columns:\n      ssn: {{type: text, search: equality}}\n      birth_date: {{type: date}}\n      notes: {{type: text}}\n",
-        keyring.display(),
-        audit.display()
-    )
-}
 
 async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client
@@ -77,37 +66,6 @@ async fn poll_until(app: &Client, sql: &str, want_error: bool) -> Option<tokio_p
             }
         }
     }
-}
-
-struct Setup {
-    _pg: cmk_proxy::localpg::LocalPostgres,
-    proxy: common::Proxy,
-    direct: Client,
-    dir: tempfile::TempDir,
-}
-
-async fn setup() -> Setup {
-    let pg = common::pg();
-    let (direct, _c) = common::connect(&pg.admin_url("app")).await;
-    std::mem::forget(_c);
-    direct.batch_execute(SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ring = dir.path().join("keyring.json");
-    keyring(&ring, "create", "acme");
-    keyring(&ring, "create", "globex");
-    let proxy = common::start_proxy(&pg, &policy(&ring, &dir.path().join("audit.jsonl")));
-    Setup {
-        _pg: pg,
-        proxy,
-        direct,
-        dir,
-    }
-}
-
-async fn through_proxy(setup: &Setup) -> Client {
-    let (client, conn) = common::connect(&setup.proxy.url("postgres", "", "app")).await;
-    std::mem::forget(conn);
-    client
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -241,7 +199,10 @@ async fn unsupported_statements_are_refused_with_km003_and_the_connection_stays_
     assert_eq!(read[0][0].as_deref(), Some("x"));
     let read = rows(&app, "SELECT * FROM patient_memos").await;
     assert_eq!(read, vec![vec![Some("x".to_owned())]]);
-    let read = app.query("SELECT memo FROM patient_memos", &[]).await.unwrap();
+    let read = app
+        .query("SELECT memo FROM patient_memos", &[])
+        .await
+        .unwrap();
     assert_eq!(read[0].get::<_, Option<String>>(0).as_deref(), Some("x"));
     for sql in [
         "SELECT n FROM patient_mixed",
@@ -254,7 +215,11 @@ async fn unsupported_statements_are_refused_with_km003_and_the_connection_stays_
         assert!(code == "KM003", "{sql}: {code} {message}");
     }
     let count = rows(&app, "SELECT count(*) FROM patients").await;
-    assert_eq!(count[0][0].as_deref(), Some("1"), "nothing written through the view");
+    assert_eq!(
+        count[0][0].as_deref(),
+        Some("1"),
+        "nothing written through the view"
+    );
     // Statements on other tables are never refused.
     rows(
         &app,

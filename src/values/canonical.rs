@@ -2,7 +2,7 @@
 //! timestamptz in UTC), so every spelling of a value encrypts and indexes
 //! the same way.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Timelike};
+use chrono::{NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 
 use super::{invalid, ValueError};
 use crate::config::DeclaredType;
@@ -213,46 +213,88 @@ pub(crate) fn parse_bool(text: &str) -> Option<bool> {
     }
 }
 
+/// An ISO 8601 date/time as PostgreSQL reads it: a date, an optional time
+/// after a space or `T`, and an optional zone (`Z`, `+HH`, `+HH:MM`,
+/// `+HHMM`), possibly after a space.
+struct DateTimeParts {
+    date: NaiveDate,
+    time: Option<NaiveTime>,
+    /// Offset east of UTC, in seconds.
+    offset: Option<i32>,
+}
+
+fn split_datetime(text: &str) -> Option<DateTimeParts> {
+    let text = text.trim();
+    let date_end = text.find([' ', 'T', 't']).unwrap_or(text.len());
+    let date = NaiveDate::parse_from_str(&text[..date_end], "%Y-%m-%d").ok()?;
+    let mut rest = text[date_end..].trim_start_matches([' ', 'T', 't']).trim();
+    let mut offset = None;
+    if let Some(stripped) = rest.strip_suffix(['Z', 'z']) {
+        offset = Some(0);
+        rest = stripped.trim();
+    } else if let Some(pos) = rest.rfind(['+', '-']) {
+        offset = Some(parse_offset(&rest[pos..])?);
+        rest = rest[..pos].trim();
+    }
+    let time = if rest.is_empty() {
+        None
+    } else {
+        Some(
+            NaiveTime::parse_from_str(rest, "%H:%M:%S%.f")
+                .or_else(|_| NaiveTime::parse_from_str(rest, "%H:%M"))
+                .ok()?,
+        )
+    };
+    Some(DateTimeParts { date, time, offset })
+}
+
+/// `+HH`, `+HH:MM`, `+HHMM` or `+HH:MM:SS` → seconds east of UTC.
+fn parse_offset(zone: &str) -> Option<i32> {
+    let (sign, digits) = match zone.split_at_checked(1)? {
+        ("+", d) => (1, d),
+        ("-", d) => (-1, d),
+        _ => return None,
+    };
+    let parts: Vec<&str> = if digits.contains(':') {
+        digits.split(':').collect()
+    } else if digits.len() == 4 {
+        vec![&digits[..2], &digits[2..]]
+    } else {
+        vec![digits]
+    };
+    if parts.is_empty() || parts.len() > 3 || parts.iter().any(|p| p.is_empty() || p.len() > 2) {
+        return None;
+    }
+    let mut seconds = 0i32;
+    for (part, unit) in parts.iter().zip([3600, 60, 1]) {
+        seconds += part.parse::<i32>().ok()? * unit;
+    }
+    (seconds <= 15 * 3600 + 59 * 60).then_some(sign * seconds)
+}
+
+/// A date; a time or zone after it is ignored, as PostgreSQL does.
 pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
-    NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()
+    split_datetime(text).map(|p| p.date)
 }
 
 pub(crate) fn format_date(d: NaiveDate) -> String {
     d.format("%Y-%m-%d").to_string()
 }
 
+/// A timestamp without time zone; a zone in the input is ignored, as
+/// PostgreSQL does.
 pub(crate) fn parse_timestamp(text: &str) -> Option<NaiveDateTime> {
-    [
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M",
-        "%Y-%m-%d",
-    ]
-    .iter()
-    .find_map(|fmt| {
-        NaiveDateTime::parse_from_str(text, fmt).ok().or_else(|| {
-            (*fmt == "%Y-%m-%d")
-                .then(|| parse_date(text).and_then(|d| d.and_hms_opt(0, 0, 0)))
-                .flatten()
-        })
-    })
+    let parts = split_datetime(text)?;
+    Some(parts.date.and_time(parts.time.unwrap_or(NaiveTime::MIN)))
 }
 
+/// A timestamp with time zone, as UTC. The input must carry its offset:
+/// without one PostgreSQL would use the session's TimeZone, which the proxy
+/// does not apply, so such input is refused rather than guessed.
 pub(crate) fn parse_timestamptz(text: &str) -> Option<NaiveDateTime> {
-    let normalized = text.replacen('T', " ", 1);
-    let with_minutes = match normalized.rfind(['+', '-']) {
-        // "+02" → "+02:00" so chrono's %:z accepts it.
-        Some(pos) if pos > 10 && normalized.len() - pos == 3 => format!("{normalized}:00"),
-        _ => normalized.replace('Z', "+00:00"),
-    };
-    [
-        "%Y-%m-%d %H:%M:%S%.f%:z",
-        "%Y-%m-%d %H:%M:%S%.f %:z",
-        "%Y-%m-%d %H:%M:%S%.f%z",
-    ]
-    .iter()
-    .find_map(|fmt| DateTime::parse_from_str(&with_minutes, fmt).ok())
-    .map(|dt| dt.naive_utc())
+    let parts = split_datetime(text)?;
+    let local = parts.date.and_time(parts.time.unwrap_or(NaiveTime::MIN));
+    local.checked_sub_signed(chrono::TimeDelta::seconds(i64::from(parts.offset?)))
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` with trailing zeros of the fraction trimmed.
@@ -309,6 +351,51 @@ mod tests {
 
     fn canon(ty: DeclaredType, s: &str) -> String {
         canonical_text(ty, s.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn driver_spellings_of_dates_and_times_read_as_postgresql_reads_them() {
+        // pgJDBC setDate / setTimestamp / setObject(LocalDateTime), node-pg Date.
+        assert_eq!(canon(T::Date, "2024-02-29 +00"), "2024-02-29");
+        assert_eq!(
+            canon(T::Date, "2024-02-29T00:00:00.000+00:00"),
+            "2024-02-29"
+        );
+        assert_eq!(canon(T::Date, "2024-02-29 23:59:59-05"), "2024-02-29");
+        assert_eq!(
+            canon(T::Timestamp, "2024-02-29 23:59:59.123456+00"),
+            "2024-02-29 23:59:59.123456"
+        );
+        assert_eq!(
+            canon(T::Timestamp, "2024-02-29T23:59:59-0530"),
+            "2024-02-29 23:59:59"
+        );
+        assert_eq!(
+            canon(T::Timestamp, "2024-02-29 23:59"),
+            "2024-02-29 23:59:00"
+        );
+        assert_eq!(
+            canon(T::Timestamptz, "2024-02-29T23:59:59.500+05:30"),
+            canon(T::Timestamptz, "2024-02-29 18:29:59.5Z")
+        );
+        assert_eq!(
+            canon(T::Timestamptz, "2024-03-01 01:00:00 +02"),
+            canon(T::Timestamptz, "2024-02-29 23:00:00+00")
+        );
+        for bad in [
+            "2024-02-30",
+            "2024-02-29 25:00",
+            "2024-02-29 +99",
+            "yesterday",
+            "",
+        ] {
+            assert!(
+                canonical_text(T::Timestamp, bad.as_bytes()).is_err(),
+                "{bad}"
+            );
+        }
+        // Without an offset the session TimeZone would apply: refused, not guessed.
+        assert!(canonical_text(T::Timestamptz, b"2024-02-29 12:00:00").is_err());
     }
 
     #[test]

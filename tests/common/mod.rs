@@ -3,6 +3,8 @@
 //! (plain and TLS tokio-postgres connections, raw protocol bytes).
 #![allow(dead_code)]
 
+pub mod encryption;
+
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

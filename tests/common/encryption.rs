@@ -1,0 +1,86 @@
+//! Shared setup for column-encryption tests: a local keyring with two
+//! tenants (`acme`, `globex`), a policy for one protected table, PostgreSQL
+//! with the table created, the proxy, and a direct connection that sees the
+//! stored bytes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cmk_proxy::localpg::LocalPostgres;
+use tokio_postgres::Client;
+
+use super::{connect, pg, start_proxy, Proxy};
+
+/// Runs `cmk-proxy keyring <action> <tenant> --keyring <file>`.
+pub fn keyring(file: &Path, action: &str, tenant: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(["keyring", action, tenant, "--keyring"])
+        .arg(file)
+        .output()
+        .expect("run cmk-proxy keyring");
+    assert!(
+        out.status.success(),
+        "keyring {action} {tenant}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// PostgreSQL, keyring, audit file and the proxy with an encryption policy.
+pub struct EncryptedSetup {
+    /// The cluster (kept alive for the test).
+    pub pg: LocalPostgres,
+    /// The proxy.
+    pub proxy: Proxy,
+    /// A direct connection to PostgreSQL (database `app`).
+    pub direct: Client,
+    /// Keyring, audit log and policy live here.
+    pub dir: tempfile::TempDir,
+}
+
+impl EncryptedSetup {
+    /// Creates `schema` (SQL) and starts the proxy with `table` protected:
+    /// `columns` is the YAML of its `columns:` map, one `name: {...}` per line.
+    pub async fn start(schema: &str, table: &str, columns: &[&str]) -> Self {
+        let pg = pg();
+        let (direct, conn) = connect(&pg.admin_url("app")).await;
+        std::mem::forget(conn);
+        direct.batch_execute(schema).await.expect("schema");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ring = dir.path().join("keyring.json");
+        keyring(&ring, "create", "acme");
+        keyring(&ring, "create", "globex");
+        let columns: String = columns.iter().map(|c| format!("      {c}\n")).collect();
+        let yaml = format!(
+            "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n\
+             audit: {{sink: {{kind: file, path: {}}}}}\n\
+             tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
+             tables:\n  {table}:\n    tenant_column: tenant_id\n    columns:\n{columns}",
+            ring.display(),
+            dir.path().join("audit.jsonl").display()
+        );
+        let proxy = start_proxy(&pg, &yaml);
+        Self {
+            pg,
+            proxy,
+            direct,
+            dir,
+        }
+    }
+
+    /// The keyring file.
+    pub fn ring(&self) -> PathBuf {
+        self.dir.path().join("keyring.json")
+    }
+
+    /// A client connected through the proxy.
+    pub async fn app(&self) -> Client {
+        let (client, conn) = connect(&self.proxy.url("postgres", "", "app")).await;
+        std::mem::forget(conn);
+        client
+    }
+
+    /// The audit log so far.
+    pub fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
+    }
+}

@@ -1,0 +1,207 @@
+//! Bad input on the encrypting path, against a real PostgreSQL: malformed
+//! and inconsistent extended-protocol messages for a protected write, a
+//! client that vanishes in the middle of a pipeline, and PostgreSQL
+//! restarting under the proxy. Each shows the error, that nothing was lost
+//! or written in plaintext, and that the proxy keeps serving.
+
+mod common;
+
+use std::time::Duration;
+
+use common::encryption::EncryptedSetup;
+use common::raw::{message, read_until_ready, send, session, BackendMessage};
+
+const SCHEMA: &str = "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+    secret bytea, cmk_edek jsonb)";
+
+async fn setup() -> EncryptedSetup {
+    EncryptedSetup::start(SCHEMA, "public.vault", &["secret: {type: text}"]).await
+}
+
+fn parse(sql: &str) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    message(b'P', &body)
+}
+
+fn bind(params: &[&[u8]]) -> Vec<u8> {
+    let mut body = vec![0u8, 0, 0, 0];
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p);
+    }
+    body.extend_from_slice(&[0, 0]);
+    message(b'B', &body)
+}
+
+fn execute_sync() -> Vec<u8> {
+    let mut out = message(b'E', b"\0\0\0\0\0");
+    out.extend(message(b'S', b""));
+    out
+}
+
+const INSERT: &str = "INSERT INTO vault (tenant_id, secret) VALUES ($1, $2)";
+
+/// Sends `bytes` in a fresh raw session and reads one request cycle.
+async fn cycle(port: u16, bytes: Vec<u8>) -> Vec<BackendMessage> {
+    tokio::task::spawn_blocking(move || {
+        let mut s = session(port, "app");
+        send(&mut s, &bytes);
+        let first = read_until_ready(&mut s);
+        // The connection is still usable afterwards.
+        send(&mut s, &common::raw::query("SELECT 1"));
+        let mut all = first;
+        all.extend(read_until_ready(&mut s));
+        all
+    })
+    .await
+    .expect("raw session")
+}
+
+async fn stored(setup: &EncryptedSetup) -> Vec<Vec<u8>> {
+    setup
+        .direct
+        .query("SELECT secret FROM vault WHERE secret IS NOT NULL", &[])
+        .await
+        .expect("direct read")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_and_inconsistent_binds_of_a_protected_write_fail_cleanly() {
+    let s = setup().await;
+    let port = s.proxy.port();
+
+    // Too few parameters for the statement: refused by the proxy (08P01),
+    // the server skips to Sync, the connection stays usable.
+    let mut bytes = parse(INSERT);
+    bytes.extend(bind(&[b"acme"]));
+    bytes.extend(execute_sync());
+    let got = cycle(port, bytes).await;
+    let tags: Vec<u8> = got.iter().map(|m| m.tag).collect();
+    assert_eq!(&tags[..3], b"1EZ", "{got:?}");
+    assert_eq!(got[1].field(b'C').as_deref(), Some("08P01"));
+    assert!(
+        got[1]
+            .field(b'M')
+            .unwrap_or_default()
+            .contains("supplies 1 parameters"),
+        "{got:?}"
+    );
+    assert!(tags.ends_with(b"TDCZ"), "usable afterwards: {tags:?}");
+
+    // A Bind whose body is cut short: the server refuses it; nothing reaches
+    // the table, and the connection goes on.
+    let mut bytes = parse(INSERT);
+    bytes.extend(message(b'B', b"\0\0\0\0\0\x02\0\0\0\x04acm"));
+    bytes.extend(execute_sync());
+    let got = cycle(port, bytes).await;
+    let error = got.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(error.field(b'C').as_deref(), Some("08P01"), "{got:?}");
+
+    // A value that is not valid text (bad UTF-8) for a text column.
+    let mut bytes = parse(INSERT);
+    bytes.extend(bind(&[b"acme", b"\xff\xfe"]));
+    bytes.extend(execute_sync());
+    let got = cycle(port, bytes).await;
+    let error = got.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(error.field(b'C').as_deref(), Some("22P02"), "{got:?}");
+
+    // Garbage Describe and Close bodies.
+    let mut bytes = message(b'D', b"");
+    bytes.extend(message(b'C', b"X"));
+    bytes.extend(message(b'S', b""));
+    let got = cycle(port, bytes).await;
+    assert!(got.iter().any(|m| m.tag == b'E'), "{got:?}");
+
+    assert!(stored(&s).await.is_empty(), "nothing was written");
+    // Other clients are served, and a valid write works.
+    let app = s.app().await;
+    app.execute(INSERT, &[&"acme", &"kept"])
+        .await
+        .expect("valid write");
+    let cells = stored(&s).await;
+    assert_eq!(cells.len(), 1);
+    assert_eq!(&cells[0][..4], b"CMK\x01");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_vanishes_mid_pipeline_commits_nothing() {
+    let s = setup().await;
+    let port = s.proxy.port();
+    tokio::task::spawn_blocking(move || {
+        let mut sock = session(port, "app");
+        let mut bytes = parse(INSERT);
+        for i in 0..50 {
+            bytes.extend(bind(&[b"acme", format!("lost-{i}").as_bytes()]));
+            bytes.extend(message(b'E', b"\0\0\0\0\0"));
+        }
+        // No Sync: the implicit transaction is never committed.
+        send(&mut sock, &bytes);
+        std::thread::sleep(Duration::from_millis(200));
+        drop(sock);
+    })
+    .await
+    .expect("raw client");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        stored(&s).await.is_empty(),
+        "the vanished pipeline left no rows"
+    );
+    let app = s.app().await;
+    app.execute(INSERT, &[&"globex", &"after"])
+        .await
+        .expect("served");
+    let read: String = app
+        .query_one("SELECT secret FROM vault", &[])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(read, "after");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restart_under_an_encrypting_proxy_loses_nothing_committed() {
+    let s = setup().await;
+    let app = s.app().await;
+    app.execute(INSERT, &[&"acme", &"before restart"])
+        .await
+        .expect("write");
+    s.pg.stop().expect("stop PostgreSQL");
+    let err = app
+        .query_one("SELECT secret FROM vault", &[])
+        .await
+        .expect_err("server is down");
+    let code = common::sqlstate(&err).unwrap_or_default();
+    assert!(
+        code.is_empty() || code.starts_with("08") || code.starts_with("57"),
+        "{err}"
+    );
+    s.pg.start_again().expect("start PostgreSQL");
+    // New sessions work: keys, registry and catalog survive the restart.
+    let app = s.app().await;
+    let read: String = app
+        .query_one("SELECT secret FROM vault", &[])
+        .await
+        .expect("read after restart")
+        .get(0);
+    assert_eq!(read, "before restart");
+    app.execute(INSERT, &[&"globex", &"after restart"])
+        .await
+        .expect("write after restart");
+    let (direct, conn) = common::connect(&s.pg.admin_url("app")).await;
+    std::mem::forget(conn);
+    let count: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM vault WHERE substring(secret from 1 for 4) = 'CMK\\x01'::bytea",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 2, "both rows, encrypted");
+}

@@ -197,7 +197,7 @@ async fn postgres_restart_under_an_encrypting_proxy_loses_nothing_committed() {
     std::mem::forget(conn);
     let count: i64 = direct
         .query_one(
-            "SELECT count(*) FROM vault WHERE substring(secret from 1 for 4) = 'CMK\\x01'::bytea",
+            "SELECT count(*) FROM vault WHERE substring(secret from 1 for 4) = '\\x434d4b01'::bytea",
             &[],
         )
         .await

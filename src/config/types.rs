@@ -374,6 +374,29 @@ impl DeclaredType {
         }
     }
 
+    /// The declared type with this PostgreSQL type OID, if it is one.
+    pub fn from_oid(oid: u32) -> Option<Self> {
+        use DeclaredType as T;
+        [
+            T::Text,
+            T::Varchar,
+            T::Int2,
+            T::Int4,
+            T::Int8,
+            T::Numeric,
+            T::Float8,
+            T::Bool,
+            T::Date,
+            T::Timestamp,
+            T::Timestamptz,
+            T::Uuid,
+            T::Jsonb,
+            T::Bytea,
+        ]
+        .into_iter()
+        .find(|t| t.oid() == oid)
+    }
+
     /// SQL name of the declared type.
     pub fn sql_name(self) -> &'static str {
         match self {

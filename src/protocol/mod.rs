@@ -57,6 +57,16 @@ pub mod frontend {
     pub const SYNC: u8 = b'S';
     /// Parse (`P`).
     pub const PARSE: u8 = b'P';
+    /// Bind (`B`).
+    pub const BIND: u8 = b'B';
+    /// Describe (`D`).
+    pub const DESCRIBE: u8 = b'D';
+    /// Execute (`E`).
+    pub const EXECUTE: u8 = b'E';
+    /// Close (`C`).
+    pub const CLOSE: u8 = b'C';
+    /// FunctionCall (`F`).
+    pub const FUNCTION_CALL: u8 = b'F';
 }
 
 /// SQLSTATE codes the proxy itself raises.

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
+use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
 
@@ -17,6 +18,7 @@ use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
 use crate::crypto::{self, CellAad};
 use crate::keys::{KeyError, KeyService, WriteKey};
+use crate::protocol::messages::{format_of, Bind};
 use crate::rewrite::{
     self, quote_literal, render_with_literals, Rejection, StatementPlan, TenantSource, ValueSource,
     WritePlan,
@@ -56,6 +58,8 @@ pub struct QueryRewrite {
     pub set_tenant: Option<Option<String>>,
     /// The query changes the schema: refresh the catalog map afterwards.
     pub ddl: bool,
+    /// Audit fingerprint, when the query touches protected tables.
+    pub fingerprint: Option<String>,
 }
 
 /// A cell that cannot be shown to the client.
@@ -170,6 +174,13 @@ impl Encryption {
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
         let needs_rewrite = analysis.needs_rewrite();
+        if analysis
+            .statements
+            .iter()
+            .any(|s| matches!(s, StatementPlan::Read | StatementPlan::Write(_)))
+        {
+            out.fingerprint = Some(rewrite::fingerprint(sql));
+        }
         // The original statements, re-parsed, render the untouched ones.
         let originals = if needs_rewrite {
             sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
@@ -212,6 +223,7 @@ impl Encryption {
         source: &TenantSource,
         plan: &WritePlan,
         session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
     ) -> Result<String, Rejection> {
         let km004 = |message: String| Rejection {
             sqlstate: rewrite::KM004,
@@ -219,35 +231,48 @@ impl Encryption {
             column: Some(plan.tenant_column.clone()),
             message,
         };
-        match source {
-            TenantSource::Literal(t) => match session.tenant {
-                Some(s) if s != t => Err(km004(format!(
-                    "cmk-proxy: row tenant '{t}' of {} disagrees with the session tenant '{s}'",
-                    plan.table
-                ))),
-                _ => Ok(t.clone()),
+        let named = match source {
+            TenantSource::Literal(t) => t.clone(),
+            TenantSource::Session => {
+                return session.tenant.map(str::to_owned).ok_or_else(|| {
+                    km004(format!(
+                        "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
+                        plan.table, plan.tenant_column, self.policy.tenant.session_setting
+                    ))
+                })
+            }
+            TenantSource::Param(n) => match params.text(*n, None) {
+                Ok(Some(t)) if !t.is_empty() => t,
+                Ok(_) => {
+                    return Err(km004(format!(
+                        "cmk-proxy: the tenant of a write to {} (parameter ${n}) is missing or NULL",
+                        plan.table
+                    )))
+                }
+                Err(e) => return Err(km004(format!("cmk-proxy: tenant of a write to {}: {e}", plan.table))),
             },
-            TenantSource::Session => session.tenant.map(str::to_owned).ok_or_else(|| {
-                km004(format!(
-                    "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
-                    plan.table, plan.tenant_column, self.policy.tenant.session_setting
-                ))
-            }),
-            TenantSource::Param(_) => Err(km004(format!(
-                "cmk-proxy: the tenant of a write to {} comes from a parameter, which a simple query cannot have",
+        };
+        match session.tenant {
+            Some(s) if s != named => Err(km004(format!(
+                "cmk-proxy: row tenant '{named}' of {} disagrees with the session tenant '{s}'",
                 plan.table
             ))),
+            _ => Ok(named),
         }
     }
 
-    async fn encrypt_literals(
+    /// Computes the proxy's value of every placeholder of a planned write:
+    /// ciphertext for each protected value, its blind index, the row's EDEK
+    /// and the tenant pin.
+    async fn seal_write(
         &self,
         plan: &WritePlan,
         session: &SessionInfo<'_>,
-    ) -> Result<String, Rejection> {
-        let mut literals: HashMap<usize, String> = HashMap::new();
+        params: &ClientParams<'_>,
+    ) -> Result<HashMap<usize, Slot>, Rejection> {
+        let mut slots: HashMap<usize, Slot> = HashMap::new();
         for row in &plan.rows {
-            let tenant = self.row_tenant(&row.tenant, plan, session)?;
+            let tenant = self.row_tenant(&row.tenant, plan, session, params)?;
             if row.cells.is_empty() {
                 continue;
             }
@@ -269,12 +294,18 @@ impl Encryption {
                 None
             };
             for cell in &row.cells {
-                let ValueSource::Literal(text) = &cell.value else {
-                    return Err(Rejection::unsupported(
-                        &plan.table,
-                        Some(&cell.column),
-                        "a parameter in a simple query",
-                    ));
+                let text = match &cell.value {
+                    ValueSource::Literal(text) => Some(text.clone()),
+                    ValueSource::Param(n) => params
+                        .text(*n, Some(cell.ty))
+                        .map_err(|e| invalid_value(&plan.table, &cell.column, &e))?,
+                };
+                let Some(text) = text else {
+                    slots.insert(cell.target_param, Slot::Null);
+                    if let Some(n) = cell.bidx_param {
+                        slots.insert(n, Slot::Null);
+                    }
+                    continue;
                 };
                 let (ciphertext, bidx) = seal_value(
                     &key,
@@ -286,20 +317,101 @@ impl Encryption {
                     cell.bidx_param.and(index_key.as_deref()),
                 )
                 .map_err(|e| invalid_value(&plan.table, &cell.column, &e))?;
-                literals.insert(cell.target_param, bytea_literal(&ciphertext));
+                slots.insert(cell.target_param, Slot::Bytes(ciphertext));
                 if let (Some(n), Some(index)) = (cell.bidx_param, bidx) {
-                    literals.insert(n, bytea_literal(&index));
+                    slots.insert(n, Slot::Bytes(index));
                 }
             }
             if let Some(n) = row.edek_param {
-                literals.insert(n, quote_literal(&edek_json(&key)));
+                slots.insert(n, Slot::Text(edek_json(&key)));
             }
         }
         if let Some(n) = plan.tenant_pin_param {
             let tenant = session.tenant.unwrap_or_default();
-            literals.insert(n, quote_literal(tenant));
+            slots.insert(n, Slot::Text(tenant.to_owned()));
         }
+        Ok(slots)
+    }
+
+    async fn encrypt_literals(
+        &self,
+        plan: &WritePlan,
+        session: &SessionInfo<'_>,
+    ) -> Result<String, Rejection> {
+        let slots = self.seal_write(plan, session, &ClientParams::None).await?;
+        let literals: HashMap<usize, String> = slots
+            .into_iter()
+            .map(|(n, slot)| {
+                let literal = match slot {
+                    Slot::Bytes(bytes) => bytea_literal(&bytes),
+                    Slot::Text(text) => quote_literal(&text),
+                    Slot::Null => "NULL".to_owned(),
+                };
+                (n, literal)
+            })
+            .collect();
         Ok(render_with_literals(&plan.statement, &literals))
+    }
+
+    /// Encrypts the protected values of a Bind for a planned write: returns
+    /// the Bind that reaches PostgreSQL (ciphertext in binary format, the
+    /// proxy's own parameters appended).
+    pub async fn encrypt_bind(
+        &self,
+        bind: &Bind<'_>,
+        plan: &WritePlan,
+        client_params: usize,
+        declared: &[u32],
+        session: &SessionInfo<'_>,
+    ) -> Result<BytesMut, Rejection> {
+        if bind.params.len() != client_params {
+            return Err(Rejection {
+                sqlstate: "08P01",
+                table: Some(plan.table.clone()),
+                column: None,
+                message: format!(
+                    "bind message supplies {} parameters, but prepared statement requires {client_params}",
+                    bind.params.len()
+                ),
+            });
+        }
+        let params = ClientParams::Bind { bind, declared };
+        let slots = self.seal_write(plan, session, &params).await?;
+        let total = client_params + plan.extra_params;
+        let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(total);
+        let mut formats: Vec<i16> = Vec::with_capacity(total);
+        for n in 1..=total {
+            match slots.get(&n) {
+                Some(Slot::Bytes(bytes)) => {
+                    values.push(Some(bytes));
+                    formats.push(1);
+                }
+                Some(Slot::Text(text)) => {
+                    values.push(Some(text.as_bytes()));
+                    formats.push(0);
+                }
+                Some(Slot::Null) => {
+                    values.push(None);
+                    formats.push(0);
+                }
+                None => {
+                    values.push(bind.params.get(n - 1).copied().flatten());
+                    formats.push(format_of(&bind.param_formats, n - 1));
+                }
+            }
+        }
+        let mut out = BytesMut::with_capacity(
+            128 + values.iter().flatten().map(|v| v.len() + 4).sum::<usize>(),
+        );
+        Bind {
+            portal: bind.portal,
+            statement: bind.statement,
+            param_formats: formats,
+            params: values,
+            result_formats: bind.result_formats.clone(),
+        }
+        .encode(&mut out);
+        Ok(out)
     }
 
     /// Opens one protected cell and returns its canonical plaintext.
@@ -387,6 +499,68 @@ impl Encryption {
         };
         self.dek_tenants.insert(dek_id, record.tenant_id.clone());
         Ok(Some(record.tenant_id))
+    }
+}
+
+/// The proxy's value for one placeholder of a planned write.
+enum Slot {
+    /// bytea (ciphertext, blind index): sent in binary.
+    Bytes(Vec<u8>),
+    /// Text (EDEK JSON, tenant).
+    Text(String),
+    /// SQL NULL.
+    Null,
+}
+
+/// The client's parameter values of a write: none (simple query) or a Bind.
+enum ClientParams<'a> {
+    None,
+    Bind {
+        bind: &'a Bind<'a>,
+        declared: &'a [u32],
+    },
+}
+
+impl ClientParams<'_> {
+    /// The text form of parameter `$n` (1-based); `None` for NULL. A binary
+    /// value is read as the type the client declared for it, else as `ty`
+    /// (the type the client was shown), else as text.
+    fn text(
+        &self,
+        n: usize,
+        ty: Option<DeclaredType>,
+    ) -> Result<Option<String>, values::ValueError> {
+        let not_bound = values::ValueError {
+            ty: ty.map_or("text", DeclaredType::sql_name),
+            reason: "a parameter that was not bound",
+        };
+        let ClientParams::Bind { bind, declared } = self else {
+            return Err(not_bound);
+        };
+        let index = n.checked_sub(1).ok_or(not_bound.clone())?;
+        let Some(value) = bind.params.get(index).ok_or(not_bound)? else {
+            return Ok(None);
+        };
+        if format_of(&bind.param_formats, index) == 0 {
+            return std::str::from_utf8(value)
+                .map(|t| Some(t.to_owned()))
+                .map_err(|_| values::ValueError {
+                    ty: ty.map_or("text", DeclaredType::sql_name),
+                    reason: "not valid UTF-8",
+                });
+        }
+        let declared_oid = declared.get(index).copied().unwrap_or(0);
+        let wire_type =
+            match DeclaredType::from_oid(declared_oid) {
+                Some(t) => t,
+                None if declared_oid == 0 => ty.unwrap_or(DeclaredType::Text),
+                None => return Err(values::ValueError {
+                    ty: ty.map_or("text", DeclaredType::sql_name),
+                    reason:
+                        "a binary parameter of a type cmk-proxy cannot convert (send it as text)",
+                }),
+            };
+        values::from_binary(wire_type, value).map(Some)
     }
 }
 

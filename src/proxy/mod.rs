@@ -5,7 +5,9 @@
 pub mod admin;
 mod auth;
 pub mod encryption;
+mod pending;
 mod relay;
+mod responses;
 mod results;
 pub mod scram;
 mod server;

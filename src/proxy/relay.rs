@@ -33,6 +33,8 @@ pub enum Verdict {
     Forward,
     /// Forward these bytes instead of the frame.
     Replace(BytesMut),
+    /// Forward nothing for this frame.
+    Drop,
     /// Hand the frame to the caller (it needs async work); forwarding
     /// stops after the bytes before it.
     Hold,
@@ -40,9 +42,11 @@ pub enum Verdict {
 
 /// Decides which frames a direction looks at, and looks at them.
 pub trait Inspector {
-    /// How much of a frame with this tag must be seen.
+    /// How much of a frame with this tag must be seen. May be asked more
+    /// than once for the same frame (while it is incomplete): no side effects.
     fn interest(&mut self, tag: u8) -> Interest;
-    /// Called for every frame header, before the frame is forwarded.
+    /// Called exactly once for every frame, before it is forwarded (for
+    /// `Observe` and `Rewrite`: once it is complete, just before `on_frame`).
     fn on_header(&mut self, header: FrameHeader);
     /// Called with the complete frame for `Observe` and `Rewrite` interest.
     fn on_frame(&mut self, header: FrameHeader, frame: &[u8]) -> Verdict;
@@ -157,10 +161,10 @@ impl Pump {
                 }
             };
             let interest = inspector.interest(header.tag);
-            inspector.on_header(header);
             let available = self.buf.len() - ready;
             match interest {
                 Interest::Header => {
+                    inspector.on_header(header);
                     let take = header.frame_len().min(available);
                     ready += take;
                     self.pending = header.frame_len() - take;
@@ -168,12 +172,15 @@ impl Pump {
                 Interest::Observe | Interest::Rewrite => {
                     if available < header.frame_len() {
                         // Make sure the whole frame fits before reading on.
+                        // The inspector sees this header again, once, when
+                        // the frame is complete.
                         let need = ready + header.frame_len();
                         if self.buf.capacity() < need {
                             self.buf.reserve(need - self.buf.len());
                         }
                         break;
                     }
+                    inspector.on_header(header);
                     let frame = &self.buf[ready..ready + header.frame_len()];
                     match inspector.on_frame(header, frame) {
                         Verdict::Forward => ready += header.frame_len(),
@@ -181,6 +188,11 @@ impl Pump {
                             self.flush_ready(dst, ready).await?;
                             ready = 0;
                             self.write(dst, &bytes).await?;
+                            self.buf.advance(header.frame_len());
+                        }
+                        Verdict::Drop => {
+                            self.flush_ready(dst, ready).await?;
+                            ready = 0;
                             self.buf.advance(header.frame_len());
                         }
                         Verdict::Hold => {

@@ -7,17 +7,14 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
-use std::sync::atomic::Ordering;
-
-use super::encryption::{CellFailure, DecryptBatch, Encryption, SessionInfo};
-use super::state::SessionState;
+use super::encryption::{CellFailure, DecryptBatch, Encryption};
 use crate::catalog::{CatalogMap, ColumnRole};
 use crate::config::{DeclaredType, Policy};
 use crate::protocol::messages::{
-    decode_data_row, decode_row_description, encode_data_row, encode_row_description, Field,
-    Malformed,
+    decode_data_row, decode_row_description, encode_data_row, encode_row_description, format_of,
+    Field, Malformed,
 };
-use crate::protocol::{backend, ErrorResponse, HEADER_LEN};
+use crate::protocol::{ErrorResponse, HEADER_LEN};
 use crate::values;
 
 /// A protected column of the current result set.
@@ -37,7 +34,9 @@ pub struct ResultPlan {
     /// Unmapped bytea fields (index, binary, name): a cell there that is an
     /// envelope reached the result through a view, function or expression.
     watched: Vec<(usize, bool, String)>,
-    /// Whether the last row failed: the rest of the result is dropped.
+    /// The columns are unknown: every cell is watched, in both formats.
+    watch_all: bool,
+    /// Whether a row failed: the rest of the result is dropped.
     pub failed: bool,
     batch: DecryptBatch,
     column_names: Vec<String>,
@@ -68,18 +67,53 @@ fn type_size(ty: DeclaredType) -> i16 {
     }
 }
 
-/// Plans a RowDescription. `None`: no protected column, forward unchanged.
+/// Plans a RowDescription frame: the plan and the frame the client sees.
+/// `None`: no protected column, forward unchanged.
 pub fn plan_row_description(
     frame: &[u8],
     catalog: &CatalogMap,
     policy: &Policy,
-    fingerprint: String,
+    fingerprint: &Arc<str>,
 ) -> Result<Option<(ResultPlan, BytesMut)>, Malformed> {
     let fields = decode_row_description(&frame[HEADER_LEN..])?;
+    Ok(
+        plan_fields(&fields, catalog, policy, fingerprint).map(|(plan, shown)| {
+            let mut out = BytesMut::with_capacity(frame.len());
+            encode_row_description(&shown, &mut out);
+            (plan, out)
+        }),
+    )
+}
+
+/// Plans the rows of an execution from the RowDescription of its statement
+/// (which the server sends with text formats) and the result formats of its
+/// Bind. `None`: nothing to decrypt or watch.
+pub fn plan_execution(
+    row_description: &[u8],
+    result_formats: &[i16],
+    catalog: &CatalogMap,
+    policy: &Policy,
+    fingerprint: &Arc<str>,
+) -> Result<Option<ResultPlan>, Malformed> {
+    let mut fields = decode_row_description(&row_description[HEADER_LEN..])?;
+    for (i, field) in fields.iter_mut().enumerate() {
+        field.format = format_of(result_formats, i);
+    }
+    Ok(plan_fields(&fields, catalog, policy, fingerprint).map(|(plan, _)| plan))
+}
+
+/// Plans result fields: which to decrypt, hide or watch, and the fields as
+/// the client sees them. `None`: no protected column, nothing to watch.
+fn plan_fields<'f>(
+    fields: &[Field<'f>],
+    catalog: &CatalogMap,
+    policy: &Policy,
+    fingerprint: &Arc<str>,
+) -> Option<(ResultPlan, Vec<Field<'f>>)> {
     let mut columns = Vec::new();
     let mut hidden = Vec::new();
     let mut watched = Vec::new();
-    let mut out_fields: Vec<Field<'_>> = Vec::with_capacity(fields.len());
+    let mut shown: Vec<Field<'f>> = Vec::with_capacity(fields.len());
     for (index, field) in fields.iter().enumerate() {
         match catalog.lookup(field.table_oid, field.column) {
             Some(col) => match col.role {
@@ -91,7 +125,7 @@ pub fn plan_row_description(
                         ty,
                         binary: field.format == 1,
                     });
-                    out_fields.push(Field {
+                    shown.push(Field {
                         type_oid: ty.oid(),
                         type_size: type_size(ty),
                         type_modifier: -1,
@@ -103,36 +137,54 @@ pub fn plan_row_description(
                 {
                     hidden.push(index);
                 }
-                _ => out_fields.push(field.clone()),
+                _ => shown.push(field.clone()),
             },
             None => {
                 if field.type_oid == BYTEA_OID {
                     watched.push((index, field.format == 1, field.name.to_owned()));
                 }
-                out_fields.push(field.clone())
+                shown.push(field.clone())
             }
         }
     }
     if columns.is_empty() && hidden.is_empty() && watched.is_empty() {
-        return Ok(None);
+        return None;
     }
-    let mut out = BytesMut::with_capacity(frame.len());
-    encode_row_description(&out_fields, &mut out);
     let column_names = columns.iter().map(|c| c.column.to_string()).collect();
-    Ok(Some((
+    Some((
         ResultPlan {
             columns,
             hidden,
             watched,
+            watch_all: false,
             failed: false,
             batch: DecryptBatch {
-                fingerprint,
+                fingerprint: fingerprint.to_string(),
                 ..DecryptBatch::default()
             },
             column_names,
         },
-        out,
-    )))
+        shown,
+    ))
+}
+
+impl ResultPlan {
+    /// Rows whose columns are unknown (no Describe was answered): nothing
+    /// can be decrypted, and any cell that is an envelope is refused.
+    pub fn unknown_shape(fingerprint: &Arc<str>) -> Self {
+        Self {
+            columns: Vec::new(),
+            hidden: Vec::new(),
+            watched: Vec::new(),
+            watch_all: true,
+            failed: false,
+            batch: DecryptBatch {
+                fingerprint: fingerprint.to_string(),
+                ..DecryptBatch::default()
+            },
+            column_names: Vec::new(),
+        }
+    }
 }
 
 impl ResultPlan {
@@ -148,17 +200,26 @@ impl ResultPlan {
             Ok(cells) => cells,
             Err(e) => return Err(self.fail("08P01", &format!("cmk-proxy: {e} from the server"))),
         };
-        for (index, binary, name) in &self.watched {
-            if let Some(Some(raw)) = cells.get(*index) {
-                if looks_like_envelope(raw, *binary) {
-                    return Err(self.fail(
-                        "KM003",
-                        &format!(
-                            "cmk-proxy: result column \"{name}\" carries protected (encrypted) data through a view, function or expression, which is not supported: select the protected column from its table"
-                        ),
-                    ));
-                }
-            }
+        let leaked = self
+            .watched
+            .iter()
+            .find(|(index, binary, _)| {
+                matches!(cells.get(*index), Some(Some(raw)) if looks_like_envelope(raw, *binary))
+            })
+            .map(|(_, _, name)| format!("result column \"{name}\""))
+            .or_else(|| {
+                let any = cells.iter().flatten().any(|raw| {
+                    looks_like_envelope(raw, true) || looks_like_envelope(raw, false)
+                });
+                (self.watch_all && any).then(|| "a result column".to_owned())
+            });
+        if let Some(what) = leaked {
+            return Err(self.fail(
+                "KM003",
+                &format!(
+                    "cmk-proxy: {what} carries protected (encrypted) data through a view, function or expression, which is not supported: select the protected column from its table"
+                ),
+            ));
         }
         let mut opened: Vec<Option<Vec<u8>>> = vec![None; cells.len()];
         let mut row_tenant: Option<(String, Arc<str>)> = None;
@@ -241,133 +302,5 @@ impl ResultPlan {
     /// The audit counts of this result.
     pub fn take_batch(&mut self) -> DecryptBatch {
         std::mem::take(&mut self.batch)
-    }
-}
-
-/// The result-side state of a session: the plan of the result set being
-/// relayed, if it has protected columns.
-#[derive(Default)]
-pub struct ResultState {
-    plan: Option<ResultPlan>,
-    /// A result failed: at the next ReadyForQuery inside a transaction, the
-    /// transaction is poisoned (SQLSTATE, message).
-    failure: Option<(&'static str, String)>,
-}
-
-impl ResultState {
-    /// True while a result set with protected columns is being relayed.
-    pub fn active(&self) -> bool {
-        self.plan.is_some()
-    }
-
-    /// True when the next ReadyForQuery must come through `server_message`.
-    pub fn wants_ready(&self) -> bool {
-        self.failure.is_some()
-    }
-
-    /// Handles a held server message; returns the bytes to send the client
-    /// (empty to send nothing).
-    pub async fn server_message(
-        &mut self,
-        frame: &[u8],
-        encryption: &Encryption,
-        state: &SessionState,
-    ) -> BytesMut {
-        if state.swallowing() {
-            // The response to an injected statement: never shown.
-            if frame.first() == Some(&backend::READY_FOR_QUERY) {
-                state.swallow.fetch_sub(1, Ordering::AcqRel);
-            }
-            return BytesMut::new();
-        }
-        match frame.first().copied() {
-            Some(backend::ROW_DESCRIPTION) => {
-                self.plan = None;
-                let catalog = encryption.catalog();
-                match plan_row_description(frame, &catalog, encryption.policy(), String::new()) {
-                    Ok(Some((plan, out))) => {
-                        self.plan = Some(plan);
-                        out
-                    }
-                    Ok(None) => BytesMut::from(frame),
-                    Err(e) => {
-                        ErrorResponse::error("08P01", &format!("cmk-proxy: {e} from the server"))
-                            .to_bytes()
-                    }
-                }
-            }
-            Some(backend::DATA_ROW) => {
-                let Some(plan) = self.plan.as_mut() else {
-                    return BytesMut::from(frame);
-                };
-                if plan.failed {
-                    return BytesMut::new();
-                }
-                let tenant = state.tenant();
-                match plan.decrypt_row(frame, encryption, tenant.as_deref()).await {
-                    Ok(out) => out,
-                    Err((code, message, out)) => {
-                        self.failure = Some((code, message));
-                        out
-                    }
-                }
-            }
-            Some(backend::COMMAND_COMPLETE) => match self.plan.take() {
-                Some(plan) if plan.failed => BytesMut::new(),
-                Some(mut plan) => {
-                    let info = SessionInfo {
-                        tenant: None,
-                        user: &state.user,
-                        client_addr: &state.client_addr,
-                    };
-                    encryption.audit_decrypt(plan.take_batch(), &info);
-                    BytesMut::from(frame)
-                }
-                None => BytesMut::from(frame),
-            },
-            Some(backend::ERROR_RESPONSE) => {
-                self.plan = None;
-                let answered = state.answered.load(Ordering::Acquire);
-                let swap = state.error_swaps.lock().ok().and_then(|mut swaps| {
-                    while swaps.front().is_some_and(|(cycle, _, _)| *cycle < answered) {
-                        swaps.pop_front();
-                    }
-                    if swaps
-                        .front()
-                        .is_some_and(|(cycle, _, _)| *cycle == answered)
-                    {
-                        swaps.pop_front()
-                    } else {
-                        None
-                    }
-                });
-                match swap {
-                    Some((_, code, message)) => ErrorResponse::error(code, &message).to_bytes(),
-                    None => BytesMut::from(frame),
-                }
-            }
-            Some(backend::READY_FOR_QUERY) => {
-                self.plan = None;
-                if state.refresh_catalog.swap(false, Ordering::AcqRel) {
-                    encryption.refresh_catalog().await;
-                }
-                let mut out = BytesMut::from(frame);
-                if let Some((code, message)) = self.failure.take() {
-                    if out.last() == Some(&b'T') {
-                        // The client was told its statement failed: from its
-                        // point of view the transaction is aborted, and the
-                        // server's will be before anything else runs.
-                        if let Ok(mut poison) = state.poison.lock() {
-                            *poison = Some((code, message));
-                        }
-                        if let Some(status) = out.last_mut() {
-                            *status = b'E';
-                        }
-                    }
-                }
-                out
-            }
-            _ => BytesMut::from(frame),
-        }
     }
 }

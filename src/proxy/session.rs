@@ -2,9 +2,8 @@
 //! requests), the upstream connection, and the two relay directions. This is
 //! the only place that knows the order of protocol phases.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -15,10 +14,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{self, AuthOutcome};
 use super::encryption::Encryption;
+use super::pending::{Expected, PendingQueue};
 use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
-use super::results::ResultState;
+use super::responses::{ResponseTracker, Step};
 use super::state::SessionState;
-use super::statements;
+use super::statements::{self, ClientStatements, ClientStep};
 use super::stream::send;
 use super::stream::Stream;
 use super::ServerContext;
@@ -232,12 +232,9 @@ async fn run_session(
         tx_status: AtomicU8::new(b'I'),
         cancel_packet: Mutex::new(None),
         terminated: AtomicBool::new(false),
-        client_cycles: AtomicU64::new(1),
-        answered: AtomicU64::new(0),
         poison: Mutex::new(None),
-        swallow: AtomicU32::new(0),
         tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
-        error_swaps: Mutex::new(VecDeque::new()),
+        pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
         user: params.user.clone(),
         client_addr: peer.to_string(),
@@ -316,36 +313,91 @@ async fn run_session(
     }
 }
 
-/// Counts request cycles and notices Terminate; with a policy, holds the
-/// statements (Query, Parse) that may touch protected columns.
+/// Counts request cycles and notices Terminate; with a policy, plans and
+/// records every request (see `statements`) and holds the ones that need
+/// keys.
 struct ClientInspector<'a> {
     state: &'a SessionState,
-    encrypting: bool,
+    encryption: Option<&'a Encryption>,
+    statements: ClientStatements,
+    /// The held frame was held only because the session is poisoned: it is
+    /// handled after the poison query.
+    deferred: bool,
+}
+
+impl ClientInspector<'_> {
+    /// The request records of messages relayed on their header alone.
+    fn record_header(&self, tag: u8) {
+        match tag {
+            frontend::SYNC => self.state.pending.push(Expected::Sync),
+            frontend::FUNCTION_CALL => self.state.pending.push(Expected::Query {
+                swallow: false,
+                fingerprint: std::sync::Arc::from(""),
+            }),
+            _ => {}
+        }
+    }
+
+    /// Handles a frame that was deferred behind the poison query.
+    fn handle_deferred(&mut self, frame: &[u8], encryption: &Encryption) -> ClientStep {
+        let tag = frame.first().copied().unwrap_or_default();
+        match tag {
+            frontend::QUERY
+            | frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE => self.statements.on_frame(frame, encryption, self.state),
+            _ => {
+                self.record_header(tag);
+                ClientStep::Forward
+            }
+        }
+    }
 }
 
 impl Inspector for ClientInspector<'_> {
     fn interest(&mut self, tag: u8) -> Interest {
         match tag {
             frontend::TERMINATE => Interest::Header,
-            _ if self.encrypting && self.state.is_poisoned() => Interest::Rewrite,
-            frontend::QUERY | frontend::PARSE if self.encrypting => Interest::Rewrite,
+            _ if self.encryption.is_none() => Interest::Header,
+            _ if self.state.is_poisoned() => Interest::Rewrite,
+            frontend::QUERY
+            | frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE => Interest::Rewrite,
             _ => Interest::Header,
         }
     }
 
     fn on_header(&mut self, header: FrameHeader) {
         match header.tag {
-            frontend::QUERY | frontend::SYNC | b'F' => {
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => {
                 self.state.open_cycles.fetch_add(1, Ordering::AcqRel);
-                self.state.client_cycles.fetch_add(1, Ordering::AcqRel);
             }
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
             _ => {}
         }
+        if self.encryption.is_some() && !self.state.is_poisoned() {
+            self.record_header(header.tag);
+        }
     }
 
-    fn on_frame(&mut self, _header: FrameHeader, _frame: &[u8]) -> Verdict {
-        Verdict::Hold
+    fn on_frame(&mut self, _header: FrameHeader, frame: &[u8]) -> Verdict {
+        let Some(encryption) = self.encryption else {
+            return Verdict::Forward;
+        };
+        if self.state.is_poisoned() {
+            self.deferred = true;
+            return Verdict::Hold;
+        }
+        match self.statements.on_frame(frame, encryption, self.state) {
+            ClientStep::Forward => Verdict::Forward,
+            ClientStep::Replace(bytes) => Verdict::Replace(bytes),
+            ClientStep::Async => Verdict::Hold,
+        }
     }
 }
 
@@ -364,7 +416,9 @@ where
     let mut pump = Pump::new(pending, limit);
     let mut inspector = ClientInspector {
         state,
-        encrypting: encryption.is_some(),
+        encryption,
+        statements: ClientStatements::default(),
+        deferred: false,
     };
     let mut held = match pump.forward(server, &mut inspector).await {
         Ok(held) => held,
@@ -373,14 +427,24 @@ where
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
-                if let Some(fail) = statements::poison_query(state) {
-                    if let Err(e) = send(server, &fail).await {
-                        return SessionEnd::UpstreamError(e.to_string());
+                let step = if std::mem::take(&mut inspector.deferred) {
+                    if let Some(fail) = statements::poison_query(state) {
+                        if let Err(e) = send(server, &fail).await {
+                            return SessionEnd::UpstreamError(e.to_string());
+                        }
                     }
-                }
-                let replacement =
-                    Box::pin(statements::client_statement(&frame, encryption, state)).await;
-                if let Err(e) = send(server, replacement.as_deref().unwrap_or(&frame)).await {
+                    inspector.handle_deferred(&frame, encryption)
+                } else {
+                    ClientStep::Async
+                };
+                let out = match step {
+                    ClientStep::Forward => None,
+                    ClientStep::Replace(bytes) => Some(bytes),
+                    ClientStep::Async => {
+                        Some(Box::pin(inspector.statements.finish(&frame, encryption, state)).await)
+                    }
+                };
+                if let Err(e) = send(server, out.as_deref().unwrap_or(&frame)).await {
                     return SessionEnd::UpstreamError(e.to_string());
                 }
             }
@@ -439,39 +503,51 @@ fn client_end(end: PumpEnd) -> SessionEnd {
 }
 
 /// Tracks ReadyForQuery and BackendKeyData, strips channel binding from the
-/// SASL offer; with a policy, holds result messages for decryption.
+/// SASL offer; with a policy, matches every response with its request (see
+/// `responses`) and holds the rows to decrypt.
 struct ServerInspector<'a> {
     state: &'a SessionState,
     last_fatal: bool,
-    encrypting: bool,
-    /// A result set with protected columns is being relayed.
-    in_result: bool,
-    /// The next ReadyForQuery must be seen by the result state.
-    hold_ready: bool,
+    encryption: Option<&'a Encryption>,
+    tracker: ResponseTracker,
+    /// The interest last returned: header-only frames are tracked in
+    /// `on_header`, the others in `on_frame`.
+    last_interest: Interest,
+}
+
+impl ServerInspector<'_> {
+    fn verdict(step: Step) -> Verdict {
+        match step {
+            Step::Forward => Verdict::Forward,
+            Step::Replace(bytes) => Verdict::Replace(bytes),
+            Step::Drop => Verdict::Drop,
+            Step::Decrypt | Step::Ready => Verdict::Hold,
+        }
+    }
 }
 
 impl Inspector for ServerInspector<'_> {
     fn interest(&mut self, tag: u8) -> Interest {
-        match tag {
-            _ if self.state.swallowing() => Interest::Rewrite,
-            backend::AUTHENTICATION => Interest::Rewrite,
-            backend::ROW_DESCRIPTION | backend::ERROR_RESPONSE if self.encrypting => {
-                Interest::Rewrite
-            }
-            backend::DATA_ROW | backend::COMMAND_COMPLETE if self.in_result => Interest::Rewrite,
-            backend::READY_FOR_QUERY
-                if self.hold_ready || self.state.refresh_catalog.load(Ordering::Acquire) =>
-            {
-                Interest::Rewrite
-            }
-            backend::READY_FOR_QUERY | backend::BACKEND_KEY_DATA | backend::ERROR_RESPONSE => {
-                Interest::Observe
-            }
+        let interest = match (tag, self.encryption) {
+            (backend::AUTHENTICATION, _) => Interest::Rewrite,
+            (backend::BACKEND_KEY_DATA, _) => Interest::Observe,
+            (_, Some(encryption)) => self.tracker.interest(tag, self.state, encryption),
+            (backend::READY_FOR_QUERY | backend::ERROR_RESPONSE, None) => Interest::Observe,
             _ => Interest::Header,
-        }
+        };
+        self.last_interest = interest;
+        interest
     }
 
-    fn on_header(&mut self, _header: FrameHeader) {}
+    fn on_header(&mut self, header: FrameHeader) {
+        if let Some(encryption) = self.encryption {
+            if self.last_interest == Interest::Header {
+                let _ = self
+                    .tracker
+                    .on_message(header.tag, None, self.state, encryption);
+            }
+        }
+    }
 
     fn on_frame(&mut self, header: FrameHeader, frame: &[u8]) -> Verdict {
         let body = &frame[crate::protocol::HEADER_LEN..];
@@ -481,28 +557,25 @@ impl Inspector for ServerInspector<'_> {
                     debug!("removed SCRAM-SHA-256-PLUS from the SASL offer");
                     return Verdict::Replace(rewritten);
                 }
+                return Verdict::Forward;
             }
-            backend::ROW_DESCRIPTION | backend::DATA_ROW | backend::COMMAND_COMPLETE => {
-                return Verdict::Hold;
+            backend::BACKEND_KEY_DATA => {
+                if body.len() >= 8 {
+                    let mut packet = [0u8; 16];
+                    packet[..4].copy_from_slice(&16u32.to_be_bytes());
+                    packet[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+                    packet[8..16].copy_from_slice(&body[..8]);
+                    if let Ok(mut slot) = self.state.cancel_packet.lock() {
+                        *slot = Some(packet);
+                    }
+                }
+                return Verdict::Forward;
             }
             backend::READY_FOR_QUERY => {
                 if let Some(status) = body.first() {
                     self.state.tx_status.store(*status, Ordering::Release);
                 }
                 self.state.open_cycles.fetch_sub(1, Ordering::AcqRel);
-                self.state.answered.fetch_add(1, Ordering::AcqRel);
-                if self.hold_ready || self.state.refresh_catalog.load(Ordering::Acquire) {
-                    return Verdict::Hold;
-                }
-            }
-            backend::BACKEND_KEY_DATA if body.len() >= 8 => {
-                let mut packet = [0u8; 16];
-                packet[..4].copy_from_slice(&16u32.to_be_bytes());
-                packet[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-                packet[8..16].copy_from_slice(&body[..8]);
-                if let Ok(mut slot) = self.state.cancel_packet.lock() {
-                    *slot = Some(packet);
-                }
             }
             backend::ERROR_RESPONSE => {
                 self.last_fatal = matches!(
@@ -510,16 +583,18 @@ impl Inspector for ServerInspector<'_> {
                         .or(crate::protocol::error_field(body, b'S')),
                     Some("FATAL") | Some("PANIC")
                 );
-                if self.encrypting {
-                    return Verdict::Hold;
-                }
             }
             _ => {}
         }
-        if self.state.swallowing() {
-            return Verdict::Hold;
+        match self.encryption {
+            Some(encryption) => Self::verdict(self.tracker.on_message(
+                header.tag,
+                Some(frame),
+                self.state,
+                encryption,
+            )),
+            None => Verdict::Forward,
         }
-        Verdict::Forward
     }
 }
 
@@ -539,11 +614,10 @@ where
     let mut inspector = ServerInspector {
         state,
         last_fatal: false,
-        encrypting: encryption.is_some(),
-        in_result: false,
-        hold_ready: false,
+        encryption,
+        tracker: ResponseTracker::default(),
+        last_interest: Interest::Header,
     };
-    let mut results = ResultState::default();
     // Bytes read during the authentication phase go first.
     let mut held = match pump.forward(client, &mut inspector).await {
         Ok(held) => held,
@@ -557,9 +631,12 @@ where
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
-                let out = Box::pin(results.server_message(&frame, encryption, state)).await;
-                inspector.in_result = results.active();
-                inspector.hold_ready = results.wants_ready();
+                let tracker = &mut inspector.tracker;
+                let out = if frame.first() == Some(&backend::READY_FOR_QUERY) {
+                    Box::pin(tracker.ready(&frame, encryption, state)).await
+                } else {
+                    Box::pin(tracker.decrypt(&frame, encryption, state)).await
+                };
                 if !out.is_empty() {
                     if let Err(e) = pump.write(client, &out).await {
                         return SessionEnd::ClientError(format!("{e:?}"));

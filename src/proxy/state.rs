@@ -1,8 +1,9 @@
 //! State shared by the two directions of one session.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
+
+use super::pending::PendingQueue;
 
 /// State shared by the two directions of a session.
 pub(crate) struct SessionState {
@@ -15,22 +16,15 @@ pub(crate) struct SessionState {
     pub(crate) cancel_packet: Mutex<Option<[u8; 16]>>,
     /// The client sent Terminate.
     pub(crate) terminated: AtomicBool,
-    /// Request cycles the client has started ended (startup, then each
-    /// Query, Sync and FunctionCall).
-    pub(crate) client_cycles: AtomicU64,
-    /// ReadyForQuery messages the server has sent.
-    pub(crate) answered: AtomicU64,
     /// The session's tenant (startup options, user map, SET).
     pub(crate) tenant: Mutex<Option<String>>,
-    /// ErrorResponses to replace: (cycle, SQLSTATE, message).
-    pub(crate) error_swaps: Mutex<VecDeque<(u64, &'static str, String)>>,
+    /// With a policy: the responses the server owes, in order.
+    pub(crate) pending: PendingQueue,
     /// A DDL statement went by: reload the catalog at the next ReadyForQuery.
     pub(crate) refresh_catalog: AtomicBool,
     /// A read failed inside a transaction: before the client's next message
     /// the server transaction is made to fail too (SQLSTATE, message).
     pub(crate) poison: Mutex<Option<(&'static str, String)>>,
-    /// Injected request cycles whose responses the client must not see.
-    pub(crate) swallow: AtomicU32,
     /// Database user and client address, for audit events.
     pub(crate) user: String,
     pub(crate) client_addr: String,
@@ -43,10 +37,6 @@ impl SessionState {
 
     pub(crate) fn is_poisoned(&self) -> bool {
         self.poison.lock().map(|p| p.is_some()).unwrap_or(false)
-    }
-
-    pub(crate) fn swallowing(&self) -> bool {
-        self.swallow.load(Ordering::Acquire) > 0
     }
 
     pub(crate) fn is_idle(&self) -> bool {

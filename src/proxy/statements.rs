@@ -1,17 +1,34 @@
-//! Client statements on their way to PostgreSQL when a policy is active:
-//! simple queries are planned and their protected values encrypted; a
-//! refused statement is replaced by one that makes the server raise the
-//! refusal itself, so the transaction state of client and server agree.
+//! Client messages on their way to PostgreSQL when a policy is active.
+//! Simple queries are planned and their protected values encrypted; in the
+//! extended protocol, Parse is planned once (protected parameters become
+//! bytea, the proxy's own parameters are added), every Bind of a write is
+//! encrypted, and every request is recorded in the session's
+//! [`PendingQueue`](super::pending::PendingQueue) so the server direction
+//! knows what each response answers. A refused statement is replaced by one
+//! that makes the server fail too, so client and server agree on the
+//! transaction state.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 
 use super::encryption::{rejection_query, Encryption, SessionInfo};
+use super::pending::{Expected, Portal, PreparedStatement, Refusal, StatementKind};
 use super::state::SessionState;
-use crate::protocol::messages::Parse;
+use crate::protocol::messages::{Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
-use crate::rewrite::{self, Rejection, StatementPlan};
+use crate::rewrite::{self, Rejection, StatementPlan, ValueSource};
+
+/// bytea: the type protected parameters are given towards PostgreSQL.
+const BYTEA_OID: u32 = 17;
+/// jsonb: the type of the EDEK parameter.
+const JSONB_OID: u32 = 3802;
+/// A statement name no client uses: a Bind to it fails at the server.
+const REFUSED_STATEMENT: &str = "cmk-proxy: refused";
+/// SQL that fails to parse at the server, for a refused Parse.
+const REFUSED_SQL: &str = "cmk-proxy refused this statement";
 
 /// Builds a Query message.
 fn query_message(sql: &str) -> BytesMut {
@@ -28,6 +45,16 @@ fn cstr(body: &[u8]) -> Option<&str> {
     std::str::from_utf8(&body[..end]).ok()
 }
 
+/// Describe and Close bodies: a kind byte (`S` or `P`) and a name.
+fn target(body: &[u8]) -> Option<(u8, &str)> {
+    let (kind, rest) = body.split_first()?;
+    Some((*kind, cstr(rest)?))
+}
+
+fn session_info(state: &SessionState) -> (Option<String>, &str, &str) {
+    (state.tenant(), &state.user, &state.client_addr)
+}
+
 /// If a read failed inside the client's transaction, the query that makes
 /// the server transaction fail too; its response is swallowed, so the
 /// client's next statement meets an aborted transaction (and COMMIT rolls
@@ -41,97 +68,398 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         message,
     };
     state.open_cycles.fetch_add(1, Ordering::AcqRel);
-    state.client_cycles.fetch_add(1, Ordering::AcqRel);
-    state.swallow.fetch_add(1, Ordering::AcqRel);
+    state.pending.push(Expected::Query {
+        swallow: true,
+        fingerprint: Arc::from(""),
+    });
     Some(query_message(&rejection_query(&rejection)))
 }
 
-/// Returns the bytes to send instead of `frame`, or `None` to send it as is.
-pub async fn client_statement(
-    frame: &[u8],
+/// What to do with a client message after its synchronous handling.
+pub enum ClientStep {
+    /// Send it unchanged.
+    Forward,
+    /// Send these bytes instead.
+    Replace(BytesMut),
+    /// It needs keys: hand it to [`ClientStatements::finish`].
+    Async,
+}
+
+/// The prepared statements and portals of one session, as the proxy knows
+/// them.
+#[derive(Default)]
+pub struct ClientStatements {
+    statements: HashMap<String, Arc<PreparedStatement>>,
+    portals: HashMap<String, Arc<Portal>>,
+}
+
+impl ClientStatements {
+    /// Handles a complete client message that needs no keys; messages that
+    /// do (simple queries, Binds of writes) are left to `finish`.
+    pub fn on_frame(
+        &mut self,
+        frame: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> ClientStep {
+        let body = frame.get(HEADER_LEN..).unwrap_or_default();
+        match frame.first().copied() {
+            Some(frontend::QUERY) => ClientStep::Async,
+            Some(frontend::PARSE) => self.parse(body, encryption, state),
+            Some(frontend::BIND) => match Bind::decode(body) {
+                Ok(bind)
+                    if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
+                {
+                    ClientStep::Async
+                }
+                Ok(bind) => {
+                    self.bind_portal(&bind);
+                    state.pending.push(Expected::Bind { refusal: None });
+                    ClientStep::Forward
+                }
+                Err(_) => {
+                    // The server answers a malformed Bind with an error.
+                    state.pending.push(Expected::Bind { refusal: None });
+                    ClientStep::Forward
+                }
+            },
+            Some(frontend::DESCRIBE) => {
+                // A malformed Describe fails at the server like any other.
+                match target(body).unwrap_or((b'P', "")) {
+                    (b'S', name) => {
+                        let statement = self.statement(name);
+                        statement.described.store(true, Ordering::Release);
+                        state.pending.push(Expected::DescribeStatement(statement));
+                    }
+                    (_, name) => {
+                        let portal = self.portal(name);
+                        portal.described.store(true, Ordering::Release);
+                        state.pending.push(Expected::DescribePortal {
+                            portal,
+                            swallow: false,
+                        });
+                    }
+                }
+                ClientStep::Forward
+            }
+            Some(frontend::EXECUTE) => self.execute(frame, body, state),
+            Some(frontend::CLOSE) => {
+                match target(body) {
+                    Some((b'S', name)) => {
+                        self.statements.remove(name);
+                    }
+                    Some((_, name)) => {
+                        self.portals.remove(name);
+                    }
+                    None => {}
+                }
+                state.pending.push(Expected::Close);
+                ClientStep::Forward
+            }
+            _ => ClientStep::Forward,
+        }
+    }
+
+    /// Handles a message `on_frame` left for async work; returns the bytes
+    /// to send instead of it.
+    pub async fn finish(
+        &mut self,
+        frame: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> BytesMut {
+        let body = frame.get(HEADER_LEN..).unwrap_or_default();
+        match frame.first().copied() {
+            Some(frontend::QUERY) => simple_query(frame, body, encryption, state).await,
+            Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
+            _ => BytesMut::from(frame),
+        }
+    }
+
+    fn statement(&self, name: &str) -> Arc<PreparedStatement> {
+        self.statements.get(name).cloned().unwrap_or_else(|| {
+            // Unknown to the proxy, so unknown to the server: it fails there.
+            Arc::new(PreparedStatement::plain(0, Arc::from("")))
+        })
+    }
+
+    fn portal(&self, name: &str) -> Arc<Portal> {
+        self.portals.get(name).cloned().unwrap_or_else(|| {
+            Arc::new(Portal {
+                statement: self.statement(""),
+                result_formats: Vec::new(),
+                shape: Mutex::new(None),
+                described: Default::default(),
+            })
+        })
+    }
+
+    fn bind_portal(&mut self, bind: &Bind<'_>) {
+        let portal = Portal {
+            statement: self.statement(bind.statement),
+            result_formats: bind.result_formats.clone(),
+            shape: Mutex::new(None),
+            described: Default::default(),
+        };
+        self.portals
+            .insert(bind.portal.to_owned(), Arc::new(portal));
+    }
+
+    fn parse(&mut self, body: &[u8], encryption: &Encryption, state: &SessionState) -> ClientStep {
+        let Ok(parse) = Parse::decode(body) else {
+            state.pending.push(Expected::Parse { refusal: None });
+            return ClientStep::Forward;
+        };
+        let (statement, replacement) = match plan_parse(&parse, encryption, state) {
+            Ok(planned) => planned,
+            Err(rejection) => {
+                let (tenant, user, client_addr) = session_info(state);
+                encryption.audit_rejection(
+                    &rejection,
+                    &SessionInfo {
+                        tenant: tenant.as_deref(),
+                        user,
+                        client_addr,
+                    },
+                );
+                state.pending.push(Expected::Parse {
+                    refusal: Some(Refusal {
+                        sqlstate: rejection.sqlstate,
+                        message: rejection.message,
+                    }),
+                });
+                let mut out = BytesMut::new();
+                Parse {
+                    name: parse.name,
+                    query: REFUSED_SQL,
+                    param_types: Vec::new(),
+                }
+                .encode(&mut out);
+                return ClientStep::Replace(out);
+            }
+        };
+        // Re-using a name that exists fails at the server (unless unnamed):
+        // the existing statement stays what it was.
+        if parse.name.is_empty() || !self.statements.contains_key(parse.name) {
+            self.statements
+                .insert(parse.name.to_owned(), Arc::new(statement));
+        }
+        state.pending.push(Expected::Parse { refusal: None });
+        match replacement {
+            Some(bytes) => ClientStep::Replace(bytes),
+            None => ClientStep::Forward,
+        }
+    }
+
+    fn execute(&mut self, frame: &[u8], body: &[u8], state: &SessionState) -> ClientStep {
+        let portal = cstr(body).map_or_else(|| self.portal(""), |name| self.portal(name));
+        if let StatementKind::SetTenant(tenant) = &portal.statement.kind {
+            if let Ok(mut slot) = state.tenant.lock() {
+                slot.clone_from(tenant);
+            }
+        }
+        let describe = !portal.described.load(Ordering::Acquire)
+            && !portal.statement.described.load(Ordering::Acquire);
+        if !describe {
+            state.pending.push(Expected::Execute(portal));
+            return ClientStep::Forward;
+        }
+        // The client never asked for the result columns (it knows them from
+        // elsewhere): the proxy asks, and keeps the answer to itself.
+        portal.described.store(true, Ordering::Release);
+        let name = cstr(body).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(name.len() + 7 + frame.len());
+        out.put_u8(frontend::DESCRIBE);
+        out.put_u32((name.len() + 6) as u32);
+        out.put_u8(b'P');
+        out.extend_from_slice(name.as_bytes());
+        out.put_u8(0);
+        out.extend_from_slice(frame);
+        state.pending.push(Expected::DescribePortal {
+            portal: portal.clone(),
+            swallow: true,
+        });
+        state.pending.push(Expected::Execute(portal));
+        ClientStep::Replace(out)
+    }
+
+    async fn encrypt_bind(
+        &mut self,
+        frame: &[u8],
+        body: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> BytesMut {
+        let Ok(bind) = Bind::decode(body) else {
+            state.pending.push(Expected::Bind { refusal: None });
+            return BytesMut::from(frame);
+        };
+        self.bind_portal(&bind);
+        let statement = self.statement(bind.statement);
+        let StatementKind::Write(plan) = &statement.kind else {
+            state.pending.push(Expected::Bind { refusal: None });
+            return BytesMut::from(frame);
+        };
+        let (tenant, user, client_addr) = session_info(state);
+        let info = SessionInfo {
+            tenant: tenant.as_deref(),
+            user,
+            client_addr,
+        };
+        let encrypted = encryption
+            .encrypt_bind(
+                &bind,
+                plan,
+                statement.client_params,
+                &statement.declared,
+                &info,
+            )
+            .await;
+        match encrypted {
+            Ok(out) => {
+                state.pending.push(Expected::Bind { refusal: None });
+                out
+            }
+            Err(rejection) => {
+                encryption.audit_rejection(&rejection, &info);
+                state.pending.push(Expected::Bind {
+                    refusal: Some(Refusal {
+                        sqlstate: rejection.sqlstate,
+                        message: rejection.message,
+                    }),
+                });
+                let mut out = BytesMut::new();
+                Bind {
+                    portal: bind.portal,
+                    statement: REFUSED_STATEMENT,
+                    param_formats: Vec::new(),
+                    params: Vec::new(),
+                    result_formats: Vec::new(),
+                }
+                .encode(&mut out);
+                out
+            }
+        }
+    }
+}
+
+/// Plans a Parse: the statement as the proxy tracks it, and the Parse to
+/// send instead (`None`: the original). `Err`: refused.
+fn plan_parse(
+    parse: &Parse<'_>,
     encryption: &Encryption,
     state: &SessionState,
-) -> Option<BytesMut> {
-    let body = frame.get(HEADER_LEN..)?;
-    let tenant = state.tenant();
-    let info = SessionInfo {
-        tenant: tenant.as_deref(),
-        user: &state.user,
-        client_addr: &state.client_addr,
+) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
+    let analysis = rewrite::analyze(encryption.policy(), parse.query, parse.param_types.len())?;
+    if analysis
+        .statements
+        .iter()
+        .any(|s| matches!(s, StatementPlan::Ddl))
+    {
+        state.refresh_catalog.store(true, Ordering::Release);
+    }
+    let client_params = analysis.client_params;
+    let mut statement = PreparedStatement::plain(client_params, Arc::from(""));
+    statement.declared = parse.param_types.clone();
+    // The server refuses several statements in one Parse by itself.
+    let [plan] = analysis.statements.as_slice() else {
+        return Ok((statement, None));
     };
-    match frame.first().copied() {
-        Some(frontend::QUERY) => {
-            let sql = cstr(body)?;
-            match encryption.rewrite_simple_query(sql, &info).await {
-                Ok(rewrite) => {
-                    if let Some(tenant) = rewrite.set_tenant {
-                        if let Ok(mut slot) = state.tenant.lock() {
-                            *slot = tenant;
-                        }
-                    }
-                    if rewrite.ddl {
-                        state.refresh_catalog.store(true, Ordering::Release);
-                    }
-                    rewrite.sql.map(|sql| query_message(&sql))
-                }
-                Err(rejection) => {
-                    encryption.audit_rejection(&rejection, &info);
-                    Some(query_message(&rejection_query(&rejection)))
-                }
-            }
+    match plan {
+        StatementPlan::Untouched | StatementPlan::Ddl => Ok((statement, None)),
+        StatementPlan::Read => {
+            statement.fingerprint = Arc::from(rewrite::fingerprint(parse.query));
+            Ok((statement, None))
         }
-        Some(frontend::PARSE) => {
-            let parse = Parse::decode(body).ok()?;
-            let refusal = match rewrite::analyze(
-                encryption.policy(),
-                parse.query,
-                parse.param_types.len(),
-            ) {
-                Err(rejection) => Some(rejection),
-                Ok(analysis) => {
-                    if analysis
-                        .statements
-                        .iter()
-                        .any(|s| matches!(s, StatementPlan::Ddl))
-                    {
-                        state.refresh_catalog.store(true, Ordering::Release);
+        StatementPlan::SetTenant(tenant) => {
+            statement.kind = StatementKind::SetTenant(tenant.clone());
+            Ok((statement, None))
+        }
+        StatementPlan::Write(plan) => {
+            let mut types: Vec<u32> = parse.param_types.clone();
+            types.resize(client_params + plan.extra_params, 0);
+            for row in &plan.rows {
+                for cell in &row.cells {
+                    if let ValueSource::Param(n) = cell.value {
+                        // PostgreSQL reports a type the client declared as
+                        // declared; otherwise the column's plaintext type.
+                        let declared = parse.param_types.get(n - 1).copied().unwrap_or(0);
+                        let shown = if declared == 0 { cell.ty.oid() } else { declared };
+                        statement.presented.push((n - 1, shown));
                     }
-                    analysis.statements.iter().find_map(|s| match s {
-                        StatementPlan::Write(plan) => Some(Rejection::unsupported(
-                            &plan.table,
-                            None,
-                            "a write through the extended query protocol (use a simple query for now)",
-                        )),
-                        StatementPlan::Read => Some(Rejection::unsupported(
-                            &rewrite::mentions_policy_table(encryption.policy(), parse.query).unwrap_or_default(),
-                            None,
-                            "reading protected tables through the extended query protocol (use a simple query for now)",
-                        )),
-                        StatementPlan::SetTenant(_) => Some(Rejection {
-                            sqlstate: rewrite::KM003,
-                            table: None,
-                            column: None,
-                            message: "cmk-proxy: set the tenant with a simple query (SET cmk.tenant_id = '...'), not a prepared statement".to_owned(),
-                        }),
-                        _ => None,
-                    })
+                    if let Some(slot) = types.get_mut(cell.target_param - 1) {
+                        *slot = BYTEA_OID;
+                    }
+                    if let Some(slot) = cell.bidx_param.and_then(|n| types.get_mut(n - 1)) {
+                        *slot = BYTEA_OID;
+                    }
                 }
-            }?;
-            encryption.audit_rejection(&refusal, &info);
-            // The Parse fails at the server; its error is replaced by ours.
-            let cycle = state.client_cycles.load(Ordering::Acquire);
-            if let Ok(mut swaps) = state.error_swaps.lock() {
-                swaps.push_back((cycle, refusal.sqlstate, refusal.message.clone()));
+                if let Some(slot) = row.edek_param.and_then(|n| types.get_mut(n - 1)) {
+                    *slot = JSONB_OID;
+                }
             }
-            let mut out = BytesMut::new();
+            let sql = plan.statement.to_string();
+            let mut out =
+                BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
             Parse {
                 name: parse.name,
-                query: "SELECT cmk_proxy_refused_this_statement",
-                param_types: Vec::new(),
+                query: &sql,
+                param_types: types,
             }
             .encode(&mut out);
-            Some(out)
+            statement.fingerprint = Arc::from(rewrite::fingerprint(parse.query));
+            statement.kind = StatementKind::Write(plan.clone());
+            Ok((statement, Some(out)))
         }
-        _ => None,
+    }
+}
+
+/// A simple query: planned, its protected values encrypted, or replaced by
+/// a query that raises the refusal at the server.
+async fn simple_query(
+    frame: &[u8],
+    body: &[u8],
+    encryption: &Encryption,
+    state: &SessionState,
+) -> BytesMut {
+    let Some(sql) = cstr(body) else {
+        state.pending.push(Expected::Query {
+            swallow: false,
+            fingerprint: Arc::from(""),
+        });
+        return BytesMut::from(frame);
+    };
+    let (tenant, user, client_addr) = session_info(state);
+    let info = SessionInfo {
+        tenant: tenant.as_deref(),
+        user,
+        client_addr,
+    };
+    match encryption.rewrite_simple_query(sql, &info).await {
+        Ok(rewrite) => {
+            if let Some(tenant) = rewrite.set_tenant {
+                if let Ok(mut slot) = state.tenant.lock() {
+                    *slot = tenant;
+                }
+            }
+            if rewrite.ddl {
+                state.refresh_catalog.store(true, Ordering::Release);
+            }
+            state.pending.push(Expected::Query {
+                swallow: false,
+                fingerprint: Arc::from(rewrite.fingerprint.unwrap_or_default()),
+            });
+            rewrite
+                .sql
+                .map_or_else(|| BytesMut::from(frame), |sql| query_message(&sql))
+        }
+        Err(rejection) => {
+            encryption.audit_rejection(&rejection, &info);
+            state.pending.push(Expected::Query {
+                swallow: false,
+                fingerprint: Arc::from(""),
+            });
+            query_message(&rejection_query(&rejection))
+        }
     }
 }

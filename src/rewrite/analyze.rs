@@ -36,6 +36,8 @@ pub enum StatementPlan {
 pub struct Analysis {
     /// One plan per statement, in order.
     pub statements: Vec<StatementPlan>,
+    /// Parameters the client binds: declared or used, whichever is more.
+    pub client_params: usize,
 }
 
 impl Analysis {
@@ -53,6 +55,7 @@ pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analy
     if policy.tables.is_empty() {
         return Ok(Analysis {
             statements: vec![StatementPlan::Untouched],
+            client_params,
         });
     }
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
@@ -66,6 +69,7 @@ pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analy
                 )),
                 None => Ok(Analysis {
                     statements: vec![StatementPlan::Untouched],
+                    client_params,
                 }),
             };
         }
@@ -75,24 +79,34 @@ pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analy
         .into_iter()
         .map(|s| plan_statement(policy, s, params))
         .collect::<Result<_, _>>()?;
-    Ok(Analysis { statements: plans })
+    Ok(Analysis {
+        statements: plans,
+        client_params: params,
+    })
 }
 
 fn max_placeholder(statements: &[Statement]) -> usize {
-    let mut max = 0;
-    for statement in statements {
-        let _ = visit_expressions(statement, |expr| {
-            if let Expr::Value(v) = expr {
-                if let Value::Placeholder(p) = &v.value {
-                    if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-                        max = max.max(n);
-                    }
+    statements
+        .iter()
+        .flat_map(placeholder_uses)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Every use of a `$n` placeholder in the statement, in order.
+pub(crate) fn placeholder_uses(statement: &Statement) -> Vec<usize> {
+    let mut uses = Vec::new();
+    let _ = visit_expressions(statement, |expr| {
+        if let Expr::Value(v) = expr {
+            if let Value::Placeholder(p) = &v.value {
+                if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                    uses.push(n);
                 }
             }
-            ControlFlow::<()>::Continue(())
-        });
-    }
-    max
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    uses
 }
 
 /// Protected tables (policy keys) the statement refers to anywhere.

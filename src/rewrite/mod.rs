@@ -6,11 +6,13 @@
 //! Knows SQL and the policy; knows nothing of sockets or keys.
 
 mod analyze;
+mod fingerprint;
 mod names;
 mod render;
 mod write;
 
 pub use analyze::{analyze, Analysis, StatementPlan};
+pub use fingerprint::fingerprint;
 pub use names::mentions_policy_table;
 pub use render::{quote_literal, render_with_literals};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};

@@ -187,6 +187,27 @@ fn tenant_of(
     }
 }
 
+/// A parameter that carries a protected value is encrypted for exactly one
+/// column: one used anywhere else too (another column, a condition, the
+/// tenant) is refused, since the server would see its ciphertext there.
+fn check_parameter_uses(plan: &WritePlan) -> Result<(), Rejection> {
+    let uses = super::analyze::placeholder_uses(&plan.statement);
+    for row in &plan.rows {
+        for cell in &row.cells {
+            if let ValueSource::Param(n) = cell.value {
+                if uses.iter().filter(|u| **u == n).count() != 1 {
+                    return Err(Rejection::unsupported(
+                        &plan.table,
+                        Some(&cell.column),
+                        &format!("a parameter (${n}) used for a protected column and elsewhere in the same statement"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The EDEK and blind-index columns are written only by the proxy: a
 /// statement that sets one itself is refused.
 fn managed_column_refusal(table: &str, policy: &TablePolicy, column: &str) -> Option<Rejection> {
@@ -330,14 +351,16 @@ pub(crate) fn plan_insert(
             plan_conflict_update(table, policy, &mut update.assignments)?;
         }
     }
-    Ok(Some(WritePlan {
+    let plan = WritePlan {
         table: table.to_owned(),
         tenant_column: policy.tenant_column.clone(),
         rows,
         tenant_pin_param: None,
         extra_params: slots.added,
         statement,
-    }))
+    };
+    check_parameter_uses(&plan)?;
+    Ok(Some(plan))
 }
 
 fn assigned_column(assignment: &Assignment) -> Option<String> {
@@ -608,7 +631,7 @@ pub(crate) fn plan_update(
             value,
         });
     }
-    Ok(Some(WritePlan {
+    let plan = WritePlan {
         table: table.to_owned(),
         tenant_column: policy.tenant_column.clone(),
         rows: vec![RowPlan {
@@ -619,5 +642,7 @@ pub(crate) fn plan_update(
         tenant_pin_param,
         extra_params: slots.added,
         statement,
-    }))
+    };
+    check_parameter_uses(&plan)?;
+    Ok(Some(plan))
 }

@@ -1,0 +1,165 @@
+//! The responses a session waits for, in order. With a policy active, the
+//! client direction pushes one entry for every request message it sends to
+//! PostgreSQL (its own or one the proxy injects), and the server direction
+//! takes them as the responses arrive. That is how the result side knows
+//! which prepared statement the rows of an Execute belong to (drivers
+//! execute cached statements without a new Describe), which responses answer
+//! the proxy's own messages (never shown to the client), and which server
+//! errors stand for a refusal of the proxy.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::rewrite::WritePlan;
+
+/// What the proxy does with the executions of a prepared statement.
+#[derive(Debug)]
+pub(crate) enum StatementKind {
+    /// Parameters pass unchanged; results are decrypted by their columns.
+    Plain,
+    /// A write whose protected values are encrypted at every Bind.
+    Write(Box<WritePlan>),
+    /// `SET <tenant setting> = …`: changes the session tenant when executed.
+    SetTenant(Option<String>),
+}
+
+/// A prepared statement as the proxy knows it.
+#[derive(Debug)]
+pub(crate) struct PreparedStatement {
+    /// How executions are handled.
+    pub kind: StatementKind,
+    /// Parameters the client binds (the proxy's own come after them).
+    pub client_params: usize,
+    /// Parameter type OIDs the client declared in Parse (0 = unspecified).
+    pub declared: Vec<u32>,
+    /// Client parameters shown with their declared plaintext type in
+    /// ParameterDescription: (index from 0, type OID).
+    pub presented: Vec<(usize, u32)>,
+    /// Audit fingerprint of the statement (empty for untouched statements).
+    pub fingerprint: Arc<str>,
+    /// The result columns, from the server's answer to a Describe.
+    pub shape: Mutex<Option<Shape>>,
+    /// A Describe of this statement was sent (by the client or the proxy).
+    pub described: AtomicBool,
+}
+
+impl PreparedStatement {
+    /// A statement the proxy does not change.
+    pub(crate) fn plain(client_params: usize, fingerprint: Arc<str>) -> Self {
+        Self {
+            kind: StatementKind::Plain,
+            client_params,
+            declared: Vec::new(),
+            presented: Vec::new(),
+            fingerprint,
+            shape: Mutex::new(None),
+            described: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A bound portal.
+#[derive(Debug)]
+pub(crate) struct Portal {
+    /// The statement it executes.
+    pub statement: Arc<PreparedStatement>,
+    /// Result format codes from Bind.
+    pub result_formats: Vec<i16>,
+    /// The result columns with their real formats, from a Describe of the portal.
+    pub shape: Mutex<Option<Shape>>,
+    /// A Describe of this portal was sent.
+    pub described: AtomicBool,
+}
+
+/// The result columns of a statement or portal.
+#[derive(Debug, Clone)]
+pub(crate) enum Shape {
+    /// No rows (NoData).
+    NoData,
+    /// A RowDescription frame, as the server sent it.
+    Rows(Bytes),
+}
+
+/// A refusal of the proxy, carried out by making the server fail the
+/// message, whose ErrorResponse is then replaced by this one.
+#[derive(Debug, Clone)]
+pub(crate) struct Refusal {
+    /// SQLSTATE.
+    pub sqlstate: &'static str,
+    /// Message for the client.
+    pub message: String,
+}
+
+/// One expected response.
+#[derive(Debug)]
+pub(crate) enum Expected {
+    /// The startup phase, up to the first ReadyForQuery.
+    Startup,
+    /// A simple query or function call, up to its ReadyForQuery. `swallow`:
+    /// injected by the proxy, never shown.
+    Query {
+        swallow: bool,
+        fingerprint: Arc<str>,
+    },
+    /// ParseComplete, or the error that replaces it.
+    Parse { refusal: Option<Refusal> },
+    /// BindComplete, or the error that replaces it.
+    Bind { refusal: Option<Refusal> },
+    /// ParameterDescription and RowDescription/NoData of a statement.
+    DescribeStatement(Arc<PreparedStatement>),
+    /// RowDescription/NoData of a portal; `swallow`: injected by the proxy.
+    DescribePortal { portal: Arc<Portal>, swallow: bool },
+    /// The rows of an Execute, up to CommandComplete, EmptyQueryResponse
+    /// or PortalSuspended.
+    Execute(Arc<Portal>),
+    /// CloseComplete.
+    Close,
+    /// ReadyForQuery after Sync.
+    Sync,
+}
+
+impl Expected {
+    /// True for the entries a ReadyForQuery ends.
+    pub(crate) fn ends_with_ready(&self) -> bool {
+        matches!(self, Self::Startup | Self::Query { .. } | Self::Sync)
+    }
+
+    /// True for responses the client must never see.
+    pub(crate) fn swallowed(&self) -> bool {
+        matches!(
+            self,
+            Self::Query { swallow: true, .. } | Self::DescribePortal { swallow: true, .. }
+        )
+    }
+}
+
+/// The queue shared by the two directions of a session.
+#[derive(Debug, Default)]
+pub(crate) struct PendingQueue {
+    entries: Mutex<std::collections::VecDeque<Expected>>,
+}
+
+impl PendingQueue {
+    /// A queue waiting for the startup phase to end.
+    pub(crate) fn new() -> Self {
+        let queue = Self::default();
+        queue.push(Expected::Startup);
+        queue
+    }
+
+    /// Appends an expected response (before its request is sent).
+    pub(crate) fn push(&self, entry: Expected) {
+        if let Ok(mut entries) = self.entries.lock() {
+            entries.push_back(entry);
+        }
+    }
+
+    /// Moves every queued entry to `into` (one lock for many responses).
+    pub(crate) fn drain_into(&self, into: &mut std::collections::VecDeque<Expected>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            into.extend(entries.drain(..));
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The server direction of a session with a policy: every response is
+//! matched with the request it answers (the [`PendingQueue`] the client
+//! direction fills), so that
+//! - ParameterDescription and RowDescription show the declared plaintext
+//!   types, and the result columns of a statement are remembered for its
+//!   later executions;
+//! - the rows of a simple query or of an Execute are decrypted with the plan
+//!   of their columns and formats;
+//! - the answers to the proxy's own injected messages are never shown, and
+//!   server errors that carry out a refusal of the proxy are replaced by it;
+//! - after a cell failed, the rest of the request cycle is dropped up to its
+//!   ReadyForQuery (the client has its error), and a transaction that the
+//!   client was told failed is made to fail on the server too.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::encryption::{Encryption, SessionInfo};
+use super::pending::{Expected, Portal, Shape};
+use super::relay::Interest;
+use super::results::{plan_execution, plan_row_description, ResultPlan};
+use super::state::SessionState;
+use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
+use crate::protocol::{backend, ErrorResponse, HEADER_LEN};
+
+/// Backend tags not tied to a request: they may come at any time.
+const NOTICE: u8 = b'N';
+const NOTIFICATION: u8 = b'A';
+const PARSE_COMPLETE: u8 = b'1';
+const BIND_COMPLETE: u8 = b'2';
+const CLOSE_COMPLETE: u8 = b'3';
+const NO_DATA: u8 = b'n';
+const PARAMETER_DESCRIPTION: u8 = b't';
+const EMPTY_QUERY: u8 = b'I';
+const PORTAL_SUSPENDED: u8 = b's';
+
+/// What to do with one server message.
+#[derive(Debug)]
+pub enum Step {
+    /// Send it unchanged.
+    Forward,
+    /// Send these bytes instead.
+    Replace(BytesMut),
+    /// Send nothing.
+    Drop,
+    /// A DataRow to decrypt (async: [`ResponseTracker::decrypt`]).
+    Decrypt,
+    /// A ReadyForQuery that waits for a catalog refresh
+    /// (async: [`ResponseTracker::ready`]).
+    Ready,
+}
+
+/// The server direction's view of the request cycle being answered.
+#[derive(Default)]
+pub struct ResponseTracker {
+    /// Expected responses taken from the shared queue; the front one is
+    /// being answered.
+    queue: VecDeque<Expected>,
+    /// Plan of the result set being relayed.
+    plan: Option<ResultPlan>,
+    /// The plan of the front Execute has been looked up.
+    resolved: bool,
+    /// A cell failed in this cycle: at ReadyForQuery inside a transaction,
+    /// the transaction is poisoned (SQLSTATE, message).
+    failure: Option<(&'static str, String)>,
+    /// Drop every response up to the ReadyForQuery that ends the cycle.
+    skipping: bool,
+    /// A ReadyForQuery held for a catalog refresh.
+    ready_out: Option<BytesMut>,
+}
+
+impl ResponseTracker {
+    fn front(&mut self, state: &SessionState) -> Option<&Expected> {
+        if self.queue.is_empty() {
+            state.pending.drain_into(&mut self.queue);
+        }
+        self.queue.front()
+    }
+
+    fn dropping(&mut self, state: &SessionState) -> bool {
+        self.skipping || self.front(state).is_some_and(Expected::swallowed)
+    }
+
+    /// How much of a message with `tag` must be seen. No side effects other
+    /// than taking queued entries and looking up the plan of an Execute.
+    pub fn interest(&mut self, tag: u8, state: &SessionState, encryption: &Encryption) -> Interest {
+        match tag {
+            NOTICE | NOTIFICATION | backend::PARAMETER_STATUS => Interest::Header,
+            backend::READY_FOR_QUERY
+            | backend::ERROR_RESPONSE
+            | backend::ROW_DESCRIPTION
+            | PARAMETER_DESCRIPTION => Interest::Rewrite,
+            _ if self.dropping(state) => Interest::Rewrite,
+            backend::DATA_ROW => {
+                self.resolve(encryption);
+                if self.plan.is_some() {
+                    Interest::Rewrite
+                } else {
+                    Interest::Header
+                }
+            }
+            _ => Interest::Header,
+        }
+    }
+
+    /// Finds the plan of the front Execute's rows, once.
+    fn resolve(&mut self, encryption: &Encryption) {
+        if self.resolved {
+            return;
+        }
+        let Some(Expected::Execute(portal)) = self.queue.front() else {
+            return;
+        };
+        self.resolved = true;
+        self.plan = execution_plan(portal, encryption);
+    }
+
+    /// Handles one server message (`frame` is `None` for messages relayed
+    /// with header interest: bookkeeping only).
+    pub fn on_message(
+        &mut self,
+        tag: u8,
+        frame: Option<&[u8]>,
+        state: &SessionState,
+        encryption: &Encryption,
+    ) -> Step {
+        if matches!(tag, NOTICE | NOTIFICATION | backend::PARAMETER_STATUS) {
+            return Step::Forward;
+        }
+        let dropping = self.dropping(state);
+        let step = match (tag, frame) {
+            (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
+            (backend::ERROR_RESPONSE, Some(frame)) => self.on_error(frame),
+            (backend::ROW_DESCRIPTION, Some(frame)) => self.on_row_description(frame, encryption),
+            (PARAMETER_DESCRIPTION, Some(frame)) => self.on_parameter_description(frame),
+            (backend::DATA_ROW, _) => {
+                self.resolve(encryption);
+                match &self.plan {
+                    Some(plan) if plan.failed => Step::Drop,
+                    Some(_) if !dropping => Step::Decrypt,
+                    _ => Step::Forward,
+                }
+            }
+            (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, _) => {
+                self.end_result(state, encryption)
+            }
+            (PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE, _) => {
+                self.queue.pop_front();
+                Step::Forward
+            }
+            (NO_DATA, _) => {
+                self.remember_shape(Shape::NoData);
+                Step::Forward
+            }
+            _ => Step::Forward,
+        };
+        match step {
+            Step::Forward | Step::Replace(_) if dropping => Step::Drop,
+            other => other,
+        }
+    }
+
+    /// ReadyForQuery: the entries up to the one it ends are done.
+    fn on_ready(&mut self, frame: &[u8], state: &SessionState) -> Step {
+        if self.queue.is_empty() {
+            state.pending.drain_into(&mut self.queue);
+        }
+        let mut swallowed = false;
+        while let Some(entry) = self.queue.pop_front() {
+            if entry.ends_with_ready() {
+                swallowed = entry.swallowed();
+                break;
+            }
+        }
+        self.plan = None;
+        self.resolved = false;
+        self.skipping = false;
+        if swallowed {
+            return Step::Drop;
+        }
+        let mut out = None;
+        if let Some((code, message)) = self.failure.take() {
+            if frame.last() == Some(&b'T') {
+                // The client was told its statement failed: from its point
+                // of view the transaction is aborted, and the server's will
+                // be before anything else runs.
+                if let Ok(mut poison) = state.poison.lock() {
+                    *poison = Some((code, message));
+                }
+                let mut bytes = BytesMut::from(frame);
+                if let Some(status) = bytes.last_mut() {
+                    *status = b'E';
+                }
+                out = Some(bytes);
+            }
+        }
+        if state.refresh_catalog.load(Ordering::Acquire) {
+            self.ready_out = Some(out.unwrap_or_else(|| BytesMut::from(frame)));
+            return Step::Ready;
+        }
+        match out {
+            Some(bytes) => Step::Replace(bytes),
+            None => Step::Forward,
+        }
+    }
+
+    /// ErrorResponse: ends the current statement of a simple query, or the
+    /// current extended-protocol message, after which the server skips to Sync.
+    fn on_error(&mut self, frame: &[u8]) -> Step {
+        self.plan = None;
+        self.resolved = false;
+        let refusal = match self.queue.front() {
+            Some(Expected::Parse { refusal }) | Some(Expected::Bind { refusal }) => refusal.clone(),
+            _ => None,
+        };
+        if !self.queue.front().is_some_and(Expected::ends_with_ready) {
+            while self.queue.front().is_some_and(|e| !e.ends_with_ready()) {
+                self.queue.pop_front();
+            }
+        }
+        let _ = frame;
+        match refusal {
+            Some(refusal) => {
+                Step::Replace(ErrorResponse::error(refusal.sqlstate, &refusal.message).to_bytes())
+            }
+            None => Step::Forward,
+        }
+    }
+
+    fn on_row_description(&mut self, frame: &[u8], encryption: &Encryption) -> Step {
+        let catalog = encryption.catalog();
+        let policy = encryption.policy();
+        let malformed = |e: crate::protocol::messages::Malformed| {
+            Step::Replace(
+                ErrorResponse::error("08P01", &format!("cmk-proxy: {e} from the server"))
+                    .to_bytes(),
+            )
+        };
+        match self.queue.front() {
+            Some(Expected::Query { fingerprint, .. }) => {
+                self.plan = None;
+                match plan_row_description(frame, &catalog, policy, fingerprint) {
+                    Ok(Some((plan, out))) => {
+                        self.plan = Some(plan);
+                        Step::Replace(out)
+                    }
+                    Ok(None) => Step::Forward,
+                    Err(e) => malformed(e),
+                }
+            }
+            Some(Expected::DescribeStatement(_)) | Some(Expected::DescribePortal { .. }) => {
+                self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
+                let empty: Arc<str> = Arc::from("");
+                match plan_row_description(frame, &catalog, policy, &empty) {
+                    Ok(Some((_, out))) => Step::Replace(out),
+                    Ok(None) => Step::Forward,
+                    Err(e) => malformed(e),
+                }
+            }
+            _ => Step::Forward,
+        }
+    }
+
+    /// Stores the answer to a Describe and ends that entry.
+    fn remember_shape(&mut self, shape: Shape) {
+        let slot = match self.queue.front() {
+            Some(Expected::DescribeStatement(statement)) => &statement.shape,
+            Some(Expected::DescribePortal { portal, .. }) => &portal.shape,
+            _ => return,
+        };
+        if let Ok(mut slot) = slot.lock() {
+            *slot = Some(shape);
+        }
+        self.queue.pop_front();
+    }
+
+    /// ParameterDescription: the client sees its own parameters only, with
+    /// the declared plaintext type for protected ones.
+    fn on_parameter_description(&mut self, frame: &[u8]) -> Step {
+        let Some(Expected::DescribeStatement(statement)) = self.queue.front() else {
+            return Step::Forward;
+        };
+        let Ok(mut oids) = decode_parameter_description(&frame[HEADER_LEN..]) else {
+            return Step::Forward;
+        };
+        if oids.len() == statement.client_params && statement.presented.is_empty() {
+            return Step::Forward;
+        }
+        oids.truncate(statement.client_params);
+        for (index, oid) in &statement.presented {
+            if let Some(slot) = oids.get_mut(*index) {
+                *slot = *oid;
+            }
+        }
+        let mut out = BytesMut::with_capacity(frame.len());
+        encode_parameter_description(&oids, &mut out);
+        Step::Replace(out)
+    }
+
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended: the result
+    /// set is done (audited), and an Execute is answered.
+    fn end_result(&mut self, state: &SessionState, encryption: &Encryption) -> Step {
+        let step = match self.plan.take() {
+            Some(plan) if plan.failed => Step::Drop,
+            Some(mut plan) => {
+                let info = SessionInfo {
+                    tenant: None,
+                    user: &state.user,
+                    client_addr: &state.client_addr,
+                };
+                encryption.audit_decrypt(plan.take_batch(), &info);
+                Step::Forward
+            }
+            None => Step::Forward,
+        };
+        if matches!(self.queue.front(), Some(Expected::Execute(_))) {
+            self.queue.pop_front();
+        }
+        self.resolved = false;
+        step
+    }
+
+    /// Decrypts a held DataRow; returns what the client gets (the row, an
+    /// ErrorResponse after which the cycle is dropped, or nothing).
+    pub async fn decrypt(
+        &mut self,
+        frame: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> BytesMut {
+        let Some(plan) = self.plan.as_mut() else {
+            return BytesMut::from(frame);
+        };
+        if plan.failed {
+            return BytesMut::new();
+        }
+        let tenant = state.tenant();
+        match plan.decrypt_row(frame, encryption, tenant.as_deref()).await {
+            Ok(out) => out,
+            Err((code, message, out)) => {
+                self.failure = Some((code, message));
+                self.skipping = true;
+                out
+            }
+        }
+    }
+
+    /// Refreshes the catalog map after DDL, then returns the held
+    /// ReadyForQuery.
+    pub async fn ready(
+        &mut self,
+        frame: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> BytesMut {
+        if state.refresh_catalog.swap(false, Ordering::AcqRel) {
+            encryption.refresh_catalog().await;
+        }
+        self.ready_out
+            .take()
+            .unwrap_or_else(|| BytesMut::from(frame))
+    }
+}
+
+/// The plan of an Execute's rows: from a Describe of the portal (real
+/// formats), else from a Describe of its statement and the Bind's formats.
+fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan> {
+    let fingerprint = &portal.statement.fingerprint;
+    let shape = portal
+        .shape
+        .lock()
+        .ok()
+        .and_then(|s| s.clone())
+        .map(|shape| (shape, true))
+        .or_else(|| {
+            let shape = portal.statement.shape.lock().ok()?.clone()?;
+            Some((shape, false))
+        });
+    let catalog = encryption.catalog();
+    match shape {
+        Some((Shape::NoData, _)) => None,
+        Some((Shape::Rows(frame), portal_described)) => {
+            let formats: &[i16] = if portal_described {
+                // The portal's RowDescription already carries its formats.
+                &[]
+            } else {
+                &portal.result_formats
+            };
+            let planned = if portal_described {
+                plan_row_description(&frame, &catalog, encryption.policy(), fingerprint)
+                    .map(|p| p.map(|(plan, _)| plan))
+            } else {
+                plan_execution(&frame, formats, &catalog, encryption.policy(), fingerprint)
+            };
+            match planned {
+                Ok(plan) => plan,
+                Err(_) => Some(ResultPlan::unknown_shape(fingerprint)),
+            }
+        }
+        // Never described (the proxy describes such portals itself, so this
+        // is a fallback): refuse any envelope that shows up.
+        None => Some(ResultPlan::unknown_shape(fingerprint)),
+    }
+}

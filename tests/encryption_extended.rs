@@ -1,0 +1,733 @@
+//! Column encryption through the extended query protocol, with
+//! tokio-postgres (binary parameters and results, statements prepared once
+//! and executed many times, pipelining, transactions) against a real
+//! PostgreSQL and the local keyring; plus raw-protocol sequences that real
+//! drivers send (Execute without any Describe, refused Parse/Bind inside a
+//! pipeline).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use tokio_postgres::types::Type;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+const SCHEMA: &str = "CREATE TABLE typed (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+    c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, c_int8 bytea, \
+    c_numeric bytea, c_float8 bytea, c_bool bytea, c_date bytea, c_ts bytea, c_tstz bytea, \
+    c_uuid bytea, c_jsonb bytea, c_bytea bytea, plain_note text, cmk_edek jsonb)";
+
+const COLUMNS: &str =
+    "c_text: {type: text, search: equality}\n      c_varchar: {type: varchar}\n      \
+    c_int2: {type: int2}\n      c_int4: {type: int4}\n      c_int8: {type: int8}\n      \
+    c_numeric: {type: numeric}\n      c_float8: {type: float8}\n      c_bool: {type: bool}\n      \
+    c_date: {type: date}\n      c_ts: {type: timestamp}\n      c_tstz: {type: timestamptz}\n      \
+    c_uuid: {type: uuid}\n      c_jsonb: {type: jsonb}\n      c_bytea: {type: bytea}\n";
+
+fn keyring(file: &Path, action: &str, tenant: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(["keyring", action, tenant, "--keyring"])
+        .arg(file)
+        .output()
+        .expect("run cmk-proxy keyring");
+    assert!(
+        out.status.success(),
+        "keyring {action} {tenant}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+struct Setup {
+    _pg: cmk_proxy::localpg::LocalPostgres,
+    proxy: common::Proxy,
+    direct: Client,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn ring(&self) -> std::path::PathBuf {
+        self.dir.path().join("keyring.json")
+    }
+
+    async fn app(&self) -> Client {
+        let (client, conn) = common::connect(&self.proxy.url("postgres", "", "app")).await;
+        std::mem::forget(conn);
+        client
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap_or_default()
+    }
+}
+
+async fn setup() -> Setup {
+    let pg = common::pg();
+    let (direct, conn) = common::connect(&pg.admin_url("app")).await;
+    std::mem::forget(conn);
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ring = dir.path().join("keyring.json");
+    keyring(&ring, "create", "acme");
+    keyring(&ring, "create", "globex");
+    let yaml = format!(
+        "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n\
+         audit: {{sink: {{kind: file, path: {}}}}}\n\
+         tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
+         tables:\n  public.typed:\n    tenant_column: tenant_id\n    columns:\n      {COLUMNS}",
+        ring.display(),
+        dir.path().join("audit.jsonl").display()
+    );
+    let proxy = common::start_proxy(&pg, &yaml);
+    Setup {
+        _pg: pg,
+        proxy,
+        direct,
+        dir,
+    }
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    common::sqlstate(e).unwrap_or_default()
+}
+
+/// One row of every binary-capable declared type (numeric goes as text).
+struct Values {
+    text: String,
+    varchar: String,
+    int2: i16,
+    int4: i32,
+    int8: i64,
+    float8: f64,
+    boolean: bool,
+    date: NaiveDate,
+    ts: NaiveDateTime,
+    tstz: DateTime<Utc>,
+    uuid: Uuid,
+    jsonb: serde_json::Value,
+    bytea: Vec<u8>,
+}
+
+fn sample(i: i64) -> Values {
+    Values {
+        text: format!("ssn-{i} ünïcødé ✓ {}", "x".repeat(1024)),
+        varchar: format!("v{i}"),
+        int2: -7 * i as i16,
+        int4: -123_456 - i as i32,
+        int8: 9_007_199_254_740_993 + i,
+        float8: -1.5e-7 * i as f64,
+        boolean: i % 2 == 0,
+        date: NaiveDate::from_ymd_opt(1980 + i as i32, 2, 29 - (i as u32 % 2)).unwrap_or_default(),
+        ts: NaiveDate::from_ymd_opt(2024, 1, 2)
+            .and_then(|d| d.and_hms_micro_opt(3, 4, 5, 123_456))
+            .unwrap_or_default(),
+        tstz: DateTime::parse_from_rfc3339("2024-06-30T23:59:59.5+05:30")
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default(),
+        uuid: Uuid::new_v4(),
+        jsonb: serde_json::json!({"allergies": ["penicillin"], "n": i}),
+        bytea: vec![0, 1, 2, 0xff, b'C', b'M', b'K'],
+    }
+}
+
+const INSERT: &str = "INSERT INTO typed (tenant_id, c_text, c_varchar, c_int2, c_int4, c_int8, \
+    c_numeric, c_float8, c_bool, c_date, c_ts, c_tstz, c_uuid, c_jsonb, c_bytea, plain_note) \
+    VALUES ($1, $2, $3, $4, $5, $6, '12345.678900', $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+    RETURNING id, c_text, c_int4";
+
+const SELECT: &str = "SELECT id, tenant_id, c_text, c_varchar, c_int2, c_int4, c_int8, \
+    c_float8, c_bool, c_date, c_ts, c_tstz, c_uuid, c_jsonb, c_bytea, \
+    plain_note FROM typed WHERE id = $1";
+
+async fn insert(app: &Client, stmt: &tokio_postgres::Statement, tenant: &str, v: &Values) -> i32 {
+    let row = app
+        .query_one(
+            stmt,
+            &[
+                &tenant, &v.text, &v.varchar, &v.int2, &v.int4, &v.int8, &v.float8, &v.boolean,
+                &v.date, &v.ts, &v.tstz, &v.uuid, &v.jsonb, &v.bytea, &"note",
+            ],
+        )
+        .await
+        .expect("insert");
+    let returned: String = row.get(1);
+    assert_eq!(returned, v.text, "RETURNING decrypts");
+    assert_eq!(row.get::<_, i32>(2), v.int4);
+    row.get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prepared_statements_encrypt_every_type_and_read_back_in_binary() {
+    let s = setup().await;
+    let app = s.app().await;
+    let insert_stmt = app.prepare(INSERT).await.expect("prepare insert");
+    // The client sees its own parameters with the declared plaintext types.
+    assert_eq!(
+        insert_stmt.params(),
+        &[
+            Type::TEXT,
+            Type::TEXT,
+            Type::VARCHAR,
+            Type::INT2,
+            Type::INT4,
+            Type::INT8,
+            Type::FLOAT8,
+            Type::BOOL,
+            Type::DATE,
+            Type::TIMESTAMP,
+            Type::TIMESTAMPTZ,
+            Type::UUID,
+            Type::JSONB,
+            Type::BYTEA,
+            Type::TEXT,
+        ]
+    );
+    let select_stmt = app.prepare(SELECT).await.expect("prepare select");
+    let shown: Vec<Type> = select_stmt
+        .columns()
+        .iter()
+        .map(|c| c.type_().clone())
+        .collect();
+    assert_eq!(shown[2], Type::TEXT);
+    assert_eq!(shown[4], Type::INT2);
+    assert_eq!(shown[9], Type::DATE);
+    assert_eq!(shown[11], Type::TIMESTAMPTZ);
+    assert_eq!(shown.len(), 16, "EDEK and blind index are not shown");
+
+    // Prepared once, executed many times, for two tenants; no new Describe.
+    let mut written = Vec::new();
+    for i in 0..6 {
+        let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+        let v = sample(i);
+        let id = insert(&app, &insert_stmt, tenant, &v).await;
+        written.push((id, tenant, v));
+    }
+    for (id, tenant, v) in &written {
+        let row = app.query_one(&select_stmt, &[id]).await.expect("select");
+        assert_eq!(row.get::<_, &str>(1), *tenant);
+        assert_eq!(row.get::<_, String>(2), v.text);
+        assert_eq!(row.get::<_, String>(3), v.varchar);
+        assert_eq!(row.get::<_, i16>(4), v.int2);
+        assert_eq!(row.get::<_, i32>(5), v.int4);
+        assert_eq!(row.get::<_, i64>(6), v.int8);
+        assert_eq!(row.get::<_, f64>(7), v.float8);
+        assert_eq!(row.get::<_, bool>(8), v.boolean);
+        assert_eq!(row.get::<_, NaiveDate>(9), v.date);
+        assert_eq!(row.get::<_, NaiveDateTime>(10), v.ts);
+        assert_eq!(row.get::<_, DateTime<Utc>>(11), v.tstz);
+        assert_eq!(row.get::<_, Uuid>(12), v.uuid);
+        assert_eq!(row.get::<_, serde_json::Value>(13), v.jsonb);
+        assert_eq!(row.get::<_, Vec<u8>>(14), v.bytea);
+        assert_eq!(row.get::<_, &str>(15), "note");
+    }
+
+    // Text results (simple protocol) show the same values.
+    let text = app
+        .simple_query(&format!(
+            "SELECT c_int8, c_date, c_bool, c_numeric, c_tstz FROM typed WHERE id = {}",
+            written[0].0
+        ))
+        .await
+        .expect("simple select");
+    let row = text.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    });
+    let row = row.expect("a row");
+    assert_eq!(row.get(0), Some(written[0].2.int8.to_string().as_str()));
+    assert_eq!(row.get(1), Some("1980-02-29"));
+    assert_eq!(row.get(2), Some("t"));
+    assert_eq!(row.get(3), Some("12345.678900"));
+    assert_eq!(row.get(4), Some("2024-06-30 18:29:59.5+00"));
+
+    // At rest: envelopes in every protected column, an EDEK, no plaintext.
+    for raw in s
+        .direct
+        .query(
+            "SELECT c_text, c_int4, c_date, c_jsonb, cmk_edek::text, typed::text FROM typed",
+            &[],
+        )
+        .await
+        .expect("direct read")
+    {
+        for col in 0..4 {
+            let cell: Vec<u8> = raw.get(col);
+            assert_eq!(&cell[..4], b"CMK\x01", "column {col} is an envelope");
+        }
+        let edek: String = raw.get(4);
+        assert!(edek.starts_with("{\"") && edek.len() > 40, "{edek}");
+        let whole: String = raw.get(5);
+        for secret in ["ssn-", "penicillin", "-123456", "12345.6789", "1980-02-29"] {
+            assert!(!whole.contains(secret), "plaintext {secret} at rest");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let audit = s.audit();
+    assert!(audit.contains("decrypt_batch"), "{audit}");
+    assert!(!audit.contains("ssn-0"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn updates_upserts_pipelines_and_transactions() {
+    let s = setup().await;
+    let app = s.app().await;
+    let ins = app
+        .prepare("INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id")
+        .await
+        .expect("prepare");
+    let id: i32 = app
+        .query_one(&ins, &[&"acme", &"first", &1i32])
+        .await
+        .expect("insert")
+        .get(0);
+
+    // UPDATE with the tenant in WHERE, as a parameter.
+    let n = app
+        .execute(
+            "UPDATE typed SET c_text = $1 WHERE id = $2 AND tenant_id = $3",
+            &[&"second", &id, &"acme"],
+        )
+        .await
+        .expect("update");
+    assert_eq!(n, 1);
+    // UPDATE without a tenant: refused with KM004 until the session has one.
+    let err = app
+        .execute("UPDATE typed SET c_int4 = $1 WHERE id = $2", &[&2i32, &id])
+        .await
+        .expect_err("no tenant");
+    assert_eq!(sqlstate(&err), "KM004", "{err}");
+    app.batch_execute("SET cmk.tenant_id = 'acme'")
+        .await
+        .expect("set tenant");
+    let n = app
+        .execute("UPDATE typed SET c_int4 = $1 WHERE id = $2", &[&2i32, &id])
+        .await
+        .expect("pinned update");
+    assert_eq!(n, 1);
+    let row = app
+        .query_one("SELECT c_text, c_int4 FROM typed WHERE id = $1", &[&id])
+        .await
+        .expect("read");
+    assert_eq!(row.get::<_, String>(0), "second");
+    assert_eq!(row.get::<_, i32>(1), 2);
+    // The EDEK column was merged, not replaced: both cells stay readable
+    // after a new DEK epoch.
+    let edek: String = s
+        .direct
+        .query_one("SELECT cmk_edek::text FROM typed WHERE id = $1", &[&id])
+        .await
+        .expect("edek")
+        .get(0);
+    assert!(edek.contains(':'), "{edek}");
+
+    // A row for another tenant than the session's: KM004.
+    let err = app
+        .query_one(&ins, &[&"globex", &"x", &1i32])
+        .await
+        .expect_err("tenant mismatch");
+    assert_eq!(sqlstate(&err), "KM004", "{err}");
+
+    // Upsert with EXCLUDED.
+    app.execute(
+        "INSERT INTO typed (id, tenant_id, c_text) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET c_text = EXCLUDED.c_text",
+        &[&id, &"acme", &"third"],
+    )
+    .await
+    .expect("upsert");
+    let row = app
+        .query_one("SELECT c_text, c_int4 FROM typed WHERE id = $1", &[&id])
+        .await
+        .expect("read");
+    assert_eq!(row.get::<_, String>(0), "third");
+    assert_eq!(row.get::<_, i32>(1), 2);
+
+    // Pipelined: many statements in flight on one connection.
+    let futures = (0..20).map(|i| {
+        let app = &app;
+        let ins = &ins;
+        async move {
+            let text = format!("piped-{i}");
+            let id: i32 = app
+                .query_one(ins, &[&"acme", &text, &i])
+                .await
+                .expect("piped insert")
+                .get(0);
+            (id, text)
+        }
+    });
+    let written = futures_util::future::join_all(futures).await;
+    let reads = written.iter().map(|(id, _)| {
+        let app = &app;
+        async move {
+            app.query_one("SELECT c_text FROM typed WHERE id = $1", &[id])
+                .await
+                .expect("piped read")
+                .get::<_, String>(0)
+        }
+    });
+    let read = futures_util::future::join_all(reads).await;
+    for ((_, text), got) in written.iter().zip(read) {
+        assert_eq!(*text, got);
+    }
+
+    // Inside a transaction, rolled back and committed.
+    let mut app = app;
+    let tx = app.transaction().await.expect("begin");
+    tx.execute(&ins, &[&"acme", &"rolled back", &0i32])
+        .await
+        .expect("insert in tx");
+    tx.rollback().await.expect("rollback");
+    let tx = app.transaction().await.expect("begin");
+    let id2: i32 = tx
+        .query_one(&ins, &[&"acme", &"committed", &0i32])
+        .await
+        .expect("insert in tx")
+        .get(0);
+    let seen: String = tx
+        .query_one("SELECT c_text FROM typed WHERE id = $1", &[&id2])
+        .await
+        .expect("read in tx")
+        .get(0);
+    assert_eq!(seen, "committed");
+    tx.commit().await.expect("commit");
+    let count: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM typed WHERE plain_note IS NULL", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 22, "1 + 20 piped + 1 committed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_in_the_extended_protocol_keep_the_connection_usable() {
+    let s = setup().await;
+    let app = s.app().await;
+    app.execute(
+        "INSERT INTO typed (tenant_id, c_text) VALUES ($1, $2)",
+        &[&"acme", &"secret"],
+    )
+    .await
+    .expect("insert");
+    for sql in [
+        "SELECT id FROM typed WHERE c_text = $1",
+        "SELECT id FROM typed ORDER BY c_varchar",
+        "SELECT lower(c_text) FROM typed",
+        "INSERT INTO typed (tenant_id, c_text) SELECT tenant_id, c_text FROM typed",
+        "INSERT INTO typed (tenant_id, c_text, c_varchar) VALUES ($1, $2, $2)",
+    ] {
+        let err = app.prepare(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "KM003", "{sql}: {err}");
+        assert!(common::error_message(&err).contains("typed"), "{err}");
+        // Still usable, and statements that do not touch protected columns
+        // are never refused.
+        let one: i32 = app.query_one("SELECT 1", &[]).await.expect("usable").get(0);
+        assert_eq!(one, 1);
+        let n: i64 = app
+            .query_one(
+                "SELECT count(*) FROM typed WHERE tenant_id = $1",
+                &[&"acme"],
+            )
+            .await
+            .expect("untouched")
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    // A value that is not valid for its declared type: refused at Bind.
+    let typed = app
+        .prepare_typed(
+            "INSERT INTO typed (tenant_id, c_date) VALUES ($1, $2)",
+            &[Type::TEXT, Type::TEXT],
+        )
+        .await
+        .expect("prepare typed");
+    assert_eq!(typed.params(), &[Type::TEXT, Type::TEXT], "declared types are shown as declared");
+    app.execute(&typed, &[&"acme", &"2001-02-03"])
+        .await
+        .expect("a date sent as text");
+    let err = app
+        .execute(&typed, &[&"acme", &"not a date"])
+        .await
+        .expect_err("bad date");
+    assert_eq!(sqlstate(&err), "22P02", "{err}");
+    // Refusals are audited.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(s.audit().contains("KM003"));
+}
+
+async fn wait_for(
+    app: &Client,
+    stmt: &tokio_postgres::Statement,
+    id: i32,
+    want_error: bool,
+) -> Option<tokio_postgres::Error> {
+    // Only a hang guard: revocation is bounded by approval_ttl (1 s) + one KMS call.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.query_one(stmt, &[&id]).await {
+            Err(e) if want_error => return Some(e),
+            Ok(_) if !want_error => return None,
+            other => {
+                assert!(Instant::now() < deadline, "still {other:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_whole() {
+    let s = setup().await;
+    let mut app = s.app().await;
+    let ins = app
+        .prepare("INSERT INTO typed (tenant_id, c_text) VALUES ($1, $2) RETURNING id")
+        .await
+        .expect("prepare");
+    let read = app
+        .prepare("SELECT c_text FROM typed WHERE id = $1")
+        .await
+        .expect("prepare");
+    let acme: i32 = app
+        .query_one(&ins, &[&"acme", &"a"])
+        .await
+        .expect("a")
+        .get(0);
+    let globex: i32 = app
+        .query_one(&ins, &[&"globex", &"g"])
+        .await
+        .expect("g")
+        .get(0);
+    assert_eq!(
+        app.query_one(&read, &[&acme])
+            .await
+            .expect("read")
+            .get::<_, String>(0),
+        "a"
+    );
+
+    keyring(&s.ring(), "disable", "acme");
+    let err = wait_for(&app, &read, acme, true).await.expect("an error");
+    assert_eq!(sqlstate(&err), "KM001", "{err}");
+    assert!(common::error_message(&err).contains("acme"), "{err}");
+    // Writes for the revoked tenant fail too; the other tenant works on the
+    // same connection.
+    let err = app
+        .query_one(&ins, &[&"acme", &"b"])
+        .await
+        .expect_err("write");
+    assert_eq!(sqlstate(&err), "KM001", "{err}");
+    let g: String = app
+        .query_one(&read, &[&globex])
+        .await
+        .expect("globex")
+        .get(0);
+    assert_eq!(g, "g");
+    app.query_one(&ins, &[&"globex", &"g2"])
+        .await
+        .expect("globex write");
+
+    // Inside a transaction: the refused read fails the server transaction,
+    // so COMMIT cannot keep the insert before it.
+    let tx = app.transaction().await.expect("begin");
+    tx.execute(&ins, &[&"globex", &"in failed tx"])
+        .await
+        .expect("insert");
+    let err = tx
+        .query_one(&read, &[&acme])
+        .await
+        .expect_err("revoked read");
+    assert_eq!(sqlstate(&err), "KM001");
+    let err = tx.query_one("SELECT 1", &[]).await.expect_err("aborted");
+    assert_eq!(sqlstate(&err), "25P02", "{err}");
+    let _ = tx.commit().await;
+    let kept: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM typed WHERE tenant_id = 'globex'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(kept, 2, "the failed transaction left nothing behind");
+
+    keyring(&s.ring(), "enable", "acme");
+    assert!(wait_for(&app, &read, acme, false).await.is_none());
+    app.query_one(&ins, &[&"acme", &"c"])
+        .await
+        .expect("acme writes again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tampered_and_cross_tenant_cells_are_refused() {
+    let s = setup().await;
+    let app = s.app().await;
+    let ins = app
+        .prepare("INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id")
+        .await
+        .expect("prepare");
+    let a: i32 = app
+        .query_one(&ins, &[&"acme", &"a", &1i32])
+        .await
+        .expect("a")
+        .get(0);
+    let g: i32 = app
+        .query_one(&ins, &[&"globex", &"g", &2i32])
+        .await
+        .expect("g")
+        .get(0);
+    // Flip one ciphertext byte of row a; move row g's cell into row a's other column.
+    s.direct
+        .batch_execute(&format!(
+            "UPDATE typed SET c_text = overlay(c_text placing '\\x00'::bytea from 40 for 1) WHERE id = {a}"
+        ))
+        .await
+        .expect("tamper");
+    let read = app
+        .prepare("SELECT c_text FROM typed WHERE id = $1")
+        .await
+        .expect("prepare");
+    let err = app.query_one(&read, &[&a]).await.expect_err("tampered");
+    assert_eq!(sqlstate(&err), "KM005", "{err}");
+    assert!(
+        common::error_message(&err).contains("typed.c_text"),
+        "{err}"
+    );
+    // Cross-tenant guard: a globex cell read in an acme session.
+    app.batch_execute("SET cmk.tenant_id = 'acme'")
+        .await
+        .expect("set");
+    let err = app.query_one(&read, &[&g]).await.expect_err("cross tenant");
+    assert_eq!(sqlstate(&err), "KM006", "{err}");
+    let ok: i32 = app
+        .query_one("SELECT c_int4 FROM typed WHERE id = $1", &[&a])
+        .await
+        .expect("own row")
+        .get(0);
+    assert_eq!(ok, 1);
+}
+
+/// Raw extended-protocol messages, as some drivers send them.
+mod raw {
+    use super::common::raw::{message, read_until_ready, send, session};
+
+    pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&(types.len() as u16).to_be_bytes());
+        for t in types {
+            body.extend_from_slice(&t.to_be_bytes());
+        }
+        message(b'P', &body)
+    }
+
+    pub fn bind(statement: &str, params: &[Option<&[u8]>], result_format: i16) -> Vec<u8> {
+        let mut body = vec![0u8];
+        body.extend_from_slice(statement.as_bytes());
+        body.push(0);
+        body.extend_from_slice(&0u16.to_be_bytes());
+        body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+        for p in params {
+            match p {
+                Some(v) => {
+                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    body.extend_from_slice(v);
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&result_format.to_be_bytes());
+        message(b'B', &body)
+    }
+
+    pub fn execute() -> Vec<u8> {
+        message(b'E', b"\0\0\0\0\0")
+    }
+
+    pub fn sync() -> Vec<u8> {
+        message(b'S', b"")
+    }
+
+    pub use super::common::raw::BackendMessage;
+
+    /// Sends `bytes` in a new session and reads `cycles` request cycles.
+    pub fn run(port: u16, bytes: &[u8], cycles: usize) -> Vec<BackendMessage> {
+        let mut s = session(port, "app");
+        send(&mut s, bytes);
+        (0..cycles).flat_map(|_| read_until_ready(&mut s)).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn execute_without_any_describe_is_still_decrypted_and_refusals_drain_to_sync() {
+    let s = setup().await;
+    let app = s.app().await;
+    let id: i32 = app
+        .query_one(
+            "INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id",
+            &[&"acme", &"undescribed", &42i32],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let port = s.proxy.port();
+    let sql = format!("SELECT c_text, c_int4 FROM typed WHERE id = {id}");
+    // Parse / Bind / Execute / Sync with no Describe: the client gets only
+    // the responses it asked for, with plaintext rows.
+    let mut bytes = raw::parse("", &sql, &[]);
+    bytes.extend(raw::bind("", &[], 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 1))
+        .await
+        .expect("raw session");
+    let tags: Vec<u8> = got.iter().map(|m| m.tag).collect();
+    assert_eq!(
+        tags, b"12DCZ",
+        "no injected Describe answer reaches the client"
+    );
+    let row = &got[2].body;
+    assert!(
+        row.windows(11).any(|w| w == b"undescribed"),
+        "row is plaintext: {row:?}"
+    );
+    assert!(row.windows(2).any(|w| w == b"42"));
+
+    // A refused Parse in a pipeline: its error, then nothing until Sync,
+    // and the statements after it did not run.
+    let mut bytes = raw::parse("", "SELECT id FROM typed WHERE c_text = 'x'", &[]);
+    bytes.extend(raw::bind("", &[], 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    bytes.extend(raw::parse("", "SELECT 7", &[]));
+    bytes.extend(raw::bind("", &[], 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 2))
+        .await
+        .expect("raw session");
+    let tags: Vec<u8> = got.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"EZ12DCZ", "{tags:?}");
+    assert_eq!(got[0].field(b'C').as_deref(), Some("KM003"));
+
+    // A Bind refused (no tenant) in the middle of a pipeline.
+    let mut bytes = raw::parse(
+        "w",
+        "INSERT INTO typed (tenant_id, c_text) VALUES ($1, $2)",
+        &[],
+    );
+    bytes.extend(raw::bind("w", &[None, Some(b"v")], 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 1))
+        .await
+        .expect("raw session");
+    let tags: Vec<u8> = got.iter().map(|m| m.tag).collect();
+    assert_eq!(tags, b"1EZ", "{tags:?}");
+    assert_eq!(got[1].field(b'C').as_deref(), Some("KM004"));
+}

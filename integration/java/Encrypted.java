@@ -3,9 +3,10 @@
 // server-side statement with binary transfer and no new Describe).
 // Table `records` (created by the harness, see integration/README.md) has one
 // protected column per declared type. With JDBC's own setters (setShort,
-// setInt, setLong, setBigDecimal, setDouble, setBoolean, setDate,
-// setTimestamp, setObject(OffsetDateTime), setObject(UUID), PGobject jsonb,
-// setBytes, setNull): for tenants acme and globex insert rows covering every
+// setInt, setLong, setBigDecimal, setDouble, setBoolean, setObject(LocalDate,
+// LocalDateTime, OffsetDateTime, UUID), setTimestamp(Instant), PGobject jsonb,
+// setBytes, setNull; and the legacy setDate/setTimestamp, which pgJDBC sends
+// untyped with the JVM's offset: '2024-02-29 +00'): for tenants acme and globex insert rows covering every
 // type (NULLs, unicode, 1 KiB text, negative and extreme numbers, timestamptz
 // with an offset), as a batch and one by one; read them back exactly and check
 // the declared types in ResultSetMetaData and ParameterMetaData; update
@@ -200,12 +201,8 @@ public class Encrypted {
             ps.setDouble(i, d);
         } else if (v instanceof Boolean x) {
             ps.setBoolean(i, x);
-        } else if (v instanceof LocalDate d) {
-            ps.setDate(i, java.sql.Date.valueOf(d));
-        } else if (v instanceof LocalDateTime d) {
-            ps.setTimestamp(i, Timestamp.valueOf(d));
-        } else if (v instanceof OffsetDateTime d) {
-            ps.setObject(i, d);
+        } else if (v instanceof LocalDate || v instanceof LocalDateTime || v instanceof OffsetDateTime) {
+            ps.setObject(i, v);
         } else if (v instanceof Instant d) {
             ps.setTimestamp(i, Timestamp.from(d));
         } else if (v instanceof UUID u) {
@@ -400,7 +397,7 @@ public class Encrypted {
             try (PreparedStatement ps = c.prepareStatement(
                     "UPDATE records SET c_text = ?, c_date = ? WHERE id = ? AND tenant_id = ?")) {
                 ps.setString(1, "acme updated ✓");
-                ps.setDate(2, java.sql.Date.valueOf("2001-09-09"));
+                ps.setObject(2, LocalDate.of(2001, 9, 9));
                 ps.setInt(3, 1);
                 ps.setString(4, "acme");
                 expect(ps.executeUpdate(), 1, "update count");
@@ -419,7 +416,7 @@ public class Encrypted {
             try (Connection c2 = proxy("-c cmk.tenant_id=globex");
                     PreparedStatement ps = c2.prepareStatement("UPDATE records SET c_int4 = ?, c_timestamp = ? WHERE id = ?")) {
                 ps.setInt(1, 42);
-                ps.setTimestamp(2, Timestamp.valueOf("2010-10-10 10:10:10.5"));
+                ps.setObject(2, LocalDateTime.of(2010, 10, 10, 10, 10, 10, 500_000_000));
                 ps.setInt(3, 11);
                 expect(ps.executeUpdate(), 1, "update count");
                 try (PreparedStatement sel = c2.prepareStatement("SELECT c_int4, c_timestamp, c_text FROM records WHERE id = ?")) {
@@ -484,6 +481,32 @@ public class Encrypted {
                 }
             }
             expect(got, List.of("1|upserted ✓|1.50|11111111-2222-3333-4444-555555555555|-32768", "4|new via upsert|2|null|null"), "upserted rows");
+        });
+
+        check("legacy setDate / setTimestamp (sent untyped with an offset: '2024-02-29 +00')", () -> {
+            try (PreparedStatement ps = c.prepareStatement(
+                    "INSERT INTO records (id, tenant_id, c_date, c_timestamp, c_timestamptz) VALUES (?, ?, ?, ?, ?)")) {
+                ps.setInt(1, 200);
+                ps.setString(2, "acme");
+                ps.setDate(3, java.sql.Date.valueOf("2024-02-29"));
+                ps.setTimestamp(4, Timestamp.valueOf("2024-02-29 23:59:59.123456"));
+                ps.setTimestamp(5, Timestamp.from(Instant.parse("1969-07-21T00:17:40Z")));
+                expect(ps.executeUpdate(), 1, "insert count");
+            }
+            try (PreparedStatement ps = c.prepareStatement("UPDATE records SET c_date = ? WHERE id = ? AND tenant_id = ?")) {
+                ps.setDate(1, java.sql.Date.valueOf("1999-12-31"));
+                ps.setInt(2, 200);
+                ps.setString(3, "acme");
+                expect(ps.executeUpdate(), 1, "update count");
+            }
+            try (PreparedStatement ps = c.prepareStatement("SELECT c_date, c_timestamp, c_timestamptz FROM records WHERE id = ?")) {
+                ps.setInt(1, 200);
+                try (ResultSet rs = ps.executeQuery()) {
+                    rs.next();
+                    expect(rs.getDate(1) + "|" + rs.getTimestamp(2) + "|" + rs.getTimestamp(3).toInstant(),
+                        "1999-12-31|2024-02-29 23:59:59.123456|1969-07-21T00:17:40Z", "row 200");
+                }
+            }
         });
 
         check("at rest (direct connection): every cell an envelope, EDEK and blind index set, NULLs stay NULL", () -> {

@@ -3,13 +3,14 @@
 // Table `records` (created by the harness, see integration/README.md) has one
 // protected column per declared type. For tenants acme and globex: insert rows
 // covering every type (NULLs, unicode, 1 KiB text, negative and extreme
-// numbers, BigInt, timestamptz with an offset and as a JS Date, a JS Date for
-// a timestamp column, sent with the local offset that PostgreSQL ignores), read them
+// numbers, BigInt, timestamptz with an offset and as a JS Date), read them
 // back with pg's type parsers and as raw text, check the declared types in
 // the result fields; update (tenant in WHERE; pinned to a session tenant set
 // by startup option and by SET through a named statement); upsert with
 // ON CONFLICT DO UPDATE SET c = EXCLUDED.c; named statements executed several
 // times; ciphertext at rest through a direct connection; one KM003 refusal;
+// JS Dates for date and timestamp columns too (node-pg sends them with the
+// local offset, which PostgreSQL ignores for these types);
 // then revoke globex: KM001 naming the tenant while acme keeps working on the
 // same connection, and restore.
 // Env: DATABASE_URL (proxy), PGSSLROOTCERT, CMK_DIRECT_URL, CMK_REVOKE_CMD,
@@ -124,7 +125,7 @@ function rowsFor(t) {
       UUIDS[t], JSON_DOC, Buffer.from([0, 1, 0x7f, 0x80, 0xff, 0x43, 0x4d, 0x4b])],
     [b + 2, t, 'nulls', ...COLS.map(() => null)],
     [b + 3, t, 'extremes', BIG, '', 32767, 2147483647, 9223372036854775807n,
-      '123456789012345678901234567890.000000001', 1e300, false, '1970-01-01', new Date(2000, 0, 1), MOON,
+      '123456789012345678901234567890.000000001', 1e300, false, '1970-01-01', '2000-01-01 00:00:00', MOON,
       '00000000-0000-0000-0000-000000000000', JSON.stringify([1, 'two', null]), Buffer.alloc(0)],
   ];
 }
@@ -283,6 +284,17 @@ async function main() {
     }
     const ps = await client.query("SELECT name FROM pg_prepared_statements WHERE name IN ('enc_ins', 'enc_sel') ORDER BY name");
     expectEqual(ps.rows.map((r) => r.name), ['enc_ins', 'enc_sel'], 'server-side prepared statements');
+  });
+
+  await check('JS Date objects for date and timestamp columns (sent as local time with an offset)', async () => {
+    const day = new Date(2024, 1, 29);
+    const wall = new Date(2000, 0, 1, 12, 30, 15, 250);
+    await client.query('INSERT INTO records (id, tenant_id, c_date, c_timestamp) VALUES ($1, $2, $3, $4)', [200, 'acme', day, wall]);
+    const r = await client.query({ text: 'SELECT c_date, c_timestamp FROM records WHERE id = $1', values: [200], rowMode: 'array' });
+    expectEqual(asShown(r.rows), [[day.toISOString(), wall.toISOString()]], 'parsed');
+    const t = await client.query({ text: 'SELECT c_date, c_timestamp FROM records WHERE id = $1', values: [200], rowMode: 'array', types: rawText });
+    const pad = (n) => String(n).padStart(2, '0');
+    expectEqual(t.rows, [['2024-02-29', `2000-01-01 ${pad(wall.getHours())}:30:15.25`]], 'as text');
   });
 
   await check('at rest (direct connection): every cell an envelope, EDEK and blind index set, NULLs stay NULL', async () => {

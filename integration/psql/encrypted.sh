@@ -118,6 +118,21 @@ expect "read globex rows of every type" "$(expected_rows globex 10 $UUID_GLOBEX)
 expect "SELECT * hides the EDEK and blind index columns" "$(expected_rows acme 0 $UUID_ACME | head -1)" \
     q -c "SELECT * FROM records WHERE id = 1"
 
+expect "\\gdesc (Parse/Describe) shows the declared types" "c_text|text
+c_varchar|character varying
+c_int2|smallint
+c_int4|integer
+c_int8|bigint
+c_numeric|numeric
+c_float8|double precision
+c_bool|boolean
+c_date|date
+c_timestamp|timestamp without time zone
+c_timestamptz|timestamp with time zone
+c_uuid|uuid
+c_jsonb|jsonb
+c_bytea|bytea" q -f - <<<"SELECT $COLS FROM records \\gdesc"
+
 # 4. update: tenant in WHERE; and pinned to the session tenant (SET cmk.tenant_id)
 expect "update with the tenant in WHERE" "acme updated ✓|-2147483648" \
     q -c "UPDATE records SET c_text = 'acme updated ✓' WHERE id = 1 AND tenant_id = 'acme'" \

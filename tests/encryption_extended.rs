@@ -445,7 +445,11 @@ async fn refusals_in_the_extended_protocol_keep_the_connection_usable() {
         )
         .await
         .expect("prepare typed");
-    assert_eq!(typed.params(), &[Type::TEXT, Type::TEXT], "declared types are shown as declared");
+    assert_eq!(
+        typed.params(),
+        &[Type::TEXT, Type::TEXT],
+        "declared types are shown as declared"
+    );
     app.execute(&typed, &[&"acme", &"2001-02-03"])
         .await
         .expect("a date sent as text");

@@ -27,6 +27,8 @@ const BYTEA_OID: u32 = 17;
 const JSONB_OID: u32 = 3802;
 /// A statement name no client uses: a Bind to it fails at the server.
 const REFUSED_STATEMENT: &str = "cmk-proxy: refused";
+/// Portal records kept per session before the oldest are forgotten.
+const MAX_PORTALS: usize = 256;
 /// SQL that fails to parse at the server, for a refused Parse.
 const REFUSED_SQL: &str = "cmk-proxy refused this statement";
 
@@ -183,10 +185,13 @@ impl ClientStatements {
         })
     }
 
+    /// The portal bound under `name`. One the proxy does not know (it
+    /// failed, or its record was dropped) has no known columns, so its rows
+    /// are described by the proxy itself before they are executed.
     fn portal(&self, name: &str) -> Arc<Portal> {
         self.portals.get(name).cloned().unwrap_or_else(|| {
             Arc::new(Portal {
-                statement: self.statement(""),
+                statement: Arc::new(PreparedStatement::plain(0, Arc::from(""))),
                 result_formats: Vec::new(),
                 shape: Mutex::new(None),
                 described: Default::default(),
@@ -195,6 +200,11 @@ impl ClientStatements {
     }
 
     fn bind_portal(&mut self, bind: &Bind<'_>) {
+        if self.portals.len() >= MAX_PORTALS && !self.portals.contains_key(bind.portal) {
+            // Portals end with their transaction at the server, but the
+            // proxy is not told; forgetting them is safe (see `portal`).
+            self.portals.clear();
+        }
         let portal = Portal {
             statement: self.statement(bind.statement),
             result_formats: bind.result_formats.clone(),
@@ -384,7 +394,11 @@ fn plan_parse(
                         // PostgreSQL reports a type the client declared as
                         // declared; otherwise the column's plaintext type.
                         let declared = parse.param_types.get(n - 1).copied().unwrap_or(0);
-                        let shown = if declared == 0 { cell.ty.oid() } else { declared };
+                        let shown = if declared == 0 {
+                            cell.ty.oid()
+                        } else {
+                            declared
+                        };
                         statement.presented.push((n - 1, shown));
                     }
                     if let Some(slot) = types.get_mut(cell.target_param - 1) {

@@ -571,6 +571,40 @@ public class Encrypted {
             }
         });
 
+        check("KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it", () -> {
+            try (Connection c2 = proxy(null)) {
+                c2.setAutoCommit(false);
+                try (PreparedStatement ps = c2.prepareStatement("INSERT INTO records (id, tenant_id, c_text) VALUES (?, ?, ?)")) {
+                    ps.setInt(1, 300);
+                    ps.setString(2, "acme");
+                    ps.setString(3, "half of the work");
+                    ps.executeUpdate();
+                }
+                String state = sqlState(() -> {
+                    try (PreparedStatement ps = c2.prepareStatement("SELECT id FROM records WHERE c_int4 = ?")) {
+                        ps.setInt(1, 1);
+                        ps.executeQuery().close();
+                    }
+                });
+                if (!state.startsWith("KM003")) {
+                    throw new AssertionError("expected KM003, got " + state);
+                }
+                String next = sqlState(() -> {
+                    try (Statement s = c2.createStatement()) {
+                        s.executeQuery("SELECT 1").close();
+                    }
+                });
+                if (!next.startsWith("25P02")) {
+                    throw new AssertionError("expected 25P02 after KM003 in the transaction, got " + next);
+                }
+                sqlState(c2::commit);
+            }
+            try (Statement s = direct.createStatement(); ResultSet rs = s.executeQuery("SELECT count(*) FROM records WHERE id = 300")) {
+                rs.next();
+                expect(rs.getLong(1), 0L, "rows of the failed transaction");
+            }
+        });
+
         check("revoke " + revoked + ": KM001 naming the tenant; " + other
                 + " keeps reading and writing on the same connection and prepared statement", () -> {
             try (PreparedStatement ps = c.prepareStatement(SELECT + " WHERE tenant_id = ? AND id < 50 ORDER BY id")) {

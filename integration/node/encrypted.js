@@ -325,6 +325,16 @@ async function main() {
     expectEqual(r.rows, [{ n: 7 }], 'usable after KM003');
   });
 
+  await check('KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it', async () => {
+    await client.query('BEGIN');
+    await client.query('INSERT INTO records (id, tenant_id, c_text) VALUES ($1, $2, $3)', [300, 'acme', 'half of the work']);
+    await expectError(client.query('SELECT id FROM records WHERE c_int4 = $1', [1]), 'KM003', 'WHERE c_int4 = $1');
+    await expectError(client.query('SELECT 1'), '25P02', 'statement after KM003 in the transaction');
+    await client.query('COMMIT');
+    const r = await direct.query('SELECT count(*)::int AS n FROM records WHERE id = 300');
+    expectEqual(r.rows, [{ n: 0 }], 'rows of the failed transaction');
+  });
+
   const readTenant = (t) => client.query({ name: 'enc_read_tenant', text: `${SELECT} WHERE tenant_id = $1 AND id < 50 ORDER BY id`, values: [t], rowMode: 'array' });
 
   await check(`revoke ${REVOKED}: KM001 naming the tenant; ${OTHER} keeps reading and writing on the same connection`, async () => {

@@ -169,6 +169,11 @@ out="$(qk -c "SELECT id FROM records WHERE c_int4 = 42" -c "SELECT 'usable after
 contains "KM003 for WHERE on a protected column (names table and column), connection usable" "$out" \
     "KM003" "public.records" "c_int4" "usable after KM003|7"
 
+out="$(qk -c "BEGIN" -c "INSERT INTO records (id, tenant_id, c_text) VALUES (300, 'acme', 'half of the work')" \
+    -c "SELECT id FROM records WHERE c_int4 = 1" -c "SELECT 'after KM003'" -c "COMMIT")"
+contains "KM003 inside a transaction fails the server transaction too" "$out" "KM003" "25P02"
+expect "COMMIT after KM003 keeps nothing of the transaction" "0" d -c "SELECT count(*) FROM records WHERE id = 300"
+
 # 8. revocation: globex's key is disabled
 GLOBEX_READ="SELECT id, c_text FROM records WHERE tenant_id = 'globex' ORDER BY id"
 ACME_READ="SELECT 'acme ok', c_text FROM records WHERE id = 1"

@@ -307,6 +307,26 @@ def _():
     expect(conn.execute("SELECT count(*) FROM records WHERE id < %s", (50,)).fetchone(), (7,), "usable after KM003")
 
 
+@check("KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it")
+def _():
+    with psycopg.connect(URL, connect_timeout=20) as c2:
+        c2.execute("INSERT INTO records (id, tenant_id, c_text) VALUES (%s, %s, %s)", (300, "acme", "half of the work"))
+        try:
+            c2.execute("SELECT id FROM records WHERE c_int4 = %s", (1,))
+        except psycopg.Error as e:
+            expect(e.sqlstate, "KM003", f"SQLSTATE ({e})")
+        else:
+            raise AssertionError("WHERE c_int4 = $1 was not refused")
+        try:
+            c2.execute("SELECT 1")
+        except psycopg.Error as e:
+            expect(e.sqlstate, "25P02", f"the server transaction is aborted ({e})")
+        else:
+            raise AssertionError("the transaction went on after KM003")
+        c2.commit()
+    expect(direct.execute("SELECT count(*) FROM records WHERE id = 300").fetchone(), (0,), "rows of the failed transaction")
+
+
 def poll(fn, want_error, what):
     """Calls fn until it raises (want_error) or succeeds; returns the error.
     10 s only guards against a hang: approval_ttl is 1 s."""

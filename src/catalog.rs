@@ -34,11 +34,14 @@ pub struct ColumnRef {
     pub role: ColumnRole,
 }
 
-/// (table OID, attnum) → policy column, for RowDescription lookups.
+/// (table OID, attnum) → policy column, for RowDescription lookups. Views
+/// (and materialized views) whose columns PostgreSQL traces back to a
+/// protected column are mapped to that column too.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogMap {
     by_attr: HashMap<(u32, i16), ColumnRef>,
     table_oids: BTreeMap<Arc<str>, u32>,
+    views: HashMap<String, Vec<String>>,
 }
 
 impl CatalogMap {
@@ -53,6 +56,13 @@ impl CatalogMap {
     /// OID of a policy table (`schema.table`).
     pub fn table_oid(&self, table: &str) -> Option<u32> {
         self.table_oids.get(table).copied()
+    }
+
+    /// Views over protected columns: `schema.view` → the names of its
+    /// columns that carry protected values (writes through them and
+    /// conditions on those columns are refused).
+    pub fn protected_views(&self) -> &HashMap<String, Vec<String>> {
+        &self.views
     }
 
     /// Number of mapped columns.
@@ -192,7 +202,65 @@ pub async fn load_map(
         add(&table_policy.edek_column, ColumnRole::Edek);
         add(&table_policy.tenant_column, ColumnRole::Tenant);
     }
+    map_views(client, &mut map).await?;
     Ok(map)
+}
+
+/// Views nested deeper than this over a protected table are not mapped
+/// (their envelopes are still refused, never shown as plaintext).
+const MAX_VIEW_DEPTH: usize = 8;
+
+/// Maps the columns of views over mapped relations, level by level. For each
+/// view, PostgreSQL itself says which base column each output column comes
+/// from: the view's definition is described as a subquery, whose result
+/// columns carry the origin of plain column references.
+async fn map_views(
+    client: &tokio_postgres::Client,
+    map: &mut CatalogMap,
+) -> Result<(), CatalogError> {
+    let mut mapped: Vec<u32> = map.table_oids.values().copied().collect();
+    for _ in 0..MAX_VIEW_DEPTH {
+        let views = client
+            .query(
+                "SELECT DISTINCT v.oid, n.nspname || '.' || v.relname, pg_get_viewdef(v.oid)                  FROM pg_catalog.pg_depend d                  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid                  JOIN pg_catalog.pg_class v ON v.oid = r.ev_class                  JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace                  WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass                    AND d.refclassid = 'pg_catalog.pg_class'::regclass                    AND d.refobjid = ANY($1::oid[]) AND v.relkind IN ('v', 'm')                    AND NOT v.oid = ANY($1::oid[])",
+                &[&mapped],
+            )
+            .await?;
+        if views.is_empty() {
+            break;
+        }
+        for view in views {
+            let oid: u32 = view.get(0);
+            let name: String = view.get(1);
+            let definition: String = view.get(2);
+            mapped.push(oid);
+            let probe = format!(
+                "SELECT * FROM ({}) AS cmk_view_probe",
+                definition.trim().trim_end_matches(';')
+            );
+            let statement = match client.prepare(&probe).await {
+                Ok(statement) => statement,
+                Err(e) => {
+                    tracing::warn!(view = %name, error = %e, "view over protected columns not mapped; its protected cells will be refused");
+                    continue;
+                }
+            };
+            for (index, column) in statement.columns().iter().enumerate() {
+                let origin = column.table_oid().zip(column.column_id());
+                let Some(base) = origin.and_then(|key| map.by_attr.get(&key)).cloned() else {
+                    continue;
+                };
+                if matches!(base.role, ColumnRole::Protected(_)) {
+                    map.views
+                        .entry(name.clone())
+                        .or_default()
+                        .push(column.name().to_owned());
+                }
+                map.by_attr.insert((oid, index as i16 + 1), base);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Compares the policy with the live schema; every problem comes with the

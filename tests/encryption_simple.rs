@@ -226,20 +226,35 @@ async fn unsupported_statements_are_refused_with_km003_and_the_connection_stays_
         Some("1"),
         "the half transaction was rolled back"
     );
-    // Protected data that reaches a result through a view or expression
-    // (no RowDescription link to the column) is refused, never shown as bytea.
+    // Views: columns PostgreSQL traces back to a protected column are
+    // decrypted (nested views too, in both protocols); conditions on them
+    // and writes through them are refused; protected data that reaches a
+    // result through an expression is refused, never shown as bytea.
     rows(
         &app,
-        "CREATE VIEW patient_notes AS SELECT id, notes FROM patients",
+        "CREATE VIEW patient_notes AS SELECT id, notes AS memo FROM patients; \
+         CREATE VIEW patient_memos AS SELECT memo FROM patient_notes; \
+         CREATE VIEW patient_mixed AS SELECT id, coalesce(notes, notes) AS n FROM patients",
     )
     .await;
+    let read = rows(&app, "SELECT memo FROM patient_notes").await;
+    assert_eq!(read[0][0].as_deref(), Some("x"));
+    let read = rows(&app, "SELECT * FROM patient_memos").await;
+    assert_eq!(read, vec![vec![Some("x".to_owned())]]);
+    let read = app.query("SELECT memo FROM patient_memos", &[]).await.unwrap();
+    assert_eq!(read[0].get::<_, Option<String>>(0).as_deref(), Some("x"));
     for sql in [
-        "SELECT notes FROM patient_notes",
+        "SELECT n FROM patient_mixed",
         "SELECT coalesce(notes, notes) AS n FROM patients",
+        "SELECT id FROM patient_notes WHERE memo = 'x'",
+        "INSERT INTO patient_notes (id, memo) VALUES (99, 'plain')",
+        "UPDATE patient_notes SET memo = 'plain'",
     ] {
         let (code, message) = refused(&app, sql).await;
         assert!(code == "KM003", "{sql}: {code} {message}");
     }
+    let count = rows(&app, "SELECT count(*) FROM patients").await;
+    assert_eq!(count[0][0].as_deref(), Some("1"), "nothing written through the view");
     // Statements on other tables are never refused.
     rows(
         &app,

@@ -169,7 +169,8 @@ impl Encryption {
         sql: &str,
         session: &SessionInfo<'_>,
     ) -> Result<QueryRewrite, Rejection> {
-        let analysis = rewrite::analyze(&self.policy, sql, 0)?;
+        let catalog = self.catalog();
+        let analysis = rewrite::analyze_in(&self.policy, catalog.protected_views(), sql, 0)?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());

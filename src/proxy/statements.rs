@@ -360,7 +360,13 @@ fn plan_parse(
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
-    let analysis = rewrite::analyze(encryption.policy(), parse.query, parse.param_types.len())?;
+    let catalog = encryption.catalog();
+    let analysis = rewrite::analyze_in(
+        encryption.policy(),
+        catalog.protected_views(),
+        parse.query,
+        parse.param_types.len(),
+    )?;
     if analysis
         .statements
         .iter()

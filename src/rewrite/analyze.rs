@@ -1,7 +1,7 @@
 //! Classifies every statement of a query string: untouched, a read of
 //! protected tables, a planned write, or a rejection.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
@@ -11,7 +11,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::names::{ident_name, mentions_policy_table, policy_table};
+use super::names::{ident_name, mentions_policy_table, policy_table, relation_key};
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::Rejection;
 use crate::config::Policy;
@@ -49,9 +49,30 @@ impl Analysis {
     }
 }
 
-/// Analyzes `sql`. `client_params` is the number of parameters the client
-/// declared or uses (added placeholders are numbered after them).
+/// Views over protected columns: `schema.view` → its protected column names.
+pub type ProtectedViews = HashMap<String, Vec<String>>;
+
+/// What the analysis protects: the policy tables and the views over them.
+struct Scope<'a> {
+    policy: &'a Policy,
+    views: &'a ProtectedViews,
+}
+
+/// Analyzes `sql` against the policy alone (no views known).
 pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analysis, Rejection> {
+    analyze_in(policy, &ProtectedViews::new(), sql, client_params)
+}
+
+/// Analyzes `sql`. `client_params` is the number of parameters the client
+/// declared or uses (added placeholders are numbered after them); `views`
+/// are treated like their protected tables for reads and refused for writes.
+pub fn analyze_in(
+    policy: &Policy,
+    views: &ProtectedViews,
+    sql: &str,
+    client_params: usize,
+) -> Result<Analysis, Rejection> {
+    let scope = Scope { policy, views };
     if policy.tables.is_empty() {
         return Ok(Analysis {
             statements: vec![StatementPlan::Untouched],
@@ -77,7 +98,7 @@ pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analy
     let params = client_params.max(max_placeholder(&statements));
     let plans = statements
         .into_iter()
-        .map(|s| plan_statement(policy, s, params))
+        .map(|s| plan_statement(&scope, s, params))
         .collect::<Result<_, _>>()?;
     Ok(Analysis {
         statements: plans,
@@ -109,16 +130,41 @@ pub(crate) fn placeholder_uses(statement: &Statement) -> Vec<usize> {
     uses
 }
 
-/// Protected tables (policy keys) the statement refers to anywhere.
-fn protected_tables(policy: &Policy, statement: &Statement) -> BTreeSet<String> {
+/// Protected tables (policy keys) and views over them that the statement
+/// refers to anywhere.
+fn protected_tables(scope: &Scope<'_>, statement: &Statement) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     let _ = visit_relations(statement, |name: &ObjectName| {
-        if let Some((key, _)) = policy_table(policy, name) {
+        if let Some((key, _)) = policy_table(scope.policy, name) {
             found.insert(key.to_owned());
+        } else if let Some(view) = protected_view(scope, name) {
+            found.insert(view);
         }
         ControlFlow::<()>::Continue(())
     });
     found
+}
+
+/// The protected view an object name refers to.
+fn protected_view(scope: &Scope<'_>, name: &ObjectName) -> Option<String> {
+    relation_key(name).filter(|key| scope.views.contains_key(key))
+}
+
+/// A write whose target is a view over protected columns: the proxy plans
+/// writes to the tables themselves only.
+fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Rejection> {
+    match protected_view(scope, name) {
+        Some(view) => Err(Rejection::unsupported(
+            &view,
+            scope
+                .views
+                .get(&view)
+                .and_then(|c| c.first())
+                .map(String::as_str),
+            "writing through a view of protected columns (write to its table)",
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Recognizes `SET <tenant setting> = value`.
@@ -148,10 +194,11 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<Option<Strin
 }
 
 fn plan_statement(
-    policy: &Policy,
+    scope: &Scope<'_>,
     statement: Statement,
     params: usize,
 ) -> Result<StatementPlan, Rejection> {
+    let policy = scope.policy;
     if let Some(tenant) = tenant_setting(policy, &statement) {
         return Ok(StatementPlan::SetTenant(tenant));
     }
@@ -164,7 +211,7 @@ fn plan_statement(
             return Err(Rejection::unsupported(table, None, "COPY"));
         }
     }
-    let tables = protected_tables(policy, &statement);
+    let tables = protected_tables(scope, &statement);
     match &statement {
         Statement::CreateTable(_)
         | Statement::AlterTable { .. }
@@ -183,11 +230,14 @@ fn plan_statement(
         }
         Statement::Insert(insert) => {
             let target = match &insert.table {
-                sqlparser::ast::TableObject::TableName(name) => policy_table(policy, name),
+                sqlparser::ast::TableObject::TableName(name) => {
+                    view_write_refusal(scope, name)?;
+                    policy_table(policy, name)
+                }
                 _ => None,
             };
             if let Some(source) = &insert.source {
-                check_query(policy, &tables, source)?;
+                check_query(scope, &tables, source)?;
             }
             match target {
                 Some((table, table_policy)) => {
@@ -200,9 +250,12 @@ fn plan_statement(
             }
         }
         Statement::Update { table, .. } => {
-            check_filters(policy, &tables, &statement)?;
+            check_filters(scope, &tables, &statement)?;
             let target = match &table.relation {
-                sqlparser::ast::TableFactor::Table { name, .. } => policy_table(policy, name),
+                sqlparser::ast::TableFactor::Table { name, .. } => {
+                    view_write_refusal(scope, name)?;
+                    policy_table(policy, name)
+                }
                 _ => None,
             };
             match target {
@@ -216,11 +269,11 @@ fn plan_statement(
             }
         }
         Statement::Query(query) => {
-            check_query(policy, &tables, query)?;
+            check_query(scope, &tables, query)?;
             Ok(StatementPlan::Read)
         }
         Statement::Delete(_) => {
-            check_filters(policy, &tables, &statement)?;
+            check_filters(scope, &tables, &statement)?;
             Ok(StatementPlan::Read)
         }
         Statement::Explain { .. } | Statement::Declare { .. } => Ok(StatementPlan::Read),
@@ -235,13 +288,17 @@ fn plan_statement(
     }
 }
 
-/// Protected column names of the given tables, with their table.
-fn protected_columns<'p>(policy: &'p Policy, tables: &BTreeSet<String>) -> Vec<(&'p str, &'p str)> {
-    tables
+/// Protected column names of the given tables and views, with their relation.
+fn protected_columns<'p>(scope: &Scope<'p>, tables: &BTreeSet<String>) -> Vec<(&'p str, &'p str)> {
+    let of_tables = tables
         .iter()
-        .filter_map(|t| policy.tables.get_key_value(t))
-        .flat_map(|(t, p)| p.columns.keys().map(move |c| (t.as_str(), c.as_str())))
-        .collect()
+        .filter_map(|t| scope.policy.tables.get_key_value(t))
+        .flat_map(|(t, p)| p.columns.keys().map(move |c| (t.as_str(), c.as_str())));
+    let of_views = tables
+        .iter()
+        .filter_map(|v| scope.views.get_key_value(v))
+        .flat_map(|(v, cols)| cols.iter().map(move |c| (v.as_str(), c.as_str())));
+    of_tables.chain(of_views).collect()
 }
 
 fn column_name(expr: &Expr) -> Option<String> {
@@ -254,7 +311,11 @@ fn column_name(expr: &Expr) -> Option<String> {
 
 /// Any expression that mentions a protected column is refused, except bare
 /// column references in SELECT lists (their results are decrypted).
-fn check_query(policy: &Policy, tables: &BTreeSet<String>, query: &Query) -> Result<(), Rejection> {
+fn check_query(
+    scope: &Scope<'_>,
+    tables: &BTreeSet<String>,
+    query: &Query,
+) -> Result<(), Rejection> {
     let mut stripped = query.clone();
     strip_bare_projections(&mut stripped.body);
     if let Some(with) = &mut stripped.with {
@@ -262,11 +323,11 @@ fn check_query(policy: &Policy, tables: &BTreeSet<String>, query: &Query) -> Res
             strip_bare_projections(&mut cte.query.body);
         }
     }
-    find_protected_use(policy, tables, &Statement::Query(Box::new(stripped)))
+    find_protected_use(scope, tables, &Statement::Query(Box::new(stripped)))
 }
 
 fn check_filters(
-    policy: &Policy,
+    scope: &Scope<'_>,
     tables: &BTreeSet<String>,
     statement: &Statement,
 ) -> Result<(), Rejection> {
@@ -285,7 +346,7 @@ fn check_filters(
         Statement::Delete(delete) => strip_items(delete.returning.as_mut()),
         _ => {}
     }
-    find_protected_use(policy, tables, &stripped)
+    find_protected_use(scope, tables, &stripped)
 }
 
 fn strip_items(items: Option<&mut Vec<SelectItem>>) {
@@ -325,11 +386,11 @@ fn strip_select(select: &mut Select) {
 }
 
 fn find_protected_use(
-    policy: &Policy,
+    scope: &Scope<'_>,
     tables: &BTreeSet<String>,
     statement: &Statement,
 ) -> Result<(), Rejection> {
-    let columns = protected_columns(policy, tables);
+    let columns = protected_columns(scope, tables);
     let mut hit: Option<(String, String)> = None;
     let _ = visit_expressions(statement, |expr| {
         if let Some(name) = column_name(expr) {

@@ -20,21 +20,26 @@ pub fn policy_table<'p>(
     policy: &'p Policy,
     name: &ObjectName,
 ) -> Option<(&'p str, &'p TablePolicy)> {
+    let key = relation_key(name)?;
+    policy
+        .tables
+        .get_key_value(&key)
+        .map(|(k, v)| (k.as_str(), v))
+}
+
+/// `schema.relation` for an object name (unqualified names are taken from
+/// the `public` schema, the default search_path).
+pub fn relation_key(name: &ObjectName) -> Option<String> {
     let parts: Vec<String> = name
         .0
         .iter()
         .filter_map(|p| p.as_ident().map(ident_name))
         .collect();
-    let key = match parts.as_slice() {
-        [table] => format!("public.{table}"),
-        [schema, table] => format!("{schema}.{table}"),
-        [_db, schema, table] => format!("{schema}.{table}"),
-        _ => return None,
-    };
-    policy
-        .tables
-        .get_key_value(&key)
-        .map(|(k, v)| (k.as_str(), v))
+    match parts.as_slice() {
+        [table] => Some(format!("public.{table}")),
+        [schema, table] | [_, schema, table] => Some(format!("{schema}.{table}")),
+        _ => None,
+    }
 }
 
 /// True if `sql` names a policy table anywhere (used when parsing fails:

@@ -94,15 +94,19 @@ else
     step "node packages" "installed (npm ci in integration/node)"
 fi
 
-# ---- JDBC client ------------------------------------------------------------
+# ---- JDBC clients -----------------------------------------------------------
 JAVA_DIR="$REPO/integration/java"
-CLASS="$JAVA_DIR/build/Session.class"
-if [ -f "$CLASS" ] && [ "$CLASS" -nt "$JAVA_DIR/Session.java" ]; then
-    step "java client" "ok (integration/java/build)"
+stale=()
+for src in "$JAVA_DIR"/*.java; do
+    class="$JAVA_DIR/build/$(basename "$src" .java).class"
+    if [ ! -f "$class" ] || [ "$src" -nt "$class" ]; then stale+=("$src"); fi
+done
+if [ "${#stale[@]}" -eq 0 ]; then
+    step "java clients" "ok (integration/java/build)"
 else
     mkdir -p "$JAVA_DIR/build"
-    javac -nowarn -cp "$JDBC_JAR" -d "$JAVA_DIR/build" "$JAVA_DIR/Session.java"
-    step "java client" "compiled integration/java/Session.java"
+    javac -nowarn -encoding UTF-8 -cp "$JDBC_JAR" -d "$JAVA_DIR/build" "${stale[@]}"
+    step "java clients" "compiled ${stale[*]##*/}"
 fi
 
 step "done" "all client dependencies present"

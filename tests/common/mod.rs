@@ -390,6 +390,8 @@ pub async fn wait_for_activity(admin: &tokio_postgres::Client, query: &str) {
     panic!("no backend ever ran {query}");
 }
 
+pub mod clients;
+
 /// Raw protocol helpers for tests that send bytes a driver never would.
 pub mod raw {
     use super::*;

@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
 
+use super::statements::ParsePlan;
 use crate::audit::{Audit, AuditEvent};
 use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
@@ -80,7 +81,11 @@ pub struct Encryption {
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
     dek_tenants: DashMap<Uuid, String>,
+    parse_plans: DashMap<(String, Vec<u32>), Result<Arc<ParsePlan>, Rejection>>,
 }
+
+/// Parse plans kept before the cache starts over (bounds its memory).
+const MAX_PARSE_PLANS: usize = 4096;
 
 impl Encryption {
     /// Starts audit, connects the key service (migrating the `cmk` schema and
@@ -97,6 +102,7 @@ impl Encryption {
             audit,
             catalog: RwLock::new(Arc::new(map)),
             dek_tenants: DashMap::new(),
+            parse_plans: DashMap::new(),
         }))
     }
 
@@ -130,9 +136,33 @@ impl Encryption {
                 if let Ok(mut slot) = self.catalog.write() {
                     *slot = Arc::new(map);
                 }
+                // Plans depend on the views the catalog maps.
+                self.parse_plans.clear();
             }
             None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
         }
+    }
+
+    /// The plan of a Parse with this SQL and these declared types: cached,
+    /// else made by `plan` (refusals are cached too; DDL is not).
+    pub(crate) fn parse_plan(
+        &self,
+        sql: &str,
+        param_types: &[u32],
+        plan: impl FnOnce() -> Result<ParsePlan, Rejection>,
+    ) -> Result<Arc<ParsePlan>, Rejection> {
+        let key = (sql.to_owned(), param_types.to_vec());
+        if let Some(found) = self.parse_plans.get(&key) {
+            return found.clone();
+        }
+        let made = plan().map(Arc::new);
+        if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
+            if self.parse_plans.len() >= MAX_PARSE_PLANS {
+                self.parse_plans.clear();
+            }
+            self.parse_plans.insert(key, made.clone());
+        }
+        made
     }
 
     /// Emits a rejection audit event.
@@ -182,8 +212,9 @@ impl Encryption {
         {
             out.fingerprint = Some(rewrite::fingerprint(sql));
         }
-        // The original statements, re-parsed, render the untouched ones.
-        let originals = if needs_rewrite {
+        // The original statements, re-parsed, render the untouched ones
+        // (a query of one statement that is a write needs none).
+        let originals = if needs_rewrite && analysis.statements.len() > 1 {
             sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
                 .map_err(|_| Rejection::unsupported("", None, "SQL that cmk-proxy cannot parse"))?
         } else {
@@ -624,9 +655,7 @@ fn edek_json(key: &WriteKey) -> String {
 fn bytea_literal(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(4 + bytes.len() * 2);
     out.push_str("'\\x");
-    for b in bytes {
-        out.push_str(&format!("{b:02x}"));
-    }
+    out.push_str(&hex::encode(bytes));
     out.push('\'');
     out
 }

@@ -20,7 +20,7 @@ pub(crate) enum StatementKind {
     /// Parameters pass unchanged; results are decrypted by their columns.
     Plain,
     /// A write whose protected values are encrypted at every Bind.
-    Write(Box<WritePlan>),
+    Write(Arc<WritePlan>),
     /// `SET <tenant setting> = …`: changes the session tenant when executed.
     SetTenant(Option<String>),
 }

@@ -353,6 +353,29 @@ impl ClientStatements {
     }
 }
 
+/// What the proxy makes of one Parse (SQL and declared parameter types),
+/// shared by every session that sends the same one until the catalog
+/// changes: drivers that use unnamed statements send the same Parse for
+/// every execution.
+#[derive(Debug)]
+pub struct ParsePlan {
+    kind: StatementKind,
+    client_params: usize,
+    presented: Vec<(usize, u32)>,
+    fingerprint: Arc<str>,
+    /// SQL and parameter types sent instead of the client's.
+    rewritten: Option<(String, Vec<u32>)>,
+    /// The statement changes the schema.
+    ddl: bool,
+}
+
+impl ParsePlan {
+    /// True when the statement changes the schema (never cached).
+    pub fn is_ddl(&self) -> bool {
+        self.ddl
+    }
+}
+
 /// Plans a Parse: the statement as the proxy tracks it, and the Parse to
 /// send instead (`None`: the original). `Err`: refused.
 fn plan_parse(
@@ -360,52 +383,80 @@ fn plan_parse(
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
+    let plan = encryption.parse_plan(parse.query, &parse.param_types, || {
+        plan_sql(parse.query, &parse.param_types, encryption)
+    })?;
+    if plan.ddl {
+        state.refresh_catalog.store(true, Ordering::Release);
+    }
+    let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
+    statement.declared = parse.param_types.clone();
+    statement.presented = plan.presented.clone();
+    statement.kind = match &plan.kind {
+        StatementKind::Plain => StatementKind::Plain,
+        StatementKind::Write(write) => StatementKind::Write(write.clone()),
+        StatementKind::SetTenant(tenant) => StatementKind::SetTenant(tenant.clone()),
+    };
+    let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
+        let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
+        Parse {
+            name: parse.name,
+            query: sql,
+            param_types: types.clone(),
+        }
+        .encode(&mut out);
+        out
+    });
+    Ok((statement, replacement))
+}
+
+/// Plans the SQL of a Parse with its declared parameter types.
+fn plan_sql(
+    query: &str,
+    param_types: &[u32],
+    encryption: &Encryption,
+) -> Result<ParsePlan, Rejection> {
     let catalog = encryption.catalog();
     let analysis = rewrite::analyze_in(
         encryption.policy(),
         catalog.protected_views(),
-        parse.query,
-        parse.param_types.len(),
+        query,
+        param_types.len(),
     )?;
-    if analysis
-        .statements
-        .iter()
-        .any(|s| matches!(s, StatementPlan::Ddl))
-    {
-        state.refresh_catalog.store(true, Ordering::Release);
-    }
-    let client_params = analysis.client_params;
-    let mut statement = PreparedStatement::plain(client_params, Arc::from(""));
-    statement.declared = parse.param_types.clone();
-    // The server refuses several statements in one Parse by itself.
-    let [plan] = analysis.statements.as_slice() else {
-        return Ok((statement, None));
+    let mut plan = ParsePlan {
+        kind: StatementKind::Plain,
+        client_params: analysis.client_params,
+        presented: Vec::new(),
+        fingerprint: Arc::from(""),
+        rewritten: None,
+        ddl: analysis
+            .statements
+            .iter()
+            .any(|s| matches!(s, StatementPlan::Ddl)),
     };
-    match plan {
-        StatementPlan::Untouched | StatementPlan::Ddl => Ok((statement, None)),
-        StatementPlan::Read => {
-            statement.fingerprint = Arc::from(rewrite::fingerprint(parse.query));
-            Ok((statement, None))
-        }
-        StatementPlan::SetTenant(tenant) => {
-            statement.kind = StatementKind::SetTenant(tenant.clone());
-            Ok((statement, None))
-        }
-        StatementPlan::Write(plan) => {
-            let mut types: Vec<u32> = parse.param_types.clone();
-            types.resize(client_params + plan.extra_params, 0);
-            for row in &plan.rows {
+    // The server refuses several statements in one Parse by itself.
+    let [statement] = analysis.statements.as_slice() else {
+        return Ok(plan);
+    };
+    match statement {
+        StatementPlan::Untouched | StatementPlan::Ddl => {}
+        StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
+        StatementPlan::SetTenant(tenant) => plan.kind = StatementKind::SetTenant(tenant.clone()),
+        StatementPlan::Write(write) => {
+            let mut types: Vec<u32> = param_types.to_vec();
+            types.resize(analysis.client_params + write.extra_params, 0);
+            for row in &write.rows {
                 for cell in &row.cells {
                     if let ValueSource::Param(n) = cell.value {
                         // PostgreSQL reports a type the client declared as
                         // declared; otherwise the column's plaintext type.
-                        let declared = parse.param_types.get(n - 1).copied().unwrap_or(0);
+                        let declared = param_types.get(n - 1).copied().unwrap_or(0);
                         let shown = if declared == 0 {
                             cell.ty.oid()
                         } else {
                             declared
                         };
-                        statement.presented.push((n - 1, shown));
+                        plan.presented.push((n - 1, shown));
                     }
                     if let Some(slot) = types.get_mut(cell.target_param - 1) {
                         *slot = BYTEA_OID;
@@ -418,20 +469,12 @@ fn plan_parse(
                     *slot = JSONB_OID;
                 }
             }
-            let sql = plan.statement.to_string();
-            let mut out =
-                BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
-            Parse {
-                name: parse.name,
-                query: &sql,
-                param_types: types,
-            }
-            .encode(&mut out);
-            statement.fingerprint = Arc::from(rewrite::fingerprint(parse.query));
-            statement.kind = StatementKind::Write(plan.clone());
-            Ok((statement, Some(out)))
+            plan.rewritten = Some((write.statement.to_string(), types));
+            plan.fingerprint = Arc::from(rewrite::fingerprint(query));
+            plan.kind = StatementKind::Write(Arc::new((**write).clone()));
         }
     }
+    Ok(plan)
 }
 
 /// A simple query: planned, its protected values encrypted, or replaced by

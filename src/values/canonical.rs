@@ -64,15 +64,16 @@ fn parse_int<N: std::str::FromStr + ToString>(
 
 /// Parses PostgreSQL's bytea text: `\x` hex, or the escape format.
 pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
-    if let Some(hex) = text.strip_prefix("\\x") {
-        let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-        if !digits.len().is_multiple_of(2) {
-            return None;
+    if let Some(digits) = text.strip_prefix("\\x") {
+        if let Ok(bytes) = hex::decode(digits) {
+            return Some(bytes);
         }
-        return digits
-            .chunks(2)
-            .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        // PostgreSQL allows whitespace between digit pairs.
+        let digits: Vec<u8> = digits
+            .bytes()
+            .filter(|b| !b.is_ascii_whitespace())
             .collect();
+        return hex::decode(digits).ok();
     }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -97,9 +98,7 @@ pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
 pub(crate) fn bytea_hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(2 + bytes.len() * 2);
     out.push_str("\\x");
-    for b in bytes {
-        out.push_str(&format!("{b:02x}"));
-    }
+    out.push_str(&hex::encode(bytes));
     out
 }
 

@@ -11,11 +11,10 @@ columns.
 What it avoids, because a proxy cannot evaluate it on ciphertext (and says
 so with SQLSTATE KM003): conditions, ordering or functions on protected
 columns (ssn, birth_date, notes, weight_kg, allergies, last_visit). It filters
-and orders by id, tenant_id and name only. Bulk INSERTs: SQLAlchemy's
-"insertmanyvalues" turns several ORM inserts into one
-`INSERT ... SELECT ... FROM (VALUES ...)` (an INSERT ... SELECT the proxy
-refuses); the engine sets `use_insertmanyvalues=False` so each row is its own
-`INSERT ... VALUES ... RETURNING id`.
+and orders by id, tenant_id and name only. Bulk INSERTs keep SQLAlchemy's
+default "insertmanyvalues" form, `INSERT ... SELECT p0::VARCHAR, ... FROM
+(VALUES ...) AS imp_sen(...) ORDER BY sen_counter RETURNING ...`, which the
+proxy plans like a VALUES list.
 """
 
 from __future__ import annotations
@@ -102,8 +101,6 @@ def make_engine(url: Optional[str] = None, echo: bool = False) -> Engine:
         database_url(url),
         echo=echo,
         pool_pre_ping=True,
-        # One INSERT ... VALUES per row instead of INSERT ... SELECT FROM (VALUES ...).
-        use_insertmanyvalues=False,
     )
 
 

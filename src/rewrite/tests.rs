@@ -281,3 +281,49 @@ fn tenant_setting_is_recognized() {
     assert!(matches!(&a.statements[1], StatementPlan::SetTenant(None)));
     assert!(matches!(&a.statements[2], StatementPlan::Untouched));
 }
+
+#[test]
+fn insert_select_from_a_values_list_is_planned_like_values() {
+    // SQLAlchemy 2's "insertmanyvalues" form for ORM bulk inserts.
+    let plan = write_plan(
+        "INSERT INTO patients (tenant_id, ssn, notes, name) SELECT p0::VARCHAR, p1::VARCHAR, \
+         p2::TEXT, p3::VARCHAR FROM (VALUES ($1, $2, $3, $4, 0), ($5, $6, NULL, $8, 1)) \
+         AS imp_sen(p0, p1, p2, p3, sen_counter) ORDER BY sen_counter RETURNING patients.id",
+        8,
+    );
+    assert_eq!(plan.rows.len(), 2);
+    assert_eq!(plan.rows[0].tenant, TenantSource::Param(1));
+    assert_eq!(plan.rows[1].tenant, TenantSource::Param(5));
+    assert_eq!(plan.rows[0].cells.len(), 2);
+    assert_eq!(plan.rows[1].cells.len(), 1, "NULL notes stay NULL");
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("SELECT p0::VARCHAR, p1, p2, p3::VARCHAR, cmk_edek_cmk, ssn_bidx_cmk FROM"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("($1, $2::BYTEA, $3::BYTEA, $4, 0, $10::JSONB, $9::BYTEA)"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("imp_sen (p0, p1, p2, p3, sen_counter, cmk_edek_cmk, ssn_bidx_cmk)"),
+        "{sql}"
+    );
+    assert!(
+        sql.contains("(tenant_id, ssn, notes, name, cmk_edek, ssn_bidx)"),
+        "{sql}"
+    );
+}
+
+#[test]
+fn other_insert_selects_stay_refused() {
+    for sql in [
+        "INSERT INTO patients (tenant_id, ssn) SELECT tenant_id, ssn FROM patients",
+        "INSERT INTO patients (tenant_id, ssn) SELECT p0, upper(p1) FROM (VALUES ('a', 'b')) AS v(p0, p1)",
+        "INSERT INTO patients (tenant_id, ssn) SELECT p0, p1 FROM (VALUES ('a', 'b')) AS v(p0, p1) WHERE p1 > 'a'",
+        "INSERT INTO patients (tenant_id, ssn) SELECT p0, p1 FROM (VALUES ('a', 'b')) AS v(p0, p1) ORDER BY p1",
+        "INSERT INTO patients (tenant_id, ssn) SELECT DISTINCT p0, p1 FROM (VALUES ('a', 'b')) AS v(p0, p1)",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+}

@@ -4,8 +4,9 @@
 //! every row is located (literal, parameter, or the session's tenant).
 
 use sqlparser::ast::{
-    Assignment, AssignmentTarget, BinaryOperator, CastKind, DataType, Expr, Ident, ObjectName,
-    ObjectNamePart, OnConflictAction, OnInsert, SetExpr, Statement, Value,
+    Assignment, AssignmentTarget, BinaryOperator, CastKind, DataType, Expr, GroupByExpr, Ident,
+    ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Select, SelectItem, SetExpr, Statement,
+    TableAliasColumnDef, TableFactor, Value,
 };
 
 use super::names::ident_name;
@@ -187,6 +188,87 @@ fn tenant_of(
     }
 }
 
+/// An `INSERT … SELECT` list over `(VALUES …) AS v(…)`: which VALUES
+/// position feeds each insert column.
+struct DerivedValues {
+    /// Alias column names of the VALUES list.
+    aliases: Vec<String>,
+    /// Insert column index → VALUES position.
+    positions: Vec<usize>,
+}
+
+/// Recognizes `SELECT v.a[::type], … FROM (VALUES …) AS v(a, …)` with one
+/// plain column of the VALUES list per insert column and nothing else (no
+/// join, filter, grouping or DISTINCT).
+fn derived_values(select: &Select, columns: &[String]) -> Option<DerivedValues> {
+    let plain = select.distinct.is_none()
+        && select.selection.is_none()
+        && select.having.is_none()
+        && matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty())
+        && select.from.len() == 1
+        && select.from[0].joins.is_empty()
+        && select.projection.len() == columns.len();
+    if !plain {
+        return None;
+    }
+    let TableFactor::Derived {
+        subquery,
+        alias: Some(alias),
+        lateral: false,
+    } = &select.from[0].relation
+    else {
+        return None;
+    };
+    if !matches!(subquery.body.as_ref(), SetExpr::Values(_)) {
+        return None;
+    }
+    let aliases: Vec<String> = alias.columns.iter().map(|c| ident_name(&c.name)).collect();
+    let positions = select
+        .projection
+        .iter()
+        .map(|item| {
+            let expr = match item {
+                SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
+                _ => return None,
+            };
+            let name = match strip_casts(expr) {
+                Expr::Identifier(i) => ident_name(i),
+                Expr::CompoundIdentifier(parts)
+                    if parts.len() == 2 && ident_name(&parts[0]) == ident_name(&alias.name) =>
+                {
+                    ident_name(&parts[1])
+                }
+                _ => return None,
+            };
+            aliases.iter().position(|a| *a == name)
+        })
+        .collect::<Option<Vec<usize>>>()?;
+    Some(DerivedValues { aliases, positions })
+}
+
+fn strip_casts(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Cast { expr, .. } | Expr::Nested(expr) => strip_casts(expr),
+        other => other,
+    }
+}
+
+/// Column names an ORDER BY of the query refers to.
+fn order_by_names(query: &sqlparser::ast::Query) -> Vec<String> {
+    let mut names = Vec::new();
+    if let Some(order_by) = &query.order_by {
+        let _ = sqlparser::ast::visit_expressions(order_by, |expr| {
+            match expr {
+                Expr::Identifier(i) => names.push(ident_name(i)),
+                Expr::CompoundIdentifier(parts) => names.extend(parts.last().map(ident_name)),
+                _ => {}
+            }
+            std::ops::ControlFlow::<()>::Continue(())
+        });
+    }
+    names
+}
+
 /// A parameter that carries a protected value is encrypted for exactly one
 /// column: one used anywhere else too (another column, a condition, the
 /// tenant) is refused, since the server would see its ciphertext there.
@@ -264,12 +346,51 @@ pub(crate) fn plan_insert(
             "INSERT without VALUES",
         ));
     };
-    let SetExpr::Values(values) = source.body.as_mut() else {
-        return Err(Rejection::unsupported(
-            table,
-            Some(protected[0].1),
-            "INSERT ... SELECT",
-        ));
+    let insert_select = || Rejection::unsupported(table, Some(protected[0].1), "INSERT ... SELECT");
+    // `INSERT … SELECT a, b FROM (VALUES …) AS v(a, b, …)` (SQLAlchemy's
+    // bulk insert) is a VALUES list in disguise: planned like one.
+    let derived = match source.body.as_ref() {
+        SetExpr::Values(_) => None,
+        SetExpr::Select(select) => {
+            let derived = derived_values(select, &columns).ok_or_else(insert_select)?;
+            let feeds_protected: Vec<&str> = protected
+                .iter()
+                .map(|p| derived.aliases[derived.positions[p.0]].as_str())
+                .collect();
+            if order_by_names(source)
+                .iter()
+                .any(|n| feeds_protected.contains(&n.as_str()))
+            {
+                return Err(insert_select());
+            }
+            Some(derived)
+        }
+        _ => return Err(insert_select()),
+    };
+    let positions: Vec<usize> = derived
+        .as_ref()
+        .map_or_else(|| (0..columns.len()).collect(), |d| d.positions.clone());
+    let row_len = derived.as_ref().map_or(columns.len(), |d| d.aliases.len());
+    let (values, projection, alias_columns) = match source.body.as_mut() {
+        SetExpr::Values(values) => (values, None, None),
+        SetExpr::Select(select) => {
+            let Select {
+                projection, from, ..
+            } = select.as_mut();
+            let Some(TableFactor::Derived {
+                subquery,
+                alias: Some(alias),
+                ..
+            }) = from.first_mut().map(|f| &mut f.relation)
+            else {
+                return Err(insert_select());
+            };
+            let SetExpr::Values(values) = subquery.body.as_mut() else {
+                return Err(insert_select());
+            };
+            (values, Some(projection), Some(&mut alias.columns))
+        }
+        _ => return Err(insert_select()),
     };
     let mut slots = Placeholders::after(client_params);
     let mut rows = Vec::with_capacity(values.rows.len());
@@ -279,18 +400,23 @@ pub(crate) fn plan_insert(
         .map(|p| p.1)
         .collect();
     for row in values.rows.iter_mut() {
-        if row.len() != columns.len() {
+        if row.len() != row_len {
             return Err(Rejection::unsupported(
                 table,
                 None,
                 "a VALUES row whose length differs from the column list",
             ));
         }
-        let tenant = tenant_of(tenant_index.map(|i| &row[i]), table, &policy.tenant_column)?;
+        let tenant = tenant_of(
+            tenant_index.map(|i| &row[positions[i]]),
+            table,
+            &policy.tenant_column,
+        )?;
         let mut cells = Vec::new();
         let mut bidx_values = Vec::new();
         for (index, column, ty, search) in &protected {
-            let value = match operand(&row[*index]) {
+            let position = positions[*index];
+            let value = match operand(&row[position]) {
                 Operand::Null | Operand::Default => {
                     if *search == SearchMode::Equality {
                         bidx_values.push(Expr::value(Value::Null));
@@ -299,11 +425,11 @@ pub(crate) fn plan_insert(
                 }
                 Operand::Literal(text) => {
                     let (n, expr) = slots.take();
-                    row[*index] = bytea_cast(expr);
+                    row[position] = bytea_cast(expr);
                     (ValueSource::Literal(text), n)
                 }
                 Operand::Param(n) => {
-                    row[*index] = bytea_cast(placeholder(n));
+                    row[position] = bytea_cast(placeholder(n));
                     (ValueSource::Param(n), n)
                 }
                 Operand::Other => {
@@ -341,6 +467,24 @@ pub(crate) fn plan_insert(
             cells,
             edek_param,
         });
+    }
+    if let (Some(projection), Some(alias_columns), Some(derived)) =
+        (projection, alias_columns, derived.as_ref())
+    {
+        // Protected values pass through the SELECT list uncast (they are
+        // bytea now), and the proxy's columns are added to both lists.
+        for (index, ..) in &protected {
+            let alias = &derived.aliases[derived.positions[*index]];
+            projection[*index] = SelectItem::UnnamedExpr(Expr::Identifier(column_ident(alias)));
+        }
+        let added = std::iter::once(format!("{}_cmk", policy.edek_column))
+            .chain(searchable.iter().map(|c| format!("{c}_bidx_cmk")));
+        for name in added {
+            alias_columns.push(TableAliasColumnDef::from_name(name.as_str()));
+            projection.push(SelectItem::UnnamedExpr(Expr::Identifier(column_ident(
+                &name,
+            ))));
+        }
     }
     insert.columns.push(column_ident(&policy.edek_column));
     for column in &searchable {

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::config::{split_table_name, DeclaredType, Policy, SearchMode};
+use crate::rewrite::SchemaFacts;
 
 /// What a protected table column is for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +42,7 @@ pub struct ColumnRef {
 pub struct CatalogMap {
     by_attr: HashMap<(u32, i16), ColumnRef>,
     table_oids: BTreeMap<Arc<str>, u32>,
-    views: HashMap<String, Vec<String>>,
+    facts: SchemaFacts,
 }
 
 impl CatalogMap {
@@ -58,11 +59,10 @@ impl CatalogMap {
         self.table_oids.get(table).copied()
     }
 
-    /// Views over protected columns: `schema.view` → the names of its
-    /// columns that carry protected values (writes through them and
-    /// conditions on those columns are refused).
-    pub fn protected_views(&self) -> &HashMap<String, Vec<String>> {
-        &self.views
+    /// What statement analysis must know of the live schema: views over
+    /// protected columns, and policy tables that must not be written.
+    pub fn schema_facts(&self) -> &SchemaFacts {
+        &self.facts
     }
 
     /// Number of mapped columns.
@@ -106,6 +106,7 @@ pub struct CatalogError(#[from] tokio_postgres::Error);
 struct Attr {
     attnum: i16,
     type_name: String,
+    has_default: bool,
 }
 
 struct TableInfo {
@@ -141,7 +142,7 @@ async fn read_tables(
     let rows = client
         .query(
             "SELECT n.nspname || '.' || c.relname, c.oid, a.attnum, a.attname::text, \
-                    format_type(a.atttypid, NULL) \
+                    format_type(a.atttypid, NULL), a.atthasdef \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
@@ -162,6 +163,7 @@ async fn read_tables(
             Attr {
                 attnum: row.get(2),
                 type_name: row.get(4),
+                has_default: row.get(5),
             },
         );
     }
@@ -175,6 +177,24 @@ pub async fn load_map(
 ) -> Result<CatalogMap, CatalogError> {
     let tables = read_tables(client, policy).await?;
     let mut map = CatalogMap::default();
+    for problem in schema_problems(policy, &tables) {
+        tracing::error!(
+            location = %problem.location,
+            fix = problem.fix.as_deref().unwrap_or("-"),
+            "the schema does not match the policy: {}; writes to this table are refused until it is fixed (cmk-proxy check-config --live)",
+            problem.message
+        );
+        let table = policy
+            .tables
+            .keys()
+            .find(|t| problem.location == **t || problem.location.starts_with(&format!("{t}.")))
+            .cloned()
+            .unwrap_or_else(|| problem.location.clone());
+        map.facts
+            .unwritable
+            .entry(table)
+            .or_insert_with(|| format!("{}: {}", problem.location, problem.message));
+    }
     for (name, table_policy) in &policy.tables {
         let Some(info) = tables.get(name) else {
             continue;
@@ -251,7 +271,8 @@ async fn map_views(
                     continue;
                 };
                 if matches!(base.role, ColumnRole::Protected(_)) {
-                    map.views
+                    map.facts
+                        .views
                         .entry(name.clone())
                         .or_default()
                         .push(column.name().to_owned());
@@ -270,6 +291,10 @@ pub async fn check_schema(
     policy: &Policy,
 ) -> Result<Vec<SchemaProblem>, CatalogError> {
     let tables = read_tables(client, policy).await?;
+    Ok(schema_problems(policy, &tables))
+}
+
+fn schema_problems(policy: &Policy, tables: &HashMap<String, TableInfo>) -> Vec<SchemaProblem> {
     let mut problems = Vec::new();
     for (name, table_policy) in &policy.tables {
         let Some(info) = tables.get(name) else {
@@ -306,6 +331,11 @@ pub async fn check_schema(
                         format!("ALTER TABLE {table} ALTER COLUMN {col} TYPE {wanted} USING {col}::{wanted};")
                     }),
                 }),
+                Some(attr) if attr.has_default && wanted == "bytea" => problems.push(SchemaProblem {
+                    location,
+                    message: "has a DEFAULT, which would store a value the proxy never encrypted".to_owned(),
+                    fix: Some(format!("ALTER TABLE {table} ALTER COLUMN {col} DROP DEFAULT;")),
+                }),
                 Some(_) => {}
             }
         };
@@ -341,7 +371,7 @@ pub async fn check_schema(
             });
         }
     }
-    Ok(problems)
+    problems
 }
 
 #[cfg(test)]

@@ -200,7 +200,7 @@ impl Encryption {
         session: &SessionInfo<'_>,
     ) -> Result<QueryRewrite, Rejection> {
         let catalog = self.catalog();
-        let analysis = rewrite::analyze_in(&self.policy, catalog.protected_views(), sql, 0)?;
+        let analysis = rewrite::analyze_in(&self.policy, catalog.schema_facts(), sql, 0)?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());

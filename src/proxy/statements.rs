@@ -419,7 +419,7 @@ fn plan_sql(
     let catalog = encryption.catalog();
     let analysis = rewrite::analyze_in(
         encryption.policy(),
-        catalog.protected_views(),
+        catalog.schema_facts(),
         query,
         param_types.len(),
     )?;

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     visit_expressions, visit_relations, Expr, ObjectName, Query, Select, SelectItem, SetExpr,
-    Statement, Value,
+    Statement, TableFactor, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -49,18 +49,26 @@ impl Analysis {
     }
 }
 
-/// Views over protected columns: `schema.view` → its protected column names.
-pub type ProtectedViews = HashMap<String, Vec<String>>;
+/// What the analysis must know of the live schema besides the policy.
+#[derive(Debug, Clone, Default)]
+pub struct SchemaFacts {
+    /// Views over protected columns: `schema.view` → its protected column names.
+    pub views: HashMap<String, Vec<String>>,
+    /// Policy tables whose schema does not match the policy → the problem:
+    /// writes to them are refused.
+    pub unwritable: HashMap<String, String>,
+}
 
 /// What the analysis protects: the policy tables and the views over them.
 struct Scope<'a> {
     policy: &'a Policy,
-    views: &'a ProtectedViews,
+    views: &'a HashMap<String, Vec<String>>,
+    unwritable: &'a HashMap<String, String>,
 }
 
-/// Analyzes `sql` against the policy alone (no views known).
+/// Analyzes `sql` against the policy alone (schema facts unknown).
 pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analysis, Rejection> {
-    analyze_in(policy, &ProtectedViews::new(), sql, client_params)
+    analyze_in(policy, &SchemaFacts::default(), sql, client_params)
 }
 
 /// Analyzes `sql`. `client_params` is the number of parameters the client
@@ -68,11 +76,15 @@ pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analy
 /// are treated like their protected tables for reads and refused for writes.
 pub fn analyze_in(
     policy: &Policy,
-    views: &ProtectedViews,
+    facts: &SchemaFacts,
     sql: &str,
     client_params: usize,
 ) -> Result<Analysis, Rejection> {
-    let scope = Scope { policy, views };
+    let scope = Scope {
+        policy,
+        views: &facts.views,
+        unwritable: &facts.unwritable,
+    };
     if policy.tables.is_empty() {
         return Ok(Analysis {
             statements: vec![StatementPlan::Untouched],
@@ -150,6 +162,87 @@ fn protected_view(scope: &Scope<'_>, name: &ObjectName) -> Option<String> {
     relation_key(name).filter(|key| scope.views.contains_key(key))
 }
 
+/// The names under which protected tables appear as rows in a statement
+/// (their alias, else their name), with the table.
+struct RowNames<'s, 'p> {
+    scope: &'s Scope<'p>,
+    names: Vec<(String, String)>,
+}
+
+impl Visitor for RowNames<'_, '_> {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, alias, .. } = factor {
+            let table = policy_table(self.scope.policy, name)
+                .map(|(key, _)| key.to_owned())
+                .or_else(|| protected_view(self.scope, name));
+            if let Some(table) = table {
+                let row = match alias {
+                    Some(alias) => ident_name(&alias.name),
+                    None => name
+                        .0
+                        .last()
+                        .and_then(|p| p.as_ident())
+                        .map(ident_name)
+                        .unwrap_or_default(),
+                };
+                self.names.push((row, table));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// A whole-row reference to a protected table (`SELECT t FROM patients t`,
+/// `row_to_json(t)`, `t::text`) would carry its ciphertext and EDEK out as
+/// one composite value the proxy cannot open: refused.
+fn whole_row_refusal(scope: &Scope<'_>, statement: &Statement) -> Result<(), Rejection> {
+    let mut rows = RowNames {
+        scope,
+        names: Vec::new(),
+    };
+    let _ = statement.visit(&mut rows);
+    if rows.names.is_empty() {
+        return Ok(());
+    }
+    let mut hit = None;
+    let _ = visit_expressions(statement, |expr| {
+        if let Expr::Identifier(ident) = expr {
+            let name = ident_name(ident);
+            if let Some((_, table)) = rows.names.iter().find(|(row, _)| *row == name) {
+                hit = Some(table.clone());
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    match hit {
+        Some(table) => Err(Rejection::unsupported(
+            &table,
+            None,
+            "a whole-row reference (the row as one value)",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A write to a table whose live schema does not match the policy (a
+/// protected column not bytea, or with a DEFAULT, a missing EDEK column …).
+fn unwritable_refusal(scope: &Scope<'_>, table: &str) -> Result<(), Rejection> {
+    match scope.unwritable.get(table) {
+        Some(problem) => Err(Rejection {
+            sqlstate: super::KM003,
+            table: Some(table.to_owned()),
+            column: None,
+            message: format!(
+                "cmk-proxy: writing to protected table {table} is refused while its schema does not match the policy: {problem} (see cmk-proxy check-config --live)"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A write whose target is a view over protected columns: the proxy plans
 /// writes to the tables themselves only.
 fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Rejection> {
@@ -211,6 +304,20 @@ fn plan_statement(
             return Err(Rejection::unsupported(table, None, "COPY"));
         }
     }
+    if matches!(
+        statement,
+        Statement::CreateFunction(_) | Statement::CreateProcedure { .. }
+    ) {
+        // PostgreSQL runs the body where the proxy cannot see it: a body
+        // that names a protected table could store plaintext there.
+        if let Some(table) = mentions_policy_table(policy, &statement.to_string()) {
+            return Err(Rejection::unsupported(
+                &table,
+                None,
+                "a function or procedure whose body names a protected table",
+            ));
+        }
+    }
     let tables = protected_tables(scope, &statement);
     match &statement {
         Statement::CreateTable(_)
@@ -223,6 +330,7 @@ fn plan_statement(
     if tables.is_empty() {
         return Ok(StatementPlan::Untouched);
     }
+    whole_row_refusal(scope, &statement)?;
     match &statement {
         Statement::Copy { .. } => {
             let table = tables.iter().next().cloned().unwrap_or_default();
@@ -241,6 +349,7 @@ fn plan_statement(
             }
             match target {
                 Some((table, table_policy)) => {
+                    unwritable_refusal(scope, table)?;
                     match plan_insert(table, table_policy, statement.clone(), params)? {
                         Some(plan) => Ok(StatementPlan::Write(Box::new(plan))),
                         None => Ok(StatementPlan::Read),
@@ -260,6 +369,7 @@ fn plan_statement(
             };
             match target {
                 Some((name, table_policy)) => {
+                    unwritable_refusal(scope, name)?;
                     match plan_update(name, table_policy, statement.clone(), params)? {
                         Some(plan) => Ok(StatementPlan::Write(Box::new(plan))),
                         None => Ok(StatementPlan::Read),

@@ -327,3 +327,49 @@ fn other_insert_selects_stay_refused() {
         assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
     }
 }
+
+#[test]
+fn whole_row_references_and_function_bodies_are_refused() {
+    for sql in [
+        "SELECT p FROM patients p",
+        "SELECT p::text FROM patients AS p",
+        "SELECT row_to_json(patients) FROM patients",
+        "SELECT id FROM patients p WHERE p IS NOT NULL",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ INSERT INTO patients (tenant_id, ssn) VALUES ('a', 'x') $$",
+        "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS $$ UPDATE public.patients SET notes = 'x' $$",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert!(refusal.message.contains("public.patients"), "{sql}: {}", refusal.message);
+    }
+    // Columns, qualified columns, p.* and functions on other tables pass.
+    for sql in [
+        "SELECT p.id, p.ssn, p.* FROM patients p",
+        "SELECT patients.notes FROM patients",
+        "CREATE FUNCTION g() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+    ] {
+        assert!(analyze(&policy(), sql, 0).is_ok(), "{sql}");
+    }
+}
+
+#[test]
+fn writes_to_a_table_whose_schema_is_wrong_are_refused() {
+    let mut facts = SchemaFacts::default();
+    facts.unwritable.insert(
+        "public.patients".to_owned(),
+        "public.patients.notes: has a DEFAULT".to_owned(),
+    );
+    for sql in [
+        "INSERT INTO patients (tenant_id, notes) VALUES ('a', 'x')",
+        "UPDATE patients SET notes = 'x' WHERE tenant_id = 'a'",
+    ] {
+        let refusal = analyze_in(&policy(), &facts, sql, 0).unwrap_err();
+        assert_eq!(refusal.sqlstate, KM003);
+        assert!(
+            refusal.message.contains("has a DEFAULT"),
+            "{}",
+            refusal.message
+        );
+    }
+    assert!(analyze_in(&policy(), &facts, "SELECT notes FROM patients", 0).is_ok());
+}

@@ -205,7 +205,8 @@ if [ "$PASSTHROUGH" = 1 ]; then
     printf 'tls:\n  upstream: {mode: disable}\n' >"$WORK/passthrough.yaml"
     RUST_LOG=warn "$PROXY_BIN" serve --config "$WORK/passthrough.yaml" --listen "127.0.0.1:$PLAIN_PROXY_PORT" \
         --upstream "postgres://postgres@127.0.0.1:$PG_PORT/plain" >"$WORK/proxy-plain.log" 2>&1 &
-    PIDS+=("$!")
+    PLAIN_PROXY_PID=$!
+    PIDS+=("$PLAIN_PROXY_PID")
     wait_ready "$PLAIN_PROXY_PORT" plain "cmk-proxy (passthrough)"
 fi
 
@@ -243,6 +244,11 @@ NOTE_BYTES="$(awk '/^INSERT/ {print}' "$SCRIPT" | python3 -c "import sys,re; l=s
 # ---- rounds, alternating -----------------------------------------------------------
 declare -A PORT=([pgbouncer]="$BOUNCER_PORT" [cmk-proxy]="$PROXY_PORT" [cmk-proxy-plain]="${PLAIN_PROXY_PORT:-}")
 declare -A DB=([pgbouncer]=plain [cmk-proxy]=enc [cmk-proxy-plain]=plain)
+declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-proxy-plain]="${PLAIN_PROXY_PID:-}")
+declare -A HOP_TICKS HOP_XACTS
+# CPU time (user + system, clock ticks) used so far by a process.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+CLK_TCK="$(getconf CLK_TCK)"
 TARGETS=(pgbouncer cmk-proxy)
 [ "$PASSTHROUGH" = 1 ] && TARGETS+=(cmk-proxy-plain)
 PERF_PID=""
@@ -255,6 +261,7 @@ for r in $(seq 1 "$ROUNDS"); do
         out="$WORK/pgbench-$t-$r.log"
         mkdir -p "$WORK/lat-$t"
         started="$(date +%s.%N)"
+        ticks_before="$(cpu_ticks "${HOP_PID[$t]}")"
         if [ "$t" = cmk-proxy ] && [ -z "$PROXY_FIRST_START" ]; then
             PROXY_FIRST_START="$started"
             if [ "$PROFILE" = 1 ]; then
@@ -273,6 +280,8 @@ for r in $(seq 1 "$ROUNDS"); do
             die "pgbench against $t failed (output above)"
         fi
         ended="$(date +%s.%N)"
+        HOP_TICKS[$t]=$(( ${HOP_TICKS[$t]:-0} + $(cpu_ticks "${HOP_PID[$t]}") - ticks_before ))
+        HOP_XACTS[$t]=$(( ${HOP_XACTS[$t]:-0} + $(awk '/^number of transactions actually processed:/ {print $6; exit}' "$out") ))
         if [ "$t" = cmk-proxy ]; then
             PROXY_LAST_END="$ended"
             PROXY_ACTIVE="$(awk -v a="$PROXY_ACTIVE" -v s="$started" -v e="$ended" 'BEGIN { printf "%.1f", a + e - s }')"
@@ -286,11 +295,8 @@ for r in $(seq 1 "$ROUNDS"); do
     done
 done
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
-# KMS calls are counted up to the end of the last proxy round: the audit
-# writer is asynchronous, so give it a moment, then take a copy.
+# The audit writer is asynchronous: give it a moment before counting.
 sleep 1
-cp "$AUDIT" "$WORK/audit-at-end.jsonl"
-AUDIT="$WORK/audit-at-end.jsonl"
 if [ -n "$PERF_PID" ]; then
     wait "$PERF_PID" || true
     {
@@ -315,6 +321,11 @@ median() {
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 # percentiles TARGET -> "count p50_ms p99_ms" over every logged transaction of every round
+# hop_cpu TARGET -> CPU microseconds of the middle hop per transaction
+hop_cpu() {
+    awk -v t="${HOP_TICKS[$1]:-0}" -v n="${HOP_XACTS[$1]:-0}" -v hz="$CLK_TCK" \
+        'BEGIN { if (n > 0) printf "%.0f", t / hz * 1e6 / n; else print "n/a" }'
+}
 percentiles() {
     cat "$WORK/lat-$1"/r* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {
         if (NR == 0) { print "0 n/a n/a"; exit }
@@ -335,7 +346,7 @@ if [ "$PASSTHROUGH" = 1 ]; then
     TPS_X="$(median ${TPS_ALL[cmk-proxy-plain]})"
     read -r N_X P50_X P99_X <<<"$(percentiles cmk-proxy-plain)"
     PLAIN_ROW="
-| cmk-proxy, passthrough (diagnostic) | plaintext (text, int4, date) | $TPS_X | $(echo ${TPS_ALL[cmk-proxy-plain]} | tr ' ' '/') | $N_X | $P50_X | $P99_X |"
+| cmk-proxy, passthrough (diagnostic) | plaintext (text, int4, date) | $TPS_X | $(echo ${TPS_ALL[cmk-proxy-plain]} | tr ' ' '/') | $N_X | $P50_X | $P99_X | $(hop_cpu cmk-proxy-plain) |"
     PLAIN_RATIOS="
 | tps ratio cmk-proxy passthrough / PgBouncer (the hop) | $(ratio "$TPS_X" "$TPS_B") | | |
 | tps ratio cmk-proxy encrypted / passthrough (the encryption) | $(ratio "$TPS_P" "$TPS_X") | | |"
@@ -347,45 +358,32 @@ verdict() { awk -v ok="$1" 'BEGIN { print (ok ? "met" : "**not met**") }'; }
 TPS_OK="$(awk -v r="$RATIO" 'BEGIN { print (r >= 0.8) }')"
 P99_OK="$(awk -v d="$ADD99" 'BEGIN { print (d <= 1.0) }')"
 
-# KMS calls, from the proxy's audit log.
-kms_count() { # [operation] -> count of kms_call events (of that operation)
-    python3 - "$AUDIT" "${1:-}" <<'EOF'
-import json, sys
-n = 0
-for line in open(sys.argv[1]):
-    e = json.loads(line)
-    if e.get("event") == "kms_call" and (not sys.argv[2] or e.get("operation") == sys.argv[2]):
-        n += 1
-print(n)
-EOF
-}
-KMS_TOTAL="$(kms_count)"
-KMS_WRAP="$(kms_count wrap)"
-KMS_UNWRAP="$(kms_count unwrap)"
-KMS_CHECK="$(kms_count check)"
-KMS_NOT_OK="$(python3 -c '
-import json, sys
-print(sum(1 for l in open(sys.argv[1]) if (e := json.loads(l)).get("event") == "kms_call" and e.get("outcome") != "ok"))' "$AUDIT")"
-KMS_TENANTS="$(python3 -c '
-import json, sys
-print(len({e["tenant"] for l in open(sys.argv[1]) if (e := json.loads(l)).get("event") == "kms_call"}))' "$AUDIT")"
-# Per tenant: calls min/median/max, and when tenant_1's calls happened
-# (seconds after the first proxy round started).
-read -r KMS_PER_TENANT KMS_TIMELINE <<<"$(python3 - "$AUDIT" "$PROXY_FIRST_START" <<'PY'
+# KMS calls, from the proxy's audit log, up to the end of the last encrypted
+# round (the proxy idles on during later rounds of the other targets).
+read -r KMS_TOTAL KMS_WRAP KMS_UNWRAP KMS_CHECK KMS_NOT_OK KMS_TENANTS KMS_PER_TENANT KMS_TIMELINE \
+    <<<"$(python3 - "$AUDIT" "$PROXY_FIRST_START" "$PROXY_LAST_END" <<'PY'
 import json, statistics, sys
 from datetime import datetime
-start = float(sys.argv[2])
-per, first = {}, []
+start, end = float(sys.argv[2]), float(sys.argv[3])
+ops = {"wrap": 0, "unwrap": 0, "check": 0}
+total = not_ok = 0
+per, timeline = {}, []
 for line in open(sys.argv[1]):
     e = json.loads(line)
     if e.get("event") != "kms_call":
         continue
+    t = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp()
+    if t > end:
+        continue
+    total += 1
+    ops[e["operation"]] = ops.get(e["operation"], 0) + 1
+    not_ok += e.get("outcome") != "ok"
     per[e["tenant"]] = per.get(e["tenant"], 0) + 1
     if e["tenant"] == "tenant_1":
-        t = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp() - start
-        first.append(f"{e['operation']}@{t:.1f}s")
+        timeline.append(f"{e['operation']}@{t - start:.1f}s")
 counts = sorted(per.values()) or [0]
-print(f"{counts[0]}/{statistics.median(counts):g}/{counts[-1]}", ",".join(first) or "-")
+print(total, ops["wrap"], ops["unwrap"], ops["check"], not_ok, len(per),
+      f"{counts[0]}/{statistics.median(counts):g}/{counts[-1]}", ",".join(timeline) or "-")
 PY
 )"
 ROWS_ENC="$(admin enc -c 'SELECT count(*) FROM items')"
@@ -402,10 +400,10 @@ EXPECT_ISSUE="$(awk -v n="$TENANTS" -v r="$PROXY_RUNTIME" -v t="$TTL_SECONDS" 'B
 EXPECT_MODEL="$(awk -v n="$TENANTS" -v r="$PROXY_RUNTIME" -v t="$TTL_SECONDS" 'BEGIN { printf "%.0f", n * (2 + int(r / (0.75 * t))) }')"
 PER_ROW="$(awk -v k="$KMS_TOTAL" -v n="$ROWS_ENC" 'BEGIN { if (n > 0) printf "%.4f", k / n; else print "n/a" }')"
 
-TABLE="| target | schema | tps (median of $ROUNDS) | tps per round | transactions logged | p50 latency (ms) | p99 latency (ms) |
-|---|---|---:|---|---:|---:|---:|
-| PgBouncer (session) | plaintext (text, int4, date) | $TPS_B | $(echo ${TPS_ALL[pgbouncer]} | tr ' ' '/') | $N_B | $P50_B | $P99_B |
-| cmk-proxy | encrypted (bytea + cmk_edek) | $TPS_P | $(echo ${TPS_ALL[cmk-proxy]} | tr ' ' '/') | $N_P | $P50_P | $P99_P |$PLAIN_ROW
+TABLE="| target | schema | tps (median of $ROUNDS) | tps per round | transactions logged | p50 latency (ms) | p99 latency (ms) | hop CPU per transaction (µs) |
+|---|---|---:|---|---:|---:|---:|---:|
+| PgBouncer (session) | plaintext (text, int4, date) | $TPS_B | $(echo ${TPS_ALL[pgbouncer]} | tr ' ' '/') | $N_B | $P50_B | $P99_B | $(hop_cpu pgbouncer) |
+| cmk-proxy | encrypted (bytea + cmk_edek) | $TPS_P | $(echo ${TPS_ALL[cmk-proxy]} | tr ' ' '/') | $N_P | $P50_P | $P99_P | $(hop_cpu cmk-proxy) |$PLAIN_ROW
 
 | measure | value | target | verdict |
 |---|---:|---|---|
@@ -426,7 +424,7 @@ KMS_TABLE="| measure | value |
 | — tenant_1's calls (operation@seconds after the first proxy round started) | $KMS_TIMELINE |
 | KMS calls per inserted row | $PER_ROW |
 | expected (issue): tenants × (1 + runtime / approval_ttl) | $EXPECT_ISSUE |
-| expected (design model): tenants × (2 + ⌊runtime / (0.75 × approval_ttl)⌋) | $EXPECT_MODEL |"
+| expected (design model, every tenant in continuous use): tenants × (2 + ⌊runtime / (0.75 × approval_ttl)⌋) | $EXPECT_MODEL |"
 
 COMMIT="$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
@@ -443,7 +441,8 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
   (protected columns bytea + \`cmk_edek\` jsonb, policy with $TENANTS tenants in a local keyring);
   PgBouncer (session mode) → database \`plain\` (same table, plaintext types)$([ "$PASSTHROUGH" = 1 ] && echo "; the diagnostic
   target is a second cmk-proxy without policy tables (pure relay) → database \`plain\`").
-- latency: every transaction from pgbench \`-l\` logs, all rounds of a target pooled.
+- latency: every transaction from pgbench \`-l\` logs, all rounds of a target pooled. Hop CPU: user + system
+  CPU time of the PgBouncer / cmk-proxy process during its rounds (\`/proc/PID/stat\`) ÷ transactions.
 
 ## Throughput and latency
 

@@ -590,6 +590,55 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
         "sanity: the unprotected label is in the dump in COPY form"
     );
 
+    // The dump is a usable backup: restored into a new database, a fresh proxy
+    // in front of it reads the same plaintext (registry and EDEKs came along).
+    pg.create_database("restored")
+        .expect("create database restored");
+    let psql = pg_dump_bin().with_file_name("psql");
+    let out = Command::new(if psql.is_file() {
+        psql
+    } else {
+        PathBuf::from("psql")
+    })
+    .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "--dbname"])
+    .arg(pg.admin_url("restored"))
+    .arg("--file")
+    .arg(&dump)
+    .output()
+    .expect("run psql");
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored_proxy = common::Proxy::start(
+        &format!(
+            "upstream: {}\ntls:\n  upstream: {{mode: require}}\n{policy_text}",
+            pg.admin_url("restored")
+        ),
+        &[],
+    );
+    let (restored_app, restored_conn) =
+        common::connect(&restored_proxy.url("postgres", "", "restored")).await;
+    let restored: BTreeMap<String, Row> = rows(
+        &restored_app,
+        &format!("SELECT {} FROM patients ORDER BY id", COLUMNS.join(", ")),
+    )
+    .await
+    .into_iter()
+    .map(|vals| {
+        let r: Row = COLUMNS.iter().map(|c| c.to_string()).zip(vals).collect();
+        (r["id"].clone().expect("id"), r)
+    })
+    .collect();
+    assert_eq!(
+        restored, model,
+        "the restored backup reads the same through a proxy"
+    );
+    drop(restored_app);
+    restored_conn.abort();
+    drop(restored_proxy);
+
     // From here on PostgreSQL is gone: decrypt-dump needs only the dump and the keys.
     drop(proxy);
     drop(direct);
@@ -769,4 +818,45 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
     let (code, _, stderr) = decrypt_dump(&policy_file, &archive, &[]);
     assert_eq!(code, 2);
     assert!(stderr.contains("pg_restore -f"), "{stderr}");
+}
+
+/// The blind index stored at rest follows every write path: a value written
+/// by INSERT, UPDATE or upsert (`EXCLUDED`) has the same `<col>_bidx` as the
+/// same value freshly inserted for the same tenant, and differs across tenants.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_blind_index_at_rest_follows_update_and_upsert() {
+    let pg = common::pg();
+    let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ring = dir.path().join("keyring.json");
+    keyring(&ring, "create", "acme");
+    keyring(&ring, "create", "globex");
+    let proxy = common::start_proxy(&pg, &policy(&ring, &dir.path().join("audit.jsonl")));
+    let (app, _app_conn) = common::connect(&proxy.url("postgres", "", "app")).await;
+    for sql in [
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (1, 'acme', 'old-1'), (2, 'acme', 'old-2'), (3, 'acme', 'old-3')",
+        "UPDATE patients SET ssn = 'by-update' WHERE id = 1 AND tenant_id = 'acme'",
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (2, 'acme', 'by-upsert') \
+         ON CONFLICT (id) DO UPDATE SET ssn = EXCLUDED.ssn",
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (11, 'acme', 'by-update'), (12, 'acme', 'by-upsert'), \
+         (13, 'acme', 'old-3'), (21, 'globex', 'by-update')",
+    ] {
+        rows(&app, sql).await;
+    }
+    let bidx: BTreeMap<i32, Vec<u8>> = direct
+        .query("SELECT id, ssn_bidx FROM patients", &[])
+        .await
+        .expect("read blind index")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(bidx[&13], bidx[&3], "INSERT: same value, same index");
+    assert_eq!(bidx[&11], bidx[&1], "UPDATE recomputes the index");
+    assert_eq!(
+        bidx[&12], bidx[&2],
+        "upsert (EXCLUDED) recomputes the index"
+    );
+    assert_ne!(bidx[&21], bidx[&11], "another tenant's index differs");
+    assert_ne!(bidx[&1], bidx[&2]);
 }

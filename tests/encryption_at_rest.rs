@@ -10,6 +10,8 @@
 //! and reports tampered cells, missing EDEKs and unknown tenants.
 
 mod common;
+#[path = "support/moto.rs"]
+mod moto;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,19 +76,22 @@ const GLOBEX_NOTE_2: &str = "NOTE-GLOBEX-MARKER-2\ttab\nnewline \\ backslash ' q
 /// An unprotected label with the same kind of characters (COPY unescaping).
 const LABEL_1: &str = "label\tone\nline two \\ back";
 
+const TABLES_YAML: &str =
+    "tables:\n  public.patients:\n    tenant_column: tenant_id\n    columns:\n\
+     \x20     ssn: {type: text, search: equality}\n\
+     \x20     birth_date: {type: date}\n\
+     \x20     visits: {type: int4}\n\
+     \x20     balance: {type: numeric}\n\
+     \x20     profile: {type: jsonb}\n\
+     \x20     seen_at: {type: timestamptz}\n\
+     \x20     notes: {type: text}\n";
+
 fn policy(keyring: &Path, audit: &Path) -> String {
     format!(
         "keys:\n  approval_ttl: 5s\n  providers:\n    local: {{kind: local, path: {}}}\n\
          audit: {{sink: {{kind: file, path: {}}}}}\n\
          tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
-         tables:\n  public.patients:\n    tenant_column: tenant_id\n    columns:\n\
-         \x20     ssn: {{type: text, search: equality}}\n\
-         \x20     birth_date: {{type: date}}\n\
-         \x20     visits: {{type: int4}}\n\
-         \x20     balance: {{type: numeric}}\n\
-         \x20     profile: {{type: jsonb}}\n\
-         \x20     seen_at: {{type: timestamptz}}\n\
-         \x20     notes: {{type: text}}\n",
+         {TABLES_YAML}",
         keyring.display(),
         audit.display()
     )
@@ -667,8 +672,8 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
             "{stderr}"
         );
         assert!(
-            stderr.contains(" 2 KMS unwrap calls"),
-            "one unwrap per tenant's data key, not per row: {stderr}"
+            stderr.contains("4 KMS calls (2 key checks, 2 unwraps)"),
+            "one key check per tenant and one unwrap per data key, not per row: {stderr}"
         );
         for m in &material {
             assert!(!stderr.contains(m.as_str()), "key material on stderr");
@@ -859,4 +864,104 @@ async fn the_blind_index_at_rest_follows_update_and_upsert() {
     );
     assert_ne!(bidx[&21], bidx[&11], "another tenant's index differs");
     assert_ne!(bidx[&1], bidx[&2]);
+}
+
+/// decrypt-dump goes through the `KeyProvider` trait, so it works with AWS
+/// KMS as with the local keyring (here a real moto server): the dump of rows
+/// written through a proxy on AWS keys decrypts, and a disabled AWS key
+/// refuses that tenant (moto's Decrypt ignores key state; the key check,
+/// DescribeKey, does not).
+#[tokio::test(flavor = "multi_thread")]
+async fn decrypt_dump_works_with_aws_kms_keys() {
+    let kms = moto::Moto::start();
+    // Credentials for the proxy and decrypt-dump processes (standard chain).
+    std::env::set_var("AWS_ACCESS_KEY_ID", "test");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "test");
+    std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+    let admin = cmk_proxy::kms::AwsKmsProvider::with_static_credentials(
+        Some("us-east-1"),
+        Some(&kms.endpoint()),
+        "test",
+        "test",
+    )
+    .await
+    .expect("aws client");
+    let mut keys = Vec::new();
+    for _ in 0..2 {
+        let out = admin
+            .client()
+            .create_key()
+            .send()
+            .await
+            .expect("create key");
+        keys.push(out.key_metadata().expect("metadata").key_id().to_owned());
+    }
+    let pg = common::pg();
+    let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy_text = format!(
+        "keys:\n  approval_ttl: 5s\n  providers:\n    aws: {{kind: aws-kms, region: us-east-1, endpoint: '{}'}}\n\
+         audit: {{sink: {{kind: file, path: {}}}}}\n\
+         tenants:\n  acme: {{provider: aws, key: '{}'}}\n  globex: {{provider: aws, key: '{}'}}\n\
+         {TABLES_YAML}",
+        kms.endpoint(),
+        dir.path().join("audit.jsonl").display(),
+        keys[0],
+        keys[1]
+    );
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, &policy_text).expect("write policy");
+    let proxy = common::start_proxy(&pg, &policy_text);
+    let (app, _app_conn) = common::connect(&proxy.url("postgres", "", "app")).await;
+    rows(
+        &app,
+        "INSERT INTO patients (id, tenant_id, ssn, birth_date, notes) VALUES \
+         (1, 'acme', 'SSN-ACME-MARKER-0001', '1931-07-19', 'NOTE-ACME-MARKER-ORIGINAL'), \
+         (2, 'globex', 'SSN-GLOBEX-MARKER-0002', '1942-11-23', NULL)",
+    )
+    .await;
+    let dump = dir.path().join("dump.sql");
+    let out = Command::new(pg_dump_bin())
+        .arg("--dbname")
+        .arg(pg.admin_url("app"))
+        .arg("--file")
+        .arg(&dump)
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_marker("the pg_dump", &std::fs::read(&dump).expect("read dump"));
+    drop(proxy);
+    pg.stop().expect("stop PostgreSQL");
+
+    let (code, got, stderr) = decrypt_dump(&policy_file, &dump, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let ssn = |id: &str| got.get(id).and_then(|r| r["ssn"].clone());
+    assert_eq!(ssn("1").as_deref(), Some("SSN-ACME-MARKER-0001"));
+    assert_eq!(ssn("2").as_deref(), Some("SSN-GLOBEX-MARKER-0002"));
+    assert_eq!(got["1"]["birth_date"].as_deref(), Some("1931-07-19"));
+    assert_eq!(got["2"]["notes"], None);
+
+    admin
+        .client()
+        .disable_key()
+        .key_id(&keys[1])
+        .send()
+        .await
+        .expect("disable globex's key");
+    let (code, got, stderr) = decrypt_dump(&policy_file, &dump, &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["1"],
+        "acme is still recovered"
+    );
+    assert!(
+        stderr.contains("(id=2, dump line") && stderr.contains("tenant 'globex': key refused"),
+        "{stderr}"
+    );
 }

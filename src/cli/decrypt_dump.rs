@@ -38,7 +38,9 @@ const REPORT_LIMIT: usize = 20;
     A tenant's provider and key come from the dump's `cmk.tenants` (the registry is \
     authoritative) or else from `tenants:` in the policy. When a row's EDEK is missing \
     or does not unwrap (e.g. after `rewrap` to another key), the copy in the dump's \
-    `cmk.data_keys` is used, unless --no-registry.\n\n\
+    `cmk.data_keys` is used, unless --no-registry. As in the proxy, each tenant's key is \
+    first checked (one `check_key` per tenant): a key that is not enabled refuses all of \
+    the tenant's rows.\n\n\
     Output (stdout): one JSON object per row, in dump order:\n  \
     {\"table\":\"public.patients\",\"tenant\":\"acme\",\"row\":{\"id\":\"1\",\"ssn\":\"123-45-6789\",...}}\n\
     Values are strings in PostgreSQL's text form (protected columns: the canonical text \
@@ -344,7 +346,10 @@ struct Keys<'p> {
     deks: HashMap<DekKey, Result<Arc<Dek>, Failure>>,
     /// Tenants whose KMS refused the key (disabled, destroyed, denied).
     refused: HashMap<String, Failure>,
+    /// Tenants whose key the KMS confirmed enabled (`check_key`).
+    checked: BTreeSet<String>,
     unwrap_calls: u64,
+    check_calls: u64,
 }
 
 impl Keys<'_> {
@@ -434,6 +439,23 @@ impl Keys<'_> {
             .provider(&provider_name)
             .await
             .map_err(|e| failure("provider", e))?;
+        if !self.checked.contains(tenant) {
+            // As the proxy does before using a tenant's keys: the key must be
+            // enabled, whatever the provider's Decrypt would still accept.
+            self.check_calls += 1;
+            if let Err(e) = provider.check_key(&key_ref).await {
+                if let Some(f) = self.tenant_refusal(tenant, &key_ref, &e) {
+                    return Err(f);
+                }
+                let f = failure(
+                    "key refused",
+                    format!("tenant '{tenant}''s key {key_ref}: {e}"),
+                );
+                self.refused.insert(tenant.to_owned(), f.clone());
+                return Err(f);
+            }
+            self.checked.insert(tenant.to_owned());
+        }
         let registry_copy = if self.use_registry {
             self.registry.data_keys.get(&dek_id).cloned()
         } else {
@@ -887,7 +909,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             providers: HashMap::new(),
             deks: HashMap::new(),
             refused: HashMap::new(),
+            checked: BTreeSet::new(),
             unwrap_calls: 0,
+            check_calls: 0,
         },
         out: BufWriter::new(std::io::stdout()),
         only_tenants: args.tenant.iter().cloned().collect(),
@@ -976,7 +1000,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     eprintln!(
-        "cmk-proxy: decrypt-dump: {} KMS unwrap calls",
+        "cmk-proxy: decrypt-dump: {} KMS calls ({} key checks, {} unwraps)",
+        run.keys.check_calls + run.keys.unwrap_calls,
+        run.keys.check_calls,
         run.keys.unwrap_calls
     );
     if stopped {

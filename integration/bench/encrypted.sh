@@ -273,8 +273,8 @@ for r in $(seq 1 "$ROUNDS"); do
         if ! pgbench -n -f "$SCRIPT" -M "$PROTOCOL" -c "$CLIENTS" -j "$THREADS" -T "$BENCH_SECONDS" \
             -l --log-prefix="$WORK/lat-$t/r$r" \
             -h 127.0.0.1 -p "${PORT[$t]}" -U postgres "${DB[$t]}" >"$out" 2>&1; then
-            tail -5 "$out" >&2
-            if grep -q KM003 "$out"; then
+            grep -m 5 -iE 'error|aborted' "$out" >&2 || tail -5 "$out" >&2
+            if grep -qE 'KM003|not supported' "$out"; then
                 die "the proxy refused the $PROTOCOL protocol on the protected table (KM003): use PROTOCOL=simple until extended-protocol encryption lands"
             fi
             die "pgbench against $t failed (output above)"

@@ -965,3 +965,75 @@ async fn decrypt_dump_works_with_aws_kms_keys() {
         "{stderr}"
     );
 }
+
+/// KNOWN BUG (reported, not fixed here): values defined by DDL reach a
+/// protected column without the proxy — a column DEFAULT set through the
+/// proxy, and a SQL function whose body inserts into the protected table —
+/// and are stored as plaintext bytea without EDEK. Either the statements are
+/// refused (KM003) or what lands at rest is an envelope; never plaintext.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known bug: column DEFAULTs and function bodies write plaintext into protected columns"]
+async fn values_defined_by_ddl_never_reach_a_protected_column_as_plaintext() {
+    let pg = common::pg();
+    let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ring = dir.path().join("keyring.json");
+    keyring(&ring, "create", "acme");
+    keyring(&ring, "create", "globex");
+    let proxy = common::start_proxy(&pg, &policy(&ring, &dir.path().join("audit.jsonl")));
+    let (app, _app_conn) = common::connect(&proxy.url("postgres", "", "app")).await;
+    for sql in [
+        "ALTER TABLE patients ALTER COLUMN notes SET DEFAULT 'NOTE-ACME-MARKER-ORIGINAL'",
+        "INSERT INTO patients (id, tenant_id) VALUES (1, 'acme')",
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (2, 'acme', DEFAULT)",
+        "CREATE FUNCTION add_patient() RETURNS void LANGUAGE sql AS \
+         $$ INSERT INTO patients (id, tenant_id, ssn) VALUES (3, 'acme', 'SSN-ACME-MARKER-0003') $$",
+        "SELECT add_patient()",
+    ] {
+        // A refusal is fine; what must never happen is plaintext at rest.
+        let _ = app.simple_query(sql).await;
+    }
+    for r in direct
+        .query("SELECT t::text FROM patients t", &[])
+        .await
+        .expect("read patients")
+    {
+        let whole: String = r.get(0);
+        assert_no_marker("a row of patients read directly", whole.as_bytes());
+    }
+}
+
+/// KNOWN BUG (reported, not fixed here): a whole-row reference returns the
+/// ciphertext (and the hidden EDEK column) inside a record instead of being
+/// refused like any other expression over a protected column.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known bug: whole-row references return ciphertext and the EDEK instead of KM003"]
+async fn whole_row_references_to_a_protected_table_are_refused() {
+    let pg = common::pg();
+    let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ring = dir.path().join("keyring.json");
+    keyring(&ring, "create", "acme");
+    keyring(&ring, "create", "globex");
+    let proxy = common::start_proxy(&pg, &policy(&ring, &dir.path().join("audit.jsonl")));
+    let (app, _app_conn) = common::connect(&proxy.url("postgres", "", "app")).await;
+    rows(
+        &app,
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'n')",
+    )
+    .await;
+    for sql in [
+        "SELECT t FROM patients t",
+        "SELECT t::text FROM patients t",
+        "SELECT row_to_json(t) FROM patients t",
+    ] {
+        let err = app.simple_query(sql).await.expect_err(sql);
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some("KM003"),
+            "{sql}: {err}"
+        );
+    }
+}

@@ -27,10 +27,9 @@ pub const EXIT_ROWS_FAILED: i32 = 1;
 /// Failures printed per table and tenant before only counting them.
 const REPORT_LIMIT: usize = 20;
 
-/// Decrypt the protected columns of a plain-SQL pg_dump, offline.
-#[derive(Debug, clap::Args)]
-#[command(
-    long_about = "Decrypt the protected columns of a plain-SQL pg_dump, offline.\n\n\
+/// `--help` text of the subcommand (set on the subcommand in `cli::Command`:
+/// clap takes a subcommand's long help from there, not from its `Args`).
+pub const LONG_ABOUT: &str = "Decrypt the protected columns of a plain-SQL pg_dump, offline.\n\n\
     Reads DUMP (pg_dump's default plain format, whose table data are COPY blocks) and, \
     for every table of the policy, decrypts the protected columns of each row with the \
     row's own EDEK (the `edek_column`, jsonb {dek_id: base64(edek)}) unwrapped by the \
@@ -53,8 +52,10 @@ const REPORT_LIMIT: usize = 20;
     (crypto-shredding). Failing rows are left out of the output; every other row is \
     still printed (so the data of the other tenants is recovered).\n\n\
     Exit status: 0 every selected row decrypted; 1 some rows failed (see stderr); \
-    2 bad policy, unreadable or unsupported dump. Key material is never printed."
-)]
+    2 bad policy, unreadable or unsupported dump. Key material is never printed.";
+
+/// Decrypt the protected columns of a plain-SQL pg_dump, offline.
+#[derive(Debug, clap::Args)]
 pub struct Args {
     /// Policy file (YAML): tables, their tenant/EDEK/protected columns, key providers.
     #[arg(long, short = 'c', env = "CMK_PROXY_CONFIG")]

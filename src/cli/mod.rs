@@ -56,6 +56,7 @@ pub enum Command {
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
+    #[command(long_about = decrypt_dump::LONG_ABOUT)]
     DecryptDump(decrypt_dump::Args),
 }
 

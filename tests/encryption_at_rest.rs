@@ -1037,3 +1037,80 @@ async fn whole_row_references_to_a_protected_table_are_refused() {
         );
     }
 }
+
+/// After `cmk-proxy rewrap` to another master key, the registry holds EDEKs
+/// under the new key while the rows still carry EDEKs under the old one:
+/// decrypt-dump falls back to the dump's registry copy (saying so), and does
+/// so even once the old key is destroyed; with --no-registry it reports the
+/// row EDEKs that no longer unwrap.
+#[tokio::test(flavor = "multi_thread")]
+async fn decrypt_dump_after_rewrap_uses_the_registry_copy() {
+    let pg = common::pg();
+    let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
+    direct.batch_execute(SCHEMA).await.expect("schema");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ring = dir.path().join("keyring.json");
+    for key in ["acme", "globex", "acme-2027"] {
+        keyring(&ring, "create", key);
+    }
+    let policy_text = policy(&ring, &dir.path().join("audit.jsonl"));
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, &policy_text).expect("write policy");
+    let proxy = common::start_proxy(&pg, &policy_text);
+    let (app, _app_conn) = common::connect(&proxy.url("postgres", "", "app")).await;
+    rows(
+        &app,
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (1, 'acme', 'SSN-ACME-MARKER-0001'), \
+         (2, 'globex', 'SSN-GLOBEX-MARKER-0002')",
+    )
+    .await;
+    let out = cmk_proxy(&[
+        "rewrap",
+        "--config",
+        policy_file.to_str().expect("utf-8"),
+        "--upstream",
+        &pg.admin_url("app"),
+        "--tenant",
+        "acme",
+        "--to-key",
+        "acme-2027",
+    ]);
+    assert!(
+        out.status.success(),
+        "rewrap: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = dir.path().join("dump.sql");
+    let out = Command::new(pg_dump_bin())
+        .arg("--dbname")
+        .arg(pg.admin_url("app"))
+        .arg("--file")
+        .arg(&dump)
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(proxy);
+    pg.stop().expect("stop PostgreSQL");
+
+    keyring(&ring, "destroy", "acme");
+    let (code, got, stderr) = decrypt_dump(&policy_file, &dump, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(got["1"]["ssn"].as_deref(), Some("SSN-ACME-MARKER-0001"));
+    assert_eq!(got["2"]["ssn"].as_deref(), Some("SSN-GLOBEX-MARKER-0002"));
+    assert!(
+        stderr
+            .contains("(tenant 'acme') does not unwrap; used the copy in the dump's cmk.data_keys"),
+        "{stderr}"
+    );
+    let (code, got, stderr) = decrypt_dump(&policy_file, &dump, &["--no-registry"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(got.contains_key("2") && !got.contains_key("1"));
+    assert!(
+        stderr.contains("(id=1, dump line") && stderr.contains("EDEK does not unwrap"),
+        "{stderr}"
+    );
+}

@@ -443,36 +443,46 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
     app_conn.abort();
 
     // ---- (1) direct reads: no plaintext in any table, an EDEK per row --------
-    for r in direct
-        .query("SELECT t::text FROM patients t", &[])
-        .await
-        .expect("read patients")
-    {
-        let whole: String = r.get(0);
-        assert_no_marker("a row of patients read directly", whole.as_bytes());
-    }
-    let cmk_tables: Vec<String> = direct
+    // Every table of the database (patients, the cmk registry, anything else).
+    let tables: Vec<(String, String)> = direct
         .query(
-            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'cmk'",
+            "SELECT table_schema::text, table_name::text FROM information_schema.tables \
+             WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+             AND table_type = 'BASE TABLE'",
             &[],
         )
         .await
-        .expect("cmk tables")
+        .expect("list tables")
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(
-        cmk_tables.iter().any(|t| t == "data_keys") && cmk_tables.iter().any(|t| t == "tenants"),
-        "{cmk_tables:?}"
-    );
-    for table in &cmk_tables {
-        for r in direct
-            .query(&format!("SELECT t::text FROM cmk.\"{table}\" t"), &[])
+    for want in [
+        ("public", "patients"),
+        ("cmk", "tenants"),
+        ("cmk", "data_keys"),
+    ] {
+        assert!(
+            tables.iter().any(|(s, t)| (s.as_str(), t.as_str()) == want),
+            "{want:?} in {tables:?}"
+        );
+    }
+    for (schema, table) in &tables {
+        let read = direct
+            .query(
+                &format!("SELECT t::text FROM \"{schema}\".\"{table}\" t"),
+                &[],
+            )
             .await
-            .expect("read cmk table")
-        {
+            .expect("read table");
+        if (schema.as_str(), table.as_str()) == ("public", "patients") {
+            assert_eq!(read.len(), model.len());
+        }
+        for r in read {
             let whole: String = r.get(0);
-            assert_no_marker(&format!("cmk.{table}"), whole.as_bytes());
+            assert_no_marker(
+                &format!("a row of {schema}.{table} read directly"),
+                whole.as_bytes(),
+            );
         }
     }
     let registry: BTreeMap<String, String> = direct

@@ -2,6 +2,7 @@
 //! `Args` and a `run` that returns the process exit code.
 
 pub mod check_config;
+pub mod decrypt_dump;
 pub mod dev;
 pub mod keyring;
 pub mod keys;
@@ -54,6 +55,9 @@ pub enum Command {
     Keys(keys::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
+    /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
+    #[command(long_about = decrypt_dump::LONG_ABOUT)]
+    DecryptDump(decrypt_dump::Args),
 }
 
 /// Runs the parsed command and returns the process exit code.
@@ -67,5 +71,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tenants(args) => tenants::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
+        Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }
 }

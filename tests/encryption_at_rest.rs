@@ -976,13 +976,11 @@ async fn decrypt_dump_works_with_aws_kms_keys() {
     );
 }
 
-/// KNOWN BUG (reported, not fixed here): values defined by DDL reach a
-/// protected column without the proxy — a column DEFAULT set through the
-/// proxy, and a SQL function whose body inserts into the protected table —
-/// and are stored as plaintext bytea without EDEK. Either the statements are
-/// refused (KM003) or what lands at rest is an envelope; never plaintext.
+/// Values defined by DDL would reach a protected column without the proxy —
+/// a column DEFAULT, a SQL function whose body inserts into the protected
+/// table: such statements are refused (KM003), and a table whose schema has
+/// such a DEFAULT is not written to. Never plaintext at rest.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug: column DEFAULTs and function bodies write plaintext into protected columns"]
 async fn values_defined_by_ddl_never_reach_a_protected_column_as_plaintext() {
     let pg = common::pg();
     let (direct, _conn) = common::connect(&pg.admin_url("app")).await;
@@ -1014,11 +1012,10 @@ async fn values_defined_by_ddl_never_reach_a_protected_column_as_plaintext() {
     }
 }
 
-/// KNOWN BUG (reported, not fixed here): a whole-row reference returns the
-/// ciphertext (and the hidden EDEK column) inside a record instead of being
-/// refused like any other expression over a protected column.
+/// A whole-row reference would return the ciphertext (and the hidden EDEK
+/// column) inside a record: it is refused like any other expression over a
+/// protected column.
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "known bug: whole-row references return ciphertext and the EDEK instead of KM003"]
 async fn whole_row_references_to_a_protected_table_are_refused() {
     let pg = common::pg();
     let (direct, _conn) = common::connect(&pg.admin_url("app")).await;

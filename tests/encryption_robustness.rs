@@ -205,3 +205,39 @@ async fn postgres_restart_under_an_encrypting_proxy_loses_nothing_committed() {
         .get(0);
     assert_eq!(count, 2, "both rows, encrypted");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_whose_schema_breaks_the_policy_is_not_written_and_the_fix_is_logged() {
+    // A DEFAULT on a protected column, set behind the proxy's back: the
+    // server would store it unencrypted.
+    let schema = format!("{SCHEMA}; ALTER TABLE vault ALTER COLUMN secret SET DEFAULT 'plain'");
+    let s = EncryptedSetup::start(&schema, "public.vault", &["secret: {type: text}"]).await;
+    let app = s.app().await;
+    for sql in [
+        "INSERT INTO vault (tenant_id) VALUES ('acme')",
+        "INSERT INTO vault (tenant_id, secret) VALUES ('acme', 'x')",
+    ] {
+        let err = app.simple_query(sql).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&err).as_deref(), Some("KM003"), "{err}");
+        assert!(common::error_message(&err).contains("DEFAULT"), "{err}");
+    }
+    assert!(s
+        .proxy
+        .log_text()
+        .contains("ALTER COLUMN secret DROP DEFAULT"));
+    // Once fixed (and the proxy sees the DDL), writes work again.
+    app.simple_query("ALTER TABLE vault ALTER COLUMN secret DROP DEFAULT")
+        .await
+        .expect("fix");
+    app.execute(INSERT, &[&"acme", &"now encrypted"])
+        .await
+        .expect("write after the fix");
+    let count: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM vault", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 1);
+    assert_eq!(&stored(&s).await[0][..4], b"CMK\x01");
+}

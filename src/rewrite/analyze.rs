@@ -318,6 +318,29 @@ fn plan_statement(
             ));
         }
     }
+    if let Statement::AlterTable {
+        name, operations, ..
+    } = &statement
+    {
+        if let Some((table, table_policy)) = policy_table(policy, name) {
+            for operation in operations {
+                if let sqlparser::ast::AlterTableOperation::AlterColumn {
+                    column_name,
+                    op: sqlparser::ast::AlterColumnOperation::SetDefault { .. },
+                } = operation
+                {
+                    let column = ident_name(column_name);
+                    if table_policy.columns.contains_key(&column) {
+                        return Err(Rejection::unsupported(
+                            table,
+                            Some(&column),
+                            "a DEFAULT (the server would store it unencrypted)",
+                        ));
+                    }
+                }
+            }
+        }
+    }
     let tables = protected_tables(scope, &statement);
     match &statement {
         Statement::CreateTable(_)

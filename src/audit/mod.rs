@@ -180,6 +180,9 @@ impl std::fmt::Debug for Audit {
     }
 }
 
+/// How long a busy audit writer lets events gather between two drains.
+const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl Audit {
     /// Starts the writer (a dedicated thread, so file writes never stall
     /// the runtime; HTTP POSTs run as tasks on the current tokio runtime).
@@ -205,13 +208,23 @@ impl Audit {
         std::thread::Builder::new()
             .name("cmk-audit".to_owned())
             .spawn(move || {
+                // Idle: park until an event comes. Busy: collect events for
+                // a short window between drains, so emitting never has to
+                // wake this thread and files are written in large batches.
                 while let Some(msg) = rx.blocking_recv() {
                     writer.handle(msg);
-                    // Drain what is already queued, then flush once.
-                    while let Ok(msg) = rx.try_recv() {
-                        writer.handle(msg);
+                    loop {
+                        std::thread::sleep(BATCH_WINDOW);
+                        let mut drained = 0usize;
+                        while let Ok(msg) = rx.try_recv() {
+                            writer.handle(msg);
+                            drained += 1;
+                        }
+                        writer.flush_files();
+                        if drained == 0 {
+                            break;
+                        }
                     }
-                    writer.flush_files();
                 }
                 writer.flush_files();
             })

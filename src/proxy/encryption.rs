@@ -655,7 +655,7 @@ fn edek_json(key: &WriteKey) -> String {
 fn bytea_literal(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(4 + bytes.len() * 2);
     out.push_str("'\\x");
-    out.push_str(&hex::encode(bytes));
+    out.push_str(&faster_hex::hex_string(bytes));
     out.push('\'');
     out
 }

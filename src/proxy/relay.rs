@@ -65,9 +65,16 @@ pub enum PumpEnd {
     Protocol(FrameError),
 }
 
+/// Staged output larger than this is sent without waiting for the end of
+/// the read buffer.
+const MAX_STAGED: usize = 64 * 1024;
+
 /// One direction of a session: the read buffer and streaming state.
 pub struct Pump {
     buf: BytesMut,
+    /// Output staged around rewritten or held frames, sent in one write
+    /// when the buffer is done (empty while traffic passes through as is).
+    staged: BytesMut,
     /// Bytes of the current passthrough frame still to forward.
     pending: usize,
     /// A write is under way (if its future is dropped, output may end mid-frame).
@@ -86,6 +93,7 @@ impl Pump {
         }
         Self {
             buf,
+            staged: BytesMut::new(),
             pending: 0,
             writing: false,
             limit,
@@ -185,18 +193,18 @@ impl Pump {
                     match inspector.on_frame(header, frame) {
                         Verdict::Forward => ready += header.frame_len(),
                         Verdict::Replace(bytes) => {
-                            self.flush_ready(dst, ready).await?;
+                            self.stage_ready(dst, ready).await?;
                             ready = 0;
-                            self.write(dst, &bytes).await?;
+                            self.stage(dst, &bytes).await?;
                             self.buf.advance(header.frame_len());
                         }
                         Verdict::Drop => {
-                            self.flush_ready(dst, ready).await?;
+                            self.stage_ready(dst, ready).await?;
                             ready = 0;
                             self.buf.advance(header.frame_len());
                         }
                         Verdict::Hold => {
-                            self.flush_ready(dst, ready).await?;
+                            self.stage_ready(dst, ready).await?;
                             return Ok(Some(self.buf.split_to(header.frame_len())));
                         }
                     }
@@ -207,33 +215,84 @@ impl Pump {
         Ok(None)
     }
 
+    /// Sends the staged output and the first `ready` bytes of the buffer:
+    /// straight from the buffer when nothing is staged (no copy), else in
+    /// one write after the staged bytes.
     async fn flush_ready<W: AsyncWrite + Unpin>(
         &mut self,
         dst: &mut W,
         ready: usize,
     ) -> Result<(), PumpEnd> {
-        if ready == 0 {
+        if self.staged.is_empty() {
+            if ready == 0 {
+                return Ok(());
+            }
+            self.writing = true;
+            send(dst, &self.buf[..ready])
+                .await
+                .map_err(PumpEnd::WriteError)?;
+            self.writing = false;
+            self.buf.advance(ready);
             return Ok(());
         }
-        self.writing = true;
-        send(dst, &self.buf[..ready])
-            .await
-            .map_err(PumpEnd::WriteError)?;
-        self.writing = false;
+        self.staged.extend_from_slice(&self.buf[..ready]);
         self.buf.advance(ready);
+        self.send_staged(dst).await
+    }
+
+    /// Moves the first `ready` bytes of the buffer behind the staged output.
+    async fn stage_ready<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        ready: usize,
+    ) -> Result<(), PumpEnd> {
+        self.staged.extend_from_slice(&self.buf[..ready]);
+        self.buf.advance(ready);
+        if self.staged.len() >= MAX_STAGED {
+            self.send_staged(dst).await?;
+        }
         Ok(())
     }
 
-    /// Writes proxy-made bytes (whole frames) to `dst`.
+    async fn send_staged<W: AsyncWrite + Unpin>(&mut self, dst: &mut W) -> Result<(), PumpEnd> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        self.writing = true;
+        send(dst, &self.staged)
+            .await
+            .map_err(PumpEnd::WriteError)?;
+        self.writing = false;
+        self.staged.clear();
+        if self.staged.capacity() > MAX_STAGED * 2 {
+            self.staged = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    /// Stages proxy-made bytes (whole frames), sent with the rest of the
+    /// output at the end of the next `forward`.
+    pub async fn stage<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        bytes: &[u8],
+    ) -> Result<(), PumpEnd> {
+        self.staged.extend_from_slice(bytes);
+        if self.staged.len() >= MAX_STAGED {
+            self.send_staged(dst).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes proxy-made bytes (whole frames) to `dst` now, after anything
+    /// staged.
     pub async fn write<W: AsyncWrite + Unpin>(
         &mut self,
         dst: &mut W,
         bytes: &[u8],
     ) -> Result<(), PumpEnd> {
-        self.writing = true;
-        send(dst, bytes).await.map_err(PumpEnd::WriteError)?;
-        self.writing = false;
-        Ok(())
+        self.staged.extend_from_slice(bytes);
+        self.send_staged(dst).await
     }
 
     /// Keeps spare capacity for the next read: grows while traffic streams,

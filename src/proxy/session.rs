@@ -429,8 +429,8 @@ where
             if let Some(encryption) = encryption {
                 let step = if std::mem::take(&mut inspector.deferred) {
                     if let Some(fail) = statements::poison_query(state) {
-                        if let Err(e) = send(server, &fail).await {
-                            return SessionEnd::UpstreamError(e.to_string());
+                        if let Err(e) = pump.stage(server, &fail).await {
+                            return client_end(e);
                         }
                     }
                     inspector.handle_deferred(&frame, encryption)
@@ -444,8 +444,8 @@ where
                         Some(Box::pin(inspector.statements.finish(&frame, encryption, state)).await)
                     }
                 };
-                if let Err(e) = send(server, out.as_deref().unwrap_or(&frame)).await {
-                    return SessionEnd::UpstreamError(e.to_string());
+                if let Err(e) = pump.stage(server, out.as_deref().unwrap_or(&frame)).await {
+                    return client_end(e);
                 }
             }
             held = match pump.forward(server, &mut inspector).await {
@@ -638,11 +638,11 @@ where
                     Box::pin(tracker.decrypt(&frame, encryption, state)).await
                 };
                 if !out.is_empty() {
-                    if let Err(e) = pump.write(client, &out).await {
+                    if let Err(e) = pump.stage(client, &out).await {
                         return SessionEnd::ClientError(format!("{e:?}"));
                     }
                 }
-            } else if let Err(e) = pump.write(client, &frame).await {
+            } else if let Err(e) = pump.stage(client, &frame).await {
                 return SessionEnd::ClientError(format!("{e:?}"));
             }
             held = match pump.forward(client, &mut inspector).await {

@@ -65,7 +65,7 @@ fn parse_int<N: std::str::FromStr + ToString>(
 /// Parses PostgreSQL's bytea text: `\x` hex, or the escape format.
 pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
     if let Some(digits) = text.strip_prefix("\\x") {
-        if let Ok(bytes) = hex::decode(digits) {
+        if let Some(bytes) = decode_hex(digits.as_bytes()) {
             return Some(bytes);
         }
         // PostgreSQL allows whitespace between digit pairs.
@@ -73,7 +73,7 @@ pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
             .bytes()
             .filter(|b| !b.is_ascii_whitespace())
             .collect();
-        return hex::decode(digits).ok();
+        return decode_hex(&digits);
     }
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -94,11 +94,21 @@ pub fn parse_bytea(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Hex digits (either case) to bytes; `None` if any pair is not hex.
+fn decode_hex(digits: &[u8]) -> Option<Vec<u8>> {
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut out = vec![0u8; digits.len() / 2];
+    faster_hex::hex_decode(digits, &mut out).ok()?;
+    Some(out)
+}
+
 /// bytea in hex output format.
 pub(crate) fn bytea_hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(2 + bytes.len() * 2);
     out.push_str("\\x");
-    out.push_str(&hex::encode(bytes));
+    out.push_str(&faster_hex::hex_string(bytes));
     out
 }
 

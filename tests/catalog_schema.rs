@@ -74,6 +74,53 @@ async fn check_config_live_reports_each_mismatch_with_fixing_ddl() {
 }
 
 #[tokio::test]
+async fn migrate_print_with_a_policy_prints_the_cmk_schema_and_every_table_fix() {
+    let pg = common::pg();
+    let (admin, _conn) = common::connect(&pg.admin_url("app")).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE patients (id serial primary key, tenant_id text not null, \
+             ssn bytea DEFAULT '\\x00', birth_date date)",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, policy_text(&pg.admin_url("app"))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(["migrate", "--print", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("CREATE SCHEMA"), "{stdout}");
+    for fix in [
+        "ALTER TABLE public.patients ALTER COLUMN ssn DROP DEFAULT;",
+        "ALTER TABLE public.patients ALTER COLUMN birth_date TYPE bytea",
+        "ALTER TABLE public.patients ADD COLUMN ssn_bidx bytea;",
+        "ALTER TABLE public.patients ADD COLUMN cmk_edek jsonb;",
+    ] {
+        assert!(stdout.contains(fix), "{fix} missing in:\n{stdout}");
+    }
+    // Printing changed nothing.
+    let has_edek: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE column_name = 'cmk_edek')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!has_edek);
+}
+
+#[tokio::test]
 async fn catalog_map_finds_protected_columns_by_oid_and_attnum() {
     let pg = common::pg();
     let (admin, _conn) = common::connect(&pg.admin_url("app")).await;

@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::encryption::keyring;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -70,19 +72,6 @@ const OTHER: &str = "acme";
 
 fn cmk_proxy_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cmk-proxy")
-}
-
-fn keyring(file: &Path, action: &str, tenant: &str) {
-    let out = Command::new(cmk_proxy_bin())
-        .args(["keyring", action, tenant, "--keyring"])
-        .arg(file)
-        .output()
-        .expect("run cmk-proxy keyring");
-    assert!(
-        out.status.success(),
-        "keyring {action} {tenant}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Policy text (after `tls:`): local keyring with tenants acme and globex,

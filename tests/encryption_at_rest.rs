@@ -10,14 +10,14 @@
 //! and reports tampered cells, missing EDEKs and unknown tenants.
 
 mod common;
+
+use common::encryption::{keyring, rows};
 #[path = "support/moto.rs"]
 mod moto;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-use tokio_postgres::{Client, SimpleQueryMessage};
 
 const SCHEMA: &str = "CREATE TABLE patients (id int PRIMARY KEY, tenant_id text NOT NULL, \
     label text, ssn bytea, ssn_bidx bytea, birth_date bytea, visits bytea, balance bytea, \
@@ -104,21 +104,6 @@ fn cmk_proxy(args: &[&str]) -> Output {
         .expect("run cmk-proxy")
 }
 
-fn keyring(file: &Path, action: &str, tenant: &str) {
-    let out = cmk_proxy(&[
-        "keyring",
-        action,
-        tenant,
-        "--keyring",
-        file.to_str().expect("utf-8 path"),
-    ]);
-    assert!(
-        out.status.success(),
-        "keyring {action} {tenant}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Where pg_dump is: `pg_config --bindir`, the newest /usr/lib/postgresql/*/bin, PATH
 /// (the same search as `localpg`).
 fn pg_dump_bin() -> PathBuf {
@@ -143,23 +128,6 @@ fn pg_dump_bin() -> PathBuf {
         .pop()
         .map(|(_, b)| b)
         .unwrap_or_else(|| PathBuf::from("pg_dump"))
-}
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 type Row = BTreeMap<String, Option<String>>;

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::encryption::{keyring, EncryptedSetup};
-use tokio_postgres::{Client, SimpleQueryMessage};
+use common::encryption::{keyring, rows, EncryptedSetup};
+use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &[
     "ssn: {type: text, search: equality}",
@@ -25,23 +25,6 @@ async fn through_proxy(setup: &EncryptedSetup) -> Client {
 
 const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, birth_date bytea, notes bytea, cmk_edek jsonb)";
-
-async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
-    client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .into_iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
-}
 
 async fn refused(client: &Client, sql: &str) -> (String, String) {
     let err = client.simple_query(sql).await.expect_err(sql);

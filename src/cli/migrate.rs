@@ -12,14 +12,15 @@ pub struct Args {
     /// Policy file and upstream.
     #[command(flatten)]
     pub policy: super::PolicyArgs,
-    /// Print the DDL instead of applying it.
+    /// Print the DDL instead of applying it (with a policy: also what the
+    /// live policy tables need).
     #[arg(long)]
     pub print: bool,
 }
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    if args.print {
+    if args.print && args.policy.config.is_none() && args.policy.upstream.is_none() {
         print!("{}", ddl_script());
         return Ok(0);
     }
@@ -31,6 +32,22 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         Ok(p) => p,
         Err(code) => return Ok(code),
     };
+    if args.print {
+        // The cmk schema, then what the policy tables of the live database
+        // need (the fixes `check-config --live` reports).
+        print!("{}", ddl_script());
+        let client = crate::proxy::admin::connect(&policy).await?;
+        let problems = crate::catalog::check_schema(&client, &policy).await?;
+        println!("\n-- policy tables: {} change(s) needed", problems.len());
+        for problem in problems {
+            println!("-- {}: {}", problem.location, problem.message);
+            match problem.fix {
+                Some(fix) => println!("{fix}"),
+                None => println!("-- (no automatic fix: create or rename it by hand)"),
+            }
+        }
+        return Ok(0);
+    }
     let registry = Registry::new(&policy)?;
     let client = registry.connect_dedicated().await?;
     let applied = migrate(&client).await?;

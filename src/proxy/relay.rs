@@ -259,9 +259,7 @@ impl Pump {
             return Ok(());
         }
         self.writing = true;
-        send(dst, &self.staged)
-            .await
-            .map_err(PumpEnd::WriteError)?;
+        send(dst, &self.staged).await.map_err(PumpEnd::WriteError)?;
         self.writing = false;
         self.staged.clear();
         if self.staged.capacity() > MAX_STAGED * 2 {

@@ -77,6 +77,16 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
     Some(query_message(&rejection_query(&rejection)))
 }
 
+/// Audits a refusal and turns it into what the server direction will show
+/// in place of the server's error.
+fn audited(encryption: &Encryption, info: &SessionInfo<'_>, rejection: Rejection) -> Refusal {
+    encryption.audit_rejection(&rejection, info);
+    Refusal {
+        sqlstate: rejection.sqlstate,
+        message: rejection.message,
+    }
+}
+
 /// What to do with a client message after its synchronous handling.
 pub enum ClientStep {
     /// Send it unchanged.
@@ -224,19 +234,13 @@ impl ClientStatements {
             Ok(planned) => planned,
             Err(rejection) => {
                 let (tenant, user, client_addr) = session_info(state);
-                encryption.audit_rejection(
-                    &rejection,
-                    &SessionInfo {
-                        tenant: tenant.as_deref(),
-                        user,
-                        client_addr,
-                    },
-                );
+                let info = SessionInfo {
+                    tenant: tenant.as_deref(),
+                    user,
+                    client_addr,
+                };
                 state.pending.push(Expected::Parse {
-                    refusal: Some(Refusal {
-                        sqlstate: rejection.sqlstate,
-                        message: rejection.message,
-                    }),
+                    refusal: Some(audited(encryption, &info, rejection)),
                 });
                 let mut out = BytesMut::new();
                 Parse {
@@ -331,12 +335,8 @@ impl ClientStatements {
                 out
             }
             Err(rejection) => {
-                encryption.audit_rejection(&rejection, &info);
                 state.pending.push(Expected::Bind {
-                    refusal: Some(Refusal {
-                        sqlstate: rejection.sqlstate,
-                        message: rejection.message,
-                    }),
+                    refusal: Some(audited(encryption, &info, rejection)),
                 });
                 let mut out = BytesMut::new();
                 Bind {

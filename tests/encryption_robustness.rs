@@ -241,3 +241,55 @@ async fn a_table_whose_schema_breaks_the_policy_is_not_written_and_the_fix_is_lo
     assert_eq!(count, 1);
     assert_eq!(&stored(&s).await[0][..4], b"CMK\x01");
 }
+
+fn named_parse(name: &str, sql: &str) -> Vec<u8> {
+    let mut body = name.as_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(sql.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    message(b'P', &body)
+}
+
+fn named_bind(statement: &str, params: &[&[u8]]) -> Vec<u8> {
+    let mut body = vec![0u8];
+    body.extend_from_slice(statement.as_bytes());
+    body.extend_from_slice(&[0, 0, 0]);
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p);
+    }
+    body.extend_from_slice(&[0, 0]);
+    message(b'B', &body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_name_reused_after_deallocate_takes_its_new_definition() {
+    // psycopg 3 evicts prepared statements with SQL DEALLOCATE; the name may
+    // come back with another statement.
+    let s = setup().await;
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut sock = session(port, "app");
+        let mut bytes = named_parse("s1", "SELECT 1");
+        bytes.extend(message(b'S', b""));
+        bytes.extend(common::raw::query("DEALLOCATE s1"));
+        bytes.extend(named_parse("s1", INSERT));
+        bytes.extend(named_bind("s1", &[b"acme", b"reused name"]));
+        bytes.extend(execute_sync());
+        send(&mut sock, &bytes);
+        (0..3)
+            .flat_map(|_| read_until_ready(&mut sock))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("raw session");
+    assert!(got.iter().all(|m| m.tag != b'E'), "{got:?}");
+    let cells = stored(&s).await;
+    assert_eq!(cells.len(), 1);
+    assert_eq!(
+        &cells[0][..4],
+        b"CMK\x01",
+        "encrypted under the new definition"
+    );
+}

@@ -252,12 +252,15 @@ impl ClientStatements {
                 return ClientStep::Replace(out);
             }
         };
-        // Re-using a name that exists fails at the server (unless unnamed):
-        // the existing statement stays what it was.
-        if parse.name.is_empty() || !self.statements.contains_key(parse.name) {
-            self.statements
-                .insert(parse.name.to_owned(), Arc::new(statement));
-        }
+        // The latest Parse of a name defines it: the client may have dropped
+        // the old one with SQL (DEALLOCATE, DISCARD ALL), which the proxy
+        // does not track. Should the server refuse the Parse instead (name
+        // in use), the record and the server statement differ, and every
+        // Bind fails on its parameter count: a statement that stores
+        // protected values always has parameters of the proxy's own, so
+        // nothing is written unencrypted.
+        self.statements
+            .insert(parse.name.to_owned(), Arc::new(statement));
         state.pending.push(Expected::Parse { refusal: None });
         match replacement {
             Some(bytes) => ClientStep::Replace(bytes),

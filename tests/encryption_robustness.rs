@@ -293,3 +293,66 @@ async fn a_statement_name_reused_after_deallocate_takes_its_new_definition() {
         "encrypted under the new definition"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenant_changes_follow_the_transaction_outcome() {
+    // The row's tenant comes from the server's setting, the key from the
+    // proxy's: if the two disagreed, the cell would be sealed under another
+    // tenant's key than its row names (and reads would fail with KM006).
+    let schema = "CREATE TABLE vault (id serial PRIMARY KEY, \
+        tenant_id text NOT NULL DEFAULT current_setting('cmk.tenant_id'), \
+        secret bytea, cmk_edek jsonb)";
+    let s = EncryptedSetup::start(schema, "public.vault", &["secret: {type: text}"]).await;
+    let app = s.app().await;
+    let write = "INSERT INTO vault (secret) VALUES ('s')";
+    app.batch_execute("SET cmk.tenant_id = 'acme'")
+        .await
+        .expect("set");
+    app.batch_execute(write).await.expect("acme write");
+    // Rolled back (simple protocol, one string) and LOCAL (committed): both
+    // end with acme again, on the server and in the proxy.
+    app.batch_execute("BEGIN; SET cmk.tenant_id = 'globex'; ROLLBACK")
+        .await
+        .expect("rolled back");
+    app.batch_execute(write)
+        .await
+        .expect("write after rollback");
+    app.batch_execute("BEGIN").await.expect("begin");
+    app.execute("SET LOCAL cmk.tenant_id = 'globex'", &[])
+        .await
+        .expect("set local (extended)");
+    app.execute(write, &[]).await.expect("globex write inside");
+    app.batch_execute("COMMIT").await.expect("commit");
+    app.batch_execute(write).await.expect("write after local");
+    let tenants: Vec<String> = s
+        .direct
+        .query("SELECT tenant_id FROM vault ORDER BY id", &[])
+        .await
+        .expect("tenants")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tenants, ["acme", "acme", "globex", "acme"]);
+    // Every row reads back: its cell was sealed under its own tenant's key.
+    app.batch_execute("RESET cmk.tenant_id")
+        .await
+        .expect("reset");
+    let read = app
+        .query("SELECT secret FROM vault", &[])
+        .await
+        .expect("read all");
+    assert_eq!(read.len(), 4);
+    // RESET and DISCARD ALL leave no tenant: a write without one is refused.
+    for reset in ["RESET cmk.tenant_id", "DISCARD ALL"] {
+        app.batch_execute("SET cmk.tenant_id = 'acme'")
+            .await
+            .expect("set");
+        app.batch_execute(reset).await.expect(reset);
+        let err = app.batch_execute(write).await.expect_err("no tenant");
+        assert_eq!(
+            common::sqlstate(&err).as_deref(),
+            Some("KM004"),
+            "{reset}: {err}"
+        );
+    }
+}

@@ -21,8 +21,8 @@ use crate::crypto::{self, CellAad};
 use crate::keys::{KeyError, KeyService, WriteKey};
 use crate::protocol::messages::{format_of, Bind};
 use crate::rewrite::{
-    self, quote_literal, render_with_literals, Rejection, StatementPlan, TenantSource, ValueSource,
-    WritePlan,
+    self, quote_literal, render_with_literals, Rejection, StatementPlan, TenantChange,
+    TenantSource, ValueSource, WritePlan,
 };
 use crate::values;
 
@@ -56,7 +56,7 @@ pub struct QueryRewrite {
     /// Replacement SQL (`None`: forward the original untouched).
     pub sql: Option<String>,
     /// The query sets (or resets) the session tenant.
-    pub set_tenant: Option<Option<String>>,
+    pub set_tenant: Option<TenantChange>,
     /// The query changes the schema: refresh the catalog map afterwards.
     pub ddl: bool,
     /// Audit fingerprint, when the query touches protected tables.
@@ -222,9 +222,9 @@ impl Encryption {
         };
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
-                StatementPlan::SetTenant(t) => {
-                    tenant = t.clone();
-                    out.set_tenant = Some(t);
+                StatementPlan::SetTenant(change) => {
+                    tenant = change.tenant.clone();
+                    out.set_tenant = Some(change);
                 }
                 StatementPlan::Ddl => out.ddl = true,
                 StatementPlan::Write(plan) => {

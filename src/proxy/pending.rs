@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::rewrite::WritePlan;
+use crate::rewrite::{TenantChange, WritePlan};
 
 /// What the proxy does with the executions of a prepared statement.
 #[derive(Debug)]
@@ -22,7 +22,7 @@ pub(crate) enum StatementKind {
     /// A write whose protected values are encrypted at every Bind.
     Write(Arc<WritePlan>),
     /// `SET <tenant setting> = …`: changes the session tenant when executed.
-    SetTenant(Option<String>),
+    SetTenant(TenantChange),
 }
 
 /// A prepared statement as the proxy knows it.

@@ -70,6 +70,8 @@ pub struct ResponseTracker {
     skipping: bool,
     /// A ReadyForQuery held for a catalog refresh.
     ready_out: Option<BytesMut>,
+    /// A ROLLBACK completed in this cycle (undoes tenant changes).
+    rolled_back: bool,
 }
 
 impl ResponseTracker {
@@ -94,6 +96,8 @@ impl ResponseTracker {
             | backend::ROW_DESCRIPTION
             | PARAMETER_DESCRIPTION => Interest::Rewrite,
             _ if self.dropping(state) => Interest::Rewrite,
+            // The tag tells whether a tenant change was rolled back.
+            backend::COMMAND_COMPLETE if state.tenant_change_pending() => Interest::Rewrite,
             backend::DATA_ROW => {
                 self.resolve(encryption);
                 if self.plan.is_some() {
@@ -144,7 +148,13 @@ impl ResponseTracker {
                     _ => Step::Forward,
                 }
             }
-            (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, _) => {
+            (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, frame) => {
+                if frame.is_some_and(|f| {
+                    f.get(HEADER_LEN..)
+                        .is_some_and(|tag| tag.starts_with(b"ROLLBACK"))
+                }) {
+                    self.rolled_back = true;
+                }
                 self.end_result(state, encryption)
             }
             (PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE, _) => {
@@ -178,6 +188,11 @@ impl ResponseTracker {
         self.plan = None;
         self.resolved = false;
         self.skipping = false;
+        // Out of any transaction: tenant changes are final (or undone).
+        let rolled_back = std::mem::take(&mut self.rolled_back);
+        if frame.last() == Some(&b'I') {
+            state.end_tenant_transaction(rolled_back);
+        }
         if swallowed {
             return Step::Drop;
         }

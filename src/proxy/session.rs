@@ -234,6 +234,7 @@ async fn run_session(
         terminated: AtomicBool::new(false),
         poison: Mutex::new(None),
         tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
+        tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
         user: params.user.clone(),

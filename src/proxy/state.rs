@@ -4,6 +4,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use super::pending::PendingQueue;
+use crate::rewrite::TenantChange;
+
+/// The tenant before the first change in the current transaction, and
+/// whether a change was `SET LOCAL`.
+#[derive(Debug, Default)]
+pub(crate) struct TenantUndo {
+    before: Option<Option<String>>,
+    local: bool,
+}
 
 /// State shared by the two directions of a session.
 pub(crate) struct SessionState {
@@ -18,6 +27,8 @@ pub(crate) struct SessionState {
     pub(crate) terminated: AtomicBool,
     /// The session's tenant (startup options, user map, SET).
     pub(crate) tenant: Mutex<Option<String>>,
+    /// What undoes the tenant changes of the current transaction.
+    pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
     pub(crate) pending: PendingQueue,
     /// A DDL statement went by: reload the catalog at the next ReadyForQuery.
@@ -33,6 +44,41 @@ pub(crate) struct SessionState {
 impl SessionState {
     pub(crate) fn tenant(&self) -> Option<String> {
         self.tenant.lock().ok().and_then(|t| t.clone())
+    }
+
+    /// Applies a tenant change the client sent (SET, SET LOCAL, RESET,
+    /// DISCARD ALL), remembering what undoes it.
+    pub(crate) fn change_tenant(&self, change: TenantChange) {
+        let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
+            return;
+        };
+        if undo.before.is_none() {
+            undo.before = Some(tenant.clone());
+        }
+        undo.local |= change.local;
+        *tenant = change.tenant;
+    }
+
+    /// True while a tenant change waits for the end of its transaction.
+    pub(crate) fn tenant_change_pending(&self) -> bool {
+        self.tenant_undo
+            .lock()
+            .map(|u| u.before.is_some())
+            .unwrap_or(false)
+    }
+
+    /// The server is idle again (no transaction): a change that was rolled
+    /// back, or was LOCAL, is undone; any other stays.
+    pub(crate) fn end_tenant_transaction(&self, rolled_back: bool) {
+        let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
+            return;
+        };
+        let undo = std::mem::take(&mut *undo);
+        if let Some(before) = undo.before {
+            if rolled_back || undo.local {
+                *tenant = before;
+            }
+        }
     }
 
     pub(crate) fn is_poisoned(&self) -> bool {

@@ -270,10 +270,8 @@ impl ClientStatements {
 
     fn execute(&mut self, frame: &[u8], body: &[u8], state: &SessionState) -> ClientStep {
         let portal = cstr(body).map_or_else(|| self.portal(""), |name| self.portal(name));
-        if let StatementKind::SetTenant(tenant) = &portal.statement.kind {
-            if let Ok(mut slot) = state.tenant.lock() {
-                slot.clone_from(tenant);
-            }
+        if let StatementKind::SetTenant(change) = &portal.statement.kind {
+            state.change_tenant(change.clone());
         }
         let describe = !portal.described.load(Ordering::Acquire)
             && !portal.statement.described.load(Ordering::Acquire);
@@ -398,7 +396,7 @@ fn plan_parse(
     statement.kind = match &plan.kind {
         StatementKind::Plain => StatementKind::Plain,
         StatementKind::Write(write) => StatementKind::Write(write.clone()),
-        StatementKind::SetTenant(tenant) => StatementKind::SetTenant(tenant.clone()),
+        StatementKind::SetTenant(change) => StatementKind::SetTenant(change.clone()),
     };
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
@@ -444,7 +442,7 @@ fn plan_sql(
     match statement {
         StatementPlan::Untouched | StatementPlan::Ddl => {}
         StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
-        StatementPlan::SetTenant(tenant) => plan.kind = StatementKind::SetTenant(tenant.clone()),
+        StatementPlan::SetTenant(change) => plan.kind = StatementKind::SetTenant(change.clone()),
         StatementPlan::Write(write) => {
             let mut types: Vec<u32> = param_types.to_vec();
             types.resize(analysis.client_params + write.extra_params, 0);
@@ -503,10 +501,8 @@ async fn simple_query(
     };
     match encryption.rewrite_simple_query(sql, &info).await {
         Ok(rewrite) => {
-            if let Some(tenant) = rewrite.set_tenant {
-                if let Ok(mut slot) = state.tenant.lock() {
-                    *slot = tenant;
-                }
+            if let Some(change) = rewrite.set_tenant {
+                state.change_tenant(change);
             }
             if rewrite.ddl {
                 state.refresh_catalog.store(true, Ordering::Release);

@@ -27,8 +27,17 @@ pub enum StatementPlan {
     Ddl,
     /// A write with protected values to encrypt.
     Write(Box<WritePlan>),
-    /// `SET [SESSION|LOCAL] <tenant setting> = 'x'` (`None` for `DEFAULT`).
-    SetTenant(Option<String>),
+    /// `SET [SESSION|LOCAL] <tenant setting> = 'x'`, `RESET`, `DISCARD ALL`.
+    SetTenant(TenantChange),
+}
+
+/// A change of the session tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantChange {
+    /// The new tenant (`None`: no tenant: DEFAULT, RESET, DISCARD ALL).
+    pub tenant: Option<String>,
+    /// `SET LOCAL`: undone when the transaction ends.
+    pub local: bool,
 }
 
 /// The plan of a whole query string.
@@ -94,6 +103,17 @@ pub fn analyze_in(
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(statements) => statements,
         Err(_) => {
+            if resets_tenant(policy, sql) {
+                // sqlparser does not know RESET: the tenant is cleared (the
+                // safe direction: writes then need an explicit tenant).
+                return Ok(Analysis {
+                    statements: vec![StatementPlan::SetTenant(TenantChange {
+                        tenant: None,
+                        local: false,
+                    })],
+                    client_params,
+                });
+            }
             return match mentions_policy_table(policy, sql) {
                 Some(table) => Err(Rejection::unsupported(
                     &table,
@@ -260,10 +280,35 @@ fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Reject
     }
 }
 
-/// Recognizes `SET <tenant setting> = value`.
-fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<Option<String>> {
+/// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not parse.
+fn resets_tenant(policy: &Policy, sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    let setting = policy.tenant.session_setting.to_lowercase();
+    words
+        .windows(2)
+        .any(|w| w[0] == "reset" && (w[1] == "all" || w[1] == setting))
+}
+
+/// Recognizes `SET [LOCAL] <tenant setting> = value` and `DISCARD ALL`.
+fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange> {
+    if let Statement::Discard {
+        object_type: sqlparser::ast::DiscardObject::ALL,
+    } = statement
+    {
+        return Some(TenantChange {
+            tenant: None,
+            local: false,
+        });
+    }
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
-        variable, values, ..
+        variable,
+        values,
+        scope,
+        ..
     }) = statement
     else {
         return None;
@@ -276,13 +321,17 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<Option<Strin
     if name.join(".") != policy.tenant.session_setting.to_lowercase() {
         return None;
     }
-    Some(match values.as_slice() {
+    let tenant = match values.as_slice() {
         [Expr::Value(v)] => match &v.value {
             Value::SingleQuotedString(s) | Value::Number(s, _) if !s.is_empty() => Some(s.clone()),
             _ => None,
         },
         [Expr::Identifier(i)] if !i.value.eq_ignore_ascii_case("default") => Some(i.value.clone()),
         _ => None,
+    };
+    Some(TenantChange {
+        tenant,
+        local: matches!(scope, Some(sqlparser::ast::ContextModifier::Local)),
     })
 }
 

@@ -11,7 +11,7 @@ mod names;
 mod render;
 mod write;
 
-pub use analyze::{analyze, analyze_in, Analysis, SchemaFacts, StatementPlan};
+pub use analyze::{analyze, analyze_in, Analysis, SchemaFacts, StatementPlan, TenantChange};
 pub use fingerprint::fingerprint;
 pub use names::mentions_policy_table;
 pub use render::{quote_literal, render_with_literals};

@@ -277,8 +277,13 @@ fn tenant_setting_is_recognized() {
         0,
     )
     .unwrap();
-    assert!(matches!(&a.statements[0], StatementPlan::SetTenant(Some(t)) if t == "acme"));
-    assert!(matches!(&a.statements[1], StatementPlan::SetTenant(None)));
+    assert!(
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false }) if t == "acme")
+    );
+    assert!(matches!(
+        &a.statements[1],
+        StatementPlan::SetTenant(TenantChange { tenant: None, .. })
+    ));
     assert!(matches!(&a.statements[2], StatementPlan::Untouched));
 }
 
@@ -372,4 +377,27 @@ fn writes_to_a_table_whose_schema_is_wrong_are_refused() {
         );
     }
     assert!(analyze_in(&policy(), &facts, "SELECT notes FROM patients", 0).is_ok());
+}
+
+#[test]
+fn tenant_changes_local_reset_and_discard() {
+    let change = |sql: &str| match analyze(&policy(), sql, 0).unwrap().statements.pop() {
+        Some(StatementPlan::SetTenant(change)) => change,
+        other => panic!("{sql}: {other:?}"),
+    };
+    assert_eq!(
+        change("SET LOCAL cmk.tenant_id = 'acme'"),
+        TenantChange {
+            tenant: Some("acme".into()),
+            local: true
+        }
+    );
+    for sql in [
+        "RESET cmk.tenant_id",
+        "reset all",
+        "DISCARD ALL",
+        "RESET ALL; SELECT 1",
+    ] {
+        assert_eq!(change(sql).tenant, None, "{sql}");
+    }
 }

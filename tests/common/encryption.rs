@@ -41,6 +41,18 @@ impl EncryptedSetup {
     /// Creates `schema` (SQL) and starts the proxy with `table` protected:
     /// `columns` is the YAML of its `columns:` map, one `name: {...}` per line.
     pub async fn start(schema: &str, table: &str, columns: &[&str]) -> Self {
+        Self::start_with(schema, table, columns, "", "").await
+    }
+
+    /// Like `start`, with more providers (`name: {…}` lines under
+    /// `keys.providers`) and more tenants (`name: {…}` lines under `tenants`).
+    pub async fn start_with(
+        schema: &str,
+        table: &str,
+        columns: &[&str],
+        providers: &str,
+        tenants: &str,
+    ) -> Self {
         let pg = pg();
         let (direct, conn) = connect(&pg.admin_url("app")).await;
         std::mem::forget(conn);
@@ -50,13 +62,23 @@ impl EncryptedSetup {
         keyring(&ring, "create", "acme");
         keyring(&ring, "create", "globex");
         let columns: String = columns.iter().map(|c| format!("      {c}\n")).collect();
+        let indent = |lines: &str, by: &str| -> String {
+            lines.lines().map(|l| format!("{by}{l}\n")).collect()
+        };
+        let tenants = if tenants.is_empty() {
+            "acme: {provider: local, key: acme}"
+        } else {
+            tenants
+        };
         let yaml = format!(
-            "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n\
+            "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n{}\
              audit: {{sink: {{kind: file, path: {}}}}}\n\
-             tenants:\n  acme: {{provider: local, key: acme}}\n  globex: {{provider: local, key: globex}}\n\
+             tenants:\n{}  globex: {{provider: local, key: globex}}\n\
              tables:\n  {table}:\n    tenant_column: tenant_id\n    columns:\n{columns}",
             ring.display(),
-            dir.path().join("audit.jsonl").display()
+            indent(providers, "    "),
+            dir.path().join("audit.jsonl").display(),
+            indent(tenants, "  "),
         );
         let proxy = start_proxy(&pg, &yaml);
         Self {

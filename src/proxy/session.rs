@@ -151,6 +151,11 @@ fn prepend(mut head: BytesMut, tail: BytesMut) -> BytesMut {
     head
 }
 
+/// How long and how much a session that broke the protocol is read away
+/// after its FATAL, before the socket closes.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+const DRAIN_LIMIT: usize = 16 << 20;
+
 /// Why a session ended.
 #[derive(Debug)]
 enum SessionEnd {
@@ -303,6 +308,22 @@ async fn run_session(
         let _ = server_write.shutdown().await;
     }
     let _ = client_write.shutdown().await;
+    if matches!(end, SessionEnd::ClientProtocol(_)) {
+        // Closing with unread input makes the kernel answer with a reset,
+        // which can destroy the FATAL still in flight: read the rest of the
+        // offending message away first (bounded in time and size).
+        let drain = async {
+            let mut scratch = [0u8; 8192];
+            let mut total = 0usize;
+            while total < DRAIN_LIMIT {
+                match client_read.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     match end {
         SessionEnd::ClientError(e)

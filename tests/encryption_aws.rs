@@ -8,32 +8,15 @@ mod common;
 #[path = "support/moto.rs"]
 mod moto;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cmk_proxy::kms::AwsKmsProvider;
-use common::encryption::EncryptedSetup;
+use common::encryption::{poll_until, EncryptedSetup};
+
+const ACME_READ: &str = "SELECT secret FROM vault WHERE tenant_id = 'acme'";
 
 const SCHEMA: &str = "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     secret bytea, cmk_edek jsonb)";
-
-/// Polls until reading acme's row fails (`want_error`) or works; returns
-/// the last error. Only a hang guard: the bound is approval_ttl (1 s) + one call.
-async fn poll(app: &tokio_postgres::Client, want_error: bool) -> Option<tokio_postgres::Error> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match app
-            .query("SELECT secret FROM vault WHERE tenant_id = 'acme'", &[])
-            .await
-        {
-            Err(e) if want_error => return Some(e),
-            Ok(_) if !want_error => return None,
-            other => {
-                assert!(Instant::now() < deadline, "still {other:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn aws_kms_key_disabled_in_moto_revokes_the_tenant_through_the_proxy() {
@@ -78,7 +61,9 @@ async fn aws_kms_key_disabled_in_moto_revokes_the_tenant_through_the_proxy() {
     app.execute(insert, &[&"globex", &"local-held"])
         .await
         .expect("globex write");
-    assert!(poll(&app, false).await.is_none());
+    assert!(poll_until(false, || app.query(ACME_READ, &[]))
+        .await
+        .is_none());
 
     admin
         .client()
@@ -87,7 +72,9 @@ async fn aws_kms_key_disabled_in_moto_revokes_the_tenant_through_the_proxy() {
         .send()
         .await
         .expect("disable in moto");
-    let err = poll(&app, true).await.expect("revoked");
+    let err = poll_until(true, || app.query(ACME_READ, &[]))
+        .await
+        .expect("revoked");
     assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
     assert!(common::error_message(&err).contains("acme"), "{err}");
     let err = app
@@ -109,7 +96,12 @@ async fn aws_kms_key_disabled_in_moto_revokes_the_tenant_through_the_proxy() {
         .send()
         .await
         .expect("enable in moto");
-    assert!(poll(&app, false).await.is_none(), "re-enabled");
+    assert!(
+        poll_until(false, || app.query(ACME_READ, &[]))
+            .await
+            .is_none(),
+        "re-enabled"
+    );
     app.execute(insert, &[&"acme", &"again"])
         .await
         .expect("acme writes again");

@@ -7,14 +7,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use common::encryption::{keyring, EncryptedSetup};
+use common::encryption::{keyring, poll_until, EncryptedSetup};
 
 const SCHEMA: &str = "CREATE TABLE typed (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, c_int8 bytea, \
@@ -415,26 +415,6 @@ async fn refusals_in_the_extended_protocol_keep_the_connection_usable() {
     assert!(s.audit().contains("KM003"));
 }
 
-async fn wait_for(
-    app: &Client,
-    stmt: &tokio_postgres::Statement,
-    id: i32,
-    want_error: bool,
-) -> Option<tokio_postgres::Error> {
-    // Only a hang guard: revocation is bounded by approval_ttl (1 s) + one KMS call.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match app.query_one(stmt, &[&id]).await {
-            Err(e) if want_error => return Some(e),
-            Ok(_) if !want_error => return None,
-            other => {
-                assert!(Instant::now() < deadline, "still {other:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_whole() {
     let s = setup().await;
@@ -452,6 +432,7 @@ async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_who
         .await
         .expect("a")
         .get(0);
+    let acme_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&acme];
     let globex: i32 = app
         .query_one(&ins, &[&"globex", &"g"])
         .await
@@ -466,7 +447,9 @@ async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_who
     );
 
     keyring(&s.ring(), "disable", "acme");
-    let err = wait_for(&app, &read, acme, true).await.expect("an error");
+    let err = poll_until(true, || app.query_one(&read, acme_params))
+        .await
+        .expect("an error");
     assert_eq!(sqlstate(&err), "KM001", "{err}");
     assert!(common::error_message(&err).contains("acme"), "{err}");
     // Writes for the revoked tenant fail too; the other tenant works on the
@@ -509,7 +492,9 @@ async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_who
     assert_eq!(kept, 2, "the failed transaction left nothing behind");
 
     keyring(&s.ring(), "enable", "acme");
-    assert!(wait_for(&app, &read, acme, false).await.is_none());
+    assert!(poll_until(false, || app.query_one(&read, acme_params))
+        .await
+        .is_none());
     app.query_one(&ins, &[&"acme", &"c"])
         .await
         .expect("acme writes again");

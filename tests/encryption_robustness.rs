@@ -26,14 +26,7 @@ fn parse(sql: &str) -> Vec<u8> {
 }
 
 fn bind(params: &[&[u8]]) -> Vec<u8> {
-    let mut body = vec![0u8, 0, 0, 0];
-    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
-    for p in params {
-        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
-        body.extend_from_slice(p);
-    }
-    body.extend_from_slice(&[0, 0]);
-    message(b'B', &body)
+    named_bind("", params)
 }
 
 fn execute_sync() -> Vec<u8> {

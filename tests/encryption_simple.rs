@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::encryption::{keyring, rows, EncryptedSetup};
+use common::encryption::{keyring, poll_until, rows, EncryptedSetup};
 use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &[
@@ -32,23 +32,6 @@ async fn refused(client: &Client, sql: &str) -> (String, String) {
         common::sqlstate(&err).unwrap_or_default(),
         common::error_message(&err),
     )
-}
-
-/// Polls `sql` until it fails (`want_error`) or succeeds; returns the last
-/// error. The 10 s limit only guards against a hang: revocation is bounded by
-/// approval_ttl (1 s here) plus one KMS call.
-async fn poll_until(app: &Client, sql: &str, want_error: bool) -> Option<tokio_postgres::Error> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match app.simple_query(sql).await {
-            Err(e) if want_error => return Some(e),
-            Ok(_) if !want_error => return None,
-            other => {
-                assert!(Instant::now() < deadline, "{sql}: still {other:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -295,7 +278,9 @@ async fn revoked_tenant_is_refused_with_km001_while_others_keep_working() {
     let ring = s.dir.path().join("keyring.json");
     keyring(&ring, "disable", "globex");
     let globex = "SELECT notes FROM patients WHERE tenant_id = 'globex'";
-    let e = poll_until(&app, globex, true).await.expect("an error");
+    let e = poll_until(true, || app.simple_query(globex))
+        .await
+        .expect("an error");
     assert_eq!(common::sqlstate(&e).as_deref(), Some("KM001"), "{e}");
     assert!(common::error_message(&e).contains("globex"));
     let (code, _) = refused(
@@ -309,7 +294,7 @@ async fn revoked_tenant_is_refused_with_km001_while_others_keep_working() {
         Some("a")
     );
     keyring(&ring, "enable", "globex");
-    poll_until(&app, globex, false).await;
+    poll_until(false, || app.simple_query(globex)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -322,11 +307,9 @@ async fn a_failed_read_inside_a_transaction_fails_the_server_transaction_too() {
     )
     .await;
     keyring(&s.dir.path().join("keyring.json"), "disable", "globex");
-    poll_until(
-        &app,
-        "SELECT notes FROM patients WHERE tenant_id = 'globex'",
-        true,
-    )
+    poll_until(true, || {
+        app.simple_query("SELECT notes FROM patients WHERE tenant_id = 'globex'")
+    })
     .await;
     app.simple_query("BEGIN").await.unwrap();
     rows(

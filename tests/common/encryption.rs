@@ -124,3 +124,28 @@ pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
         })
         .collect()
 }
+
+/// Runs `attempt` until it fails (`want_error`) or succeeds, every 200 ms;
+/// returns the last error. The 15 s limit only guards against a hang:
+/// revocation is bounded by approval_ttl (1 s here) plus one KMS call.
+pub async fn poll_until<T, F, Fut>(
+    want_error: bool,
+    mut attempt: F,
+) -> Option<tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    T: std::fmt::Debug,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        match attempt().await {
+            Err(e) if want_error => return Some(e),
+            Ok(_) if !want_error => return None,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "still {other:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -672,3 +672,47 @@ async fn execute_without_any_describe_is_still_decrypted_and_refusals_drain_to_s
     assert_eq!(tags, b"1EZ", "{tags:?}");
     assert_eq!(got[1].field(b'C').as_deref(), Some("KM004"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_clients_of_a_prepared_statement_get_text_when_the_server_sends_binary() {
+    // From the second execution on, the proxy asks the server for the
+    // protected columns in binary; the client, which asked for text, must
+    // still see format 0 and the plaintext as text.
+    let s = setup().await;
+    let app = s.app().await;
+    let id: i32 = app
+        .query_one(
+            "INSERT INTO typed (tenant_id, c_text, c_int4, c_date) VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&"acme", &"text please", &-42i32, &NaiveDate::from_ymd_opt(2000, 2, 29).unwrap_or_default()],
+        )
+        .await
+        .expect("insert")
+        .get(0);
+    let port = s.proxy.port();
+    let sql = format!("SELECT id, c_text, c_int4, c_date FROM typed WHERE id = {id}");
+    let mut bytes = raw::parse("s", &sql, &[]);
+    bytes.extend(raw::sync());
+    for _ in 0..3 {
+        bytes.extend(raw::bind("s", &[], 0));
+        bytes.extend(common::raw::message(b'D', b"P\0"));
+        bytes.extend(raw::execute());
+        bytes.extend(raw::sync());
+    }
+    let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 4))
+        .await
+        .expect("raw session");
+    let descriptions: Vec<&raw::BackendMessage> = got.iter().filter(|m| m.tag == b'T').collect();
+    let rows: Vec<&raw::BackendMessage> = got.iter().filter(|m| m.tag == b'D').collect();
+    assert_eq!((descriptions.len(), rows.len()), (3, 3), "{got:?}");
+    for (description, row) in descriptions.iter().zip(&rows) {
+        // Every field's format code (the last two bytes of each field) is text.
+        let body = &description.body;
+        assert!(body.ends_with(&[0, 0]), "{body:?}");
+        let text = String::from_utf8_lossy(&row.body);
+        assert!(text.contains("text please"), "{text}");
+        assert!(
+            text.contains("-42") && text.contains("2000-02-29"),
+            "{text}"
+        );
+    }
+}

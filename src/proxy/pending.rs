@@ -43,6 +43,9 @@ pub(crate) struct PreparedStatement {
     pub shape: Mutex<Option<Shape>>,
     /// A Describe of this statement was sent (by the client or the proxy).
     pub described: AtomicBool,
+    /// Number of result columns and those from protected columns, once the
+    /// shape is known.
+    pub protected_results: std::sync::OnceLock<(usize, Vec<usize>)>,
 }
 
 impl PreparedStatement {
@@ -56,6 +59,7 @@ impl PreparedStatement {
             fingerprint,
             shape: Mutex::new(None),
             described: AtomicBool::new(false),
+            protected_results: std::sync::OnceLock::new(),
         }
     }
 }
@@ -65,8 +69,11 @@ impl PreparedStatement {
 pub(crate) struct Portal {
     /// The statement it executes.
     pub statement: Arc<PreparedStatement>,
-    /// Result format codes from Bind.
+    /// Result format codes sent to the server.
     pub result_formats: Vec<i16>,
+    /// Result format codes the client asked for (differ when the proxy asks
+    /// for protected cells in binary).
+    pub client_formats: Vec<i16>,
     /// The result columns with their real formats, from a Describe of the portal.
     pub shape: Mutex<Option<Shape>>,
     /// A Describe of this portal was sent.

@@ -257,7 +257,7 @@ impl ResponseTracker {
         match self.queue.front() {
             Some(Expected::Query { fingerprint, .. }) => {
                 self.plan = None;
-                match plan_row_description(frame, &catalog, policy, fingerprint) {
+                match plan_row_description(frame, &catalog, policy, fingerprint, None) {
                     Ok(Some((plan, out))) => {
                         self.plan = Some(plan);
                         Step::Replace(out)
@@ -267,9 +267,22 @@ impl ResponseTracker {
                 }
             }
             Some(Expected::DescribeStatement(_)) | Some(Expected::DescribePortal { .. }) => {
+                // A portal's columns are shown in the formats its client asked for.
+                let client_formats = match self.queue.front() {
+                    Some(Expected::DescribePortal { portal, .. }) => {
+                        Some(portal.client_formats.clone())
+                    }
+                    _ => None,
+                };
                 self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
                 let empty: Arc<str> = Arc::from("");
-                match plan_row_description(frame, &catalog, policy, &empty) {
+                match plan_row_description(
+                    frame,
+                    &catalog,
+                    policy,
+                    &empty,
+                    client_formats.as_deref(),
+                ) {
                     Ok(Some((_, out))) => Step::Replace(out),
                     Ok(None) => Step::Forward,
                     Err(e) => malformed(e),
@@ -283,7 +296,16 @@ impl ResponseTracker {
     fn remember_shape(&mut self, shape: Shape) {
         let slot = match self.queue.front() {
             Some(Expected::DescribeStatement(statement)) => &statement.shape,
-            Some(Expected::DescribePortal { portal, .. }) => &portal.shape,
+            Some(Expected::DescribePortal { portal, .. }) => {
+                // The statement has the same columns: later Binds of it can
+                // ask for protected cells in binary.
+                if let Ok(mut statement) = portal.statement.shape.lock() {
+                    if statement.is_none() {
+                        *statement = Some(shape.clone());
+                    }
+                }
+                &portal.shape
+            }
             _ => return,
         };
         if let Ok(mut slot) = slot.lock() {
@@ -404,11 +426,19 @@ fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan
             } else {
                 &portal.result_formats
             };
+            let client = Some(portal.client_formats.as_slice());
             let planned = if portal_described {
-                plan_row_description(&frame, &catalog, encryption.policy(), fingerprint)
+                plan_row_description(&frame, &catalog, encryption.policy(), fingerprint, client)
                     .map(|p| p.map(|(plan, _)| plan))
             } else {
-                plan_execution(&frame, formats, &catalog, encryption.policy(), fingerprint)
+                plan_execution(
+                    &frame,
+                    formats,
+                    &portal.client_formats,
+                    &catalog,
+                    encryption.policy(),
+                    fingerprint,
+                )
             };
             match planned {
                 Ok(plan) => plan,

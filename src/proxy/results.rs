@@ -23,7 +23,10 @@ struct PlannedColumn {
     table: Arc<str>,
     column: Arc<str>,
     ty: DeclaredType,
+    /// The server sends the cell in binary.
     binary: bool,
+    /// The client wants the plaintext in binary.
+    client_binary: bool,
 }
 
 /// How to present the rows of the current result set.
@@ -68,16 +71,19 @@ fn type_size(ty: DeclaredType) -> i16 {
 }
 
 /// Plans a RowDescription frame: the plan and the frame the client sees.
-/// `None`: no protected column, forward unchanged.
+/// `None`: no protected column, forward unchanged. `client_formats`: the
+/// result formats the client asked for, when the proxy asked the server for
+/// others (binary protected cells); `None`: the frame's own formats.
 pub fn plan_row_description(
     frame: &[u8],
     catalog: &CatalogMap,
     policy: &Policy,
     fingerprint: &Arc<str>,
+    client_formats: Option<&[i16]>,
 ) -> Result<Option<(ResultPlan, BytesMut)>, Malformed> {
     let fields = decode_row_description(&frame[HEADER_LEN..])?;
     Ok(
-        plan_fields(&fields, catalog, policy, fingerprint).map(|(plan, shown)| {
+        plan_fields(&fields, catalog, policy, fingerprint, client_formats).map(|(plan, shown)| {
             let mut out = BytesMut::with_capacity(frame.len());
             encode_row_description(&shown, &mut out);
             (plan, out)
@@ -91,6 +97,7 @@ pub fn plan_row_description(
 pub fn plan_execution(
     row_description: &[u8],
     result_formats: &[i16],
+    client_formats: &[i16],
     catalog: &CatalogMap,
     policy: &Policy,
     fingerprint: &Arc<str>,
@@ -99,7 +106,31 @@ pub fn plan_execution(
     for (i, field) in fields.iter_mut().enumerate() {
         field.format = format_of(result_formats, i);
     }
-    Ok(plan_fields(&fields, catalog, policy, fingerprint).map(|(plan, _)| plan))
+    Ok(
+        plan_fields(&fields, catalog, policy, fingerprint, Some(client_formats))
+            .map(|(plan, _)| plan),
+    )
+}
+
+/// The number of result columns of a RowDescription, and the indexes of
+/// those that come from protected columns.
+pub fn protected_result_columns(
+    row_description: &[u8],
+    catalog: &CatalogMap,
+) -> Result<(usize, Vec<usize>), Malformed> {
+    let fields = decode_row_description(&row_description[HEADER_LEN..])?;
+    let protected = fields
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| {
+            matches!(
+                catalog.lookup(f.table_oid, f.column).map(|c| &c.role),
+                Some(ColumnRole::Protected(_))
+            )
+        })
+        .map(|(i, _)| i)
+        .collect();
+    Ok((fields.len(), protected))
 }
 
 /// Plans result fields: which to decrypt, hide or watch, and the fields as
@@ -109,6 +140,7 @@ fn plan_fields<'f>(
     catalog: &CatalogMap,
     policy: &Policy,
     fingerprint: &Arc<str>,
+    client_formats: Option<&[i16]>,
 ) -> Option<(ResultPlan, Vec<Field<'f>>)> {
     let mut columns = Vec::new();
     let mut hidden = Vec::new();
@@ -118,17 +150,21 @@ fn plan_fields<'f>(
         match catalog.lookup(field.table_oid, field.column) {
             Some(col) => match col.role {
                 ColumnRole::Protected(ty) => {
+                    let client_format =
+                        client_formats.map_or(field.format, |f| format_of(f, index));
                     columns.push(PlannedColumn {
                         index,
                         table: col.table.clone(),
                         column: col.column.clone(),
                         ty,
                         binary: field.format == 1,
+                        client_binary: client_format == 1,
                     });
                     shown.push(Field {
                         type_oid: ty.oid(),
                         type_size: type_size(ty),
                         type_modifier: -1,
+                        format: client_format,
                         ..field.clone()
                     });
                 }
@@ -250,7 +286,7 @@ impl ResultPlan {
                 Ok(done) => done,
                 Err(failure) => return Err(self.fail_cell(&failure)),
             };
-            let presented = if column.binary {
+            let presented = if column.client_binary {
                 let text = String::from_utf8_lossy(&plaintext);
                 match values::to_binary(column.ty, &text) {
                     Ok(bytes) => bytes,

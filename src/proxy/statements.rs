@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, BytesMut};
 
 use super::encryption::{rejection_query, Encryption, SessionInfo};
-use super::pending::{Expected, Portal, PreparedStatement, Refusal, StatementKind};
+use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
+use super::results::protected_result_columns;
 use super::state::SessionState;
-use crate::protocol::messages::{Bind, Parse};
+use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
 use crate::rewrite::{self, Rejection, StatementPlan, ValueSource};
 
@@ -77,6 +78,38 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
     Some(query_message(&rejection_query(&rejection)))
 }
 
+/// The result formats to ask the server for when the client wants protected
+/// columns as text: binary for those (the server does not hex-encode the
+/// ciphertext, half the bytes travel, the proxy still answers in text).
+/// `None`: the client's own, or the statement's columns are not known yet.
+fn wire_formats(
+    statement: &PreparedStatement,
+    client: &[i16],
+    encryption: &Encryption,
+) -> Option<Vec<i16>> {
+    let (count, protected) = match statement.protected_results.get() {
+        Some(known) => known,
+        None => {
+            let shape = statement.shape.lock().ok()?.clone()?;
+            let Shape::Rows(frame) = shape else {
+                return None;
+            };
+            let known = protected_result_columns(&frame, &encryption.catalog()).ok()?;
+            statement.protected_results.get_or_init(|| known)
+        }
+    };
+    if protected.iter().all(|i| format_of(client, *i) == 1) {
+        return None;
+    }
+    let mut formats: Vec<i16> = (0..*count).map(|i| format_of(client, i)).collect();
+    for index in protected {
+        if let Some(format) = formats.get_mut(*index) {
+            *format = 1;
+        }
+    }
+    Some(formats)
+}
+
 /// Audits a refusal and turns it into what the server direction will show
 /// in place of the server's error.
 fn audited(encryption: &Encryption, info: &SessionInfo<'_>, rejection: Rejection) -> Refusal {
@@ -125,9 +158,23 @@ impl ClientStatements {
                     ClientStep::Async
                 }
                 Ok(bind) => {
-                    self.bind_portal(&bind);
+                    let statement = self.statement(bind.statement);
+                    let wire = wire_formats(&statement, &bind.result_formats, encryption);
+                    self.bind_portal(&bind, wire.clone());
                     state.pending.push(Expected::Bind { refusal: None });
-                    ClientStep::Forward
+                    match wire {
+                        Some(result_formats) => {
+                            let mut out =
+                                BytesMut::with_capacity(frame.len() + 2 * result_formats.len());
+                            Bind {
+                                result_formats,
+                                ..bind
+                            }
+                            .encode(&mut out);
+                            ClientStep::Replace(out)
+                        }
+                        None => ClientStep::Forward,
+                    }
                 }
                 Err(_) => {
                     // The server answers a malformed Bind with an error.
@@ -203,13 +250,16 @@ impl ClientStatements {
             Arc::new(Portal {
                 statement: Arc::new(PreparedStatement::plain(0, Arc::from(""))),
                 result_formats: Vec::new(),
+                client_formats: Vec::new(),
                 shape: Mutex::new(None),
                 described: Default::default(),
             })
         })
     }
 
-    fn bind_portal(&mut self, bind: &Bind<'_>) {
+    /// Records the portal of a Bind; `wire_formats`: the result formats sent
+    /// to the server instead of the client's.
+    fn bind_portal(&mut self, bind: &Bind<'_>, wire_formats: Option<Vec<i16>>) {
         if self.portals.len() >= MAX_PORTALS && !self.portals.contains_key(bind.portal) {
             // Portals end with their transaction at the server, but the
             // proxy is not told; forgetting them is safe (see `portal`).
@@ -217,7 +267,8 @@ impl ClientStatements {
         }
         let portal = Portal {
             statement: self.statement(bind.statement),
-            result_formats: bind.result_formats.clone(),
+            result_formats: wire_formats.unwrap_or_else(|| bind.result_formats.clone()),
+            client_formats: bind.result_formats.clone(),
             shape: Mutex::new(None),
             described: Default::default(),
         };
@@ -309,7 +360,7 @@ impl ClientStatements {
             state.pending.push(Expected::Bind { refusal: None });
             return BytesMut::from(frame);
         };
-        self.bind_portal(&bind);
+        self.bind_portal(&bind, None);
         let statement = self.statement(bind.statement);
         let StatementKind::Write(plan) = &statement.kind else {
             state.pending.push(Expected::Bind { refusal: None });

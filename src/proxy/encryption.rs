@@ -81,8 +81,13 @@ pub struct Encryption {
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
     dek_tenants: DashMap<Uuid, String>,
-    parse_plans: DashMap<(String, Vec<u32>), Result<Arc<ParsePlan>, Rejection>>,
+    /// SQL → (declared parameter types, plan): looked up by `&str`, so a
+    /// hit allocates nothing.
+    parse_plans: DashMap<String, Vec<CachedParsePlan>>,
 }
+
+/// A cached Parse plan for one list of declared parameter types.
+type CachedParsePlan = (Vec<u32>, Result<Arc<ParsePlan>, Rejection>);
 
 /// Parse plans kept before the cache starts over (bounds its memory).
 const MAX_PARSE_PLANS: usize = 4096;
@@ -151,16 +156,20 @@ impl Encryption {
         param_types: &[u32],
         plan: impl FnOnce() -> Result<ParsePlan, Rejection>,
     ) -> Result<Arc<ParsePlan>, Rejection> {
-        let key = (sql.to_owned(), param_types.to_vec());
-        if let Some(found) = self.parse_plans.get(&key) {
-            return found.clone();
+        if let Some(plans) = self.parse_plans.get(sql) {
+            if let Some((_, found)) = plans.iter().find(|(types, _)| types == param_types) {
+                return found.clone();
+            }
         }
         let made = plan().map(Arc::new);
         if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
             if self.parse_plans.len() >= MAX_PARSE_PLANS {
                 self.parse_plans.clear();
             }
-            self.parse_plans.insert(key, made.clone());
+            self.parse_plans
+                .entry(sql.to_owned())
+                .or_default()
+                .push((param_types.to_vec(), made.clone()));
         }
         made
     }

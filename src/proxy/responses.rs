@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::encryption::{Encryption, SessionInfo};
+use super::encryption::Encryption;
 use super::pending::{Expected, Portal, Shape};
 use super::relay::Interest;
 use super::results::{plan_execution, plan_row_description, ResultPlan};
@@ -75,11 +75,19 @@ pub struct ResponseTracker {
 }
 
 impl ResponseTracker {
+    /// The entry being answered, taking queued entries from the shared
+    /// queue when the local one has run out.
     fn front(&mut self, state: &SessionState) -> Option<&Expected> {
         if self.queue.is_empty() {
             state.pending.drain_into(&mut self.queue);
         }
         self.queue.front()
+    }
+
+    /// Ends the entry being answered (see `front`).
+    fn pop(&mut self, state: &SessionState) -> Option<Expected> {
+        self.front(state);
+        self.queue.pop_front()
     }
 
     fn dropping(&mut self, state: &SessionState) -> bool {
@@ -137,7 +145,7 @@ impl ResponseTracker {
         let dropping = self.dropping(state);
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
-            (backend::ERROR_RESPONSE, Some(frame)) => self.on_error(frame),
+            (backend::ERROR_RESPONSE, Some(_)) => self.on_error(state),
             (backend::ROW_DESCRIPTION, Some(frame)) => self.on_row_description(frame, encryption),
             (PARAMETER_DESCRIPTION, Some(frame)) => self.on_parameter_description(frame),
             (backend::DATA_ROW, _) => {
@@ -158,7 +166,7 @@ impl ResponseTracker {
                 self.end_result(state, encryption)
             }
             (PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE, _) => {
-                self.queue.pop_front();
+                self.pop(state);
                 Step::Forward
             }
             (NO_DATA, _) => {
@@ -175,11 +183,8 @@ impl ResponseTracker {
 
     /// ReadyForQuery: the entries up to the one it ends are done.
     fn on_ready(&mut self, frame: &[u8], state: &SessionState) -> Step {
-        if self.queue.is_empty() {
-            state.pending.drain_into(&mut self.queue);
-        }
         let mut swallowed = false;
-        while let Some(entry) = self.queue.pop_front() {
+        while let Some(entry) = self.pop(state) {
             if entry.ends_with_ready() {
                 swallowed = entry.swallowed();
                 break;
@@ -224,19 +229,16 @@ impl ResponseTracker {
 
     /// ErrorResponse: ends the current statement of a simple query, or the
     /// current extended-protocol message, after which the server skips to Sync.
-    fn on_error(&mut self, frame: &[u8]) -> Step {
+    fn on_error(&mut self, state: &SessionState) -> Step {
         self.plan = None;
         self.resolved = false;
-        let refusal = match self.queue.front() {
+        let refusal = match self.front(state) {
             Some(Expected::Parse { refusal }) | Some(Expected::Bind { refusal }) => refusal.clone(),
             _ => None,
         };
-        if !self.queue.front().is_some_and(Expected::ends_with_ready) {
-            while self.queue.front().is_some_and(|e| !e.ends_with_ready()) {
-                self.queue.pop_front();
-            }
+        while self.front(state).is_some_and(|e| !e.ends_with_ready()) {
+            self.queue.pop_front();
         }
-        let _ = frame;
         match refusal {
             Some(refusal) => {
                 Step::Replace(ErrorResponse::error(refusal.sqlstate, &refusal.message).to_bytes())
@@ -343,12 +345,7 @@ impl ResponseTracker {
         let step = match self.plan.take() {
             Some(plan) if plan.failed => Step::Drop,
             Some(mut plan) => {
-                let info = SessionInfo {
-                    tenant: None,
-                    user: &state.user,
-                    client_addr: &state.client_addr,
-                };
-                encryption.audit_decrypt(plan.take_batch(), &info);
+                encryption.audit_decrypt(plan.take_batch(), &state.session_info(None));
                 Step::Forward
             }
             None => Step::Forward,
@@ -420,12 +417,8 @@ fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan
     match shape {
         Some((Shape::NoData, _)) => None,
         Some((Shape::Rows(frame), portal_described)) => {
-            let formats: &[i16] = if portal_described {
-                // The portal's RowDescription already carries its formats.
-                &[]
-            } else {
-                &portal.result_formats
-            };
+            // A portal's RowDescription carries its own (server) formats; a
+            // statement's takes those of the Bind.
             let client = Some(portal.client_formats.as_slice());
             let planned = if portal_described {
                 plan_row_description(&frame, &catalog, encryption.policy(), fingerprint, client)
@@ -433,7 +426,7 @@ fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan
             } else {
                 plan_execution(
                     &frame,
-                    formats,
+                    &portal.result_formats,
                     &portal.client_formats,
                     &catalog,
                     encryption.policy(),

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
+use super::encryption::SessionInfo;
 use super::pending::PendingQueue;
 use crate::rewrite::TenantChange;
 
@@ -78,6 +79,15 @@ impl SessionState {
             if rolled_back || undo.local {
                 *tenant = before;
             }
+        }
+    }
+
+    /// What the encryption engine is told about this session.
+    pub(crate) fn session_info<'a>(&'a self, tenant: Option<&'a str>) -> SessionInfo<'a> {
+        SessionInfo {
+            tenant,
+            user: &self.user,
+            client_addr: &self.client_addr,
         }
     }
 

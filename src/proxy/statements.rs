@@ -54,10 +54,6 @@ fn target(body: &[u8]) -> Option<(u8, &str)> {
     Some((*kind, cstr(rest)?))
 }
 
-fn session_info(state: &SessionState) -> (Option<String>, &str, &str) {
-    (state.tenant(), &state.user, &state.client_addr)
-}
-
 /// If a read failed inside the client's transaction, the query that makes
 /// the server transaction fail too; its response is swallowed, so the
 /// client's next statement meets an aborted transaction (and COMMIT rolls
@@ -284,12 +280,8 @@ impl ClientStatements {
         let (statement, replacement) = match plan_parse(&parse, encryption, state) {
             Ok(planned) => planned,
             Err(rejection) => {
-                let (tenant, user, client_addr) = session_info(state);
-                let info = SessionInfo {
-                    tenant: tenant.as_deref(),
-                    user,
-                    client_addr,
-                };
+                let tenant = state.tenant();
+                let info = state.session_info(tenant.as_deref());
                 state.pending.push(Expected::Parse {
                     refusal: Some(audited(encryption, &info, rejection)),
                 });
@@ -366,12 +358,8 @@ impl ClientStatements {
             state.pending.push(Expected::Bind { refusal: None });
             return BytesMut::from(frame);
         };
-        let (tenant, user, client_addr) = session_info(state);
-        let info = SessionInfo {
-            tenant: tenant.as_deref(),
-            user,
-            client_addr,
-        };
+        let tenant = state.tenant();
+        let info = state.session_info(tenant.as_deref());
         let encrypted = encryption
             .encrypt_bind(
                 &bind,
@@ -544,12 +532,8 @@ async fn simple_query(
         });
         return BytesMut::from(frame);
     };
-    let (tenant, user, client_addr) = session_info(state);
-    let info = SessionInfo {
-        tenant: tenant.as_deref(),
-        user,
-        client_addr,
-    };
+    let tenant = state.tenant();
+    let info = state.session_info(tenant.as_deref());
     match encryption.rewrite_simple_query(sql, &info).await {
         Ok(rewrite) => {
             if let Some(change) = rewrite.set_tenant {

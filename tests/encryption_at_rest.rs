@@ -341,6 +341,20 @@ fn edit_row(dump: &str, id: &str, edit: impl Fn(&[&str], &mut Vec<String>)) -> S
     out.join("\n")
 }
 
+/// Writes `dump` with row `id` edited (see `edit_row`) to `dir/name`.
+fn write_edited_dump(
+    dir: &Path,
+    name: &str,
+    dump: &str,
+    id: &str,
+    edit: impl Fn(&[&str], &mut Vec<String>),
+) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, edit_row(dump, id, edit))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
 fn field_index(names: &[&str], name: &str) -> usize {
     names
         .iter()
@@ -711,16 +725,17 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
     keyring(&ring, "enable", "globex");
 
     // ---- (5) a tampered cell is an integrity failure naming table and column --
-    let tampered = dir.path().join("tampered.sql");
-    std::fs::write(
-        &tampered,
-        edit_row(&dump_text, "1", |names, fields| {
+    let tampered = write_edited_dump(
+        dir.path(),
+        "tampered.sql",
+        &dump_text,
+        "1",
+        |names, fields| {
             let f = &mut fields[field_index(names, "ssn")];
             let last = f.pop().expect("hex digit");
             f.push(if last == '0' { '1' } else { '0' });
-        }),
-    )
-    .expect("write tampered dump");
+        },
+    );
     let (code, got, stderr) = decrypt_dump(&policy_file, &tampered, &[]);
     assert_eq!(code, 1, "{stderr}");
     assert!(
@@ -735,14 +750,9 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
     assert_eq!(got, others, "every other row still decrypts");
 
     // A cell moved to another column fails too (the AAD names the column).
-    let moved = dir.path().join("moved.sql");
-    std::fs::write(
-        &moved,
-        edit_row(&dump_text, "5", |names, fields| {
-            fields[field_index(names, "notes")] = fields[field_index(names, "ssn")].clone();
-        }),
-    )
-    .expect("write moved dump");
+    let moved = write_edited_dump(dir.path(), "moved.sql", &dump_text, "5", |names, fields| {
+        fields[field_index(names, "notes")] = fields[field_index(names, "ssn")].clone();
+    });
     let (code, _, stderr) = decrypt_dump(&policy_file, &moved, &[]);
     assert_eq!(code, 1);
     assert!(
@@ -754,14 +764,15 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
 
     // A row whose EDEK is gone: the registry copy in the dump still opens it,
     // --no-registry says exactly what is missing.
-    let no_edek = dir.path().join("no-edek.sql");
-    std::fs::write(
-        &no_edek,
-        edit_row(&dump_text, "3", |names, fields| {
+    let no_edek = write_edited_dump(
+        dir.path(),
+        "no-edek.sql",
+        &dump_text,
+        "3",
+        |names, fields| {
             fields[field_index(names, "cmk_edek")] = "{}".to_owned();
-        }),
-    )
-    .expect("write dump without EDEK");
+        },
+    );
     let (code, got, stderr) = decrypt_dump(&policy_file, &no_edek, &[]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(got, model);
@@ -780,14 +791,15 @@ async fn no_plaintext_at_rest_or_in_a_dump_and_the_dump_decrypts_with_the_tenant
     );
 
     // A row of a tenant nobody knows.
-    let stranger = dir.path().join("stranger.sql");
-    std::fs::write(
-        &stranger,
-        edit_row(&dump_text, "5", |names, fields| {
+    let stranger = write_edited_dump(
+        dir.path(),
+        "stranger.sql",
+        &dump_text,
+        "5",
+        |names, fields| {
             fields[field_index(names, "tenant_id")] = "initech".to_owned();
-        }),
-    )
-    .expect("write dump with unknown tenant");
+        },
+    );
     let (code, _, stderr) = decrypt_dump(&policy_file, &stranger, &[]);
     assert_eq!(code, 1);
     assert!(

@@ -94,6 +94,22 @@ const SELECT: &str = "SELECT id, tenant_id, c_text, c_varchar, c_int2, c_int4, c
     c_float8, c_bool, c_date, c_ts, c_tstz, c_uuid, c_jsonb, c_bytea, \
     plain_note FROM typed WHERE id = $1";
 
+/// A protected text and int4 for a tenant, returning the new row's id.
+const INSERT_TEXT_INT4: &str =
+    "INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id";
+
+/// Runs an INSERT … RETURNING id and returns the id.
+async fn returned_id(
+    app: &Client,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i32 {
+    app.query_one(statement, params)
+        .await
+        .expect("insert")
+        .get(0)
+}
+
 async fn insert(app: &Client, stmt: &tokio_postgres::Statement, tenant: &str, v: &Values) -> i32 {
     let row = app
         .query_one(
@@ -226,15 +242,8 @@ async fn prepared_statements_encrypt_every_type_and_read_back_in_binary() {
 async fn updates_upserts_pipelines_and_transactions() {
     let s = setup().await;
     let app = s.app().await;
-    let ins = app
-        .prepare("INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id")
-        .await
-        .expect("prepare");
-    let id: i32 = app
-        .query_one(&ins, &[&"acme", &"first", &1i32])
-        .await
-        .expect("insert")
-        .get(0);
+    let ins = app.prepare(INSERT_TEXT_INT4).await.expect("prepare");
+    let id = returned_id(&app, &ins, &[&"acme", &"first", &1i32]).await;
 
     // UPDATE with the tenant in WHERE, as a parameter.
     let n = app
@@ -427,17 +436,9 @@ async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_who
         .prepare("SELECT c_text FROM typed WHERE id = $1")
         .await
         .expect("prepare");
-    let acme: i32 = app
-        .query_one(&ins, &[&"acme", &"a"])
-        .await
-        .expect("a")
-        .get(0);
+    let acme = returned_id(&app, &ins, &[&"acme", &"a"]).await;
     let acme_params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&acme];
-    let globex: i32 = app
-        .query_one(&ins, &[&"globex", &"g"])
-        .await
-        .expect("g")
-        .get(0);
+    let globex = returned_id(&app, &ins, &[&"globex", &"g"]).await;
     assert_eq!(
         app.query_one(&read, &[&acme])
             .await
@@ -504,20 +505,9 @@ async fn revoked_tenant_gets_km001_others_keep_working_and_transactions_fail_who
 async fn tampered_and_cross_tenant_cells_are_refused() {
     let s = setup().await;
     let app = s.app().await;
-    let ins = app
-        .prepare("INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id")
-        .await
-        .expect("prepare");
-    let a: i32 = app
-        .query_one(&ins, &[&"acme", &"a", &1i32])
-        .await
-        .expect("a")
-        .get(0);
-    let g: i32 = app
-        .query_one(&ins, &[&"globex", &"g", &2i32])
-        .await
-        .expect("g")
-        .get(0);
+    let ins = app.prepare(INSERT_TEXT_INT4).await.expect("prepare");
+    let a = returned_id(&app, &ins, &[&"acme", &"a", &1i32]).await;
+    let g = returned_id(&app, &ins, &[&"globex", &"g", &2i32]).await;
     // Flip one ciphertext byte of row a; move row g's cell into row a's other column.
     s.direct
         .batch_execute(&format!(
@@ -609,10 +599,7 @@ async fn execute_without_any_describe_is_still_decrypted_and_refusals_drain_to_s
     let s = setup().await;
     let app = s.app().await;
     let id: i32 = app
-        .query_one(
-            "INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ($1, $2, $3) RETURNING id",
-            &[&"acme", &"undescribed", &42i32],
-        )
+        .query_one(INSERT_TEXT_INT4, &[&"acme", &"undescribed", &42i32])
         .await
         .expect("insert")
         .get(0);

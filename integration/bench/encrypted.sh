@@ -16,7 +16,8 @@
 # PROTOCOL (simple | extended | prepared; default simple),
 # PASSTHROUGH (1: also run the passthrough target; 0: only the two of the issue),
 # PROFILE (1: perf profile of the encrypting proxy during its first round,
-# written to integration/bench/profile-encrypted.txt),
+# written to integration/bench/profile-encrypted.txt; PROFILE_DATA=FILE also
+# keeps perf.data there),
 # CMK_PROXY_BIN (default target/release/cmk-proxy, built if needed).
 # Output: a table on stdout and integration/bench/results-encrypted.md.
 set -euo pipefail
@@ -248,6 +249,17 @@ declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-pro
 declare -A HOP_TICKS HOP_XACTS
 # CPU time (user + system, clock ticks) used so far by a process.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# PostgreSQL's CPU: the postmaster (with its reaped children: backends that
+# ended) plus the live children (backends, background workers).
+PG_PID="$(head -1 "$WORK/pg/postmaster.pid")"
+pg_ticks() {
+    local children
+    children="$(pgrep -P "$PG_PID" | sed 's|.*|/proc/&/stat|' | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    awk -v pm="/proc/$PG_PID/stat" 'FILENAME == pm { t += $14 + $15 + $16 + $17; next } { t += $14 + $15 }
+        END { print t + 0 }' "/proc/$PG_PID/stat" $children 2>/dev/null
+}
+declare -A PG_TICKS
 CLK_TCK="$(getconf CLK_TCK)"
 TARGETS=(pgbouncer cmk-proxy)
 [ "$PASSTHROUGH" = 1 ] && TARGETS+=(cmk-proxy-plain)
@@ -262,6 +274,7 @@ for r in $(seq 1 "$ROUNDS"); do
         mkdir -p "$WORK/lat-$t"
         started="$(date +%s.%N)"
         ticks_before="$(cpu_ticks "${HOP_PID[$t]}")"
+        pg_before="$(pg_ticks)"
         if [ "$t" = cmk-proxy ] && [ -z "$PROXY_FIRST_START" ]; then
             PROXY_FIRST_START="$started"
             if [ "$PROFILE" = 1 ]; then
@@ -281,6 +294,7 @@ for r in $(seq 1 "$ROUNDS"); do
         fi
         ended="$(date +%s.%N)"
         HOP_TICKS[$t]=$(( ${HOP_TICKS[$t]:-0} + $(cpu_ticks "${HOP_PID[$t]}") - ticks_before ))
+        PG_TICKS[$t]=$(( ${PG_TICKS[$t]:-0} + $(pg_ticks) - pg_before ))
         HOP_XACTS[$t]=$(( ${HOP_XACTS[$t]:-0} + $(awk '/^number of transactions actually processed:/ {print $6; exit}' "$out") ))
         if [ "$t" = cmk-proxy ]; then
             PROXY_LAST_END="$ended"
@@ -308,7 +322,12 @@ if [ -n "$PERF_PID" ]; then
         echo "# inclusive time of the proxy's own functions: perf report --children --sort symbol (cmk_proxy:: only, >= 1.5 %)"
         perf report -i "$WORK/perf.data" --children --sort symbol --percent-limit 1.5 --stdio -g none 2>/dev/null \
             | grep 'cmk_proxy::' | head -40
+        echo
+        echo "# self time in user space (cmk-proxy and libc only): perf report --no-children --dsos cmk-proxy,libc.so.6 --sort dso,symbol"
+        perf report -i "$WORK/perf.data" --no-children --dsos cmk-proxy,libc.so.6 --sort dso,symbol --percent-limit 0.3 --stdio -g none 2>/dev/null \
+            | grep -v '^#' | grep -v '^$' | head -60
     } >"$PROFILE_OUT" || log "perf report failed"
+    if [ -n "${PROFILE_DATA:-}" ]; then cp "$WORK/perf.data" "$PROFILE_DATA"; fi
     log "profile written to ${PROFILE_OUT#"$REPO"/}"
 fi
 PROXY_RUNTIME="$(awk -v s="$PROXY_FIRST_START" -v e="$PROXY_LAST_END" 'BEGIN { printf "%.1f", e - s }')"
@@ -324,6 +343,11 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 # hop_cpu TARGET -> CPU microseconds of the middle hop per transaction
 hop_cpu() {
     awk -v t="${HOP_TICKS[$1]:-0}" -v n="${HOP_XACTS[$1]:-0}" -v hz="$CLK_TCK" \
+        'BEGIN { if (n > 0) printf "%.0f", t / hz * 1e6 / n; else print "n/a" }'
+}
+# pg_cpu TARGET -> CPU microseconds of PostgreSQL per transaction
+pg_cpu() {
+    awk -v t="${PG_TICKS[$1]:-0}" -v n="${HOP_XACTS[$1]:-0}" -v hz="$CLK_TCK" \
         'BEGIN { if (n > 0) printf "%.0f", t / hz * 1e6 / n; else print "n/a" }'
 }
 percentiles() {
@@ -346,7 +370,7 @@ if [ "$PASSTHROUGH" = 1 ]; then
     TPS_X="$(median ${TPS_ALL[cmk-proxy-plain]})"
     read -r N_X P50_X P99_X <<<"$(percentiles cmk-proxy-plain)"
     PLAIN_ROW="
-| cmk-proxy, passthrough (diagnostic) | plaintext (text, int4, date) | $TPS_X | $(echo ${TPS_ALL[cmk-proxy-plain]} | tr ' ' '/') | $N_X | $P50_X | $P99_X | $(hop_cpu cmk-proxy-plain) |"
+| cmk-proxy, passthrough (diagnostic) | plaintext (text, int4, date) | $TPS_X | $(echo ${TPS_ALL[cmk-proxy-plain]} | tr ' ' '/') | $N_X | $P50_X | $P99_X | $(hop_cpu cmk-proxy-plain) | $(pg_cpu cmk-proxy-plain) |"
     PLAIN_RATIOS="
 | tps ratio cmk-proxy passthrough / PgBouncer (the hop) | $(ratio "$TPS_X" "$TPS_B") | | |
 | tps ratio cmk-proxy encrypted / passthrough (the encryption) | $(ratio "$TPS_P" "$TPS_X") | | |"
@@ -400,10 +424,10 @@ EXPECT_ISSUE="$(awk -v n="$TENANTS" -v r="$PROXY_RUNTIME" -v t="$TTL_SECONDS" 'B
 EXPECT_MODEL="$(awk -v n="$TENANTS" -v r="$PROXY_RUNTIME" -v t="$TTL_SECONDS" 'BEGIN { printf "%.0f", n * (2 + int(r / (0.75 * t))) }')"
 PER_ROW="$(awk -v k="$KMS_TOTAL" -v n="$ROWS_ENC" 'BEGIN { if (n > 0) printf "%.4f", k / n; else print "n/a" }')"
 
-TABLE="| target | schema | tps (median of $ROUNDS) | tps per round | transactions logged | p50 latency (ms) | p99 latency (ms) | hop CPU per transaction (µs) |
-|---|---|---:|---|---:|---:|---:|---:|
-| PgBouncer (session) | plaintext (text, int4, date) | $TPS_B | $(echo ${TPS_ALL[pgbouncer]} | tr ' ' '/') | $N_B | $P50_B | $P99_B | $(hop_cpu pgbouncer) |
-| cmk-proxy | encrypted (bytea + cmk_edek) | $TPS_P | $(echo ${TPS_ALL[cmk-proxy]} | tr ' ' '/') | $N_P | $P50_P | $P99_P | $(hop_cpu cmk-proxy) |$PLAIN_ROW
+TABLE="| target | schema | tps (median of $ROUNDS) | tps per round | transactions logged | p50 latency (ms) | p99 latency (ms) | hop CPU per transaction (µs) | PostgreSQL CPU per transaction (µs) |
+|---|---|---:|---|---:|---:|---:|---:|---:|
+| PgBouncer (session) | plaintext (text, int4, date) | $TPS_B | $(echo ${TPS_ALL[pgbouncer]} | tr ' ' '/') | $N_B | $P50_B | $P99_B | $(hop_cpu pgbouncer) | $(pg_cpu pgbouncer) |
+| cmk-proxy | encrypted (bytea + cmk_edek) | $TPS_P | $(echo ${TPS_ALL[cmk-proxy]} | tr ' ' '/') | $N_P | $P50_P | $P99_P | $(hop_cpu cmk-proxy) | $(pg_cpu cmk-proxy) |$PLAIN_ROW
 
 | measure | value | target | verdict |
 |---|---:|---|---|

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use dashmap::DashMap;
 use uuid::Uuid;
 
@@ -30,8 +32,31 @@ const EPOCH_TRIES: u32 = 5;
 pub struct WriteKey {
     /// The approved current DEK of the tenant.
     pub dek: Arc<ApprovedDek>,
-    /// Its wrapped form, for the row's EDEK column.
-    pub edek: Edek,
+    /// Its wrapped form.
+    pub edek: Arc<Edek>,
+    /// The EDEK column value for rows sealed with it,
+    /// `{"<dek_id>": "<base64 EDEK>"}` (made once per DEK, not per row).
+    pub edek_json: Arc<str>,
+}
+
+impl WriteKey {
+    fn of(slot: &WriteSlot) -> Self {
+        Self {
+            dek: slot.dek.clone(),
+            edek: slot.edek.clone(),
+            edek_json: slot.edek_json.clone(),
+        }
+    }
+}
+
+/// The EDEK column value of one DEK: `{"<dek_id>": "<base64 EDEK>"}`.
+pub fn edek_column_json(dek_id: Uuid, edek: &Edek) -> String {
+    let mut map = serde_json::Map::new();
+    map.insert(
+        dek_id.to_string(),
+        serde_json::Value::String(B64.encode(&edek.0)),
+    );
+    serde_json::Value::Object(map).to_string()
 }
 
 /// Result of a rotation.
@@ -55,7 +80,8 @@ struct TenantInfo {
 /// The current write DEK of a tenant in this process.
 struct WriteSlot {
     dek: Arc<ApprovedDek>,
-    edek: Edek,
+    edek: Arc<Edek>,
+    edek_json: Arc<str>,
     /// now_nanos after which the DEK is too old to encrypt.
     roll_at: u64,
 }
@@ -314,10 +340,7 @@ impl KeyService {
             if let Some(slot) = ts.write_slot() {
                 let now = now_nanos();
                 if ts.lease.usable(now) && inner.slot_fresh(&slot, now) {
-                    return Ok(WriteKey {
-                        dek: slot.dek.clone(),
-                        edek: slot.edek.clone(),
-                    });
+                    return Ok(WriteKey::of(&slot));
                 }
             }
         }
@@ -858,13 +881,9 @@ impl Inner {
             Err(e @ KeyError::Unavailable { .. }) => {
                 // Inside the max_stale grace the cached write key still serves.
                 return match ts.write_slot() {
-                    Some(slot) if !rotate && ts.lease.usable(now_nanos()) => Ok((
-                        WriteKey {
-                            dek: slot.dek.clone(),
-                            edek: slot.edek.clone(),
-                        },
-                        None,
-                    )),
+                    Some(slot) if !rotate && ts.lease.usable(now_nanos()) => {
+                        Ok((WriteKey::of(&slot), None))
+                    }
                     _ => Err(e),
                 };
             }
@@ -875,13 +894,7 @@ impl Inner {
         if !rotate {
             if let Some(slot) = &old {
                 if self.slot_fresh(slot, now_nanos()) {
-                    return Ok((
-                        WriteKey {
-                            dek: slot.dek.clone(),
-                            edek: slot.edek.clone(),
-                        },
-                        None,
-                    ));
+                    return Ok((WriteKey::of(&slot), None));
                 }
             }
         }
@@ -896,13 +909,7 @@ impl Inner {
         }
         let slot = self.settle_write_slot(&ts, old.as_deref()).await?;
         ts.set_write_slot(Some(slot.clone()));
-        Ok((
-            WriteKey {
-                dek: slot.dek.clone(),
-                edek: slot.edek.clone(),
-            },
-            retired,
-        ))
+        Ok((WriteKey::of(&slot), retired))
     }
 
     fn lifecycle(&self, tenant: &str, operation: &'static str, dek_id: Option<Uuid>, detail: &str) {
@@ -977,9 +984,11 @@ impl Inner {
 
     fn slot(&self, dek: Arc<ApprovedDek>, edek: Edek, age: Duration) -> Arc<WriteSlot> {
         let left = self.dek_max_age.saturating_sub(age);
+        let edek_json = Arc::from(edek_column_json(dek.dek_id, &edek));
         Arc::new(WriteSlot {
             dek,
-            edek,
+            edek: Arc::new(edek),
+            edek_json,
             roll_at: now_nanos().saturating_add(nanos(left)),
         })
     }

@@ -289,15 +289,16 @@ pub fn decode_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, Malformed> {
 }
 
 /// Appends a DataRow frame.
-pub fn encode_data_row<'v>(
-    values: impl ExactSizeIterator<Item = Option<&'v [u8]>>,
-    out: &mut BytesMut,
-) {
+pub fn encode_data_row<'v>(values: impl Iterator<Item = Option<&'v [u8]>>, out: &mut BytesMut) {
     let start = begin(out, b'D');
-    out.put_u16(values.len() as u16);
+    let count_at = out.len();
+    out.put_u16(0);
+    let mut count: u16 = 0;
     for v in values {
         put_value(out, v);
+        count = count.wrapping_add(1);
     }
+    out[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
     finish(out, start);
 }
 

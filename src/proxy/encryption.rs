@@ -7,8 +7,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
@@ -80,7 +78,7 @@ pub struct Encryption {
     keys: KeyService,
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
-    dek_tenants: DashMap<Uuid, String>,
+    dek_tenants: DashMap<Uuid, Arc<str>>,
     /// SQL → (declared parameter types, plan): looked up by `&str`, so a
     /// hit allocates nothing.
     parse_plans: DashMap<String, Vec<CachedParsePlan>>,
@@ -189,13 +187,13 @@ impl Encryption {
 
     /// Emits a decryption-batch audit event.
     pub fn audit_decrypt(&self, batch: DecryptBatch, session: &SessionInfo<'_>) {
-        for ((tenant, table), (columns, rows)) in batch.counts {
+        for entry in batch.entries {
             self.audit.emit(AuditEvent::DecryptBatch {
-                tenant,
-                table,
-                columns,
-                rows,
-                fingerprint: batch.fingerprint.clone(),
+                tenant: entry.tenant.to_string(),
+                table: entry.table.to_string(),
+                columns: entry.columns.to_vec(),
+                rows: entry.rows,
+                fingerprint: batch.fingerprint.to_string(),
                 client_addr: session.client_addr.to_owned(),
                 user: session.user.to_owned(),
             });
@@ -310,8 +308,8 @@ impl Encryption {
         plan: &WritePlan,
         session: &SessionInfo<'_>,
         params: &ClientParams<'_>,
-    ) -> Result<HashMap<usize, Slot>, Rejection> {
-        let mut slots: HashMap<usize, Slot> = HashMap::new();
+    ) -> Result<Slots, Rejection> {
+        let mut slots = Slots::default();
         for row in &plan.rows {
             let tenant = self.row_tenant(&row.tenant, plan, session, params)?;
             if row.cells.is_empty() {
@@ -364,12 +362,12 @@ impl Encryption {
                 }
             }
             if let Some(n) = row.edek_param {
-                slots.insert(n, Slot::Text(edek_json(&key)));
+                slots.insert(n, Slot::Text(key.edek_json.clone()));
             }
         }
         if let Some(n) = plan.tenant_pin_param {
             let tenant = session.tenant.unwrap_or_default();
-            slots.insert(n, Slot::Text(tenant.to_owned()));
+            slots.insert(n, Slot::Text(Arc::from(tenant)));
         }
         Ok(slots)
     }
@@ -381,7 +379,10 @@ impl Encryption {
     ) -> Result<String, Rejection> {
         let slots = self.seal_write(plan, session, &ClientParams::None).await?;
         let literals: HashMap<usize, String> = slots
+            .0
             .into_iter()
+            .enumerate()
+            .filter_map(|(n, slot)| Some((n, slot?)))
             .map(|(n, slot)| {
                 let literal = match slot {
                     Slot::Bytes(bytes) => bytea_literal(&bytes),
@@ -422,7 +423,7 @@ impl Encryption {
         let mut values: Vec<Option<&[u8]>> = Vec::with_capacity(total);
         let mut formats: Vec<i16> = Vec::with_capacity(total);
         for n in 1..=total {
-            match slots.get(&n) {
+            match slots.get(n) {
                 Some(Slot::Bytes(bytes)) => {
                     values.push(Some(bytes));
                     formats.push(1);
@@ -463,7 +464,7 @@ impl Encryption {
         column: &str,
         cell: &[u8],
         session_tenant: Option<&str>,
-    ) -> Result<(String, Vec<u8>), CellFailure> {
+    ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
         let integrity = |tenant: Option<String>, what: &str| CellFailure {
             sqlstate: "KM005",
             message: format!("cmk-proxy: integrity failure: a cell of {table}.{column} {what}"),
@@ -476,7 +477,7 @@ impl Encryption {
                 .get(table)
                 .is_some_and(|t| t.mode == TableMode::Migrating);
             if migrating {
-                return Ok((String::new(), cell.to_vec()));
+                return Ok((None, cell.to_vec()));
             }
             return Err(integrity(
                 None,
@@ -497,7 +498,7 @@ impl Encryption {
             }
         };
         if let Some(session) = session_tenant {
-            if session != tenant {
+            if session != &*tenant {
                 return Err(CellFailure {
                     sqlstate: "KM006",
                     message: format!(
@@ -514,7 +515,7 @@ impl Encryption {
             .map_err(|e| CellFailure {
                 sqlstate: e.sqlstate(),
                 message: format!("cmk-proxy: cannot read {table}.{column}: {e}"),
-                tenant: Some(tenant.clone()),
+                tenant: Some(tenant.to_string()),
             })?;
         let aad = CellAad {
             tenant_id: &tenant,
@@ -523,23 +524,24 @@ impl Encryption {
         };
         let plaintext = key.open(&aad, cell).map_err(|_| {
             integrity(
-                Some(tenant.clone()),
+                Some(tenant.to_string()),
                 "failed to decrypt (tampered, or moved from another row, column or tenant)",
             )
         })?;
-        Ok((tenant, plaintext))
+        Ok((Some(tenant), plaintext))
     }
 
     /// The tenant a DEK belongs to (the registry is authoritative; cached).
-    async fn tenant_of_dek(&self, dek_id: Uuid) -> Result<Option<String>, KeyError> {
+    async fn tenant_of_dek(&self, dek_id: Uuid) -> Result<Option<Arc<str>>, KeyError> {
         if let Some(t) = self.dek_tenants.get(&dek_id) {
             return Ok(Some(t.clone()));
         }
         let Some(record) = self.keys.registry().data_key(dek_id).await? else {
             return Ok(None);
         };
-        self.dek_tenants.insert(dek_id, record.tenant_id.clone());
-        Ok(Some(record.tenant_id))
+        let tenant: Arc<str> = Arc::from(record.tenant_id);
+        self.dek_tenants.insert(dek_id, tenant.clone());
+        Ok(Some(tenant))
     }
 }
 
@@ -548,9 +550,26 @@ enum Slot {
     /// bytea (ciphertext, blind index): sent in binary.
     Bytes(Vec<u8>),
     /// Text (EDEK JSON, tenant).
-    Text(String),
+    Text(Arc<str>),
     /// SQL NULL.
     Null,
+}
+
+/// The proxy's values of a planned write, by placeholder number (1-based).
+#[derive(Default)]
+struct Slots(Vec<Option<Slot>>);
+
+impl Slots {
+    fn insert(&mut self, n: usize, slot: Slot) {
+        if self.0.len() <= n {
+            self.0.resize_with(n + 1, || None);
+        }
+        self.0[n] = Some(slot);
+    }
+
+    fn get(&self, n: usize) -> Option<&Slot> {
+        self.0.get(n).and_then(Option::as_ref)
+    }
 }
 
 /// The client's parameter values of a write: none (simple query) or a Bind.
@@ -608,25 +627,51 @@ impl ClientParams<'_> {
 /// Per-statement decryption counts for the audit log.
 #[derive(Debug, Default)]
 pub struct DecryptBatch {
-    /// (tenant, table) → (columns, rows).
-    pub counts: HashMap<(String, String), (Vec<String>, u64)>,
+    /// One entry per (tenant, table) seen, in order of first appearance.
+    entries: Vec<BatchEntry>,
     /// Statement fingerprint.
-    pub fingerprint: String,
+    fingerprint: Arc<str>,
+}
+
+/// The rows of one tenant in one table.
+#[derive(Debug)]
+struct BatchEntry {
+    tenant: Arc<str>,
+    table: Arc<str>,
+    columns: Arc<[String]>,
+    rows: u64,
 }
 
 impl DecryptBatch {
-    /// Counts one decrypted row of `tenant` in `table` with `columns`.
-    pub fn add(&mut self, tenant: &str, table: &str, columns: &[String]) {
-        let entry = self
-            .counts
-            .entry((tenant.to_owned(), table.to_owned()))
-            .or_insert_with(|| (columns.to_vec(), 0));
-        entry.1 += 1;
+    /// An empty batch for the statement with `fingerprint`.
+    pub fn new(fingerprint: Arc<str>) -> Self {
+        Self {
+            entries: Vec::new(),
+            fingerprint,
+        }
+    }
+
+    /// Counts one decrypted row of `tenant` in `table` with `columns`
+    /// (no allocation once the pair has been seen).
+    pub fn add(&mut self, tenant: &Arc<str>, table: &Arc<str>, columns: &Arc<[String]>) {
+        let seen = self
+            .entries
+            .iter_mut()
+            .find(|e| e.tenant == *tenant && e.table == *table);
+        match seen {
+            Some(entry) => entry.rows += 1,
+            None => self.entries.push(BatchEntry {
+                tenant: tenant.clone(),
+                table: table.clone(),
+                columns: columns.clone(),
+                rows: 1,
+            }),
+        }
     }
 
     /// True when nothing was decrypted.
     pub fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.entries.is_empty()
     }
 }
 
@@ -649,16 +694,6 @@ fn seal_value(
     let cell = key.dek.seal(&aad, canonical.as_bytes());
     let index = index_key.map(|k| crypto::blind_index(k, canonical.as_bytes()).to_vec());
     Ok((cell, index))
-}
-
-/// `{"<dek_id>": "<base64 edek>"}`
-fn edek_json(key: &WriteKey) -> String {
-    let mut map = serde_json::Map::new();
-    map.insert(
-        key.dek.dek_id.to_string(),
-        serde_json::Value::String(B64.encode(&key.edek.0)),
-    );
-    serde_json::Value::Object(map).to_string()
 }
 
 fn bytea_literal(bytes: &[u8]) -> String {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::results::{PlannedRows, RowPlanMemo};
 use crate::rewrite::{TenantChange, WritePlan};
 
 /// What the proxy does with the executions of a prepared statement.
@@ -46,6 +47,8 @@ pub(crate) struct PreparedStatement {
     /// Number of result columns and those from protected columns, once the
     /// shape is known.
     pub protected_results: std::sync::OnceLock<(usize, Vec<usize>)>,
+    /// The last plan of its result rows (shared with every Parse of the same SQL).
+    pub row_plans: Arc<RowPlanMemo>,
 }
 
 impl PreparedStatement {
@@ -60,6 +63,7 @@ impl PreparedStatement {
             shape: Mutex::new(None),
             described: AtomicBool::new(false),
             protected_results: std::sync::OnceLock::new(),
+            row_plans: Arc::default(),
         }
     }
 }
@@ -74,8 +78,8 @@ pub(crate) struct Portal {
     /// Result format codes the client asked for (differ when the proxy asks
     /// for protected cells in binary).
     pub client_formats: Vec<i16>,
-    /// The result columns with their real formats, from a Describe of the portal.
-    pub shape: Mutex<Option<Shape>>,
+    /// The plan of its rows, made when its Describe was answered.
+    pub planned: Mutex<Option<Arc<PlannedRows>>>,
     /// A Describe of this portal was sent.
     pub described: AtomicBool,
 }

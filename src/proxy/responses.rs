@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use super::encryption::Encryption;
 use super::pending::{Expected, Portal, Shape};
 use super::relay::Interest;
-use super::results::{plan_execution, plan_row_description, ResultPlan};
+use super::results::{plan_rows, PlannedRows, ResultPlan};
 use super::state::SessionState;
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
 use crate::protocol::{backend, ErrorResponse, HEADER_LEN};
@@ -170,6 +170,11 @@ impl ResponseTracker {
                 Step::Forward
             }
             (NO_DATA, _) => {
+                if let Some(Expected::DescribePortal { portal, .. }) = self.queue.front() {
+                    if let Ok(mut slot) = portal.planned.lock() {
+                        *slot = Some(Arc::new(PlannedRows::nothing()));
+                    }
+                }
                 self.remember_shape(Shape::NoData);
                 Step::Forward
             }
@@ -250,68 +255,68 @@ impl ResponseTracker {
     fn on_row_description(&mut self, frame: &[u8], encryption: &Encryption) -> Step {
         let catalog = encryption.catalog();
         let policy = encryption.policy();
-        let malformed = |e: crate::protocol::messages::Malformed| {
-            Step::Replace(
-                ErrorResponse::error("08P01", &format!("cmk-proxy: {e} from the server"))
-                    .to_bytes(),
-            )
-        };
-        match self.queue.front() {
+        let planned = match self.queue.front() {
             Some(Expected::Query { fingerprint, .. }) => {
-                self.plan = None;
-                match plan_row_description(frame, &catalog, policy, fingerprint, None) {
-                    Ok(Some((plan, out))) => {
-                        self.plan = Some(plan);
-                        Step::Replace(out)
-                    }
-                    Ok(None) => Step::Forward,
-                    Err(e) => malformed(e),
-                }
+                let planned = plan_rows(frame, None, None, &catalog, policy);
+                self.plan = planned.as_ref().ok().and_then(|p| {
+                    let layout = p.layout.clone()?;
+                    Some(ResultPlan::new(layout, fingerprint))
+                });
+                planned.map(Arc::new)
             }
-            Some(Expected::DescribeStatement(_)) | Some(Expected::DescribePortal { .. }) => {
-                // A portal's columns are shown in the formats its client asked for.
-                let client_formats = match self.queue.front() {
-                    Some(Expected::DescribePortal { portal, .. }) => {
-                        Some(portal.client_formats.clone())
-                    }
-                    _ => None,
-                };
+            Some(Expected::DescribeStatement(_)) => {
                 self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
-                let empty: Arc<str> = Arc::from("");
-                match plan_row_description(
+                plan_rows(frame, None, None, &catalog, policy).map(Arc::new)
+            }
+            Some(Expected::DescribePortal { portal, .. }) => {
+                // A portal's columns are shown in the formats its client asked for.
+                let planned = portal.statement.row_plans.plan(
                     frame,
+                    None,
+                    Some(&portal.client_formats),
                     &catalog,
                     policy,
-                    &empty,
-                    client_formats.as_deref(),
-                ) {
-                    Ok(Some((_, out))) => Step::Replace(out),
-                    Ok(None) => Step::Forward,
-                    Err(e) => malformed(e),
+                );
+                if let Ok(planned) = &planned {
+                    if let Ok(mut slot) = portal.planned.lock() {
+                        *slot = Some(planned.clone());
+                    }
                 }
+                self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
+                planned
             }
-            _ => Step::Forward,
+            _ => return Step::Forward,
+        };
+        match planned {
+            Ok(planned) => match &planned.shown {
+                Some(shown) => Step::Replace(BytesMut::from(&shown[..])),
+                None => Step::Forward,
+            },
+            Err(e) => Step::Replace(
+                ErrorResponse::error("08P01", &format!("cmk-proxy: {e} from the server"))
+                    .to_bytes(),
+            ),
         }
     }
 
-    /// Stores the answer to a Describe and ends that entry.
+    /// Stores the answer to a Describe and ends that entry. A portal's
+    /// statement learns its columns from the first answer (later Binds of it
+    /// can ask for protected cells in binary).
     fn remember_shape(&mut self, shape: Shape) {
-        let slot = match self.queue.front() {
-            Some(Expected::DescribeStatement(statement)) => &statement.shape,
+        match self.queue.front() {
+            Some(Expected::DescribeStatement(statement)) => {
+                if let Ok(mut slot) = statement.shape.lock() {
+                    *slot = Some(shape);
+                }
+            }
             Some(Expected::DescribePortal { portal, .. }) => {
-                // The statement has the same columns: later Binds of it can
-                // ask for protected cells in binary.
                 if let Ok(mut statement) = portal.statement.shape.lock() {
                     if statement.is_none() {
-                        *statement = Some(shape.clone());
+                        *statement = Some(shape);
                     }
                 }
-                &portal.shape
             }
             _ => return,
-        };
-        if let Ok(mut slot) = slot.lock() {
-            *slot = Some(shape);
         }
         self.queue.pop_front();
     }
@@ -403,38 +408,25 @@ impl ResponseTracker {
 /// formats), else from a Describe of its statement and the Bind's formats.
 fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan> {
     let fingerprint = &portal.statement.fingerprint;
-    let shape = portal
-        .shape
-        .lock()
-        .ok()
-        .and_then(|s| s.clone())
-        .map(|shape| (shape, true))
-        .or_else(|| {
-            let shape = portal.statement.shape.lock().ok()?.clone()?;
-            Some((shape, false))
-        });
-    let catalog = encryption.catalog();
+    let described = portal.planned.lock().ok().and_then(|p| p.clone());
+    if let Some(planned) = described {
+        return Some(ResultPlan::new(planned.layout.clone()?, fingerprint));
+    }
+    let shape = portal.statement.shape.lock().ok().and_then(|s| s.clone());
     match shape {
-        Some((Shape::NoData, _)) => None,
-        Some((Shape::Rows(frame), portal_described)) => {
-            // A portal's RowDescription carries its own (server) formats; a
-            // statement's takes those of the Bind.
-            let client = Some(portal.client_formats.as_slice());
-            let planned = if portal_described {
-                plan_row_description(&frame, &catalog, encryption.policy(), fingerprint, client)
-                    .map(|p| p.map(|(plan, _)| plan))
-            } else {
-                plan_execution(
-                    &frame,
-                    &portal.result_formats,
-                    &portal.client_formats,
-                    &catalog,
-                    encryption.policy(),
-                    fingerprint,
-                )
-            };
+        Some(Shape::NoData) => None,
+        // The statement's RowDescription has text formats: those of the
+        // Bind apply.
+        Some(Shape::Rows(frame)) => {
+            let planned = portal.statement.row_plans.plan(
+                &frame,
+                Some(&portal.result_formats),
+                Some(&portal.client_formats),
+                &encryption.catalog(),
+                encryption.policy(),
+            );
             match planned {
-                Ok(plan) => plan,
+                Ok(planned) => Some(ResultPlan::new(planned.layout.clone()?, fingerprint)),
                 Err(_) => Some(ResultPlan::unknown_shape(fingerprint)),
             }
         }

@@ -3,9 +3,9 @@
 //! DataRow cells are opened, and a cell that cannot be opened turns the rest
 //! of the result into one ErrorResponse (KM001/KM002/KM005/KM006).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::encryption::{CellFailure, DecryptBatch, Encryption};
 use crate::catalog::{CatalogMap, ColumnRole};
@@ -18,6 +18,7 @@ use crate::protocol::{ErrorResponse, HEADER_LEN};
 use crate::values;
 
 /// A protected column of the current result set.
+#[derive(Debug)]
 struct PlannedColumn {
     index: usize,
     table: Arc<str>,
@@ -29,8 +30,10 @@ struct PlannedColumn {
     client_binary: bool,
 }
 
-/// How to present the rows of the current result set.
-pub struct ResultPlan {
+/// What the rows of a result set need: planned once per RowDescription
+/// (and formats), shared by every execution with the same one.
+#[derive(Debug)]
+pub struct ResultLayout {
     columns: Vec<PlannedColumn>,
     /// Field indexes removed from the result (EDEK, blind index).
     hidden: Vec<usize>,
@@ -39,10 +42,96 @@ pub struct ResultPlan {
     watched: Vec<(usize, bool, String)>,
     /// The columns are unknown: every cell is watched, in both formats.
     watch_all: bool,
+    /// Names of the decrypted columns, for the audit.
+    column_names: Arc<[String]>,
+}
+
+/// A RowDescription planned: the layout of its rows (`None`: nothing to
+/// decrypt, hide or watch) and the frame the client is shown (`None`: the
+/// server's, unchanged).
+#[derive(Debug)]
+pub struct PlannedRows {
+    /// What the rows need.
+    pub layout: Option<Arc<ResultLayout>>,
+    /// The RowDescription the client sees.
+    pub shown: Option<Bytes>,
+}
+
+impl PlannedRows {
+    /// No rows, or none that need the proxy.
+    pub fn nothing() -> Self {
+        Self {
+            layout: None,
+            shown: None,
+        }
+    }
+}
+
+/// How to present the rows of the current result set.
+pub struct ResultPlan {
+    layout: Arc<ResultLayout>,
     /// Whether a row failed: the rest of the result is dropped.
     pub failed: bool,
     batch: DecryptBatch,
-    column_names: Vec<String>,
+}
+
+/// The last RowDescription planned for a statement, with the formats it was
+/// planned for: drivers execute the same statement with the same formats
+/// over and over, and each Describe or Execute would otherwise plan it anew.
+/// Shared by every session that prepares the same SQL; the frame (table
+/// OIDs, column numbers, types) is compared whole, so a different answer
+/// (another search_path) is planned again, never confused.
+#[derive(Default)]
+pub struct RowPlanMemo(Mutex<Option<MemoEntry>>);
+
+struct MemoEntry {
+    catalog: Arc<CatalogMap>,
+    frame: Bytes,
+    wire: Option<Vec<i16>>,
+    client: Option<Vec<i16>>,
+    planned: Arc<PlannedRows>,
+}
+
+impl std::fmt::Debug for RowPlanMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowPlanMemo")
+    }
+}
+
+impl RowPlanMemo {
+    /// The plan of `frame` with the given formats (see [`plan_rows`]),
+    /// from the memo when the same frame, formats and catalog were planned last.
+    pub fn plan(
+        &self,
+        frame: &[u8],
+        wire: Option<&[i16]>,
+        client: Option<&[i16]>,
+        catalog: &Arc<CatalogMap>,
+        policy: &Policy,
+    ) -> Result<Arc<PlannedRows>, Malformed> {
+        if let Ok(memo) = self.0.lock() {
+            if let Some(entry) = memo.as_ref() {
+                if Arc::ptr_eq(&entry.catalog, catalog)
+                    && entry.frame[..] == *frame
+                    && entry.wire.as_deref() == wire
+                    && entry.client.as_deref() == client
+                {
+                    return Ok(entry.planned.clone());
+                }
+            }
+        }
+        let planned = Arc::new(plan_rows(frame, wire, client, catalog, policy)?);
+        if let Ok(mut memo) = self.0.lock() {
+            *memo = Some(MemoEntry {
+                catalog: catalog.clone(),
+                frame: Bytes::copy_from_slice(frame),
+                wire: wire.map(<[i16]>::to_vec),
+                client: client.map(<[i16]>::to_vec),
+                planned: planned.clone(),
+            });
+        }
+        Ok(planned)
+    }
 }
 
 /// OID of bytea, the storage type of protected columns.
@@ -70,46 +159,35 @@ fn type_size(ty: DeclaredType) -> i16 {
     }
 }
 
-/// Plans a RowDescription frame: the plan and the frame the client sees.
-/// `None`: no protected column, forward unchanged. `client_formats`: the
-/// result formats the client asked for, when the proxy asked the server for
-/// others (binary protected cells); `None`: the frame's own formats.
-pub fn plan_row_description(
+/// Plans a RowDescription frame. `wire`: the result formats the server
+/// was asked for, when the frame does not carry them (the answer to a
+/// Describe of a statement has text formats); `client`: the formats the
+/// client asked for, when the proxy asked the server for others (binary
+/// protected cells). `None`: the frame's own formats.
+pub fn plan_rows(
     frame: &[u8],
+    wire: Option<&[i16]>,
+    client: Option<&[i16]>,
     catalog: &CatalogMap,
     policy: &Policy,
-    fingerprint: &Arc<str>,
-    client_formats: Option<&[i16]>,
-) -> Result<Option<(ResultPlan, BytesMut)>, Malformed> {
-    let fields = decode_row_description(&frame[HEADER_LEN..])?;
-    Ok(
-        plan_fields(&fields, catalog, policy, fingerprint, client_formats).map(|(plan, shown)| {
+) -> Result<PlannedRows, Malformed> {
+    let mut fields = decode_row_description(&frame[HEADER_LEN..])?;
+    if let Some(wire) = wire {
+        for (i, field) in fields.iter_mut().enumerate() {
+            field.format = format_of(wire, i);
+        }
+    }
+    Ok(match plan_fields(&fields, catalog, policy, client) {
+        Some((layout, shown)) => {
             let mut out = BytesMut::with_capacity(frame.len());
             encode_row_description(&shown, &mut out);
-            (plan, out)
-        }),
-    )
-}
-
-/// Plans the rows of an execution from the RowDescription of its statement
-/// (which the server sends with text formats) and the result formats of its
-/// Bind. `None`: nothing to decrypt or watch.
-pub fn plan_execution(
-    row_description: &[u8],
-    result_formats: &[i16],
-    client_formats: &[i16],
-    catalog: &CatalogMap,
-    policy: &Policy,
-    fingerprint: &Arc<str>,
-) -> Result<Option<ResultPlan>, Malformed> {
-    let mut fields = decode_row_description(&row_description[HEADER_LEN..])?;
-    for (i, field) in fields.iter_mut().enumerate() {
-        field.format = format_of(result_formats, i);
-    }
-    Ok(
-        plan_fields(&fields, catalog, policy, fingerprint, Some(client_formats))
-            .map(|(plan, _)| plan),
-    )
+            PlannedRows {
+                layout: Some(Arc::new(layout)),
+                shown: Some(out.freeze()),
+            }
+        }
+        None => PlannedRows::nothing(),
+    })
 }
 
 /// The number of result columns of a RowDescription, and the indexes of
@@ -139,9 +217,8 @@ fn plan_fields<'f>(
     fields: &[Field<'f>],
     catalog: &CatalogMap,
     policy: &Policy,
-    fingerprint: &Arc<str>,
     client_formats: Option<&[i16]>,
-) -> Option<(ResultPlan, Vec<Field<'f>>)> {
+) -> Option<(ResultLayout, Vec<Field<'f>>)> {
     let mut columns = Vec::new();
     let mut hidden = Vec::new();
     let mut watched = Vec::new();
@@ -188,16 +265,11 @@ fn plan_fields<'f>(
     }
     let column_names = columns.iter().map(|c| c.column.to_string()).collect();
     Some((
-        ResultPlan {
+        ResultLayout {
             columns,
             hidden,
             watched,
             watch_all: false,
-            failed: false,
-            batch: DecryptBatch {
-                fingerprint: fingerprint.to_string(),
-                ..DecryptBatch::default()
-            },
             column_names,
         },
         shown,
@@ -205,21 +277,26 @@ fn plan_fields<'f>(
 }
 
 impl ResultPlan {
+    /// The rows of one result set with `layout`.
+    pub fn new(layout: Arc<ResultLayout>, fingerprint: &Arc<str>) -> Self {
+        Self {
+            layout,
+            failed: false,
+            batch: DecryptBatch::new(fingerprint.clone()),
+        }
+    }
+
     /// Rows whose columns are unknown (no Describe was answered): nothing
     /// can be decrypted, and any cell that is an envelope is refused.
     pub fn unknown_shape(fingerprint: &Arc<str>) -> Self {
-        Self {
+        let layout = ResultLayout {
             columns: Vec::new(),
             hidden: Vec::new(),
             watched: Vec::new(),
             watch_all: true,
-            failed: false,
-            batch: DecryptBatch {
-                fingerprint: fingerprint.to_string(),
-                ..DecryptBatch::default()
-            },
-            column_names: Vec::new(),
-        }
+            column_names: Arc::from(Vec::new()),
+        };
+        Self::new(Arc::new(layout), fingerprint)
     }
 }
 
@@ -236,7 +313,8 @@ impl ResultPlan {
             Ok(cells) => cells,
             Err(e) => return Err(self.fail("08P01", &format!("cmk-proxy: {e} from the server"))),
         };
-        let leaked = self
+        let layout = &*self.layout;
+        let leaked = layout
             .watched
             .iter()
             .find(|(index, binary, _)| {
@@ -247,7 +325,7 @@ impl ResultPlan {
                 let any = cells.iter().flatten().any(|raw| {
                     looks_like_envelope(raw, true) || looks_like_envelope(raw, false)
                 });
-                (self.watch_all && any).then(|| "a result column".to_owned())
+                (layout.watch_all && any).then(|| "a result column".to_owned())
             });
         if let Some(what) = leaked {
             return Err(self.fail(
@@ -257,25 +335,23 @@ impl ResultPlan {
                 ),
             ));
         }
-        let mut opened: Vec<Option<Vec<u8>>> = vec![None; cells.len()];
-        let mut row_tenant: Option<(String, Arc<str>)> = None;
-        for column in &self.columns {
+        let mut opened: Vec<(usize, Vec<u8>)> = Vec::with_capacity(layout.columns.len());
+        let mut row_tenant: Option<(Arc<str>, &Arc<str>)> = None;
+        for column in &layout.columns {
             let Some(Some(raw)) = cells.get(column.index) else {
                 continue;
             };
-            let envelope = if column.binary {
-                raw.to_vec()
+            let envelope: std::borrow::Cow<'_, [u8]> = if column.binary {
+                std::borrow::Cow::Borrowed(raw)
             } else {
                 match std::str::from_utf8(raw).ok().and_then(values::parse_bytea) {
-                    Some(bytes) => bytes,
+                    Some(bytes) => std::borrow::Cow::Owned(bytes),
                     None => {
-                        return Err(self.fail(
-                            "KM005",
-                            &format!(
-                                "cmk-proxy: integrity failure: a cell of {}.{} is not bytea",
-                                column.table, column.column
-                            ),
-                        ))
+                        let message = format!(
+                            "cmk-proxy: integrity failure: a cell of {}.{} is not bytea",
+                            column.table, column.column
+                        );
+                        return Err(self.fail("KM005", &message));
                     }
                 }
             };
@@ -291,34 +367,34 @@ impl ResultPlan {
                 match values::to_binary(column.ty, &text) {
                     Ok(bytes) => bytes,
                     Err(e) => {
-                        return Err(self.fail(
-                            "KM005",
-                            &format!("cmk-proxy: {}.{}: {e}", column.table, column.column),
-                        ))
+                        let message = format!("cmk-proxy: {}.{}: {e}", column.table, column.column);
+                        return Err(self.fail("KM005", &message));
                     }
                 }
             } else {
                 plaintext
             };
-            opened[column.index] = Some(presented);
-            if !tenant.is_empty() {
-                row_tenant = Some((tenant, column.table.clone()));
+            opened.push((column.index, presented));
+            if let Some(tenant) = tenant {
+                row_tenant = Some((tenant, &column.table));
             }
         }
         if let Some((tenant, table)) = row_tenant {
-            self.batch.add(&tenant, &table, &self.column_names);
+            self.batch.add(&tenant, table, &layout.column_names);
         }
         let values = cells
             .iter()
             .enumerate()
-            .filter(|(i, _)| !self.hidden.contains(i))
-            .map(|(i, cell)| match &opened[i] {
-                Some(bytes) => Some(bytes.as_slice()),
-                None => *cell,
-            });
-        let values: Vec<Option<&[u8]>> = values.collect();
-        let mut out = BytesMut::with_capacity(frame.len());
-        encode_data_row(values.into_iter(), &mut out);
+            .filter(|(i, _)| !layout.hidden.contains(i))
+            .map(
+                |(i, cell)| match opened.iter().find(|(index, _)| *index == i) {
+                    Some((_, bytes)) => Some(bytes.as_slice()),
+                    None => *cell,
+                },
+            );
+        let size = frame.len() + opened.iter().map(|(_, v)| v.len()).sum::<usize>();
+        let mut out = BytesMut::with_capacity(size);
+        encode_data_row(values, &mut out);
         Ok(out)
     }
 

@@ -16,7 +16,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::encryption::{rejection_query, Encryption, SessionInfo};
 use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
-use super::results::protected_result_columns;
+use super::results::{protected_result_columns, RowPlanMemo};
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
@@ -247,7 +247,7 @@ impl ClientStatements {
                 statement: Arc::new(PreparedStatement::plain(0, Arc::from(""))),
                 result_formats: Vec::new(),
                 client_formats: Vec::new(),
-                shape: Mutex::new(None),
+                planned: Mutex::new(None),
                 described: Default::default(),
             })
         })
@@ -265,7 +265,7 @@ impl ClientStatements {
             statement: self.statement(bind.statement),
             result_formats: wire_formats.unwrap_or_else(|| bind.result_formats.clone()),
             client_formats: bind.result_formats.clone(),
-            shape: Mutex::new(None),
+            planned: Mutex::new(None),
             described: Default::default(),
         };
         self.portals
@@ -407,6 +407,8 @@ pub struct ParsePlan {
     rewritten: Option<(String, Vec<u32>)>,
     /// The statement changes the schema.
     ddl: bool,
+    /// The plans of its result rows, shared by the sessions that prepare it.
+    row_plans: Arc<RowPlanMemo>,
 }
 
 impl ParsePlan {
@@ -432,6 +434,7 @@ fn plan_parse(
     let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
     statement.declared = parse.param_types.clone();
     statement.presented = plan.presented.clone();
+    statement.row_plans = plan.row_plans.clone();
     statement.kind = match &plan.kind {
         StatementKind::Plain => StatementKind::Plain,
         StatementKind::Write(write) => StatementKind::Write(write.clone()),
@@ -473,6 +476,7 @@ fn plan_sql(
             .statements
             .iter()
             .any(|s| matches!(s, StatementPlan::Ddl)),
+        row_plans: Arc::default(),
     };
     // The server refuses several statements in one Parse by itself.
     let [statement] = analysis.statements.as_slice() else {

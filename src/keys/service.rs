@@ -894,7 +894,7 @@ impl Inner {
         if !rotate {
             if let Some(slot) = &old {
                 if self.slot_fresh(slot, now_nanos()) {
-                    return Ok((WriteKey::of(&slot), None));
+                    return Ok((WriteKey::of(slot), None));
                 }
             }
         }

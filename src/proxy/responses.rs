@@ -212,9 +212,7 @@ impl ResponseTracker {
                 // The client was told its statement failed: from its point
                 // of view the transaction is aborted, and the server's will
                 // be before anything else runs.
-                if let Ok(mut poison) = state.poison.lock() {
-                    *poison = Some((code, message));
-                }
+                state.poison.set(code, message);
                 let mut bytes = BytesMut::from(frame);
                 if let Some(status) = bytes.last_mut() {
                     *status = b'E';
@@ -282,7 +280,12 @@ impl ResponseTracker {
                         *slot = Some(planned.clone());
                     }
                 }
-                self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
+                let known = portal.statement.shape.lock().is_ok_and(|s| s.is_some());
+                if known {
+                    self.queue.pop_front();
+                } else {
+                    self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
+                }
                 planned
             }
             _ => return Step::Forward,

@@ -15,6 +15,37 @@ pub(crate) struct TenantUndo {
     local: bool,
 }
 
+/// The failure a poisoned session's server transaction must be made to
+/// fail with (SQLSTATE, message). The flag is read for every client
+/// message; the lock is taken only to set or take the failure.
+#[derive(Debug, Default)]
+pub(crate) struct Poison {
+    set: AtomicBool,
+    failure: Mutex<Option<(&'static str, String)>>,
+}
+
+impl Poison {
+    /// Poisons the session with this failure.
+    pub(crate) fn set(&self, code: &'static str, message: String) {
+        if let Ok(mut failure) = self.failure.lock() {
+            *failure = Some((code, message));
+            self.set.store(true, Ordering::Release);
+        }
+    }
+
+    /// Takes the failure (the session is no longer poisoned).
+    pub(crate) fn take(&self) -> Option<(&'static str, String)> {
+        let mut failure = self.failure.lock().ok()?;
+        self.set.store(false, Ordering::Release);
+        failure.take()
+    }
+
+    /// True while a failure waits to be taken.
+    pub(crate) fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+}
+
 /// State shared by the two directions of a session.
 pub(crate) struct SessionState {
     /// Request cycles sent by the client and not yet answered by ReadyForQuery.
@@ -35,8 +66,8 @@ pub(crate) struct SessionState {
     /// A DDL statement went by: reload the catalog at the next ReadyForQuery.
     pub(crate) refresh_catalog: AtomicBool,
     /// A read failed inside a transaction: before the client's next message
-    /// the server transaction is made to fail too (SQLSTATE, message).
-    pub(crate) poison: Mutex<Option<(&'static str, String)>>,
+    /// the server transaction is made to fail too.
+    pub(crate) poison: Poison,
     /// Database user and client address, for audit events.
     pub(crate) user: String,
     pub(crate) client_addr: String,
@@ -92,7 +123,7 @@ impl SessionState {
     }
 
     pub(crate) fn is_poisoned(&self) -> bool {
-        self.poison.lock().map(|p| p.is_some()).unwrap_or(false)
+        self.poison.is_set()
     }
 
     pub(crate) fn is_idle(&self) -> bool {

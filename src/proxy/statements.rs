@@ -59,7 +59,7 @@ fn target(body: &[u8]) -> Option<(u8, &str)> {
 /// client's next statement meets an aborted transaction (and COMMIT rolls
 /// back) exactly as if the server had raised the error itself.
 pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
-    let (code, message) = state.poison.lock().ok()?.take()?;
+    let (code, message) = state.poison.take()?;
     let rejection = Rejection {
         sqlstate: code,
         table: None,
@@ -268,8 +268,13 @@ impl ClientStatements {
             planned: Mutex::new(None),
             described: Default::default(),
         };
-        self.portals
-            .insert(bind.portal.to_owned(), Arc::new(portal));
+        match self.portals.get_mut(bind.portal) {
+            Some(slot) => *slot = Arc::new(portal),
+            None => {
+                self.portals
+                    .insert(bind.portal.to_owned(), Arc::new(portal));
+            }
+        }
     }
 
     fn parse(&mut self, body: &[u8], encryption: &Encryption, state: &SessionState) -> ClientStep {
@@ -302,8 +307,13 @@ impl ClientStatements {
         // Bind fails on its parameter count: a statement that stores
         // protected values always has parameters of the proxy's own, so
         // nothing is written unencrypted.
-        self.statements
-            .insert(parse.name.to_owned(), Arc::new(statement));
+        match self.statements.get_mut(parse.name) {
+            Some(slot) => *slot = Arc::new(statement),
+            None => {
+                self.statements
+                    .insert(parse.name.to_owned(), Arc::new(statement));
+            }
+        }
         state.pending.push(Expected::Parse { refusal: None });
         match replacement {
             Some(bytes) => ClientStep::Replace(bytes),

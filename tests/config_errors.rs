@@ -59,6 +59,13 @@ fn unknown_nested_key_is_reported_with_its_line() {
 }
 
 #[test]
+fn zero_worker_threads_is_reported_with_its_line() {
+    let out = rejected("server:\n  shutdown_timeout: 5s\n  worker_threads: 0\n");
+    assert!(out.contains("worker_threads"), "{out}");
+    assert!(out.contains("line 3"), "{out}");
+}
+
+#[test]
 fn missing_required_field_is_reported_with_its_location() {
     let out = rejected("tables:\n  public.patients:\n    columns:\n      ssn: {type: text}\n");
     assert!(out.contains("tenant_column"), "{out}");

@@ -13,7 +13,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_open_transaction_finish_and_exits_0() {
     let pg = pg();
-    let mut proxy = start_proxy(&pg, "server: {shutdown_timeout: 5s}\n");
+    // With two session threads (the other test runs with one).
+    let mut proxy = start_proxy(&pg, "server: {shutdown_timeout: 5s, worker_threads: 2}\n");
     let url = proxy.url("scram_user", "scram_pw", "app");
     let (client, _h) = connect(&url).await;
     client
@@ -61,7 +62,7 @@ async fn sigterm_lets_an_open_transaction_finish_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_an_idle_session_past_the_timeout_closes_it_with_57p01_and_exits_0() {
     let pg = pg();
-    let mut proxy = start_proxy(&pg, "server: {shutdown_timeout: 1s}\n");
+    let mut proxy = start_proxy(&pg, "server: {shutdown_timeout: 1s, worker_threads: 1}\n");
     let (client, connection) = tokio_postgres::connect(
         &proxy.url("scram_user", "scram_pw", "app"),
         tokio_postgres::NoTls,

@@ -14,6 +14,9 @@
 # Settings (environment): BENCH_SECONDS (10), ROUNDS (2), CLIENTS (8),
 # THREADS (2), TENANTS (100), APPROVAL_TTL (20s; whole seconds, e.g. 60s),
 # PROTOCOL (simple | extended | prepared; default simple),
+# WORKER_THREADS (1: both cmk-proxy instances get server.worker_threads 1,
+# the one thread PgBouncer has, on a machine whose cores PostgreSQL and
+# pgbench share; "auto": one per CPU, the proxy's default),
 # PASSTHROUGH (1: also run the passthrough target; 0: only the two of the issue),
 # PROFILE (1: perf profile of the encrypting proxy during its first round,
 # written to integration/bench/profile-encrypted.txt; PROFILE_DATA=FILE also
@@ -29,6 +32,7 @@ CLIENTS="${CLIENTS:-8}"
 THREADS="${THREADS:-2}"
 TENANTS="${TENANTS:-100}"
 APPROVAL_TTL="${APPROVAL_TTL:-20s}"
+WORKER_THREADS="${WORKER_THREADS:-1}"
 PROTOCOL="${PROTOCOL:-simple}"
 PASSTHROUGH="${PASSTHROUGH:-1}"
 PROFILE="${PROFILE:-0}"
@@ -79,7 +83,7 @@ cleanup() {
     if [ -f "$WORK/pg/postmaster.pid" ]; then
         "${AS_USER[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg" -m immediate -w stop >/dev/null 2>&1
     fi
-    rm -rf "$WORK"
+    if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -138,11 +142,17 @@ for i in $(seq 1 "$TENANTS"); do
     "$PROXY_BIN" keyring create "tenant_$i" --keyring "$KEYRING" >/dev/null
 done
 AUDIT="$WORK/audit.jsonl"
+case "$WORKER_THREADS" in
+    auto) SERVER_SETTINGS="server: {}" ;;
+    *[!0-9]* | "" | 0) die "WORKER_THREADS must be auto or a positive number" ;;
+    *) SERVER_SETTINGS="server: {worker_threads: $WORKER_THREADS}" ;;
+esac
 {
     cat <<EOF
 upstream: postgres://postgres@127.0.0.1:$PG_PORT/enc
 tls:
   upstream: {mode: disable}
+$SERVER_SETTINGS
 keys:
   approval_ttl: $APPROVAL_TTL
   providers:
@@ -203,7 +213,7 @@ wait_ready "$PROXY_PORT" enc cmk-proxy
 # ---- cmk-proxy as a passthrough in front of plain (no policy tables) -------------
 if [ "$PASSTHROUGH" = 1 ]; then
     PLAIN_PROXY_PORT="$(free_port)"
-    printf 'tls:\n  upstream: {mode: disable}\n' >"$WORK/passthrough.yaml"
+    printf 'tls:\n  upstream: {mode: disable}\n%s\n' "$SERVER_SETTINGS" >"$WORK/passthrough.yaml"
     RUST_LOG=warn "$PROXY_BIN" serve --config "$WORK/passthrough.yaml" --listen "127.0.0.1:$PLAIN_PROXY_PORT" \
         --upstream "postgres://postgres@127.0.0.1:$PG_PORT/plain" >"$WORK/proxy-plain.log" 2>&1 &
     PLAIN_PROXY_PID=$!
@@ -253,11 +263,12 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # ended) plus the live children (backends, background workers).
 PG_PID="$(head -1 "$WORK/pg/postmaster.pid")"
 pg_ticks() {
-    local children
-    children="$(pgrep -P "$PG_PID" | sed 's|.*|/proc/&/stat|' | tr '\n' ' ')"
-    # shellcheck disable=SC2086
-    awk -v pm="/proc/$PG_PID/stat" 'FILENAME == pm { t += $14 + $15 + $16 + $17; next } { t += $14 + $15 }
-        END { print t + 0 }' "/proc/$PG_PID/stat" $children 2>/dev/null
+    local own children
+    own="$(awk '{ print $14 + $15 + $16 + $17 }' "/proc/$PG_PID/stat")"
+    # Children come and go (backends end with their session): read what is there.
+    children="$(pgrep -P "$PG_PID" | sed 's|.*|/proc/&/stat|' | xargs cat 2>/dev/null \
+        | awk '{ t += $14 + $15 } END { print t + 0 }' || true)"
+    echo $((own + ${children:-0}))
 }
 declare -A PG_TICKS
 CLK_TCK="$(getconf CLK_TCK)"
@@ -293,6 +304,7 @@ for r in $(seq 1 "$ROUNDS"); do
             die "pgbench against $t failed (output above)"
         fi
         ended="$(date +%s.%N)"
+        sleep 0.3 # the backends of the round end and are reaped (their CPU moves to the postmaster)
         HOP_TICKS[$t]=$(( ${HOP_TICKS[$t]:-0} + $(cpu_ticks "${HOP_PID[$t]}") - ticks_before ))
         PG_TICKS[$t]=$(( ${PG_TICKS[$t]:-0} + $(pg_ticks) - pg_before ))
         HOP_XACTS[$t]=$(( ${HOP_XACTS[$t]:-0} + $(awk '/^number of transactions actually processed:/ {print $6; exit}' "$out") ))
@@ -456,7 +468,7 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
 - date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, proxy binary \`${PROXY_BIN#"$REPO"/}\`
 - machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average before/after: $LOAD_BEFORE / $LOAD_AFTER
 - PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $("$PGBOUNCER" --version | head -1), $(pgbench --version | awk '{print "pgbench " $3}')
-- settings: BENCH_SECONDS=$BENCH_SECONDS ROUNDS=$ROUNDS CLIENTS=$CLIENTS THREADS=$THREADS TENANTS=$TENANTS APPROVAL_TTL=$APPROVAL_TTL PROTOCOL=$PROTOCOL
+- settings: BENCH_SECONDS=$BENCH_SECONDS ROUNDS=$ROUNDS CLIENTS=$CLIENTS THREADS=$THREADS TENANTS=$TENANTS APPROVAL_TTL=$APPROVAL_TTL PROTOCOL=$PROTOCOL WORKER_THREADS=$WORKER_THREADS
 - workload (\`pgbench -n -M $PROTOCOL -c $CLIENTS -j $THREADS -T $BENCH_SECONDS\`, one transaction =
   INSERT of one row for a random tenant of $TENANTS with three protected columns — note text
   (${NOTE_BYTES} bytes), score int4, birth_date date — \`RETURNING id \\gset\`, then SELECT of that row by

@@ -445,6 +445,11 @@ pub struct ServerConfig {
     /// `human` or `json` log lines.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Threads that run sessions, each with its own sessions (`None`: one
+    /// per CPU). Fewer than the CPUs when PostgreSQL or the application
+    /// share the machine.
+    #[serde(default)]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 impl Default for ServerConfig {
@@ -454,6 +459,7 @@ impl Default for ServerConfig {
             max_message_size: defaults::max_message_size(),
             connect_timeout: defaults::connect_timeout(),
             log_format: LogFormat::Human,
+            worker_threads: None,
         }
     }
 }

@@ -237,7 +237,7 @@ async fn run_session(
         tx_status: AtomicU8::new(b'I'),
         cancel_packet: Mutex::new(None),
         terminated: AtomicBool::new(false),
-        poison: Mutex::new(None),
+        poison: Default::default(),
         tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
         tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
@@ -650,6 +650,10 @@ where
     // token's lock when it is first polled and again when dropped.
     let mut shutdown_signal = std::pin::pin!(shutdown.cancelled());
     let mut hard_stop_signal = std::pin::pin!(hard_stop.cancelled());
+    // Mirrors of the tokens, updated when their signal fires: asking a
+    // token takes its lock, and this loop runs for every read.
+    let mut draining = shutdown.is_cancelled();
+    let mut stopping = hard_stop.is_cancelled();
     loop {
         while let Some(frame) = held.take() {
             if let Some(encryption) = encryption {
@@ -673,8 +677,7 @@ where
                 Err(end) => return upstream_end(end, pump, client, &inspector).await,
             };
         }
-        let draining = shutdown.is_cancelled();
-        if (draining && state.is_idle() && pump.at_frame_boundary()) || hard_stop.is_cancelled() {
+        if (draining && state.is_idle() && pump.at_frame_boundary()) || stopping {
             if pump.at_frame_boundary() {
                 let bytes = ErrorResponse::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
@@ -691,8 +694,14 @@ where
         // or the hard stop, ends the loop above).
         let filled = tokio::select! {
             r = pump.fill(server) => r,
-            _ = &mut shutdown_signal, if !draining => continue,
-            _ = &mut hard_stop_signal, if !hard_stop.is_cancelled() => continue,
+            _ = &mut shutdown_signal, if !draining => {
+                draining = true;
+                continue;
+            }
+            _ = &mut hard_stop_signal, if !stopping => {
+                stopping = true;
+                continue;
+            }
         };
         let result = match filled {
             Ok(()) => pump.forward(client, &mut inspector).await,

@@ -237,6 +237,89 @@ async fn writes_need_a_tenant_and_sessions_see_only_their_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn set_config_of_the_tenant_is_followed_and_forms_it_cannot_follow_are_refused() {
+    let s = setup().await;
+    let app = through_proxy(&s).await;
+    // The tenant column defaults to the setting, as with row-level security:
+    // the proxy must seal under the tenant the server will store.
+    s.direct
+        .batch_execute(
+            "ALTER TABLE patients ALTER COLUMN tenant_id SET DEFAULT current_setting('cmk.tenant_id')",
+        )
+        .await
+        .unwrap();
+    app.simple_query("SELECT set_config('cmk.tenant_id', 'acme', false)")
+        .await
+        .unwrap();
+    rows(
+        &app,
+        "INSERT INTO patients (notes) VALUES ('via set_config')",
+    )
+    .await;
+    let stored = s
+        .direct
+        .query_one("SELECT tenant_id FROM patients", &[])
+        .await
+        .unwrap();
+    assert_eq!(stored.get::<_, String>(0), "acme");
+    let read = rows(&app, "SELECT notes FROM patients").await;
+    assert_eq!(read, vec![vec![Some("via set_config".to_owned())]]);
+
+    // Local to a transaction: gone after COMMIT, as on the server.
+    app.batch_execute("BEGIN; SELECT set_config('cmk.tenant_id', 'globex', true)")
+        .await
+        .unwrap();
+    rows(&app, "INSERT INTO patients (notes) VALUES ('globex row')").await;
+    app.batch_execute("COMMIT").await.unwrap();
+    let (code, _) = refused(&app, "SELECT notes FROM patients ORDER BY id").await;
+    assert_eq!(
+        code, "KM006",
+        "back to acme: globex's row is another tenant's"
+    );
+
+    // A value the proxy cannot know is refused (the connection stays usable),
+    // also through a prepared statement.
+    let (code, message) = refused(
+        &app,
+        "SELECT set_config('cmk.tenant_id', current_user, false)",
+    )
+    .await;
+    assert_eq!(code, "KM003", "{message}");
+    assert!(message.contains("set_config"), "{message}");
+    let err = app
+        .prepare("SELECT set_config('cmk.tenant_id', $1 || '', false)")
+        .await
+        .expect_err("an expression as the tenant");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM003"), "{err}");
+    let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+    assert_eq!(mine, vec![vec![Some("via set_config".to_owned())]]);
+
+    // The usual form with a bound parameter (tokio-postgres sends it in
+    // binary): the tenant is the bound value.
+    let set = app
+        .prepare("SELECT set_config('cmk.tenant_id', $1, false)")
+        .await
+        .unwrap();
+    app.query(&set, &[&"globex"]).await.unwrap();
+    rows(&app, "INSERT INTO patients (notes) VALUES ('bound globex')").await;
+    let globex = rows(
+        &app,
+        "SELECT notes FROM patients WHERE tenant_id = 'globex' ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        globex,
+        vec![
+            vec![Some("globex row".to_owned())],
+            vec![Some("bound globex".to_owned())]
+        ]
+    );
+    app.query(&set, &[&"acme"]).await.unwrap();
+    let (code, _) = refused(&app, "SELECT notes FROM patients ORDER BY id").await;
+    assert_eq!(code, "KM006", "acme again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn tampered_cells_fail_with_km005() {
     let s = setup().await;
     let app = through_proxy(&s).await;

@@ -242,7 +242,10 @@ impl Encryption {
                     rendered.push(self.encrypt_literals(&plan, &current).await?);
                     continue;
                 }
-                StatementPlan::Untouched | StatementPlan::Read => {}
+                // A simple query binds no parameters: the server refuses `$n`.
+                StatementPlan::Untouched
+                | StatementPlan::Read
+                | StatementPlan::SetTenantParam { .. } => {}
             }
             if needs_rewrite {
                 if let Some(original) = originals.get(index) {

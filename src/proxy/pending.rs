@@ -24,6 +24,9 @@ pub(crate) enum StatementKind {
     Write(Arc<WritePlan>),
     /// `SET <tenant setting> = …`: changes the session tenant when executed.
     SetTenant(TenantChange),
+    /// `set_config('<tenant setting>', $n, local)`: the tenant is the value
+    /// each Bind gives parameter `param` (1-based).
+    SetTenantParam { param: usize, local: bool },
 }
 
 /// A prepared statement as the proxy knows it.
@@ -80,6 +83,8 @@ pub(crate) struct Portal {
     pub client_formats: Vec<i16>,
     /// The plan of its rows, made when its Describe was answered.
     pub planned: Mutex<Option<Arc<PlannedRows>>>,
+    /// The tenant change its execution makes (`set_config` with a parameter).
+    pub tenant_change: Option<TenantChange>,
     /// A Describe of this portal was sent.
     pub described: AtomicBool,
 }

@@ -20,7 +20,7 @@ use super::results::{protected_result_columns, RowPlanMemo};
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
-use crate::rewrite::{self, Rejection, StatementPlan, ValueSource};
+use crate::rewrite::{self, Rejection, StatementPlan, TenantChange, ValueSource};
 
 /// bytea: the type protected parameters are given towards PostgreSQL.
 const BYTEA_OID: u32 = 17;
@@ -248,6 +248,7 @@ impl ClientStatements {
                 result_formats: Vec::new(),
                 client_formats: Vec::new(),
                 planned: Mutex::new(None),
+                tenant_change: None,
                 described: Default::default(),
             })
         })
@@ -261,11 +262,13 @@ impl ClientStatements {
             // proxy is not told; forgetting them is safe (see `portal`).
             self.portals.clear();
         }
+        let statement = self.statement(bind.statement);
         let portal = Portal {
-            statement: self.statement(bind.statement),
+            statement: statement.clone(),
             result_formats: wire_formats.unwrap_or_else(|| bind.result_formats.clone()),
             client_formats: bind.result_formats.clone(),
             planned: Mutex::new(None),
+            tenant_change: bound_tenant(&statement, bind),
             described: Default::default(),
         };
         match self.portals.get_mut(bind.portal) {
@@ -324,6 +327,9 @@ impl ClientStatements {
     fn execute(&mut self, frame: &[u8], body: &[u8], state: &SessionState) -> ClientStep {
         let portal = cstr(body).map_or_else(|| self.portal(""), |name| self.portal(name));
         if let StatementKind::SetTenant(change) = &portal.statement.kind {
+            state.change_tenant(change.clone());
+        }
+        if let Some(change) = &portal.tenant_change {
             state.change_tenant(change.clone());
         }
         let describe = !portal.described.load(Ordering::Acquire)
@@ -403,6 +409,32 @@ impl ClientStatements {
     }
 }
 
+/// The tenant a Bind of `set_config('<tenant setting>', $n, local)` sets:
+/// the parameter's text (text format, or binary of a text type, which is
+/// the same bytes). A value the proxy cannot read as text (another binary
+/// type, NULL, empty) clears the session tenant, the safe direction: writes
+/// then need the tenant in the statement.
+fn bound_tenant(statement: &PreparedStatement, bind: &Bind<'_>) -> Option<TenantChange> {
+    /// text, varchar, bpchar, name, or not declared (the server infers text).
+    const TEXT_TYPES: [u32; 5] = [0, 25, 1043, 1042, 19];
+    let StatementKind::SetTenantParam { param, local } = statement.kind else {
+        return None;
+    };
+    let index = param.checked_sub(1)?;
+    let declared = statement.declared.get(index).copied().unwrap_or(0);
+    let readable = format_of(&bind.param_formats, index) == 0 || TEXT_TYPES.contains(&declared);
+    let tenant = bind
+        .params
+        .get(index)
+        .copied()
+        .flatten()
+        .filter(|_| readable)
+        .and_then(|bytes| std::str::from_utf8(bytes).ok())
+        .filter(|text| !text.is_empty())
+        .map(str::to_owned);
+    Some(TenantChange { tenant, local })
+}
+
 /// What the proxy makes of one Parse (SQL and declared parameter types),
 /// shared by every session that sends the same one until the catalog
 /// changes: drivers that use unnamed statements send the same Parse for
@@ -449,6 +481,10 @@ fn plan_parse(
         StatementKind::Plain => StatementKind::Plain,
         StatementKind::Write(write) => StatementKind::Write(write.clone()),
         StatementKind::SetTenant(change) => StatementKind::SetTenant(change.clone()),
+        StatementKind::SetTenantParam { param, local } => StatementKind::SetTenantParam {
+            param: *param,
+            local: *local,
+        },
     };
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
@@ -496,6 +532,12 @@ fn plan_sql(
         StatementPlan::Untouched | StatementPlan::Ddl => {}
         StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
         StatementPlan::SetTenant(change) => plan.kind = StatementKind::SetTenant(change.clone()),
+        StatementPlan::SetTenantParam { param, local } => {
+            plan.kind = StatementKind::SetTenantParam {
+                param: *param,
+                local: *local,
+            }
+        }
         StatementPlan::Write(write) => {
             let mut types: Vec<u32> = param_types.to_vec();
             types.resize(analysis.client_params + write.extra_params, 0);

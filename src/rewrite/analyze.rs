@@ -27,8 +27,17 @@ pub enum StatementPlan {
     Ddl,
     /// A write with protected values to encrypt.
     Write(Box<WritePlan>),
-    /// `SET [SESSION|LOCAL] <tenant setting> = 'x'`, `RESET`, `DISCARD ALL`.
+    /// `SET [SESSION|LOCAL] <tenant setting> = 'x'`, `RESET`, `DISCARD ALL`,
+    /// `SELECT set_config('<tenant setting>', 'x', false|true)`.
     SetTenant(TenantChange),
+    /// `SELECT set_config('<tenant setting>', $n, false|true)`: the tenant
+    /// is the value bound to parameter `param` (1-based).
+    SetTenantParam {
+        /// The parameter that carries the tenant.
+        param: usize,
+        /// `true`: undone when the transaction ends.
+        local: bool,
+    },
 }
 
 /// A change of the session tenant.
@@ -343,6 +352,9 @@ fn plan_statement(
     let policy = scope.policy;
     if let Some(tenant) = tenant_setting(policy, &statement) {
         return Ok(StatementPlan::SetTenant(tenant));
+    }
+    if let Some(plan) = super::set_config::set_config_plan(policy, &statement)? {
+        return Ok(plan);
     }
     if let Statement::Copy {
         source: sqlparser::ast::CopySource::Table { table_name, .. },

@@ -9,6 +9,7 @@ mod analyze;
 mod fingerprint;
 mod names;
 mod render;
+mod set_config;
 mod write;
 
 pub use analyze::{analyze, analyze_in, Analysis, SchemaFacts, StatementPlan, TenantChange};

@@ -288,6 +288,52 @@ fn tenant_setting_is_recognized() {
 }
 
 #[test]
+fn set_config_of_the_tenant_setting_is_followed_or_refused() {
+    let a = analyze(
+        &policy(),
+        "SELECT set_config('cmk.tenant_id', 'acme', false); \
+         SELECT set_config('cmk.tenant_id', 'globex', true) AS t; \
+         SELECT set_config('cmk.tenant_id', '', false); \
+         SELECT set_config('application_name', 'x', false)",
+        0,
+    )
+    .unwrap();
+    assert!(
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false }) if t == "acme")
+    );
+    assert!(
+        matches!(&a.statements[1], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: true }) if t == "globex")
+    );
+    assert!(matches!(
+        &a.statements[2],
+        StatementPlan::SetTenant(TenantChange { tenant: None, .. })
+    ));
+    assert!(matches!(&a.statements[3], StatementPlan::Untouched));
+    let bound = analyze(&policy(), "SELECT set_config('cmk.tenant_id', $1, true)", 1).unwrap();
+    assert!(matches!(
+        &bound.statements[0],
+        StatementPlan::SetTenantParam {
+            param: 1,
+            local: true
+        }
+    ));
+    // Forms whose tenant the proxy cannot know are refused, never ignored.
+    for sql in [
+        "SELECT set_config('cmk.tenant_id', $1 || 'x', false)",
+        "SELECT set_config('cmk.tenant_id', $1, $2)",
+        "SELECT set_config('cmk.tenant_id', current_user, false)",
+        "SELECT set_config('cmk.tenant_id', 'acme', false), 1",
+        "SELECT set_config('cmk.tenant_id', t.name, false) FROM tenants t",
+        "SELECT 1 WHERE set_config('CMK.TENANT_ID', 'acme', false) IS NOT NULL",
+        "UPDATE other SET x = set_config('cmk.tenant_id', 'acme', false)",
+    ] {
+        let e = analyze(&policy(), sql, 1).unwrap_err();
+        assert_eq!(e.sqlstate, "KM003", "{sql}");
+        assert!(e.message.contains("set_config"), "{sql}: {}", e.message);
+    }
+}
+
+#[test]
 fn insert_select_from_a_values_list_is_planned_like_values() {
     // SQLAlchemy 2's "insertmanyvalues" form for ORM bulk inserts.
     let plan = write_plan(

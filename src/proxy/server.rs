@@ -186,6 +186,15 @@ impl SessionWorkers {
     }
 }
 
+/// Closes a task tracker when dropped.
+struct CloseOnDrop(TaskTracker);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Serves clients from `listener` until `shutdown` fires, then drains.
 pub async fn run_server(
     policy: Arc<Policy>,
@@ -201,6 +210,9 @@ pub async fn run_server(
         "listening"
     );
     let sessions = TaskTracker::new();
+    // Closed however this function ends (also when its future is dropped),
+    // so the session threads end once their sessions have.
+    let _close = CloseOnDrop(sessions.clone());
     let workers = SessionWorkers::start(ctx.policy.server.worker_threads, &sessions, &ctx)
         .map_err(ProxyError::Listen)?;
     loop {

@@ -317,6 +317,16 @@ async fn tenant_changes_follow_the_transaction_outcome() {
     app.execute(write, &[]).await.expect("globex write inside");
     app.batch_execute("COMMIT").await.expect("commit");
     app.batch_execute(write).await.expect("write after local");
+    // ROLLBACK TO SAVEPOINT has the tag ROLLBACK too: the COMMIT after it
+    // keeps the SET made before the savepoint, on the server and in the proxy.
+    app.batch_execute(
+        "BEGIN; SET cmk.tenant_id = 'globex'; SAVEPOINT s; ROLLBACK TO SAVEPOINT s; COMMIT",
+    )
+    .await
+    .expect("savepoint rolled back, transaction committed");
+    app.batch_execute(write)
+        .await
+        .expect("write after the savepoint");
     let tenants: Vec<String> = s
         .direct
         .query("SELECT tenant_id FROM vault ORDER BY id", &[])
@@ -325,7 +335,19 @@ async fn tenant_changes_follow_the_transaction_outcome() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tenants, ["acme", "acme", "globex", "acme"]);
+    assert_eq!(tenants, ["acme", "acme", "globex", "acme", "globex"]);
+    // Each row's cell was sealed with a data key of the row's own tenant.
+    let mismatched: i64 = s
+        .direct
+        .query_one(
+            "SELECT count(*) FROM vault v, jsonb_object_keys(v.cmk_edek) AS k(dek_id) \
+             JOIN cmk.data_keys d ON d.dek_id::text = k.dek_id WHERE d.tenant_id <> v.tenant_id",
+            &[],
+        )
+        .await
+        .expect("key tenants")
+        .get(0);
+    assert_eq!(mismatched, 0, "a cell sealed under another tenant's key");
     // Every row reads back: its cell was sealed under its own tenant's key.
     app.batch_execute("RESET cmk.tenant_id")
         .await
@@ -334,7 +356,7 @@ async fn tenant_changes_follow_the_transaction_outcome() {
         .query("SELECT secret FROM vault", &[])
         .await
         .expect("read all");
-    assert_eq!(read.len(), 4);
+    assert_eq!(read.len(), 5);
     // RESET and DISCARD ALL leave no tenant: a write without one is refused.
     for reset in ["RESET cmk.tenant_id", "DISCARD ALL"] {
         app.batch_execute("SET cmk.tenant_id = 'acme'")

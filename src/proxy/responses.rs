@@ -70,7 +70,8 @@ pub struct ResponseTracker {
     skipping: bool,
     /// A ReadyForQuery held for a catalog refresh.
     ready_out: Option<BytesMut>,
-    /// A ROLLBACK completed in this cycle (undoes tenant changes).
+    /// The last transaction end of this cycle was a ROLLBACK (undoes tenant
+    /// changes).
     rolled_back: bool,
 }
 
@@ -157,11 +158,13 @@ impl ResponseTracker {
                 }
             }
             (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, frame) => {
-                if frame.is_some_and(|f| {
-                    f.get(HEADER_LEN..)
-                        .is_some_and(|tag| tag.starts_with(b"ROLLBACK"))
-                }) {
-                    self.rolled_back = true;
+                // The last transaction end of the cycle decides: ROLLBACK TO
+                // SAVEPOINT has the tag ROLLBACK too, and a COMMIT after it
+                // keeps the transaction.
+                match frame.and_then(|f| f.get(HEADER_LEN..)) {
+                    Some(tag) if tag.starts_with(b"ROLLBACK") => self.rolled_back = true,
+                    Some(tag) if tag.starts_with(b"COMMIT") => self.rolled_back = false,
+                    _ => {}
                 }
                 self.end_result(state, encryption)
             }

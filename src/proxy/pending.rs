@@ -118,6 +118,8 @@ pub(crate) enum Expected {
     Query {
         swallow: bool,
         fingerprint: Arc<str>,
+        /// It changes the schema: reload the catalog at its ReadyForQuery.
+        refresh: bool,
     },
     /// ParseComplete, or the error that replaces it.
     Parse { refusal: Option<Refusal> },
@@ -132,14 +134,22 @@ pub(crate) enum Expected {
     Execute(Arc<Portal>),
     /// CloseComplete.
     Close,
-    /// ReadyForQuery after Sync.
-    Sync,
+    /// ReadyForQuery after Sync; `refresh`: the cycle changed the schema.
+    Sync { refresh: bool },
 }
 
 impl Expected {
     /// True for the entries a ReadyForQuery ends.
     pub(crate) fn ends_with_ready(&self) -> bool {
-        matches!(self, Self::Startup | Self::Query { .. } | Self::Sync)
+        matches!(self, Self::Startup | Self::Query { .. } | Self::Sync { .. })
+    }
+
+    /// True when the catalog must be reloaded once this entry is answered.
+    pub(crate) fn refreshes(&self) -> bool {
+        matches!(
+            self,
+            Self::Query { refresh: true, .. } | Self::Sync { refresh: true }
+        )
     }
 
     /// True for responses the client must never see.

@@ -13,7 +13,6 @@
 //!   client was told failed is made to fail on the server too.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -192,7 +191,9 @@ impl ResponseTracker {
     /// ReadyForQuery: the entries up to the one it ends are done.
     fn on_ready(&mut self, frame: &[u8], state: &SessionState) -> Step {
         let mut swallowed = false;
+        let mut refresh = false;
         while let Some(entry) = self.pop(state) {
+            refresh |= entry.refreshes();
             if entry.ends_with_ready() {
                 swallowed = entry.swallowed();
                 break;
@@ -223,7 +224,7 @@ impl ResponseTracker {
                 out = Some(bytes);
             }
         }
-        if state.refresh_catalog.load(Ordering::Acquire) {
+        if refresh {
             self.ready_out = Some(out.unwrap_or_else(|| BytesMut::from(frame)));
             return Step::Ready;
         }
@@ -395,15 +396,8 @@ impl ResponseTracker {
 
     /// Refreshes the catalog map after DDL, then returns the held
     /// ReadyForQuery.
-    pub async fn ready(
-        &mut self,
-        frame: &[u8],
-        encryption: &Encryption,
-        state: &SessionState,
-    ) -> BytesMut {
-        if state.refresh_catalog.swap(false, Ordering::AcqRel) {
-            encryption.refresh_catalog().await;
-        }
+    pub async fn ready(&mut self, frame: &[u8], encryption: &Encryption) -> BytesMut {
+        encryption.refresh_catalog().await;
         self.ready_out
             .take()
             .unwrap_or_else(|| BytesMut::from(frame))

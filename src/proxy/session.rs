@@ -351,10 +351,14 @@ impl ClientInspector<'_> {
     /// The request records of messages relayed on their header alone.
     fn record_header(&self, tag: u8) {
         match tag {
-            frontend::SYNC => self.state.pending.push(Expected::Sync),
+            frontend::SYNC => self.state.pending.push(Expected::Sync {
+                // DDL parsed in this cycle: reload at its ReadyForQuery.
+                refresh: self.state.refresh_catalog.swap(false, Ordering::AcqRel),
+            }),
             frontend::FUNCTION_CALL => self.state.pending.push(Expected::Query {
                 swallow: false,
                 fingerprint: std::sync::Arc::from(""),
+                refresh: false,
             }),
             _ => {}
         }
@@ -659,7 +663,7 @@ where
             if let Some(encryption) = encryption {
                 let tracker = &mut inspector.tracker;
                 let out = if frame.first() == Some(&backend::READY_FOR_QUERY) {
-                    Box::pin(tracker.ready(&frame, encryption, state)).await
+                    Box::pin(tracker.ready(&frame, encryption)).await
                 } else {
                     Box::pin(tracker.decrypt(&frame, encryption, state)).await
                 };

@@ -63,7 +63,7 @@ pub(crate) struct SessionState {
     pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
     pub(crate) pending: PendingQueue,
-    /// A DDL statement went by: reload the catalog at the next ReadyForQuery.
+    /// A DDL statement was parsed (extended protocol): the next Sync reloads the catalog at its ReadyForQuery.
     pub(crate) refresh_catalog: AtomicBool,
     /// A read failed inside a transaction: before the client's next message
     /// the server transaction is made to fail too.

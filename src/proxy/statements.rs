@@ -70,6 +70,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
     state.pending.push(Expected::Query {
         swallow: true,
         fingerprint: Arc::from(""),
+        refresh: false,
     });
     Some(query_message(&rejection_query(&rejection)))
 }
@@ -585,6 +586,7 @@ async fn simple_query(
         state.pending.push(Expected::Query {
             swallow: false,
             fingerprint: Arc::from(""),
+            refresh: false,
         });
         return BytesMut::from(frame);
     };
@@ -595,12 +597,12 @@ async fn simple_query(
             if let Some(change) = rewrite.set_tenant {
                 state.change_tenant(change);
             }
-            if rewrite.ddl {
-                state.refresh_catalog.store(true, Ordering::Release);
-            }
+            // The catalog is reloaded at this query's own ReadyForQuery,
+            // not at one still on its way for an earlier query.
             state.pending.push(Expected::Query {
                 swallow: false,
                 fingerprint: Arc::from(rewrite.fingerprint.unwrap_or_default()),
+                refresh: rewrite.ddl,
             });
             rewrite
                 .sql
@@ -611,6 +613,7 @@ async fn simple_query(
             state.pending.push(Expected::Query {
                 swallow: false,
                 fingerprint: Arc::from(""),
+                refresh: false,
             });
             query_message(&rejection_query(&rejection))
         }

@@ -200,6 +200,37 @@ async fn postgres_restart_under_an_encrypting_proxy_loses_nothing_committed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn ddl_pipelined_behind_a_refused_query_reloads_the_catalog_after_the_ddl() {
+    // The refused write and the fix are sent together (tokio-postgres
+    // pipelines concurrent queries): the catalog must be reloaded at the
+    // fix's own ReadyForQuery, not at the refused query's, which arrives
+    // before the fix has run.
+    let schema = format!("{SCHEMA}; ALTER TABLE vault ALTER COLUMN secret SET DEFAULT 'plain'");
+    let s = EncryptedSetup::start(&schema, "public.vault", &["secret: {type: text}"]).await;
+    let app = s.app().await;
+    // A lock held elsewhere keeps the fix waiting well past the refused
+    // query's ReadyForQuery (and any reload it would start).
+    s.direct
+        .batch_execute("BEGIN; LOCK TABLE vault IN ACCESS SHARE MODE")
+        .await
+        .expect("lock");
+    let (refused, fixed, _) = futures_util::join!(
+        app.simple_query("INSERT INTO vault (tenant_id, secret) VALUES ('acme', 'x')"),
+        app.simple_query("ALTER TABLE vault ALTER COLUMN secret DROP DEFAULT"),
+        async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            s.direct.batch_execute("COMMIT").await.expect("unlock");
+        },
+    );
+    let err = refused.expect_err("written before the fix");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM003"), "{err}");
+    fixed.expect("fix");
+    app.execute(INSERT, &[&"acme", &"after the pipelined fix"])
+        .await
+        .expect("write after the fix");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_table_whose_schema_breaks_the_policy_is_not_written_and_the_fix_is_logged() {
     // A DEFAULT on a protected column, set behind the proxy's back: the
     // server would store it unencrypted.

@@ -50,7 +50,7 @@ impl WriteKey {
 }
 
 /// The EDEK column value of one DEK: `{"<dek_id>": "<base64 EDEK>"}`.
-pub fn edek_column_json(dek_id: Uuid, edek: &Edek) -> String {
+fn edek_column_json(dek_id: Uuid, edek: &Edek) -> String {
     let mut map = serde_json::Map::new();
     map.insert(
         dek_id.to_string(),

@@ -16,7 +16,7 @@ use super::results::{PlannedRows, RowPlanMemo};
 use crate::rewrite::{TenantChange, WritePlan};
 
 /// What the proxy does with the executions of a prepared statement.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum StatementKind {
     /// Parameters pass unchanged; results are decrypted by their columns.
     Plain,
@@ -139,6 +139,16 @@ pub(crate) enum Expected {
 }
 
 impl Expected {
+    /// A query (or function call) shown to the client, with no audit
+    /// fingerprint, that changes no schema.
+    pub(crate) fn query() -> Self {
+        Self::Query {
+            swallow: false,
+            fingerprint: Arc::from(""),
+            refresh: false,
+        }
+    }
+
     /// True for the entries a ReadyForQuery ends.
     pub(crate) fn ends_with_ready(&self) -> bool {
         matches!(self, Self::Startup | Self::Query { .. } | Self::Sync { .. })

@@ -177,7 +177,7 @@ impl ResponseTracker {
                         *slot = Some(Arc::new(PlannedRows::nothing()));
                     }
                 }
-                self.remember_shape(Shape::NoData);
+                self.remember_shape(None);
                 Step::Forward
             }
             _ => Step::Forward,
@@ -267,7 +267,7 @@ impl ResponseTracker {
                 planned.map(Arc::new)
             }
             Some(Expected::DescribeStatement(_)) => {
-                self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
+                self.remember_shape(Some(frame));
                 plan_rows(frame, None, None, &catalog, policy).map(Arc::new)
             }
             Some(Expected::DescribePortal { portal, .. }) => {
@@ -284,12 +284,7 @@ impl ResponseTracker {
                         *slot = Some(planned.clone());
                     }
                 }
-                let known = portal.statement.shape.lock().is_ok_and(|s| s.is_some());
-                if known {
-                    self.queue.pop_front();
-                } else {
-                    self.remember_shape(Shape::Rows(Bytes::copy_from_slice(frame)));
-                }
+                self.remember_shape(Some(frame));
                 planned
             }
             _ => return Step::Forward,
@@ -306,20 +301,22 @@ impl ResponseTracker {
         }
     }
 
-    /// Stores the answer to a Describe and ends that entry. A portal's
-    /// statement learns its columns from the first answer (later Binds of it
-    /// can ask for protected cells in binary).
-    fn remember_shape(&mut self, shape: Shape) {
+    /// Stores the answer to a Describe (`rows`: its RowDescription frame,
+    /// `None` for NoData) and ends that entry. A portal's statement learns
+    /// its columns from the first answer (later Binds of it can ask for
+    /// protected cells in binary); the frame is copied only when stored.
+    fn remember_shape(&mut self, rows: Option<&[u8]>) {
+        let shape = || rows.map_or(Shape::NoData, |f| Shape::Rows(Bytes::copy_from_slice(f)));
         match self.queue.front() {
             Some(Expected::DescribeStatement(statement)) => {
                 if let Ok(mut slot) = statement.shape.lock() {
-                    *slot = Some(shape);
+                    *slot = Some(shape());
                 }
             }
             Some(Expected::DescribePortal { portal, .. }) => {
                 if let Ok(mut statement) = portal.statement.shape.lock() {
                     if statement.is_none() {
-                        *statement = Some(shape);
+                        *statement = Some(shape());
                     }
                 }
             }

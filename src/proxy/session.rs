@@ -355,11 +355,7 @@ impl ClientInspector<'_> {
                 // DDL parsed in this cycle: reload at its ReadyForQuery.
                 refresh: self.state.refresh_catalog.swap(false, Ordering::AcqRel),
             }),
-            frontend::FUNCTION_CALL => self.state.pending.push(Expected::Query {
-                swallow: false,
-                fingerprint: std::sync::Arc::from(""),
-                refresh: false,
-            }),
+            frontend::FUNCTION_CALL => self.state.pending.push(Expected::query()),
             _ => {}
         }
     }

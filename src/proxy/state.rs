@@ -63,7 +63,8 @@ pub(crate) struct SessionState {
     pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
     pub(crate) pending: PendingQueue,
-    /// A DDL statement was parsed (extended protocol): the next Sync reloads the catalog at its ReadyForQuery.
+    /// A DDL statement was parsed (extended protocol): the next Sync's
+    /// ReadyForQuery reloads the catalog.
     pub(crate) refresh_catalog: AtomicBool,
     /// A read failed inside a transaction: before the client's next message
     /// the server transaction is made to fail too.

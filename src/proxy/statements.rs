@@ -157,7 +157,7 @@ impl ClientStatements {
                 Ok(bind) => {
                     let statement = self.statement(bind.statement);
                     let wire = wire_formats(&statement, &bind.result_formats, encryption);
-                    self.bind_portal(&bind, wire.clone());
+                    self.bind_portal(&bind, statement, wire.clone());
                     state.pending.push(Expected::Bind { refusal: None });
                     match wire {
                         Some(result_formats) => {
@@ -255,21 +255,25 @@ impl ClientStatements {
         })
     }
 
-    /// Records the portal of a Bind; `wire_formats`: the result formats sent
-    /// to the server instead of the client's.
-    fn bind_portal(&mut self, bind: &Bind<'_>, wire_formats: Option<Vec<i16>>) {
+    /// Records the portal of a Bind of `statement`; `wire_formats`: the
+    /// result formats sent to the server instead of the client's.
+    fn bind_portal(
+        &mut self,
+        bind: &Bind<'_>,
+        statement: Arc<PreparedStatement>,
+        wire_formats: Option<Vec<i16>>,
+    ) {
         if self.portals.len() >= MAX_PORTALS && !self.portals.contains_key(bind.portal) {
             // Portals end with their transaction at the server, but the
             // proxy is not told; forgetting them is safe (see `portal`).
             self.portals.clear();
         }
-        let statement = self.statement(bind.statement);
         let portal = Portal {
-            statement: statement.clone(),
+            tenant_change: bound_tenant(&statement, bind),
+            statement,
             result_formats: wire_formats.unwrap_or_else(|| bind.result_formats.clone()),
             client_formats: bind.result_formats.clone(),
             planned: Mutex::new(None),
-            tenant_change: bound_tenant(&statement, bind),
             described: Default::default(),
         };
         match self.portals.get_mut(bind.portal) {
@@ -369,8 +373,8 @@ impl ClientStatements {
             state.pending.push(Expected::Bind { refusal: None });
             return BytesMut::from(frame);
         };
-        self.bind_portal(&bind, None);
         let statement = self.statement(bind.statement);
+        self.bind_portal(&bind, statement.clone(), None);
         let StatementKind::Write(plan) = &statement.kind else {
             state.pending.push(Expected::Bind { refusal: None });
             return BytesMut::from(frame);
@@ -478,15 +482,7 @@ fn plan_parse(
     statement.declared = parse.param_types.clone();
     statement.presented = plan.presented.clone();
     statement.row_plans = plan.row_plans.clone();
-    statement.kind = match &plan.kind {
-        StatementKind::Plain => StatementKind::Plain,
-        StatementKind::Write(write) => StatementKind::Write(write.clone()),
-        StatementKind::SetTenant(change) => StatementKind::SetTenant(change.clone()),
-        StatementKind::SetTenantParam { param, local } => StatementKind::SetTenantParam {
-            param: *param,
-            local: *local,
-        },
-    };
+    statement.kind = plan.kind.clone();
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
         Parse {
@@ -583,11 +579,7 @@ async fn simple_query(
     state: &SessionState,
 ) -> BytesMut {
     let Some(sql) = cstr(body) else {
-        state.pending.push(Expected::Query {
-            swallow: false,
-            fingerprint: Arc::from(""),
-            refresh: false,
-        });
+        state.pending.push(Expected::query());
         return BytesMut::from(frame);
     };
     let tenant = state.tenant();
@@ -610,11 +602,7 @@ async fn simple_query(
         }
         Err(rejection) => {
             encryption.audit_rejection(&rejection, &info);
-            state.pending.push(Expected::Query {
-                swallow: false,
-                fingerprint: Arc::from(""),
-                refresh: false,
-            });
+            state.pending.push(Expected::query());
             query_message(&rejection_query(&rejection))
         }
     }

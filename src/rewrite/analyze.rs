@@ -49,6 +49,16 @@ pub struct TenantChange {
     pub local: bool,
 }
 
+impl TenantChange {
+    /// No tenant from now on (RESET, DISCARD ALL).
+    pub fn cleared() -> Self {
+        Self {
+            tenant: None,
+            local: false,
+        }
+    }
+}
+
 /// The plan of a whole query string.
 #[derive(Debug, Clone)]
 pub struct Analysis {
@@ -116,10 +126,7 @@ pub fn analyze_in(
                 // sqlparser does not know RESET: the tenant is cleared (the
                 // safe direction: writes then need an explicit tenant).
                 return Ok(Analysis {
-                    statements: vec![StatementPlan::SetTenant(TenantChange {
-                        tenant: None,
-                        local: false,
-                    })],
+                    statements: vec![StatementPlan::SetTenant(TenantChange::cleared())],
                     client_params,
                 });
             }
@@ -308,10 +315,7 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
         object_type: sqlparser::ast::DiscardObject::ALL,
     } = statement
     {
-        return Some(TenantChange {
-            tenant: None,
-            local: false,
-        });
+        return Some(TenantChange::cleared());
     }
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
         variable,

@@ -450,7 +450,7 @@ TABLE="| target | schema | tps (median of $ROUNDS) | tps per round | transaction
 KMS_TABLE="| measure | value |
 |---|---:|
 | tenants / tenants written / DEKs in cmk.data_keys | $TENANTS / $TENANTS_WRITTEN / $DEKS |
-| rows inserted through cmk-proxy (database enc) / into database plain (PgBouncer$([ "$PASSTHROUGH" = 1 ] && echo " + passthrough")) | $ROWS_ENC / $ROWS_PLAIN |
+| rows inserted through cmk-proxy (database enc) / into database plain (PgBouncer$([ "$PASSTHROUGH" = 1 ] && echo " + passthrough" || true)) | $ROWS_ENC / $ROWS_PLAIN |
 | rows with a protected cell not in the CMK envelope, or without EDEK | $NOT_ENCRYPTED |
 | proxy runtime: first proxy round start → last proxy round end (s) / of it under load (s) | $PROXY_RUNTIME / $PROXY_ACTIVE |
 | KMS calls, total (audit \`kms_call\` events) | $KMS_TOTAL |
@@ -476,7 +476,7 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
 - targets alternate (${TARGETS[*]}) x ROUNDS; plain TCP, trust auth. cmk-proxy → database \`enc\`
   (protected columns bytea + \`cmk_edek\` jsonb, policy with $TENANTS tenants in a local keyring);
   PgBouncer (session mode) → database \`plain\` (same table, plaintext types)$([ "$PASSTHROUGH" = 1 ] && echo "; the diagnostic
-  target is a second cmk-proxy without policy tables (pure relay) → database \`plain\`").
+  target is a second cmk-proxy without policy tables (pure relay) → database \`plain\`" || true).
 - latency: every transaction from pgbench \`-l\` logs, all rounds of a target pooled. Hop CPU: user + system
   CPU time of the PgBouncer / cmk-proxy process during its rounds (\`/proc/PID/stat\`) ÷ transactions.
 

@@ -420,3 +420,111 @@ async fn a_failed_read_inside_a_transaction_fails_the_server_transaction_too() {
         Some("2")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queries_of_one_shape_share_a_plan_and_each_keeps_its_own_values_tenant_and_catalog() {
+    let s = setup().await;
+    let app = through_proxy(&s).await;
+    // One shape, planned once: each query's values, tenant and quotes are its own.
+    let values = [
+        ("acme", "it''s", "it's", "1980-01-02"),
+        (
+            "globex",
+            "costs $1; -- not a comment",
+            "costs $1; -- not a comment",
+            "1990-03-04",
+        ),
+        ("acme", "", "", "2000-12-31"),
+    ];
+    for (tenant, literal, _, date) in values {
+        rows(
+            &app,
+            &format!(
+                "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('{tenant}', '{literal}', '{date}'::date)"
+            ),
+        )
+        .await;
+    }
+    let read = rows(
+        &app,
+        "SELECT tenant_id, notes, birth_date FROM patients ORDER BY id",
+    )
+    .await;
+    let expected: Vec<Vec<Option<String>>> = values
+        .iter()
+        .map(|(tenant, _, plain, date)| {
+            vec![
+                Some(tenant.to_string()),
+                Some(plain.to_string()),
+                Some(date.to_string()),
+            ]
+        })
+        .collect();
+    assert_eq!(read, expected);
+    // Each row sealed under its own tenant's DEK.
+    let deks = s
+        .direct
+        .query(
+            "SELECT p.tenant_id, k.tenant_id FROM patients p \
+             JOIN cmk.data_keys k ON k.dek_id::text = p.cmk_edek->>'dek_id' ORDER BY p.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in &deks {
+        assert_eq!(row.get::<_, String>(0), row.get::<_, String>(1));
+    }
+    // Forms the shape scanner leaves to the full planner still work.
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', E'line\\nbreak')",
+    )
+    .await;
+    assert_eq!(
+        rows(&app, "SELECT notes FROM patients ORDER BY id DESC LIMIT 1").await[0][0].as_deref(),
+        Some("line\nbreak")
+    );
+    // A refusal of a shared shape's values is the full planner's.
+    app.simple_query("SET cmk.tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let (code, message) = refused(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('globex', 'x', '2001-01-01'::date)",
+    )
+    .await;
+    assert_eq!(code, "KM004", "{message}");
+    assert!(message.contains("'globex'"), "{message}");
+    let (code, message) = refused(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'x', 'not a date'::date)",
+    )
+    .await;
+    assert_eq!(code, "22P02", "{message}");
+    // A catalog change re-plans the shape: a protected column stored as
+    // text makes the table unwritable, and fixing it makes it writable again.
+    app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE text USING NULL")
+        .await
+        .unwrap();
+    let (code, message) = refused(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'y', '2002-02-02'::date)",
+    )
+    .await;
+    assert_eq!(code, "KM003", "{message}");
+    app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE bytea USING NULL")
+        .await
+        .unwrap();
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'z', '2003-03-03'::date)",
+    )
+    .await;
+    let raw: Vec<u8> = s
+        .direct
+        .query_one("SELECT notes FROM patients ORDER BY id DESC LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(&raw[..4], b"CMK\x01", "sealed after the catalog came back");
+}

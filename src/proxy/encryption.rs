@@ -24,6 +24,8 @@ use crate::rewrite::{
 };
 use crate::values;
 
+mod shapes;
+
 /// Why encryption could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EncryptionError {
@@ -58,7 +60,7 @@ pub struct QueryRewrite {
     /// The query changes the schema: refresh the catalog map afterwards.
     pub ddl: bool,
     /// Audit fingerprint, when the query touches protected tables.
-    pub fingerprint: Option<String>,
+    pub fingerprint: Option<Arc<str>>,
 }
 
 /// A cell that cannot be shown to the client.
@@ -82,6 +84,8 @@ pub struct Encryption {
     /// SQL → (declared parameter types, plan): looked up by `&str`, so a
     /// hit allocates nothing.
     parse_plans: DashMap<String, Vec<CachedParsePlan>>,
+    /// Simple queries planned by their literal-insensitive shape.
+    shapes: shapes::ShapeCache,
 }
 
 /// A cached Parse plan for one list of declared parameter types.
@@ -106,6 +110,7 @@ impl Encryption {
             catalog: RwLock::new(Arc::new(map)),
             dek_tenants: DashMap::new(),
             parse_plans: DashMap::new(),
+            shapes: shapes::ShapeCache::default(),
         }))
     }
 
@@ -141,6 +146,7 @@ impl Encryption {
                 }
                 // Plans depend on the views the catalog maps.
                 self.parse_plans.clear();
+                self.shapes.clear();
             }
             None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
         }
@@ -207,6 +213,9 @@ impl Encryption {
         session: &SessionInfo<'_>,
     ) -> Result<QueryRewrite, Rejection> {
         let catalog = self.catalog();
+        if let Some(rewrite) = self.rewrite_by_shape(sql, session, &catalog).await {
+            return rewrite;
+        }
         let analysis = rewrite::analyze_in(&self.policy, catalog.schema_facts(), sql, 0)?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
@@ -217,7 +226,7 @@ impl Encryption {
             .iter()
             .any(|s| matches!(s, StatementPlan::Read | StatementPlan::Write(_)))
         {
-            out.fingerprint = Some(rewrite::fingerprint(sql));
+            out.fingerprint = Some(Arc::from(rewrite::fingerprint(sql)));
         }
         // The original statements, re-parsed, render the untouched ones
         // (a query of one statement that is a write needs none).
@@ -575,9 +584,11 @@ impl Slots {
     }
 }
 
-/// The client's parameter values of a write: none (simple query) or a Bind.
+/// The client's parameter values of a write: none (simple query), a
+/// simple query's literals standing in for parameters, or a Bind.
 enum ClientParams<'a> {
     None,
+    Literals(&'a [rewrite::Literal<'a>]),
     Bind {
         bind: &'a Bind<'a>,
         declared: &'a [u32],
@@ -597,8 +608,13 @@ impl ClientParams<'_> {
             ty: ty.map_or("text", DeclaredType::sql_name),
             reason: "a parameter that was not bound",
         };
-        let ClientParams::Bind { bind, declared } = self else {
-            return Err(not_bound);
+        let (bind, declared) = match self {
+            ClientParams::None => return Err(not_bound),
+            ClientParams::Literals(literals) => {
+                let literal = n.checked_sub(1).and_then(|i| literals.get(i));
+                return literal.map(|l| Some(l.value.to_string())).ok_or(not_bound);
+            }
+            ClientParams::Bind { bind, declared } => (bind, declared),
         };
         let index = n.checked_sub(1).ok_or(not_bound.clone())?;
         let Some(value) = bind.params.get(index).ok_or(not_bound)? else {

@@ -593,7 +593,7 @@ async fn simple_query(
             // not at one still on its way for an earlier query.
             state.pending.push(Expected::Query {
                 swallow: false,
-                fingerprint: Arc::from(rewrite.fingerprint.unwrap_or_default()),
+                fingerprint: rewrite.fingerprint.unwrap_or_else(|| Arc::from("")),
                 refresh: rewrite.ddl,
             });
             rewrite

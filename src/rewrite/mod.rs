@@ -7,6 +7,7 @@
 
 mod analyze;
 mod fingerprint;
+mod literals;
 mod names;
 mod render;
 mod set_config;
@@ -14,6 +15,7 @@ mod write;
 
 pub use analyze::{analyze, analyze_in, Analysis, SchemaFacts, StatementPlan, TenantChange};
 pub use fingerprint::fingerprint;
+pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::mentions_policy_table;
 pub use render::{quote_literal, render_with_literals};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};

@@ -1,0 +1,237 @@
+//! Simple queries planned by their shape. Applications that put values into
+//! the SQL text send the same statement again and again with other literals;
+//! parsing and planning each one in full cost a third of the proxy's CPU.
+//! The shape (the SQL with its literals as placeholders `$n`) is planned
+//! once, like a Parse of that SQL, and each query reuses the plan: a read
+//! passes as written, a write gets its literals sealed and spliced into the
+//! rewritten SQL it was planned to.
+//!
+//! Only what the shape decides alone takes this path: one SELECT, INSERT,
+//! UPDATE, DELETE, WITH or VALUES statement that does not mention
+//! `set_config`, planned to pass, to be decrypted, or to be encrypted.
+//! Everything else — a refused shape, a refused value, a tenant change, DDL,
+//! several statements, SQL the scanner cannot read with certainty — is
+//! planned from the original SQL, so refusals and their messages are the
+//! full planner's.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use super::{bytea_literal, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot};
+use crate::catalog::CatalogMap;
+use crate::rewrite::{
+    self, quote_literal, Parameterized, Rejection, SqlTemplate, StatementPlan, WritePlan,
+};
+
+/// Statements whose plan depends on their shape alone: none of them can
+/// change the session tenant (set_config aside) or the schema.
+const SHAPED_STATEMENTS: [&str; 6] = ["select", "insert", "update", "delete", "with", "values"];
+
+/// Shapes kept before the cache starts over (bounds its memory).
+const MAX_SHAPES: usize = 4096;
+
+/// Shape SQL → its plan, made against one catalog map.
+#[derive(Default)]
+pub(super) struct ShapeCache {
+    shapes: DashMap<String, Arc<Shape>>,
+}
+
+impl ShapeCache {
+    /// Forgets every shape (the catalog changed).
+    pub(super) fn clear(&self) {
+        self.shapes.clear();
+    }
+}
+
+struct Shape {
+    /// The catalog map the plan was made against.
+    catalog: Arc<CatalogMap>,
+    plan: ShapePlan,
+}
+
+enum ShapePlan {
+    /// Planned from the original SQL every time.
+    Unshared,
+    /// Sent as written (a read's rows are decrypted on the way back).
+    AsWritten { fingerprint: Option<Arc<str>> },
+    /// A write: its literals are sealed and spliced into `sql`.
+    Write {
+        plan: Box<WritePlan>,
+        sql: SqlTemplate,
+        fingerprint: Arc<str>,
+    },
+}
+
+impl Encryption {
+    /// The rewrite of a simple query from the plan of its shape; `None`:
+    /// plan the original SQL in full.
+    pub(super) async fn rewrite_by_shape(
+        &self,
+        sql: &str,
+        session: &SessionInfo<'_>,
+        catalog: &Arc<CatalogMap>,
+    ) -> Option<Result<QueryRewrite, Rejection>> {
+        let shaped = rewrite::parameterize(sql)?;
+        if !is_shaped_statement(&shaped.template) || mentions_set_config(sql) {
+            return None;
+        }
+        let shape = self.shape(&shaped, sql, catalog);
+        match &shape.plan {
+            ShapePlan::Unshared => None,
+            ShapePlan::AsWritten { fingerprint } => Some(Ok(QueryRewrite {
+                fingerprint: fingerprint.clone(),
+                ..QueryRewrite::default()
+            })),
+            ShapePlan::Write {
+                plan,
+                sql: template,
+                fingerprint,
+            } => {
+                let params = ClientParams::Literals(&shaped.literals);
+                let slots = match self.seal_write(plan, session, &params).await {
+                    Ok(slots) => slots,
+                    // The tenant and the values are the query's own: the
+                    // full planner words their refusal.
+                    Err(r) if matches!(r.sqlstate, rewrite::KM004 | "22P02") => return None,
+                    // A key refusal reads the same either way; planning
+                    // again would only ask the KMS again.
+                    Err(r) => return Some(Err(r)),
+                };
+                let sealed: usize = slots.0.iter().flatten().map(slot_len).sum();
+                let rewritten = template.fill(sealed, |n, out| {
+                    match slots.get(n) {
+                        Some(Slot::Bytes(bytes)) => out.push_str(&bytea_literal(bytes)),
+                        Some(Slot::Text(text)) => out.push_str(&quote_literal(text)),
+                        Some(Slot::Null) => out.push_str("NULL"),
+                        None => out.push_str(shaped.literals.get(n.checked_sub(1)?)?.source),
+                    }
+                    Some(())
+                })?;
+                Some(Ok(QueryRewrite {
+                    sql: Some(rewritten),
+                    fingerprint: Some(fingerprint.clone()),
+                    ..QueryRewrite::default()
+                }))
+            }
+        }
+    }
+
+    /// The cached plan of this shape, made now if it is missing or was made
+    /// against another catalog map.
+    fn shape(
+        &self,
+        shaped: &Parameterized<'_>,
+        sql: &str,
+        catalog: &Arc<CatalogMap>,
+    ) -> Arc<Shape> {
+        if let Some(shape) = self.shapes.shapes.get(shaped.template.as_str()) {
+            if Arc::ptr_eq(&shape.catalog, catalog) {
+                return shape.clone();
+            }
+        }
+        let shape = Arc::new(Shape {
+            catalog: catalog.clone(),
+            plan: self.plan_shape(shaped, sql, catalog),
+        });
+        if self.shapes.shapes.len() >= MAX_SHAPES {
+            self.shapes.shapes.clear();
+        }
+        self.shapes
+            .shapes
+            .insert(shaped.template.clone(), shape.clone());
+        shape
+    }
+
+    /// Plans a shape like the Parse of its SQL with untyped parameters.
+    fn plan_shape(&self, shaped: &Parameterized<'_>, sql: &str, catalog: &CatalogMap) -> ShapePlan {
+        let Ok(analysis) = rewrite::analyze_in(
+            &self.policy,
+            catalog.schema_facts(),
+            &shaped.template,
+            shaped.literals.len(),
+        ) else {
+            return ShapePlan::Unshared;
+        };
+        let mut statements = analysis.statements.into_iter();
+        let (Some(statement), None) = (statements.next(), statements.next()) else {
+            return ShapePlan::Unshared;
+        };
+        let fingerprint = || Arc::from(rewrite::fingerprint(sql));
+        match statement {
+            StatementPlan::Untouched => ShapePlan::AsWritten { fingerprint: None },
+            StatementPlan::Read => ShapePlan::AsWritten {
+                fingerprint: Some(fingerprint()),
+            },
+            StatementPlan::Write(plan) => match SqlTemplate::new(&plan.statement.to_string()) {
+                Some(template) => ShapePlan::Write {
+                    plan,
+                    sql: template,
+                    fingerprint: fingerprint(),
+                },
+                None => ShapePlan::Unshared,
+            },
+            StatementPlan::Ddl
+            | StatementPlan::SetTenant(_)
+            | StatementPlan::SetTenantParam { .. } => ShapePlan::Unshared,
+        }
+    }
+}
+
+/// Bytes a slot takes as a literal (to size the rewritten SQL).
+fn slot_len(slot: &Slot) -> usize {
+    match slot {
+        Slot::Bytes(bytes) => 5 + 2 * bytes.len(),
+        Slot::Text(text) => 2 + text.len(),
+        Slot::Null => 4,
+    }
+}
+
+/// True when the statement's first word (after parentheses) is one whose
+/// plan its shape decides alone.
+fn is_shaped_statement(template: &str) -> bool {
+    let start = template.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '(');
+    let word_len = start.bytes().take_while(u8::is_ascii_alphabetic).count();
+    let word = &start[..word_len];
+    SHAPED_STATEMENTS
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(word))
+}
+
+/// `set_config` changes settings from inside a SELECT, and which setting
+/// it names is a literal: the full planner must see it.
+fn mentions_set_config(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(10)
+        .any(|w| w.eq_ignore_ascii_case(b"set_config"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_statements_whose_shape_decides_their_plan_are_shaped() {
+        for sql in [
+            "SELECT 1",
+            " (select 1)",
+            "INSERT INTO t VALUES (1)",
+            "with x as (select 1) select 1",
+        ] {
+            assert!(is_shaped_statement(sql), "{sql}");
+        }
+        for sql in [
+            "SET cmk.tenant_id = $1",
+            "RESET ALL",
+            "DISCARD ALL",
+            "CREATE TABLE t (a int)",
+            "selectx",
+        ] {
+            assert!(!is_shaped_statement(sql), "{sql}");
+        }
+        assert!(mentions_set_config(
+            "SELECT pg_catalog.SET_CONFIG('a', 'b', false)"
+        ));
+        assert!(!mentions_set_config("SELECT setconfig"));
+    }
+}

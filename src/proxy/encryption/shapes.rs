@@ -73,7 +73,7 @@ impl Encryption {
         catalog: &Arc<CatalogMap>,
     ) -> Option<Result<QueryRewrite, Rejection>> {
         let shaped = rewrite::parameterize(sql)?;
-        if !is_shaped_statement(&shaped.template) || mentions_set_config(sql) {
+        if !is_shaped_statement(&shaped.template) || mentions_set_config(&shaped.template) {
             return None;
         }
         let shape = self.shape(&shaped, sql, catalog);
@@ -199,7 +199,8 @@ fn is_shaped_statement(template: &str) -> bool {
 }
 
 /// `set_config` changes settings from inside a SELECT, and which setting
-/// it names is a literal: the full planner must see it.
+/// it names is a literal: the full planner must see it. (The call itself is
+/// never inside a literal, so the template, short, is what is searched.)
 fn mentions_set_config(sql: &str) -> bool {
     sql.as_bytes()
         .windows(10)

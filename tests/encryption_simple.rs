@@ -528,3 +528,88 @@ async fn queries_of_one_shape_share_a_plan_and_each_keeps_its_own_values_tenant_
         .get(0);
     assert_eq!(&raw[..4], b"CMK\x01", "sealed after the catalog came back");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_and_the_rest_works() {
+    let s = setup().await;
+    let app = through_proxy(&s).await;
+    app.batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    // The proxy's own literals (ciphertext, EDEK) read the same either way.
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'plain words', '2001-02-03')",
+    )
+    .await;
+    assert_eq!(
+        rows(&app, "SELECT notes, birth_date FROM patients").await[0],
+        vec![
+            Some("plain words".to_owned()),
+            Some("2001-02-03".to_owned())
+        ]
+    );
+    let raw: Vec<u8> = s
+        .direct
+        .query_one("SELECT notes FROM patients", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(&raw[..4], b"CMK\x01");
+    // A backslash may end a string elsewhere than the proxy reads it:
+    // refused near protected data, passed elsewhere.
+    let (code, message) = refused(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'it\\'s')",
+    )
+    .await;
+    assert_eq!(code, "KM003", "{message}");
+    assert!(message.contains("standard_conforming_strings"), "{message}");
+    assert_eq!(
+        rows(&app, "SELECT 'a\\\\b'").await[0][0].as_deref(),
+        Some("a\\b")
+    );
+    app.batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap();
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'back\\slash')",
+    )
+    .await;
+    assert_eq!(
+        rows(&app, "SELECT notes FROM patients ORDER BY id DESC LIMIT 1").await[0][0].as_deref(),
+        Some("back\\slash")
+    );
+
+    // SQL in another client encoding: the proxy cannot read or rewrite it,
+    // so it refuses it near protected data and passes the rest.
+    let script = s.dir.path().join("latin1.sql");
+    let mut bytes = b"\\set VERBOSITY verbose\n".to_vec();
+    bytes.extend_from_slice(
+        b"INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'caf\xe9');\n",
+    );
+    bytes.extend_from_slice(b"SELECT 'caf\xe9' AS word;\n");
+    std::fs::write(&script, bytes).unwrap();
+    let out = std::process::Command::new("psql")
+        .arg(s.proxy.url("postgres", "", "app"))
+        .args(["-X", "-A", "-t", "-f"])
+        .arg(&script)
+        .env("PGCLIENTENCODING", "LATIN1")
+        .output()
+        .expect("psql");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KM003"), "{stderr}");
+    assert!(
+        out.stdout.windows(4).any(|w| w == b"caf\xe9"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let count: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM patients", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 2, "the LATIN1 write was not stored");
+}

@@ -715,9 +715,11 @@ fn seal_value(
     Ok((cell, index))
 }
 
+/// `E'\\x..'`: bytea hex input that reads the same whatever the session's
+/// `standard_conforming_strings`.
 fn bytea_literal(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(4 + bytes.len() * 2);
-    out.push_str("'\\x");
+    let mut out = String::with_capacity(6 + bytes.len() * 2);
+    out.push_str("E'\\\\x");
     out.push_str(&faster_hex::hex_string(bytes));
     out.push('\'');
     out

@@ -242,6 +242,7 @@ async fn run_session(
         tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
+        nonstandard_strings: AtomicBool::new(false),
         user: params.user.clone(),
         client_addr: peer.to_string(),
     };
@@ -553,6 +554,7 @@ impl Inspector for ServerInspector<'_> {
         let interest = match (tag, self.encryption) {
             (backend::AUTHENTICATION, _) => Interest::Rewrite,
             (backend::BACKEND_KEY_DATA, _) => Interest::Observe,
+            (backend::PARAMETER_STATUS, Some(_)) => Interest::Observe,
             (_, Some(encryption)) => self.tracker.interest(tag, self.state, encryption),
             (backend::READY_FOR_QUERY | backend::ERROR_RESPONSE, None) => Interest::Observe,
             _ => Interest::Header,
@@ -592,6 +594,13 @@ impl Inspector for ServerInspector<'_> {
                     }
                 }
                 return Verdict::Forward;
+            }
+            backend::PARAMETER_STATUS => {
+                let mut fields = body.split(|b| *b == 0);
+                if fields.next() == Some(b"standard_conforming_strings") {
+                    let off = fields.next() != Some(b"on");
+                    self.state.nonstandard_strings.store(off, Ordering::Release);
+                }
             }
             backend::READY_FOR_QUERY => {
                 if let Some(status) = body.first() {

@@ -63,6 +63,9 @@ pub(crate) struct SessionState {
     pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
     pub(crate) pending: PendingQueue,
+    /// The server reported `standard_conforming_strings = off`: a backslash
+    /// in a string literal then escapes, which the proxy's parser does not.
+    pub(crate) nonstandard_strings: AtomicBool,
     /// A DDL statement was parsed (extended protocol): the next Sync's
     /// ReadyForQuery reloads the catalog.
     pub(crate) refresh_catalog: AtomicBool,

@@ -287,8 +287,28 @@ impl ClientStatements {
 
     fn parse(&mut self, body: &[u8], encryption: &Encryption, state: &SessionState) -> ClientStep {
         let Ok(parse) = Parse::decode(body) else {
-            state.pending.push(Expected::Parse { refusal: None });
-            return ClientStep::Forward;
+            let mut fields = body.splitn(3, |b| *b == 0);
+            let (name, query) = (fields.next().unwrap_or_default(), fields.next());
+            let refusal = query.and_then(|q| unreadable_sql_refusal(q, encryption));
+            let Some(rejection) = refusal else {
+                state.pending.push(Expected::Parse { refusal: None });
+                return ClientStep::Forward;
+            };
+            let tenant = state.tenant();
+            let info = state.session_info(tenant.as_deref());
+            state.pending.push(Expected::Parse {
+                refusal: Some(audited(encryption, &info, rejection)),
+            });
+            // The name as sent (it may not be UTF-8 either), the SQL refused.
+            let mut out = BytesMut::new();
+            out.put_u8(frontend::PARSE);
+            out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
+            out.extend_from_slice(name);
+            out.put_u8(0);
+            out.extend_from_slice(REFUSED_SQL.as_bytes());
+            out.put_u8(0);
+            out.put_i16(0);
+            return ClientStep::Replace(out);
         };
         let (statement, replacement) = match plan_parse(&parse, encryption, state) {
             Ok(planned) => planned,
@@ -472,6 +492,9 @@ fn plan_parse(
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
+    if let Some(rejection) = nonstandard_strings_refusal(parse.query, encryption, state) {
+        return Err(rejection);
+    }
     let plan = encryption.parse_plan(parse.query, &parse.param_types, || {
         plan_sql(parse.query, &parse.param_types, encryption)
     })?;
@@ -570,6 +593,48 @@ fn plan_sql(
     Ok(plan)
 }
 
+/// The refusal of SQL the proxy may misread because the session's strings
+/// are not standard-conforming (see `rewrite::nonstandard_strings_refusal`).
+fn nonstandard_strings_refusal(
+    sql: &str,
+    encryption: &Encryption,
+    state: &SessionState,
+) -> Option<Rejection> {
+    if !state.nonstandard_strings.load(Ordering::Acquire) {
+        return None;
+    }
+    let catalog = encryption.catalog();
+    rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
+}
+
+/// SQL that is not UTF-8 (a client_encoding other than UTF8): `None` when
+/// its lossy reading touches no protected table, else the refusal (the
+/// proxy cannot check or rewrite what it cannot read).
+fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejection> {
+    let end = sql.iter().position(|b| *b == 0).unwrap_or(sql.len());
+    let lossy = String::from_utf8_lossy(&sql[..end]);
+    let catalog = encryption.catalog();
+    match rewrite::analyze_in(encryption.policy(), catalog.schema_facts(), &lossy, 0) {
+        Ok(analysis)
+            if analysis
+                .statements
+                .iter()
+                .all(|s| matches!(s, StatementPlan::Untouched)) =>
+        {
+            None
+        }
+        Ok(_) => Some(Rejection {
+            sqlstate: rewrite::KM003,
+            table: None,
+            column: None,
+            message: "cmk-proxy: SQL that is not valid UTF-8 is not supported on protected \
+                      tables or the tenant setting (set client_encoding to UTF8)"
+                .to_owned(),
+        }),
+        Err(rejection) => Some(rejection),
+    }
+}
+
 /// A simple query: planned, its protected values encrypted, or replaced by
 /// a query that raises the refusal at the server.
 async fn simple_query(
@@ -578,12 +643,23 @@ async fn simple_query(
     encryption: &Encryption,
     state: &SessionState,
 ) -> BytesMut {
-    let Some(sql) = cstr(body) else {
-        state.pending.push(Expected::query());
-        return BytesMut::from(frame);
-    };
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
+    let Some(sql) = cstr(body) else {
+        state.pending.push(Expected::query());
+        return match unreadable_sql_refusal(body, encryption) {
+            Some(rejection) => {
+                encryption.audit_rejection(&rejection, &info);
+                query_message(&rejection_query(&rejection))
+            }
+            None => BytesMut::from(frame),
+        };
+    };
+    if let Some(rejection) = nonstandard_strings_refusal(sql, encryption, state) {
+        encryption.audit_rejection(&rejection, &info);
+        state.pending.push(Expected::query());
+        return query_message(&rejection_query(&rejection));
+    }
     match encryption.rewrite_simple_query(sql, &info).await {
         Ok(rewrite) => {
             if let Some(change) = rewrite.set_tenant {

@@ -130,7 +130,16 @@ pub fn analyze_in(
                     client_params,
                 });
             }
-            return match mentions_policy_table(policy, sql) {
+            if has_unicode_escaped_name(sql) {
+                // U&"..." can spell any name, a protected table or
+                // set_config included, without the text showing it.
+                return Err(Rejection::unsupported(
+                    "",
+                    None,
+                    "SQL with a Unicode-escaped name (U&\"...\") that cmk-proxy cannot parse",
+                ));
+            }
+            return match mentions_protected(&scope, sql) {
                 Some(table) => Err(Rejection::unsupported(
                     &table,
                     None,
@@ -296,6 +305,98 @@ fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Reject
     }
 }
 
+/// The policy table or protected view whose name `sql` contains anywhere
+/// (for SQL that did not parse, and text the parser does not look into).
+fn mentions_protected(scope: &Scope<'_>, sql: &str) -> Option<String> {
+    mentions_policy_table(scope.policy, sql).or_else(|| {
+        let lower = sql.to_lowercase();
+        scope.views.keys().find_map(|key| {
+            let view = key.rsplit('.').next().unwrap_or(key);
+            lower.contains(&view.to_lowercase()).then(|| key.clone())
+        })
+    })
+}
+
+/// With `standard_conforming_strings = off` a backslash in a string literal
+/// escapes, and the parser (which reads strings the standard way) may see
+/// other statement boundaries than PostgreSQL: SQL with a backslash that
+/// names a protected table or view, the tenant setting, `set_config` or
+/// `pg_settings` is refused.
+pub fn nonstandard_strings_refusal(
+    policy: &Policy,
+    facts: &SchemaFacts,
+    sql: &str,
+) -> Option<Rejection> {
+    if !sql.contains('\\') || policy.tables.is_empty() {
+        return None;
+    }
+    let scope = Scope {
+        policy,
+        views: &facts.views,
+        unwritable: &facts.unwritable,
+    };
+    let lower = sql.to_lowercase();
+    let named = mentions_protected(&scope, sql).or_else(|| {
+        [
+            policy.tenant.session_setting.to_lowercase().as_str(),
+            "set_config",
+            "pg_settings",
+        ]
+        .iter()
+        .find(|word| lower.contains(*word))
+        .map(|_| String::new())
+    })?;
+    let mut rejection = Rejection::unsupported(
+        &named,
+        None,
+        "a backslash in SQL while standard_conforming_strings is off",
+    );
+    if named.is_empty() {
+        rejection.table = None;
+        rejection.message = "cmk-proxy: a backslash in SQL that names the tenant setting, \
+                             set_config or pg_settings is not supported while \
+                             standard_conforming_strings is off"
+            .to_owned();
+    }
+    Some(rejection)
+}
+
+/// `U&"..."`: a quoted name written with Unicode escapes.
+fn has_unicode_escaped_name(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(3)
+        .any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&' && w[2] == b'"')
+}
+
+/// An INSERT, UPDATE, DELETE or MERGE inside a query (`WITH c AS (INSERT
+/// ...) SELECT ...`, `WITH c AS (...) UPDATE ...` parsed as a query).
+fn has_nested_write(statement: &Statement) -> bool {
+    struct NestedWrites(bool);
+    impl Visitor for NestedWrites {
+        type Break = ();
+        fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+            if writes(&query.body) {
+                self.0 = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    fn writes(body: &SetExpr) -> bool {
+        match body {
+            SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_) => {
+                true
+            }
+            SetExpr::SetOperation { left, right, .. } => writes(left) || writes(right),
+            SetExpr::Query(query) => writes(&query.body),
+            _ => false,
+        }
+    }
+    let mut found = NestedWrites(false);
+    let _ = statement.visit(&mut found);
+    found.0
+}
+
 /// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not parse.
 fn resets_tenant(policy: &Policy, sql: &str) -> bool {
     let words: Vec<String> = sql
@@ -307,6 +408,20 @@ fn resets_tenant(policy: &Policy, sql: &str) -> bool {
     words
         .windows(2)
         .any(|w| w[0] == "reset" && (w[1] == "all" || w[1] == setting))
+}
+
+/// `UPDATE pg_settings ...`: PostgreSQL's other way to change a setting.
+fn updates_pg_settings(statement: &Statement) -> bool {
+    let Statement::Update { table, .. } = statement else {
+        return false;
+    };
+    let TableFactor::Table { name, .. } = &table.relation else {
+        return false;
+    };
+    name.0
+        .last()
+        .and_then(|p| p.as_ident())
+        .is_some_and(|i| ident_name(i) == "pg_settings")
 }
 
 /// Recognizes `SET [LOCAL] <tenant setting> = value` and `DISCARD ALL`.
@@ -406,7 +521,26 @@ fn plan_statement(
             }
         }
     }
+    if updates_pg_settings(&statement) {
+        // Any setting may change, the tenant's included: the proxy drops
+        // its tenant (the safe direction: writes then name their tenant).
+        return Ok(StatementPlan::SetTenant(TenantChange::cleared()));
+    }
     let tables = protected_tables(scope, &statement);
+    if has_nested_write(&statement) {
+        if let Some(table) = tables
+            .iter()
+            .next()
+            .cloned()
+            .or_else(|| mentions_protected(scope, &statement.to_string()))
+        {
+            return Err(Rejection::unsupported(
+                &table,
+                None,
+                "a data-modifying statement inside a query (WITH ... INSERT/UPDATE/DELETE)",
+            ));
+        }
+    }
     match &statement {
         Statement::CreateTable(_)
         | Statement::AlterTable { .. }

@@ -26,14 +26,30 @@ pub fn fingerprint(sql: &str) -> String {
                 normal.push('?');
                 last_space = false;
             }
-            c if c.is_ascii_digit()
+            c if (c.is_ascii_digit()
+                || (c == '.' && chars.peek().is_some_and(char::is_ascii_digit)))
                 && !normal.ends_with(|p: char| p.is_alphanumeric() || p == '_' || p == '$') =>
             {
+                // A numeric constant: digits, a fraction, an exponent (as
+                // the simple-query shapes read it, so both agree).
                 while chars
                     .peek()
                     .is_some_and(|d| d.is_ascii_digit() || *d == '.')
                 {
                     chars.next();
+                }
+                if chars.peek().is_some_and(|e| *e == 'e' || *e == 'E') {
+                    let mut ahead = chars.clone();
+                    ahead.next();
+                    if ahead.peek().is_some_and(|s| *s == '+' || *s == '-') {
+                        ahead.next();
+                    }
+                    if ahead.peek().is_some_and(char::is_ascii_digit) {
+                        while ahead.peek().is_some_and(char::is_ascii_digit) {
+                            ahead.next();
+                        }
+                        chars = ahead;
+                    }
                 }
                 normal.push('?');
                 last_space = false;
@@ -65,6 +81,10 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.len(), 16);
         assert_ne!(a, fingerprint("SELECT ssn FROM p"));
+        assert_eq!(
+            fingerprint("SELECT 1.5e3, .5, -2"),
+            fingerprint("SELECT 7, 8E-2, -9")
+        );
         // Placeholders and identifiers with digits are kept.
         assert_ne!(fingerprint("SELECT $1"), fingerprint("SELECT $2"));
         assert_ne!(

@@ -5,7 +5,8 @@
 //! again ([`SqlTemplate`]).
 //!
 //! The scanner reads only what it reads with certainty. Escape strings
-//! (`E'..'`), prefixed strings (`B'..'`, `X'..'`, `U&'..'`, `N'..'`), dollar
+//! (`E'..'`), prefixed strings (`B'..'`, `X'..'`, `U&'..'`, `N'..'`),
+//! Unicode-escaped names (`U&"..."`), dollar
 //! quotes, a backslash in a string (its meaning depends on
 //! `standard_conforming_strings`), strings continued on the next line,
 //! numbers glued to letters (`0x1F`, `1_000`) and unterminated quotes or
@@ -189,11 +190,18 @@ fn scan<'a>(sql: &'a str, mut on: impl FnMut(Token<'a>) -> Option<()>) -> Option
                 }
                 continue;
             }
-            b'"' => i = quoted_name_end(bytes, i)?,
+            b'"' => {
+                // U&"..." spells a name with escapes the shape cannot see.
+                if i > 0 && bytes[i - 1] == b'&' {
+                    return None;
+                }
+                i = quoted_name_end(bytes, i)?;
+            }
             b'-' if next == Some(b'-') => {
+                // A line comment ends at a newline or a carriage return.
                 i = bytes[i..]
                     .iter()
-                    .position(|&c| c == b'\n')
+                    .position(|&c| c == b'\n' || c == b'\r')
                     .map_or(bytes.len(), |k| i + k + 1);
             }
             b'/' if next == Some(b'*') => i = block_comment_end(bytes, i)?,
@@ -416,9 +424,17 @@ mod tests {
             "SELECT \"open",
             "SELECT /* open",
             "SELECT 1; SELECT 2",
+            "SELECT * FROM U&\"p\\0061tients\"",
         ] {
             assert_eq!(shape(sql), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn a_line_comment_ends_at_a_carriage_return_too() {
+        let (template, literals) = shape("UPDATE t SET a = 1 -- x\r, b = 'v' WHERE c = 2").unwrap();
+        assert_eq!(template, "UPDATE t SET a = $1 -- x\r, b = $2 WHERE c = $3");
+        assert_eq!(literals.len(), 3);
     }
 
     #[test]

@@ -13,7 +13,10 @@ mod render;
 mod set_config;
 mod write;
 
-pub use analyze::{analyze, analyze_in, Analysis, SchemaFacts, StatementPlan, TenantChange};
+pub use analyze::{
+    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SchemaFacts, StatementPlan,
+    TenantChange,
+};
 pub use fingerprint::fingerprint;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::mentions_policy_table;

@@ -28,7 +28,13 @@ pub fn render_with_literals(statement: &Statement, literals: &HashMap<usize, Str
     statement.to_string()
 }
 
-/// `'text'` with quotes doubled: a standard-conforming SQL string literal.
+/// `'text'` with quotes doubled; with a backslash in `text`, the escape
+/// string `E'..'` with backslashes doubled too, so the literal reads the
+/// same whatever the session's `standard_conforming_strings`.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    if text.contains('\\') {
+        format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", text.replace('\'', "''"))
+    }
 }

@@ -447,3 +447,80 @@ fn tenant_changes_local_reset_and_discard() {
         assert_eq!(change(sql).tenant, None, "{sql}");
     }
 }
+
+#[test]
+fn data_modifying_statements_inside_queries_are_refused() {
+    for sql in [
+        "WITH c AS (SELECT 1) INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')",
+        "WITH c AS (SELECT 1) UPDATE patients SET ssn = '123-45-6789' WHERE id = 1",
+        "WITH c AS (INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'plain') RETURNING id) SELECT * FROM c",
+        "WITH c AS (DELETE FROM patients RETURNING notes) SELECT 1",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert!(refusal.message.contains("data-modifying"), "{}", refusal.message);
+    }
+    // On other tables they pass.
+    let plain = analyze(
+        &policy(),
+        "WITH c AS (INSERT INTO log (m) VALUES ('x') RETURNING id) SELECT * FROM c",
+        0,
+    )
+    .unwrap();
+    assert!(matches!(plain.statements[..], [StatementPlan::Untouched]));
+}
+
+#[test]
+fn updating_pg_settings_clears_the_tenant() {
+    let plan = analyze(
+        &policy(),
+        "UPDATE pg_catalog.pg_settings SET setting = 'globex' WHERE name = 'cmk.tenant_id'",
+        0,
+    )
+    .unwrap();
+    assert!(
+        matches!(&plan.statements[..], [StatementPlan::SetTenant(c)] if *c == TenantChange::cleared()),
+        "{:?}",
+        plan.statements
+    );
+}
+
+#[test]
+fn unparseable_sql_naming_a_protected_view_or_a_unicode_escaped_name_is_refused() {
+    let mut facts = SchemaFacts::default();
+    facts
+        .views
+        .insert("public.patient_notes".to_owned(), vec!["memo".to_owned()]);
+    let refusal = analyze_in(
+        &policy(),
+        &facts,
+        "UPDATE patient_notes SET memo = 'plain' WHERE id = 1 !!! garbage",
+        0,
+    )
+    .unwrap_err();
+    assert_eq!(refusal.sqlstate, KM003);
+    assert_eq!(refusal.table.as_deref(), Some("public.patient_notes"));
+    let refusal =
+        rejection("INSERT INTO U&\"p\\0061tients\" (tenant_id, ssn) VALUES ('acme', 'x')");
+    assert_eq!(refusal.sqlstate, KM003, "{}", refusal.message);
+}
+
+#[test]
+fn backslashes_under_nonstandard_strings_are_refused_near_protected_names() {
+    let facts = SchemaFacts::default();
+    let refused = |sql: &str| nonstandard_strings_refusal(&policy(), &facts, sql);
+    let r = refused("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'a\\', 'b')").unwrap();
+    assert_eq!(
+        (r.sqlstate, r.table.as_deref()),
+        (KM003, Some("public.patients"))
+    );
+    assert!(refused("SELECT set_config('cmk.tenant_id', 'a\\', false)").is_some());
+    assert!(refused("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'ok')").is_none());
+    assert!(refused("SELECT 'a\\b' FROM other").is_none());
+}
+
+#[test]
+fn literals_read_the_same_whatever_standard_conforming_strings() {
+    assert_eq!(quote_literal("it's"), "'it''s'");
+    assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
+}

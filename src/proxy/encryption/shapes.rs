@@ -8,7 +8,8 @@
 //!
 //! Only what the shape decides alone takes this path: one SELECT, INSERT,
 //! UPDATE, DELETE, WITH or VALUES statement that does not mention
-//! `set_config`, planned to pass, to be decrypted, or to be encrypted.
+//! `set_config`, whose template parses, planned to pass, to be decrypted,
+//! or to be encrypted.
 //! Everything else — a refused shape, a refused value, a tenant change, DDL,
 //! several statements, SQL the scanner cannot read with certainty — is
 //! planned from the original SQL, so refusals and their messages are the
@@ -17,6 +18,8 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
 
 use super::{bytea_literal, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot};
 use crate::catalog::CatalogMap;
@@ -25,7 +28,8 @@ use crate::rewrite::{
 };
 
 /// Statements whose plan depends on their shape alone: none of them can
-/// change the session tenant (set_config aside) or the schema.
+/// change the session tenant (set_config aside; UPDATE pg_settings is
+/// planned as a tenant change, which is never shared) or the schema.
 const SHAPED_STATEMENTS: [&str; 6] = ["select", "insert", "update", "delete", "with", "values"];
 
 /// Shapes kept before the cache starts over (bounds its memory).
@@ -145,6 +149,11 @@ impl Encryption {
 
     /// Plans a shape like the Parse of its SQL with untyped parameters.
     fn plan_shape(&self, shaped: &Parameterized<'_>, sql: &str, catalog: &CatalogMap) -> ShapePlan {
+        // A template the parser cannot read is not planned from its words
+        // (that fallback is for the original SQL): the full planner decides.
+        if Parser::parse_sql(&PostgreSqlDialect {}, &shaped.template).is_err() {
+            return ShapePlan::Unshared;
+        }
         let Ok(analysis) = rewrite::analyze_in(
             &self.policy,
             catalog.schema_facts(),

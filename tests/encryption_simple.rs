@@ -34,6 +34,29 @@ async fn refused(client: &Client, sql: &str) -> (String, String) {
     )
 }
 
+/// Inserts an acme row whose notes are the SQL literal `literal` and reads
+/// the notes back.
+async fn round_trip(client: &Client, literal: &str) -> Option<String> {
+    rows(
+        client,
+        &format!("INSERT INTO patients (tenant_id, notes) VALUES ('acme', {literal})"),
+    )
+    .await;
+    rows(
+        client,
+        "SELECT notes FROM patients ORDER BY id DESC LIMIT 1",
+    )
+    .await[0][0]
+        .take()
+}
+
+/// The message of `sql`'s refusal, which must carry `code`.
+async fn refused_with(client: &Client, sql: &str, code: &str) -> String {
+    let (got, message) = refused(client, sql).await;
+    assert_eq!(got, code, "{sql}: {message}");
+    message
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn inserts_are_ciphertext_at_rest_and_plaintext_through_the_proxy() {
     let s = setup().await;
@@ -475,43 +498,23 @@ async fn queries_of_one_shape_share_a_plan_and_each_keeps_its_own_values_tenant_
         assert_eq!(row.get::<_, String>(0), row.get::<_, String>(1));
     }
     // Forms the shape scanner leaves to the full planner still work.
-    rows(
-        &app,
-        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', E'line\\nbreak')",
-    )
-    .await;
     assert_eq!(
-        rows(&app, "SELECT notes FROM patients ORDER BY id DESC LIMIT 1").await[0][0].as_deref(),
+        round_trip(&app, "E'line\\nbreak'").await.as_deref(),
         Some("line\nbreak")
     );
     // A refusal of a shared shape's values is the full planner's.
     app.simple_query("SET cmk.tenant_id = 'acme'")
         .await
         .unwrap();
-    let (code, message) = refused(
-        &app,
-        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('globex', 'x', '2001-01-01'::date)",
-    )
-    .await;
-    assert_eq!(code, "KM004", "{message}");
+    let message = refused_with(&app, "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('globex', 'x', '2001-01-01'::date)", "KM004").await;
     assert!(message.contains("'globex'"), "{message}");
-    let (code, message) = refused(
-        &app,
-        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'x', 'not a date'::date)",
-    )
-    .await;
-    assert_eq!(code, "22P02", "{message}");
+    let message = refused_with(&app, "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'x', 'not a date'::date)", "22P02").await;
     // A catalog change re-plans the shape: a protected column stored as
     // text makes the table unwritable, and fixing it makes it writable again.
     app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE text USING NULL")
         .await
         .unwrap();
-    let (code, message) = refused(
-        &app,
-        "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'y', '2002-02-02'::date)",
-    )
-    .await;
-    assert_eq!(code, "KM003", "{message}");
+    let message = refused_with(&app, "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'y', '2002-02-02'::date)", "KM003").await;
     app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE bytea USING NULL")
         .await
         .unwrap();
@@ -558,12 +561,12 @@ async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_an
     assert_eq!(&raw[..4], b"CMK\x01");
     // A backslash may end a string elsewhere than the proxy reads it:
     // refused near protected data, passed elsewhere.
-    let (code, message) = refused(
+    let message = refused_with(
         &app,
         "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'it\\'s')",
+        "KM003",
     )
     .await;
-    assert_eq!(code, "KM003", "{message}");
     assert!(message.contains("standard_conforming_strings"), "{message}");
     assert_eq!(
         rows(&app, "SELECT 'a\\\\b'").await[0][0].as_deref(),
@@ -572,13 +575,8 @@ async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_an
     app.batch_execute("SET standard_conforming_strings = on")
         .await
         .unwrap();
-    rows(
-        &app,
-        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'back\\slash')",
-    )
-    .await;
     assert_eq!(
-        rows(&app, "SELECT notes FROM patients ORDER BY id DESC LIMIT 1").await[0][0].as_deref(),
+        round_trip(&app, "'back\\slash'").await.as_deref(),
         Some("back\\slash")
     );
 

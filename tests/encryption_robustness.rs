@@ -402,3 +402,87 @@ async fn tenant_changes_follow_the_transaction_outcome() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewritten_write_is_never_run_with_plaintext_by_sql_execute_or_a_failed_redefinition() {
+    let s = setup().await;
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut sock = session(port, "app");
+        // The server holds s1 rewritten: ($1, $2::bytea, $3::jsonb).
+        let mut bytes = named_parse("s1", INSERT);
+        bytes.extend(message(b'S', b""));
+        // SQL EXECUTE would hand it the plaintext.
+        bytes.extend(common::raw::query(
+            "EXECUTE s1('acme', 'sql execute', '{}')",
+        ));
+        // A DEALLOCATE that fails (aborted transaction) leaves s1 there.
+        for sql in ["BEGIN", "SELECT 1/0", "DEALLOCATE s1", "ROLLBACK"] {
+            bytes.extend(common::raw::query(sql));
+        }
+        // The name redefined with as many parameters as the server's s1.
+        bytes.extend(named_parse("s1", "SELECT $1::text, $2::text, $3::text"));
+        bytes.extend(message(b'S', b""));
+        bytes.extend(named_bind("s1", &[b"acme", b"plain secret", b"{}"]));
+        bytes.extend(execute_sync());
+        send(&mut sock, &bytes);
+        (0..8)
+            .flat_map(|_| read_until_ready(&mut sock))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("raw session");
+    let errors: Vec<String> = got
+        .iter()
+        .filter(|m| m.tag == b'E')
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].contains("KM003") && errors[0].contains("EXECUTE"),
+        "{errors:?}"
+    );
+    let rows: Vec<String> = got
+        .iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(rows.len(), 1, "{got:?}");
+    assert!(rows[0].contains("plain secret"), "the new definition ran");
+    assert!(stored(&s).await.is_empty(), "nothing was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_without_the_tenant_column_names_the_tenant_it_is_sealed_under() {
+    let schema = "CREATE TABLE vault (id serial PRIMARY KEY, \
+        tenant_id text NOT NULL DEFAULT current_setting('cmk.tenant_id'), \
+        secret bytea, cmk_edek jsonb)";
+    let s = EncryptedSetup::start(schema, "public.vault", &["secret: {type: text}"]).await;
+    let app = s.app().await;
+    app.batch_execute("SET cmk.tenant_id = 'acme'")
+        .await
+        .expect("set");
+    // The proxy follows the SET as it is sent; the server undoes it with
+    // the implicit transaction the error rolls back.
+    app.batch_execute("SET cmk.tenant_id = 'globex'; SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    app.batch_execute("INSERT INTO vault (secret) VALUES ('s')")
+        .await
+        .expect("write");
+    let pairs = s
+        .direct
+        .query(
+            "SELECT v.tenant_id, k.tenant_id FROM vault v \
+             JOIN cmk.data_keys k ON v.cmk_edek ? k.dek_id::text",
+            &[],
+        )
+        .await
+        .expect("direct read");
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(
+        pairs[0].get::<_, String>(0),
+        pairs[0].get::<_, String>(1),
+        "the row names the tenant whose key sealed it"
+    );
+}

@@ -132,8 +132,8 @@ pub(crate) enum Expected {
     /// The rows of an Execute, up to CommandComplete, EmptyQueryResponse
     /// or PortalSuspended.
     Execute(Arc<Portal>),
-    /// CloseComplete.
-    Close,
+    /// CloseComplete; `swallow`: injected by the proxy, never shown.
+    Close { swallow: bool },
     /// ReadyForQuery after Sync; `refresh`: the cycle changed the schema.
     Sync { refresh: bool },
 }
@@ -166,7 +166,9 @@ impl Expected {
     pub(crate) fn swallowed(&self) -> bool {
         matches!(
             self,
-            Self::Query { swallow: true, .. } | Self::DescribePortal { swallow: true, .. }
+            Self::Query { swallow: true, .. }
+                | Self::DescribePortal { swallow: true, .. }
+                | Self::Close { swallow: true }
         )
     }
 }

@@ -147,7 +147,7 @@ impl ClientStatements {
         let body = frame.get(HEADER_LEN..).unwrap_or_default();
         match frame.first().copied() {
             Some(frontend::QUERY) => ClientStep::Async,
-            Some(frontend::PARSE) => self.parse(body, encryption, state),
+            Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
             Some(frontend::BIND) => match Bind::decode(body) {
                 Ok(bind)
                     if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
@@ -209,7 +209,7 @@ impl ClientStatements {
                     }
                     None => {}
                 }
-                state.pending.push(Expected::Close);
+                state.pending.push(Expected::Close { swallow: false });
                 ClientStep::Forward
             }
             _ => ClientStep::Forward,
@@ -226,7 +226,10 @@ impl ClientStatements {
     ) -> BytesMut {
         let body = frame.get(HEADER_LEN..).unwrap_or_default();
         match frame.first().copied() {
-            Some(frontend::QUERY) => simple_query(frame, body, encryption, state).await,
+            Some(frontend::QUERY) => {
+                let executes = |name: &str| self.statements.contains_key(name);
+                simple_query(frame, body, encryption, state, executes).await
+            }
             Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
             _ => BytesMut::from(frame),
         }
@@ -285,7 +288,13 @@ impl ClientStatements {
         }
     }
 
-    fn parse(&mut self, body: &[u8], encryption: &Encryption, state: &SessionState) -> ClientStep {
+    fn parse(
+        &mut self,
+        frame: &[u8],
+        body: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> ClientStep {
         let Ok(parse) = Parse::decode(body) else {
             let mut fields = body.splitn(3, |b| *b == 0);
             let (name, query) = (fields.next().unwrap_or_default(), fields.next());
@@ -330,22 +339,28 @@ impl ClientStatements {
         };
         // The latest Parse of a name defines it: the client may have dropped
         // the old one with SQL (DEALLOCATE, DISCARD ALL), which the proxy
-        // does not track. Should the server refuse the Parse instead (name
-        // in use), the record and the server statement differ, and every
-        // Bind fails on its parameter count: a statement that stores
-        // protected values always has parameters of the proxy's own, so
-        // nothing is written unencrypted.
-        match self.statements.get_mut(parse.name) {
-            Some(slot) => *slot = Arc::new(statement),
-            None => {
-                self.statements
-                    .insert(parse.name.to_owned(), Arc::new(statement));
-            }
+        // does not track. Should that DEALLOCATE have failed, the server
+        // would refuse this Parse and keep the old statement while the proxy
+        // took the new record: a rewritten write bound as a plain statement
+        // would store plaintext. So a known name is closed first (closing a
+        // statement that no longer exists is no error), and the server ends
+        // with the statement the proxy recorded.
+        let redefined = !parse.name.is_empty() && self.statements.contains_key(parse.name);
+        self.statements
+            .insert(parse.name.to_owned(), Arc::new(statement));
+        let mut out = BytesMut::new();
+        if redefined {
+            state.pending.push(Expected::Close { swallow: true });
+            close_statement(&mut out, parse.name);
         }
         state.pending.push(Expected::Parse { refusal: None });
-        match replacement {
-            Some(bytes) => ClientStep::Replace(bytes),
-            None => ClientStep::Forward,
+        match (redefined, replacement) {
+            (false, Some(bytes)) => ClientStep::Replace(bytes),
+            (false, None) => ClientStep::Forward,
+            (true, replacement) => {
+                out.extend_from_slice(replacement.as_deref().unwrap_or(frame));
+                ClientStep::Replace(out)
+            }
         }
     }
 
@@ -607,6 +622,58 @@ fn nonstandard_strings_refusal(
     rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
 }
 
+/// Appends a Close message for the prepared statement `name`.
+fn close_statement(out: &mut BytesMut, name: &str) {
+    out.put_u8(frontend::CLOSE);
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(b'S');
+    out.extend_from_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+/// SQL `EXECUTE name` of a statement prepared through the protocol: the
+/// server holds it as the proxy rewrote it (ciphertext parameters), and SQL
+/// would hand it the client's plaintext. Refused (use Bind/Execute).
+fn sql_execute_refusal(sql: &str, is_prepared: impl Fn(&str) -> bool) -> Option<Rejection> {
+    let lower = sql.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("execute") {
+        let start = from + at;
+        from = start + "execute".len();
+        let word_before = lower[..start]
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if word_before {
+            continue;
+        }
+        let rest = sql[from..].trim_start();
+        let name = match rest.strip_prefix('"') {
+            Some(quoted) => quoted.split('"').next().map(str::to_owned),
+            None => {
+                let len = rest
+                    .bytes()
+                    .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$')
+                    .count();
+                // Unquoted names fold to lower case, as the server looks them up.
+                (len > 0).then(|| rest[..len].to_ascii_lowercase())
+            }
+        };
+        if let Some(name) = name.filter(|n| !n.is_empty() && is_prepared(n)) {
+            return Some(Rejection {
+                sqlstate: rewrite::KM003,
+                table: None,
+                column: None,
+                message: format!(
+                    "cmk-proxy: SQL EXECUTE of {name}, a statement prepared through the protocol, \
+                     is not supported (bind and execute it through the protocol)"
+                ),
+            });
+        }
+    }
+    None
+}
+
 /// SQL that is not UTF-8 (a client_encoding other than UTF8): `None` when
 /// its lossy reading touches no protected table, else the refusal (the
 /// proxy cannot check or rewrite what it cannot read).
@@ -642,6 +709,7 @@ async fn simple_query(
     body: &[u8],
     encryption: &Encryption,
     state: &SessionState,
+    is_prepared: impl Fn(&str) -> bool,
 ) -> BytesMut {
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
@@ -655,7 +723,9 @@ async fn simple_query(
             None => BytesMut::from(frame),
         };
     };
-    if let Some(rejection) = nonstandard_strings_refusal(sql, encryption, state) {
+    let refusal = nonstandard_strings_refusal(sql, encryption, state)
+        .or_else(|| sql_execute_refusal(sql, &is_prepared));
+    if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);
         state.pending.push(Expected::query());
         return query_message(&rejection_query(&rejection));

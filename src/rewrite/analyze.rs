@@ -11,7 +11,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::names::{ident_name, mentions_policy_table, policy_table, relation_key};
+use super::names::{ident_name, mentions_policy_table, policy_table, relation_key, unqualified};
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::Rejection;
 use crate::config::Policy;
@@ -204,7 +204,17 @@ fn protected_tables(scope: &Scope<'_>, statement: &Statement) -> BTreeSet<String
 
 /// The protected view an object name refers to.
 fn protected_view(scope: &Scope<'_>, name: &ObjectName) -> Option<String> {
-    relation_key(name).filter(|key| scope.views.contains_key(key))
+    let key = relation_key(name)?;
+    if scope.views.contains_key(&key) {
+        return Some(key);
+    }
+    // Like tables: an unqualified name may find the view on search_path.
+    let bare = unqualified(name)?;
+    scope
+        .views
+        .keys()
+        .find(|k| k.rsplit('.').next() == Some(bare.as_str()))
+        .cloned()
 }
 
 /// The names under which protected tables appear as rows in a statement
@@ -446,7 +456,8 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
         .iter()
         .filter_map(|p| p.as_ident().map(ident_name))
         .collect();
-    if name.join(".") != policy.tenant.session_setting.to_lowercase() {
+    // Setting names are case-insensitive, quoted or not.
+    if name.join(".").to_lowercase() != policy.tenant.session_setting.to_lowercase() {
         return None;
     }
     let tenant = match values.as_slice() {
@@ -608,7 +619,23 @@ fn plan_statement(
             check_filters(scope, &tables, &statement)?;
             Ok(StatementPlan::Read)
         }
-        Statement::Explain { .. } | Statement::Declare { .. } => Ok(StatementPlan::Read),
+        // EXPLAIN ANALYZE runs its statement; even a plain EXPLAIN sends
+        // the statement's values to the server (and its log).
+        Statement::Explain { statement, .. } => {
+            match plan_statement(scope, (**statement).clone(), params)? {
+                StatementPlan::Untouched | StatementPlan::Read => Ok(StatementPlan::Read),
+                _ => {
+                    let table = tables.iter().next().cloned().unwrap_or_default();
+                    Err(Rejection::unsupported(&table, None, "EXPLAIN of a write"))
+                }
+            }
+        }
+        Statement::Declare { stmts } => {
+            for query in stmts.iter().filter_map(|d| d.for_query.as_deref()) {
+                check_query(scope, &tables, query)?;
+            }
+            Ok(StatementPlan::Read)
+        }
         _ => {
             let table = tables.iter().next().cloned().unwrap_or_default();
             Err(Rejection::unsupported(

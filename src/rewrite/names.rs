@@ -14,17 +14,33 @@ pub fn ident_name(ident: &Ident) -> String {
     }
 }
 
-/// The policy table an object name refers to (unqualified names are taken
-/// from the `public` schema, the default search_path).
+/// The policy table an object name refers to (unqualified names: the
+/// `public` one, else a policy table of that name in any schema).
 pub fn policy_table<'p>(
     policy: &'p Policy,
     name: &ObjectName,
 ) -> Option<(&'p str, &'p TablePolicy)> {
     let key = relation_key(name)?;
+    if let Some((k, v)) = policy.tables.get_key_value(&key) {
+        return Some((k.as_str(), v));
+    }
+    // An unqualified name may find a policy table in another schema on
+    // the session's search_path: it is taken as that table (the safe
+    // reading; the proxy does not follow search_path).
+    let bare = unqualified(name)?;
     policy
         .tables
-        .get_key_value(&key)
+        .iter()
+        .find(|(k, _)| k.rsplit('.').next() == Some(bare.as_str()))
         .map(|(k, v)| (k.as_str(), v))
+}
+
+/// The name of an unqualified object name, normalized.
+pub fn unqualified(name: &ObjectName) -> Option<String> {
+    match name.0.as_slice() {
+        [part] => part.as_ident().map(ident_name),
+        _ => None,
+    }
 }
 
 /// `schema.relation` for an object name (unqualified names are taken from

@@ -26,14 +26,28 @@ pub(super) fn set_config_plan(
 ) -> Result<Option<StatementPlan>, Rejection> {
     let setting = policy.tenant.session_setting.to_lowercase();
     let mut calls = 0usize;
+    let mut unknown_name = false;
     let _ = visit_expressions(statement, |expr| {
         if let Some(args) = set_config_args(expr) {
-            if literal_text(args.first()).is_some_and(|name| name.to_lowercase() == setting) {
-                calls += 1;
+            match literal_text(args.first()) {
+                Some(name) if name.to_lowercase() == setting => calls += 1,
+                Some(_) => {}
+                // E'..', a cast, a parameter, an expression: any setting.
+                None => unknown_name = true,
             }
         }
         ControlFlow::<()>::Continue(())
     });
+    if unknown_name {
+        return Err(Rejection {
+            sqlstate: KM003,
+            table: None,
+            column: None,
+            message: "cmk-proxy: set_config whose setting name is not a plain string literal \
+                      is not supported (it may be the tenant setting, which the proxy must follow)"
+                .to_owned(),
+        });
+    }
     if calls == 0 {
         return Ok(None);
     }

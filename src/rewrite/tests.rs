@@ -524,3 +524,106 @@ fn literals_read_the_same_whatever_standard_conforming_strings() {
     assert_eq!(quote_literal("it's"), "'it''s'");
     assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
 }
+
+#[test]
+fn explain_and_cursors_are_planned_by_what_they_run() {
+    for sql in [
+        "EXPLAIN ANALYZE INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')",
+        "EXPLAIN UPDATE patients SET ssn = '123-45-6789' WHERE id = 1",
+        "EXPLAIN SELECT * FROM patients WHERE ssn = '123-45-6789'",
+        "DECLARE c CURSOR FOR SELECT * FROM patients WHERE ssn = '123-45-6789'",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+    for sql in [
+        "EXPLAIN ANALYZE SELECT ssn FROM patients WHERE id = 1",
+        "DECLARE c CURSOR FOR SELECT ssn FROM patients",
+    ] {
+        let plan = analyze(&policy(), sql, 0).unwrap();
+        assert!(
+            matches!(plan.statements[..], [StatementPlan::Read]),
+            "{sql}"
+        );
+    }
+}
+
+#[test]
+fn unqualified_names_find_policy_tables_in_other_schemas() {
+    let policy = parse_policy(
+        "tables:\n  app.patients:\n    tenant_column: tenant_id\n    columns:\n      notes: {type: text}\n",
+        "test",
+    )
+    .unwrap();
+    let plan = analyze(
+        &policy,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'x')",
+        0,
+    )
+    .unwrap();
+    match &plan.statements[..] {
+        [StatementPlan::Write(write)] => assert_eq!(write.table, "app.patients"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn writes_stay_in_their_tenant_s_rows() {
+    // ON CONFLICT: the conflicting row must be the proposed row's tenant's.
+    let plan = write_plan(
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes WHERE patients.id > 0",
+        0,
+    );
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("WHERE (patients.id > 0) AND patients.tenant_id = excluded.tenant_id"),
+        "{sql}"
+    );
+    assert_eq!(
+        rejection("INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes, tenant_id = EXCLUDED.tenant_id").sqlstate,
+        KM003
+    );
+    // UPDATE … FROM: another table's tenant column does not name the row's.
+    let plan = write_plan(
+        "UPDATE patients SET notes = 'x' FROM tenants t WHERE t.tenant_id = 'acme' AND patients.id = 1",
+        0,
+    );
+    assert!(plan.tenant_pin_param.is_some());
+    let plan = write_plan(
+        "UPDATE patients p SET notes = 'x' WHERE p.tenant_id = 'acme' AND p.id = 1",
+        0,
+    );
+    assert_eq!(plan.tenant_pin_param, None);
+    assert_eq!(plan.rows[0].tenant, TenantSource::Literal("acme".into()));
+    // INSERT without the tenant column: the proxy names the session's.
+    let plan = write_plan("INSERT INTO patients (notes) VALUES ('x'), ('y')", 0);
+    let pin = plan.tenant_pin_param.expect("a tenant parameter");
+    assert_eq!(
+        plan.statement.to_string(),
+        format!(
+            "INSERT INTO patients (notes, cmk_edek, tenant_id) VALUES ($1::BYTEA, $2::JSONB, ${pin}), ($3::BYTEA, $4::JSONB, ${pin})"
+        )
+    );
+    let nothing_sealed = write_plan("INSERT INTO patients (notes) VALUES (NULL)", 0);
+    assert_eq!(nothing_sealed.tenant_pin_param, None);
+}
+
+#[test]
+fn the_tenant_setting_is_followed_in_every_spelling_or_refused() {
+    let plan = analyze(&policy(), "SET \"CMK\".tenant_id = 'acme'", 0).unwrap();
+    assert!(
+        matches!(&plan.statements[..], [StatementPlan::SetTenant(c)] if c.tenant.as_deref() == Some("acme")),
+        "{:?}",
+        plan.statements
+    );
+    for sql in [
+        "SELECT set_config(E'cmk.tenant_id', 'globex', false)",
+        "SELECT set_config('cmk.tenant_id'::text, 'globex', false)",
+        "SELECT set_config($1, $2, false)",
+    ] {
+        assert_eq!(
+            analyze(&policy(), sql, 2).unwrap_err().sqlstate,
+            KM003,
+            "{sql}"
+        );
+    }
+}

@@ -68,7 +68,8 @@ pub struct WritePlan {
     pub tenant_column: String,
     /// Per-row slots.
     pub rows: Vec<RowPlan>,
-    /// Placeholder that pins an UPDATE to the session tenant.
+    /// Placeholder that carries the session tenant: it pins an UPDATE to
+    /// it, and names it in an INSERT that leaves the tenant column out.
     pub tenant_pin_param: Option<usize>,
     /// Placeholders the proxy added (they come after the client's own).
     pub extra_params: usize,
@@ -468,6 +469,17 @@ pub(crate) fn plan_insert(
             edek_param,
         });
     }
+    // Without the tenant column the server would pick the row's tenant
+    // (a DEFAULT reading the tenant setting), which may differ from the
+    // tenant the proxy seals under: the proxy names it, one parameter for
+    // every row.
+    let tenant_pin =
+        (tenant_index.is_none() && rows.iter().any(|r| !r.cells.is_empty())).then(|| slots.take());
+    if let Some((_, expr)) = &tenant_pin {
+        for row in values.rows.iter_mut() {
+            row.push(expr.clone());
+        }
+    }
     if let (Some(projection), Some(alias_columns), Some(derived)) =
         (projection, alias_columns, derived.as_ref())
     {
@@ -478,7 +490,12 @@ pub(crate) fn plan_insert(
             projection[*index] = SelectItem::UnnamedExpr(Expr::Identifier(column_ident(alias)));
         }
         let added = std::iter::once(format!("{}_cmk", policy.edek_column))
-            .chain(searchable.iter().map(|c| format!("{c}_bidx_cmk")));
+            .chain(searchable.iter().map(|c| format!("{c}_bidx_cmk")))
+            .chain(
+                tenant_pin
+                    .is_some()
+                    .then(|| format!("{}_cmk", policy.tenant_column)),
+            );
         for name in added {
             alias_columns.push(TableAliasColumnDef::from_name(name.as_str()));
             projection.push(SelectItem::UnnamedExpr(Expr::Identifier(column_ident(
@@ -490,16 +507,19 @@ pub(crate) fn plan_insert(
     for column in &searchable {
         insert.columns.push(column_ident(&format!("{column}_bidx")));
     }
+    if tenant_pin.is_some() {
+        insert.columns.push(column_ident(&policy.tenant_column));
+    }
     if let Some(OnInsert::OnConflict(conflict)) = &mut insert.on {
         if let OnConflictAction::DoUpdate(update) = &mut conflict.action {
-            plan_conflict_update(table, policy, &mut update.assignments)?;
+            plan_conflict_update(table, policy, update)?;
         }
     }
     let plan = WritePlan {
         table: table.to_owned(),
         tenant_column: policy.tenant_column.clone(),
         rows,
-        tenant_pin_param: None,
+        tenant_pin_param: tenant_pin.map(|(n, _)| n),
         extra_params: slots.added,
         statement,
     };
@@ -518,11 +538,17 @@ fn assigned_column(assignment: &Assignment) -> Option<String> {
 
 /// `DO UPDATE SET col = EXCLUDED.col` keeps the proposed row's cell; the EDEK
 /// of that row is merged in too. Other values for protected columns are refused.
+///
+/// The conflicting row may belong to another tenant than the proposed one:
+/// `AND <table>.<tenant> = EXCLUDED.<tenant>` keeps a cell sealed under one
+/// tenant's key out of another tenant's row (that row is then left as it
+/// is), and the tenant column itself cannot be changed here.
 fn plan_conflict_update(
     table: &str,
     policy: &TablePolicy,
-    assignments: &mut Vec<Assignment>,
+    update: &mut sqlparser::ast::DoUpdate,
 ) -> Result<(), Rejection> {
+    let assignments = &mut update.assignments;
     let mut touches = false;
     for assignment in assignments.iter() {
         let Some(column) = assigned_column(assignment) else {
@@ -530,6 +556,13 @@ fn plan_conflict_update(
         };
         if let Some(refusal) = managed_column_refusal(table, policy, &column) {
             return Err(refusal);
+        }
+        if column == policy.tenant_column {
+            return Err(Rejection::unsupported(
+                table,
+                Some(&column),
+                "ON CONFLICT DO UPDATE of the tenant column",
+            ));
         }
         if policy.columns.contains_key(&column) {
             let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
@@ -547,6 +580,26 @@ fn plan_conflict_update(
     if touches {
         let edek = &policy.edek_column;
         let table_name = table.rsplit('.').next().unwrap_or(table);
+        let same_tenant = Expr::BinaryOp {
+            left: Box::new(Expr::CompoundIdentifier(vec![
+                Ident::new(table_name),
+                column_ident(&policy.tenant_column),
+            ])),
+            op: BinaryOperator::Eq,
+            right: Box::new(Expr::CompoundIdentifier(vec![
+                Ident::new("excluded"),
+                column_ident(&policy.tenant_column),
+            ])),
+        };
+        update.selection = Some(match update.selection.take() {
+            Some(condition) => Expr::BinaryOp {
+                left: Box::new(Expr::Nested(Box::new(condition))),
+                op: BinaryOperator::And,
+                right: Box::new(same_tenant),
+            },
+            None => same_tenant,
+        });
+        let assignments = &mut update.assignments;
         assignments.push(Assignment {
             target: AssignmentTarget::ColumnName(ObjectName(vec![ObjectNamePart::Identifier(
                 column_ident(edek),
@@ -604,17 +657,23 @@ fn merge_edek(old: Expr, new: Expr) -> Expr {
     }
 }
 
-/// Finds `tenant_column = <literal or $n>` among the top-level AND terms.
-fn tenant_in_where(selection: Option<&Expr>, tenant_column: &str) -> Option<TenantSource> {
+/// Finds `tenant_column = <literal or $n>` among the top-level AND terms;
+/// a qualified column counts only when it is the target row's (`row_name`),
+/// not another table's of `UPDATE … FROM`.
+fn tenant_in_where(
+    selection: Option<&Expr>,
+    tenant_column: &str,
+    row_name: &str,
+) -> Option<TenantSource> {
     let expr = selection?;
     match expr {
         Expr::BinaryOp {
             left,
             op: BinaryOperator::And,
             right,
-        } => tenant_in_where(Some(left), tenant_column)
-            .or_else(|| tenant_in_where(Some(right), tenant_column)),
-        Expr::Nested(inner) => tenant_in_where(Some(inner), tenant_column),
+        } => tenant_in_where(Some(left), tenant_column, row_name)
+            .or_else(|| tenant_in_where(Some(right), tenant_column, row_name)),
+        Expr::Nested(inner) => tenant_in_where(Some(inner), tenant_column, row_name),
         Expr::BinaryOp {
             left,
             op: BinaryOperator::Eq,
@@ -622,9 +681,12 @@ fn tenant_in_where(selection: Option<&Expr>, tenant_column: &str) -> Option<Tena
         } => {
             let is_tenant = |e: &Expr| match e {
                 Expr::Identifier(i) => ident_name(i) == tenant_column,
-                Expr::CompoundIdentifier(parts) => {
-                    parts.last().is_some_and(|i| ident_name(i) == tenant_column)
-                }
+                Expr::CompoundIdentifier(parts) => match parts.as_slice() {
+                    [.., qualifier, column] => {
+                        ident_name(column) == tenant_column && ident_name(qualifier) == row_name
+                    }
+                    _ => false,
+                },
                 _ => false,
             };
             let (column_side, value_side) = if is_tenant(left) {
@@ -653,12 +715,26 @@ pub(crate) fn plan_update(
     client_params: usize,
 ) -> Result<Option<WritePlan>, Rejection> {
     let Statement::Update {
+        table: target,
         assignments,
         selection,
         ..
     } = &mut statement
     else {
         return Ok(None);
+    };
+    // How the WHERE clause names the target row: its alias, else its name.
+    let row_name = match &target.relation {
+        TableFactor::Table {
+            alias: Some(alias), ..
+        } => ident_name(&alias.name),
+        TableFactor::Table { name, .. } => name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .map(ident_name)
+            .unwrap_or_default(),
+        _ => String::new(),
     };
     let mut slots = Placeholders::after(client_params);
     let mut cells = Vec::new();
@@ -733,8 +809,8 @@ pub(crate) fn plan_update(
     if cells.is_empty() && extra_assignments.is_empty() {
         return Ok(None);
     }
-    let mut tenant =
-        tenant_in_where(selection.as_ref(), &policy.tenant_column).unwrap_or(TenantSource::Session);
+    let mut tenant = tenant_in_where(selection.as_ref(), &policy.tenant_column, &row_name)
+        .unwrap_or(TenantSource::Session);
     let mut tenant_pin_param = None;
     if tenant == TenantSource::Session && !cells.is_empty() {
         // Pin the UPDATE to the session tenant so no row of another tenant

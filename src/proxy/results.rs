@@ -142,7 +142,8 @@ fn looks_like_envelope(raw: &[u8], binary: bool) -> bool {
     if binary {
         crate::crypto::is_envelope(raw)
     } else {
-        raw.starts_with(b"\\x434d4b01")
+        // hex output, or escape output (`SET bytea_output = escape`)
+        raw.starts_with(b"\\x434d4b01") || raw.starts_with(b"CMK\\001")
     }
 }
 

@@ -580,6 +580,17 @@ fn plan_statement(
             if let Some(source) = &insert.source {
                 check_query(scope, &tables, source)?;
             }
+            // RETURNING is read like a SELECT list, and an ON CONFLICT
+            // condition like a WHERE (its SET values are planned below).
+            let mut rest = insert.clone();
+            rest.source = None;
+            strip_items(rest.returning.as_mut());
+            if let Some(sqlparser::ast::OnInsert::OnConflict(conflict)) = &mut rest.on {
+                if let sqlparser::ast::OnConflictAction::DoUpdate(update) = &mut conflict.action {
+                    update.assignments.clear();
+                }
+            }
+            find_protected_use(scope, &tables, &Statement::Insert(rest))?;
             match target {
                 Some((table, table_policy)) => {
                     unwritable_refusal(scope, table)?;
@@ -697,9 +708,22 @@ fn check_filters(
             returning,
             ..
         } => {
-            // SET values are planned by the write planner; RETURNING lists
-            // are read like SELECT lists.
-            assignments.clear();
+            // SET values of protected columns are planned by the write
+            // planner; other columns' values must not read protected ones
+            // (they would copy ciphertext where nothing decrypts it).
+            // RETURNING lists are read like SELECT lists.
+            let protected: Vec<&str> = protected_columns(scope, tables)
+                .into_iter()
+                .map(|(_, column)| column)
+                .collect();
+            assignments.retain(|a| match &a.target {
+                sqlparser::ast::AssignmentTarget::ColumnName(name) => name
+                    .0
+                    .last()
+                    .and_then(|p| p.as_ident())
+                    .is_none_or(|i| !protected.contains(&ident_name(i).as_str())),
+                sqlparser::ast::AssignmentTarget::Tuple(_) => true,
+            });
             strip_items(returning.as_mut());
         }
         Statement::Delete(delete) => strip_items(delete.returning.as_mut()),

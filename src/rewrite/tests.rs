@@ -627,3 +627,25 @@ fn the_tenant_setting_is_followed_in_every_spelling_or_refused() {
         );
     }
 }
+
+#[test]
+fn expressions_that_would_show_or_copy_ciphertext_are_refused() {
+    for sql in [
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'x') RETURNING encode(notes, 'hex')",
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'x') RETURNING ssn::text",
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes WHERE patients.ssn = 'y'",
+        "INSERT INTO patients (id, tenant_id) VALUES (1, 'acme') ON CONFLICT (id) DO UPDATE SET (ssn, id) = ('plain', 2)",
+        "INSERT INTO patients (id, tenant_id) VALUES (1, 'acme') ON CONFLICT (id) DO UPDATE SET ssn = 'plain'",
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes, (ssn, id) = ('plain', 2)",
+        "UPDATE patients SET tenant_id = encode(ssn, 'hex') WHERE id = 1",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+    // Bare columns stay allowed where they are decrypted or stay sealed.
+    for sql in [
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'x') RETURNING id, notes",
+        "UPDATE patients SET notes = 'y' WHERE id = 1 AND tenant_id = 'acme'",
+    ] {
+        assert!(analyze(&policy(), sql, 0).is_ok(), "{sql}");
+    }
+}

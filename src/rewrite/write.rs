@@ -337,6 +337,39 @@ pub(crate) fn plan_insert(
         .filter_map(|(i, c)| policy.columns.get(c).map(|p| (i, c, p.ty, p.search)))
         .collect();
     if protected.is_empty() {
+        // No protected value proposed: ON CONFLICT DO UPDATE may still not
+        // set a protected column (it would store its value as written).
+        if let Some(OnInsert::OnConflict(conflict)) = &insert.on {
+            if let OnConflictAction::DoUpdate(update) = &conflict.action {
+                for assignment in &update.assignments {
+                    let targets: Vec<String> = match &assignment.target {
+                        AssignmentTarget::ColumnName(name) => name
+                            .0
+                            .last()
+                            .and_then(|p| p.as_ident())
+                            .map(ident_name)
+                            .into_iter()
+                            .collect(),
+                        AssignmentTarget::Tuple(names) => names
+                            .iter()
+                            .filter_map(|n| n.0.last().and_then(|p| p.as_ident()).map(ident_name))
+                            .collect(),
+                    };
+                    for column in targets {
+                        if let Some(refusal) = managed_column_refusal(table, policy, &column) {
+                            return Err(refusal);
+                        }
+                        if policy.columns.contains_key(&column) {
+                            return Err(Rejection::unsupported(
+                                table,
+                                Some(&column),
+                                "ON CONFLICT DO UPDATE of a column the INSERT does not write",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         return Ok(None);
     }
     let tenant_index = columns.iter().position(|c| *c == policy.tenant_column);
@@ -552,6 +585,24 @@ fn plan_conflict_update(
     let mut touches = false;
     for assignment in assignments.iter() {
         let Some(column) = assigned_column(assignment) else {
+            // `SET (a, b) = (…)`: no protected, managed or tenant column.
+            if let AssignmentTarget::Tuple(names) = &assignment.target {
+                for name in names {
+                    let Some(c) = name.0.last().and_then(|p| p.as_ident()).map(ident_name) else {
+                        continue;
+                    };
+                    if policy.columns.contains_key(&c) || c == policy.tenant_column {
+                        return Err(Rejection::unsupported(
+                            table,
+                            Some(&c),
+                            "a tuple assignment in ON CONFLICT DO UPDATE",
+                        ));
+                    }
+                    if let Some(refusal) = managed_column_refusal(table, policy, &c) {
+                        return Err(refusal);
+                    }
+                }
+            }
             continue;
         };
         if let Some(refusal) = managed_column_refusal(table, policy, &column) {

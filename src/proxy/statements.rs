@@ -174,9 +174,32 @@ impl ClientStatements {
                     }
                 }
                 Err(_) => {
-                    // The server answers a malformed Bind with an error.
-                    state.pending.push(Expected::Bind { refusal: None });
-                    ClientStep::Forward
+                    // Malformed, or names in another client encoding: the
+                    // proxy cannot tell which statement it binds (a write
+                    // would get plaintext), so it refuses it.
+                    let tenant = state.tenant();
+                    let info = state.session_info(tenant.as_deref());
+                    let rejection = Rejection {
+                        sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
+                        table: None,
+                        column: None,
+                        message: "cmk-proxy: a Bind message it cannot read (malformed, or \
+                                  names that are not UTF-8)"
+                            .to_owned(),
+                    };
+                    state.pending.push(Expected::Bind {
+                        refusal: Some(audited(encryption, &info, rejection)),
+                    });
+                    let mut out = BytesMut::new();
+                    Bind {
+                        portal: "",
+                        statement: REFUSED_STATEMENT,
+                        param_formats: Vec::new(),
+                        params: Vec::new(),
+                        result_formats: Vec::new(),
+                    }
+                    .encode(&mut out);
+                    ClientStep::Replace(out)
                 }
             },
             Some(frontend::DESCRIBE) => {
@@ -319,7 +342,11 @@ impl ClientStatements {
             out.put_i16(0);
             return ClientStep::Replace(out);
         };
-        let (statement, replacement) = match plan_parse(&parse, encryption, state) {
+        let planned = match sql_execute_refusal(parse.query, |n| self.statements.contains_key(n)) {
+            Some(rejection) => Err(rejection),
+            None => plan_parse(&parse, encryption, state),
+        };
+        let (statement, replacement) = match planned {
             Ok(planned) => planned,
             Err(rejection) => {
                 let tenant = state.tenant();
@@ -633,45 +660,88 @@ fn close_statement(out: &mut BytesMut, name: &str) {
 
 /// SQL `EXECUTE name` of a statement prepared through the protocol: the
 /// server holds it as the proxy rewrote it (ciphertext parameters), and SQL
-/// would hand it the client's plaintext. Refused (use Bind/Execute).
+/// would hand it the client's plaintext. Refused (use Bind/Execute). Found
+/// in the parsed statements (inside EXPLAIN or CREATE TABLE AS too), else,
+/// for SQL that does not parse, by its words.
 fn sql_execute_refusal(sql: &str, is_prepared: impl Fn(&str) -> bool) -> Option<Rejection> {
     let lower = sql.to_ascii_lowercase();
+    if !lower.contains("execute") {
+        return None;
+    }
+    let names = match sqlparser::parser::Parser::parse_sql(
+        &sqlparser::dialect::PostgreSqlDialect {},
+        sql,
+    ) {
+        Ok(statements) => {
+            let mut names = Vec::new();
+            let _ = sqlparser::ast::visit_statements(&statements, |statement| {
+                if let sqlparser::ast::Statement::Execute {
+                    name: Some(name), ..
+                } = statement
+                {
+                    if let Some(ident) = name.0.last().and_then(|p| p.as_ident()) {
+                        names.push(rewrite::ident_name(ident));
+                    }
+                }
+                std::ops::ControlFlow::<()>::Continue(())
+            });
+            names
+        }
+        Err(_) => executed_names(&lower, sql),
+    };
+    let name = names.into_iter().find(|n| is_prepared(n))?;
+    Some(Rejection {
+        sqlstate: rewrite::KM003,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: SQL EXECUTE of {name}, a statement prepared through the protocol, \
+             is not supported (bind and execute it through the protocol)"
+        ),
+    })
+}
+
+/// The word after each `execute` (comments skipped), as the server would
+/// look it up: quoted as written, unquoted in lower case.
+fn executed_names(lower: &str, sql: &str) -> Vec<String> {
+    let mut names = Vec::new();
     let mut from = 0;
     while let Some(at) = lower[from..].find("execute") {
         let start = from + at;
         from = start + "execute".len();
-        let word_before = lower[..start]
+        let glued = lower[..start]
             .bytes()
             .last()
             .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if word_before {
+        if glued {
             continue;
         }
-        let rest = sql[from..].trim_start();
-        let name = match rest.strip_prefix('"') {
-            Some(quoted) => quoted.split('"').next().map(str::to_owned),
+        let mut rest = &sql[from..];
+        loop {
+            let trimmed = rest.trim_start();
+            if let Some(comment) = trimmed.strip_prefix("/*") {
+                rest = comment.split_once("*/").map_or("", |(_, after)| after);
+            } else if let Some(comment) = trimmed.strip_prefix("--") {
+                rest = comment.split_once('\n').map_or("", |(_, after)| after);
+            } else {
+                rest = trimmed;
+                break;
+            }
+        }
+        match rest.strip_prefix('"') {
+            Some(quoted) => names.extend(quoted.split('"').next().map(str::to_owned)),
             None => {
                 let len = rest
                     .bytes()
                     .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$')
                     .count();
-                // Unquoted names fold to lower case, as the server looks them up.
-                (len > 0).then(|| rest[..len].to_ascii_lowercase())
+                if len > 0 {
+                    names.push(rest[..len].to_ascii_lowercase());
+                }
             }
-        };
-        if let Some(name) = name.filter(|n| !n.is_empty() && is_prepared(n)) {
-            return Some(Rejection {
-                sqlstate: rewrite::KM003,
-                table: None,
-                column: None,
-                message: format!(
-                    "cmk-proxy: SQL EXECUTE of {name}, a statement prepared through the protocol, \
-                     is not supported (bind and execute it through the protocol)"
-                ),
-            });
         }
     }
-    None
+    names
 }
 
 /// SQL that is not UTF-8 (a client_encoding other than UTF8): `None` when
@@ -750,6 +820,34 @@ async fn simple_query(
             encryption.audit_rejection(&rejection, &info);
             state.pending.push(Expected::query());
             query_message(&rejection_query(&rejection))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sql_execute_refusal;
+
+    #[test]
+    fn sql_execute_of_a_protocol_statement_is_found_however_it_is_written() {
+        let known = |name: &str| name == "w" || name == "Mixed";
+        for sql in [
+            "EXECUTE w('acme', 'x', '{}')",
+            "EXECUTE/**/w('acme', 'x', '{}')",
+            "explain analyze execute W('acme', 'x', '{}')",
+            "CREATE TABLE t AS EXECUTE w('acme', 'x', '{}')",
+            "EXECUTE \"Mixed\"('a') ; garbage that does not parse (",
+            "execute -- comment\n w ('a') !!!",
+        ] {
+            assert!(sql_execute_refusal(sql, known).is_some(), "{sql}");
+        }
+        for sql in [
+            "EXECUTE other('a')",
+            "EXECUTE Mixed('a')",
+            "SELECT 'execute w'",
+            "DO $$BEGIN EXECUTE 'SELECT 1'; END$$",
+        ] {
+            assert!(sql_execute_refusal(sql, known).is_none(), "{sql}");
         }
     }
 }

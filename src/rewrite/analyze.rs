@@ -11,7 +11,9 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::names::{ident_name, mentions_policy_table, policy_table, relation_key, unqualified};
+use super::names::{
+    ambiguous_table, ident_name, mentions_policy_table, policy_table, relation_key, unqualified,
+};
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::Rejection;
 use crate::config::Policy;
@@ -122,14 +124,6 @@ pub fn analyze_in(
     let statements = match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
         Ok(statements) => statements,
         Err(_) => {
-            if resets_tenant(policy, sql) {
-                // sqlparser does not know RESET: the tenant is cleared (the
-                // safe direction: writes then need an explicit tenant).
-                return Ok(Analysis {
-                    statements: vec![StatementPlan::SetTenant(TenantChange::cleared())],
-                    client_params,
-                });
-            }
             if has_unicode_escaped_name(sql) {
                 // U&"..." can spell any name, a protected table or
                 // set_config included, without the text showing it.
@@ -145,6 +139,14 @@ pub fn analyze_in(
                     None,
                     "SQL that cmk-proxy cannot parse (it may touch protected data)",
                 )),
+                // sqlparser does not know RESET: the tenant is cleared (the
+                // safe direction: writes then need an explicit tenant).
+                // Checked after the refusals, so a reset word cannot wave
+                // SQL that names protected data through.
+                None if resets_tenant(policy, sql) => Ok(Analysis {
+                    statements: vec![StatementPlan::SetTenant(TenantChange::cleared())],
+                    client_params,
+                }),
                 None => Ok(Analysis {
                     statements: vec![StatementPlan::Untouched],
                     client_params,
@@ -407,7 +409,8 @@ fn has_nested_write(statement: &Statement) -> bool {
     found.0
 }
 
-/// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not parse.
+/// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not
+/// parse (and names no protected data).
 fn resets_tenant(policy: &Policy, sql: &str) -> bool {
     let words: Vec<String> = sql
         .split(|c: char| c.is_whitespace() || c == ';')
@@ -538,6 +541,21 @@ fn plan_statement(
         return Ok(StatementPlan::SetTenant(TenantChange::cleared()));
     }
     let tables = protected_tables(scope, &statement);
+    let mut ambiguous = None;
+    let _ = visit_relations(&statement, |name: &ObjectName| {
+        if ambiguous_table(policy, name) {
+            ambiguous = Some(name.to_string());
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(name) = ambiguous {
+        return Err(Rejection::unsupported(
+            &name,
+            None,
+            "an unqualified name that matches policy tables in several schemas (qualify it)",
+        ));
+    }
     if has_nested_write(&statement) {
         if let Some(table) = tables
             .iter()

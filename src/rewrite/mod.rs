@@ -19,7 +19,7 @@ pub use analyze::{
 };
 pub use fingerprint::fingerprint;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
-pub use names::mentions_policy_table;
+pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
 

@@ -27,12 +27,29 @@ pub fn policy_table<'p>(
     // An unqualified name may find a policy table in another schema on
     // the session's search_path: it is taken as that table (the safe
     // reading; the proxy does not follow search_path).
+    // Two policy tables of that name: the first is taken; `ambiguous_table`
+    // lets the planner refuse the statement instead.
     let bare = unqualified(name)?;
     policy
         .tables
         .iter()
         .find(|(k, _)| k.rsplit('.').next() == Some(bare.as_str()))
         .map(|(k, v)| (k.as_str(), v))
+}
+
+/// An unqualified name that matches more than one policy table: which one
+/// the session means depends on its search_path, which the proxy does not
+/// follow.
+pub fn ambiguous_table(policy: &Policy, name: &ObjectName) -> bool {
+    let Some(bare) = unqualified(name) else {
+        return false;
+    };
+    policy
+        .tables
+        .keys()
+        .filter(|k| k.rsplit('.').next() == Some(bare.as_str()))
+        .count()
+        > 1
 }
 
 /// The name of an unqualified object name, normalized.

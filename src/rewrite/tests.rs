@@ -649,3 +649,46 @@ fn expressions_that_would_show_or_copy_ciphertext_are_refused() {
         assert!(analyze(&policy(), sql, 0).is_ok(), "{sql}");
     }
 }
+
+#[test]
+fn a_reset_word_does_not_wave_unparseable_sql_through() {
+    for sql in [
+        "DO $$BEGIN INSERT INTO patients (tenant_id, ssn) VALUES ('acme', 'x'); END$$ -- reset all",
+        "RESET ALL; INSERT INTO patients (tenant_id, ssn) VALUES ('acme', 'x')",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+}
+
+#[test]
+fn tenant_and_managed_columns_are_not_assigned_by_other_forms() {
+    for sql in [
+        "UPDATE patients SET (tenant_id) = ROW('globex') WHERE id = 1",
+        "UPDATE patients SET (cmk_edek, id) = ('{}', 1) WHERE id = 1",
+        "INSERT INTO patients (tenant_id, id) VALUES ('globex', 1) ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+}
+
+#[test]
+fn an_unqualified_name_of_several_policy_tables_is_refused() {
+    let policy = parse_policy(
+        "tables:\n  public.patients:\n    tenant_column: tenant_id\n    columns:\n      notes: {type: text}\n  billing.patients:\n    tenant_column: tenant_id\n    columns:\n      card: {type: text}\n",
+        "test",
+    )
+    .unwrap();
+    let refusal = analyze(
+        &policy,
+        "INSERT INTO patients (tenant_id, card) VALUES ('acme', '4111')",
+        0,
+    )
+    .unwrap_err();
+    assert_eq!(refusal.sqlstate, KM003, "{}", refusal.message);
+    assert!(analyze(
+        &policy,
+        "INSERT INTO billing.patients (tenant_id, card) VALUES ('acme', '4111')",
+        0
+    )
+    .is_ok());
+}

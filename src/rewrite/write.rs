@@ -338,35 +338,19 @@ pub(crate) fn plan_insert(
         .collect();
     if protected.is_empty() {
         // No protected value proposed: ON CONFLICT DO UPDATE may still not
-        // set a protected column (it would store its value as written).
+        // set a protected, managed or tenant column (it would store its
+        // value as written, or move the row's cells to another tenant).
         if let Some(OnInsert::OnConflict(conflict)) = &insert.on {
             if let OnConflictAction::DoUpdate(update) = &conflict.action {
-                for assignment in &update.assignments {
-                    let targets: Vec<String> = match &assignment.target {
-                        AssignmentTarget::ColumnName(name) => name
-                            .0
-                            .last()
-                            .and_then(|p| p.as_ident())
-                            .map(ident_name)
-                            .into_iter()
-                            .collect(),
-                        AssignmentTarget::Tuple(names) => names
-                            .iter()
-                            .filter_map(|n| n.0.last().and_then(|p| p.as_ident()).map(ident_name))
-                            .collect(),
-                    };
-                    for column in targets {
-                        if let Some(refusal) = managed_column_refusal(table, policy, &column) {
-                            return Err(refusal);
-                        }
-                        if policy.columns.contains_key(&column) {
-                            return Err(Rejection::unsupported(
-                                table,
-                                Some(&column),
-                                "ON CONFLICT DO UPDATE of a column the INSERT does not write",
-                            ));
-                        }
-                    }
+                if let Some(refusal) = update.assignments.iter().find_map(|a| {
+                    sealed_target_refusal(
+                        table,
+                        policy,
+                        a,
+                        "ON CONFLICT DO UPDATE of a column the INSERT does not write",
+                    )
+                }) {
+                    return Err(refusal);
                 }
             }
         }
@@ -560,6 +544,36 @@ pub(crate) fn plan_insert(
     Ok(Some(plan))
 }
 
+/// The refusal of an assignment (one column or a tuple) that sets a
+/// protected, EDEK, blind-index or tenant column, where `what` is a form the
+/// planner does not seal.
+fn sealed_target_refusal(
+    table: &str,
+    policy: &TablePolicy,
+    assignment: &Assignment,
+    what: &str,
+) -> Option<Rejection> {
+    let targets: Vec<String> = match &assignment.target {
+        AssignmentTarget::ColumnName(name) => name
+            .0
+            .last()
+            .and_then(|p| p.as_ident())
+            .map(ident_name)
+            .into_iter()
+            .collect(),
+        AssignmentTarget::Tuple(names) => names
+            .iter()
+            .filter_map(|n| n.0.last().and_then(|p| p.as_ident()).map(ident_name))
+            .collect(),
+    };
+    targets.iter().find_map(|column| {
+        managed_column_refusal(table, policy, column).or_else(|| {
+            (policy.columns.contains_key(column) || *column == policy.tenant_column)
+                .then(|| Rejection::unsupported(table, Some(column), what))
+        })
+    })
+}
+
 fn assigned_column(assignment: &Assignment) -> Option<String> {
     match &assignment.target {
         AssignmentTarget::ColumnName(name) => {
@@ -586,22 +600,13 @@ fn plan_conflict_update(
     for assignment in assignments.iter() {
         let Some(column) = assigned_column(assignment) else {
             // `SET (a, b) = (…)`: no protected, managed or tenant column.
-            if let AssignmentTarget::Tuple(names) = &assignment.target {
-                for name in names {
-                    let Some(c) = name.0.last().and_then(|p| p.as_ident()).map(ident_name) else {
-                        continue;
-                    };
-                    if policy.columns.contains_key(&c) || c == policy.tenant_column {
-                        return Err(Rejection::unsupported(
-                            table,
-                            Some(&c),
-                            "a tuple assignment in ON CONFLICT DO UPDATE",
-                        ));
-                    }
-                    if let Some(refusal) = managed_column_refusal(table, policy, &c) {
-                        return Err(refusal);
-                    }
-                }
+            if let Some(refusal) = sealed_target_refusal(
+                table,
+                policy,
+                assignment,
+                "a tuple assignment in ON CONFLICT DO UPDATE",
+            ) {
+                return Err(refusal);
             }
             continue;
         };
@@ -792,18 +797,10 @@ pub(crate) fn plan_update(
     let mut extra_assignments = Vec::new();
     for assignment in assignments.iter_mut() {
         let Some(column) = assigned_column(assignment) else {
-            if let AssignmentTarget::Tuple(names) = &assignment.target {
-                for name in names {
-                    if let Some(c) = name.0.last().and_then(|p| p.as_ident()).map(ident_name) {
-                        if policy.columns.contains_key(&c) {
-                            return Err(Rejection::unsupported(
-                                table,
-                                Some(&c),
-                                "a tuple assignment",
-                            ));
-                        }
-                    }
-                }
+            if let Some(refusal) =
+                sealed_target_refusal(table, policy, assignment, "a tuple assignment")
+            {
+                return Err(refusal);
             }
             continue;
         };

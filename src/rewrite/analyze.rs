@@ -155,10 +155,20 @@ pub fn analyze_in(
         }
     };
     let params = client_params.max(max_placeholder(&statements));
-    let plans = statements
+    let plans: Vec<StatementPlan> = statements
         .into_iter()
         .map(|s| plan_statement(&scope, s, params))
         .collect::<Result<_, _>>()?;
+    // sqlparser reads U&"..." in an expression as `U & "..."`: the name it
+    // spells (a protected column, say) goes unseen.
+    if has_unicode_escaped_name(sql) && plans.iter().any(|p| !matches!(p, StatementPlan::Untouched))
+    {
+        return Err(Rejection::unsupported(
+            "",
+            None,
+            "a Unicode-escaped name (U&\"...\") in a statement on protected data",
+        ));
+    }
     Ok(Analysis {
         statements: plans,
         client_params: params,
@@ -463,12 +473,18 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
     if name.join(".").to_lowercase() != policy.tenant.session_setting.to_lowercase() {
         return None;
     }
+    // The value as the server stores it: unquoted names fold to lower
+    // case, integers lose leading zeros.
     let tenant = match values.as_slice() {
         [Expr::Value(v)] => match &v.value {
-            Value::SingleQuotedString(s) | Value::Number(s, _) if !s.is_empty() => Some(s.clone()),
+            Value::SingleQuotedString(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n, _) => Some(
+                n.parse::<i64>()
+                    .map_or_else(|_| n.clone(), |i| i.to_string()),
+            ),
             _ => None,
         },
-        [Expr::Identifier(i)] if !i.value.eq_ignore_ascii_case("default") => Some(i.value.clone()),
+        [Expr::Identifier(i)] if !i.value.eq_ignore_ascii_case("default") => Some(ident_name(i)),
         _ => None,
     };
     Some(TenantChange {

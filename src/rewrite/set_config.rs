@@ -26,9 +26,11 @@ pub(super) fn set_config_plan(
 ) -> Result<Option<StatementPlan>, Rejection> {
     let setting = policy.tenant.session_setting.to_lowercase();
     let mut calls = 0usize;
+    let mut seen = 0usize;
     let mut unknown_name = false;
     let _ = visit_expressions(statement, |expr| {
         if let Some(args) = set_config_args(expr) {
+            seen += 1;
             match literal_text(args.first()) {
                 Some(name) if name.to_lowercase() == setting => calls += 1,
                 Some(_) => {}
@@ -38,6 +40,16 @@ pub(super) fn set_config_plan(
         }
         ControlFlow::<()>::Continue(())
     });
+    // set_config as a table function (`SELECT * FROM set_config(…)`) is
+    // not an expression: a call the walk above did not see is refused.
+    let written = statement
+        .to_string()
+        .to_lowercase()
+        .matches("set_config(")
+        .count();
+    if written > seen {
+        unknown_name = true;
+    }
     if unknown_name {
         return Err(Rejection {
             sqlstate: KM003,
@@ -85,7 +97,11 @@ fn only_call(statement: &Statement) -> Option<&[FunctionArg]> {
     let Statement::Query(query) = statement else {
         return None;
     };
-    if query.with.is_some() || query.order_by.is_some() || query.limit_clause.is_some() {
+    if query.with.is_some()
+        || query.order_by.is_some()
+        || query.limit_clause.is_some()
+        || query.fetch.is_some()
+    {
         return None;
     }
     let SetExpr::Select(select) = query.body.as_ref() else {

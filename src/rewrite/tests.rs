@@ -692,3 +692,21 @@ fn an_unqualified_name_of_several_policy_tables_is_refused() {
     )
     .is_ok());
 }
+
+#[test]
+fn tenant_values_and_hidden_set_config_calls_read_as_the_server_reads_them() {
+    let tenant = |sql: &str| match analyze(&policy(), sql, 0).unwrap().statements.pop() {
+        Some(StatementPlan::SetTenant(change)) => change.tenant,
+        other => panic!("{sql}: {other:?}"),
+    };
+    assert_eq!(tenant("SET cmk.tenant_id = ACME").as_deref(), Some("acme"));
+    assert_eq!(tenant("SET cmk.tenant_id = 0042").as_deref(), Some("42"));
+    assert_eq!(tenant("SET cmk.tenant_id = 1.50").as_deref(), Some("1.50"));
+    for sql in [
+        "SELECT * FROM set_config('cmk.tenant_id', 'globex', false)",
+        "SELECT set_config('cmk.tenant_id', 'globex', false) FETCH FIRST 0 ROWS ONLY",
+        "SELECT id FROM patients WHERE U&\"\\0073sn\" = 'x'",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+}

@@ -148,3 +148,10 @@ fn valid_policy_passes_check_config() {
     let check = cmk_proxy(&["check-config", path.to_str().unwrap()]);
     assert_eq!(check.status.code(), Some(0), "{}", text(&check));
 }
+
+#[test]
+fn zero_catalog_refresh_is_refused() {
+    let out = rejected("server:\n  catalog_refresh: 0s\n");
+    assert!(out.contains("server.catalog_refresh"), "{out}");
+    assert!(out.contains("greater than zero"), "{out}");
+}

@@ -612,3 +612,57 @@ async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_an
         .get(0);
     assert_eq!(count, 2, "the LATIN1 write was not stored");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_view_created_directly_in_postgresql_is_seen_within_catalog_refresh() {
+    let s = EncryptedSetup::start_configured(
+        SCHEMA,
+        "public.patients",
+        COLUMNS,
+        "",
+        "",
+        "server:\n  catalog_refresh: 1s\n",
+    )
+    .await;
+    let app = through_proxy(&s).await;
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'seen through the view')",
+    )
+    .await;
+    // A migration run directly, not through the proxy.
+    s.direct
+        .batch_execute("CREATE VIEW direct_notes AS SELECT id, notes AS memo FROM patients")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match app.simple_query("SELECT memo FROM direct_notes").await {
+            Ok(messages) => {
+                let read: Vec<String> = messages
+                    .into_iter()
+                    .filter_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                        _ => None,
+                    })
+                    .collect();
+                assert_eq!(read, vec!["seen through the view".to_owned()]);
+                break;
+            }
+            // Unmapped, the view's envelopes are refused, never shown.
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the view was not mapped within 10 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let (code, _) = refused(
+        &app,
+        "INSERT INTO direct_notes (id, memo) VALUES (99, 'plain')",
+    )
+    .await;
+    assert_eq!(code, "KM003", "a write through the mapped view is refused");
+}

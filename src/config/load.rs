@@ -115,6 +115,12 @@ fn validate(policy: &Policy) -> Vec<ConfigProblem> {
     {
         problems.push(problem("tls.upstream.server_name", "must not be empty"));
     }
+    if policy.server.catalog_refresh.is_zero() {
+        problems.push(problem(
+            "server.catalog_refresh",
+            "must be greater than zero",
+        ));
+    }
     if policy.keys.approval_ttl.is_zero() {
         problems.push(problem("keys.approval_ttl", "must be greater than zero"));
     }

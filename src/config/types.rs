@@ -450,6 +450,11 @@ pub struct ServerConfig {
     /// share the machine.
     #[serde(default)]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+    /// How often the catalog map (protected views, writable tables) is
+    /// reloaded, besides after DDL that passes through the proxy: DDL run
+    /// directly against PostgreSQL is seen within this interval.
+    #[serde(default = "defaults::catalog_refresh", with = "humantime_serde")]
+    pub catalog_refresh: Duration,
 }
 
 impl Default for ServerConfig {
@@ -460,6 +465,7 @@ impl Default for ServerConfig {
             connect_timeout: defaults::connect_timeout(),
             log_format: LogFormat::Human,
             worker_threads: None,
+            catalog_refresh: defaults::catalog_refresh(),
         }
     }
 }
@@ -515,6 +521,9 @@ pub mod defaults {
     /// Default cap on a single client message (1 GiB, as PostgreSQL).
     pub(crate) fn max_message_size() -> usize {
         1 << 30
+    }
+    pub(crate) fn catalog_refresh() -> Duration {
+        Duration::from_secs(30)
     }
     pub(crate) fn connect_timeout() -> Duration {
         Duration::from_secs(10)

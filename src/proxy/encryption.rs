@@ -5,6 +5,7 @@
 //! and cells; the session decides when to call it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::BytesMut;
@@ -81,6 +82,9 @@ pub struct Encryption {
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
     dek_tenants: DashMap<Uuid, Arc<str>>,
+    /// Catalog loads begun, and the ticket of the load installed last.
+    catalog_loads: AtomicU64,
+    catalog_installed: AtomicU64,
     /// SQL → (declared parameter types, plan): looked up by `&str`, so a
     /// hit allocates nothing.
     parse_plans: DashMap<String, Vec<CachedParsePlan>>,
@@ -103,15 +107,33 @@ impl Encryption {
         let client = super::admin::connect(&policy).await?;
         let map = catalog::load_map(&client, &policy).await?;
         tracing::info!(protected_columns = map.len(), "catalog map loaded");
-        Ok(Arc::new(Self {
+        let encryption = Arc::new(Self {
             policy,
             keys,
             audit,
             catalog: RwLock::new(Arc::new(map)),
             dek_tenants: DashMap::new(),
+            catalog_loads: AtomicU64::new(0),
+            catalog_installed: AtomicU64::new(0),
             parse_plans: DashMap::new(),
             shapes: shapes::ShapeCache::default(),
-        }))
+        });
+        // DDL that does not pass through the proxy (migrations run
+        // directly, say) is seen within this interval.
+        let weak = Arc::downgrade(&encryption);
+        let every = encryption.policy.server.catalog_refresh;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                match weak.upgrade() {
+                    Some(encryption) => encryption.refresh_catalog().await,
+                    None => break,
+                }
+            }
+        });
+        Ok(encryption)
     }
 
     /// The policy.
@@ -132,8 +154,11 @@ impl Encryption {
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 
-    /// Reloads the catalog map (after DDL).
+    /// Reloads the catalog map (after DDL, and periodically). A load that
+    /// began before another one already installed is dropped: an older map
+    /// never replaces a newer one.
     pub async fn refresh_catalog(&self) {
+        let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
         let loaded = async {
             let client = super::admin::connect(&self.policy).await.ok()?;
             catalog::load_map(&client, &self.policy).await.ok()
@@ -142,6 +167,10 @@ impl Encryption {
         match loaded {
             Some(map) => {
                 if let Ok(mut slot) = self.catalog.write() {
+                    if self.catalog_installed.load(Ordering::Acquire) > ticket {
+                        return;
+                    }
+                    self.catalog_installed.store(ticket, Ordering::Release);
                     *slot = Arc::new(map);
                 }
                 // Plans depend on the views the catalog maps.

@@ -159,6 +159,23 @@ pub fn analyze_in(
         .into_iter()
         .map(|s| plan_statement(&scope, s, params))
         .collect::<Result<_, _>>()?;
+    // The catalog (which views show protected columns, which tables are
+    // writable) is reloaded after the query: statements after DDL on
+    // protected data would be planned against the old one.
+    if let Some(ddl) = plans.iter().position(|p| matches!(p, StatementPlan::Ddl)) {
+        if plans[ddl + 1..]
+            .iter()
+            .any(|p| !matches!(p, StatementPlan::Ddl))
+        {
+            if let Some(table) = mentions_protected(&scope, sql) {
+                return Err(Rejection::unsupported(
+                    &table,
+                    None,
+                    "a statement after DDL on protected data in the same query (send it on its own, after the DDL)",
+                ));
+            }
+        }
+    }
     // sqlparser reads U&"..." in an expression as `U & "..."`: the name it
     // spells (a protected column, say) goes unseen.
     if has_unicode_escaped_name(sql) && plans.iter().any(|p| !matches!(p, StatementPlan::Untouched))

@@ -710,3 +710,20 @@ fn tenant_values_and_hidden_set_config_calls_read_as_the_server_reads_them() {
         assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
     }
 }
+
+#[test]
+fn statements_after_ddl_on_protected_data_wait_for_the_new_catalog() {
+    for sql in [
+        "CREATE VIEW v AS SELECT * FROM patients; INSERT INTO v (tenant_id, ssn) VALUES ('acme', 'x')",
+        "ALTER TABLE patients RENAME TO p2; INSERT INTO p2 (tenant_id, ssn) VALUES ('acme', 'x')",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+    // DDL elsewhere, or DDL alone, is not held up.
+    for sql in [
+        "CREATE TABLE log (m text); INSERT INTO log VALUES ('x')",
+        "CREATE VIEW v AS SELECT id FROM patients; CREATE VIEW w AS SELECT id FROM patients",
+    ] {
+        assert!(analyze(&policy(), sql, 0).is_ok(), "{sql}");
+    }
+}

@@ -53,6 +53,18 @@ impl EncryptedSetup {
         providers: &str,
         tenants: &str,
     ) -> Self {
+        Self::start_configured(schema, table, columns, providers, tenants, "").await
+    }
+
+    /// Like `start_with`, with more top-level YAML (`server:` settings, say).
+    pub async fn start_configured(
+        schema: &str,
+        table: &str,
+        columns: &[&str],
+        providers: &str,
+        tenants: &str,
+        extra: &str,
+    ) -> Self {
         let pg = pg();
         let (direct, conn) = connect(&pg.admin_url("app")).await;
         std::mem::forget(conn);
@@ -74,7 +86,7 @@ impl EncryptedSetup {
             "keys:\n  approval_ttl: 1s\n  providers:\n    local: {{kind: local, path: {}}}\n{}\
              audit: {{sink: {{kind: file, path: {}}}}}\n\
              tenants:\n{}  globex: {{provider: local, key: globex}}\n\
-             tables:\n  {table}:\n    tenant_column: tenant_id\n    columns:\n{columns}",
+             tables:\n  {table}:\n    tenant_column: tenant_id\n    columns:\n{columns}{extra}",
             ring.display(),
             indent(providers, "    "),
             dir.path().join("audit.jsonl").display(),

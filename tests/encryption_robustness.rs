@@ -427,12 +427,20 @@ async fn a_rewritten_write_is_never_run_with_plaintext_by_sql_execute_or_a_faile
         // The name redefined with as many parameters as the server's s1.
         bytes.extend(named_parse("s1", "SELECT $1::text, $2::text, $3::text"));
         bytes.extend(message(b'S', b""));
-        bytes.extend(named_bind("s1", &[b"acme", b"plain secret", b"{}"]));
-        bytes.extend(execute_sync());
+        // Pipelined before the answers, values that fit the old write
+        // are refused: the proxy cannot yet tell which one the server has.
+        let bind_and_run = || {
+            let mut b = named_bind("s1", &[b"acme", b"plain secret", b"{}"]);
+            b.extend(execute_sync());
+            b
+        };
+        bytes.extend(bind_and_run());
         send(&mut sock, &bytes);
-        (0..9)
-            .flat_map(|_| read_until_ready(&mut sock))
-            .collect::<Vec<_>>()
+        let mut got: Vec<_> = (0..9).flat_map(|_| read_until_ready(&mut sock)).collect();
+        // After the answers, the new definition runs.
+        send(&mut sock, &bind_and_run());
+        got.extend(read_until_ready(&mut sock));
+        got
     })
     .await
     .expect("raw session");
@@ -441,7 +449,8 @@ async fn a_rewritten_write_is_never_run_with_plaintext_by_sql_execute_or_a_faile
         .filter(|m| m.tag == b'E')
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect();
-    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    assert!(errors[4].contains("08P01"), "{errors:?}");
     for error in &errors[..2] {
         assert!(
             error.contains("KM003") && error.contains("EXECUTE"),
@@ -491,4 +500,60 @@ async fn a_write_without_the_tenant_column_names_the_tenant_it_is_sealed_under()
         pairs[0].get::<_, String>(1),
         "the row names the tenant whose key sealed it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_or_redefinition_the_server_skipped_after_an_error_keeps_the_write_sealed() {
+    let s = setup().await;
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut sock = session(port, "app");
+        // The server holds w rewritten: ($1, $2::bytea, $3::jsonb).
+        let mut bytes = named_parse("w", INSERT);
+        bytes.extend(message(b'S', b""));
+        // An error, then a Close and a redefinition of w in the same cycle:
+        // the server skips both to the Sync and keeps the write.
+        bytes.extend(parse("SELECT 1/0"));
+        bytes.extend(bind(&[]));
+        bytes.extend(message(b'E', b"\0\0\0\0\0"));
+        let mut close = vec![b'S'];
+        close.extend_from_slice(b"w\0");
+        bytes.extend(message(b'C', &close));
+        bytes.extend(named_parse("w", "SELECT $1::text, $2::text, $3::text"));
+        bytes.extend(message(b'S', b""));
+        // Pipelined before the answers: values that would fit the write.
+        bytes.extend(named_bind("w", &[b"acme", b"pipelined", b"{}"]));
+        bytes.extend(execute_sync());
+        send(&mut sock, &bytes);
+        let mut got: Vec<_> = (0..3).flat_map(|_| read_until_ready(&mut sock)).collect();
+        // After the answers: the proxy knows the server kept the write and
+        // seals the values again.
+        send(&mut sock, &{
+            let mut b = named_bind("w", &[b"acme", b"after the answers"]);
+            b.extend(execute_sync());
+            b
+        });
+        got.extend(read_until_ready(&mut sock));
+        got
+    })
+    .await
+    .expect("raw session");
+    let errors: Vec<String> = got
+        .iter()
+        .filter(|m| m.tag == b'E')
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(errors[0].contains("22012"), "{errors:?}");
+    assert!(
+        errors[1].contains("08P01") && errors[1].contains("\"w\""),
+        "{errors:?}"
+    );
+    let cells = stored(&s).await;
+    assert_eq!(
+        cells.len(),
+        1,
+        "only the write after the answers stored a row"
+    );
+    assert_eq!(&cells[0][..4], b"CMK\x01", "and it is sealed");
 }

@@ -121,8 +121,12 @@ pub(crate) enum Expected {
         /// It changes the schema: reload the catalog at its ReadyForQuery.
         refresh: bool,
     },
-    /// ParseComplete, or the error that replaces it.
-    Parse { refusal: Option<Refusal> },
+    /// ParseComplete, or the error that replaces it. `retires`: the Parse
+    /// replaces a rewritten write (see `SessionState::retirements`).
+    Parse {
+        refusal: Option<Refusal>,
+        retires: Option<u64>,
+    },
     /// BindComplete, or the error that replaces it.
     Bind { refusal: Option<Refusal> },
     /// ParameterDescription and RowDescription/NoData of a statement.
@@ -132,8 +136,9 @@ pub(crate) enum Expected {
     /// The rows of an Execute, up to CommandComplete, EmptyQueryResponse
     /// or PortalSuspended.
     Execute(Arc<Portal>),
-    /// CloseComplete; `swallow`: injected by the proxy, never shown.
-    Close { swallow: bool },
+    /// CloseComplete; `swallow`: injected by the proxy, never shown;
+    /// `retires`: it closes a rewritten write.
+    Close { swallow: bool, retires: Option<u64> },
     /// ReadyForQuery after Sync; `refresh`: the cycle changed the schema.
     Sync { refresh: bool },
 }
@@ -168,7 +173,7 @@ impl Expected {
             self,
             Self::Query { swallow: true, .. }
                 | Self::DescribePortal { swallow: true, .. }
-                | Self::Close { swallow: true }
+                | Self::Close { swallow: true, .. }
         )
     }
 }

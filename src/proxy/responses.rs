@@ -74,6 +74,19 @@ pub struct ResponseTracker {
     rolled_back: bool,
 }
 
+/// Records the outcome of a Parse or Close that retires a rewritten write.
+fn settle(entry: &Expected, state: &SessionState, done: bool) {
+    if let Expected::Parse {
+        retires: Some(seq), ..
+    }
+    | Expected::Close {
+        retires: Some(seq), ..
+    } = entry
+    {
+        state.settle_retirement(*seq, done);
+    }
+}
+
 impl ResponseTracker {
     /// The entry being answered, taking queued entries from the shared
     /// queue when the local one has run out.
@@ -168,7 +181,9 @@ impl ResponseTracker {
                 self.end_result(state, encryption)
             }
             (PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE, _) => {
-                self.pop(state);
+                if let Some(entry) = self.pop(state) {
+                    settle(&entry, state, true);
+                }
                 Step::Forward
             }
             (NO_DATA, _) => {
@@ -193,6 +208,7 @@ impl ResponseTracker {
         let mut swallowed = false;
         let mut refresh = false;
         while let Some(entry) = self.pop(state) {
+            settle(&entry, state, false);
             refresh |= entry.refreshes();
             if entry.ends_with_ready() {
                 swallowed = entry.swallowed();
@@ -240,11 +256,16 @@ impl ResponseTracker {
         self.plan = None;
         self.resolved = false;
         let refusal = match self.front(state) {
-            Some(Expected::Parse { refusal }) | Some(Expected::Bind { refusal }) => refusal.clone(),
+            Some(Expected::Parse { refusal, .. }) | Some(Expected::Bind { refusal }) => {
+                refusal.clone()
+            }
             _ => None,
         };
         while self.front(state).is_some_and(|e| !e.ends_with_ready()) {
-            self.queue.pop_front();
+            if let Some(entry) = self.queue.pop_front() {
+                // Failed, or skipped to the Sync: not done.
+                settle(&entry, state, false);
+            }
         }
         match refusal {
             Some(refusal) => {

@@ -243,6 +243,7 @@ async fn run_session(
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
         nonstandard_strings: AtomicBool::new(false),
+        retirements: Mutex::new(Default::default()),
         user: params.user.clone(),
         client_addr: peer.to_string(),
     };

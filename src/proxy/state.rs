@@ -1,5 +1,6 @@
 //! State shared by the two directions of one session.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -63,6 +64,10 @@ pub(crate) struct SessionState {
     pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
     pub(crate) pending: PendingQueue,
+    /// Outcomes of Parse and Close messages that retire a rewritten write
+    /// (by sequence number): `true` when the server did it, `false` when it
+    /// skipped or refused it and still holds the write under its name.
+    pub(crate) retirements: Mutex<HashMap<u64, bool>>,
     /// The server reported `standard_conforming_strings = off`: a backslash
     /// in a string literal then escapes, which the proxy's parser does not.
     pub(crate) nonstandard_strings: AtomicBool,
@@ -78,6 +83,18 @@ pub(crate) struct SessionState {
 }
 
 impl SessionState {
+    /// Records what the server did with retiring message `seq`.
+    pub(crate) fn settle_retirement(&self, seq: u64, done: bool) {
+        if let Ok(mut outcomes) = self.retirements.lock() {
+            outcomes.insert(seq, done);
+        }
+    }
+
+    /// What the server did with retiring message `seq`, once known.
+    pub(crate) fn take_retirement(&self, seq: u64) -> Option<bool> {
+        self.retirements.lock().ok()?.remove(&seq)
+    }
+
     pub(crate) fn tenant(&self) -> Option<String> {
         self.tenant.lock().ok().and_then(|t| t.clone())
     }

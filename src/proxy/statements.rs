@@ -133,6 +133,13 @@ pub enum ClientStep {
 pub struct ClientStatements {
     statements: HashMap<String, Arc<PreparedStatement>>,
     portals: HashMap<String, Arc<Portal>>,
+    /// Rewritten writes the client closed or replaced, by name, with the
+    /// sequence number of that Close or Parse, until the server's answer
+    /// to it is known: a Close or Parse skipped after an error leaves the
+    /// write on the server under the name.
+    retired: HashMap<String, (u64, Arc<PreparedStatement>)>,
+    /// Sequence numbers for retiring messages.
+    next_retirement: u64,
 }
 
 impl ClientStatements {
@@ -149,6 +156,9 @@ impl ClientStatements {
             Some(frontend::QUERY) => ClientStep::Async,
             Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
             Some(frontend::BIND) => match Bind::decode(body) {
+                Ok(bind) if self.settle_retired(&bind, state).is_err() => {
+                    refuse_bind(encryption, state, ambiguous_statement(bind.statement))
+                }
                 Ok(bind)
                     if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
                 {
@@ -177,8 +187,6 @@ impl ClientStatements {
                     // Malformed, or names in another client encoding: the
                     // proxy cannot tell which statement it binds (a write
                     // would get plaintext), so it refuses it.
-                    let tenant = state.tenant();
-                    let info = state.session_info(tenant.as_deref());
                     let rejection = Rejection {
                         sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
                         table: None,
@@ -187,19 +195,7 @@ impl ClientStatements {
                                   names that are not UTF-8)"
                             .to_owned(),
                     };
-                    state.pending.push(Expected::Bind {
-                        refusal: Some(audited(encryption, &info, rejection)),
-                    });
-                    let mut out = BytesMut::new();
-                    Bind {
-                        portal: "",
-                        statement: REFUSED_STATEMENT,
-                        param_formats: Vec::new(),
-                        params: Vec::new(),
-                        result_formats: Vec::new(),
-                    }
-                    .encode(&mut out);
-                    ClientStep::Replace(out)
+                    refuse_bind(encryption, state, rejection)
                 }
             },
             Some(frontend::DESCRIBE) => {
@@ -223,16 +219,22 @@ impl ClientStatements {
             }
             Some(frontend::EXECUTE) => self.execute(frame, body, state),
             Some(frontend::CLOSE) => {
+                let mut retires = None;
                 match target(body) {
                     Some((b'S', name)) => {
-                        self.statements.remove(name);
+                        if let Some(old) = self.statements.remove(name) {
+                            retires = self.retire(name, old);
+                        }
                     }
                     Some((_, name)) => {
                         self.portals.remove(name);
                     }
                     None => {}
                 }
-                state.pending.push(Expected::Close { swallow: false });
+                state.pending.push(Expected::Close {
+                    swallow: false,
+                    retires,
+                });
                 ClientStep::Forward
             }
             _ => ClientStep::Forward,
@@ -250,11 +252,57 @@ impl ClientStatements {
         let body = frame.get(HEADER_LEN..).unwrap_or_default();
         match frame.first().copied() {
             Some(frontend::QUERY) => {
-                let executes = |name: &str| self.statements.contains_key(name);
+                let executes = |name: &str| {
+                    self.statements.contains_key(name) || self.retired.contains_key(name)
+                };
                 simple_query(frame, body, encryption, state, executes).await
             }
             Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
             _ => BytesMut::from(frame),
+        }
+    }
+
+    /// Keeps `old`, closed or replaced under `name`, while the server's
+    /// answer is unknown, if it is a rewritten write; returns the sequence
+    /// number its Close or Parse carries.
+    fn retire(&mut self, name: &str, old: Arc<PreparedStatement>) -> Option<u64> {
+        if !matches!(old.kind, StatementKind::Write(_)) {
+            return None;
+        }
+        self.next_retirement += 1;
+        let seq = self.next_retirement;
+        self.retired.insert(name.to_owned(), (seq, old));
+        Some(seq)
+    }
+
+    /// Before a Bind: settles what the server holds under the name. A write
+    /// the server still holds (its Close or Parse failed or was skipped) is
+    /// the record again; while the answer is unknown, a Bind whose values
+    /// would fit that write is refused (the proxy cannot tell which
+    /// statement it binds).
+    fn settle_retired(&mut self, bind: &Bind<'_>, state: &SessionState) -> Result<(), Rejection> {
+        let Some((seq, old)) = self.retired.get(bind.statement).cloned() else {
+            return Ok(());
+        };
+        match state.take_retirement(seq) {
+            Some(done) => {
+                self.retired.remove(bind.statement);
+                if !done {
+                    self.statements.insert(bind.statement.to_owned(), old);
+                }
+                Ok(())
+            }
+            None => {
+                let server_params = match &old.kind {
+                    StatementKind::Write(plan) => old.client_params + plan.extra_params,
+                    _ => old.client_params,
+                };
+                if bind.params.len() == server_params {
+                    Err(ambiguous_statement(bind.statement))
+                } else {
+                    Ok(())
+                }
+            }
         }
     }
 
@@ -323,13 +371,17 @@ impl ClientStatements {
             let (name, query) = (fields.next().unwrap_or_default(), fields.next());
             let refusal = query.and_then(|q| unreadable_sql_refusal(q, encryption));
             let Some(rejection) = refusal else {
-                state.pending.push(Expected::Parse { refusal: None });
+                state.pending.push(Expected::Parse {
+                    refusal: None,
+                    retires: None,
+                });
                 return ClientStep::Forward;
             };
             let tenant = state.tenant();
             let info = state.session_info(tenant.as_deref());
             state.pending.push(Expected::Parse {
                 refusal: Some(audited(encryption, &info, rejection)),
+                retires: None,
             });
             // The name as sent (it may not be UTF-8 either), the SQL refused.
             let mut out = BytesMut::new();
@@ -342,7 +394,9 @@ impl ClientStatements {
             out.put_i16(0);
             return ClientStep::Replace(out);
         };
-        let planned = match sql_execute_refusal(parse.query, |n| self.statements.contains_key(n)) {
+        let planned = match sql_execute_refusal(parse.query, |n| {
+            self.statements.contains_key(n) || self.retired.contains_key(n)
+        }) {
             Some(rejection) => Err(rejection),
             None => plan_parse(&parse, encryption, state),
         };
@@ -353,6 +407,7 @@ impl ClientStatements {
                 let info = state.session_info(tenant.as_deref());
                 state.pending.push(Expected::Parse {
                     refusal: Some(audited(encryption, &info, rejection)),
+                    retires: None,
                 });
                 let mut out = BytesMut::new();
                 Parse {
@@ -373,14 +428,22 @@ impl ClientStatements {
         // statement that no longer exists is no error), and the server ends
         // with the statement the proxy recorded.
         let redefined = !parse.name.is_empty() && self.statements.contains_key(parse.name);
-        self.statements
-            .insert(parse.name.to_owned(), Arc::new(statement));
+        let retires = self
+            .statements
+            .insert(parse.name.to_owned(), Arc::new(statement))
+            .and_then(|old| self.retire(parse.name, old));
         let mut out = BytesMut::new();
         if redefined {
-            state.pending.push(Expected::Close { swallow: true });
+            state.pending.push(Expected::Close {
+                swallow: true,
+                retires: None,
+            });
             close_statement(&mut out, parse.name);
         }
-        state.pending.push(Expected::Parse { refusal: None });
+        state.pending.push(Expected::Parse {
+            refusal: None,
+            retires,
+        });
         match (redefined, replacement) {
             (false, Some(bytes)) => ClientStep::Replace(bytes),
             (false, None) => ClientStep::Forward,
@@ -647,6 +710,37 @@ fn nonstandard_strings_refusal(
     }
     let catalog = encryption.catalog();
     rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
+}
+
+/// A Bind the proxy refuses: the server gets one that fails (to a statement
+/// that cannot exist), the client the refusal.
+fn refuse_bind(encryption: &Encryption, state: &SessionState, rejection: Rejection) -> ClientStep {
+    let tenant = state.tenant();
+    let info = state.session_info(tenant.as_deref());
+    state.pending.push(Expected::Bind {
+        refusal: Some(audited(encryption, &info, rejection)),
+    });
+    let mut out = BytesMut::new();
+    Bind {
+        portal: "",
+        statement: REFUSED_STATEMENT,
+        param_formats: Vec::new(),
+        params: Vec::new(),
+        result_formats: Vec::new(),
+    }
+    .encode(&mut out);
+    ClientStep::Replace(out)
+}
+
+fn ambiguous_statement(name: &str) -> Rejection {
+    Rejection {
+        sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: the server has not yet answered the Close or Parse that replaced statement \"{name}\", which stored protected values; wait for it (Sync) before binding the name again"
+        ),
+    }
 }
 
 /// Appends a Close message for the prepared statement `name`.

@@ -244,6 +244,7 @@ async fn run_session(
         refresh_catalog: AtomicBool::new(false),
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
+        syncs: Default::default(),
         user: params.user.clone(),
         client_addr: peer.to_string(),
     };
@@ -353,10 +354,13 @@ impl ClientInspector<'_> {
     /// The request records of messages relayed on their header alone.
     fn record_header(&self, tag: u8) {
         match tag {
-            frontend::SYNC => self.state.pending.push(Expected::Sync {
-                // DDL parsed in this cycle: reload at its ReadyForQuery.
-                refresh: self.state.refresh_catalog.swap(false, Ordering::AcqRel),
-            }),
+            frontend::SYNC => {
+                self.state.syncs.fetch_add(1, Ordering::AcqRel);
+                self.state.pending.push(Expected::Sync {
+                    // DDL parsed in this cycle: reload at its ReadyForQuery.
+                    refresh: self.state.refresh_catalog.swap(false, Ordering::AcqRel),
+                })
+            }
             frontend::FUNCTION_CALL => self.state.pending.push(Expected::query()),
             _ => {}
         }

@@ -1,7 +1,7 @@
 //! State shared by the two directions of one session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use super::encryption::SessionInfo;
@@ -68,6 +68,9 @@ pub(crate) struct SessionState {
     /// (by sequence number): `true` when the server did it, `false` when it
     /// skipped or refused it and still holds the write under its name.
     pub(crate) retirements: Mutex<HashMap<u64, bool>>,
+    /// Sync messages the client has sent (after an error the server skips
+    /// every message up to the next Sync).
+    pub(crate) syncs: AtomicU64,
     /// The server reported `standard_conforming_strings = off`: a backslash
     /// in a string literal then escapes, which the proxy's parser does not.
     pub(crate) nonstandard_strings: AtomicBool,

@@ -137,7 +137,7 @@ pub struct ClientStatements {
     /// sequence number of that Close or Parse, until the server's answer
     /// to it is known: a Close or Parse skipped after an error leaves the
     /// write on the server under the name.
-    retired: HashMap<String, (u64, Arc<PreparedStatement>)>,
+    retired: HashMap<String, Retired>,
     /// Sequence numbers for retiring messages.
     next_retirement: u64,
 }
@@ -221,11 +221,10 @@ impl ClientStatements {
             Some(frontend::CLOSE) => {
                 let mut retires = None;
                 match target(body) {
-                    Some((b'S', name)) => {
-                        if let Some(old) = self.statements.remove(name) {
-                            retires = self.retire(name, old);
-                        }
-                    }
+                    Some((b'S', name)) => match self.statements.remove(name) {
+                        Some(old) => retires = self.retire(name, old, state),
+                        None => self.redefined(name, state),
+                    },
                     Some((_, name)) => {
                         self.portals.remove(name);
                     }
@@ -265,14 +264,33 @@ impl ClientStatements {
     /// Keeps `old`, closed or replaced under `name`, while the server's
     /// answer is unknown, if it is a rewritten write; returns the sequence
     /// number its Close or Parse carries.
-    fn retire(&mut self, name: &str, old: Arc<PreparedStatement>) -> Option<u64> {
+    fn retire(
+        &mut self,
+        name: &str,
+        old: Arc<PreparedStatement>,
+        state: &SessionState,
+    ) -> Option<u64> {
         if !matches!(old.kind, StatementKind::Write(_)) {
+            self.redefined(name, state);
             return None;
         }
         self.next_retirement += 1;
         let seq = self.next_retirement;
-        self.retired.insert(name.to_owned(), (seq, old));
+        let retired = Retired {
+            seq,
+            syncs: state.syncs.load(Ordering::Acquire),
+            statement: old,
+        };
+        self.retired.insert(name.to_owned(), retired);
         Some(seq)
+    }
+
+    /// A newer definition (Parse or Close) of a name with a retired write:
+    /// a Bind in its cycle binds it, or is skipped with it.
+    fn redefined(&mut self, name: &str, state: &SessionState) {
+        if let Some(retired) = self.retired.get_mut(name) {
+            retired.syncs = state.syncs.load(Ordering::Acquire);
+        }
     }
 
     /// Before a Bind: settles what the server holds under the name. A write
@@ -281,9 +299,15 @@ impl ClientStatements {
     /// would fit that write is refused (the proxy cannot tell which
     /// statement it binds).
     fn settle_retired(&mut self, bind: &Bind<'_>, state: &SessionState) -> Result<(), Rejection> {
-        let Some((seq, old)) = self.retired.get(bind.statement).cloned() else {
+        let Some(retired) = self.retired.get(bind.statement) else {
             return Ok(());
         };
+        // No Sync since the Close or Parse: had the server skipped it, it
+        // skips this Bind too.
+        if retired.syncs == state.syncs.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let (seq, old) = (retired.seq, retired.statement.clone());
         match state.take_retirement(seq) {
             Some(done) => {
                 self.retired.remove(bind.statement);
@@ -428,10 +452,16 @@ impl ClientStatements {
         // statement that no longer exists is no error), and the server ends
         // with the statement the proxy recorded.
         let redefined = !parse.name.is_empty() && self.statements.contains_key(parse.name);
-        let retires = self
+        let retires = match self
             .statements
             .insert(parse.name.to_owned(), Arc::new(statement))
-            .and_then(|old| self.retire(parse.name, old));
+        {
+            Some(old) => self.retire(parse.name, old, state),
+            None => {
+                self.redefined(parse.name, state);
+                None
+            }
+        };
         let mut out = BytesMut::new();
         if redefined {
             state.pending.push(Expected::Close {
@@ -710,6 +740,18 @@ fn nonstandard_strings_refusal(
     }
     let catalog = encryption.catalog();
     rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
+}
+
+/// A rewritten write closed or replaced by the client (see
+/// `ClientStatements::retired`).
+#[derive(Debug)]
+struct Retired {
+    /// Sequence number of the retiring Close or Parse.
+    seq: u64,
+    /// Syncs the client had sent before it (or before a later Parse or
+    /// Close of the name).
+    syncs: u64,
+    statement: Arc<PreparedStatement>,
 }
 
 /// A Bind the proxy refuses: the server gets one that fails (to a statement

@@ -222,8 +222,37 @@ pub async fn load_map(
         add(&table_policy.edek_column, ColumnRole::Edek);
         add(&table_policy.tenant_column, ColumnRole::Tenant);
     }
+    map_children(client, &mut map).await?;
     map_views(client, &mut map).await?;
     Ok(map)
+}
+
+/// Partitions and inheritance children of policy tables, at any depth: the
+/// proxy maps only the policy table itself, so statements naming a child
+/// directly are refused (its cells would be written or read unseen).
+async fn map_children(
+    client: &tokio_postgres::Client,
+    map: &mut CatalogMap,
+) -> Result<(), CatalogError> {
+    let parents: Vec<u32> = map.table_oids.values().copied().collect();
+    let rows = client
+        .query(
+            "WITH RECURSIVE kids(child, parent) AS ( \
+                 SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits WHERE inhparent = ANY($1::oid[]) \
+                 UNION SELECT i.inhrelid, k.parent FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.child) \
+             SELECT n.nspname || '.' || c.relname, p_n.nspname || '.' || p.relname \
+             FROM kids \
+             JOIN pg_catalog.pg_class c ON c.oid = kids.child \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_catalog.pg_class p ON p.oid = kids.parent \
+             JOIN pg_catalog.pg_namespace p_n ON p_n.oid = p.relnamespace",
+            &[&parents],
+        )
+        .await?;
+    for row in rows {
+        map.facts.children.insert(row.get(0), row.get(1));
+    }
+    Ok(())
 }
 
 /// Views nested deeper than this over a protected table are not mapped

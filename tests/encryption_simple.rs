@@ -666,3 +666,38 @@ async fn a_view_created_directly_in_postgresql_is_seen_within_catalog_refresh() 
     .await;
     assert_eq!(code, "KM003", "a write through the mapped view is refused");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_protected_table_is_used_through_its_parent_only() {
+    let schema = "CREATE TABLE parts (id int NOT NULL, tenant_id text NOT NULL, notes bytea, \
+                  cmk_edek jsonb) PARTITION BY RANGE (id); \
+                  CREATE TABLE parts_low PARTITION OF parts FOR VALUES FROM (0) TO (1000)";
+    let s = EncryptedSetup::start(schema, "public.parts", &["notes: {type: text}"]).await;
+    let app = through_proxy(&s).await;
+    rows(
+        &app,
+        "INSERT INTO parts (id, tenant_id, notes) VALUES (1, 'acme', 'through the parent')",
+    )
+    .await;
+    assert_eq!(
+        rows(&app, "SELECT notes FROM parts").await,
+        vec![vec![Some("through the parent".to_owned())]]
+    );
+    for sql in [
+        "INSERT INTO parts_low (id, tenant_id, notes) VALUES (2, 'acme', 'plain')",
+        "SELECT notes FROM parts_low",
+    ] {
+        let message = refused_with(&app, sql, "KM003").await;
+        assert!(message.contains("parts_low"), "{message}");
+    }
+    let raw: Vec<Vec<u8>> = s
+        .direct
+        .query("SELECT notes FROM parts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(raw.len(), 1, "nothing was written through the partition");
+    assert_eq!(&raw[0][..4], b"CMK\x01");
+}

@@ -87,12 +87,16 @@ pub struct SchemaFacts {
     /// Policy tables whose schema does not match the policy → the problem:
     /// writes to them are refused.
     pub unwritable: HashMap<String, String>,
+    /// Partitions and inheritance children of policy tables → their policy
+    /// table: statements that name them are refused.
+    pub children: HashMap<String, String>,
 }
 
 /// What the analysis protects: the policy tables and the views over them.
 struct Scope<'a> {
     policy: &'a Policy,
     views: &'a HashMap<String, Vec<String>>,
+    children: &'a HashMap<String, String>,
     unwritable: &'a HashMap<String, String>,
 }
 
@@ -114,6 +118,7 @@ pub fn analyze_in(
         policy,
         views: &facts.views,
         unwritable: &facts.unwritable,
+        children: &facts.children,
     };
     if policy.tables.is_empty() {
         return Ok(Analysis {
@@ -373,6 +378,7 @@ pub fn nonstandard_strings_refusal(
         policy,
         views: &facts.views,
         unwritable: &facts.unwritable,
+        children: &facts.children,
     };
     let lower = sql.to_lowercase();
     let named = mentions_protected(&scope, sql).or_else(|| {
@@ -610,6 +616,23 @@ fn plan_statement(
         | Statement::CreateView { .. }
         | Statement::CreateSchema { .. } => return Ok(StatementPlan::Ddl),
         _ => {}
+    }
+    // DDL on a partition is the DBA's; anything else naming one is refused.
+    let mut child = None;
+    let _ = visit_relations(&statement, |name: &ObjectName| {
+        child = relation_key(name).filter(|key| scope.children.contains_key(key));
+        match child {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
+    });
+    if let Some(child) = child {
+        let parent = scope.children.get(&child).cloned().unwrap_or_default();
+        return Err(Rejection::unsupported(
+            &parent,
+            None,
+            &format!("naming {child}, a partition or child table of it, directly (use {parent})"),
+        ));
     }
     if tables.is_empty() {
         return Ok(StatementPlan::Untouched);

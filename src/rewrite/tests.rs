@@ -727,3 +727,22 @@ fn statements_after_ddl_on_protected_data_wait_for_the_new_catalog() {
         assert!(analyze(&policy(), sql, 0).is_ok(), "{sql}");
     }
 }
+
+#[test]
+fn statements_naming_a_partition_of_a_protected_table_are_refused() {
+    let mut facts = SchemaFacts::default();
+    facts.children.insert(
+        "public.patients_2024".to_owned(),
+        "public.patients".to_owned(),
+    );
+    for sql in [
+        "INSERT INTO patients_2024 (tenant_id, ssn) VALUES ('acme', '123-45-6789')",
+        "SELECT ssn FROM public.patients_2024",
+        "UPDATE patients_2024 SET notes = 'x'",
+    ] {
+        let refusal = analyze_in(&policy(), &facts, sql, 0).unwrap_err();
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert_eq!(refusal.table.as_deref(), Some("public.patients"));
+    }
+    assert!(analyze_in(&policy(), &facts, "DROP TABLE patients_2024", 0).is_ok());
+}

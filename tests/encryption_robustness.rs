@@ -53,6 +53,14 @@ async fn cycle(port: u16, bytes: Vec<u8>) -> Vec<BackendMessage> {
     .expect("raw session")
 }
 
+/// The bodies of the messages with `tag`, as text.
+fn bodies(got: &[BackendMessage], tag: u8) -> Vec<String> {
+    got.iter()
+        .filter(|m| m.tag == tag)
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
 async fn stored(setup: &EncryptedSetup) -> Vec<Vec<u8>> {
     setup
         .direct
@@ -444,11 +452,7 @@ async fn a_rewritten_write_is_never_run_with_plaintext_by_sql_execute_or_a_faile
     })
     .await
     .expect("raw session");
-    let errors: Vec<String> = got
-        .iter()
-        .filter(|m| m.tag == b'E')
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
+    let errors = bodies(&got, b'E');
     assert_eq!(errors.len(), 5, "{errors:?}");
     assert!(errors[4].contains("08P01"), "{errors:?}");
     for error in &errors[..2] {
@@ -457,11 +461,7 @@ async fn a_rewritten_write_is_never_run_with_plaintext_by_sql_execute_or_a_faile
             "{errors:?}"
         );
     }
-    let rows: Vec<String> = got
-        .iter()
-        .filter(|m| m.tag == b'D')
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
+    let rows = bodies(&got, b'D');
     assert_eq!(rows.len(), 1, "{got:?}");
     assert!(rows[0].contains("plain secret"), "the new definition ran");
     assert!(stored(&s).await.is_empty(), "nothing was stored");
@@ -538,11 +538,7 @@ async fn a_close_or_redefinition_the_server_skipped_after_an_error_keeps_the_wri
     })
     .await
     .expect("raw session");
-    let errors: Vec<String> = got
-        .iter()
-        .filter(|m| m.tag == b'E')
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
+    let errors = bodies(&got, b'E');
     assert_eq!(errors.len(), 2, "{errors:?}");
     assert!(errors[0].contains("22012"), "{errors:?}");
     assert!(

@@ -401,22 +401,8 @@ impl ClientStatements {
                 });
                 return ClientStep::Forward;
             };
-            let tenant = state.tenant();
-            let info = state.session_info(tenant.as_deref());
-            state.pending.push(Expected::Parse {
-                refusal: Some(audited(encryption, &info, rejection)),
-                retires: None,
-            });
-            // The name as sent (it may not be UTF-8 either), the SQL refused.
-            let mut out = BytesMut::new();
-            out.put_u8(frontend::PARSE);
-            out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
-            out.extend_from_slice(name);
-            out.put_u8(0);
-            out.extend_from_slice(REFUSED_SQL.as_bytes());
-            out.put_u8(0);
-            out.put_i16(0);
-            return ClientStep::Replace(out);
+            // The name as sent (it may not be UTF-8 either).
+            return refuse_parse(name, encryption, state, rejection);
         };
         let planned = match sql_execute_refusal(parse.query, |n| {
             self.statements.contains_key(n) || self.retired.contains_key(n)
@@ -427,20 +413,7 @@ impl ClientStatements {
         let (statement, replacement) = match planned {
             Ok(planned) => planned,
             Err(rejection) => {
-                let tenant = state.tenant();
-                let info = state.session_info(tenant.as_deref());
-                state.pending.push(Expected::Parse {
-                    refusal: Some(audited(encryption, &info, rejection)),
-                    retires: None,
-                });
-                let mut out = BytesMut::new();
-                Parse {
-                    name: parse.name,
-                    query: REFUSED_SQL,
-                    param_types: Vec::new(),
-                }
-                .encode(&mut out);
-                return ClientStep::Replace(out);
+                return refuse_parse(parse.name.as_bytes(), encryption, state, rejection)
             }
         };
         // The latest Parse of a name defines it: the client may have dropped
@@ -752,6 +725,31 @@ struct Retired {
     /// Close of the name).
     syncs: u64,
     statement: Arc<PreparedStatement>,
+}
+
+/// A Parse the proxy refuses: the server gets one that fails (SQL that
+/// does not parse) under the same name, the client the refusal.
+fn refuse_parse(
+    name: &[u8],
+    encryption: &Encryption,
+    state: &SessionState,
+    rejection: Rejection,
+) -> ClientStep {
+    let tenant = state.tenant();
+    let info = state.session_info(tenant.as_deref());
+    state.pending.push(Expected::Parse {
+        refusal: Some(audited(encryption, &info, rejection)),
+        retires: None,
+    });
+    let mut out = BytesMut::new();
+    out.put_u8(frontend::PARSE);
+    out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
+    out.extend_from_slice(name);
+    out.put_u8(0);
+    out.extend_from_slice(REFUSED_SQL.as_bytes());
+    out.put_u8(0);
+    out.put_i16(0);
+    ClientStep::Replace(out)
 }
 
 /// A Bind the proxy refuses: the server gets one that fails (to a statement

@@ -424,14 +424,7 @@ impl Encryption {
             .into_iter()
             .enumerate()
             .filter_map(|(n, slot)| Some((n, slot?)))
-            .map(|(n, slot)| {
-                let literal = match slot {
-                    Slot::Bytes(bytes) => bytea_literal(&bytes),
-                    Slot::Text(text) => quote_literal(&text),
-                    Slot::Null => "NULL".to_owned(),
-                };
-                (n, literal)
-            })
+            .map(|(n, slot)| (n, slot.literal()))
             .collect();
         Ok(render_with_literals(&plan.statement, &literals))
     }
@@ -599,6 +592,17 @@ enum Slot {
 /// The proxy's values of a planned write, by placeholder number (1-based).
 #[derive(Default)]
 struct Slots(Vec<Option<Slot>>);
+
+impl Slot {
+    /// The slot as an SQL literal (simple queries carry no parameters).
+    fn literal(&self) -> String {
+        match self {
+            Slot::Bytes(bytes) => bytea_literal(bytes),
+            Slot::Text(text) => quote_literal(text),
+            Slot::Null => "NULL".to_owned(),
+        }
+    }
+}
 
 impl Slots {
     fn insert(&mut self, n: usize, slot: Slot) {

@@ -156,7 +156,7 @@ impl ClientStatements {
             Some(frontend::QUERY) => ClientStep::Async,
             Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
             Some(frontend::BIND) => match Bind::decode(body) {
-                Ok(bind) if self.settle_retired(&bind, state).is_err() => {
+                Ok(bind) if self.bind_is_ambiguous(&bind, state) => {
                     refuse_bind(encryption, state, ambiguous_statement(bind.statement))
                 }
                 Ok(bind)
@@ -295,17 +295,17 @@ impl ClientStatements {
 
     /// Before a Bind: settles what the server holds under the name. A write
     /// the server still holds (its Close or Parse failed or was skipped) is
-    /// the record again; while the answer is unknown, a Bind whose values
-    /// would fit that write is refused (the proxy cannot tell which
-    /// statement it binds).
-    fn settle_retired(&mut self, bind: &Bind<'_>, state: &SessionState) -> Result<(), Rejection> {
+    /// the record again. `true` while the answer is unknown and the Bind's
+    /// values would fit that write: the proxy cannot tell which statement
+    /// it binds, and refuses it.
+    fn bind_is_ambiguous(&mut self, bind: &Bind<'_>, state: &SessionState) -> bool {
         let Some(retired) = self.retired.get(bind.statement) else {
-            return Ok(());
+            return false;
         };
         // No Sync since the Close or Parse: had the server skipped it, it
         // skips this Bind too.
         if retired.syncs == state.syncs.load(Ordering::Acquire) {
-            return Ok(());
+            return false;
         }
         let (seq, old) = (retired.seq, retired.statement.clone());
         match state.take_retirement(seq) {
@@ -314,18 +314,14 @@ impl ClientStatements {
                 if !done {
                     self.statements.insert(bind.statement.to_owned(), old);
                 }
-                Ok(())
+                false
             }
             None => {
                 let server_params = match &old.kind {
                     StatementKind::Write(plan) => old.client_params + plan.extra_params,
                     _ => old.client_params,
                 };
-                if bind.params.len() == server_params {
-                    Err(ambiguous_statement(bind.statement))
-                } else {
-                    Ok(())
-                }
+                bind.params.len() == server_params
             }
         }
     }

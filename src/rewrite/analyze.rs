@@ -12,7 +12,8 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::names::{
-    ambiguous_table, ident_name, mentions_policy_table, policy_table, relation_key, unqualified,
+    ambiguous_table, ident_name, keys_named, mentioned_key, mentions_policy_table, policy_table,
+    relation_key, unqualified,
 };
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::Rejection;
@@ -100,6 +101,17 @@ struct Scope<'a> {
     unwritable: &'a HashMap<String, String>,
 }
 
+impl<'a> Scope<'a> {
+    fn new(policy: &'a Policy, facts: &'a SchemaFacts) -> Self {
+        Self {
+            policy,
+            views: &facts.views,
+            children: &facts.children,
+            unwritable: &facts.unwritable,
+        }
+    }
+}
+
 /// Analyzes `sql` against the policy alone (schema facts unknown).
 pub fn analyze(policy: &Policy, sql: &str, client_params: usize) -> Result<Analysis, Rejection> {
     analyze_in(policy, &SchemaFacts::default(), sql, client_params)
@@ -114,12 +126,7 @@ pub fn analyze_in(
     sql: &str,
     client_params: usize,
 ) -> Result<Analysis, Rejection> {
-    let scope = Scope {
-        policy,
-        views: &facts.views,
-        unwritable: &facts.unwritable,
-        children: &facts.children,
-    };
+    let scope = Scope::new(policy, facts);
     if policy.tables.is_empty() {
         return Ok(Analysis {
             statements: vec![StatementPlan::Untouched],
@@ -244,11 +251,8 @@ fn protected_view(scope: &Scope<'_>, name: &ObjectName) -> Option<String> {
     }
     // Like tables: an unqualified name may find the view on search_path.
     let bare = unqualified(name)?;
-    scope
-        .views
-        .keys()
-        .find(|k| k.rsplit('.').next() == Some(bare.as_str()))
-        .cloned()
+    let found = keys_named(scope.views.keys(), &bare).next().cloned();
+    found
 }
 
 /// The names under which protected tables appear as rows in a statement
@@ -352,13 +356,7 @@ fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Reject
 /// The policy table or protected view whose name `sql` contains anywhere
 /// (for SQL that did not parse, and text the parser does not look into).
 fn mentions_protected(scope: &Scope<'_>, sql: &str) -> Option<String> {
-    mentions_policy_table(scope.policy, sql).or_else(|| {
-        let lower = sql.to_lowercase();
-        scope.views.keys().find_map(|key| {
-            let view = key.rsplit('.').next().unwrap_or(key);
-            lower.contains(&view.to_lowercase()).then(|| key.clone())
-        })
-    })
+    mentions_policy_table(scope.policy, sql).or_else(|| mentioned_key(scope.views.keys(), sql))
 }
 
 /// With `standard_conforming_strings = off` a backslash in a string literal
@@ -374,12 +372,7 @@ pub fn nonstandard_strings_refusal(
     if !sql.contains('\\') || policy.tables.is_empty() {
         return None;
     }
-    let scope = Scope {
-        policy,
-        views: &facts.views,
-        unwritable: &facts.unwritable,
-        children: &facts.children,
-    };
+    let scope = Scope::new(policy, facts);
     let lower = sql.to_lowercase();
     let named = mentions_protected(&scope, sql).or_else(|| {
         [

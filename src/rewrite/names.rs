@@ -30,11 +30,32 @@ pub fn policy_table<'p>(
     // Two policy tables of that name: the first is taken; `ambiguous_table`
     // lets the planner refuse the statement instead.
     let bare = unqualified(name)?;
+    let key = keys_named(policy.tables.keys(), &bare).next()?;
     policy
         .tables
-        .iter()
-        .find(|(k, _)| k.rsplit('.').next() == Some(bare.as_str()))
+        .get_key_value(key)
         .map(|(k, v)| (k.as_str(), v))
+}
+
+/// The `schema.relation` keys among `keys` whose relation is `bare`.
+pub fn keys_named<'k, 'b>(
+    keys: impl Iterator<Item = &'k String> + 'b,
+    bare: &'b str,
+) -> impl Iterator<Item = &'k String> + 'b
+where
+    'k: 'b,
+{
+    keys.filter(move |k| k.rsplit('.').next() == Some(bare))
+}
+
+/// The first of `keys` whose relation name `sql` contains anywhere.
+pub fn mentioned_key<'k>(mut keys: impl Iterator<Item = &'k String>, sql: &str) -> Option<String> {
+    let lower = sql.to_lowercase();
+    keys.find(|key| {
+        let relation = key.rsplit('.').next().unwrap_or(key);
+        lower.contains(&relation.to_lowercase())
+    })
+    .cloned()
 }
 
 /// An unqualified name that matches more than one policy table: which one
@@ -44,12 +65,7 @@ pub fn ambiguous_table(policy: &Policy, name: &ObjectName) -> bool {
     let Some(bare) = unqualified(name) else {
         return false;
     };
-    policy
-        .tables
-        .keys()
-        .filter(|k| k.rsplit('.').next() == Some(bare.as_str()))
-        .count()
-        > 1
+    keys_named(policy.tables.keys(), &bare).count() > 1
 }
 
 /// The name of an unqualified object name, normalized.
@@ -78,9 +94,5 @@ pub fn relation_key(name: &ObjectName) -> Option<String> {
 /// True if `sql` names a policy table anywhere (used when parsing fails:
 /// unparseable SQL that may touch a protected table is refused).
 pub fn mentions_policy_table(policy: &Policy, sql: &str) -> Option<String> {
-    let lower = sql.to_lowercase();
-    policy.tables.keys().find_map(|key| {
-        let table = key.rsplit('.').next().unwrap_or(key);
-        lower.contains(&table.to_lowercase()).then(|| key.clone())
-    })
+    mentioned_key(policy.tables.keys(), sql)
 }

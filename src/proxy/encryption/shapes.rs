@@ -21,11 +21,9 @@ use dashmap::DashMap;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::{bytea_literal, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot};
+use super::{ClientParams, Encryption, QueryRewrite, SessionInfo, Slot};
 use crate::catalog::CatalogMap;
-use crate::rewrite::{
-    self, quote_literal, Parameterized, Rejection, SqlTemplate, StatementPlan, WritePlan,
-};
+use crate::rewrite::{self, Parameterized, Rejection, SqlTemplate, StatementPlan, WritePlan};
 
 /// Statements whose plan depends on their shape alone: none of them can
 /// change the session tenant (set_config aside; UPDATE pg_settings is
@@ -102,12 +100,15 @@ impl Encryption {
                     // again would only ask the KMS again.
                     Err(r) => return Some(Err(r)),
                 };
-                let sealed: usize = slots.0.iter().flatten().map(slot_len).sum();
+                let literals: Vec<Option<String>> = slots
+                    .0
+                    .iter()
+                    .map(|s| s.as_ref().map(Slot::literal))
+                    .collect();
+                let sealed: usize = literals.iter().flatten().map(String::len).sum();
                 let rewritten = template.fill(sealed, |n, out| {
-                    match slots.get(n) {
-                        Some(Slot::Bytes(bytes)) => out.push_str(&bytea_literal(bytes)),
-                        Some(Slot::Text(text)) => out.push_str(&quote_literal(text)),
-                        Some(Slot::Null) => out.push_str("NULL"),
+                    match literals.get(n).and_then(Option::as_deref) {
+                        Some(literal) => out.push_str(literal),
                         None => out.push_str(shaped.literals.get(n.checked_sub(1)?)?.source),
                     }
                     Some(())
@@ -184,15 +185,6 @@ impl Encryption {
             | StatementPlan::SetTenant(_)
             | StatementPlan::SetTenantParam { .. } => ShapePlan::Unshared,
         }
-    }
-}
-
-/// Bytes a slot takes as a literal (to size the rewritten SQL).
-fn slot_len(slot: &Slot) -> usize {
-    match slot {
-        Slot::Bytes(bytes) => 5 + 2 * bytes.len(),
-        Slot::Text(text) => 2 + text.len(),
-        Slot::Null => 4,
     }
 }
 

@@ -104,6 +104,29 @@ async fn malformed_and_inconsistent_binds_of_a_protected_write_fail_cleanly() {
     let error = got.iter().find(|m| m.tag == b'E').expect("an error");
     assert_eq!(error.field(b'C').as_deref(), Some("08P01"), "{got:?}");
 
+    // A Bind whose portal name is not UTF-8 (another client encoding): the
+    // proxy cannot read it, so it refuses it; the plaintext goes nowhere.
+    let mut bytes = parse(INSERT);
+    let mut body = b"\xe9\0\0\0\0\0\x02".to_vec();
+    for value in [&b"acme"[..], b"not UTF-8 names"] {
+        body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        body.extend_from_slice(value);
+    }
+    body.extend_from_slice(&[0, 0]);
+    bytes.extend(message(b'B', &body));
+    bytes.extend(execute_sync());
+    let got = cycle(port, bytes).await;
+    let error = got.iter().find(|m| m.tag == b'E').expect("an error");
+    assert_eq!(error.field(b'C').as_deref(), Some("08P01"), "{got:?}");
+    assert!(
+        error
+            .field(b'M')
+            .unwrap_or_default()
+            .contains("cannot read"),
+        "{got:?}"
+    );
+    assert!(stored(&s).await.is_empty(), "nothing stored");
+
     // A value that is not valid text (bad UTF-8) for a text column.
     let mut bytes = parse(INSERT);
     bytes.extend(bind(&[b"acme", b"\xff\xfe"]));

@@ -5,6 +5,7 @@
 //! are streamed through in pieces, so memory stays bounded.
 
 use bytes::{Buf, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use super::stream::send;
@@ -15,6 +16,9 @@ use crate::protocol::{FrameError, FrameHeader};
 const MIN_BUFFER: usize = 2 * 1024;
 /// Largest read buffer kept between reads for streaming traffic.
 const MAX_STREAM_BUFFER: usize = 128 * 1024;
+/// Largest room a pump keeps ready for its next read once it has seen
+/// bursts that big (one response of a few rows, a Parse/Bind batch).
+const MAX_BURST_HINT: usize = 16 * 1024;
 
 /// What an inspector needs to see of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub struct Pump {
     /// A write is under way (if its future is dropped, output may end mid-frame).
     writing: bool,
     limit: usize,
+    /// Room to have free before a read: grows when a read fills the
+    /// buffer, so a burst that came in one segment is read in one call.
+    burst_hint: usize,
 }
 
 impl Pump {
@@ -97,6 +104,7 @@ impl Pump {
             pending: 0,
             writing: false,
             limit,
+            burst_hint: MIN_BUFFER,
         }
     }
 
@@ -106,16 +114,37 @@ impl Pump {
         self.pending == 0 && !self.writing
     }
 
-    /// Reads once from `src` into the buffer. Cancel-safe: if the future is
-    /// dropped, no bytes are lost. `Err` when the direction ends.
+    /// Reads what `src` has (waiting for at least one byte) into the
+    /// buffer. A read that fills the buffer is followed by more reads that
+    /// do not wait, so bytes that arrived together are forwarded together
+    /// (a RowDescription is not sent alone while its rows sit unread in the
+    /// socket). Cancel-safe: if the future is dropped, no bytes are lost.
+    /// `Err` when the direction ends.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, src: &mut R) -> Result<(), PumpEnd> {
         self.ensure_room();
-        let n = src
+        let mut room = self.buf.capacity() - self.buf.len();
+        let mut n = src
             .read_buf(&mut self.buf)
             .await
             .map_err(PumpEnd::ReadError)?;
         if n == 0 {
             return Err(PumpEnd::Eof);
+        }
+        while n == room && self.buf.len() < MAX_STREAM_BUFFER {
+            self.burst_hint = (self.burst_hint * 2).min(MAX_BURST_HINT);
+            self.buf.reserve(self.burst_hint);
+            room = self.buf.capacity() - self.buf.len();
+            // Only what is already there: never waits (the next `fill`
+            // does), and a pending read leaves no state behind.
+            n = match src.read_buf(&mut self.buf).now_or_never() {
+                Some(Ok(read)) => read,
+                // End of stream or an error: the next `fill` reports it,
+                // after the bytes read so far are forwarded.
+                Some(Err(_)) | None => break,
+            };
+            if n == 0 {
+                break;
+            }
         }
         Ok(())
     }
@@ -293,25 +322,28 @@ impl Pump {
         self.send_staged(dst).await
     }
 
-    /// Keeps spare capacity for the next read: grows while traffic streams,
-    /// and drops a large buffer once it is empty so idle sessions stay small.
+    /// Keeps spare capacity for the next read: the burst size seen so far,
+    /// more while traffic streams, and drops a large buffer once it is
+    /// empty so idle sessions stay small.
     fn ensure_room(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > MAX_STREAM_BUFFER {
-            self.buf = BytesMut::with_capacity(MIN_BUFFER);
+            self.buf = BytesMut::with_capacity(self.burst_hint);
             return;
         }
         let spare = self.buf.capacity() - self.buf.len();
-        if spare < MIN_BUFFER / 2 {
+        if spare < self.burst_hint {
+            self.buf.reserve(self.burst_hint);
+        } else if spare < MIN_BUFFER / 2 {
             let grow = (self.buf.capacity()).clamp(MIN_BUFFER, MAX_STREAM_BUFFER);
             self.buf.reserve(grow);
         }
     }
 
-    /// Shrinks an empty buffer back to the minimum (called when a session
-    /// goes idle).
+    /// Shrinks an empty buffer back to the burst size (called when a
+    /// session has nothing in flight).
     pub fn shrink_if_idle(&mut self) {
-        if self.buf.is_empty() && self.pending == 0 && self.buf.capacity() > MIN_BUFFER * 2 {
-            self.buf = BytesMut::with_capacity(MIN_BUFFER);
+        if self.buf.is_empty() && self.pending == 0 && self.buf.capacity() > self.burst_hint * 2 {
+            self.buf = BytesMut::with_capacity(self.burst_hint);
         }
     }
 }
@@ -375,6 +407,56 @@ mod tests {
         assert_eq!(inspector.0, b"DRZ");
         // The 100 kB frame was streamed, never held whole.
         assert!(pump.buf.capacity() < 100_000 + MAX_STREAM_BUFFER);
+    }
+
+    /// Records every write call, so a test can count the sends.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            self.get_mut().0.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_response_that_arrived_whole_is_forwarded_in_one_write() {
+        // A RowDescription and a DataRow larger than the initial buffer,
+        // written by the server at once: the client must not get the
+        // RowDescription alone (one more wakeup and send per query).
+        let (mut server, client) = tokio::io::duplex(1 << 20);
+        let mut response = frame(b'T', &[1u8; 100]);
+        response.extend(frame(b'R', &[2u8; 3 * MIN_BUFFER]));
+        response.extend(frame(b'Z', b"I"));
+        tokio::io::AsyncWriteExt::write_all(&mut server, &response)
+            .await
+            .unwrap();
+        let mut src = client;
+        let mut pump = Pump::new(BytesMut::new(), 1 << 20);
+        let mut out = Writes::default();
+        let mut inspector = CountTags(Vec::new());
+        pump.step(&mut src, &mut out, &mut inspector).await.unwrap();
+        assert_eq!(out.0.len(), 1, "one write for the whole response");
+        assert_eq!(inspector.0, b"TRZ");
+        // The pump learned the burst size: the next one is read in one call.
+        assert!(pump.burst_hint > MIN_BUFFER);
     }
 
     #[tokio::test]

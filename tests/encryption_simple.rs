@@ -260,6 +260,60 @@ async fn writes_need_a_tenant_and_sessions_see_only_their_tenant() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays() {
+    let s = setup().await;
+    let admin = through_proxy(&s).await;
+    rows(
+        &admin,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'a1'), ('globex', 'g1')",
+    )
+    .await;
+    // A session bound to acme by its startup options (how a tenant's
+    // connection pool is configured). RESET, DEFAULT and DISCARD ALL (run by
+    // poolers between clients) take the server back to acme, so they must
+    // not lift the cross-tenant guard in the proxy.
+    let url = format!(
+        "{}?options=-c%20cmk.tenant_id%3Dacme",
+        s.proxy.url("postgres", "", "app")
+    );
+    let (app, conn) = common::connect(&url).await;
+    std::mem::forget(conn);
+    for reset in [
+        "RESET cmk.tenant_id",
+        "SET cmk.tenant_id TO DEFAULT",
+        "DISCARD ALL",
+        "RESET ALL",
+        "SELECT set_config('cmk.tenant_id', NULL, false)",
+    ] {
+        app.simple_query("SET cmk.tenant_id = 'globex'")
+            .await
+            .unwrap();
+        app.simple_query(reset).await.unwrap();
+        let shown = rows(&app, "SHOW cmk.tenant_id").await;
+        assert_eq!(
+            shown,
+            vec![vec![Some("acme".to_owned())]],
+            "server after {reset}"
+        );
+        let (code, message) = refused(&app, "SELECT notes FROM patients ORDER BY id").await;
+        assert_eq!(code, "KM006", "after {reset}: {message}");
+        let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+        assert_eq!(mine, vec![vec![Some("a1".to_owned())]], "after {reset}");
+        // Writes too go back to acme.
+        let (code, _) = refused(
+            &app,
+            "INSERT INTO patients (tenant_id, notes) VALUES ('globex', 'x')",
+        )
+        .await;
+        assert_eq!(code, "KM004", "after {reset}");
+    }
+    // An empty value is no tenant on the server too: the guard is off.
+    app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
+    let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;
+    assert_eq!(all.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn set_config_of_the_tenant_is_followed_and_forms_it_cannot_follow_are_refused() {
     let s = setup().await;
     let app = through_proxy(&s).await;

@@ -232,13 +232,15 @@ async fn run_session(
             }
         }
     }
+    let default_tenant = startup_tenant(params, &ctx.policy);
     let state = SessionState {
         open_cycles: AtomicI64::new(1),
         tx_status: AtomicU8::new(b'I'),
         cancel_packet: Mutex::new(None),
         terminated: AtomicBool::new(false),
         poison: Default::default(),
-        tenant: Mutex::new(startup_tenant(params, &ctx.policy)),
+        tenant: Mutex::new(default_tenant.clone()),
+        default_tenant,
         tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),

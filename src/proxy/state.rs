@@ -60,6 +60,9 @@ pub(crate) struct SessionState {
     pub(crate) terminated: AtomicBool,
     /// The session's tenant (startup options, user map, SET).
     pub(crate) tenant: Mutex<Option<String>>,
+    /// The tenant the session started with (startup options, user map):
+    /// where RESET, DEFAULT and DISCARD ALL go back to, as on the server.
+    pub(crate) default_tenant: Option<String>,
     /// What undoes the tenant changes of the current transaction.
     pub(crate) tenant_undo: Mutex<TenantUndo>,
     /// With a policy: the responses the server owes, in order.
@@ -112,7 +115,11 @@ impl SessionState {
             undo.before = Some(tenant.clone());
         }
         undo.local |= change.local;
-        *tenant = change.tenant;
+        *tenant = if change.to_default {
+            self.default_tenant.clone()
+        } else {
+            change.tenant
+        };
     }
 
     /// True while a tenant change waits for the end of its transaction.

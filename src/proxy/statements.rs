@@ -540,9 +540,10 @@ impl ClientStatements {
 
 /// The tenant a Bind of `set_config('<tenant setting>', $n, local)` sets:
 /// the parameter's text (text format, or binary of a text type, which is
-/// the same bytes). A value the proxy cannot read as text (another binary
-/// type, NULL, empty) clears the session tenant, the safe direction: writes
-/// then need the tenant in the statement.
+/// the same bytes). NULL resets the setting to the session's default. A
+/// value the proxy cannot read as text (another binary type, empty) clears
+/// the session tenant, the safe direction: writes then need the tenant in
+/// the statement.
 fn bound_tenant(statement: &PreparedStatement, bind: &Bind<'_>) -> Option<TenantChange> {
     /// text, varchar, bpchar, name, or not declared (the server infers text).
     const TEXT_TYPES: [u32; 5] = [0, 25, 1043, 1042, 19];
@@ -552,16 +553,16 @@ fn bound_tenant(statement: &PreparedStatement, bind: &Bind<'_>) -> Option<Tenant
     let index = param.checked_sub(1)?;
     let declared = statement.declared.get(index).copied().unwrap_or(0);
     let readable = format_of(&bind.param_formats, index) == 0 || TEXT_TYPES.contains(&declared);
-    let tenant = bind
-        .params
-        .get(index)
-        .copied()
-        .flatten()
+    let value = bind.params.get(index).copied()?;
+    let Some(value) = value else {
+        return Some(TenantChange::reset(local));
+    };
+    let tenant = Some(value)
         .filter(|_| readable)
         .and_then(|bytes| std::str::from_utf8(bytes).ok())
         .filter(|text| !text.is_empty())
         .map(str::to_owned);
-    Some(TenantChange { tenant, local })
+    Some(TenantChange::to(tenant, local))
 }
 
 /// What the proxy makes of one Parse (SQL and declared parameter types),

@@ -46,18 +46,38 @@ pub enum StatementPlan {
 /// A change of the session tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantChange {
-    /// The new tenant (`None`: no tenant: DEFAULT, RESET, DISCARD ALL).
+    /// The new tenant (`None`: no tenant, or the session's default when
+    /// `to_default`).
     pub tenant: Option<String>,
     /// `SET LOCAL`: undone when the transaction ends.
     pub local: bool,
+    /// RESET, `= DEFAULT`, DISCARD ALL, `set_config(…, NULL, …)`: the
+    /// server goes back to the session's default (the startup options),
+    /// and the proxy to the tenant the session started with.
+    pub to_default: bool,
 }
 
 impl TenantChange {
-    /// No tenant from now on (RESET, DISCARD ALL).
+    /// A new tenant, or none (an empty value).
+    pub fn to(tenant: Option<String>, local: bool) -> Self {
+        Self {
+            tenant,
+            local,
+            to_default: false,
+        }
+    }
+
+    /// No tenant from now on: the value is unknown (UPDATE pg_settings).
     pub fn cleared() -> Self {
+        Self::to(None, false)
+    }
+
+    /// Back to the session's default (RESET, DEFAULT, DISCARD ALL).
+    pub fn reset(local: bool) -> Self {
         Self {
             tenant: None,
-            local: false,
+            local,
+            to_default: true,
         }
     }
 }
@@ -156,7 +176,7 @@ pub fn analyze_in(
                 // Checked after the refusals, so a reset word cannot wave
                 // SQL that names protected data through.
                 None if resets_tenant(policy, sql) => Ok(Analysis {
-                    statements: vec![StatementPlan::SetTenant(TenantChange::cleared())],
+                    statements: vec![StatementPlan::SetTenant(TenantChange::reset(false))],
                     client_params,
                 }),
                 None => Ok(Analysis {
@@ -469,7 +489,7 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
         object_type: sqlparser::ast::DiscardObject::ALL,
     } = statement
     {
-        return Some(TenantChange::cleared());
+        return Some(TenantChange::reset(false));
     }
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
         variable,
@@ -489,6 +509,12 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
     if name.join(".").to_lowercase() != policy.tenant.session_setting.to_lowercase() {
         return None;
     }
+    let local = matches!(scope, Some(sqlparser::ast::ContextModifier::Local));
+    if let [Expr::Identifier(i)] = values.as_slice() {
+        if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default") {
+            return Some(TenantChange::reset(local));
+        }
+    }
     // The value as the server stores it: unquoted names fold to lower
     // case, integers lose leading zeros.
     let tenant = match values.as_slice() {
@@ -500,13 +526,10 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
             ),
             _ => None,
         },
-        [Expr::Identifier(i)] if !i.value.eq_ignore_ascii_case("default") => Some(ident_name(i)),
+        [Expr::Identifier(i)] => Some(ident_name(i)),
         _ => None,
     };
-    Some(TenantChange {
-        tenant,
-        local: matches!(scope, Some(sqlparser::ast::ContextModifier::Local)),
-    })
+    Some(TenantChange::to(tenant, local))
 }
 
 fn plan_statement(

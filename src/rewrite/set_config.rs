@@ -139,12 +139,18 @@ fn change_of(args: &[FunctionArg], setting: &str) -> Option<StatementPlan> {
             return Some(StatementPlan::SetTenantParam { param, local });
         }
     }
+    if let Some(Expr::Value(v)) = argument(value) {
+        if matches!(v.value, Value::Null) {
+            // NULL resets the setting to the session's default.
+            return Some(StatementPlan::SetTenant(TenantChange::reset(local)));
+        }
+    }
     let tenant = literal_text(Some(value))?;
-    Some(StatementPlan::SetTenant(TenantChange {
-        // An empty value clears the setting: no tenant.
-        tenant: (!tenant.is_empty()).then(|| tenant.to_owned()),
+    // An empty value clears the setting: no tenant.
+    Some(StatementPlan::SetTenant(TenantChange::to(
+        (!tenant.is_empty()).then(|| tenant.to_owned()),
         local,
-    }))
+    )))
 }
 
 fn argument(arg: &FunctionArg) -> Option<&Expr> {

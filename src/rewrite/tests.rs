@@ -278,11 +278,11 @@ fn tenant_setting_is_recognized() {
     )
     .unwrap();
     assert!(
-        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false }) if t == "acme")
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false }) if t == "acme")
     );
     assert!(matches!(
         &a.statements[1],
-        StatementPlan::SetTenant(TenantChange { tenant: None, .. })
+        StatementPlan::SetTenant(change) if *change == TenantChange::reset(false)
     ));
     assert!(matches!(&a.statements[2], StatementPlan::Untouched));
 }
@@ -294,21 +294,27 @@ fn set_config_of_the_tenant_setting_is_followed_or_refused() {
         "SELECT set_config('cmk.tenant_id', 'acme', false); \
          SELECT set_config('cmk.tenant_id', 'globex', true) AS t; \
          SELECT set_config('cmk.tenant_id', '', false); \
-         SELECT set_config('application_name', 'x', false)",
+         SELECT set_config('application_name', 'x', false); \
+         SELECT set_config('cmk.tenant_id', NULL, true)",
         0,
     )
     .unwrap();
     assert!(
-        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false }) if t == "acme")
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false }) if t == "acme")
     );
     assert!(
-        matches!(&a.statements[1], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: true }) if t == "globex")
+        matches!(&a.statements[1], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: true, to_default: false }) if t == "globex")
     );
     assert!(matches!(
         &a.statements[2],
-        StatementPlan::SetTenant(TenantChange { tenant: None, .. })
+        StatementPlan::SetTenant(change) if *change == TenantChange::to(None, false)
     ));
     assert!(matches!(&a.statements[3], StatementPlan::Untouched));
+    // NULL resets to the session's default, like RESET.
+    assert!(matches!(
+        &a.statements[4],
+        StatementPlan::SetTenant(change) if *change == TenantChange::reset(true)
+    ));
     let bound = analyze(&policy(), "SELECT set_config('cmk.tenant_id', $1, true)", 1).unwrap();
     assert!(matches!(
         &bound.statements[0],
@@ -433,10 +439,7 @@ fn tenant_changes_local_reset_and_discard() {
     };
     assert_eq!(
         change("SET LOCAL cmk.tenant_id = 'acme'"),
-        TenantChange {
-            tenant: Some("acme".into()),
-            local: true
-        }
+        TenantChange::to(Some("acme".into()), true)
     );
     for sql in [
         "RESET cmk.tenant_id",
@@ -444,7 +447,7 @@ fn tenant_changes_local_reset_and_discard() {
         "DISCARD ALL",
         "RESET ALL; SELECT 1",
     ] {
-        assert_eq!(change(sql).tenant, None, "{sql}");
+        assert_eq!(change(sql), TenantChange::reset(false), "{sql}");
     }
 }
 

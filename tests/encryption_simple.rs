@@ -307,6 +307,14 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
         .await;
         assert_eq!(code, "KM004", "after {reset}");
     }
+    // Within one query string too: the INSERT after the RESET is acme's.
+    let (code, message) = refused(
+        &app,
+        "SET cmk.tenant_id = 'globex'; SET cmk.tenant_id TO DEFAULT; \
+         INSERT INTO patients (tenant_id, notes) VALUES ('globex', 'x')",
+    )
+    .await;
+    assert_eq!(code, "KM004", "{message}");
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
     let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;

@@ -45,6 +45,8 @@ pub enum EncryptionError {
 pub struct SessionInfo<'a> {
     /// The session's tenant, if one is set.
     pub tenant: Option<&'a str>,
+    /// The tenant the session started with (where RESET goes back to).
+    pub default_tenant: Option<&'a str>,
     /// Database user.
     pub user: &'a str,
     /// Client address.
@@ -268,7 +270,7 @@ impl Encryption {
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
                 StatementPlan::SetTenant(change) => {
-                    tenant = change.tenant.clone();
+                    tenant = change.resolve(session.default_tenant);
                     out.set_tenant = Some(change);
                 }
                 StatementPlan::Ddl => out.ddl = true,

@@ -115,11 +115,7 @@ impl SessionState {
             undo.before = Some(tenant.clone());
         }
         undo.local |= change.local;
-        *tenant = if change.to_default {
-            self.default_tenant.clone()
-        } else {
-            change.tenant
-        };
+        *tenant = change.resolve(self.default_tenant.as_deref());
     }
 
     /// True while a tenant change waits for the end of its transaction.
@@ -148,6 +144,7 @@ impl SessionState {
     pub(crate) fn session_info<'a>(&'a self, tenant: Option<&'a str>) -> SessionInfo<'a> {
         SessionInfo {
             tenant,
+            default_tenant: self.default_tenant.as_deref(),
             user: &self.user,
             client_addr: &self.client_addr,
         }

@@ -80,6 +80,16 @@ impl TenantChange {
             to_default: true,
         }
     }
+
+    /// The tenant after this change in a session that started with
+    /// `default`.
+    pub fn resolve(&self, default: Option<&str>) -> Option<String> {
+        if self.to_default {
+            default.map(str::to_owned)
+        } else {
+            self.tenant.clone()
+        }
+    }
 }
 
 /// The plan of a whole query string.

@@ -574,11 +574,21 @@ async fn queries_of_one_shape_share_a_plan_and_each_keeps_its_own_values_tenant_
     refused_with(&app, "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'x', 'not a date'::date)", "22P02").await;
     // A catalog change re-plans the shape: a protected column stored as
     // text makes the table unwritable, and fixing it makes it writable again.
-    app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE text USING NULL")
+    // (The proxy refuses such DDL itself: it runs directly, and other DDL
+    // through the proxy reloads the catalog at once.)
+    s.direct
+        .batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE text USING NULL")
+        .await
+        .unwrap();
+    app.batch_execute("CREATE TABLE reload_1 (x int)")
         .await
         .unwrap();
     refused_with(&app, "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'y', '2002-02-02'::date)", "KM003").await;
-    app.batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE bytea USING NULL")
+    s.direct
+        .batch_execute("ALTER TABLE patients ALTER COLUMN notes TYPE bytea USING NULL")
+        .await
+        .unwrap();
+    app.batch_execute("CREATE TABLE reload_2 (x int)")
         .await
         .unwrap();
     rows(
@@ -762,4 +772,73 @@ async fn a_partitioned_protected_table_is_used_through_its_parent_only() {
         .collect();
     assert_eq!(raw.len(), 1, "nothing was written through the partition");
     assert_eq!(&raw[0][..4], b"CMK\x01");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alter_table_that_would_strand_the_policy_is_refused_and_changes_nothing() {
+    let s = setup().await;
+    let app = through_proxy(&s).await;
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'kept')",
+    )
+    .await;
+    for (sql, column) in [
+        ("ALTER TABLE patients RENAME TO patients_old", None),
+        (
+            "ALTER TABLE patients RENAME COLUMN notes TO notes_plain",
+            Some("notes"),
+        ),
+        ("ALTER TABLE patients SET SCHEMA pg_temp", None),
+        (
+            "ALTER TABLE patients DROP COLUMN cmk_edek",
+            Some("cmk_edek"),
+        ),
+        (
+            "ALTER TABLE patients ALTER COLUMN notes TYPE text",
+            Some("notes"),
+        ),
+    ] {
+        let (code, message) = refused(&app, sql).await;
+        assert_eq!(code, "KM003", "{sql}: {message}");
+        assert!(message.contains("public.patients"), "{message}");
+        if let Some(column) = column {
+            assert!(message.contains(&format!("patients.{column}")), "{message}");
+        }
+    }
+    // Nothing changed on the server; the connection goes on.
+    let columns = s
+        .direct
+        .query(
+            "SELECT column_name::text, data_type::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = 'patients' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap();
+    let columns: Vec<(String, String)> = columns.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(
+        columns.contains(&("notes".to_owned(), "bytea".to_owned())),
+        "{columns:?}"
+    );
+    assert!(
+        columns.contains(&("cmk_edek".to_owned(), "jsonb".to_owned())),
+        "{columns:?}"
+    );
+    let read = rows(&app, "SELECT notes FROM patients").await;
+    assert_eq!(read, vec![vec![Some("kept".to_owned())]]);
+    // DDL that leaves the policy's names alone passes.
+    app.batch_execute("ALTER TABLE patients ADD COLUMN visits int")
+        .await
+        .unwrap();
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'second', 2)",
+    )
+    .await;
+    let read = rows(&app, "SELECT notes, visits FROM patients ORDER BY id").await;
+    assert_eq!(
+        read[1],
+        vec![Some("second".to_owned()), Some("2".to_owned())]
+    );
 }

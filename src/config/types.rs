@@ -296,6 +296,19 @@ pub struct TablePolicy {
     pub columns: BTreeMap<String, ColumnPolicy>,
 }
 
+impl TablePolicy {
+    /// True for a column the policy names: protected, the EDEK column, the
+    /// tenant column, or the blind index (`<col>_bidx`) of a protected one.
+    pub fn names_column(&self, column: &str) -> bool {
+        column == self.tenant_column
+            || column == self.edek_column
+            || self.columns.contains_key(column)
+            || column
+                .strip_suffix("_bidx")
+                .is_some_and(|base| self.columns.contains_key(base))
+    }
+}
+
 /// Whether legacy plaintext cells are tolerated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]

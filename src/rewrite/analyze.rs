@@ -635,6 +635,9 @@ fn plan_statement(
             ));
         }
     }
+    if let Some(refusal) = super::ddl::alter_table_refusal(policy, &statement) {
+        return Err(refusal);
+    }
     match &statement {
         Statement::CreateTable(_)
         | Statement::AlterTable { .. }

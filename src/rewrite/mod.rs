@@ -6,6 +6,7 @@
 //! Knows SQL and the policy; knows nothing of sockets or keys.
 
 mod analyze;
+mod ddl;
 mod fingerprint;
 mod literals;
 mod names;

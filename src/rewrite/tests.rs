@@ -749,3 +749,89 @@ fn statements_naming_a_partition_of_a_protected_table_are_refused() {
     }
     assert!(analyze_in(&policy(), &facts, "DROP TABLE patients_2024", 0).is_ok());
 }
+
+#[test]
+fn alter_table_that_moves_names_away_from_the_data_is_refused() {
+    for (sql, column, what) in [
+        (
+            "ALTER TABLE patients RENAME TO patients_old",
+            None,
+            "renaming a policy table",
+        ),
+        (
+            "ALTER TABLE public.patients RENAME COLUMN ssn TO ssn_plain",
+            Some("ssn"),
+            "renaming",
+        ),
+        (
+            "ALTER TABLE patients RENAME COLUMN legacy TO notes",
+            Some("notes"),
+            "renaming",
+        ),
+        (
+            "ALTER TABLE patients RENAME COLUMN cmk_edek TO keys",
+            Some("cmk_edek"),
+            "renaming",
+        ),
+        (
+            "ALTER TABLE patients ALTER COLUMN notes TYPE text",
+            Some("notes"),
+            "type",
+        ),
+        (
+            "ALTER TABLE patients ALTER COLUMN tenant_id SET DEFAULT 'acme'",
+            Some("tenant_id"),
+            "default",
+        ),
+        (
+            "ALTER TABLE patients DROP COLUMN x, DROP COLUMN cmk_edek",
+            Some("cmk_edek"),
+            "dropping",
+        ),
+        (
+            "ALTER TABLE patients DROP COLUMN ssn_bidx",
+            Some("ssn_bidx"),
+            "dropping",
+        ),
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert_eq!(refusal.table.as_deref(), Some("public.patients"), "{sql}");
+        assert_eq!(refusal.column.as_deref(), column, "{sql}");
+        assert!(refusal.message.contains(what), "{sql}: {}", refusal.message);
+        assert!(
+            refusal.message.contains("directly in PostgreSQL"),
+            "{}",
+            refusal.message
+        );
+    }
+    // A default on a protected column was refused before (the server would
+    // store it unencrypted).
+    let default = rejection("ALTER TABLE patients ALTER COLUMN notes SET DEFAULT '\\x00'::bytea");
+    assert_eq!(
+        (default.sqlstate, default.column.as_deref()),
+        (KM003, Some("notes"))
+    );
+    // Forms sqlparser does not read (SET SCHEMA, PostgreSQL's ATTACH
+    // PARTITION … FOR VALUES) are refused as unparseable SQL that names
+    // protected data.
+    for sql in [
+        "ALTER TABLE patients SET SCHEMA archive",
+        "ALTER TABLE patients ATTACH PARTITION patients_2020 FOR VALUES IN ('acme')",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM003, "{sql}");
+    }
+    // The rest of the DBA's work passes, planned as DDL.
+    for sql in [
+        "ALTER TABLE patients ADD COLUMN visits int",
+        "ALTER TABLE patients ALTER COLUMN ssn SET NOT NULL",
+        "ALTER TABLE patients ALTER COLUMN visits TYPE bigint",
+        "ALTER TABLE patients RENAME COLUMN visits TO visit_count",
+        "ALTER TABLE patients DROP COLUMN visits",
+        "ALTER TABLE patients ADD CONSTRAINT envelope CHECK (notes IS NULL OR substr(notes, 1, 4) = '\\x434d4b01'::bytea)",
+        "ALTER TABLE doctors RENAME TO physicians",
+    ] {
+        let a = analyze(&policy(), sql, 0).unwrap_or_else(|r| panic!("{sql}: {}", r.message));
+        assert!(matches!(a.statements[..], [StatementPlan::Ddl]), "{sql}");
+    }
+}

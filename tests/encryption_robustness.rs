@@ -419,7 +419,8 @@ async fn tenant_changes_follow_the_transaction_outcome() {
         .await
         .expect("read all");
     assert_eq!(read.len(), 5);
-    // RESET and DISCARD ALL leave no tenant: a write without one is refused.
+    // RESET and DISCARD ALL go back to the startup tenant, here none: a
+    // write without one is refused.
     for reset in ["RESET cmk.tenant_id", "DISCARD ALL"] {
         app.batch_execute("SET cmk.tenant_id = 'acme'")
             .await

@@ -786,6 +786,11 @@ async fn alter_table_that_would_strand_the_policy_is_refused_and_changes_nothing
     for (sql, column) in [
         ("ALTER TABLE patients RENAME TO patients_old", None),
         (
+            "CREATE TRIGGER retenant BEFORE INSERT ON patients FOR EACH ROW EXECUTE FUNCTION f()",
+            None,
+        ),
+        ("ALTER SCHEMA public RENAME TO old_public", None),
+        (
             "ALTER TABLE patients RENAME COLUMN notes TO notes_plain",
             Some("notes"),
         ),

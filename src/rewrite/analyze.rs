@@ -635,7 +635,7 @@ fn plan_statement(
             ));
         }
     }
-    if let Some(refusal) = super::ddl::alter_table_refusal(policy, &statement) {
+    if let Some(refusal) = super::ddl::ddl_refusal(policy, &statement) {
         return Err(refusal);
     }
     match &statement {
@@ -649,7 +649,15 @@ fn plan_statement(
     // DDL on a partition is the DBA's; anything else naming one is refused.
     let mut child = None;
     let _ = visit_relations(&statement, |name: &ObjectName| {
-        child = relation_key(name).filter(|key| scope.children.contains_key(key));
+        // An unqualified name may reach a child in any schema on the
+        // search_path, like a policy table's.
+        child = relation_key(name)
+            .filter(|key| scope.children.contains_key(key))
+            .or_else(|| {
+                let bare = unqualified(name)?;
+                let key = keys_named(scope.children.keys(), &bare).next().cloned();
+                key
+            });
         match child {
             Some(_) => ControlFlow::Break(()),
             None => ControlFlow::Continue(()),

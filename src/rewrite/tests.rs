@@ -748,6 +748,20 @@ fn statements_naming_a_partition_of_a_protected_table_are_refused() {
         assert_eq!(refusal.table.as_deref(), Some("public.patients"));
     }
     assert!(analyze_in(&policy(), &facts, "DROP TABLE patients_2024", 0).is_ok());
+    // A partition in another schema, reached by its bare name through the
+    // search_path (review finding: it was looked up in public only).
+    let mut facts = SchemaFacts::default();
+    facts
+        .children
+        .insert("app.patients_2025".to_owned(), "public.patients".to_owned());
+    for sql in [
+        "INSERT INTO patients_2025 (tenant_id, ssn) VALUES ('acme', '123-45-6789')",
+        "UPDATE patients_2025 SET ssn = '123-45-6789' WHERE id = 1",
+        "SELECT * FROM app.patients_2025",
+    ] {
+        let refusal = analyze_in(&policy(), &facts, sql, 0).unwrap_err();
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+    }
 }
 
 #[test]
@@ -833,5 +847,80 @@ fn alter_table_that_moves_names_away_from_the_data_is_refused() {
     ] {
         let a = analyze(&policy(), sql, 0).unwrap_or_else(|r| panic!("{sql}: {}", r.message));
         assert!(matches!(a.statements[..], [StatementPlan::Ddl]), "{sql}");
+    }
+}
+
+#[test]
+fn a_cast_that_could_change_the_tenant_value_makes_it_unknown() {
+    // The server stores 'acme-corp'::varchar(4) as 'acme': sealing under
+    // acme-corp would put its cells into acme's rows.
+    let refusal = rejection(
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme-corp'::varchar(4), '123-45-6789')",
+    );
+    assert_eq!(refusal.sqlstate, KM004, "{}", refusal.message);
+    let refusal = rejection(
+        "INSERT INTO patients (tenant_id, ssn) SELECT v.t::varchar(4), v.s FROM (VALUES ('acme-corp', 'x')) AS v(t, s)",
+    );
+    assert_eq!(refusal.sqlstate, KM003, "{}", refusal.message);
+    let update = write_plan(
+        "UPDATE patients SET ssn = 'x' WHERE tenant_id = 'acme-corp'::char(4) AND id = 17",
+        0,
+    );
+    assert!(
+        !matches!(&update.rows[0].tenant, TenantSource::Literal(t) if t == "acme-corp"),
+        "{:?}",
+        update.rows[0].tenant
+    );
+    // Casts that keep the text as it is still name the tenant.
+    for sql in [
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme'::text, 'x')",
+        "INSERT INTO patients (tenant_id, ssn) VALUES (('acme')::varchar, 'x')",
+        "INSERT INTO patients (tenant_id, ssn) SELECT v.t::VARCHAR, v.s FROM (VALUES ('acme', 'x')) AS v(t, s)",
+        "UPDATE patients SET ssn = 'x' WHERE tenant_id = 'acme'::text AND id = 17",
+    ] {
+        let plan = write_plan(sql, 0);
+        assert!(
+            matches!(&plan.rows[0].tenant, TenantSource::Literal(t) if t == "acme"),
+            "{sql}: {:?}",
+            plan.rows[0].tenant
+        );
+    }
+}
+
+#[test]
+fn ddl_that_puts_a_policy_name_on_other_data_or_hooks_a_policy_table_is_refused() {
+    for sql in [
+        "ALTER TABLE staging RENAME TO patients",
+        "ALTER TABLE public.staging RENAME TO patients",
+        "ALTER SCHEMA public RENAME TO old_public",
+        "CREATE TRIGGER t BEFORE INSERT OR UPDATE ON patients FOR EACH ROW EXECUTE FUNCTION f()",
+        "CREATE TABLE patients AS SELECT * FROM staging",
+        "SELECT * INTO patients FROM staging",
+        "ALTER TABLE patients ADD COLUMN notes bytea DEFAULT convert_to('x', 'UTF8')",
+        "ALTER TABLE patients ADD COLUMN ssn_bidx bytea GENERATED ALWAYS AS (ssn) STORED",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}: {}", refusal.message);
+        assert_eq!(refusal.table.as_deref(), Some("public.patients"), "{sql}");
+        assert!(
+            refusal.message.contains("directly in PostgreSQL"),
+            "{}",
+            refusal.message
+        );
+    }
+    for sql in [
+        "ALTER TABLE staging RENAME TO staging_old",
+        "ALTER SCHEMA archive RENAME TO archive_old",
+        "CREATE TRIGGER t BEFORE INSERT ON doctors FOR EACH ROW EXECUTE FUNCTION f()",
+        "CREATE TABLE copy AS SELECT id FROM patients",
+        "SELECT id INTO copy FROM patients",
+        "ALTER TABLE patients ADD COLUMN notes bytea",
+        "ALTER TABLE patients ADD COLUMN visits int DEFAULT 0",
+    ] {
+        assert!(
+            analyze(&policy(), sql, 0).is_ok(),
+            "{sql}: {:?}",
+            analyze(&policy(), sql, 0).err().map(|r| r.message)
+        );
     }
 }

@@ -169,12 +169,46 @@ fn column_ident(name: &str) -> Ident {
     Ident::new(name)
 }
 
+/// The tenant value of an expression, read as the server will store it: a
+/// cast other than to `text` may change it (`'acme-corp'::varchar(4)` is
+/// `acme`), so it makes the value unknown.
+fn tenant_operand(expr: &Expr) -> Operand {
+    match expr {
+        Expr::Cast {
+            expr, data_type, ..
+        } if keeps_text(data_type) => tenant_operand(expr),
+        Expr::Nested(expr) => tenant_operand(expr),
+        Expr::Cast { .. } | Expr::UnaryOp { .. } => Operand::Other,
+        _ => operand(expr),
+    }
+}
+
+/// A cast that leaves a text value as it is: `text`, `varchar` without a
+/// length.
+fn keeps_text(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::Text | DataType::Varchar(None) | DataType::CharacterVarying(None)
+    )
+}
+
+/// True when every cast on `expr` keeps a text value as it is.
+fn casts_keep_text(expr: &Expr) -> bool {
+    match expr {
+        Expr::Cast {
+            expr, data_type, ..
+        } => keeps_text(data_type) && casts_keep_text(expr),
+        Expr::Nested(expr) => casts_keep_text(expr),
+        _ => true,
+    }
+}
+
 fn tenant_of(
     expr: Option<&Expr>,
     table: &str,
     tenant_column: &str,
 ) -> Result<TenantSource, Rejection> {
-    match expr.map(operand) {
+    match expr.map(tenant_operand) {
         None => Ok(TenantSource::Session),
         Some(Operand::Literal(t)) => Ok(TenantSource::Literal(t)),
         Some(Operand::Param(n)) => Ok(TenantSource::Param(n)),
@@ -201,7 +235,11 @@ struct DerivedValues {
 /// Recognizes `SELECT v.a[::type], … FROM (VALUES …) AS v(a, …)` with one
 /// plain column of the VALUES list per insert column and nothing else (no
 /// join, filter, grouping or DISTINCT).
-fn derived_values(select: &Select, columns: &[String]) -> Option<DerivedValues> {
+fn derived_values(
+    select: &Select,
+    columns: &[String],
+    tenant_index: Option<usize>,
+) -> Option<DerivedValues> {
     let plain = select.distinct.is_none()
         && select.selection.is_none()
         && select.having.is_none()
@@ -227,11 +265,16 @@ fn derived_values(select: &Select, columns: &[String]) -> Option<DerivedValues> 
     let positions = select
         .projection
         .iter()
-        .map(|item| {
+        .enumerate()
+        .map(|(index, item)| {
             let expr = match item {
                 SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => e,
                 _ => return None,
             };
+            // The tenant must reach the row as written (see tenant_operand).
+            if Some(index) == tenant_index && !casts_keep_text(expr) {
+                return None;
+            }
             let name = match strip_casts(expr) {
                 Expr::Identifier(i) => ident_name(i),
                 Expr::CompoundIdentifier(parts)
@@ -370,7 +413,8 @@ pub(crate) fn plan_insert(
     let derived = match source.body.as_ref() {
         SetExpr::Values(_) => None,
         SetExpr::Select(select) => {
-            let derived = derived_values(select, &columns).ok_or_else(insert_select)?;
+            let derived =
+                derived_values(select, &columns, tenant_index).ok_or_else(insert_select)?;
             let feeds_protected: Vec<&str> = protected
                 .iter()
                 .map(|p| derived.aliases[derived.positions[p.0]].as_str())
@@ -753,7 +797,7 @@ fn tenant_in_where(
                 return None;
             };
             let _ = column_side;
-            match operand(value_side) {
+            match tenant_operand(value_side) {
                 Operand::Literal(t) => Some(TenantSource::Literal(t)),
                 Operand::Param(n) => Some(TenantSource::Param(n)),
                 _ => None,

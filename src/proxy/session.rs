@@ -495,22 +495,67 @@ where
 
 /// The tenant a session starts with: `-c <setting>=<tenant>` in the startup
 /// options, else the policy's user → tenant map.
+/// Read as PostgreSQL reads them: the `options` switches first, then the
+/// startup parameters themselves; setting names case-insensitive, `-` as
+/// `_` in switches; the last assignment wins.
 fn startup_tenant(params: &StartupParams, policy: &crate::config::Policy) -> Option<String> {
-    let setting = &policy.tenant.session_setting;
-    let from_options = params.options.as_deref().and_then(|options| {
-        let words: Vec<&str> = options.split_whitespace().collect();
-        words.iter().enumerate().find_map(|(i, word)| {
-            let assignment = if *word == "-c" {
-                words.get(i + 1).copied()?
-            } else {
-                word.strip_prefix("-c")
-                    .or_else(|| word.strip_prefix("--"))?
+    let setting = policy.tenant.session_setting.to_lowercase();
+    let mut tenant: Option<String> = None;
+    if let Some(options) = params.options.as_deref() {
+        let words = split_options(options);
+        let mut words = words.iter();
+        while let Some(word) = words.next() {
+            let assignment = match word.as_str() {
+                "-c" => match words.next() {
+                    Some(next) => next.as_str(),
+                    None => break,
+                },
+                other => match other
+                    .strip_prefix("-c")
+                    .or_else(|| other.strip_prefix("--"))
+                {
+                    Some(rest) => rest,
+                    None => continue,
+                },
             };
-            let (name, value) = assignment.split_once('=')?;
-            (name == setting && !value.is_empty()).then(|| value.to_owned())
-        })
-    });
-    from_options.or_else(|| policy.tenant.users.get(&params.user).cloned())
+            if let Some((name, value)) = assignment.split_once('=') {
+                if name.replace('-', "_").to_lowercase() == setting {
+                    tenant = Some(value.to_owned());
+                }
+            }
+        }
+    }
+    for (name, value) in &params.all {
+        if name.to_lowercase() == setting {
+            tenant = Some(value.clone());
+        }
+    }
+    tenant
+        .filter(|t| !t.is_empty())
+        .or_else(|| policy.tenant.users.get(&params.user).cloned())
+}
+
+/// The words of a startup `options` string: split at whitespace, a
+/// backslash keeps the next character (as PostgreSQL's `pg_split_opts`).
+fn split_options(options: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
 }
 
 fn startup_len(bytes: &[u8]) -> usize {
@@ -762,4 +807,61 @@ async fn upstream_end<W: AsyncWrite + Unpin>(
         let _ = pump.write(client, &bytes).await;
     }
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{split_options, startup_tenant};
+    use crate::config::parse_policy;
+    use crate::protocol::StartupParams;
+
+    fn params(options: Option<&str>, all: &[(&str, &str)]) -> StartupParams {
+        StartupParams {
+            user: "app".to_owned(),
+            database: "app".to_owned(),
+            options: options.map(str::to_owned),
+            application_name: None,
+            all: all
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_startup_tenant_is_read_as_postgresql_reads_it() {
+        let policy = parse_policy("tenant:\n  users:\n    app: mapped\n", "test").unwrap();
+        let tenant = |options: Option<&str>, all: &[(&str, &str)]| {
+            startup_tenant(&params(options, all), &policy)
+        };
+        assert_eq!(tenant(None, &[]).as_deref(), Some("mapped"));
+        assert_eq!(
+            tenant(Some("-c cmk.tenant_id=acme"), &[]).as_deref(),
+            Some("acme")
+        );
+        // Names are case-insensitive, `-` is `_`, the last one wins.
+        assert_eq!(
+            tenant(Some("-c CMK.TENANT_ID=acme --cmk.tenant-id=globex"), &[]).as_deref(),
+            Some("globex")
+        );
+        assert_eq!(
+            tenant(Some("-ccmk.tenant_id=acme -c cmk.tenant_id=initech"), &[]).as_deref(),
+            Some("initech")
+        );
+        // A startup parameter of that name comes after the options.
+        assert_eq!(
+            tenant(
+                Some("-c cmk.tenant_id=acme"),
+                &[("Cmk.Tenant_Id", "globex")]
+            )
+            .as_deref(),
+            Some("globex")
+        );
+        // A backslash keeps the next character.
+        assert_eq!(
+            tenant(Some(r"-c cmk.tenant_id=a\ b"), &[]).as_deref(),
+            Some("a b")
+        );
+        assert_eq!(split_options(r" -c  x=1\\ "), vec!["-c", r"x=1\"]);
+    }
 }

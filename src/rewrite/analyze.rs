@@ -12,11 +12,11 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use super::names::{
-    ambiguous_table, ident_name, keys_named, mentioned_key, mentions_policy_table, policy_table,
-    relation_key, unqualified,
+    ambiguous_table, ident_name, keys_named, last_name, mentioned_key, mentions_policy_table,
+    policy_table, relation_key, unqualified,
 };
 use super::write::{plan_insert, plan_update, WritePlan};
-use super::Rejection;
+use super::{Rejection, KM003};
 use crate::config::Policy;
 
 /// What the proxy does with one statement.
@@ -303,12 +303,7 @@ impl Visitor for RowNames<'_, '_> {
             if let Some(table) = table {
                 let row = match alias {
                     Some(alias) => ident_name(&alias.name),
-                    None => name
-                        .0
-                        .last()
-                        .and_then(|p| p.as_ident())
-                        .map(ident_name)
-                        .unwrap_or_default(),
+                    None => last_name(name).unwrap_or_default(),
                 };
                 self.names.push((row, table));
             }
@@ -331,8 +326,27 @@ fn whole_row_refusal(scope: &Scope<'_>, statement: &Statement) -> Result<(), Rej
     }
     let mut hit = None;
     let _ = visit_expressions(statement, |expr| {
-        if let Expr::Identifier(ident) = expr {
-            let name = ident_name(ident);
+        // `p` alone, or `p.*` anywhere but the SELECT list
+        // (`row_to_json(p.*)`, `ROW(p.*)`): the row as one value.
+        let mut names = Vec::new();
+        match expr {
+            Expr::Identifier(ident) => names.push(ident_name(ident)),
+            Expr::QualifiedWildcard(prefix, _) => names.extend(last_name(prefix)),
+            Expr::Function(function) => {
+                if let sqlparser::ast::FunctionArguments::List(list) = &function.args {
+                    for arg in &list.args {
+                        let (sqlparser::ast::FunctionArg::Unnamed(arg)
+                        | sqlparser::ast::FunctionArg::Named { arg, .. }
+                        | sqlparser::ast::FunctionArg::ExprNamed { arg, .. }) = arg;
+                        if let sqlparser::ast::FunctionArgExpr::QualifiedWildcard(prefix) = arg {
+                            names.extend(last_name(prefix));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        for name in names {
             if let Some((_, table)) = rows.names.iter().find(|(row, _)| *row == name) {
                 hit = Some(table.clone());
                 return ControlFlow::Break(());
@@ -468,15 +482,50 @@ fn has_nested_write(statement: &Statement) -> bool {
 /// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not
 /// parse (and names no protected data).
 fn resets_tenant(policy: &Policy, sql: &str) -> bool {
-    let words: Vec<String> = sql
+    // Comments separate words like spaces (`RESET/**/cmk.tenant_id`), and
+    // a quoted setting name is the same setting.
+    let words: Vec<String> = without_comments(sql)
         .split(|c: char| c.is_whitespace() || c == ';')
         .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
+        .map(|w| w.replace('"', "").to_lowercase())
         .collect();
     let setting = policy.tenant.session_setting.to_lowercase();
     words
         .windows(2)
         .any(|w| w[0] == "reset" && (w[1] == "all" || w[1] == setting))
+}
+
+/// `sql` with its comments (`-- …` to the end of the line, nested
+/// `/* … */`) replaced by spaces. String literals are not looked at: this
+/// only serves the word search of [`resets_tenant`].
+fn without_comments(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    let mut depth = 0usize;
+    while let Some(c) = chars.next() {
+        match (c, chars.peek().copied()) {
+            ('/', Some('*')) => {
+                chars.next();
+                depth += 1;
+                out.push(' ');
+            }
+            ('*', Some('/')) if depth > 0 => {
+                chars.next();
+                depth -= 1;
+            }
+            _ if depth > 0 => {}
+            ('-', Some('-')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' || c == '\r' {
+                        break;
+                    }
+                }
+                out.push(' ');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// `UPDATE pg_settings ...`: PostgreSQL's other way to change a setting.
@@ -487,19 +536,20 @@ fn updates_pg_settings(statement: &Statement) -> bool {
     let TableFactor::Table { name, .. } = &table.relation else {
         return false;
     };
-    name.0
-        .last()
-        .and_then(|p| p.as_ident())
-        .is_some_and(|i| ident_name(i) == "pg_settings")
+    last_name(name).is_some_and(|n| n == "pg_settings")
 }
 
-/// Recognizes `SET [LOCAL] <tenant setting> = value` and `DISCARD ALL`.
-fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange> {
+/// Recognizes `SET [LOCAL] <tenant setting> = value` and `DISCARD ALL`;
+/// `Err` (KM003) for a value the proxy cannot read as the server will.
+fn tenant_setting(
+    policy: &Policy,
+    statement: &Statement,
+) -> Option<Result<TenantChange, Rejection>> {
     if let Statement::Discard {
         object_type: sqlparser::ast::DiscardObject::ALL,
     } = statement
     {
-        return Some(TenantChange::reset(false));
+        return Some(Ok(TenantChange::reset(false)));
     }
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
         variable,
@@ -522,24 +572,37 @@ fn tenant_setting(policy: &Policy, statement: &Statement) -> Option<TenantChange
     let local = matches!(scope, Some(sqlparser::ast::ContextModifier::Local));
     if let [Expr::Identifier(i)] = values.as_slice() {
         if i.quote_style.is_none() && i.value.eq_ignore_ascii_case("default") {
-            return Some(TenantChange::reset(local));
+            return Some(Ok(TenantChange::reset(local)));
         }
     }
     // The value as the server stores it: unquoted names fold to lower
-    // case, integers lose leading zeros.
+    // case, integers lose leading zeros, an empty string is no tenant.
     let tenant = match values.as_slice() {
         [Expr::Value(v)] => match &v.value {
-            Value::SingleQuotedString(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n, _) => Some(
+            Value::SingleQuotedString(s) => Some((!s.is_empty()).then(|| s.clone())),
+            Value::Number(n, _) => Some(Some(
                 n.parse::<i64>()
                     .map_or_else(|_| n.clone(), |i| i.to_string()),
-            ),
+            )),
             _ => None,
         },
-        [Expr::Identifier(i)] => Some(ident_name(i)),
+        [Expr::Identifier(i)] => Some(Some(ident_name(i))),
         _ => None,
     };
-    Some(TenantChange::to(tenant, local))
+    // Anything else (E'…', $$…$$, +5, a list) the proxy could misread:
+    // clearing its tenant while the server has one would lift the guard.
+    Some(tenant.map(|t| TenantChange::to(t, local)).ok_or_else(|| {
+        let setting = &policy.tenant.session_setting;
+        Rejection {
+            sqlstate: KM003,
+            table: None,
+            column: None,
+            message: format!(
+                "cmk-proxy: this form of SET {setting} is not supported (the proxy must know the tenant): \
+                 use SET {setting} = '<tenant>'"
+            ),
+        }
+    }))
 }
 
 fn plan_statement(
@@ -549,7 +612,7 @@ fn plan_statement(
 ) -> Result<StatementPlan, Rejection> {
     let policy = scope.policy;
     if let Some(tenant) = tenant_setting(policy, &statement) {
-        return Ok(StatementPlan::SetTenant(tenant));
+        return tenant.map(StatementPlan::SetTenant);
     }
     if let Some(plan) = super::set_config::set_config_plan(policy, &statement)? {
         return Ok(plan);
@@ -828,11 +891,9 @@ fn check_filters(
                 .map(|(_, column)| column)
                 .collect();
             assignments.retain(|a| match &a.target {
-                sqlparser::ast::AssignmentTarget::ColumnName(name) => name
-                    .0
-                    .last()
-                    .and_then(|p| p.as_ident())
-                    .is_none_or(|i| !protected.contains(&ident_name(i).as_str())),
+                sqlparser::ast::AssignmentTarget::ColumnName(name) => {
+                    last_name(name).is_none_or(|n| !protected.contains(&n.as_str()))
+                }
                 sqlparser::ast::AssignmentTarget::Tuple(_) => true,
             });
             strip_items(returning.as_mut());

@@ -17,7 +17,7 @@ use sqlparser::ast::{
     RenameTableNameKind, SetExpr, Statement,
 };
 
-use super::names::{ident_name, policy_table};
+use super::names::{ident_name, last_name, policy_table};
 use super::Rejection;
 use crate::config::{Policy, TablePolicy};
 
@@ -83,11 +83,7 @@ pub(crate) fn ddl_refusal(policy: &Policy, statement: &Statement) -> Option<Reje
 
 /// A policy table in the schema `name` (for a refusal's message).
 fn schema_table(policy: &Policy, name: &ObjectName) -> Option<String> {
-    let schema = name
-        .0
-        .last()
-        .and_then(|part| part.as_ident())
-        .map(ident_name)?;
+    let schema = last_name(name)?;
     policy
         .tables
         .keys()

@@ -68,6 +68,11 @@ pub fn ambiguous_table(policy: &Policy, name: &ObjectName) -> bool {
     keys_named(policy.tables.keys(), &bare).count() > 1
 }
 
+/// The last part of a name, normalized (`s.t` → `t`).
+pub fn last_name(name: &ObjectName) -> Option<String> {
+    name.0.last().and_then(|p| p.as_ident()).map(ident_name)
+}
+
 /// The name of an unqualified object name, normalized.
 pub fn unqualified(name: &ObjectName) -> Option<String> {
     match name.0.as_slice() {

@@ -446,8 +446,32 @@ fn tenant_changes_local_reset_and_discard() {
         "reset all",
         "DISCARD ALL",
         "RESET ALL; SELECT 1",
+        "RESET/**/cmk.tenant_id",
+        "RESET -- the tenant\ncmk.tenant_id",
+        "reset \"cmk.tenant_id\"",
+        "SET cmk.tenant_id TO DEFAULT",
     ] {
         assert_eq!(change(sql), TenantChange::reset(false), "{sql}");
+    }
+    assert_eq!(
+        change("SET cmk.tenant_id = ''"),
+        TenantChange::to(None, false)
+    );
+    // Values the proxy could misread are refused, not taken as "no tenant"
+    // while the server has one.
+    for sql in [
+        "SET cmk.tenant_id = E'globex'",
+        "SET cmk.tenant_id = $$globex$$",
+        "SET cmk.tenant_id = +5",
+        "SET cmk.tenant_id = 'a', 'b'",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert!(
+            refusal.message.contains("SET cmk.tenant_id = '<tenant>'"),
+            "{}",
+            refusal.message
+        );
     }
 }
 
@@ -923,4 +947,25 @@ fn ddl_that_puts_a_policy_name_on_other_data_or_hooks_a_policy_table_is_refused(
             analyze(&policy(), sql, 0).err().map(|r| r.message)
         );
     }
+}
+
+#[test]
+fn a_qualified_star_as_a_value_is_a_whole_row_reference() {
+    for sql in [
+        "SELECT row_to_json(p.*) FROM patients p",
+        "SELECT to_jsonb(patients.*) FROM patients",
+        "SELECT json_agg(p.* ORDER BY p.id) FROM patients p",
+        "SELECT format('%s', p.*) FROM patients AS p",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        assert!(
+            refusal.message.contains("whole-row"),
+            "{sql}: {}",
+            refusal.message
+        );
+    }
+    // In the SELECT list it is every column, each decrypted.
+    assert!(analyze(&policy(), "SELECT p.* FROM patients p", 0).is_ok());
+    assert!(analyze(&policy(), "SELECT row_to_json(d.*) FROM doctors d", 0).is_ok());
 }

@@ -9,7 +9,7 @@ use sqlparser::ast::{
     TableAliasColumnDef, TableFactor, Value,
 };
 
-use super::names::ident_name;
+use super::names::{ident_name, last_name};
 use super::{Rejection, KM004};
 use crate::config::{DeclaredType, SearchMode, TablePolicy};
 
@@ -598,17 +598,8 @@ fn sealed_target_refusal(
     what: &str,
 ) -> Option<Rejection> {
     let targets: Vec<String> = match &assignment.target {
-        AssignmentTarget::ColumnName(name) => name
-            .0
-            .last()
-            .and_then(|p| p.as_ident())
-            .map(ident_name)
-            .into_iter()
-            .collect(),
-        AssignmentTarget::Tuple(names) => names
-            .iter()
-            .filter_map(|n| n.0.last().and_then(|p| p.as_ident()).map(ident_name))
-            .collect(),
+        AssignmentTarget::ColumnName(name) => last_name(name).into_iter().collect(),
+        AssignmentTarget::Tuple(names) => names.iter().filter_map(last_name).collect(),
     };
     targets.iter().find_map(|column| {
         managed_column_refusal(table, policy, column).or_else(|| {
@@ -620,9 +611,7 @@ fn sealed_target_refusal(
 
 fn assigned_column(assignment: &Assignment) -> Option<String> {
     match &assignment.target {
-        AssignmentTarget::ColumnName(name) => {
-            name.0.last().and_then(|p| p.as_ident()).map(ident_name)
-        }
+        AssignmentTarget::ColumnName(name) => last_name(name),
         AssignmentTarget::Tuple(_) => None,
     }
 }
@@ -828,12 +817,7 @@ pub(crate) fn plan_update(
         TableFactor::Table {
             alias: Some(alias), ..
         } => ident_name(&alias.name),
-        TableFactor::Table { name, .. } => name
-            .0
-            .last()
-            .and_then(|p| p.as_ident())
-            .map(ident_name)
-            .unwrap_or_default(),
+        TableFactor::Table { name, .. } => last_name(name).unwrap_or_default(),
         _ => String::new(),
     };
     let mut slots = Placeholders::after(client_params);

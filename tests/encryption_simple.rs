@@ -315,6 +315,45 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
     )
     .await;
     assert_eq!(code, "KM004", "{message}");
+    // A SET in an implicit transaction that fails is rolled back by the
+    // server: the proxy stays on acme too.
+    let err = app
+        .batch_execute("SET cmk.tenant_id = 'globex'; SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("22012"), "{err}");
+    let shown = rows(&app, "SHOW cmk.tenant_id").await;
+    assert_eq!(shown, vec![vec![Some("acme".to_owned())]]);
+    let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+    assert_eq!(
+        mine,
+        vec![vec![Some("a1".to_owned())]],
+        "still acme after the failed implicit transaction"
+    );
+    let (code, _) = refused(
+        &app,
+        "SELECT notes FROM patients WHERE tenant_id = 'globex'",
+    )
+    .await;
+    assert_eq!(code, "KM006");
+    // A COMMIT ends the transaction at once: an error after it in the same
+    // query string does not undo what it committed.
+    let err = app
+        .batch_execute("BEGIN; SET cmk.tenant_id = 'globex'; COMMIT; SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("22012"), "{err}");
+    let shown = rows(&app, "SHOW cmk.tenant_id").await;
+    assert_eq!(shown, vec![vec![Some("globex".to_owned())]]);
+    let theirs = rows(
+        &app,
+        "SELECT notes FROM patients WHERE tenant_id = 'globex'",
+    )
+    .await;
+    assert_eq!(theirs, vec![vec![Some("g1".to_owned())]]);
+    let (code, _) = refused(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+    assert_eq!(code, "KM006", "globex now, on both sides");
+    app.simple_query("RESET cmk.tenant_id").await.unwrap();
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
     let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;

@@ -158,7 +158,15 @@ impl ResponseTracker {
         let dropping = self.dropping(state);
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
-            (backend::ERROR_RESPONSE, Some(_)) => self.on_error(state),
+            (backend::ERROR_RESPONSE, Some(_)) => {
+                // Unless a COMMIT follows in this cycle (it cannot: the
+                // server skips to the end of the query or the Sync), the
+                // transaction the error happened in is rolled back, an
+                // implicit one included: `SET …; SELECT 1/0` keeps the old
+                // tenant on the server.
+                self.rolled_back = true;
+                self.on_error(state)
+            }
             (backend::ROW_DESCRIPTION, Some(frame)) => self.on_row_description(frame, encryption),
             (PARAMETER_DESCRIPTION, Some(frame)) => self.on_parameter_description(frame),
             (backend::DATA_ROW, _) => {
@@ -172,10 +180,15 @@ impl ResponseTracker {
             (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, frame) => {
                 // The last transaction end of the cycle decides: ROLLBACK TO
                 // SAVEPOINT has the tag ROLLBACK too, and a COMMIT after it
-                // keeps the transaction.
+                // keeps the transaction. A COMMIT ends the transaction at
+                // once: what the cycle does after it (an error, COMMIT AND
+                // CHAIN's next transaction) is another transaction's.
                 match frame.and_then(|f| f.get(HEADER_LEN..)) {
                     Some(tag) if tag.starts_with(b"ROLLBACK") => self.rolled_back = true,
-                    Some(tag) if tag.starts_with(b"COMMIT") => self.rolled_back = false,
+                    Some(tag) if tag.starts_with(b"COMMIT") => {
+                        self.rolled_back = false;
+                        state.end_tenant_transaction(false);
+                    }
                     _ => {}
                 }
                 self.end_result(state, encryption)

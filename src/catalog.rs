@@ -222,25 +222,27 @@ pub async fn load_map(
         add(&table_policy.edek_column, ColumnRole::Edek);
         add(&table_policy.tenant_column, ColumnRole::Tenant);
     }
-    map_children(client, &mut map).await?;
-    map_views(client, &mut map).await?;
+    let children = map_children(client, &mut map).await?;
+    map_views(client, &mut map, &children).await?;
     Ok(map)
 }
 
-/// Partitions and inheritance children of policy tables, at any depth: the
-/// proxy maps only the policy table itself, so statements naming a child
-/// directly are refused (its cells would be written or read unseen).
+/// Partitions and inheritance children of policy tables, at any depth:
+/// statements naming a child directly are refused (its cells would be
+/// written or read unseen). Their columns are mapped by name to the policy
+/// table's, so views over a child are found and mapped like views over the
+/// table. Returns the children's OIDs.
 async fn map_children(
     client: &tokio_postgres::Client,
     map: &mut CatalogMap,
-) -> Result<(), CatalogError> {
+) -> Result<Vec<u32>, CatalogError> {
     let parents: Vec<u32> = map.table_oids.values().copied().collect();
     let rows = client
         .query(
             "WITH RECURSIVE kids(child, parent) AS ( \
                  SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits WHERE inhparent = ANY($1::oid[]) \
                  UNION SELECT i.inhrelid, k.parent FROM pg_catalog.pg_inherits i JOIN kids k ON i.inhparent = k.child) \
-             SELECT n.nspname || '.' || c.relname, p_n.nspname || '.' || p.relname \
+             SELECT n.nspname || '.' || c.relname, p_n.nspname || '.' || p.relname, c.oid, p.oid \
              FROM kids \
              JOIN pg_catalog.pg_class c ON c.oid = kids.child \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -249,8 +251,75 @@ async fn map_children(
             &[&parents],
         )
         .await?;
+    let mut children = Vec::new();
+    let mut parent_of = HashMap::new();
     for row in rows {
         map.facts.children.insert(row.get(0), row.get(1));
+        let child: u32 = row.get(2);
+        children.push(child);
+        parent_of.insert(child, row.get::<_, u32>(3));
+    }
+    if children.is_empty() {
+        return Ok(children);
+    }
+    // Parent (OID, column name) → its policy column.
+    let by_name: HashMap<(u32, Arc<str>), ColumnRef> = map
+        .by_attr
+        .iter()
+        .map(|((oid, _), column)| ((*oid, column.column.clone()), column.clone()))
+        .collect();
+    let attrs = client
+        .query(
+            "SELECT attrelid, attnum, attname::text FROM pg_catalog.pg_attribute \
+             WHERE attrelid = ANY($1::oid[]) AND attnum > 0 AND NOT attisdropped",
+            &[&children],
+        )
+        .await?;
+    for attr in attrs {
+        let child: u32 = attr.get(0);
+        let name: String = attr.get(2);
+        let Some(parent) = parent_of.get(&child) else {
+            continue;
+        };
+        if let Some(column) = by_name.get(&(*parent, Arc::from(name.as_str()))) {
+            map.by_attr.insert((child, attr.get(1)), column.clone());
+        }
+    }
+    Ok(children)
+}
+
+/// Views over policy tables (or their children) at any depth that
+/// `map_views` did not map: nested too deep, or their definition could not
+/// be described. Writes through them are refused.
+async fn refuse_unmapped_views(
+    client: &tokio_postgres::Client,
+    map: &mut CatalogMap,
+    bases: &[u32],
+    mapped: &[u32],
+) -> Result<(), CatalogError> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE deps(view) AS ( \
+                 SELECT r.ev_class FROM pg_catalog.pg_depend d \
+                 JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                 WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass \
+                   AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = ANY($1::oid[]) \
+                 UNION SELECT r.ev_class FROM pg_catalog.pg_depend d \
+                 JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid \
+                 JOIN deps ON d.refobjid = deps.view \
+                 WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass \
+                   AND d.refclassid = 'pg_catalog.pg_class'::regclass) \
+             SELECT n.nspname || '.' || v.relname FROM deps \
+             JOIN pg_catalog.pg_class v ON v.oid = deps.view \
+             JOIN pg_catalog.pg_namespace n ON n.oid = v.relnamespace \
+             WHERE v.relkind IN ('v', 'm') AND NOT v.oid = ANY($2::oid[])",
+            &[&bases, &mapped],
+        )
+        .await?;
+    for row in rows {
+        let name: String = row.get(0);
+        tracing::warn!(view = %name, "view over a policy table that cmk-proxy could not map: writes through it are refused");
+        map.facts.views.entry(name).or_default();
     }
     Ok(())
 }
@@ -266,8 +335,13 @@ const MAX_VIEW_DEPTH: usize = 8;
 async fn map_views(
     client: &tokio_postgres::Client,
     map: &mut CatalogMap,
+    children: &[u32],
 ) -> Result<(), CatalogError> {
-    let mut mapped: Vec<u32> = map.table_oids.values().copied().collect();
+    let mut bases: Vec<u32> = map.table_oids.values().copied().collect();
+    bases.extend_from_slice(children);
+    let mut mapped = bases.clone();
+    // Views whose definition could not be described stay unmapped.
+    let mut described = mapped.clone();
     for _ in 0..MAX_VIEW_DEPTH {
         let views = client
             .query(
@@ -294,6 +368,7 @@ async fn map_views(
                     continue;
                 }
             };
+            described.push(oid);
             for (index, column) in statement.columns().iter().enumerate() {
                 let origin = column.table_oid().zip(column.column_id());
                 let Some(base) = origin.and_then(|key| map.by_attr.get(&key)).cloned() else {
@@ -310,7 +385,7 @@ async fn map_views(
             }
         }
     }
-    Ok(())
+    refuse_unmapped_views(client, map, &bases, &described).await
 }
 
 /// Compares the policy with the live schema; every problem comes with the

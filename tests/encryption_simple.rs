@@ -811,6 +811,41 @@ async fn a_partitioned_protected_table_is_used_through_its_parent_only() {
         .collect();
     assert_eq!(raw.len(), 1, "nothing was written through the partition");
     assert_eq!(&raw[0][..4], b"CMK\x01");
+
+    // Views made directly in PostgreSQL over the partition, and a chain of
+    // views deeper than the proxy maps: once the catalog is reloaded (any
+    // DDL through the proxy), writes through them are refused, and the
+    // partition's view decrypts like the parent's.
+    let mut chain = String::from(
+        "CREATE VIEW low_view AS SELECT id, tenant_id, notes FROM parts_low; \
+         CREATE VIEW deep_0 AS SELECT id, tenant_id, notes FROM parts;",
+    );
+    for level in 1..=9 {
+        chain.push_str(&format!(
+            "CREATE VIEW deep_{level} AS SELECT id, tenant_id, notes FROM deep_{};",
+            level - 1
+        ));
+    }
+    s.direct.batch_execute(&chain).await.unwrap();
+    app.batch_execute("CREATE TABLE reload_views (x int)")
+        .await
+        .unwrap();
+    for view in ["low_view", "deep_9"] {
+        let sql = format!("INSERT INTO {view} (id, tenant_id, notes) VALUES (3, 'acme', 'plain')");
+        let message = refused_with(&app, &sql, "KM003").await;
+        assert!(message.contains(view), "{message}");
+    }
+    assert_eq!(
+        rows(&app, "SELECT notes FROM low_view").await,
+        vec![vec![Some("through the parent".to_owned())]]
+    );
+    let count: i64 = s
+        .direct
+        .query_one("SELECT count(*) FROM parts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1, "nothing was written through the views");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -354,6 +354,46 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
     let (code, _) = refused(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
     assert_eq!(code, "KM006", "globex now, on both sides");
     app.simple_query("RESET cmk.tenant_id").await.unwrap();
+    // Savepoints: a SET after one and rolled back to it is undone, in one
+    // query string and message by message in the extended protocol; a
+    // released savepoint keeps it.
+    app.batch_execute(
+        "BEGIN; SAVEPOINT s; SET cmk.tenant_id = 'globex'; ROLLBACK TO SAVEPOINT s; COMMIT",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "BEGIN",
+        "SAVEPOINT outer_sp",
+        "SAVEPOINT inner_sp",
+        "SET cmk.tenant_id = 'globex'",
+        "ROLLBACK TO SAVEPOINT outer_sp",
+        "COMMIT",
+    ] {
+        app.execute(sql, &[]).await.unwrap();
+    }
+    let shown = rows(&app, "SHOW cmk.tenant_id").await;
+    assert_eq!(shown, vec![vec![Some("acme".to_owned())]]);
+    let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+    assert_eq!(
+        mine,
+        vec![vec![Some("a1".to_owned())]],
+        "acme after ROLLBACK TO"
+    );
+    app.batch_execute("BEGIN; SAVEPOINT a; SET cmk.tenant_id = 'globex'; RELEASE a; COMMIT")
+        .await
+        .unwrap();
+    let theirs = rows(
+        &app,
+        "SELECT notes FROM patients WHERE tenant_id = 'globex'",
+    )
+    .await;
+    assert_eq!(
+        theirs,
+        vec![vec![Some("g1".to_owned())]],
+        "globex after RELEASE"
+    );
+    app.simple_query("RESET cmk.tenant_id").await.unwrap();
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
     let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;

@@ -58,8 +58,8 @@ pub struct SessionInfo<'a> {
 pub struct QueryRewrite {
     /// Replacement SQL (`None`: forward the original untouched).
     pub sql: Option<String>,
-    /// The query sets (or resets) the session tenant.
-    pub set_tenant: Option<TenantChange>,
+    /// The tenant changes and savepoints of the query, in order.
+    pub tenant_changes: Vec<TenantChange>,
     /// The query changes the schema: refresh the catalog map afterwards.
     pub ddl: bool,
     /// Audit fingerprint, when the query touches protected tables.
@@ -270,8 +270,15 @@ impl Encryption {
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
                 StatementPlan::SetTenant(change) => {
-                    tenant = change.resolve(session.default_tenant);
-                    out.set_tenant = Some(change);
+                    tenant = match &change.savepoint {
+                        None => change.resolve(session.default_tenant),
+                        // The savepoints are the session's: statements after
+                        // a ROLLBACK TO in this query are planned with no
+                        // tenant (writes then name theirs, or are KM004).
+                        Some(rewrite::SavepointOp::RollbackTo(_)) => None,
+                        Some(_) => tenant,
+                    };
+                    out.tenant_changes.push(change);
                 }
                 StatementPlan::Ddl => out.ddl = true,
                 StatementPlan::Write(plan) => {

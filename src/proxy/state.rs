@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use super::encryption::SessionInfo;
 use super::pending::PendingQueue;
-use crate::rewrite::TenantChange;
+use crate::rewrite::{SavepointOp, TenantChange};
 
 /// The tenant before the first change in the current transaction, and
 /// whether a change was `SET LOCAL`.
@@ -14,6 +14,9 @@ use crate::rewrite::TenantChange;
 pub(crate) struct TenantUndo {
     before: Option<Option<String>>,
     local: bool,
+    /// The transaction's savepoints, oldest first: name, and the tenant
+    /// and LOCAL flag when it was made.
+    savepoints: Vec<(String, Option<String>, bool)>,
 }
 
 /// The failure a poisoned session's server transaction must be made to
@@ -106,11 +109,44 @@ impl SessionState {
     }
 
     /// Applies a tenant change the client sent (SET, SET LOCAL, RESET,
-    /// DISCARD ALL), remembering what undoes it.
+    /// DISCARD ALL), remembering what undoes it, or a savepoint statement.
     pub(crate) fn change_tenant(&self, change: TenantChange) {
         let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
             return;
         };
+        let position = |undo: &TenantUndo, name: &str| {
+            undo.savepoints
+                .iter()
+                .rposition(|(saved, _, _)| saved == name)
+        };
+        match change.savepoint {
+            Some(SavepointOp::Define(name)) => {
+                let local = undo.local;
+                undo.savepoints.push((name, tenant.clone(), local));
+                return;
+            }
+            Some(SavepointOp::Release(name)) => {
+                if let Some(at) = position(&undo, &name) {
+                    undo.savepoints.truncate(at);
+                }
+                return;
+            }
+            Some(SavepointOp::RollbackTo(name)) => {
+                // The savepoint stays; later ones are gone. An unknown name
+                // is the server's error (the transaction then fails).
+                if let Some(at) = position(&undo, &name) {
+                    undo.savepoints.truncate(at + 1);
+                    let (_, saved, local) = undo.savepoints[at].clone();
+                    if undo.before.is_none() {
+                        undo.before = Some(tenant.clone());
+                    }
+                    *tenant = saved;
+                    undo.local = local;
+                }
+                return;
+            }
+            None => {}
+        }
         if undo.before.is_none() {
             undo.before = Some(tenant.clone());
         }

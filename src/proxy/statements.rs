@@ -933,7 +933,7 @@ async fn simple_query(
     }
     match encryption.rewrite_simple_query(sql, &info).await {
         Ok(rewrite) => {
-            if let Some(change) = rewrite.set_tenant {
+            for change in rewrite.tenant_changes {
                 state.change_tenant(change);
             }
             // The catalog is reloaded at this query's own ReadyForQuery,

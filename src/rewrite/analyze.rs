@@ -55,6 +55,21 @@ pub struct TenantChange {
     /// server goes back to the session's default (the startup options),
     /// and the proxy to the tenant the session started with.
     pub to_default: bool,
+    /// SAVEPOINT, RELEASE, ROLLBACK TO: not a new tenant, but the point a
+    /// later ROLLBACK TO takes the tenant back to (settings are
+    /// transactional: PostgreSQL undoes a SET made after the savepoint).
+    pub savepoint: Option<SavepointOp>,
+}
+
+/// A savepoint statement (names normalized like identifiers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SavepointOp {
+    /// `SAVEPOINT name`
+    Define(String),
+    /// `RELEASE [SAVEPOINT] name`
+    Release(String),
+    /// `ROLLBACK TO [SAVEPOINT] name`
+    RollbackTo(String),
 }
 
 impl TenantChange {
@@ -64,6 +79,15 @@ impl TenantChange {
             tenant,
             local,
             to_default: false,
+            savepoint: None,
+        }
+    }
+
+    /// A savepoint statement.
+    pub fn savepoint(op: SavepointOp) -> Self {
+        Self {
+            savepoint: Some(op),
+            ..Self::to(None, false)
         }
     }
 
@@ -75,9 +99,8 @@ impl TenantChange {
     /// Back to the session's default (RESET, DEFAULT, DISCARD ALL).
     pub fn reset(local: bool) -> Self {
         Self {
-            tenant: None,
-            local,
             to_default: true,
+            ..Self::to(None, local)
         }
     }
 
@@ -545,11 +568,20 @@ fn tenant_setting(
     policy: &Policy,
     statement: &Statement,
 ) -> Option<Result<TenantChange, Rejection>> {
-    if let Statement::Discard {
-        object_type: sqlparser::ast::DiscardObject::ALL,
-    } = statement
-    {
-        return Some(Ok(TenantChange::reset(false)));
+    let savepoint = match statement {
+        Statement::Discard {
+            object_type: sqlparser::ast::DiscardObject::ALL,
+        } => return Some(Ok(TenantChange::reset(false))),
+        Statement::Savepoint { name } => Some(SavepointOp::Define(ident_name(name))),
+        Statement::ReleaseSavepoint { name } => Some(SavepointOp::Release(ident_name(name))),
+        Statement::Rollback {
+            savepoint: Some(name),
+            ..
+        } => Some(SavepointOp::RollbackTo(ident_name(name))),
+        _ => None,
+    };
+    if let Some(op) = savepoint {
+        return Some(Ok(TenantChange::savepoint(op)));
     }
     let Statement::Set(sqlparser::ast::Set::SingleAssignment {
         variable,

@@ -15,8 +15,8 @@ mod set_config;
 mod write;
 
 pub use analyze::{
-    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SchemaFacts, StatementPlan,
-    TenantChange,
+    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
+    StatementPlan, TenantChange,
 };
 pub use fingerprint::fingerprint;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};

@@ -278,7 +278,7 @@ fn tenant_setting_is_recognized() {
     )
     .unwrap();
     assert!(
-        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false }) if t == "acme")
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false, savepoint: None }) if t == "acme")
     );
     assert!(matches!(
         &a.statements[1],
@@ -300,10 +300,10 @@ fn set_config_of_the_tenant_setting_is_followed_or_refused() {
     )
     .unwrap();
     assert!(
-        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false }) if t == "acme")
+        matches!(&a.statements[0], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: false, to_default: false, savepoint: None }) if t == "acme")
     );
     assert!(
-        matches!(&a.statements[1], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: true, to_default: false }) if t == "globex")
+        matches!(&a.statements[1], StatementPlan::SetTenant(TenantChange { tenant: Some(t), local: true, to_default: false, savepoint: None }) if t == "globex")
     );
     assert!(matches!(
         &a.statements[2],

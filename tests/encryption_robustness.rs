@@ -577,3 +577,52 @@ async fn a_close_or_redefinition_the_server_skipped_after_an_error_keeps_the_wri
     );
     assert_eq!(&cells[0][..4], b"CMK\x01", "and it is sealed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelined_set_is_not_undone_by_an_earlier_requests_error() {
+    let s = setup().await;
+    let app = s.app().await;
+    app.batch_execute(
+        "INSERT INTO vault (tenant_id, secret) VALUES ('acme', 'a1'), ('globex', 'g1')",
+    )
+    .await
+    .expect("rows");
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut sock = session(port, "app");
+        send(&mut sock, &common::raw::query("SET cmk.tenant_id = 'acme'"));
+        read_until_ready(&mut sock);
+        // One write: a request that fails, then one that sets globex, each
+        // with its own Sync. The server ends on globex.
+        let mut bytes = named_parse("", "SELECT 1/0");
+        bytes.extend(named_bind("", &[]));
+        bytes.extend(execute_sync());
+        bytes.extend(named_parse("", "SET cmk.tenant_id = 'globex'"));
+        bytes.extend(named_bind("", &[]));
+        bytes.extend(execute_sync());
+        send(&mut sock, &bytes);
+        let pipeline: Vec<BackendMessage> =
+            (0..2).flat_map(|_| read_until_ready(&mut sock)).collect();
+        send(
+            &mut sock,
+            &common::raw::query("SELECT secret FROM vault WHERE tenant_id = 'globex'"),
+        );
+        (pipeline, read_until_ready(&mut sock))
+    })
+    .await
+    .expect("raw session");
+    let (pipeline, read) = got;
+    assert_eq!(
+        pipeline.iter().filter(|m| m.tag == b'E').count(),
+        1,
+        "{pipeline:?}"
+    );
+    assert!(
+        read.iter().all(|m| m.tag != b'E'),
+        "the proxy must be on globex too: {:?}",
+        read.iter()
+            .find(|m| m.tag == b'E')
+            .and_then(|m| m.field(b'M'))
+    );
+    assert!(read.iter().any(|m| m.tag == b'D'));
+}

@@ -187,7 +187,13 @@ impl ResponseTracker {
                     Some(tag) if tag.starts_with(b"ROLLBACK") => self.rolled_back = true,
                     Some(tag) if tag.starts_with(b"COMMIT") => {
                         self.rolled_back = false;
-                        state.end_tenant_transaction(false);
+                        // The cycle being answered (its ReadyForQuery is
+                        // still to come).
+                        let cycle = state
+                            .cycles_answered
+                            .load(std::sync::atomic::Ordering::Acquire)
+                            + 1;
+                        state.end_tenant_transaction(false, cycle);
                     }
                     _ => {}
                 }
@@ -234,7 +240,12 @@ impl ResponseTracker {
         // Out of any transaction: tenant changes are final (or undone).
         let rolled_back = std::mem::take(&mut self.rolled_back);
         if frame.last() == Some(&b'I') {
-            state.end_tenant_transaction(rolled_back);
+            state.end_tenant_transaction(
+                rolled_back,
+                state
+                    .cycles_answered
+                    .load(std::sync::atomic::Ordering::Acquire),
+            );
         }
         if swallowed {
             return Step::Drop;

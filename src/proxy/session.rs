@@ -247,6 +247,9 @@ async fn run_session(
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
         syncs: Default::default(),
+        // The startup cycle (its ReadyForQuery is counted as answered).
+        cycles_sent: std::sync::atomic::AtomicU64::new(1),
+        cycles_answered: Default::default(),
         user: params.user.clone(),
         client_addr: peer.to_string(),
     };
@@ -406,6 +409,7 @@ impl Inspector for ClientInspector<'_> {
         match header.tag {
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => {
                 self.state.open_cycles.fetch_add(1, Ordering::AcqRel);
+                self.state.cycles_sent.fetch_add(1, Ordering::AcqRel);
             }
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
             _ => {}
@@ -659,6 +663,7 @@ impl Inspector for ServerInspector<'_> {
                     self.state.tx_status.store(*status, Ordering::Release);
                 }
                 self.state.open_cycles.fetch_sub(1, Ordering::AcqRel);
+                self.state.cycles_answered.fetch_add(1, Ordering::AcqRel);
             }
             backend::ERROR_RESPONSE => {
                 self.last_fatal = matches!(

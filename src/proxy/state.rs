@@ -17,6 +17,11 @@ pub(crate) struct TenantUndo {
     /// The transaction's savepoints, oldest first: name, and the tenant
     /// and LOCAL flag when it was made.
     savepoints: Vec<(String, Option<String>, bool)>,
+    /// The request cycles (Query or Sync, numbered from 1) of the first and
+    /// the last change: a cycle's end decides only about its own changes
+    /// (a pipelined later SET is not undone by an earlier cycle's error).
+    first_cycle: u64,
+    last_cycle: u64,
 }
 
 /// The failure a poisoned session's server transaction must be made to
@@ -77,6 +82,10 @@ pub(crate) struct SessionState {
     /// Sync messages the client has sent (after an error the server skips
     /// every message up to the next Sync).
     pub(crate) syncs: AtomicU64,
+    /// Request cycles sent (Query, Sync, FunctionCall, injected queries)
+    /// and answered (ReadyForQuery), counted from the first after startup.
+    pub(crate) cycles_sent: AtomicU64,
+    pub(crate) cycles_answered: AtomicU64,
     /// The server reported `standard_conforming_strings = off`: a backslash
     /// in a string literal then escapes, which the proxy's parser does not.
     pub(crate) nonstandard_strings: AtomicBool,
@@ -110,10 +119,17 @@ impl SessionState {
 
     /// Applies a tenant change the client sent (SET, SET LOCAL, RESET,
     /// DISCARD ALL), remembering what undoes it, or a savepoint statement.
-    pub(crate) fn change_tenant(&self, change: TenantChange) {
+    /// `next_sync`: the change is in an extended-protocol cycle whose Sync
+    /// is still to come (else in the Query just counted).
+    pub(crate) fn change_tenant(&self, change: TenantChange, next_sync: bool) {
         let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
             return;
         };
+        let cycle = self.cycles_sent.load(Ordering::Acquire) + u64::from(next_sync);
+        if undo.before.is_none() && undo.savepoints.is_empty() {
+            undo.first_cycle = cycle;
+        }
+        undo.last_cycle = cycle;
         let position = |undo: &TenantUndo, name: &str| {
             undo.savepoints
                 .iter()
@@ -125,12 +141,11 @@ impl SessionState {
                 undo.savepoints.push((name, tenant.clone(), local));
                 return;
             }
-            Some(SavepointOp::Release(name)) => {
-                if let Some(at) = position(&undo, &name) {
-                    undo.savepoints.truncate(at);
-                }
-                return;
-            }
+            // RELEASE keeps the tenant. The savepoint stays recorded: had
+            // the server skipped the RELEASE (after an error), a later
+            // ROLLBACK TO it works there and must here; had it done it, that
+            // ROLLBACK TO fails and the transaction's end undoes the rest.
+            Some(SavepointOp::Release(_)) => return,
             Some(SavepointOp::RollbackTo(name)) => {
                 // The savepoint stays; later ones are gone. An unknown name
                 // is the server's error (the transaction then fails).
@@ -162,12 +177,19 @@ impl SessionState {
             .unwrap_or(false)
     }
 
-    /// The server is idle again (no transaction): a change that was rolled
-    /// back, or was LOCAL, is undone; any other stays.
-    pub(crate) fn end_tenant_transaction(&self, rolled_back: bool) {
+    /// The transaction of request cycle `cycle` ended (idle again, or a
+    /// COMMIT): a change that was rolled back, or was LOCAL, is undone; any
+    /// other stays. Changes of later cycles (pipelined) wait for theirs;
+    /// when this cycle's and later ones' are mixed, all wait for the later
+    /// end (which then decides for all).
+    pub(crate) fn end_tenant_transaction(&self, rolled_back: bool, cycle: u64) {
         let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
             return;
         };
+        let pending = undo.before.is_some() || !undo.savepoints.is_empty();
+        if pending && undo.last_cycle > cycle {
+            return;
+        }
         let undo = std::mem::take(&mut *undo);
         if let Some(before) = undo.before {
             if rolled_back || undo.local {

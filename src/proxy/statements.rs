@@ -67,6 +67,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         message,
     };
     state.open_cycles.fetch_add(1, Ordering::AcqRel);
+    state.cycles_sent.fetch_add(1, Ordering::AcqRel);
     state.pending.push(Expected::Query {
         swallow: true,
         fingerprint: Arc::from(""),
@@ -456,10 +457,10 @@ impl ClientStatements {
     fn execute(&mut self, frame: &[u8], body: &[u8], state: &SessionState) -> ClientStep {
         let portal = cstr(body).map_or_else(|| self.portal(""), |name| self.portal(name));
         if let StatementKind::SetTenant(change) = &portal.statement.kind {
-            state.change_tenant(change.clone());
+            state.change_tenant(change.clone(), true);
         }
         if let Some(change) = &portal.tenant_change {
-            state.change_tenant(change.clone());
+            state.change_tenant(change.clone(), true);
         }
         let describe = !portal.described.load(Ordering::Acquire)
             && !portal.statement.described.load(Ordering::Acquire);
@@ -934,7 +935,7 @@ async fn simple_query(
     match encryption.rewrite_simple_query(sql, &info).await {
         Ok(rewrite) => {
             for change in rewrite.tenant_changes {
-                state.change_tenant(change);
+                state.change_tenant(change, false);
             }
             // The catalog is reloaded at this query's own ReadyForQuery,
             // not at one still on its way for an earlier query.

@@ -204,18 +204,28 @@ pub fn analyze_in(
                     None,
                     "SQL that cmk-proxy cannot parse (it may touch protected data)",
                 )),
-                // sqlparser does not know RESET: the tenant is cleared (the
-                // safe direction: writes then need an explicit tenant).
-                // Checked after the refusals, so a reset word cannot wave
-                // SQL that names protected data through.
-                None if resets_tenant(policy, sql) => Ok(Analysis {
-                    statements: vec![StatementPlan::SetTenant(TenantChange::reset(false))],
-                    client_params,
-                }),
-                None => Ok(Analysis {
-                    statements: vec![StatementPlan::Untouched],
-                    client_params,
-                }),
+                // sqlparser does not know RESET: the tenant goes back to the
+                // session's default. Checked after the refusals, so a reset
+                // word cannot wave SQL that names protected data through.
+                None => match reset_of_tenant(policy, sql) {
+                    TenantReset::Reset => Ok(Analysis {
+                        statements: vec![StatementPlan::SetTenant(TenantChange::reset(false))],
+                        client_params,
+                    }),
+                    TenantReset::Unsure => Err(Rejection {
+                        sqlstate: KM003,
+                        table: None,
+                        column: None,
+                        message: format!(
+                            "cmk-proxy: RESET of {} is supported only alone in its query string (the proxy must know the tenant)",
+                            policy.tenant.session_setting
+                        ),
+                    }),
+                    TenantReset::No => Ok(Analysis {
+                        statements: vec![StatementPlan::Untouched],
+                        client_params,
+                    }),
+                },
             };
         }
     };
@@ -502,53 +512,83 @@ fn has_nested_write(statement: &Statement) -> bool {
     found.0
 }
 
-/// `RESET <tenant setting>` or `RESET ALL` anywhere in SQL that did not
-/// parse (and names no protected data).
-fn resets_tenant(policy: &Policy, sql: &str) -> bool {
-    // Comments separate words like spaces (`RESET/**/cmk.tenant_id`), and
-    // a quoted setting name is the same setting.
-    let words: Vec<String> = without_comments(sql)
-        .split(|c: char| c.is_whitespace() || c == ';')
-        .filter(|w| !w.is_empty())
-        .map(|w| w.replace('"', "").to_lowercase())
-        .collect();
-    let setting = policy.tenant.session_setting.to_lowercase();
-    words
-        .windows(2)
-        .any(|w| w[0] == "reset" && (w[1] == "all" || w[1] == setting))
+/// What SQL that did not parse does to the tenant setting.
+enum TenantReset {
+    /// Nothing.
+    No,
+    /// `RESET <tenant setting>` or `RESET ALL`, alone in its query string.
+    Reset,
+    /// A reset among other statements, or SQL that cannot be tokenized and
+    /// says RESET: the proxy cannot tell what the server ends with.
+    Unsure,
 }
 
-/// `sql` with its comments (`-- …` to the end of the line, nested
-/// `/* … */`) replaced by spaces. String literals are not looked at: this
-/// only serves the word search of [`resets_tenant`].
-fn without_comments(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    let mut depth = 0usize;
-    while let Some(c) = chars.next() {
-        match (c, chars.peek().copied()) {
-            ('/', Some('*')) => {
-                chars.next();
-                depth += 1;
-                out.push(' ');
+/// Finds `RESET <tenant setting>` / `RESET ALL` in SQL that did not parse
+/// (and names no protected data), with sqlparser's tokenizer: comments and
+/// string literals are read as PostgreSQL reads them, quoted names too.
+fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
+    use sqlparser::tokenizer::{Token, Tokenizer};
+    let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
+        return if sql.to_lowercase().contains("reset") {
+            TenantReset::Unsure
+        } else {
+            TenantReset::No
+        };
+    };
+    // Dotted names joined (`cmk . tenant_id` is one name), whitespace and
+    // comments dropped; statements split at `;`.
+    let mut statements: Vec<Vec<String>> = vec![Vec::new()];
+    let mut joining = false;
+    for token in tokens {
+        match token {
+            Token::Whitespace(_) => {}
+            Token::SemiColon => {
+                statements.push(Vec::new());
+                joining = false;
             }
-            ('*', Some('/')) if depth > 0 => {
-                chars.next();
-                depth -= 1;
-            }
-            _ if depth > 0 => {}
-            ('-', Some('-')) => {
-                for c in chars.by_ref() {
-                    if c == '\n' || c == '\r' {
-                        break;
+            Token::Period => joining = true,
+            other => {
+                let word = match &other {
+                    Token::Word(w) => w.value.to_lowercase(),
+                    _ => other.to_string(),
+                };
+                let Some(current) = statements.last_mut() else {
+                    continue;
+                };
+                match current.last_mut() {
+                    Some(last) if joining => {
+                        last.push('.');
+                        last.push_str(&word);
                     }
+                    _ => current.push(word),
                 }
-                out.push(' ');
+                joining = false;
             }
-            _ => out.push(c),
         }
     }
-    out
+    statements.retain(|s| !s.is_empty());
+    let setting = policy.tenant.session_setting.to_lowercase();
+    let resets = |words: &Vec<String>| {
+        words
+            .windows(2)
+            .any(|w| w[0] == "reset" && (w[1] == "all" || w[1] == setting))
+    };
+    // Another statement that may touch the setting: which one wins?
+    let touches = |words: &Vec<String>| {
+        words.iter().any(|w| {
+            *w == setting
+                || w.ends_with(&format!("'{setting}'"))
+                || w == "set_config"
+                || w == "pg_settings"
+        })
+    };
+    let resetting = statements.iter().filter(|s| resets(s)).count();
+    let others = statements.iter().filter(|s| !resets(s));
+    match resetting {
+        0 => TenantReset::No,
+        1 if !others.clone().any(touches) => TenantReset::Reset,
+        _ => TenantReset::Unsure,
+    }
 }
 
 /// `UPDATE pg_settings ...`: PostgreSQL's other way to change a setting.
@@ -749,6 +789,11 @@ fn plan_statement(
         child = relation_key(name)
             .filter(|key| scope.children.contains_key(key))
             .or_else(|| {
+                // A name that is a policy table is that table (schema-per-
+                // tenant children may share its bare name).
+                if policy_table(policy, name).is_some() {
+                    return None;
+                }
                 let bare = unqualified(name)?;
                 let key = keys_named(scope.children.keys(), &bare).next().cloned();
                 key

@@ -457,6 +457,30 @@ fn tenant_changes_local_reset_and_discard() {
         change("SET cmk.tenant_id = ''"),
         TenantChange::to(None, false)
     );
+    // A comment marker inside a string literal is no comment; a reset
+    // among other statements on the setting cannot be attributed: refused.
+    for sql in [
+        "SELECT '--'; RESET cmk.tenant_id",
+        "SELECT '/*'; RESET cmk.tenant_id",
+        "RESET ALL; SET cmk.tenant_id = 'globex'",
+        "SET cmk.tenant_id = 'globex'; RESET ALL",
+    ] {
+        let refused = analyze(&policy(), sql, 0);
+        let is_reset = matches!(&refused, Ok(a) if matches!(a.statements[..], [StatementPlan::SetTenant(ref c)] if *c == TenantChange::reset(false)));
+        assert!(
+            is_reset || refused.as_ref().is_err_and(|r| r.sqlstate == KM003),
+            "{sql}: {refused:?}"
+        );
+    }
+    assert_eq!(
+        rejection("RESET ALL; SET cmk.tenant_id = 'globex'").sqlstate,
+        KM003
+    );
+    let untouched = analyze(&policy(), "SELECT 'reset cmk.tenant_id' FROM x WHERE (", 0).unwrap();
+    assert!(matches!(
+        untouched.statements[..],
+        [StatementPlan::Untouched]
+    ));
     // Values the proxy could misread are refused, not taken as "no tenant"
     // while the server has one.
     for sql in [
@@ -778,6 +802,13 @@ fn statements_naming_a_partition_of_a_protected_table_are_refused() {
     facts
         .children
         .insert("app.patients_2025".to_owned(), "public.patients".to_owned());
+    // A child that shares the policy table's bare name (schema per tenant)
+    // does not make the policy table itself unusable.
+    facts
+        .children
+        .insert("acme.patients".to_owned(), "public.patients".to_owned());
+    assert!(analyze_in(&policy(), &facts, "SELECT ssn FROM patients", 0).is_ok());
+    assert!(analyze_in(&policy(), &facts, "SELECT ssn FROM acme.patients", 0).is_err());
     for sql in [
         "INSERT INTO patients_2025 (tenant_id, ssn) VALUES ('acme', '123-45-6789')",
         "UPDATE patients_2025 SET ssn = '123-45-6789' WHERE id = 1",
@@ -895,12 +926,28 @@ fn a_cast_that_could_change_the_tenant_value_makes_it_unknown() {
         "{:?}",
         update.rows[0].tenant
     );
+    for sql in [
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme-corp'::char(4), 'x')",
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme-corp'::bpchar(4), 'x')",
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme-corp'::name, 'x')",
+    ] {
+        assert_eq!(rejection(sql).sqlstate, KM004, "{sql}");
+    }
+    let typed = write_plan(
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('42'::INTEGER, 'x'), ($1::uuid, 'y')",
+        1,
+    );
+    assert!(matches!(&typed.rows[0].tenant, TenantSource::Literal(t) if t == "42"));
+    assert!(matches!(&typed.rows[1].tenant, TenantSource::Param(1)));
     // Casts that keep the text as it is still name the tenant.
     for sql in [
         "INSERT INTO patients (tenant_id, ssn) VALUES ('acme'::text, 'x')",
         "INSERT INTO patients (tenant_id, ssn) VALUES (('acme')::varchar, 'x')",
         "INSERT INTO patients (tenant_id, ssn) SELECT v.t::VARCHAR, v.s FROM (VALUES ('acme', 'x')) AS v(t, s)",
         "UPDATE patients SET ssn = 'x' WHERE tenant_id = 'acme'::text AND id = 17",
+        // As ORMs write a typed tenant (SQLAlchemy's render_bind_cast,
+        // insertmanyvalues): the column's own input, nothing cut.
+        "INSERT INTO patients (tenant_id, ssn) SELECT p0::VARCHAR, p1::VARCHAR FROM (VALUES ('acme', 'x')) AS imp_sen(p0, p1)",
     ] {
         let plan = write_plan(sql, 0);
         assert!(

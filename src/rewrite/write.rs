@@ -170,8 +170,10 @@ fn column_ident(name: &str) -> Ident {
 }
 
 /// The tenant value of an expression, read as the server will store it: a
-/// cast other than to `text` may change it (`'acme-corp'::varchar(4)` is
-/// `acme`), so it makes the value unknown.
+/// cast to a length-limited string type may change it
+/// (`'acme-corp'::varchar(4)` is `acme`), so it makes the value unknown.
+/// Other casts (`::integer`, `::uuid`, as ORMs write them) store what the
+/// column's own input would.
 fn tenant_operand(expr: &Expr) -> Operand {
     match expr {
         Expr::Cast {
@@ -183,13 +185,22 @@ fn tenant_operand(expr: &Expr) -> Operand {
     }
 }
 
-/// A cast that leaves a text value as it is: `text`, `varchar` without a
-/// length.
+/// False for a cast that may cut or pad a text value: `char`, `char(n)`,
+/// `varchar(n)`, `name` (63 bytes).
 fn keeps_text(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Text | DataType::Varchar(None) | DataType::CharacterVarying(None)
-    )
+    match data_type {
+        DataType::Char(_)
+        | DataType::Character(_)
+        | DataType::Varchar(Some(_))
+        | DataType::CharacterVarying(Some(_))
+        | DataType::CharVarying(Some(_))
+        | DataType::Nvarchar(Some(_)) => false,
+        DataType::Custom(name, _) => !matches!(
+            name.to_string().to_lowercase().as_str(),
+            "bpchar" | "name" | "pg_catalog.bpchar" | "pg_catalog.name"
+        ),
+        _ => true,
+    }
 }
 
 /// True when every cast on `expr` keeps a text value as it is.

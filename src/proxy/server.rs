@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -145,14 +146,12 @@ impl SessionWorkers {
                                     continue;
                                 }
                             };
-                            let session = serve_client(socket, peer, ctx.clone());
-                            sessions.spawn(
-                                async move {
-                                    session.await;
-                                    drop(guard);
-                                }
-                                .instrument(span.clone()),
-                            );
+                            // `map`, not an `async move` wrapper: an async
+                            // block that awaits a moved-in future keeps two
+                            // copies of it in the task (20 KiB per session).
+                            let session = serve_client(socket, peer, ctx.clone())
+                                .map(move |()| drop(guard));
+                            sessions.spawn(session.instrument(span.clone()));
                         }
                         sessions.wait().await;
                     })

@@ -87,6 +87,9 @@ pub struct Pump {
     /// Room to have free before a read: grows when a read fills the
     /// buffer, so a burst that came in one segment is read in one call.
     burst_hint: usize,
+    /// A read error met while reading on without waiting, reported by the
+    /// next `fill` (after the bytes read before it are forwarded).
+    deferred_error: Option<std::io::Error>,
 }
 
 impl Pump {
@@ -105,6 +108,7 @@ impl Pump {
             writing: false,
             limit,
             burst_hint: MIN_BUFFER,
+            deferred_error: None,
         }
     }
 
@@ -121,6 +125,9 @@ impl Pump {
     /// socket). Cancel-safe: if the future is dropped, no bytes are lost.
     /// `Err` when the direction ends.
     pub async fn fill<R: AsyncRead + Unpin>(&mut self, src: &mut R) -> Result<(), PumpEnd> {
+        if let Some(e) = self.deferred_error.take() {
+            return Err(PumpEnd::ReadError(e));
+        }
         self.ensure_room();
         let mut room = self.buf.capacity() - self.buf.len();
         let mut n = src
@@ -138,9 +145,13 @@ impl Pump {
             // does), and a pending read leaves no state behind.
             n = match src.read_buf(&mut self.buf).now_or_never() {
                 Some(Ok(read)) => read,
-                // End of stream or an error: the next `fill` reports it,
-                // after the bytes read so far are forwarded.
-                Some(Err(_)) | None => break,
+                // An error: the next `fill` reports it, after the bytes
+                // read so far are forwarded (as it does end of stream).
+                Some(Err(e)) => {
+                    self.deferred_error = Some(e);
+                    break;
+                }
+                None => break,
             };
             if n == 0 {
                 break;
@@ -457,6 +468,42 @@ mod tests {
         assert_eq!(inspector.0, b"TRZ");
         // The pump learned the burst size: the next one is read in one call.
         assert!(pump.burst_hint > MIN_BUFFER);
+    }
+
+    /// Fills whatever room the first read has, fails the second read
+    /// (connection reset), then reads end of stream, as a socket does.
+    struct FullThenReset(u8);
+
+    impl AsyncRead for FullThenReset {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            self.0 += 1;
+            std::task::Poll::Ready(match self.0 {
+                1 => {
+                    buf.put_slice(&vec![b'D'; buf.remaining()]);
+                    Ok(())
+                }
+                2 => Err(std::io::ErrorKind::ConnectionReset.into()),
+                _ => Ok(()),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_error_met_while_reading_on_is_reported_not_taken_for_the_end() {
+        let mut pump = Pump::new(BytesMut::new(), 1 << 20);
+        let mut src = FullThenReset(0);
+        pump.fill(&mut src).await.unwrap();
+        assert!(!pump.buf.is_empty(), "the bytes read before the error stay");
+        match pump.fill(&mut src).await {
+            Err(PumpEnd::ReadError(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset)
+            }
+            other => panic!("expected the read error, got {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::encryption::{keyring, poll_until, rows, EncryptedSetup};
+use common::encryption::{count, keyring, poll_until, rows, EncryptedSetup};
 use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &[
@@ -394,6 +394,35 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
         "globex after RELEASE"
     );
     app.simple_query("RESET cmk.tenant_id").await.unwrap();
+    // ROLLBACK AND CHAIN undoes the SET and starts the next transaction at
+    // once (no idle ReadyForQuery in between): the proxy is back on acme
+    // inside it, in one query string and statement by statement.
+    for extended in [false, true] {
+        if extended {
+            for sql in [
+                "BEGIN",
+                "SET cmk.tenant_id = 'globex'",
+                "ROLLBACK AND CHAIN",
+            ] {
+                app.execute(sql, &[]).await.unwrap();
+            }
+        } else {
+            app.batch_execute("BEGIN; SET cmk.tenant_id = 'globex'; ROLLBACK AND CHAIN")
+                .await
+                .unwrap();
+        }
+        let shown = rows(&app, "SHOW cmk.tenant_id").await;
+        assert_eq!(shown, vec![vec![Some("acme".to_owned())]], "{extended}");
+        let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
+        assert_eq!(mine, vec![vec![Some("a1".to_owned())]], "{extended}");
+        let (code, _) = refused(
+            &app,
+            "SELECT notes FROM patients WHERE tenant_id = 'globex'",
+        )
+        .await;
+        assert_eq!(code, "KM006", "acme after ROLLBACK AND CHAIN ({extended})");
+        app.batch_execute("ROLLBACK").await.unwrap();
+    }
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
     let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;
@@ -572,13 +601,8 @@ async fn a_failed_read_inside_a_transaction_fails_the_server_transaction_too() {
         "the transaction is aborted on the server too: {message}"
     );
     app.simple_query("COMMIT").await.unwrap();
-    let count: i64 = s
-        .direct
-        .query_one("SELECT count(*) FROM patients", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(count, 2, "COMMIT did not commit half of the work");
+    let stored = count(&s.direct, "SELECT count(*) FROM patients").await;
+    assert_eq!(stored, 2, "COMMIT did not commit half of the work");
     assert_eq!(
         rows(&app, "SELECT count(*) FROM patients").await[0][0].as_deref(),
         Some("2")
@@ -755,13 +779,8 @@ async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_an
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let count: i64 = s
-        .direct
-        .query_one("SELECT count(*) FROM patients", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(count, 2, "the LATIN1 write was not stored");
+    let stored = count(&s.direct, "SELECT count(*) FROM patients").await;
+    assert_eq!(stored, 2, "the LATIN1 write was not stored");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -879,13 +898,8 @@ async fn a_partitioned_protected_table_is_used_through_its_parent_only() {
         rows(&app, "SELECT notes FROM low_view").await,
         vec![vec![Some("through the parent".to_owned())]]
     );
-    let count: i64 = s
-        .direct
-        .query_one("SELECT count(*) FROM parts", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(count, 1, "nothing was written through the views");
+    let stored = count(&s.direct, "SELECT count(*) FROM parts").await;
+    assert_eq!(stored, 1, "nothing was written through the views");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -275,7 +275,10 @@ impl Encryption {
                         // The savepoints are the session's: statements after
                         // a ROLLBACK TO in this query are planned with no
                         // tenant (writes then name theirs, or are KM004).
-                        Some(rewrite::SavepointOp::RollbackTo(_)) => None,
+                        Some(
+                            rewrite::SavepointOp::RollbackTo(_)
+                            | rewrite::SavepointOp::RollbackAndChain,
+                        ) => None,
                         Some(_) => tenant,
                     };
                     out.tenant_changes.push(change);

@@ -146,6 +146,21 @@ impl SessionState {
             // ROLLBACK TO it works there and must here; had it done it, that
             // ROLLBACK TO fails and the transaction's end undoes the rest.
             Some(SavepointOp::Release(_)) => return,
+            // A rollback never fails, and an aborted transaction can only
+            // roll back: the tenant from before the transaction is back.
+            // Only when no earlier cycle is still unanswered: then what is
+            // pending is this transaction's (an earlier cycle's own end may
+            // still be on its way, and it decides for its changes).
+            Some(SavepointOp::RollbackAndChain) => {
+                let answered = self.cycles_answered.load(Ordering::Acquire);
+                if answered + 1 >= cycle {
+                    let ended = std::mem::take(&mut *undo);
+                    if let Some(before) = ended.before {
+                        *tenant = before;
+                    }
+                }
+                return;
+            }
             Some(SavepointOp::RollbackTo(name)) => {
                 // The savepoint stays; later ones are gone. An unknown name
                 // is the server's error (the transaction then fails).

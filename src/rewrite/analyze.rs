@@ -70,6 +70,9 @@ pub enum SavepointOp {
     Release(String),
     /// `ROLLBACK TO [SAVEPOINT] name`
     RollbackTo(String),
+    /// `ROLLBACK AND CHAIN`: the transaction's changes are undone and the
+    /// next transaction starts at once, so no idle ReadyForQuery ends it.
+    RollbackAndChain,
 }
 
 impl TenantChange {
@@ -618,6 +621,10 @@ fn tenant_setting(
             savepoint: Some(name),
             ..
         } => Some(SavepointOp::RollbackTo(ident_name(name))),
+        Statement::Rollback {
+            chain: true,
+            savepoint: None,
+        } => Some(SavepointOp::RollbackAndChain),
         _ => None,
     };
     if let Some(op) = savepoint {

@@ -25,6 +25,18 @@ fn rejection(sql: &str) -> Rejection {
     analyze(&policy(), sql, 0).unwrap_err()
 }
 
+/// The KM003 refusal of `sql`, whose message says `saying`.
+fn refused_saying(sql: &str, saying: &str) -> Rejection {
+    let refusal = rejection(sql);
+    assert_eq!(refusal.sqlstate, KM003, "{sql}: {}", refusal.message);
+    assert!(
+        refusal.message.contains(saying),
+        "{sql}: {}",
+        refusal.message
+    );
+    refusal
+}
+
 #[test]
 fn statements_on_other_tables_are_untouched() {
     let a = analyze(
@@ -395,9 +407,7 @@ fn whole_row_references_and_function_bodies_are_refused() {
         "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ INSERT INTO patients (tenant_id, ssn) VALUES ('a', 'x') $$",
         "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS $$ UPDATE public.patients SET notes = 'x' $$",
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}");
-        assert!(refusal.message.contains("public.patients"), "{sql}: {}", refusal.message);
+        refused_saying(sql, "public.patients");
     }
     // Columns, qualified columns, p.* and functions on other tables pass.
     for sql in [
@@ -489,13 +499,7 @@ fn tenant_changes_local_reset_and_discard() {
         "SET cmk.tenant_id = +5",
         "SET cmk.tenant_id = 'a', 'b'",
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}");
-        assert!(
-            refusal.message.contains("SET cmk.tenant_id = '<tenant>'"),
-            "{}",
-            refusal.message
-        );
+        refused_saying(sql, "SET cmk.tenant_id = '<tenant>'");
     }
 }
 
@@ -507,9 +511,7 @@ fn data_modifying_statements_inside_queries_are_refused() {
         "WITH c AS (INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'plain') RETURNING id) SELECT * FROM c",
         "WITH c AS (DELETE FROM patients RETURNING notes) SELECT 1",
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}");
-        assert!(refusal.message.contains("data-modifying"), "{}", refusal.message);
+        refused_saying(sql, "data-modifying");
     }
     // On other tables they pass.
     let plain = analyze(
@@ -863,11 +865,9 @@ fn alter_table_that_moves_names_away_from_the_data_is_refused() {
             "dropping",
         ),
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}");
+        let refusal = refused_saying(sql, what);
         assert_eq!(refusal.table.as_deref(), Some("public.patients"), "{sql}");
         assert_eq!(refusal.column.as_deref(), column, "{sql}");
-        assert!(refusal.message.contains(what), "{sql}: {}", refusal.message);
         assert!(
             refusal.message.contains("directly in PostgreSQL"),
             "{}",
@@ -970,14 +970,8 @@ fn ddl_that_puts_a_policy_name_on_other_data_or_hooks_a_policy_table_is_refused(
         "ALTER TABLE patients ADD COLUMN notes bytea DEFAULT convert_to('x', 'UTF8')",
         "ALTER TABLE patients ADD COLUMN ssn_bidx bytea GENERATED ALWAYS AS (ssn) STORED",
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}: {}", refusal.message);
+        let refusal = refused_saying(sql, "directly in PostgreSQL");
         assert_eq!(refusal.table.as_deref(), Some("public.patients"), "{sql}");
-        assert!(
-            refusal.message.contains("directly in PostgreSQL"),
-            "{}",
-            refusal.message
-        );
     }
     for sql in [
         "ALTER TABLE staging RENAME TO staging_old",
@@ -1004,13 +998,7 @@ fn a_qualified_star_as_a_value_is_a_whole_row_reference() {
         "SELECT json_agg(p.* ORDER BY p.id) FROM patients p",
         "SELECT format('%s', p.*) FROM patients AS p",
     ] {
-        let refusal = rejection(sql);
-        assert_eq!(refusal.sqlstate, KM003, "{sql}");
-        assert!(
-            refusal.message.contains("whole-row"),
-            "{sql}: {}",
-            refusal.message
-        );
+        refused_saying(sql, "whole-row");
     }
     // In the SELECT list it is every column, each decrypted.
     assert!(analyze(&policy(), "SELECT p.* FROM patients p", 0).is_ok());

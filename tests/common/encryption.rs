@@ -120,6 +120,11 @@ impl EncryptedSetup {
 }
 
 /// The rows of a simple query, as text (NULL is `None`); panics on an error.
+/// The single integer a `SELECT count(*) …` returns.
+pub async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client
         .simple_query(sql)

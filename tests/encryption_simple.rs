@@ -423,6 +423,32 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
         assert_eq!(code, "KM006", "acme after ROLLBACK AND CHAIN ({extended})");
         app.batch_execute("ROLLBACK").await.unwrap();
     }
+    // Several transactions in one query string: each transaction end
+    // decides for the changes before it, in order. The proxy must agree
+    // with the server (SHOW) whatever the server did.
+    for sql in [
+        "SET cmk.tenant_id = 'globex'; ROLLBACK; RESET ALL",
+        "BEGIN; SET cmk.tenant_id = 'acme'; ROLLBACK; SET cmk.tenant_id = 'acme'",
+        "BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; SET cmk.tenant_id = 'globex'; SELECT 1/0",
+        "BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; BEGIN; SET cmk.tenant_id = 'globex'",
+    ] {
+        app.batch_execute("SET cmk.tenant_id = 'globex'")
+            .await
+            .unwrap();
+        let _ = app.batch_execute(sql).await;
+        let _ = app.batch_execute("ROLLBACK").await;
+        let shown = rows(&app, "SHOW cmk.tenant_id").await[0][0]
+            .clone()
+            .unwrap();
+        let other = if shown == "acme" { "globex" } else { "acme" };
+        let read = |t: &str| format!("SELECT notes FROM patients WHERE tenant_id = '{t}'");
+        if let Err(e) = app.simple_query(&read(&shown)).await {
+            panic!("{sql}: server on {shown}, the proxy refused its rows: {e:?}");
+        }
+        let (code, _) = refused(&app, &read(other)).await;
+        assert_eq!(code, "KM006", "{sql}: server on {shown}");
+    }
+    app.batch_execute("RESET cmk.tenant_id").await.unwrap();
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();
     let all = rows(&app, "SELECT notes FROM patients ORDER BY id").await;

@@ -276,8 +276,7 @@ impl Encryption {
                         // a ROLLBACK TO in this query are planned with no
                         // tenant (writes then name theirs, or are KM004).
                         Some(
-                            rewrite::SavepointOp::RollbackTo(_)
-                            | rewrite::SavepointOp::RollbackAndChain,
+                            rewrite::SavepointOp::RollbackTo(_) | rewrite::SavepointOp::Rollback,
                         ) => None,
                         Some(_) => tenant,
                     };

@@ -21,7 +21,7 @@ use super::encryption::Encryption;
 use super::pending::{Expected, Portal, Shape};
 use super::relay::Interest;
 use super::results::{plan_rows, PlannedRows, ResultPlan};
-use super::state::SessionState;
+use super::state::{EndSettled, SessionState};
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
 use crate::protocol::{backend, ErrorResponse, HEADER_LEN};
 
@@ -178,22 +178,29 @@ impl ResponseTracker {
                 }
             }
             (backend::COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED, frame) => {
-                // The last transaction end of the cycle decides: ROLLBACK TO
-                // SAVEPOINT has the tag ROLLBACK too, and a COMMIT after it
-                // keeps the transaction. A COMMIT ends the transaction at
-                // once: what the cycle does after it (an error, COMMIT AND
-                // CHAIN's next transaction) is another transaction's.
+                // Each COMMIT or ROLLBACK tag settles the transaction end
+                // (or ROLLBACK TO) the client sent, in order: what comes
+                // after it in the cycle (an error, another transaction,
+                // AND CHAIN's) is another transaction's. Ends the proxy did
+                // not see: a ROLLBACK leaves the cycle's end to decide, a
+                // COMMIT ends the transaction at once.
                 match frame.and_then(|f| f.get(HEADER_LEN..)) {
-                    Some(tag) if tag.starts_with(b"ROLLBACK") => self.rolled_back = true,
-                    Some(tag) if tag.starts_with(b"COMMIT") => {
+                    Some(b"ROLLBACK\0") => match state.settle_transaction_end(false) {
+                        Some(EndSettled::Transaction) => self.rolled_back = false,
+                        Some(EndSettled::Savepoint) => {}
+                        None => self.rolled_back = true,
+                    },
+                    Some(b"COMMIT\0") => {
                         self.rolled_back = false;
-                        // The cycle being answered (its ReadyForQuery is
-                        // still to come).
-                        let cycle = state
-                            .cycles_answered
-                            .load(std::sync::atomic::Ordering::Acquire)
-                            + 1;
-                        state.end_tenant_transaction(false, cycle);
+                        if state.settle_transaction_end(true).is_none() {
+                            // The cycle being answered (its ReadyForQuery is
+                            // still to come).
+                            let cycle = state
+                                .cycles_answered
+                                .load(std::sync::atomic::Ordering::Acquire)
+                                + 1;
+                            state.end_tenant_transaction(false, cycle);
+                        }
                     }
                     _ => {}
                 }
@@ -239,13 +246,12 @@ impl ResponseTracker {
         self.skipping = false;
         // Out of any transaction: tenant changes are final (or undone).
         let rolled_back = std::mem::take(&mut self.rolled_back);
+        let cycle = state
+            .cycles_answered
+            .load(std::sync::atomic::Ordering::Acquire);
+        state.cycle_answered(cycle);
         if frame.last() == Some(&b'I') {
-            state.end_tenant_transaction(
-                rolled_back,
-                state
-                    .cycles_answered
-                    .load(std::sync::atomic::Ordering::Acquire),
-            );
+            state.end_tenant_transaction(rolled_back, cycle);
         }
         if swallowed {
             return Step::Drop;

@@ -22,6 +22,38 @@ pub(crate) struct TenantUndo {
     /// (a pipelined later SET is not undone by an earlier cycle's error).
     first_cycle: u64,
     last_cycle: u64,
+    /// Tenant changes applied so far (numbers them for the ends below).
+    changes: u64,
+    /// Transaction ends and ROLLBACK TOs sent, oldest first, each waiting
+    /// for its CommandComplete tag (COMMIT or ROLLBACK), which arrive in
+    /// the same order.
+    ends: std::collections::VecDeque<EndMark>,
+}
+
+/// A COMMIT, ROLLBACK or ROLLBACK TO on its way: what the session looked
+/// like when it was sent.
+#[derive(Debug)]
+struct EndMark {
+    /// Its request cycle (a skipped end is dropped when that cycle ends).
+    cycle: u64,
+    /// ROLLBACK TO (handled when sent; only its tag is to be matched).
+    savepoint_only: bool,
+    /// The tenant, the pending undo and the LOCAL flag before it.
+    tenant: Option<String>,
+    before: Option<Option<String>>,
+    local: bool,
+    /// Changes applied before it, and savepoints recorded before it.
+    changes: u64,
+    savepoints: usize,
+}
+
+/// What a COMMIT or ROLLBACK tag settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EndSettled {
+    /// A ROLLBACK TO's tag.
+    Savepoint,
+    /// A transaction end: the changes before it are final or undone.
+    Transaction,
 }
 
 /// The failure a poisoned session's server transaction must be made to
@@ -130,6 +162,15 @@ impl SessionState {
             undo.first_cycle = cycle;
         }
         undo.last_cycle = cycle;
+        let mark = |undo: &TenantUndo, savepoint_only: bool| EndMark {
+            cycle,
+            savepoint_only,
+            tenant: tenant.clone(),
+            before: undo.before.clone(),
+            local: undo.local,
+            changes: undo.changes,
+            savepoints: undo.savepoints.len(),
+        };
         let position = |undo: &TenantUndo, name: &str| {
             undo.savepoints
                 .iter()
@@ -146,22 +187,17 @@ impl SessionState {
             // ROLLBACK TO it works there and must here; had it done it, that
             // ROLLBACK TO fails and the transaction's end undoes the rest.
             Some(SavepointOp::Release(_)) => return,
-            // A rollback never fails, and an aborted transaction can only
-            // roll back: the tenant from before the transaction is back.
-            // Only when no earlier cycle is still unanswered: then what is
-            // pending is this transaction's (an earlier cycle's own end may
-            // still be on its way, and it decides for its changes).
-            Some(SavepointOp::RollbackAndChain) => {
-                let answered = self.cycles_answered.load(Ordering::Acquire);
-                if answered + 1 >= cycle {
-                    let ended = std::mem::take(&mut *undo);
-                    if let Some(before) = ended.before {
-                        *tenant = before;
-                    }
-                }
+            // Decided when its tag arrives; changes after it belong to the
+            // next transaction (a LOCAL one too).
+            Some(SavepointOp::Commit | SavepointOp::Rollback) => {
+                let end = mark(&undo, false);
+                undo.ends.push_back(end);
+                undo.local = false;
                 return;
             }
             Some(SavepointOp::RollbackTo(name)) => {
+                let end = mark(&undo, true);
+                undo.ends.push_back(end);
                 // The savepoint stays; later ones are gone. An unknown name
                 // is the server's error (the transaction then fails).
                 if let Some(at) = position(&undo, &name) {
@@ -180,16 +216,54 @@ impl SessionState {
         if undo.before.is_none() {
             undo.before = Some(tenant.clone());
         }
+        undo.changes += 1;
         undo.local |= change.local;
         *tenant = change.resolve(self.default_tenant.as_deref());
     }
 
-    /// True while a tenant change waits for the end of its transaction.
+    /// A COMMIT (`committed`) or ROLLBACK tag arrived: settles the oldest
+    /// end on its way. A commit makes the changes before it final (a LOCAL
+    /// one excepted); a rollback, or a COMMIT of a failed transaction,
+    /// undoes them. Changes after it now wait on what it left. `None`
+    /// when no end was on its way (the cycle's end decides).
+    pub(crate) fn settle_transaction_end(&self, committed: bool) -> Option<EndSettled> {
+        let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
+            return None;
+        };
+        let end = undo.ends.pop_front()?;
+        if end.savepoint_only {
+            return Some(EndSettled::Savepoint);
+        }
+        let left = match end.before {
+            Some(before) if !committed || end.local => before,
+            _ => end.tenant,
+        };
+        let recorded = end.savepoints.min(undo.savepoints.len());
+        undo.savepoints.drain(..recorded);
+        if undo.changes > end.changes {
+            undo.before = Some(left);
+        } else {
+            undo.before = None;
+            *tenant = left;
+        }
+        Some(EndSettled::Transaction)
+    }
+
+    /// True while a tenant change waits for the end of its transaction, or
+    /// a transaction end for its tag.
     pub(crate) fn tenant_change_pending(&self) -> bool {
         self.tenant_undo
             .lock()
-            .map(|u| u.before.is_some())
+            .map(|u| u.before.is_some() || !u.ends.is_empty())
             .unwrap_or(false)
+    }
+
+    /// Request cycle `cycle` is answered: ends of it whose tags did not
+    /// come were skipped (after an error) and are forgotten.
+    pub(crate) fn cycle_answered(&self, cycle: u64) {
+        if let Ok(mut undo) = self.tenant_undo.lock() {
+            undo.ends.retain(|end| end.cycle > cycle);
+        }
     }
 
     /// The transaction of request cycle `cycle` ended (idle again, or a
@@ -205,7 +279,15 @@ impl SessionState {
         if pending && undo.last_cycle > cycle {
             return;
         }
-        let undo = std::mem::take(&mut *undo);
+        // Ends of later (pipelined) cycles are still on their way.
+        let later = std::mem::take(&mut undo.ends);
+        let undo = std::mem::replace(
+            &mut *undo,
+            TenantUndo {
+                ends: later.into_iter().filter(|end| end.cycle > cycle).collect(),
+                ..TenantUndo::default()
+            },
+        );
         if let Some(before) = undo.before {
             if rolled_back || undo.local {
                 *tenant = before;

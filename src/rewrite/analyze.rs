@@ -55,13 +55,15 @@ pub struct TenantChange {
     /// server goes back to the session's default (the startup options),
     /// and the proxy to the tenant the session started with.
     pub to_default: bool,
-    /// SAVEPOINT, RELEASE, ROLLBACK TO: not a new tenant, but the point a
-    /// later ROLLBACK TO takes the tenant back to (settings are
-    /// transactional: PostgreSQL undoes a SET made after the savepoint).
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, COMMIT, ROLLBACK: not a new tenant,
+    /// but a point that decides about the changes before it (settings are
+    /// transactional: PostgreSQL undoes a SET made after the savepoint, or
+    /// in a transaction that rolls back).
     pub savepoint: Option<SavepointOp>,
 }
 
-/// A savepoint statement (names normalized like identifiers).
+/// A savepoint or transaction-end statement (names normalized like
+/// identifiers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SavepointOp {
     /// `SAVEPOINT name`
@@ -70,9 +72,13 @@ pub enum SavepointOp {
     Release(String),
     /// `ROLLBACK TO [SAVEPOINT] name`
     RollbackTo(String),
-    /// `ROLLBACK AND CHAIN`: the transaction's changes are undone and the
-    /// next transaction starts at once, so no idle ReadyForQuery ends it.
-    RollbackAndChain,
+    /// `COMMIT`, `END` (`AND CHAIN` too): the changes before it are final
+    /// once its tag says COMMIT (a failed transaction's says ROLLBACK).
+    Commit,
+    /// `ROLLBACK` (`AND CHAIN` too): the changes before it are undone. A
+    /// query string or a chain can go on with another transaction, so
+    /// this, not the idle ReadyForQuery at the end, decides about them.
+    Rollback,
 }
 
 impl TenantChange {
@@ -220,7 +226,7 @@ pub fn analyze_in(
                         table: None,
                         column: None,
                         message: format!(
-                            "cmk-proxy: RESET of {} is supported only alone in its query string (the proxy must know the tenant)",
+                            "cmk-proxy: SQL that cmk-proxy cannot parse names the tenant setting {} (a RESET of it is supported only alone in its query string); the proxy must know the tenant",
                             policy.tenant.session_setting
                         ),
                     }),
@@ -588,6 +594,8 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
     let resetting = statements.iter().filter(|s| resets(s)).count();
     let others = statements.iter().filter(|s| !resets(s));
     match resetting {
+        // SQL the parser cannot read that names the setting may set it.
+        0 if statements.iter().any(touches) => TenantReset::Unsure,
         0 => TenantReset::No,
         1 if !others.clone().any(touches) => TenantReset::Reset,
         _ => TenantReset::Unsure,
@@ -622,9 +630,9 @@ fn tenant_setting(
             ..
         } => Some(SavepointOp::RollbackTo(ident_name(name))),
         Statement::Rollback {
-            chain: true,
-            savepoint: None,
-        } => Some(SavepointOp::RollbackAndChain),
+            savepoint: None, ..
+        } => Some(SavepointOp::Rollback),
+        Statement::Commit { .. } => Some(SavepointOp::Commit),
         _ => None,
     };
     if let Some(op) = savepoint {

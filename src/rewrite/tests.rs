@@ -467,6 +467,32 @@ fn tenant_changes_local_reset_and_discard() {
         change("SET cmk.tenant_id = ''"),
         TenantChange::to(None, false)
     );
+    // SQL the parser cannot read that names the setting may set it: refused
+    // (the proxy would not follow the change). Without the setting it passes.
+    for sql in [
+        "SET cmk.tenant_id = 'globex'; ABORT",
+        "ABORT; SELECT set_config('cmk.tenant_id', 'globex', false)",
+    ] {
+        refused_saying(sql, "cannot parse names the tenant setting");
+    }
+    assert!(matches!(
+        analyze(&policy(), "SELECT 1; ABORT", 0).unwrap().statements[..],
+        [StatementPlan::Untouched]
+    ));
+    // Transaction ends are points the tenant tracking settles at.
+    for (sql, op) in [
+        ("COMMIT", SavepointOp::Commit),
+        ("END", SavepointOp::Commit),
+        ("COMMIT AND CHAIN", SavepointOp::Commit),
+        ("ROLLBACK", SavepointOp::Rollback),
+        ("ROLLBACK AND CHAIN", SavepointOp::Rollback),
+    ] {
+        let analysis = analyze(&policy(), sql, 0).unwrap();
+        assert!(
+            matches!(&analysis.statements[..], [StatementPlan::SetTenant(c)] if c.savepoint == Some(op.clone())),
+            "{sql}: {analysis:?}"
+        );
+    }
     // A comment marker inside a string literal is no comment; a reset
     // among other statements on the setting cannot be attributed: refused.
     for sql in [

@@ -230,6 +230,12 @@ pub fn analyze_in(
                             policy.tenant.session_setting
                         ),
                     }),
+                    TenantReset::Abort => Ok(Analysis {
+                        statements: vec![StatementPlan::SetTenant(TenantChange::savepoint(
+                            SavepointOp::Rollback,
+                        ))],
+                        client_params,
+                    }),
                     TenantReset::No => Ok(Analysis {
                         statements: vec![StatementPlan::Untouched],
                         client_params,
@@ -530,6 +536,9 @@ enum TenantReset {
     /// A reset among other statements, or SQL that cannot be tokenized and
     /// says RESET: the proxy cannot tell what the server ends with.
     Unsure,
+    /// `ABORT [WORK | TRANSACTION] [AND [NO] CHAIN]` alone (sqlparser does
+    /// not know it): a ROLLBACK, whose tag the tenant tracking must match.
+    Abort,
 }
 
 /// Finds `RESET <tenant setting>` / `RESET ALL` in SQL that did not parse
@@ -596,10 +605,19 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
     match resetting {
         // SQL the parser cannot read that names the setting may set it.
         0 if statements.iter().any(touches) => TenantReset::Unsure,
+        0 if statements.len() == 1 && is_abort(&statements[0]) => TenantReset::Abort,
         0 => TenantReset::No,
         1 if !others.clone().any(touches) => TenantReset::Reset,
         _ => TenantReset::Unsure,
     }
+}
+
+/// `ABORT [WORK | TRANSACTION] [AND [NO] CHAIN]`, as lowercase words.
+fn is_abort(words: &[String]) -> bool {
+    matches!(words.first().map(String::as_str), Some("abort"))
+        && words[1..]
+            .iter()
+            .all(|w| matches!(w.as_str(), "work" | "transaction" | "and" | "no" | "chain"))
 }
 
 /// `UPDATE pg_settings ...`: PostgreSQL's other way to change a setting.

@@ -486,6 +486,8 @@ fn tenant_changes_local_reset_and_discard() {
         ("COMMIT AND CHAIN", SavepointOp::Commit),
         ("ROLLBACK", SavepointOp::Rollback),
         ("ROLLBACK AND CHAIN", SavepointOp::Rollback),
+        ("ABORT", SavepointOp::Rollback),
+        ("abort work and no chain;", SavepointOp::Rollback),
     ] {
         let analysis = analyze(&policy(), sql, 0).unwrap();
         assert!(

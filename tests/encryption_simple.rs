@@ -423,19 +423,32 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
         assert_eq!(code, "KM006", "acme after ROLLBACK AND CHAIN ({extended})");
         app.batch_execute("ROLLBACK").await.unwrap();
     }
-    // Several transactions in one query string: each transaction end
-    // decides for the changes before it, in order. The proxy must agree
-    // with the server (SHOW) whatever the server did.
-    for sql in [
-        "SET cmk.tenant_id = 'globex'; ROLLBACK; RESET ALL",
-        "BEGIN; SET cmk.tenant_id = 'acme'; ROLLBACK; SET cmk.tenant_id = 'acme'",
-        "BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; SET cmk.tenant_id = 'globex'; SELECT 1/0",
-        "BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; BEGIN; SET cmk.tenant_id = 'globex'",
-    ] {
+    // Several transactions in one query string, and ROLLBACK TOs the server
+    // skipped: each transaction end decides for the changes before it, in
+    // order. The proxy must agree with the server (SHOW) whatever the
+    // server did.
+    let cases: [&[&str]; 6] = [
+        &["SET cmk.tenant_id = 'globex'; ROLLBACK; RESET ALL"],
+        &["BEGIN; SET cmk.tenant_id = 'acme'; ROLLBACK; SET cmk.tenant_id = 'acme'"],
+        &["BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; SET cmk.tenant_id = 'globex'; SELECT 1/0"],
+        &["BEGIN; SET cmk.tenant_id = 'acme'; COMMIT; BEGIN; SET cmk.tenant_id = 'globex'"],
+        &[
+            "BEGIN; SAVEPOINT s; SET cmk.tenant_id = 'acme'; SAVEPOINT u",
+            "SELECT 1/0; ROLLBACK TO s",
+            "ROLLBACK TO u; COMMIT",
+        ],
+        &[
+            "BEGIN; SET cmk.tenant_id = 'acme'; SAVEPOINT s; RELEASE s; SET cmk.tenant_id = 'globex'; SAVEPOINT u; ROLLBACK TO s",
+            "ROLLBACK TO u; COMMIT",
+        ],
+    ];
+    for steps in cases {
         app.batch_execute("SET cmk.tenant_id = 'globex'")
             .await
             .unwrap();
-        let _ = app.batch_execute(sql).await;
+        for sql in steps {
+            let _ = app.batch_execute(sql).await;
+        }
         let _ = app.batch_execute("ROLLBACK").await;
         let shown = rows(&app, "SHOW cmk.tenant_id").await[0][0]
             .clone()
@@ -443,11 +456,20 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
         let other = if shown == "acme" { "globex" } else { "acme" };
         let read = |t: &str| format!("SELECT notes FROM patients WHERE tenant_id = '{t}'");
         if let Err(e) = app.simple_query(&read(&shown)).await {
-            panic!("{sql}: server on {shown}, the proxy refused its rows: {e:?}");
+            panic!("{steps:?}: server on {shown}, the proxy refused its rows: {e:?}");
         }
         let (code, _) = refused(&app, &read(other)).await;
-        assert_eq!(code, "KM006", "{sql}: server on {shown}");
+        assert_eq!(code, "KM006", "{steps:?}: server on {shown}");
     }
+    // After a COMMIT in the same string the tenant depends on how the
+    // transaction went (a LOCAL one ends): a write there must name its own.
+    let (code, message) = refused(
+        &app,
+        "BEGIN; SET LOCAL cmk.tenant_id = 'globex'; COMMIT; \
+         INSERT INTO patients (notes) VALUES ('after commit')",
+    )
+    .await;
+    assert_eq!(code, "KM004", "{message}");
     app.batch_execute("RESET cmk.tenant_id").await.unwrap();
     // An empty value is no tenant on the server too: the guard is off.
     app.simple_query("SET cmk.tenant_id = ''").await.unwrap();

@@ -272,11 +272,16 @@ impl Encryption {
                 StatementPlan::SetTenant(change) => {
                     tenant = match &change.savepoint {
                         None => change.resolve(session.default_tenant),
-                        // The savepoints are the session's: statements after
-                        // a ROLLBACK TO in this query are planned with no
-                        // tenant (writes then name theirs, or are KM004).
+                        // The savepoints are the session's, and what a COMMIT
+                        // leaves depends on how the transaction went (a LOCAL
+                        // tenant ends, a failed one rolls back): statements
+                        // after a ROLLBACK [TO] or COMMIT in this query are
+                        // planned with no tenant (writes then name theirs,
+                        // or are KM004).
                         Some(
-                            rewrite::SavepointOp::RollbackTo(_) | rewrite::SavepointOp::Rollback,
+                            rewrite::SavepointOp::RollbackTo(_)
+                            | rewrite::SavepointOp::Rollback
+                            | rewrite::SavepointOp::Commit,
                         ) => None,
                         Some(_) => tenant,
                     };

@@ -184,22 +184,24 @@ impl ResponseTracker {
                 // AND CHAIN's) is another transaction's. Ends the proxy did
                 // not see: a ROLLBACK leaves the cycle's end to decide, a
                 // COMMIT ends the transaction at once.
+                // The cycle being answered (its ReadyForQuery is still to
+                // come).
+                let cycle = || {
+                    state
+                        .cycles_answered
+                        .load(std::sync::atomic::Ordering::Acquire)
+                        + 1
+                };
                 match frame.and_then(|f| f.get(HEADER_LEN..)) {
-                    Some(b"ROLLBACK\0") => match state.settle_transaction_end(false) {
+                    Some(b"ROLLBACK\0") => match state.settle_transaction_end(false, cycle()) {
                         Some(EndSettled::Transaction) => self.rolled_back = false,
                         Some(EndSettled::Savepoint) => {}
                         None => self.rolled_back = true,
                     },
                     Some(b"COMMIT\0") => {
                         self.rolled_back = false;
-                        if state.settle_transaction_end(true).is_none() {
-                            // The cycle being answered (its ReadyForQuery is
-                            // still to come).
-                            let cycle = state
-                                .cycles_answered
-                                .load(std::sync::atomic::Ordering::Acquire)
-                                + 1;
-                            state.end_tenant_transaction(false, cycle);
+                        if state.settle_transaction_end(true, cycle()).is_none() {
+                            state.end_tenant_transaction(false, cycle());
                         }
                     }
                     _ => {}

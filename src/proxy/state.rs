@@ -198,10 +198,13 @@ impl SessionState {
             Some(SavepointOp::RollbackTo(name)) => {
                 let end = mark(&undo, true);
                 undo.ends.push_back(end);
-                // The savepoint stays; later ones are gone. An unknown name
-                // is the server's error (the transaction then fails).
+                // Later savepoints stay recorded too: had the server skipped
+                // or refused this ROLLBACK TO (after an error), a later
+                // ROLLBACK TO one of them recovers the transaction there and
+                // must here; had it done it, a ROLLBACK TO one of them fails
+                // there (the transaction stays aborted until a rollback this
+                // tracking follows). An unknown name is the server's error.
                 if let Some(at) = position(&undo, &name) {
-                    undo.savepoints.truncate(at + 1);
                     let (_, saved, local) = undo.savepoints[at].clone();
                     if undo.before.is_none() {
                         undo.before = Some(tenant.clone());
@@ -225,11 +228,16 @@ impl SessionState {
     /// end on its way. A commit makes the changes before it final (a LOCAL
     /// one excepted); a rollback, or a COMMIT of a failed transaction,
     /// undoes them. Changes after it now wait on what it left. `None`
-    /// when no end was on its way (the cycle's end decides).
-    pub(crate) fn settle_transaction_end(&self, committed: bool) -> Option<EndSettled> {
+    /// when no end of `cycle` (the one being answered) was on its way: a
+    /// statement the proxy did not take for an end sent the tag, and the
+    /// cycle's end decides.
+    pub(crate) fn settle_transaction_end(&self, committed: bool, cycle: u64) -> Option<EndSettled> {
         let (Ok(mut undo), Ok(mut tenant)) = (self.tenant_undo.lock(), self.tenant.lock()) else {
             return None;
         };
+        if undo.ends.front()?.cycle != cycle {
+            return None;
+        }
         let end = undo.ends.pop_front()?;
         if end.savepoint_only {
             return Some(EndSettled::Savepoint);

@@ -230,12 +230,23 @@ pub fn analyze_in(
                             policy.tenant.session_setting
                         ),
                     }),
-                    TenantReset::Abort => Ok(Analysis {
-                        statements: vec![StatementPlan::SetTenant(TenantChange::savepoint(
-                            SavepointOp::Rollback,
-                        ))],
+                    TenantReset::Aborts(aborts) => Ok(Analysis {
+                        statements: aborts
+                            .into_iter()
+                            .map(|abort| match abort {
+                                true => StatementPlan::SetTenant(TenantChange::savepoint(
+                                    SavepointOp::Rollback,
+                                )),
+                                false => StatementPlan::Untouched,
+                            })
+                            .collect(),
                         client_params,
                     }),
+                    TenantReset::PrepareTransaction => Err(Rejection::unsupported(
+                        "",
+                        None,
+                        "PREPARE TRANSACTION (the proxy cannot follow the session's tenant through it)",
+                    )),
                     TenantReset::No => Ok(Analysis {
                         statements: vec![StatementPlan::Untouched],
                         client_params,
@@ -536,9 +547,13 @@ enum TenantReset {
     /// A reset among other statements, or SQL that cannot be tokenized and
     /// says RESET: the proxy cannot tell what the server ends with.
     Unsure,
-    /// `ABORT [WORK | TRANSACTION] [AND [NO] CHAIN]` alone (sqlparser does
-    /// not know it): a ROLLBACK, whose tag the tenant tracking must match.
-    Abort,
+    /// Statements of which some are `ABORT [WORK | TRANSACTION] [AND [NO]
+    /// CHAIN]` (`true`), which sqlparser does not know: ROLLBACKs, whose
+    /// tags the tenant tracking must match, in order.
+    Aborts(Vec<bool>),
+    /// `PREPARE TRANSACTION`: ends the transaction in a way the tenant
+    /// tracking does not follow.
+    PrepareTransaction,
 }
 
 /// Finds `RESET <tenant setting>` / `RESET ALL` in SQL that did not parse
@@ -547,7 +562,7 @@ enum TenantReset {
 fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
     use sqlparser::tokenizer::{Token, Tokenizer};
     let Ok(tokens) = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize() else {
-        return if sql.to_lowercase().contains("reset") {
+        return if sql.to_lowercase().contains("reset") || names_tenant_setting(policy, sql) {
             TenantReset::Unsure
         } else {
             TenantReset::No
@@ -603,12 +618,48 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
     let resetting = statements.iter().filter(|s| resets(s)).count();
     let others = statements.iter().filter(|s| !resets(s));
     match resetting {
-        // SQL the parser cannot read that names the setting may set it.
-        0 if statements.iter().any(touches) => TenantReset::Unsure,
-        0 if statements.len() == 1 && is_abort(&statements[0]) => TenantReset::Abort,
+        // SQL the parser cannot read that names the setting may set it
+        // (a DO block's body too).
+        0 if names_tenant_setting(policy, sql) => TenantReset::Unsure,
+        0 if statements
+            .iter()
+            .any(|s| s.len() >= 2 && s[0] == "prepare" && s[1] == "transaction") =>
+        {
+            TenantReset::PrepareTransaction
+        }
+        0 if statements.iter().any(|s| is_abort(s)) => {
+            TenantReset::Aborts(statements.iter().map(|s| is_abort(s)).collect())
+        }
         0 => TenantReset::No,
         1 if !others.clone().any(touches) => TenantReset::Reset,
         _ => TenantReset::Unsure,
+    }
+}
+
+/// True when `text` names the tenant setting, `set_config` or
+/// `pg_settings` anywhere (inside strings and dollar-quoted bodies too).
+fn names_tenant_setting(policy: &Policy, text: &str) -> bool {
+    let lower = text.to_lowercase();
+    [
+        policy.tenant.session_setting.to_lowercase().as_str(),
+        "set_config",
+        "pg_settings",
+    ]
+    .iter()
+    .any(|word| lower.contains(word))
+}
+
+/// The KM003 refusal of SQL whose change of the tenant setting the proxy
+/// cannot follow.
+fn tenant_setting_unseen(policy: &Policy, what: &str) -> Rejection {
+    Rejection {
+        sqlstate: KM003,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: {what} names the tenant setting {} where the proxy cannot follow it (set the tenant with SET or set_config in SQL the proxy reads)",
+            policy.tenant.session_setting
+        ),
     }
 }
 
@@ -737,11 +788,20 @@ fn plan_statement(
     ) {
         // PostgreSQL runs the body where the proxy cannot see it: a body
         // that names a protected table could store plaintext there.
-        if let Some(table) = mentions_policy_table(policy, &statement.to_string()) {
+        let text = statement.to_string();
+        if let Some(table) = mentions_policy_table(policy, &text) {
             return Err(Rejection::unsupported(
                 &table,
                 None,
                 "a function or procedure whose body names a protected table",
+            ));
+        }
+        // A body that sets the tenant would change it where the proxy
+        // cannot follow (SELECT f() leaves the server on another tenant).
+        if names_tenant_setting(policy, &text) {
+            return Err(tenant_setting_unseen(
+                policy,
+                "a function or procedure whose body",
             ));
         }
     }

@@ -475,10 +475,23 @@ fn tenant_changes_local_reset_and_discard() {
     ] {
         refused_saying(sql, "cannot parse names the tenant setting");
     }
-    assert!(matches!(
-        analyze(&policy(), "SELECT 1; ABORT", 0).unwrap().statements[..],
-        [StatementPlan::Untouched]
-    ));
+    // A body that sets the tenant (a DO block, a function) would change it
+    // where the proxy cannot follow.
+    for sql in [
+        "DO $$BEGIN SET cmk.tenant_id = 'globex'; END$$",
+        "DO $$BEGIN PERFORM set_config('cmk.tenant_id', 'globex', false); END$$",
+        "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS $$ SET cmk.tenant_id = 'globex' $$",
+        "CREATE PROCEDURE p() LANGUAGE sql AS $$ UPDATE pg_settings SET setting = 'x' $$",
+    ] {
+        refused_saying(sql, "names the tenant setting");
+    }
+    refused_saying("PREPARE TRANSACTION 'x'", "PREPARE TRANSACTION");
+    // ABORT (which sqlparser does not parse) is a ROLLBACK wherever it is.
+    let aborts = analyze(&policy(), "SELECT 1; ABORT", 0).unwrap();
+    assert!(
+        matches!(&aborts.statements[..], [StatementPlan::Untouched, StatementPlan::SetTenant(c)] if c.savepoint == Some(SavepointOp::Rollback)),
+        "{aborts:?}"
+    );
     // Transaction ends are points the tenant tracking settles at.
     for (sql, op) in [
         ("COMMIT", SavepointOp::Commit),
@@ -514,7 +527,13 @@ fn tenant_changes_local_reset_and_discard() {
         rejection("RESET ALL; SET cmk.tenant_id = 'globex'").sqlstate,
         KM003
     );
-    let untouched = analyze(&policy(), "SELECT 'reset cmk.tenant_id' FROM x WHERE (", 0).unwrap();
+    // Unparseable SQL that names the setting, even inside a string, is
+    // refused (a DO body is a string too); without it, it passes.
+    refused_saying(
+        "SELECT 'reset cmk.tenant_id' FROM x WHERE (",
+        "names the tenant setting",
+    );
+    let untouched = analyze(&policy(), "SELECT 'reset' FROM x WHERE (", 0).unwrap();
     assert!(matches!(
         untouched.statements[..],
         [StatementPlan::Untouched]

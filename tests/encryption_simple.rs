@@ -36,6 +36,22 @@ async fn refused(client: &Client, sql: &str) -> (String, String) {
 
 /// Inserts an acme row whose notes are the SQL literal `literal` and reads
 /// the notes back.
+/// Checks that the proxy's tenant is the server's (SHOW): that tenant's
+/// rows decrypt, the other one's are refused with KM006. Returns it.
+async fn proxy_agrees_with_server(app: &Client, context: &str) -> String {
+    let shown = rows(app, "SHOW cmk.tenant_id").await[0][0]
+        .clone()
+        .unwrap_or_default();
+    let other = if shown == "acme" { "globex" } else { "acme" };
+    let read = |t: &str| format!("SELECT notes FROM patients WHERE tenant_id = '{t}'");
+    if let Err(e) = app.simple_query(&read(&shown)).await {
+        panic!("{context}: server on {shown}, the proxy refused its rows: {e:?}");
+    }
+    let (code, _) = refused(app, &read(other)).await;
+    assert_eq!(code, "KM006", "{context}: server on {shown}");
+    shown
+}
+
 async fn round_trip(client: &Client, literal: &str) -> Option<String> {
     rows(
         client,
@@ -411,16 +427,8 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
                 .await
                 .unwrap();
         }
-        let shown = rows(&app, "SHOW cmk.tenant_id").await;
-        assert_eq!(shown, vec![vec![Some("acme".to_owned())]], "{extended}");
-        let mine = rows(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
-        assert_eq!(mine, vec![vec![Some("a1".to_owned())]], "{extended}");
-        let (code, _) = refused(
-            &app,
-            "SELECT notes FROM patients WHERE tenant_id = 'globex'",
-        )
-        .await;
-        assert_eq!(code, "KM006", "acme after ROLLBACK AND CHAIN ({extended})");
+        let context = format!("ROLLBACK AND CHAIN (extended: {extended})");
+        assert_eq!(proxy_agrees_with_server(&app, &context).await, "acme");
         app.batch_execute("ROLLBACK").await.unwrap();
     }
     // Several transactions in one query string, and ROLLBACK TOs the server
@@ -450,16 +458,7 @@ async fn reset_returns_to_the_startup_tenant_like_the_server_so_the_guard_stays(
             let _ = app.batch_execute(sql).await;
         }
         let _ = app.batch_execute("ROLLBACK").await;
-        let shown = rows(&app, "SHOW cmk.tenant_id").await[0][0]
-            .clone()
-            .unwrap();
-        let other = if shown == "acme" { "globex" } else { "acme" };
-        let read = |t: &str| format!("SELECT notes FROM patients WHERE tenant_id = '{t}'");
-        if let Err(e) = app.simple_query(&read(&shown)).await {
-            panic!("{steps:?}: server on {shown}, the proxy refused its rows: {e:?}");
-        }
-        let (code, _) = refused(&app, &read(other)).await;
-        assert_eq!(code, "KM006", "{steps:?}: server on {shown}");
+        proxy_agrees_with_server(&app, &format!("{steps:?}")).await;
     }
     // After a COMMIT in the same string the tenant depends on how the
     // transaction went (a LOCAL one ends): a write there must name its own.

@@ -100,11 +100,6 @@ impl TenantChange {
         }
     }
 
-    /// No tenant from now on: the value is unknown (UPDATE pg_settings).
-    pub fn cleared() -> Self {
-        Self::to(None, false)
-    }
-
     /// Back to the session's default (RESET, DEFAULT, DISCARD ALL).
     pub fn reset(local: bool) -> Self {
         Self {
@@ -829,9 +824,9 @@ fn plan_statement(
         }
     }
     if updates_pg_settings(&statement) {
-        // Any setting may change, the tenant's included: the proxy drops
-        // its tenant (the safe direction: writes then name their tenant).
-        return Ok(StatementPlan::SetTenant(TenantChange::cleared()));
+        // Any setting may change, the tenant's included, to a value the
+        // proxy would have to evaluate: refused (SET does the same).
+        return Err(tenant_setting_unseen(policy, "UPDATE pg_settings"));
     }
     let tables = protected_tables(scope, &statement);
     let mut ambiguous = None;

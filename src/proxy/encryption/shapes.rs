@@ -27,7 +27,7 @@ use crate::rewrite::{self, Parameterized, Rejection, SqlTemplate, StatementPlan,
 
 /// Statements whose plan depends on their shape alone: none of them can
 /// change the session tenant (set_config aside; UPDATE pg_settings is
-/// planned as a tenant change, which is never shared) or the schema.
+/// refused, and a refused shape is planned in full) or the schema.
 const SHAPED_STATEMENTS: [&str; 6] = ["select", "insert", "update", "delete", "with", "values"];
 
 /// Shapes kept before the cache starts over (bounds its memory).

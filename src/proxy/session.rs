@@ -409,10 +409,7 @@ impl Inspector for ClientInspector<'_> {
 
     fn on_header(&mut self, header: FrameHeader) {
         match header.tag {
-            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => {
-                self.state.open_cycles.fetch_add(1, Ordering::AcqRel);
-                self.state.cycles_sent.fetch_add(1, Ordering::AcqRel);
-            }
+            frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => self.state.cycle_sent(),
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
             _ => {}
         }

@@ -17,10 +17,9 @@ pub(crate) struct TenantUndo {
     /// The transaction's savepoints, oldest first: name, and the tenant
     /// and LOCAL flag when it was made.
     savepoints: Vec<(String, Option<String>, bool)>,
-    /// The request cycles (Query or Sync, numbered from 1) of the first and
-    /// the last change: a cycle's end decides only about its own changes
-    /// (a pipelined later SET is not undone by an earlier cycle's error).
-    first_cycle: u64,
+    /// The request cycle (Query or Sync, numbered from 1) of the last
+    /// change: a cycle's end decides only about its own changes (a
+    /// pipelined later SET is not undone by an earlier cycle's error).
     last_cycle: u64,
     /// Tenant changes applied so far (numbers them for the ends below).
     changes: u64,
@@ -133,6 +132,13 @@ pub(crate) struct SessionState {
 }
 
 impl SessionState {
+    /// A request cycle (Query, Sync, FunctionCall, injected query) is sent:
+    /// one ReadyForQuery more is owed.
+    pub(crate) fn cycle_sent(&self) {
+        self.open_cycles.fetch_add(1, Ordering::AcqRel);
+        self.cycles_sent.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Records what the server did with retiring message `seq`.
     pub(crate) fn settle_retirement(&self, seq: u64, done: bool) {
         if let Ok(mut outcomes) = self.retirements.lock() {
@@ -158,9 +164,6 @@ impl SessionState {
             return;
         };
         let cycle = self.cycles_sent.load(Ordering::Acquire) + u64::from(next_sync);
-        if undo.before.is_none() && undo.savepoints.is_empty() {
-            undo.first_cycle = cycle;
-        }
         undo.last_cycle = cycle;
         let mark = |undo: &TenantUndo, savepoint_only: bool| EndMark {
             cycle,

@@ -66,8 +66,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         column: None,
         message,
     };
-    state.open_cycles.fetch_add(1, Ordering::AcqRel);
-    state.cycles_sent.fetch_add(1, Ordering::AcqRel);
+    state.cycle_sent();
     state.pending.push(Expected::Query {
         swallow: true,
         fingerprint: Arc::from(""),

@@ -471,17 +471,8 @@ pub fn nonstandard_strings_refusal(
         return None;
     }
     let scope = Scope::new(policy, facts);
-    let lower = sql.to_lowercase();
-    let named = mentions_protected(&scope, sql).or_else(|| {
-        [
-            policy.tenant.session_setting.to_lowercase().as_str(),
-            "set_config",
-            "pg_settings",
-        ]
-        .iter()
-        .find(|word| lower.contains(*word))
-        .map(|_| String::new())
-    })?;
+    let named = mentions_protected(&scope, sql)
+        .or_else(|| names_tenant_setting(policy, sql).then(String::new))?;
     let mut rejection = Rejection::unsupported(
         &named,
         None,
@@ -612,6 +603,7 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
     };
     let resetting = statements.iter().filter(|s| resets(s)).count();
     let others = statements.iter().filter(|s| !resets(s));
+    let aborts: Vec<bool> = statements.iter().map(|s| is_abort(s)).collect();
     match resetting {
         // SQL the parser cannot read that names the setting may set it
         // (a DO block's body too).
@@ -622,9 +614,7 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
         {
             TenantReset::PrepareTransaction
         }
-        0 if statements.iter().any(|s| is_abort(s)) => {
-            TenantReset::Aborts(statements.iter().map(|s| is_abort(s)).collect())
-        }
+        0 if aborts.contains(&true) => TenantReset::Aborts(aborts),
         0 => TenantReset::No,
         1 if !others.clone().any(touches) => TenantReset::Reset,
         _ => TenantReset::Unsure,

@@ -468,6 +468,14 @@ pub struct ServerConfig {
     /// directly against PostgreSQL is seen within this interval.
     #[serde(default = "defaults::catalog_refresh", with = "humantime_serde")]
     pub catalog_refresh: Duration,
+    /// Run simple-query writes as the proxy's own named prepared
+    /// statements (parsed once per server connection, the cells sent in
+    /// binary). Off: the literals and cells are spliced into the SQL text.
+    /// Turn it off when the upstream is a transaction-pooling PgBouncer
+    /// without `max_prepared_statements`, where named statements do not
+    /// follow a session from one server connection to the next.
+    #[serde(default = "defaults::yes")]
+    pub prepare_simple_writes: bool,
 }
 
 impl Default for ServerConfig {
@@ -479,6 +487,7 @@ impl Default for ServerConfig {
             log_format: LogFormat::Human,
             worker_threads: None,
             catalog_refresh: defaults::catalog_refresh(),
+            prepare_simple_writes: true,
         }
     }
 }

@@ -64,6 +64,25 @@ pub struct QueryRewrite {
     pub ddl: bool,
     /// Audit fingerprint, when the query touches protected tables.
     pub fingerprint: Option<Arc<str>>,
+    /// Run the query as a prepared statement with these parameters
+    /// instead (takes precedence over `sql`).
+    pub bound: Option<BoundQuery>,
+}
+
+/// A simple query's write as a prepared statement: the client's literals
+/// and the proxy's values as parameters, the cells in binary, so that
+/// PostgreSQL neither parses the statement again nor scans and hex-decodes
+/// the ciphertext.
+#[derive(Debug)]
+pub struct BoundQuery {
+    /// The statement, `$n` for every literal and proxy value.
+    pub sql: Arc<str>,
+    /// Declared parameter types (0: left to the server, as a string
+    /// literal's type is).
+    pub types: Vec<u32>,
+    /// Values in parameter order (`None`: NULL), and their formats.
+    pub values: Vec<Option<Vec<u8>>>,
+    pub formats: Vec<i16>,
 }
 
 /// A cell that cannot be shown to the client.
@@ -630,6 +649,10 @@ impl Slots {
 
     fn get(&self, n: usize) -> Option<&Slot> {
         self.0.get(n).and_then(Option::as_ref)
+    }
+
+    fn take(&mut self, n: usize) -> Option<Slot> {
+        self.0.get_mut(n).and_then(Option::take)
     }
 }
 

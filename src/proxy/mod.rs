@@ -5,6 +5,7 @@
 pub mod admin;
 mod auth;
 pub mod encryption;
+mod own_statements;
 mod pending;
 mod relay;
 mod responses;

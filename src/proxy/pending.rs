@@ -120,6 +120,10 @@ pub(crate) enum Expected {
         fingerprint: Arc<str>,
         /// It changes the schema: reload the catalog at its ReadyForQuery.
         refresh: bool,
+        /// Run as the proxy's own statement with this number (see
+        /// `own_statements`): the ParseComplete, BindComplete, NoData and
+        /// CloseComplete the client did not ask for are dropped.
+        run_as: Option<u64>,
     },
     /// ParseComplete, or the error that replaces it. `retires`: the Parse
     /// replaces a rewritten write (see `SessionState::retirements`).
@@ -151,6 +155,7 @@ impl Expected {
             swallow: false,
             fingerprint: Arc::from(""),
             refresh: false,
+            run_as: None,
         }
     }
 
@@ -165,6 +170,14 @@ impl Expected {
             self,
             Self::Query { refresh: true, .. } | Self::Sync { refresh: true }
         )
+    }
+
+    /// The proxy's statement a simple query was run as, if it was.
+    pub(crate) fn run_as(&self) -> Option<u64> {
+        match self {
+            Self::Query { run_as, .. } => *run_as,
+            _ => None,
+        }
     }
 
     /// True for responses the client must never see.

@@ -23,7 +23,7 @@ use super::relay::Interest;
 use super::results::{plan_rows, PlannedRows, ResultPlan};
 use super::state::{EndSettled, SessionState};
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
-use crate::protocol::{backend, ErrorResponse, HEADER_LEN};
+use crate::protocol::{backend, error_code, ErrorResponse, HEADER_LEN};
 
 /// Backend tags not tied to a request: they may come at any time.
 const NOTICE: u8 = b'N';
@@ -103,6 +103,11 @@ impl ResponseTracker {
         self.queue.pop_front()
     }
 
+    /// The proxy's statement the simple query being answered runs as.
+    fn answering_own_statement(&mut self, state: &SessionState) -> Option<u64> {
+        self.front(state).and_then(Expected::run_as)
+    }
+
     fn dropping(&mut self, state: &SessionState) -> bool {
         self.skipping || self.front(state).is_some_and(Expected::swallowed)
     }
@@ -117,6 +122,11 @@ impl ResponseTracker {
             | backend::ROW_DESCRIPTION
             | PARAMETER_DESCRIPTION => Interest::Rewrite,
             _ if self.dropping(state) => Interest::Rewrite,
+            PARSE_COMPLETE | BIND_COMPLETE | NO_DATA | CLOSE_COMPLETE
+                if self.answering_own_statement(state).is_some() =>
+            {
+                Interest::Rewrite
+            }
             // The tag tells whether a tenant change was rolled back.
             backend::COMMAND_COMPLETE if state.tenant_change_pending() => Interest::Rewrite,
             backend::DATA_ROW => {
@@ -155,10 +165,26 @@ impl ResponseTracker {
         if matches!(tag, NOTICE | NOTIFICATION | backend::PARAMETER_STATUS) {
             return Step::Forward;
         }
+        if matches!(
+            tag,
+            PARSE_COMPLETE | BIND_COMPLETE | NO_DATA | CLOSE_COMPLETE
+        ) {
+            if let Some(number) = self.answering_own_statement(state) {
+                // Answers to the messages a simple query was run as.
+                if tag == PARSE_COMPLETE {
+                    state.own_statements(|own| own.parsed(number));
+                }
+                return Step::Drop;
+            }
+        }
         let dropping = self.dropping(state);
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
-            (backend::ERROR_RESPONSE, Some(_)) => {
+            (backend::ERROR_RESPONSE, Some(frame)) => {
+                if let Some(number) = self.answering_own_statement(state) {
+                    let sqlstate = frame.get(HEADER_LEN..).and_then(error_code);
+                    state.own_statements(|own| own.failed(number, sqlstate));
+                }
                 // Unless a COMMIT follows in this cycle (it cannot: the
                 // server skips to the end of the query or the Sync), the
                 // transaction the error happened in is rolled back, an
@@ -237,6 +263,11 @@ impl ResponseTracker {
         let mut refresh = false;
         while let Some(entry) = self.pop(state) {
             settle(&entry, state, false);
+            if let Some(number) = entry.run_as() {
+                // Skipped (after an error of the client's before it): a
+                // Parse that did not complete left no statement.
+                state.own_statements(|own| own.failed(number, None));
+            }
             refresh |= entry.refreshes();
             if entry.ends_with_ready() {
                 swallowed = entry.swallowed();

@@ -246,6 +246,7 @@ async fn run_session(
         refresh_catalog: AtomicBool::new(false),
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
+        own_statements: Mutex::new(Default::default()),
         syncs: Default::default(),
         // The startup cycle (its ReadyForQuery is counted as answered).
         cycles_sent: std::sync::atomic::AtomicU64::new(1),

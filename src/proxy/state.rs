@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use super::encryption::SessionInfo;
+use super::own_statements::OwnStatements;
 use super::pending::PendingQueue;
 use crate::rewrite::{SavepointOp, TenantChange};
 
@@ -126,6 +127,8 @@ pub(crate) struct SessionState {
     /// A read failed inside a transaction: before the client's next message
     /// the server transaction is made to fail too.
     pub(crate) poison: Poison,
+    /// The proxy's own prepared statements on the server connection.
+    pub(crate) own_statements: Mutex<OwnStatements>,
     /// Database user and client address, for audit events.
     pub(crate) user: String,
     pub(crate) client_addr: String,
@@ -137,6 +140,17 @@ impl SessionState {
     pub(crate) fn cycle_sent(&self) {
         self.open_cycles.fetch_add(1, Ordering::AcqRel);
         self.cycles_sent.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Works on the proxy's own statements.
+    pub(crate) fn own_statements<T>(&self, work: impl FnOnce(&mut OwnStatements) -> T) -> T {
+        // The record stays consistent whatever panicked while holding it:
+        // each change is a single collection operation.
+        let mut own = self
+            .own_statements
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        work(&mut own)
     }
 
     /// Records what the server did with retiring message `seq`.

@@ -14,7 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 
-use super::encryption::{rejection_query, Encryption, SessionInfo};
+use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
+use super::own_statements::{
+    is_own_name, may_drop_statements, mentions_own_name, statement_name, OwnStatements,
+    StatementUse, NAME_PREFIX,
+};
 use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
 use super::results::{protected_result_columns, RowPlanMemo};
 use super::state::SessionState;
@@ -22,16 +26,52 @@ use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
 use crate::rewrite::{self, Rejection, StatementPlan, TenantChange, ValueSource};
 
-/// bytea: the type protected parameters are given towards PostgreSQL.
-const BYTEA_OID: u32 = 17;
-/// jsonb: the type of the EDEK parameter.
-const JSONB_OID: u32 = 3802;
 /// A statement name no client uses: a Bind to it fails at the server.
 const REFUSED_STATEMENT: &str = "cmk-proxy: refused";
 /// Portal records kept per session before the oldest are forgotten.
 const MAX_PORTALS: usize = 256;
 /// SQL that fails to parse at the server, for a refused Parse.
 const REFUSED_SQL: &str = "cmk-proxy refused this statement";
+
+/// The extended-protocol messages that run `bound` as a simple query would,
+/// as the proxy's statement `run`: closing the statement it replaces and
+/// parsing it when new, then binding the unnamed portal (results in text),
+/// describing and executing it, and one Sync.
+fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
+    let name = statement_name(run.number);
+    let values: usize = bound.values.iter().flatten().map(|v| v.len() + 4).sum();
+    let parse_len = if run.parse { bound.sql.len() } else { 0 };
+    let mut out = BytesMut::with_capacity(parse_len + values + 8 * bound.values.len() + 96);
+    if let Some(old) = run.close {
+        close_statement(&mut out, &statement_name(old));
+    }
+    if run.parse {
+        Parse {
+            name: &name,
+            query: &bound.sql,
+            param_types: bound.types.clone(),
+        }
+        .encode(&mut out);
+    }
+    Bind {
+        portal: "",
+        statement: &name,
+        param_formats: bound.formats.clone(),
+        params: bound.values.iter().map(Option::as_deref).collect(),
+        result_formats: Vec::new(),
+    }
+    .encode(&mut out);
+    out.put_u8(frontend::DESCRIBE);
+    out.put_u32(6);
+    out.put_slice(b"P\0");
+    out.put_u8(frontend::EXECUTE);
+    out.put_u32(9);
+    out.put_u8(0);
+    out.put_u32(0);
+    out.put_u8(frontend::SYNC);
+    out.put_u32(4);
+    out
+}
 
 /// Builds a Query message.
 fn query_message(sql: &str) -> BytesMut {
@@ -71,6 +111,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         swallow: true,
         fingerprint: Arc::from(""),
         refresh: false,
+        run_as: None,
     });
     Some(query_message(&rejection_query(&rejection)))
 }
@@ -158,6 +199,9 @@ impl ClientStatements {
             Some(frontend::BIND) => match Bind::decode(body) {
                 Ok(bind) if self.bind_is_ambiguous(&bind, state) => {
                     refuse_bind(encryption, state, ambiguous_statement(bind.statement))
+                }
+                Ok(bind) if is_own_name(bind.statement) => {
+                    refuse_bind(encryption, state, own_name_rejection())
                 }
                 Ok(bind)
                     if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
@@ -400,9 +444,16 @@ impl ClientStatements {
             // The name as sent (it may not be UTF-8 either).
             return refuse_parse(name, encryption, state, rejection);
         };
-        let planned = match sql_execute_refusal(parse.query, |n| {
-            self.statements.contains_key(n) || self.retired.contains_key(n)
-        }) {
+        if may_drop_statements(parse.query) {
+            state.own_statements(OwnStatements::clear);
+        }
+        let own_name = is_own_name(parse.name) || mentions_own_name(parse.query);
+        let refusal = own_name.then(own_name_rejection).or_else(|| {
+            sql_execute_refusal(parse.query, |n| {
+                self.statements.contains_key(n) || self.retired.contains_key(n)
+            })
+        });
+        let planned = match refusal {
             Some(rejection) => Err(rejection),
             None => plan_parse(&parse, encryption, state),
         };
@@ -666,30 +717,20 @@ fn plan_sql(
         StatementPlan::Write(write) => {
             let mut types: Vec<u32> = param_types.to_vec();
             types.resize(analysis.client_params + write.extra_params, 0);
-            for row in &write.rows {
-                for cell in &row.cells {
-                    if let ValueSource::Param(n) = cell.value {
-                        // PostgreSQL reports a type the client declared as
-                        // declared; otherwise the column's plaintext type.
-                        let declared = param_types.get(n - 1).copied().unwrap_or(0);
-                        let shown = if declared == 0 {
-                            cell.ty.oid()
-                        } else {
-                            declared
-                        };
-                        plan.presented.push((n - 1, shown));
-                    }
-                    if let Some(slot) = types.get_mut(cell.target_param - 1) {
-                        *slot = BYTEA_OID;
-                    }
-                    if let Some(slot) = cell.bidx_param.and_then(|n| types.get_mut(n - 1)) {
-                        *slot = BYTEA_OID;
-                    }
-                }
-                if let Some(slot) = row.edek_param.and_then(|n| types.get_mut(n - 1)) {
-                    *slot = JSONB_OID;
+            for cell in write.rows.iter().flat_map(|row| &row.cells) {
+                if let ValueSource::Param(n) = cell.value {
+                    // PostgreSQL reports a type the client declared as
+                    // declared; otherwise the column's plaintext type.
+                    let declared = param_types.get(n - 1).copied().unwrap_or(0);
+                    let shown = if declared == 0 {
+                        cell.ty.oid()
+                    } else {
+                        declared
+                    };
+                    plan.presented.push((n - 1, shown));
                 }
             }
+            write.declare_proxy_params(&mut types);
             plan.rewritten = Some((write.statement.to_string(), types));
             plan.fingerprint = Arc::from(rewrite::fingerprint(query));
             plan.kind = StatementKind::Write(Arc::new((**write).clone()));
@@ -767,6 +808,19 @@ fn refuse_bind(encryption: &Encryption, state: &SessionState, rejection: Rejecti
     }
     .encode(&mut out);
     ClientStep::Replace(out)
+}
+
+/// A client's use of a name reserved for the proxy's own statements.
+fn own_name_rejection() -> Rejection {
+    Rejection {
+        sqlstate: rewrite::KM003,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: prepared statement names starting with {NAME_PREFIX} are reserved \
+             for the proxy's own statements"
+        ),
+    }
 }
 
 fn ambiguous_statement(name: &str) -> Rejection {
@@ -904,7 +958,8 @@ fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejecti
 }
 
 /// A simple query: planned, its protected values encrypted, or replaced by
-/// a query that raises the refusal at the server.
+/// a query that raises the refusal at the server. A write planned by its
+/// shape runs as the proxy's own prepared statement.
 async fn simple_query(
     frame: &[u8],
     body: &[u8],
@@ -924,7 +979,11 @@ async fn simple_query(
             None => BytesMut::from(frame),
         };
     };
+    if may_drop_statements(sql) {
+        state.own_statements(OwnStatements::clear);
+    }
     let refusal = nonstandard_strings_refusal(sql, encryption, state)
+        .or_else(|| mentions_own_name(sql).then(own_name_rejection))
         .or_else(|| sql_execute_refusal(sql, &is_prepared));
     if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);
@@ -936,13 +995,24 @@ async fn simple_query(
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);
             }
+            let run = rewrite
+                .bound
+                .as_ref()
+                .map(|b| state.own_statements(|own| own.statement_for(&b.sql, &b.types)));
             // The catalog is reloaded at this query's own ReadyForQuery,
             // not at one still on its way for an earlier query.
             state.pending.push(Expected::Query {
                 swallow: false,
                 fingerprint: rewrite.fingerprint.unwrap_or_else(|| Arc::from("")),
                 refresh: rewrite.ddl,
+                run_as: run.as_ref().map(|r| r.number),
             });
+            if let (Some(bound), Some(run)) = (&rewrite.bound, &run) {
+                // Its Sync ends a skip-to-Sync at the server, as the
+                // client's own do.
+                state.syncs.fetch_add(1, Ordering::AcqRel);
+                return bound_query_messages(bound, run);
+            }
             rewrite
                 .sql
                 .map_or_else(|| BytesMut::from(frame), |sql| query_message(&sql))

@@ -116,6 +116,14 @@ impl SqlTemplate {
         Some(Self { pieces, text_len })
     }
 
+    /// The numbers of the placeholders, in order of appearance.
+    pub fn placeholders(&self) -> impl Iterator<Item = usize> + '_ {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Param(n) => Some(*n),
+            Piece::Text(_) => None,
+        })
+    }
+
     /// The SQL with each placeholder `$n` replaced by what `put(n, out)`
     /// appends; `None` as soon as `put` has nothing for a placeholder.
     pub fn fill(

@@ -6,6 +6,7 @@
 //! Knows SQL and the policy; knows nothing of sockets or keys.
 
 mod analyze;
+mod bindable;
 mod ddl;
 mod fingerprint;
 mod literals;
@@ -18,6 +19,7 @@ pub use analyze::{
     analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
     StatementPlan, TenantChange,
 };
+pub use bindable::{literal_param_type, literals_bind_as_written};
 pub use fingerprint::fingerprint;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};

@@ -77,6 +77,30 @@ pub struct WritePlan {
     pub statement: Statement,
 }
 
+impl WritePlan {
+    /// Sets the declared type of each placeholder the proxy fills
+    /// (`types[n - 1]` for `$n`): bytea for ciphertext and blind indexes,
+    /// jsonb for the EDEK; the tenant pin is left to the server (0).
+    pub fn declare_proxy_params(&self, types: &mut [u32]) {
+        let mut declare = |n: usize, oid: u32| {
+            if let Some(slot) = n.checked_sub(1).and_then(|i| types.get_mut(i)) {
+                *slot = oid;
+            }
+        };
+        for row in &self.rows {
+            for cell in &row.cells {
+                declare(cell.target_param, DeclaredType::Bytea.oid());
+                if let Some(n) = cell.bidx_param {
+                    declare(n, DeclaredType::Bytea.oid());
+                }
+            }
+            if let Some(n) = row.edek_param {
+                declare(n, DeclaredType::Jsonb.oid());
+            }
+        }
+    }
+}
+
 /// Allocates placeholder numbers after the client's own.
 pub(crate) struct Placeholders {
     next: usize,
@@ -102,7 +126,7 @@ pub(crate) fn placeholder(n: usize) -> Expr {
     Expr::value(Value::Placeholder(format!("${n}")))
 }
 
-fn param_number(text: &str) -> Option<usize> {
+pub(crate) fn param_number(text: &str) -> Option<usize> {
     text.strip_prefix('$')?.parse().ok()
 }
 

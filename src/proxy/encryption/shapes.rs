@@ -3,8 +3,11 @@
 //! parsing and planning each one in full cost a third of the proxy's CPU.
 //! The shape (the SQL with its literals as placeholders `$n`) is planned
 //! once, like a Parse of that SQL, and each query reuses the plan: a read
-//! passes as written, a write gets its literals sealed and spliced into the
-//! rewritten SQL it was planned to.
+//! passes as written, a write gets its literals sealed and runs as the
+//! proxy's own prepared statement of the rewritten SQL, every literal and
+//! cell a parameter (see `own_statements`). A write whose literals would
+//! change meaning as parameters (`RETURNING 'x'`) gets them spliced into
+//! the rewritten SQL instead.
 //!
 //! Only what the shape decides alone takes this path: one SELECT, INSERT,
 //! UPDATE, DELETE, WITH or VALUES statement that does not mention
@@ -21,8 +24,9 @@ use dashmap::DashMap;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::{ClientParams, Encryption, QueryRewrite, SessionInfo, Slot};
+use super::{BoundQuery, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot, Slots};
 use crate::catalog::CatalogMap;
+use crate::config::DeclaredType;
 use crate::rewrite::{self, Parameterized, Rejection, SqlTemplate, StatementPlan, WritePlan};
 
 /// Statements whose plan depends on their shape alone: none of them can
@@ -57,12 +61,93 @@ enum ShapePlan {
     Unshared,
     /// Sent as written (a read's rows are decrypted on the way back).
     AsWritten { fingerprint: Option<Arc<str>> },
-    /// A write: its literals are sealed and spliced into `sql`.
+    /// A write: its literals are sealed and bound to `bound`, or spliced
+    /// into `sql`.
     Write {
         plan: Box<WritePlan>,
         sql: SqlTemplate,
+        bound: Option<BoundShape>,
         fingerprint: Arc<str>,
     },
+}
+
+/// A write's shape as a prepared statement: its SQL, and where the value
+/// of each parameter comes from.
+struct BoundShape {
+    sql: Arc<str>,
+    /// `params[n - 1]` is the source of `$n`.
+    params: Vec<BoundParam>,
+}
+
+enum BoundParam {
+    /// The client's literal `$n`, as text (typed as written).
+    Literal,
+    /// A literal the statement no longer holds: never sent (NULL, text).
+    Absent,
+    /// The proxy's value (ciphertext, blind index, EDEK, tenant) of this
+    /// declared type.
+    Proxy(u32),
+}
+
+impl BoundShape {
+    /// The plan of `write`'s statement (`sql`) with the shape's `literals`
+    /// as parameters; `None` when a literal would read otherwise as one.
+    fn new(write: &WritePlan, sql: &SqlTemplate, literals: usize) -> Option<Self> {
+        if !rewrite::literals_bind_as_written(&write.statement, literals) {
+            return None;
+        }
+        let total = literals + write.extra_params;
+        let mut proxy_types = vec![u32::MAX; total];
+        write.declare_proxy_params(&mut proxy_types);
+        let mut present = vec![false; total];
+        for n in sql.placeholders() {
+            *present.get_mut(n.checked_sub(1)?)? = true;
+        }
+        let tenant_pin = write.tenant_pin_param;
+        let params = (1..=total)
+            .map(|n| match (proxy_types[n - 1], present[n - 1]) {
+                (u32::MAX, _) if tenant_pin == Some(n) => BoundParam::Proxy(0),
+                (u32::MAX, true) if n <= literals => BoundParam::Literal,
+                (u32::MAX, false) if n <= literals => BoundParam::Absent,
+                (u32::MAX, _) => BoundParam::Proxy(0),
+                (oid, _) => BoundParam::Proxy(oid),
+            })
+            .collect();
+        Some(Self {
+            sql: Arc::from(write.statement.to_string()),
+            params,
+        })
+    }
+
+    /// The parameters of one query: the client's literals as text, the
+    /// proxy's values from `slots`; `None` if a proxy value is missing.
+    fn bind(&self, literals: &[rewrite::Literal<'_>], mut slots: Slots) -> Option<BoundQuery> {
+        let mut query = BoundQuery {
+            sql: self.sql.clone(),
+            types: Vec::with_capacity(self.params.len()),
+            values: Vec::with_capacity(self.params.len()),
+            formats: Vec::with_capacity(self.params.len()),
+        };
+        for (i, param) in self.params.iter().enumerate() {
+            let (ty, value, format) = match param {
+                BoundParam::Literal => {
+                    let literal = literals.get(i)?;
+                    let value = literal.value.as_bytes().to_vec();
+                    (rewrite::literal_param_type(literal), Some(value), 0)
+                }
+                BoundParam::Absent => (DeclaredType::Text.oid(), None, 0),
+                BoundParam::Proxy(ty) => match slots.take(i + 1)? {
+                    Slot::Bytes(bytes) => (*ty, Some(bytes), 1),
+                    Slot::Text(text) => (*ty, Some(text.as_bytes().to_vec()), 0),
+                    Slot::Null => (*ty, None, 0),
+                },
+            };
+            query.types.push(ty);
+            query.values.push(value);
+            query.formats.push(format);
+        }
+        Some(query)
+    }
 }
 
 impl Encryption {
@@ -88,6 +173,7 @@ impl Encryption {
             ShapePlan::Write {
                 plan,
                 sql: template,
+                bound,
                 fingerprint,
             } => {
                 let params = ClientParams::Literals(&shaped.literals);
@@ -100,6 +186,13 @@ impl Encryption {
                     // again would only ask the KMS again.
                     Err(r) => return Some(Err(r)),
                 };
+                if let Some(bound) = bound {
+                    return Some(Ok(QueryRewrite {
+                        bound: Some(bound.bind(&shaped.literals, slots)?),
+                        fingerprint: Some(fingerprint.clone()),
+                        ..QueryRewrite::default()
+                    }));
+                }
                 let literals: Vec<Option<String>> = slots
                     .0
                     .iter()
@@ -175,6 +268,11 @@ impl Encryption {
             },
             StatementPlan::Write(plan) => match SqlTemplate::new(&plan.statement.to_string()) {
                 Some(template) => ShapePlan::Write {
+                    bound: if self.policy.server.prepare_simple_writes {
+                        BoundShape::new(&plan, &template, shaped.literals.len())
+                    } else {
+                        None
+                    },
                     plan,
                     sql: template,
                     fingerprint: fingerprint(),

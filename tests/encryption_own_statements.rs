@@ -1,0 +1,305 @@
+//! Simple-query writes planned by their shape run as the proxy's own named
+//! prepared statements (literals and cells as parameters). Against a real
+//! PostgreSQL: the literals keep the meaning they have in SQL text, one
+//! statement serves every query of a shape, statements the server lost are
+//! parsed again, and clients cannot reach them.
+
+mod common;
+
+use common::encryption::{count, rows, EncryptedSetup};
+use common::raw::{message, query, read_until_ready, send, session};
+use tokio_postgres::Client;
+
+const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+    ssn bytea, ssn_bidx bytea, notes bytea, cmk_edek jsonb, \
+    visits int, big int8, score numeric, born date, label text)";
+
+const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
+
+async fn setup() -> EncryptedSetup {
+    EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await
+}
+
+/// The proxy's statements on this session's server connection.
+async fn own_statements(app: &Client) -> Vec<String> {
+    rows(
+        app,
+        "SELECT statement FROM pg_prepared_statements WHERE name LIKE '\\_\\_cmk\\_proxy\\_%' ORDER BY prepare_time",
+    )
+    .await
+    .into_iter()
+    .map(|r| r[0].clone().unwrap_or_default())
+    .collect()
+}
+
+async fn refused(app: &Client, sql: &str) -> (String, String) {
+    let err = app.simple_query(sql).await.expect_err(sql);
+    (
+        common::sqlstate(&err).unwrap_or_default(),
+        common::error_message(&err),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn literals_mean_what_they_mean_in_sql_and_one_statement_serves_a_shape() {
+    let s = setup().await;
+    let app = s.app().await;
+    let insert = |tenant: &str, notes: &str, visits: &str, big: &str, score: &str| {
+        format!(
+            "INSERT INTO patients (tenant_id, notes, ssn, visits, big, score, born) \
+             VALUES ('{tenant}', '{notes}', '{notes}-ssn', {visits}, {big}, {score}, '2001-02-03')"
+        )
+    };
+    // Numbers are typed as the constants are: 5.5 is numeric and rounds
+    // into an int column, 3000000000 is int8, 1.50 keeps its scale.
+    for sql in [
+        insert("acme", "first", "5.5", "3000000000", "1.50"),
+        insert("globex", "second", "7", "12", "2e3"),
+        insert("acme", "third", "'8'", "'9'", "'0.25'"),
+    ] {
+        app.simple_query(&sql).await.expect(&sql);
+    }
+    let read = rows(
+        &s.direct,
+        "SELECT visits::text, big::text, score::text, born::text FROM patients ORDER BY id",
+    )
+    .await;
+    let want = |v: [&str; 4]| v.map(|x| Some(x.to_owned())).to_vec();
+    assert_eq!(
+        read,
+        vec![
+            want(["6", "3000000000", "1.50", "2001-02-03"]),
+            want(["7", "12", "2000", "2001-02-03"]),
+            want(["8", "9", "0.25", "2001-02-03"]),
+        ]
+    );
+    // Ciphertext at rest, plaintext through the proxy.
+    let raw: Vec<u8> = s
+        .direct
+        .query_one("SELECT notes FROM patients ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(&raw[..4], b"CMK\x01");
+    app.simple_query("SET cmk.tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let notes = rows(
+        &app,
+        "SELECT notes, ssn FROM patients WHERE tenant_id = 'acme' ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        notes,
+        vec![
+            vec![Some("first".into()), Some("first-ssn".into())],
+            vec![Some("third".into()), Some("third-ssn".into())],
+        ]
+    );
+    // One statement per shape and literal types (the three differ in
+    // their number types), none holding a value.
+    let statements = own_statements(&app).await;
+    assert_eq!(statements.len(), 3, "{statements:?}");
+    for sql in &statements {
+        assert!(sql.contains("$1") && !sql.contains("first") && !sql.contains("acme"));
+    }
+    app.simple_query(&insert("acme", "fourth", "5.5", "3000000000", "1.50"))
+        .await
+        .unwrap();
+    assert_eq!(own_statements(&app).await.len(), 3, "reused");
+
+    // A literal a parameter would change (left to default to text) keeps
+    // the query as written.
+    let labelled = rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'r') RETURNING notes, 'label'",
+    )
+    .await;
+    assert_eq!(labelled, vec![vec![Some("r".into()), Some("label".into())]]);
+    assert_eq!(own_statements(&app).await.len(), 3);
+    // UPDATE with literals in SET and WHERE, RETURNING decrypted.
+    let updated = rows(
+        &app,
+        "UPDATE patients SET notes = 'changed', visits = 1 WHERE id = 1 RETURNING notes",
+    )
+    .await;
+    assert_eq!(updated, vec![vec![Some("changed".into())]]);
+    assert_eq!(own_statements(&app).await.len(), 4);
+    // An error of an execution (here the first) keeps the statement.
+    let dup = "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'dup')";
+    let (code, _) = refused(&app, dup).await;
+    assert_eq!(code, "23505");
+    rows(
+        &app,
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (100, 'acme', 'ok')",
+    )
+    .await;
+    assert_eq!(own_statements(&app).await.len(), 5);
+    assert_eq!(
+        count(&s.direct, "SELECT count(*) FROM patients WHERE id = 100").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_the_server_lost_are_parsed_again() {
+    let s = setup().await;
+    let app = s.app().await;
+    let write = |n: i32| format!("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'w{n}')");
+    app.simple_query(&write(1)).await.unwrap();
+    // DEALLOCATE ALL and DISCARD ALL through the proxy: seen, parsed anew.
+    for drop in ["DEALLOCATE ALL", "DISCARD ALL"] {
+        app.simple_query(drop).await.unwrap();
+        app.simple_query(&write(2)).await.expect(drop);
+    }
+    // Dropped where the proxy cannot see it: that write fails with 26000,
+    // stores nothing, and the next one works.
+    s.direct
+        .batch_execute(
+            "CREATE FUNCTION forget_plans() RETURNS void LANGUAGE plpgsql \
+             AS $$BEGIN EXECUTE 'DEALL' || 'OCATE ALL'; END$$",
+        )
+        .await
+        .unwrap();
+    app.simple_query("SELECT forget_plans()").await.unwrap();
+    let (code, _) = refused(&app, &write(3)).await;
+    assert_eq!(code, "26000");
+    app.simple_query(&write(4)).await.unwrap();
+    assert_eq!(
+        count(&s.direct, "SELECT count(*) FROM patients").await,
+        4,
+        "w1, w2 twice, w4"
+    );
+    // In an aborted transaction the Parse fails as the query would; after
+    // the rollback the same write works.
+    app.batch_execute("BEGIN").await.unwrap();
+    let _ = app.simple_query("SELECT 1/0").await.expect_err("1/0");
+    let fresh = "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'f', 1)";
+    let (code, _) = refused(&app, fresh).await;
+    assert_eq!(code, "25P02");
+    app.batch_execute("ROLLBACK").await.unwrap();
+    app.simple_query(fresh).await.unwrap();
+    // More shapes than a connection keeps (64): the oldest are closed, and
+    // each still works when it comes back.
+    let shape = |n: usize| {
+        format!(
+            "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'n{n}') RETURNING id AS c{n}"
+        )
+    };
+    for n in 0..70 {
+        app.simple_query(&shape(n)).await.unwrap();
+    }
+    assert_eq!(own_statements(&app).await.len(), 64);
+    for n in [0, 69] {
+        let got = rows(&app, &shape(n)).await;
+        assert_eq!(got.len(), 1, "{n}");
+    }
+    // Literals in comparisons (negated too) bind; an UPDATE of no row is fine.
+    let sql = "UPDATE patients SET notes = 'u', label = 'l' WHERE tenant_id = 'acme' AND (id = -5 OR (visits > 7 AND big <> 3))";
+    app.simple_query(sql).await.unwrap();
+    app.simple_query(&write(5)).await.unwrap();
+    assert_eq!(
+        count(&s.direct, "SELECT count(*) FROM patients WHERE notes IS NOT NULL AND substring(notes from 1 for 4) <> '\\x434d4b01'::bytea").await,
+        0,
+        "every cell sealed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_cannot_use_the_proxy_statement_names() {
+    let s = setup().await;
+    let app = s.app().await;
+    for sql in [
+        "EXECUTE __cmk_proxy_1('acme', 'plain')",
+        "PREPARE __CMK_PROXY_9 AS SELECT 1",
+        "DEALLOCATE __cmk_proxy_1",
+    ] {
+        let (code, message) = refused(&app, sql).await;
+        assert_eq!(code, "KM003", "{sql}: {message}");
+        assert!(message.contains("__cmk_proxy_"), "{message}");
+    }
+    app.simple_query("SELECT 1").await.expect("usable");
+
+    // A raw session writes once (the proxy prepares its statement), then
+    // binds a name of the proxy's with plaintext for the cell: refused,
+    // nothing stored.
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut session = session(port, "app");
+        send(
+            &mut session,
+            &query("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'sealed')"),
+        );
+        let first = read_until_ready(&mut session);
+        send(
+            &mut session,
+            &query("SELECT name FROM pg_prepared_statements"),
+        );
+        let names = read_until_ready(&mut session);
+        // DataRow: column count (2 bytes), length (4), the name.
+        let name = names
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| m.body[6..].to_vec())
+            .expect("the proxy's statement");
+        let mut bind = vec![0u8];
+        bind.extend_from_slice(&name);
+        bind.push(0);
+        bind.extend_from_slice(&0u16.to_be_bytes());
+        // The statement's own parameters: tenant, cell, EDEK.
+        bind.extend_from_slice(&3u16.to_be_bytes());
+        for value in [&b"acme"[..], b"PLAINTEXT", b"{}"] {
+            bind.extend_from_slice(&(value.len() as i32).to_be_bytes());
+            bind.extend_from_slice(value);
+        }
+        bind.extend_from_slice(&0u16.to_be_bytes());
+        let mut bytes = message(b'B', &bind);
+        bytes.extend(message(b'E', b"\0\0\0\0\0"));
+        bytes.extend(message(b'S', b""));
+        send(&mut session, &bytes);
+        (first, read_until_ready(&mut session))
+    })
+    .await
+    .expect("raw session");
+    let tags = |m: &[common::raw::BackendMessage]| m.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    assert_eq!(tags(&got.0), b"CZ", "the write itself");
+    assert_eq!(tags(&got.1), b"EZ");
+    assert_eq!(got.1[0].field(b'C').as_deref(), Some("KM003"));
+    assert_eq!(count(&s.direct, "SELECT count(*) FROM patients").await, 1);
+    let plaintext = count(
+        &s.direct,
+        "SELECT count(*) FROM patients WHERE position('PLAINTEXT'::bytea in notes) > 0",
+    )
+    .await;
+    assert_eq!(plaintext, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_prepare_simple_writes_off_writes_are_spliced_into_the_sql() {
+    let s = EncryptedSetup::start_configured(
+        SCHEMA,
+        "public.patients",
+        COLUMNS,
+        "",
+        "",
+        "server:\n  prepare_simple_writes: false\n",
+    )
+    .await;
+    let app = s.app().await;
+    for n in 0..3 {
+        app.simple_query(&format!(
+            "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'n{n}', 5.5)"
+        ))
+        .await
+        .unwrap();
+    }
+    assert!(own_statements(&app).await.is_empty());
+    let read = rows(&s.direct, "SELECT visits::text FROM patients").await;
+    assert_eq!(read.len(), 3);
+    assert!(read.iter().all(|r| r[0].as_deref() == Some("6")));
+    app.simple_query("SET cmk.tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let notes = rows(&app, "SELECT notes FROM patients ORDER BY id").await;
+    assert_eq!(notes[2][0].as_deref(), Some("n2"));
+}

@@ -36,7 +36,7 @@ const REFUSED_SQL: &str = "cmk-proxy refused this statement";
 /// The extended-protocol messages that run `bound` as a simple query would,
 /// as the proxy's statement `run`: closing the statement it replaces and
 /// parsing it when new, then binding the unnamed portal (results in text),
-/// describing and executing it, and one Sync.
+/// describing its rows if it returns any, executing it, and one Sync.
 fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     let name = statement_name(run.number);
     let values: usize = bound.values.iter().flatten().map(|v| v.len() + 4).sum();
@@ -61,9 +61,11 @@ fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
         result_formats: Vec::new(),
     }
     .encode(&mut out);
-    out.put_u8(frontend::DESCRIBE);
-    out.put_u32(6);
-    out.put_slice(b"P\0");
+    if bound.returns_rows {
+        out.put_u8(frontend::DESCRIBE);
+        out.put_u32(6);
+        out.put_slice(b"P\0");
+    }
     out.put_u8(frontend::EXECUTE);
     out.put_u32(9);
     out.put_u8(0);

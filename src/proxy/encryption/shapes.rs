@@ -21,6 +21,7 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use sqlparser::ast::Statement;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
@@ -75,6 +76,8 @@ enum ShapePlan {
 /// of each parameter comes from.
 struct BoundShape {
     sql: Arc<str>,
+    /// It has RETURNING: its rows need a RowDescription (Describe).
+    returns_rows: bool,
     /// `params[n - 1]` is the source of `$n`.
     params: Vec<BoundParam>,
 }
@@ -113,8 +116,14 @@ impl BoundShape {
                 (oid, _) => BoundParam::Proxy(oid),
             })
             .collect();
+        let returns_rows = match &write.statement {
+            Statement::Insert(insert) => insert.returning.is_some(),
+            Statement::Update { returning, .. } => returning.is_some(),
+            _ => true,
+        };
         Some(Self {
             sql: Arc::from(write.statement.to_string()),
+            returns_rows,
             params,
         })
     }
@@ -124,6 +133,7 @@ impl BoundShape {
     fn bind(&self, literals: &[rewrite::Literal<'_>], mut slots: Slots) -> Option<BoundQuery> {
         let mut query = BoundQuery {
             sql: self.sql.clone(),
+            returns_rows: self.returns_rows,
             types: Vec::with_capacity(self.params.len()),
             values: Vec::with_capacity(self.params.len()),
             formats: Vec::with_capacity(self.params.len()),

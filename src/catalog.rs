@@ -107,6 +107,9 @@ struct Attr {
     attnum: i16,
     type_name: String,
     has_default: bool,
+    /// Its type reads an untyped literal otherwise than a parameter (see
+    /// `SchemaFacts::literal_sensitive`).
+    literal_sensitive: bool,
 }
 
 struct TableInfo {
@@ -142,10 +145,14 @@ async fn read_tables(
     let rows = client
         .query(
             "SELECT n.nspname || '.' || c.relname, c.oid, a.attnum, a.attname::text, \
-                    format_type(a.atttypid, NULL), a.atthasdef \
+                    format_type(a.atttypid, NULL), a.atthasdef, \
+                    (a.atttypmod <> -1 AND coalesce(nullif(t.typelem, 0), t.oid) = 'pg_catalog.interval'::regtype) \
+                      OR t.typtype = 'd' OR coalesce(e.typtype = 'd', false) \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem AND t.typelem <> 0 \
              WHERE n.nspname || '.' || c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p')",
             &[&names],
         )
@@ -164,6 +171,7 @@ async fn read_tables(
                 attnum: row.get(2),
                 type_name: row.get(4),
                 has_default: row.get(5),
+                literal_sensitive: row.get(6),
             },
         );
     }
@@ -201,6 +209,9 @@ pub async fn load_map(
         };
         let table: Arc<str> = Arc::from(name.as_str());
         map.table_oids.insert(table.clone(), info.oid);
+        if info.attrs.values().any(|a| a.literal_sensitive) {
+            map.facts.literal_sensitive.insert(name.clone());
+        }
         let mut add = |column: &str, role: ColumnRole| {
             if let Some(attr) = info.attrs.get(column) {
                 map.by_attr.insert(

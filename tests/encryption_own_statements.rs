@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 
 const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, notes bytea, cmk_edek jsonb, \
-    visits int, big int8, score numeric, born date, label text)";
+    visits int, big int8, score numeric, born date, label text, ref oid)";
 
 const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
 
@@ -302,4 +302,246 @@ async fn with_prepare_simple_writes_off_writes_are_spliced_into_the_sql() {
         .unwrap();
     let notes = rows(&app, "SELECT notes FROM patients ORDER BY id").await;
     assert_eq!(notes[2][0].as_deref(), Some("n2"));
+}
+
+/// Raw extended-protocol messages.
+mod wire {
+    use super::common::raw::message;
+
+    pub fn parse(sql: &str) -> Vec<u8> {
+        let mut body = vec![0u8];
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        message(b'P', &body)
+    }
+
+    /// Parse, Bind and Execute of `sql` in the unnamed statement and portal.
+    pub fn run(sql: &str) -> Vec<u8> {
+        let mut bytes = parse(sql);
+        bytes.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        bytes.extend(message(b'E', b"\0\0\0\0\0"));
+        bytes
+    }
+
+    pub fn close_statement(name: &[u8]) -> Vec<u8> {
+        let mut body = vec![b'S'];
+        body.extend_from_slice(name);
+        body.push(0);
+        message(b'C', &body)
+    }
+
+    pub fn sync() -> Vec<u8> {
+        message(b'S', b"")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn literals_a_parameter_would_read_otherwise_stay_in_the_sql() {
+    let s = EncryptedSetup::start(
+        "CREATE DOMAIN positive AS int CHECK (VALUE > 0); \
+         CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+         ssn bytea, ssn_bidx bytea, notes bytea, cmk_edek jsonb, \
+         wait interval minute, pi positive)",
+        "public.patients",
+        COLUMNS,
+    )
+    .await;
+    let app = s.app().await;
+    // interval minute reads '30' as 30 minutes; a parameter would be 30 s.
+    app.simple_query(
+        "INSERT INTO patients (tenant_id, notes, wait, pi) VALUES ('acme', 'a', '30', 1)",
+    )
+    .await
+    .unwrap();
+    app.simple_query(
+        "UPDATE patients SET notes = 'b', wait = '45' WHERE tenant_id = 'acme' AND id = 1",
+    )
+    .await
+    .unwrap();
+    // A domain is checked per row: no row, no error.
+    app.simple_query(
+        "UPDATE patients SET notes = 'c', pi = '-1' WHERE tenant_id = 'acme' AND id = -5",
+    )
+    .await
+    .unwrap();
+    let read = rows(&s.direct, "SELECT wait::text FROM patients").await;
+    assert_eq!(read, vec![vec![Some("00:45:00".into())]]);
+    assert!(own_statements(&app).await.is_empty(), "spliced, not bound");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn typed_literals_casts_and_negated_boundaries_keep_their_sql_meaning() {
+    let s = setup().await;
+    let app = s.app().await;
+    app.simple_query(
+        "INSERT INTO patients (tenant_id, notes, born, label, big) \
+         VALUES ('acme', 'd', DATE '2001-02-03', '30'::interval minute::text, -9223372036854775808)",
+    )
+    .await
+    .expect("typed literal");
+    app.simple_query(
+        "INSERT INTO patients (tenant_id, notes, visits, ref) VALUES ('acme', 'e', -2147483648, -2147483648)",
+    )
+    .await
+    .expect("int4 boundary");
+    let read = rows(
+        &s.direct,
+        "SELECT born::text, label, big::text, visits::text FROM patients ORDER BY id",
+    )
+    .await;
+    assert_eq!(read[0][0].as_deref(), Some("2001-02-03"));
+    assert_eq!(read[0][1].as_deref(), Some("00:30:00"));
+    assert_eq!(read[0][2].as_deref(), Some("-9223372036854775808"));
+    assert_eq!(read[1][3].as_deref(), Some("-2147483648"));
+    // As an int4 constant it is an oid (as int8 it would be out of range).
+    let oid = rows(
+        &s.direct,
+        "SELECT ref::text FROM patients WHERE ref IS NOT NULL",
+    )
+    .await;
+    assert_eq!(oid, vec![vec![Some("2147483648".into())]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forgotten_statements_are_closed_and_ddl_makes_new_ones() {
+    let s = setup().await;
+    let app = s.app().await;
+    let write =
+        "INSERT INTO patients (tenant_id, notes, label) VALUES ('acme', 'x', 'l') RETURNING label";
+    // A word like 'discarded' in a read forgets nothing; DEALLOCATE does,
+    // and the forgotten statement is closed, not left on the server.
+    for _ in 0..5 {
+        rows(&app, write).await;
+        rows(
+            &app,
+            "SELECT count(*) FROM patients WHERE label = 'discarded'",
+        )
+        .await;
+    }
+    assert_eq!(own_statements(&app).await.len(), 1);
+    app.simple_query("DEALLOCATE ALL").await.unwrap();
+    rows(&app, write).await;
+    rows(&app, write).await;
+    assert_eq!(own_statements(&app).await.len(), 1);
+    // DDL through the proxy: the statement is made anew (no 0A000).
+    app.simple_query("ALTER TABLE patients ALTER COLUMN label TYPE varchar(20)")
+        .await
+        .unwrap();
+    assert_eq!(rows(&app, write).await, vec![vec![Some("l".into())]]);
+    // DDL run directly: one 0A000, then the statement is made anew and
+    // the old one closed.
+    s.direct
+        .batch_execute("ALTER TABLE patients ALTER COLUMN label TYPE text")
+        .await
+        .unwrap();
+    let err = app.simple_query(write).await.expect_err("cached plan");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("0A000"));
+    rows(&app, write).await;
+    assert_eq!(own_statements(&app).await.len(), 1);
+    // DEALLOCATE ALL through a prepared statement, executed later.
+    let deallocate = app.prepare("DEALLOCATE ALL").await.unwrap();
+    rows(&app, write).await;
+    app.execute(&deallocate, &[]).await.unwrap();
+    rows(&app, write).await;
+    assert_eq!(own_statements(&app).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_pipelines_keep_their_protocol_meaning() {
+    let s = setup().await;
+    let app = s.app().await;
+    app.simple_query("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'keep')")
+        .await
+        .unwrap();
+    let port = s.proxy.port();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut session = session(port, "app");
+        // After an error in an open extended batch the server skips to the
+        // client's Sync: a simple-query write in between must not end it.
+        let mut bytes = wire::run("SELECT 1/0");
+        bytes.extend(query(
+            "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'mid')",
+        ));
+        bytes.extend(wire::run("DELETE FROM patients"));
+        bytes.extend(wire::sync());
+        send(&mut session, &bytes);
+        // The server ignores the Query altogether: one ReadyForQuery.
+        let skipped = read_until_ready(&mut session);
+        // Pipelined simple queries: the second write does not bind a
+        // statement whose Parse failed (aborted transaction) before it.
+        let mut bytes = query("BEGIN");
+        bytes.extend(query("SELECT 1/0"));
+        bytes.extend(query(
+            "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'p', 1)",
+        ));
+        bytes.extend(query("ROLLBACK"));
+        bytes.extend(query(
+            "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'p', 2)",
+        ));
+        send(&mut session, &bytes);
+        let pipelined: Vec<_> = (0..5).map(|_| read_until_ready(&mut session)).collect();
+        // A client Close of a proxy statement: the next write parses anew.
+        send(
+            &mut session,
+            &query("SELECT name FROM pg_prepared_statements"),
+        );
+        let names = read_until_ready(&mut session);
+        let name = names
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| m.body[6..].to_vec())
+            .expect("a proxy statement");
+        let mut bytes = wire::close_statement(&name);
+        bytes.extend(wire::sync());
+        bytes.extend(query(
+            "INSERT INTO patients (tenant_id, notes, visits) VALUES ('acme', 'p', 3)",
+        ));
+        send(&mut session, &bytes);
+        let closed = (
+            read_until_ready(&mut session),
+            read_until_ready(&mut session),
+        );
+        (skipped, pipelined, closed)
+    })
+    .await
+    .expect("raw session");
+    let (skipped, pipelined, closed) = got;
+    let tags = |m: &[common::raw::BackendMessage]| m.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    assert_eq!(
+        tags(&skipped),
+        b"1EZ",
+        "SELECT 1/0 fails at Bind (constant folding)"
+    );
+    assert_eq!(
+        count(
+            &s.direct,
+            "SELECT count(*) FROM patients WHERE notes IS NOT NULL"
+        )
+        .await,
+        3,
+        "the DELETE after the error was skipped, the write ignored; 'keep' and two of the pipeline"
+    );
+    let codes: Vec<Option<String>> = pipelined
+        .iter()
+        .map(|cycle| {
+            cycle
+                .iter()
+                .find(|m| m.tag == b'E')
+                .and_then(|m| m.field(b'C'))
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![None, Some("22012".into()), Some("25P02".into()), None, None]
+    );
+    assert_eq!(tags(&closed.0), b"3Z");
+    assert_eq!(tags(&closed.1), b"CZ", "the write after the Close");
+    assert_eq!(
+        count(
+            &s.direct,
+            "SELECT count(*) FROM patients WHERE visits IN (2, 3)"
+        )
+        .await,
+        2
+    );
 }

@@ -45,6 +45,9 @@ pub enum EncryptionError {
 pub struct SessionInfo<'a> {
     /// The session's tenant, if one is set.
     pub tenant: Option<&'a str>,
+    /// A simple query's write may run as the proxy's own prepared statement
+    /// (no extended-protocol batch of the client's is open).
+    pub prepare_writes: bool,
     /// The tenant the session started with (where RESET goes back to).
     pub default_tenant: Option<&'a str>,
     /// Database user.

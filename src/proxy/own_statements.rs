@@ -7,10 +7,12 @@
 //! quarter of its CPU for a write of a 1 KiB cell).
 //!
 //! Names start with [`NAME_PREFIX`]; clients may not use them. A statement
-//! is known to exist once its ParseComplete arrived. Names are never used
+//! is used again only once its ParseComplete arrived. Names are never used
 //! twice, so a statement the proxy forgot (its Parse failed, the client ran
-//! DEALLOCATE or DISCARD, the server lost it) is parsed again under a new
-//! name and no Parse can meet an old statement of the same name. They are
+//! DEALLOCATE or DISCARD or DDL, the server lost it) is parsed again under a
+//! new name and no Parse can meet an old statement of the same name; the
+//! forgotten ones are closed with the next batch (closing a statement that
+//! does not exist is no error), so none lingers on the server. They are
 //! unique across sessions and proxy processes too (a random tag per
 //! process), so that behind a pooler that hands server connections from one
 //! session to another no session binds another's statement.
@@ -25,6 +27,10 @@ pub(crate) const NAME_PREFIX: &str = "__cmk_proxy_";
 /// Statements kept per connection; the oldest is closed for a new one.
 const MAX_STATEMENTS: usize = 64;
 
+/// Forgotten statements waiting to be closed, at most (beyond, the oldest
+/// are left to the end of the connection).
+const MAX_TO_CLOSE: usize = 256;
+
 /// The server statement a write runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StatementUse {
@@ -32,8 +38,8 @@ pub(crate) struct StatementUse {
     pub number: u64,
     /// It is new: send its Parse first.
     pub parse: bool,
-    /// The statement to close first to make room.
-    pub close: Option<u64>,
+    /// Statements to close first (forgotten, or making room).
+    pub close: Vec<u64>,
 }
 
 /// SQL and declared parameter types of one statement.
@@ -51,6 +57,8 @@ struct Entry {
 pub(crate) struct OwnStatements {
     /// Oldest first.
     entries: VecDeque<Entry>,
+    /// Forgotten statements the server may still hold.
+    to_close: VecDeque<u64>,
 }
 
 /// Statement numbers, unique in the process.
@@ -78,36 +86,46 @@ pub(crate) fn mentions_own_name(sql: &str) -> bool {
         .any(|w| w.eq_ignore_ascii_case(prefix))
 }
 
-/// True when SQL may drop prepared statements (`DEALLOCATE`, `DISCARD`).
+/// True when SQL may drop prepared statements: it has the word
+/// `DEALLOCATE` or `DISCARD` (anywhere, a string too: a false alarm only
+/// costs a new Parse).
 pub(crate) fn may_drop_statements(sql: &str) -> bool {
     let bytes = sql.as_bytes();
+    let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80;
     [&b"deallocate"[..], &b"discard"[..]].iter().any(|word| {
-        bytes
-            .windows(word.len())
-            .any(|w| w.eq_ignore_ascii_case(word))
+        bytes.windows(word.len()).enumerate().any(|(i, w)| {
+            w.eq_ignore_ascii_case(word)
+                && !i
+                    .checked_sub(1)
+                    .and_then(|j| bytes.get(j))
+                    .is_some_and(is_word)
+                && !bytes.get(i + word.len()).is_some_and(is_word)
+        })
     })
 }
 
 impl OwnStatements {
     /// The statement to run `sql` with parameter `types` as: the one parsed
-    /// before, or a new one (closing the oldest when full).
+    /// before, or a new one (closing the oldest when full). One whose Parse
+    /// is still unanswered is not used: should that Parse fail, a Bind of
+    /// it would fail too.
     pub(crate) fn statement_for(&mut self, sql: &Arc<str>, types: &[u32]) -> StatementUse {
+        let close = self.to_close.drain(..).collect();
         if let Some(entry) = self
             .entries
             .iter()
-            .find(|e| *e.sql == **sql && e.types == types)
+            .find(|e| e.ready && *e.sql == **sql && e.types == types)
         {
             return StatementUse {
                 number: entry.number,
                 parse: false,
-                close: None,
+                close,
             };
         }
-        let close = if self.entries.len() >= MAX_STATEMENTS {
-            self.entries.pop_front().map(|e| e.number)
-        } else {
-            None
-        };
+        let mut close: Vec<u64> = close;
+        if self.entries.len() >= MAX_STATEMENTS {
+            close.extend(self.entries.pop_front().map(|e| e.number));
+        }
         let number = NEXT_NUMBER.fetch_add(1, Ordering::Relaxed);
         self.entries.push_back(Entry {
             sql: sql.clone(),
@@ -129,19 +147,37 @@ impl OwnStatements {
         }
     }
 
-    /// A query run as statement `number` failed with `sqlstate`. The
-    /// statement is forgotten when its Parse failed, or when the server no
-    /// longer has it (26000) or cannot run it as planned (0A000: a cached
-    /// plan whose result type changed).
+    /// A query run as statement `number` failed with `sqlstate` (`None`:
+    /// its cycle ended). The statement is forgotten when its Parse failed or
+    /// was skipped, or when the server no longer has it (26000) or cannot
+    /// run it as planned (0A000: a cached plan whose result type changed;
+    /// closed with the next batch).
     pub(crate) fn failed(&mut self, number: u64, sqlstate: Option<&str>) {
         let lost = matches!(sqlstate, Some("26000" | "0A000"));
-        self.entries
-            .retain(|e| e.number != number || (e.ready && !lost));
+        let Some(index) = self.entries.iter().position(|e| e.number == number) else {
+            return;
+        };
+        let ready = self.entries[index].ready;
+        if !ready || lost {
+            self.entries.remove(index);
+        }
+        if ready && lost {
+            self.close_later([number]);
+        }
     }
 
-    /// Forgets every statement (the client may have dropped them).
+    /// Forgets every statement, closing them with the next batch (the
+    /// client may have dropped them, or changed what they mean).
     pub(crate) fn clear(&mut self) {
-        self.entries.clear();
+        let numbers: Vec<u64> = self.entries.drain(..).map(|e| e.number).collect();
+        self.close_later(numbers);
+    }
+
+    fn close_later(&mut self, numbers: impl IntoIterator<Item = u64>) {
+        self.to_close.extend(numbers);
+        while self.to_close.len() > MAX_TO_CLOSE {
+            self.to_close.pop_front();
+        }
     }
 
     /// Statements known or being parsed.
@@ -161,6 +197,9 @@ mod tests {
         let sql: Arc<str> = Arc::from("INSERT INTO t VALUES ($1, $2)");
         let first = own.statement_for(&sql, &[23, 17]);
         assert!(first.parse);
+        // Not used again before its ParseComplete.
+        let early = own.statement_for(&sql, &[23, 17]);
+        assert!(early.parse && early.number != first.number);
         own.parsed(first.number);
         let again = own.statement_for(&sql, &[23, 17]);
         assert_eq!((again.number, again.parse), (first.number, false));
@@ -181,12 +220,16 @@ mod tests {
         // An error of an execution keeps a parsed statement...
         own.failed(second.number, Some("23505"));
         assert!(!own.statement_for(&sql, &[0]).parse);
-        // ...unless the server lost it.
-        own.failed(second.number, Some("26000"));
+        // ...unless the server lost it: then it is closed with the next.
+        own.failed(second.number, Some("0A000"));
         let third = own.statement_for(&sql, &[0]);
         assert!(third.parse && third.number > second.number);
+        assert_eq!(third.close, vec![second.number]);
+        own.parsed(third.number);
         own.clear();
         assert_eq!(own.len(), 0);
+        let fourth = own.statement_for(&sql, &[0]);
+        assert_eq!(fourth.close, vec![third.number]);
     }
 
     #[test]
@@ -196,12 +239,12 @@ mod tests {
         for i in 0..MAX_STATEMENTS {
             let sql: Arc<str> = Arc::from(format!("SELECT {i}"));
             let use_ = own.statement_for(&sql, &[]);
-            assert_eq!(use_.close, None);
+            assert!(use_.close.is_empty());
             first.get_or_insert(use_.number);
         }
         let sql: Arc<str> = Arc::from("SELECT 'new'");
         let use_ = own.statement_for(&sql, &[]);
-        assert_eq!(use_.close, first);
+        assert_eq!(use_.close, first.into_iter().collect::<Vec<_>>());
         assert_eq!(own.len(), MAX_STATEMENTS);
     }
 
@@ -214,6 +257,9 @@ mod tests {
         assert!(!mentions_own_name("SELECT 1"));
         assert!(may_drop_statements("DEALLOCATE ALL"));
         assert!(may_drop_statements("discard all"));
+        assert!(may_drop_statements("SELECT 1;DISCARD PLANS"));
         assert!(!may_drop_statements("SELECT 1"));
+        assert!(!may_drop_statements("SELECT discarded_at FROM t"));
+        assert!(!may_drop_statements("SELECT 1 FROM undiscard"));
     }
 }

@@ -52,6 +52,9 @@ pub(crate) struct PreparedStatement {
     pub protected_results: std::sync::OnceLock<(usize, Vec<usize>)>,
     /// The last plan of its result rows (shared with every Parse of the same SQL).
     pub row_plans: Arc<RowPlanMemo>,
+    /// Its SQL may drop prepared statements (DEALLOCATE, DISCARD) or change
+    /// what they return (DDL): each execution makes the proxy forget its own.
+    pub drops_statements: bool,
 }
 
 impl PreparedStatement {
@@ -67,6 +70,7 @@ impl PreparedStatement {
             described: AtomicBool::new(false),
             protected_results: std::sync::OnceLock::new(),
             row_plans: Arc::default(),
+            drops_statements: false,
         }
     }
 }

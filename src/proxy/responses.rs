@@ -324,8 +324,28 @@ impl ResponseTracker {
             }
             _ => None,
         };
-        while self.front(state).is_some_and(|e| !e.ends_with_ready()) {
+        // An error in an extended-protocol batch: the server skips every
+        // message up to the client's Sync, simple queries and function
+        // calls included (they get no answer at all, not even their
+        // ReadyForQuery). An error of a simple query ends at its own.
+        let in_batch = self.front(state).is_some_and(|e| !e.ends_with_ready());
+        while let Some(entry) = self.front(state) {
+            let ends_here = match entry {
+                Expected::Sync { .. } => true,
+                other => other.ends_with_ready() && !in_batch,
+            };
+            if ends_here {
+                break;
+            }
             if let Some(entry) = self.queue.pop_front() {
+                if entry.ends_with_ready() {
+                    // Its cycle is over without a ReadyForQuery.
+                    let cycle = state.cycle_ignored();
+                    state.cycle_answered(cycle);
+                    if let Some(number) = entry.run_as() {
+                        state.own_statements(|own| own.failed(number, None));
+                    }
+                }
                 // Failed, or skipped to the Sync: not done.
                 settle(&entry, state, false);
             }

@@ -247,6 +247,7 @@ async fn run_session(
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
         own_statements: Mutex::new(Default::default()),
+        extended_open: AtomicBool::new(false),
         syncs: Default::default(),
         // The startup cycle (its ReadyForQuery is counted as answered).
         cycles_sent: std::sync::atomic::AtomicU64::new(1),
@@ -412,6 +413,15 @@ impl Inspector for ClientInspector<'_> {
         match header.tag {
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => self.state.cycle_sent(),
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
+            _ => {}
+        }
+        match header.tag {
+            frontend::SYNC => self.state.extended_open.store(false, Ordering::Release),
+            frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::CLOSE => self.state.extended_open.store(true, Ordering::Release),
             _ => {}
         }
         if self.encryption.is_some() && !self.state.is_poisoned() {

@@ -129,6 +129,10 @@ pub(crate) struct SessionState {
     pub(crate) poison: Poison,
     /// The proxy's own prepared statements on the server connection.
     pub(crate) own_statements: Mutex<OwnStatements>,
+    /// The client has sent extended-protocol messages since its last Sync:
+    /// a Sync of the proxy's would end that batch (and a skip-to-Sync after
+    /// its error), so simple queries are not run as statements meanwhile.
+    pub(crate) extended_open: AtomicBool,
     /// Database user and client address, for audit events.
     pub(crate) user: String,
     pub(crate) client_addr: String,
@@ -151,6 +155,14 @@ impl SessionState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         work(&mut own)
+    }
+
+    /// A request cycle the server ignored (a simple query or function call
+    /// sent while it skipped to a Sync): it is over with no ReadyForQuery.
+    /// Returns its number.
+    pub(crate) fn cycle_ignored(&self) -> u64 {
+        self.open_cycles.fetch_sub(1, Ordering::AcqRel);
+        self.cycles_answered.fetch_add(1, Ordering::AcqRel) + 1
     }
 
     /// Records what the server did with retiring message `seq`.
@@ -324,6 +336,7 @@ impl SessionState {
     pub(crate) fn session_info<'a>(&'a self, tenant: Option<&'a str>) -> SessionInfo<'a> {
         SessionInfo {
             tenant,
+            prepare_writes: !self.extended_open.load(Ordering::Acquire),
             default_tenant: self.default_tenant.as_deref(),
             user: &self.user,
             client_addr: &self.client_addr,

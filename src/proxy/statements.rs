@@ -34,7 +34,7 @@ const MAX_PORTALS: usize = 256;
 const REFUSED_SQL: &str = "cmk-proxy refused this statement";
 
 /// The extended-protocol messages that run `bound` as a simple query would,
-/// as the proxy's statement `run`: closing the statement it replaces and
+/// as the proxy's statement `run`: closing the statements it forgot and
 /// parsing it when new, then binding the unnamed portal (results in text),
 /// describing its rows if it returns any, executing it, and one Sync.
 fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
@@ -42,8 +42,8 @@ fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     let values: usize = bound.values.iter().flatten().map(|v| v.len() + 4).sum();
     let parse_len = if run.parse { bound.sql.len() } else { 0 };
     let mut out = BytesMut::with_capacity(parse_len + values + 8 * bound.values.len() + 96);
-    if let Some(old) = run.close {
-        close_statement(&mut out, &statement_name(old));
+    for old in &run.close {
+        close_statement(&mut out, &statement_name(*old));
     }
     if run.parse {
         Parse {
@@ -212,6 +212,9 @@ impl ClientStatements {
                 }
                 Ok(bind) => {
                     let statement = self.statement(bind.statement);
+                    if statement.drops_statements {
+                        state.own_statements(OwnStatements::clear);
+                    }
                     let wire = wire_formats(&statement, &bind.result_formats, encryption);
                     self.bind_portal(&bind, statement, wire.clone());
                     state.pending.push(Expected::Bind { refusal: None });
@@ -266,6 +269,11 @@ impl ClientStatements {
             Some(frontend::EXECUTE) => self.execute(frame, body, state),
             Some(frontend::CLOSE) => {
                 let mut retires = None;
+                if target(body).is_some_and(|(kind, name)| kind == b'S' && is_own_name(name)) {
+                    // The client closes one of the proxy's statements: all
+                    // are parsed anew rather than one bound after it.
+                    state.own_statements(OwnStatements::clear);
+                }
                 match target(body) {
                     Some((b'S', name)) => match self.statements.remove(name) {
                         Some(old) => retires = self.retire(name, old, state),
@@ -664,6 +672,8 @@ fn plan_parse(
     statement.presented = plan.presented.clone();
     statement.row_plans = plan.row_plans.clone();
     statement.kind = plan.kind.clone();
+    // DDL may change what a statement of the proxy's returns (0A000).
+    statement.drops_statements = plan.ddl || may_drop_statements(parse.query);
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
         Parse {
@@ -996,6 +1006,10 @@ async fn simple_query(
         Ok(rewrite) => {
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);
+            }
+            if rewrite.ddl {
+                // It may change what a statement of the proxy's returns.
+                state.own_statements(OwnStatements::clear);
             }
             let run = rewrite
                 .bound

@@ -148,6 +148,10 @@ pub struct SchemaFacts {
     /// Partitions and inheritance children of policy tables → their policy
     /// table: statements that name them are refused.
     pub children: HashMap<String, String>,
+    /// Policy tables with a column whose type reads a literal otherwise
+    /// than a parameter (an interval with fields or precision, a domain):
+    /// their simple-query writes keep their literals in the SQL text.
+    pub literal_sensitive: std::collections::HashSet<String>,
 }
 
 /// What the analysis protects: the policy tables and the views over them.

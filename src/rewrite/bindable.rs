@@ -6,52 +6,64 @@
 //! type: a VALUES item or SET value (the column's), one side of a comparison
 //! with a column (`col = 'x'`, `col IN (1, 2)`), a cast (`'x'::date`). Left
 //! to itself an unknown literal becomes `text` while a parameter is an error
-//! (`SELECT 'x'`), so a literal anywhere else keeps the query as written.
+//! (`SELECT 'x'`), so a literal anywhere else keeps the query as written —
+//! as does a type that reads a literal by its type modifier (`interval
+//! minute` reads `'30'` as minutes, a parameter as seconds), or a domain
+//! (a parameter is checked when bound, even for no row). Columns of such
+//! types are the caller's to rule out (the catalog knows them).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    visit_expressions, BinaryOperator, Expr, OnConflictAction, OnInsert, SetExpr, Statement,
-    UnaryOperator, Value,
+    visit_expressions, ArrayElemTypeDef, BinaryOperator, DataType, Expr, OnConflictAction,
+    OnInsert, SetExpr, Statement, UnaryOperator, Value,
 };
 
 use super::literals::Literal;
 use super::write::param_number;
 use crate::config::DeclaredType;
 
-/// True when every client literal (`$1..=$literals`) of `statement` sits
-/// where the context alone decides its type.
-pub fn literals_bind_as_written(statement: &Statement, literals: usize) -> bool {
-    let mut typed = HashSet::new();
+/// The placeholders of `statement` that sit where the context alone
+/// decides their type, each with whether it is negated (`-$n`). A literal
+/// placeholder not among them (or not an expression at all: `DATE $1`, so
+/// the caller checks the placeholders of the rendered SQL) must stay a
+/// literal.
+pub fn typed_placeholders(statement: &Statement) -> HashMap<usize, bool> {
+    let mut typed = HashMap::new();
     for expr in assigned_values(statement) {
-        mark_operand(expr, &mut typed);
+        mark_operand(expr, false, &mut typed);
     }
     let _ = visit_expressions(statement, |expr| {
         match expr {
             Expr::BinaryOp { left, op, right } if is_comparison(op) => {
                 if is_column(left) {
-                    mark_operand(right, &mut typed);
+                    mark_operand(right, false, &mut typed);
                 }
                 if is_column(right) {
-                    mark_operand(left, &mut typed);
+                    mark_operand(left, false, &mut typed);
                 }
             }
             Expr::InList { expr, list, .. } if is_column(expr) => {
                 for item in list {
-                    mark_operand(item, &mut typed);
+                    mark_operand(item, false, &mut typed);
                 }
             }
-            Expr::Cast { expr, .. } => mark_operand(expr, &mut typed),
+            Expr::Cast {
+                expr, data_type, ..
+            } if casts_like_a_literal(data_type) => mark_operand(expr, false, &mut typed),
             _ => {}
         }
         ControlFlow::<()>::Continue(())
     });
-    let untyped = visit_expressions(statement, |expr| match placeholder(expr) {
-        Some(n) if n <= literals && !typed.contains(&n) => ControlFlow::Break(()),
-        _ => ControlFlow::Continue(()),
-    });
-    untyped.is_continue()
+    typed
+}
+
+/// True for a number literal whose negation PostgreSQL types otherwise than
+/// the negation of its parameter: `-2147483648` is an `int4` constant, and
+/// `-9223372036854775808` an `int8` one.
+pub fn negation_types_otherwise(literal: &Literal<'_>) -> bool {
+    matches!(literal.source, "2147483648" | "9223372036854775808")
 }
 
 /// The declared type of a literal's parameter: 0 (undeclared, like the
@@ -96,18 +108,36 @@ fn assigned_values(statement: &Statement) -> Vec<&Expr> {
 
 /// Marks a placeholder that is the whole operand (negated or in
 /// parentheses too: `-5` is the negated `int4` as written).
-fn mark_operand(expr: &Expr, typed: &mut HashSet<usize>) {
+fn mark_operand(expr: &Expr, negated: bool, typed: &mut HashMap<usize, bool>) {
     match expr {
         Expr::Nested(inner)
         | Expr::UnaryOp {
-            op: UnaryOperator::Minus | UnaryOperator::Plus,
+            op: UnaryOperator::Plus,
             expr: inner,
-        } => mark_operand(inner, typed),
+        } => mark_operand(inner, negated, typed),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr: inner,
+        } => mark_operand(inner, !negated, typed),
         _ => {
             if let Some(n) = placeholder(expr) {
-                typed.insert(n);
+                typed.insert(n, negated);
             }
         }
+    }
+}
+
+/// A cast to this type reads an unknown literal as it reads an unknown
+/// parameter: not an interval with fields or precision (read by its type
+/// modifier), nor a type the parser does not know (a domain, say).
+fn casts_like_a_literal(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Interval { fields, precision } => fields.is_none() && precision.is_none(),
+        DataType::Custom(..) => false,
+        DataType::Array(ArrayElemTypeDef::AngleBracket(inner))
+        | DataType::Array(ArrayElemTypeDef::SquareBracket(inner, _))
+        | DataType::Array(ArrayElemTypeDef::Parenthesis(inner)) => casts_like_a_literal(inner),
+        _ => true,
     }
 }
 
@@ -143,14 +173,21 @@ mod tests {
     use sqlparser::parser::Parser;
 
     use super::*;
-    use crate::rewrite::parameterize;
+    use crate::rewrite::{parameterize, SqlTemplate};
 
+    /// Every literal placeholder of the statement as rendered is typed
+    /// (as `BoundShape::new` requires).
     fn binds(sql: &str) -> bool {
         let shaped = parameterize(sql).expect("shaped");
         let statement = Parser::parse_sql(&PostgreSqlDialect {}, &shaped.template)
             .expect("parses")
             .remove(0);
-        literals_bind_as_written(&statement, shaped.literals.len())
+        let typed = typed_placeholders(&statement);
+        let rendered = SqlTemplate::new(&statement.to_string()).expect("scans");
+        let all_typed = rendered
+            .placeholders()
+            .all(|n| n > shaped.literals.len() || typed.contains_key(&n));
+        all_typed
     }
 
     #[test]
@@ -177,6 +214,34 @@ mod tests {
         ] {
             assert!(!binds(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn typed_literals_and_casts_read_by_a_type_modifier_do_not_bind() {
+        for sql in [
+            "INSERT INTO t (a) VALUES (DATE '2001-02-03')",
+            "INSERT INTO t (a) VALUES ('30'::interval minute)",
+            "INSERT INTO t (a) VALUES ('30'::interval second)",
+            "INSERT INTO t (a) VALUES ('-1'::posint)",
+            "INSERT INTO t (a) VALUES ('{30}'::interval minute[])",
+        ] {
+            assert!(!binds(sql), "{sql}");
+        }
+        assert!(binds(
+            "INSERT INTO t (a) VALUES ('30'::interval, '{1}'::int[])"
+        ));
+    }
+
+    #[test]
+    fn negated_placeholders_are_told() {
+        let shaped = parameterize("UPDATE t SET a = -5, b = 6 WHERE c = -(-7)").unwrap();
+        let statement = Parser::parse_sql(&PostgreSqlDialect {}, &shaped.template)
+            .unwrap()
+            .remove(0);
+        let typed = typed_placeholders(&statement);
+        assert_eq!(typed.get(&1), Some(&true));
+        assert_eq!(typed.get(&2), Some(&false));
+        assert_eq!(typed.get(&3), Some(&false));
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use analyze::{
     analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
     StatementPlan, TenantChange,
 };
-pub use bindable::{literal_param_type, literals_bind_as_written};
+pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};

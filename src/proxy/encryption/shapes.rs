@@ -28,7 +28,9 @@ use sqlparser::parser::Parser;
 use super::{BoundQuery, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot, Slots};
 use crate::catalog::CatalogMap;
 use crate::config::DeclaredType;
-use crate::rewrite::{self, Parameterized, Rejection, SqlTemplate, StatementPlan, WritePlan};
+use crate::rewrite::{
+    self, Parameterized, Rejection, SchemaFacts, SqlTemplate, StatementPlan, WritePlan,
+};
 
 /// Statements whose plan depends on their shape alone: none of them can
 /// change the session tenant (set_config aside; UPDATE pg_settings is
@@ -83,8 +85,9 @@ struct BoundShape {
 }
 
 enum BoundParam {
-    /// The client's literal `$n`, as text (typed as written).
-    Literal,
+    /// The client's literal `$n`, as text (typed as written), and whether
+    /// the statement negates it.
+    Literal { negated: bool },
     /// A literal the statement no longer holds: never sent (NULL, text).
     Absent,
     /// The proxy's value (ciphertext, blind index, EDEK, tenant) of this
@@ -94,11 +97,19 @@ enum BoundParam {
 
 impl BoundShape {
     /// The plan of `write`'s statement (`sql`) with the shape's `literals`
-    /// as parameters; `None` when a literal would read otherwise as one.
-    fn new(write: &WritePlan, sql: &SqlTemplate, literals: usize) -> Option<Self> {
-        if !rewrite::literals_bind_as_written(&write.statement, literals) {
+    /// as parameters; `None` when a literal would read otherwise as one
+    /// (where its context does not type it, or in a table with a column
+    /// that reads literals by its type modifier or domain).
+    fn new(
+        write: &WritePlan,
+        sql: &SqlTemplate,
+        literals: usize,
+        facts: &SchemaFacts,
+    ) -> Option<Self> {
+        if facts.literal_sensitive.contains(&write.table) {
             return None;
         }
+        let typed = rewrite::typed_placeholders(&write.statement);
         let total = literals + write.extra_params;
         let mut proxy_types = vec![u32::MAX; total];
         write.declare_proxy_params(&mut proxy_types);
@@ -109,13 +120,17 @@ impl BoundShape {
         let tenant_pin = write.tenant_pin_param;
         let params = (1..=total)
             .map(|n| match (proxy_types[n - 1], present[n - 1]) {
-                (u32::MAX, _) if tenant_pin == Some(n) => BoundParam::Proxy(0),
-                (u32::MAX, true) if n <= literals => BoundParam::Literal,
-                (u32::MAX, false) if n <= literals => BoundParam::Absent,
-                (u32::MAX, _) => BoundParam::Proxy(0),
-                (oid, _) => BoundParam::Proxy(oid),
+                (u32::MAX, _) if tenant_pin == Some(n) => Some(BoundParam::Proxy(0)),
+                // A literal where its context does not type it (or one the
+                // parser did not take for an expression: `DATE $1`).
+                (u32::MAX, true) if n <= literals => typed
+                    .get(&n)
+                    .map(|&negated| BoundParam::Literal { negated }),
+                (u32::MAX, false) if n <= literals => Some(BoundParam::Absent),
+                (u32::MAX, _) => Some(BoundParam::Proxy(0)),
+                (oid, _) => Some(BoundParam::Proxy(oid)),
             })
-            .collect();
+            .collect::<Option<Vec<_>>>()?;
         let returns_rows = match &write.statement {
             Statement::Insert(insert) => insert.returning.is_some(),
             Statement::Update { returning, .. } => returning.is_some(),
@@ -140,8 +155,11 @@ impl BoundShape {
         };
         for (i, param) in self.params.iter().enumerate() {
             let (ty, value, format) = match param {
-                BoundParam::Literal => {
+                BoundParam::Literal { negated } => {
                     let literal = literals.get(i)?;
+                    if *negated && rewrite::negation_types_otherwise(literal) {
+                        return None;
+                    }
                     let value = literal.value.as_bytes().to_vec();
                     (rewrite::literal_param_type(literal), Some(value), 0)
                 }
@@ -196,7 +214,7 @@ impl Encryption {
                     // again would only ask the KMS again.
                     Err(r) => return Some(Err(r)),
                 };
-                if let Some(bound) = bound {
+                if let Some(bound) = bound.as_ref().filter(|_| session.prepare_writes) {
                     return Some(Ok(QueryRewrite {
                         bound: Some(bound.bind(&shaped.literals, slots)?),
                         fingerprint: Some(fingerprint.clone()),
@@ -279,7 +297,12 @@ impl Encryption {
             StatementPlan::Write(plan) => match SqlTemplate::new(&plan.statement.to_string()) {
                 Some(template) => ShapePlan::Write {
                     bound: if self.policy.server.prepare_simple_writes {
-                        BoundShape::new(&plan, &template, shaped.literals.len())
+                        BoundShape::new(
+                            &plan,
+                            &template,
+                            shaped.literals.len(),
+                            catalog.schema_facts(),
+                        )
                     } else {
                         None
                     },

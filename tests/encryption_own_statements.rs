@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::encryption::{count, rows, EncryptedSetup};
+use common::encryption::{assert_sealed, count, rows, EncryptedSetup};
 use common::raw::{message, query, read_until_ready, send, session};
 use tokio_postgres::Client;
 
@@ -30,6 +30,18 @@ async fn own_statements(app: &Client) -> Vec<String> {
     .into_iter()
     .map(|r| r[0].clone().unwrap_or_default())
     .collect()
+}
+
+/// The name of a statement of the proxy's in a raw session.
+fn proxy_statement_name(session: &mut std::net::TcpStream) -> Vec<u8> {
+    send(session, &query("SELECT name FROM pg_prepared_statements"));
+    let names = read_until_ready(session);
+    // DataRow: column count (2 bytes), length (4), the name.
+    names
+        .iter()
+        .find(|m| m.tag == b'D')
+        .map(|m| m.body[6..].to_vec())
+        .expect("a statement of the proxy's")
 }
 
 async fn refused(app: &Client, sql: &str) -> (String, String) {
@@ -74,13 +86,12 @@ async fn literals_mean_what_they_mean_in_sql_and_one_statement_serves_a_shape() 
         ]
     );
     // Ciphertext at rest, plaintext through the proxy.
-    let raw: Vec<u8> = s
-        .direct
-        .query_one("SELECT notes FROM patients ORDER BY id LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(&raw[..4], b"CMK\x01");
+    assert_sealed(
+        &s.direct,
+        "SELECT notes FROM patients ORDER BY id LIMIT 1",
+        "sealed",
+    )
+    .await;
     app.simple_query("SET cmk.tenant_id = 'acme'")
         .await
         .unwrap();
@@ -231,17 +242,7 @@ async fn clients_cannot_use_the_proxy_statement_names() {
             &query("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'sealed')"),
         );
         let first = read_until_ready(&mut session);
-        send(
-            &mut session,
-            &query("SELECT name FROM pg_prepared_statements"),
-        );
-        let names = read_until_ready(&mut session);
-        // DataRow: column count (2 bytes), length (4), the name.
-        let name = names
-            .iter()
-            .find(|m| m.tag == b'D')
-            .map(|m| m.body[6..].to_vec())
-            .expect("the proxy's statement");
+        let name = proxy_statement_name(&mut session);
         let mut bind = vec![0u8];
         bind.extend_from_slice(&name);
         bind.push(0);
@@ -481,16 +482,7 @@ async fn client_pipelines_keep_their_protocol_meaning() {
         send(&mut session, &bytes);
         let pipelined: Vec<_> = (0..5).map(|_| read_until_ready(&mut session)).collect();
         // A client Close of a proxy statement: the next write parses anew.
-        send(
-            &mut session,
-            &query("SELECT name FROM pg_prepared_statements"),
-        );
-        let names = read_until_ready(&mut session);
-        let name = names
-            .iter()
-            .find(|m| m.tag == b'D')
-            .map(|m| m.body[6..].to_vec())
-            .expect("a proxy statement");
+        let name = proxy_statement_name(&mut session);
         let mut bytes = wire::close_statement(&name);
         bytes.extend(wire::sync());
         bytes.extend(query(

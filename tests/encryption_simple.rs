@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::encryption::{count, keyring, poll_until, rows, EncryptedSetup};
+use common::encryption::{assert_sealed, count, keyring, poll_until, rows, EncryptedSetup};
 use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &[
@@ -746,13 +746,12 @@ async fn queries_of_one_shape_share_a_plan_and_each_keeps_its_own_values_tenant_
         "INSERT INTO patients (tenant_id, notes, birth_date) VALUES ('acme', 'z', '2003-03-03'::date)",
     )
     .await;
-    let raw: Vec<u8> = s
-        .direct
-        .query_one("SELECT notes FROM patients ORDER BY id DESC LIMIT 1", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(&raw[..4], b"CMK\x01", "sealed after the catalog came back");
+    assert_sealed(
+        &s.direct,
+        "SELECT notes FROM patients ORDER BY id DESC LIMIT 1",
+        "sealed after the catalog came back",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -775,13 +774,7 @@ async fn nonstandard_strings_and_non_utf8_sql_are_refused_near_protected_data_an
             Some("2001-02-03".to_owned())
         ]
     );
-    let raw: Vec<u8> = s
-        .direct
-        .query_one("SELECT notes FROM patients", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(&raw[..4], b"CMK\x01");
+    assert_sealed(&s.direct, "SELECT notes FROM patients", "sealed").await;
     // A backslash may end a string elsewhere than the proxy reads it:
     // refused near protected data, passed elsewhere.
     let message = refused_with(

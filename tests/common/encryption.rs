@@ -119,12 +119,18 @@ impl EncryptedSetup {
     }
 }
 
-/// The rows of a simple query, as text (NULL is `None`); panics on an error.
 /// The single integer a `SELECT count(*) …` returns.
 pub async fn count(client: &Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// Asserts that the one bytea cell `sql` selects is a CMK envelope.
+pub async fn assert_sealed(client: &Client, sql: &str, context: &str) {
+    let cell: Vec<u8> = client.query_one(sql, &[]).await.unwrap().get(0);
+    assert_eq!(cell.get(..4), Some(&b"CMK\x01"[..]), "{context}");
+}
+
+/// The rows of a simple query, as text (NULL is `None`); panics on an error.
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client
         .simple_query(sql)

@@ -7,7 +7,7 @@
 mod common;
 
 use common::encryption::{assert_sealed, count, rows, EncryptedSetup};
-use common::raw::{message, query, read_until_ready, send, session};
+use common::raw::{message, query, read_message, read_until_ready, send, session};
 use tokio_postgres::Client;
 
 const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
@@ -439,12 +439,22 @@ async fn forgotten_statements_are_closed_and_ddl_makes_new_ones() {
     assert_eq!(common::sqlstate(&err).as_deref(), Some("0A000"));
     rows(&app, write).await;
     assert_eq!(own_statements(&app).await.len(), 1);
-    // DEALLOCATE ALL through a prepared statement, executed later.
+    // DEALLOCATE ALL through a prepared statement, executed later, and
+    // through a portal bound before a write and executed after it.
     let deallocate = app.prepare("DEALLOCATE ALL").await.unwrap();
     rows(&app, write).await;
     app.execute(&deallocate, &[]).await.unwrap();
     rows(&app, write).await;
     assert_eq!(own_statements(&app).await.len(), 1);
+    let mut app = app;
+    let tx = app.transaction().await.unwrap();
+    // (The DEALLOCATE ALL above dropped the client's statement too.)
+    let deallocate = tx.prepare("DEALLOCATE ALL").await.unwrap();
+    let portal = tx.bind(&deallocate, &[]).await.unwrap();
+    tx.simple_query(write).await.unwrap();
+    tx.query_portal(&portal, 0).await.unwrap();
+    tx.simple_query(write).await.expect("parsed anew, no 26000");
+    tx.commit().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -493,11 +503,44 @@ async fn client_pipelines_keep_their_protocol_meaning() {
             read_until_ready(&mut session),
             read_until_ready(&mut session),
         );
-        (skipped, pipelined, closed)
+        // The error reaches the proxy before the Query is sent (Flush, then
+        // a separate write): the Query is still ignored, and the session
+        // stays in step (the next read is decrypted).
+        let mut bytes = wire::run("SELECT 1/0");
+        bytes.extend(message(b'H', b""));
+        send(&mut session, &bytes);
+        let mut flushed = Vec::new();
+        while flushed.last().map(|m: &common::raw::BackendMessage| m.tag) != Some(b'E') {
+            flushed.extend(read_message(&mut session));
+        }
+        let mut bytes = query("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'late')");
+        bytes.extend(wire::sync());
+        send(&mut session, &bytes);
+        flushed.extend(read_until_ready(&mut session));
+        send(&mut session, &query("SET cmk.tenant_id = 'acme'"));
+        read_until_ready(&mut session);
+        send(
+            &mut session,
+            &query("SELECT notes FROM patients ORDER BY id LIMIT 1"),
+        );
+        let mut after = read_until_ready(&mut session);
+        // In the extended protocol too (a record one step behind would
+        // take these rows for another message's, and relay ciphertext).
+        let mut bytes = wire::run("SELECT notes FROM patients ORDER BY id LIMIT 1");
+        bytes.extend(wire::sync());
+        send(&mut session, &bytes);
+        after.extend(read_until_ready(&mut session));
+        // An Execute of a portal that does not exist: the proxy asks for
+        // its columns first, and the server's error reaches the client.
+        let mut bytes = message(b'E', b"nope\0\0\0\0\0");
+        bytes.extend(wire::sync());
+        send(&mut session, &bytes);
+        let missing = read_until_ready(&mut session);
+        (skipped, pipelined, closed, (flushed, after, missing))
     })
     .await
     .expect("raw session");
-    let (skipped, pipelined, closed) = got;
+    let (skipped, pipelined, closed, (flushed, after, missing)) = got;
     let tags = |m: &[common::raw::BackendMessage]| m.iter().map(|m| m.tag).collect::<Vec<u8>>();
     assert_eq!(
         tags(&skipped),
@@ -511,7 +554,7 @@ async fn client_pipelines_keep_their_protocol_meaning() {
         )
         .await,
         3,
-        "the DELETE after the error was skipped, the write ignored; 'keep' and two of the pipeline"
+        "the DELETE after the error was skipped, the writes in skipped batches ignored: 'keep', visits 2 and 3"
     );
     let codes: Vec<Option<String>> = pipelined
         .iter()
@@ -536,4 +579,15 @@ async fn client_pipelines_keep_their_protocol_meaning() {
         .await,
         2
     );
+    assert_eq!(tags(&flushed), b"1EZ");
+    assert_eq!(tags(&after), b"TDCZ12DCZ");
+    for row in [&after[1], &after[6]] {
+        assert!(
+            row.body.windows(4).any(|w| w == b"keep"),
+            "decrypted: {:?}",
+            row.body
+        );
+    }
+    assert_eq!(tags(&missing), b"EZ");
+    assert_eq!(missing[0].field(b'C').as_deref(), Some("34000"));
 }

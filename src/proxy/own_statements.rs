@@ -18,6 +18,8 @@
 //! session to another no session binds another's statement.
 
 use std::collections::VecDeque;
+
+use crate::catalog::CatalogMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -57,6 +59,11 @@ struct Entry {
 pub(crate) struct OwnStatements {
     /// Oldest first.
     entries: VecDeque<Entry>,
+    /// The catalog map they were parsed under: a new one (DDL seen, or the
+    /// periodic reload) means the schema may have changed, and PostgreSQL
+    /// keeps the parameter types it inferred at Parse (a column now `text`
+    /// would still get `int4` for `'007'`).
+    catalog: Option<Arc<CatalogMap>>,
     /// Forgotten statements the server may still hold.
     to_close: VecDeque<u64>,
 }
@@ -77,13 +84,20 @@ pub(crate) fn is_own_name(name: &str) -> bool {
         && name.as_bytes()[..NAME_PREFIX.len()].eq_ignore_ascii_case(NAME_PREFIX.as_bytes())
 }
 
-/// True when SQL text names one of the proxy's statements (a client's
-/// `PREPARE`, `EXECUTE` or `DEALLOCATE` of it is refused).
+/// True when SQL text names one of the proxy's statements, or may: a
+/// `U&"…"` name next to `PREPARE`, `EXECUTE` or `DEALLOCATE` can spell one
+/// with escapes (a client's use of them is refused).
 pub(crate) fn mentions_own_name(sql: &str) -> bool {
-    let prefix = NAME_PREFIX.as_bytes();
-    sql.as_bytes()
-        .windows(prefix.len())
-        .any(|w| w.eq_ignore_ascii_case(prefix))
+    let contains = |needle: &[u8]| {
+        sql.as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    contains(NAME_PREFIX.as_bytes())
+        || (contains(b"u&\"")
+            && [&b"prepare"[..], b"execute", b"deallocate"]
+                .iter()
+                .any(|word| contains(word)))
 }
 
 /// True when SQL may drop prepared statements: it has the word
@@ -109,7 +123,20 @@ impl OwnStatements {
     /// before, or a new one (closing the oldest when full). One whose Parse
     /// is still unanswered is not used: should that Parse fail, a Bind of
     /// it would fail too.
-    pub(crate) fn statement_for(&mut self, sql: &Arc<str>, types: &[u32]) -> StatementUse {
+    pub(crate) fn statement_for(
+        &mut self,
+        sql: &Arc<str>,
+        types: &[u32],
+        catalog: Arc<CatalogMap>,
+    ) -> StatementUse {
+        if !self
+            .catalog
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &catalog))
+        {
+            self.clear();
+            self.catalog = Some(catalog);
+        }
         let close = self.to_close.drain(..).collect();
         if let Some(entry) = self
             .entries
@@ -194,16 +221,17 @@ mod tests {
     #[test]
     fn a_statement_is_parsed_once_per_sql_and_types() {
         let mut own = OwnStatements::default();
+        let map = Arc::new(CatalogMap::default());
         let sql: Arc<str> = Arc::from("INSERT INTO t VALUES ($1, $2)");
-        let first = own.statement_for(&sql, &[23, 17]);
+        let first = own.statement_for(&sql, &[23, 17], map.clone());
         assert!(first.parse);
         // Not used again before its ParseComplete.
-        let early = own.statement_for(&sql, &[23, 17]);
+        let early = own.statement_for(&sql, &[23, 17], map.clone());
         assert!(early.parse && early.number != first.number);
         own.parsed(first.number);
-        let again = own.statement_for(&sql, &[23, 17]);
+        let again = own.statement_for(&sql, &[23, 17], map.clone());
         assert_eq!((again.number, again.parse), (first.number, false));
-        let other_types = own.statement_for(&sql, &[20, 17]);
+        let other_types = own.statement_for(&sql, &[20, 17], map.clone());
         assert!(other_types.parse);
         assert_ne!(other_types.number, first.number);
     }
@@ -211,39 +239,54 @@ mod tests {
     #[test]
     fn a_failed_parse_or_a_lost_statement_is_parsed_again_under_a_new_name() {
         let mut own = OwnStatements::default();
+        let map = Arc::new(CatalogMap::default());
         let sql: Arc<str> = Arc::from("UPDATE t SET a = $1");
-        let first = own.statement_for(&sql, &[0]);
+        let first = own.statement_for(&sql, &[0], map.clone());
         own.failed(first.number, Some("42P01"));
-        let second = own.statement_for(&sql, &[0]);
+        let second = own.statement_for(&sql, &[0], map.clone());
         assert!(second.parse && second.number > first.number);
         own.parsed(second.number);
         // An error of an execution keeps a parsed statement...
         own.failed(second.number, Some("23505"));
-        assert!(!own.statement_for(&sql, &[0]).parse);
+        assert!(!own.statement_for(&sql, &[0], map.clone()).parse);
         // ...unless the server lost it: then it is closed with the next.
         own.failed(second.number, Some("0A000"));
-        let third = own.statement_for(&sql, &[0]);
+        let third = own.statement_for(&sql, &[0], map.clone());
         assert!(third.parse && third.number > second.number);
         assert_eq!(third.close, vec![second.number]);
         own.parsed(third.number);
         own.clear();
         assert_eq!(own.len(), 0);
-        let fourth = own.statement_for(&sql, &[0]);
+        let fourth = own.statement_for(&sql, &[0], map.clone());
         assert_eq!(fourth.close, vec![third.number]);
+    }
+
+    #[test]
+    fn a_new_catalog_map_makes_every_statement_new() {
+        let mut own = OwnStatements::default();
+        let sql: Arc<str> = Arc::from("INSERT INTO t VALUES ($1)");
+        let first_map = Arc::new(CatalogMap::default());
+        let first = own.statement_for(&sql, &[0], first_map.clone());
+        own.parsed(first.number);
+        assert!(!own.statement_for(&sql, &[0], first_map).parse);
+        let again = own.statement_for(&sql, &[0], Arc::new(CatalogMap::default()));
+        assert!(again.parse);
+        assert_eq!(again.close, vec![first.number]);
     }
 
     #[test]
     fn the_oldest_statement_is_closed_to_make_room() {
         let mut own = OwnStatements::default();
+        let map = Arc::new(CatalogMap::default());
         let mut first = None;
         for i in 0..MAX_STATEMENTS {
             let sql: Arc<str> = Arc::from(format!("SELECT {i}"));
-            let use_ = own.statement_for(&sql, &[]);
+            let use_ = own.statement_for(&sql, &[], map.clone());
             assert!(use_.close.is_empty());
             first.get_or_insert(use_.number);
         }
         let sql: Arc<str> = Arc::from("SELECT 'new'");
-        let use_ = own.statement_for(&sql, &[]);
+        let use_ = own.statement_for(&sql, &[], map.clone());
         assert_eq!(use_.close, first.into_iter().collect::<Vec<_>>());
         assert_eq!(own.len(), MAX_STATEMENTS);
     }
@@ -254,6 +297,10 @@ mod tests {
         assert!(is_own_name("__CMK_PROXY_7"));
         assert!(!is_own_name("__cmk_prox"));
         assert!(mentions_own_name("EXECUTE __Cmk_Proxy_3(1)"));
+        assert!(mentions_own_name(
+            "execute U&\"\\005F\\005Fcmk_proxy_1\"(1)"
+        ));
+        assert!(!mentions_own_name("SELECT * FROM U&\"t\""));
         assert!(!mentions_own_name("SELECT 1"));
         assert!(may_drop_statements("DEALLOCATE ALL"));
         assert!(may_drop_statements("discard all"));

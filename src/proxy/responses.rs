@@ -67,6 +67,10 @@ pub struct ResponseTracker {
     failure: Option<(&'static str, String)>,
     /// Drop every response up to the ReadyForQuery that ends the cycle.
     skipping: bool,
+    /// The server skips to the client's Sync after an error in its
+    /// extended-protocol batch, and that Sync is not queued yet: entries
+    /// queued before it are ignored by the server.
+    skip_to_sync: bool,
     /// A ReadyForQuery held for a catalog refresh.
     ready_out: Option<BytesMut>,
     /// The last transaction end of this cycle was a ROLLBACK (undoes tenant
@@ -94,7 +98,47 @@ impl ResponseTracker {
         if self.queue.is_empty() {
             state.pending.drain_into(&mut self.queue);
         }
+        if self.skip_to_sync {
+            self.skip_to_the_sync(state, true);
+        }
         self.queue.front()
+    }
+
+    /// After an error: drops the entries the server skips, up to the
+    /// client's Sync (`in_batch`: the error was in an extended-protocol
+    /// batch) or to the end of the simple query. Returns with
+    /// `skip_to_sync` set when the Sync is not queued yet.
+    fn skip_to_the_sync(&mut self, state: &SessionState, in_batch: bool) {
+        loop {
+            if self.queue.is_empty() {
+                state.pending.drain_into(&mut self.queue);
+            }
+            let Some(entry) = self.queue.front() else {
+                self.skip_to_sync = in_batch;
+                return;
+            };
+            let ends_here = match entry {
+                Expected::Sync { .. } => true,
+                other => other.ends_with_ready() && !in_batch,
+            };
+            if ends_here {
+                self.skip_to_sync = false;
+                return;
+            }
+            if let Some(entry) = self.queue.pop_front() {
+                if entry.ends_with_ready() {
+                    // A simple query or function call the server ignores:
+                    // its cycle is over without a ReadyForQuery.
+                    let cycle = state.cycle_ignored();
+                    state.cycle_answered(cycle);
+                    if let Some(number) = entry.run_as() {
+                        state.own_statements(|own| own.failed(number, None));
+                    }
+                }
+                // Failed, or skipped to the Sync: not done.
+                settle(&entry, state, false);
+            }
+        }
     }
 
     /// Ends the entry being answered (see `front`).
@@ -177,7 +221,15 @@ impl ResponseTracker {
                 return Step::Drop;
             }
         }
-        let dropping = self.dropping(state);
+        // The server's error to a Describe the proxy slipped in before the
+        // client's Execute is the error of that Execute (skipped with it).
+        let injected_describe_failed = tag == backend::ERROR_RESPONSE
+            && !self.skipping
+            && matches!(
+                self.front(state),
+                Some(Expected::DescribePortal { swallow: true, .. })
+            );
+        let dropping = self.dropping(state) && !injected_describe_failed;
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
             (backend::ERROR_RESPONSE, Some(frame)) => {
@@ -329,27 +381,7 @@ impl ResponseTracker {
         // calls included (they get no answer at all, not even their
         // ReadyForQuery). An error of a simple query ends at its own.
         let in_batch = self.front(state).is_some_and(|e| !e.ends_with_ready());
-        while let Some(entry) = self.front(state) {
-            let ends_here = match entry {
-                Expected::Sync { .. } => true,
-                other => other.ends_with_ready() && !in_batch,
-            };
-            if ends_here {
-                break;
-            }
-            if let Some(entry) = self.queue.pop_front() {
-                if entry.ends_with_ready() {
-                    // Its cycle is over without a ReadyForQuery.
-                    let cycle = state.cycle_ignored();
-                    state.cycle_answered(cycle);
-                    if let Some(number) = entry.run_as() {
-                        state.own_statements(|own| own.failed(number, None));
-                    }
-                }
-                // Failed, or skipped to the Sync: not done.
-                settle(&entry, state, false);
-            }
-        }
+        self.skip_to_the_sync(state, in_batch);
         match refusal {
             Some(refusal) => {
                 Step::Replace(ErrorResponse::error(refusal.sqlstate, &refusal.message).to_bytes())

@@ -212,9 +212,6 @@ impl ClientStatements {
                 }
                 Ok(bind) => {
                     let statement = self.statement(bind.statement);
-                    if statement.drops_statements {
-                        state.own_statements(OwnStatements::clear);
-                    }
                     let wire = wire_formats(&statement, &bind.result_formats, encryption);
                     self.bind_portal(&bind, statement, wire.clone());
                     state.pending.push(Expected::Bind { refusal: None });
@@ -516,6 +513,9 @@ impl ClientStatements {
 
     fn execute(&mut self, frame: &[u8], body: &[u8], state: &SessionState) -> ClientStep {
         let portal = cstr(body).map_or_else(|| self.portal(""), |name| self.portal(name));
+        if portal.statement.drops_statements {
+            state.own_statements(OwnStatements::clear);
+        }
         if let StatementKind::SetTenant(change) = &portal.statement.kind {
             state.change_tenant(change.clone(), true);
         }
@@ -1011,10 +1011,10 @@ async fn simple_query(
                 // It may change what a statement of the proxy's returns.
                 state.own_statements(OwnStatements::clear);
             }
-            let run = rewrite
-                .bound
-                .as_ref()
-                .map(|b| state.own_statements(|own| own.statement_for(&b.sql, &b.types)));
+            let run = rewrite.bound.as_ref().map(|b| {
+                let catalog = encryption.catalog();
+                state.own_statements(|own| own.statement_for(&b.sql, &b.types, catalog))
+            });
             // The catalog is reloaded at this query's own ReadyForQuery,
             // not at one still on its way for an earlier query.
             state.pending.push(Expected::Query {

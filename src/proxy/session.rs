@@ -415,6 +415,9 @@ impl Inspector for ClientInspector<'_> {
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),
             _ => {}
         }
+        if self.encryption.is_none() {
+            return;
+        }
         match header.tag {
             frontend::SYNC => self.state.extended_open.store(false, Ordering::Release),
             frontend::PARSE
@@ -424,7 +427,7 @@ impl Inspector for ClientInspector<'_> {
             | frontend::CLOSE => self.state.extended_open.store(true, Ordering::Release),
             _ => {}
         }
-        if self.encryption.is_some() && !self.state.is_poisoned() {
+        if !self.state.is_poisoned() {
             self.record_header(header.tag);
         }
     }

@@ -84,38 +84,68 @@ pub(crate) fn is_own_name(name: &str) -> bool {
         && name.as_bytes()[..NAME_PREFIX.len()].eq_ignore_ascii_case(NAME_PREFIX.as_bytes())
 }
 
-/// True when SQL text names one of the proxy's statements, or may: a
-/// `U&"…"` name next to `PREPARE`, `EXECUTE` or `DEALLOCATE` can spell one
-/// with escapes (a client's use of them is refused).
-pub(crate) fn mentions_own_name(sql: &str) -> bool {
-    let contains = |needle: &[u8]| {
-        sql.as_bytes()
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle))
-    };
-    contains(NAME_PREFIX.as_bytes())
-        || (contains(b"u&\"")
-            && [&b"prepare"[..], b"execute", b"deallocate"]
-                .iter()
-                .any(|word| contains(word)))
+/// What SQL text says about prepared statements, read in one pass (every
+/// simple query and Parse is read, 1 KiB literals included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StatementWords {
+    /// It has the word `DEALLOCATE` or `DISCARD` (anywhere, a string too:
+    /// a false alarm only costs a new Parse): it may drop statements.
+    pub drops: bool,
+    /// It names one of the proxy's statements, or may: a `U&"…"` name next
+    /// to `PREPARE`, `EXECUTE` or `DEALLOCATE` can spell one with escapes
+    /// (a client's use of them is refused).
+    pub names_own: bool,
 }
 
-/// True when SQL may drop prepared statements: it has the word
-/// `DEALLOCATE` or `DISCARD` (anywhere, a string too: a false alarm only
-/// costs a new Parse).
-pub(crate) fn may_drop_statements(sql: &str) -> bool {
-    let bytes = sql.as_bytes();
-    let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80;
-    [&b"deallocate"[..], &b"discard"[..]].iter().any(|word| {
-        bytes.windows(word.len()).enumerate().any(|(i, w)| {
-            w.eq_ignore_ascii_case(word)
-                && !i
-                    .checked_sub(1)
-                    .and_then(|j| bytes.get(j))
-                    .is_some_and(is_word)
-                && !bytes.get(i + word.len()).is_some_and(is_word)
-        })
-    })
+/// The words [`StatementWords`] looks for, in this order.
+const WORDS: [&str; 6] = [
+    "deallocate",
+    "discard",
+    NAME_PREFIX,
+    "u&\"",
+    "prepare",
+    "execute",
+];
+
+impl StatementWords {
+    /// Reads `sql`.
+    pub(crate) fn of(sql: &str) -> Self {
+        static SEARCH: OnceLock<Option<aho_corasick::AhoCorasick>> = OnceLock::new();
+        let search = SEARCH.get_or_init(|| {
+            aho_corasick::AhoCorasick::builder()
+                .ascii_case_insensitive(true)
+                .build(WORDS)
+                .ok()
+        });
+        let Some(search) = search else {
+            // Cannot happen (fixed patterns); read as the most careful answer.
+            return Self {
+                drops: true,
+                names_own: true,
+            };
+        };
+        let bytes = sql.as_bytes();
+        let is_word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80;
+        let mut found = [false; WORDS.len()];
+        for hit in search.find_overlapping_iter(bytes) {
+            let (start, end) = (hit.start(), hit.end());
+            let whole_word = !start
+                .checked_sub(1)
+                .and_then(|i| bytes.get(i))
+                .is_some_and(is_word)
+                && !bytes.get(end).is_some_and(is_word);
+            let index = hit.pattern().as_usize();
+            // The statement-name prefix and `U&"` count anywhere.
+            if whole_word || index == 2 || index == 3 {
+                found[index] = true;
+            }
+        }
+        let [deallocate, discard, own_prefix, unicode_name, prepare, execute] = found;
+        Self {
+            drops: deallocate || discard,
+            names_own: own_prefix || (unicode_name && (prepare || execute || deallocate)),
+        }
+    }
 }
 
 impl OwnStatements {
@@ -296,17 +326,18 @@ mod tests {
         assert!(is_own_name(&statement_name(7)));
         assert!(is_own_name("__CMK_PROXY_7"));
         assert!(!is_own_name("__cmk_prox"));
-        assert!(mentions_own_name("EXECUTE __Cmk_Proxy_3(1)"));
-        assert!(mentions_own_name(
-            "execute U&\"\\005F\\005Fcmk_proxy_1\"(1)"
-        ));
-        assert!(!mentions_own_name("SELECT * FROM U&\"t\""));
-        assert!(!mentions_own_name("SELECT 1"));
-        assert!(may_drop_statements("DEALLOCATE ALL"));
-        assert!(may_drop_statements("discard all"));
-        assert!(may_drop_statements("SELECT 1;DISCARD PLANS"));
-        assert!(!may_drop_statements("SELECT 1"));
-        assert!(!may_drop_statements("SELECT discarded_at FROM t"));
-        assert!(!may_drop_statements("SELECT 1 FROM undiscard"));
+        let names_own = |sql: &str| StatementWords::of(sql).names_own;
+        let drops = |sql: &str| StatementWords::of(sql).drops;
+        assert!(names_own("EXECUTE __Cmk_Proxy_3(1)"));
+        assert!(names_own("EXECUTE x__cmk_proxy_3(1)"));
+        assert!(names_own("execute U&\"\\005F\\005Fcmk_proxy_1\"(1)"));
+        assert!(!names_own("SELECT * FROM U&\"t\""));
+        assert!(!names_own("SELECT 1"));
+        assert!(drops("DEALLOCATE ALL"));
+        assert!(drops("discard all"));
+        assert!(drops("SELECT 1;DISCARD PLANS"));
+        assert!(!drops("SELECT 1"));
+        assert!(!drops("SELECT discarded_at FROM t"));
+        assert!(!drops("SELECT 1 FROM undiscard"));
     }
 }

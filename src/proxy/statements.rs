@@ -16,8 +16,7 @@ use bytes::{BufMut, BytesMut};
 
 use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
 use super::own_statements::{
-    is_own_name, may_drop_statements, mentions_own_name, statement_name, OwnStatements,
-    StatementUse, NAME_PREFIX,
+    is_own_name, statement_name, OwnStatements, StatementUse, StatementWords, NAME_PREFIX,
 };
 use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
 use super::results::{protected_result_columns, RowPlanMemo};
@@ -451,10 +450,11 @@ impl ClientStatements {
             // The name as sent (it may not be UTF-8 either).
             return refuse_parse(name, encryption, state, rejection);
         };
-        if may_drop_statements(parse.query) {
+        let words = StatementWords::of(parse.query);
+        if words.drops {
             state.own_statements(OwnStatements::clear);
         }
-        let own_name = is_own_name(parse.name) || mentions_own_name(parse.query);
+        let own_name = is_own_name(parse.name) || words.names_own;
         let refusal = own_name.then(own_name_rejection).or_else(|| {
             sql_execute_refusal(parse.query, |n| {
                 self.statements.contains_key(n) || self.retired.contains_key(n)
@@ -462,7 +462,7 @@ impl ClientStatements {
         });
         let planned = match refusal {
             Some(rejection) => Err(rejection),
-            None => plan_parse(&parse, encryption, state),
+            None => plan_parse(&parse, words, encryption, state),
         };
         let (statement, replacement) = match planned {
             Ok(planned) => planned,
@@ -655,6 +655,7 @@ impl ParsePlan {
 /// send instead (`None`: the original). `Err`: refused.
 fn plan_parse(
     parse: &Parse<'_>,
+    words: StatementWords,
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
@@ -673,7 +674,7 @@ fn plan_parse(
     statement.row_plans = plan.row_plans.clone();
     statement.kind = plan.kind.clone();
     // DDL may change what a statement of the proxy's returns (0A000).
-    statement.drops_statements = plan.ddl || may_drop_statements(parse.query);
+    statement.drops_statements = plan.ddl || words.drops;
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
         Parse {
@@ -991,11 +992,12 @@ async fn simple_query(
             None => BytesMut::from(frame),
         };
     };
-    if may_drop_statements(sql) {
+    let words = StatementWords::of(sql);
+    if words.drops {
         state.own_statements(OwnStatements::clear);
     }
     let refusal = nonstandard_strings_refusal(sql, encryption, state)
-        .or_else(|| mentions_own_name(sql).then(own_name_rejection))
+        .or_else(|| words.names_own.then(own_name_rejection))
         .or_else(|| sql_execute_refusal(sql, &is_prepared));
     if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);

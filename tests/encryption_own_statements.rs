@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::encryption::{assert_sealed, count, rows, EncryptedSetup};
+use common::encryption::{assert_sealed, count, refused, rows, EncryptedSetup};
 use common::raw::{message, query, read_message, read_until_ready, send, session};
 use tokio_postgres::Client;
 
@@ -42,14 +42,6 @@ fn proxy_statement_name(session: &mut std::net::TcpStream) -> Vec<u8> {
         .find(|m| m.tag == b'D')
         .map(|m| m.body[6..].to_vec())
         .expect("a statement of the proxy's")
-}
-
-async fn refused(app: &Client, sql: &str) -> (String, String) {
-    let err = app.simple_query(sql).await.expect_err(sql);
-    (
-        common::sqlstate(&err).unwrap_or_default(),
-        common::error_message(&err),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

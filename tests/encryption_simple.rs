@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::encryption::{assert_sealed, count, keyring, poll_until, rows, EncryptedSetup};
+use common::encryption::{
+    assert_sealed, count, keyring, poll_until, refused, rows, EncryptedSetup,
+};
 use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &[
@@ -26,16 +28,6 @@ async fn through_proxy(setup: &EncryptedSetup) -> Client {
 const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, birth_date bytea, notes bytea, cmk_edek jsonb)";
 
-async fn refused(client: &Client, sql: &str) -> (String, String) {
-    let err = client.simple_query(sql).await.expect_err(sql);
-    (
-        common::sqlstate(&err).unwrap_or_default(),
-        common::error_message(&err),
-    )
-}
-
-/// Inserts an acme row whose notes are the SQL literal `literal` and reads
-/// the notes back.
 /// Checks that the proxy's tenant is the server's (SHOW): that tenant's
 /// rows decrypt, the other one's are refused with KM006. Returns it.
 async fn proxy_agrees_with_server(app: &Client, context: &str) -> String {
@@ -52,6 +44,8 @@ async fn proxy_agrees_with_server(app: &Client, context: &str) -> String {
     shown
 }
 
+/// Inserts an acme row whose notes are the SQL literal `literal` and reads
+/// the notes back.
 async fn round_trip(client: &Client, literal: &str) -> Option<String> {
     rows(
         client,

@@ -130,6 +130,15 @@ pub async fn assert_sealed(client: &Client, sql: &str, context: &str) {
     assert_eq!(cell.get(..4), Some(&b"CMK\x01"[..]), "{context}");
 }
 
+/// The SQLSTATE and message of a simple query that must fail.
+pub async fn refused(client: &Client, sql: &str) -> (String, String) {
+    let err = client.simple_query(sql).await.expect_err(sql);
+    (
+        super::sqlstate(&err).unwrap_or_default(),
+        super::error_message(&err),
+    )
+}
+
 /// The rows of a simple query, as text (NULL is `None`); panics on an error.
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client

@@ -95,6 +95,8 @@ pub(crate) struct StatementWords {
     /// to `PREPARE`, `EXECUTE` or `DEALLOCATE` can spell one with escapes
     /// (a client's use of them is refused).
     pub names_own: bool,
+    /// It has `execute`, in any case, anywhere.
+    pub executes: bool,
 }
 
 /// The words [`StatementWords`] looks for, in this order.
@@ -122,6 +124,7 @@ impl StatementWords {
             return Self {
                 drops: true,
                 names_own: true,
+                executes: true,
             };
         };
         let bytes = sql.as_bytes();
@@ -135,8 +138,8 @@ impl StatementWords {
                 .is_some_and(is_word)
                 && !bytes.get(end).is_some_and(is_word);
             let index = hit.pattern().as_usize();
-            // The statement-name prefix and `U&"` count anywhere.
-            if whole_word || index == 2 || index == 3 {
+            // The statement-name prefix, `U&"` and `execute` count anywhere.
+            if whole_word || matches!(index, 2 | 3 | 5) {
                 found[index] = true;
             }
         }
@@ -144,6 +147,7 @@ impl StatementWords {
         Self {
             drops: deallocate || discard,
             names_own: own_prefix || (unicode_name && (prepare || execute || deallocate)),
+            executes: execute,
         }
     }
 }

@@ -456,7 +456,7 @@ impl ClientStatements {
         }
         let own_name = is_own_name(parse.name) || words.names_own;
         let refusal = own_name.then(own_name_rejection).or_else(|| {
-            sql_execute_refusal(parse.query, |n| {
+            sql_execute_refusal(parse.query, words, |n| {
                 self.statements.contains_key(n) || self.retired.contains_key(n)
             })
         });
@@ -861,11 +861,16 @@ fn close_statement(out: &mut BytesMut, name: &str) {
 /// would hand it the client's plaintext. Refused (use Bind/Execute). Found
 /// in the parsed statements (inside EXPLAIN or CREATE TABLE AS too), else,
 /// for SQL that does not parse, by its words.
-fn sql_execute_refusal(sql: &str, is_prepared: impl Fn(&str) -> bool) -> Option<Rejection> {
-    let lower = sql.to_ascii_lowercase();
-    if !lower.contains("execute") {
+fn sql_execute_refusal(
+    sql: &str,
+    words: StatementWords,
+    is_prepared: impl Fn(&str) -> bool,
+) -> Option<Rejection> {
+    // Most SQL has no EXECUTE: found without copying the text.
+    if !words.executes {
         return None;
     }
+    let lower = sql.to_ascii_lowercase();
     let names = match sqlparser::parser::Parser::parse_sql(
         &sqlparser::dialect::PostgreSqlDialect {},
         sql,
@@ -998,7 +1003,7 @@ async fn simple_query(
     }
     let refusal = nonstandard_strings_refusal(sql, encryption, state)
         .or_else(|| words.names_own.then(own_name_rejection))
-        .or_else(|| sql_execute_refusal(sql, &is_prepared));
+        .or_else(|| sql_execute_refusal(sql, words, &is_prepared));
     if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);
         state.pending.push(Expected::query());
@@ -1045,7 +1050,7 @@ async fn simple_query(
 
 #[cfg(test)]
 mod tests {
-    use super::sql_execute_refusal;
+    use super::{sql_execute_refusal, StatementWords};
 
     #[test]
     fn sql_execute_of_a_protocol_statement_is_found_however_it_is_written() {
@@ -1058,7 +1063,10 @@ mod tests {
             "EXECUTE \"Mixed\"('a') ; garbage that does not parse (",
             "execute -- comment\n w ('a') !!!",
         ] {
-            assert!(sql_execute_refusal(sql, known).is_some(), "{sql}");
+            assert!(
+                sql_execute_refusal(sql, StatementWords::of(sql), known).is_some(),
+                "{sql}"
+            );
         }
         for sql in [
             "EXECUTE other('a')",
@@ -1066,7 +1074,10 @@ mod tests {
             "SELECT 'execute w'",
             "DO $$BEGIN EXECUTE 'SELECT 1'; END$$",
         ] {
-            assert!(sql_execute_refusal(sql, known).is_none(), "{sql}");
+            assert!(
+                sql_execute_refusal(sql, StatementWords::of(sql), known).is_none(),
+                "{sql}"
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 
 use crate::catalog::CatalogMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// The prefix of the proxy's statement names.
 pub(crate) const NAME_PREFIX: &str = "__cmk_proxy_";
@@ -62,8 +62,10 @@ pub(crate) struct OwnStatements {
     /// The catalog map they were parsed under: a new one (DDL seen, or the
     /// periodic reload) means the schema may have changed, and PostgreSQL
     /// keeps the parameter types it inferred at Parse (a column now `text`
-    /// would still get `int4` for `'007'`).
-    catalog: Option<Arc<CatalogMap>>,
+    /// would still get `int4` for `'007'`). Weak: an idle session does not
+    /// keep an old map's contents alive (the allocation it keeps cannot be
+    /// reused for a newer map, so the comparison stays exact).
+    catalog: Weak<CatalogMap>,
     /// Forgotten statements the server may still hold.
     to_close: VecDeque<u64>,
 }
@@ -163,13 +165,9 @@ impl OwnStatements {
         types: &[u32],
         catalog: Arc<CatalogMap>,
     ) -> StatementUse {
-        if !self
-            .catalog
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, &catalog))
-        {
+        if !std::ptr::eq(self.catalog.as_ptr(), Arc::as_ptr(&catalog)) {
             self.clear();
-            self.catalog = Some(catalog);
+            self.catalog = Arc::downgrade(&catalog);
         }
         let close = self.to_close.drain(..).collect();
         if let Some(entry) = self

@@ -139,6 +139,16 @@ pub async fn refused(client: &Client, sql: &str) -> (String, String) {
     )
 }
 
+/// Asserts that each of `sqls` is refused with `code`, its message naming
+/// `named`.
+pub async fn assert_refused(client: &Client, sqls: &[&str], code: &str, named: &str) {
+    for sql in sqls {
+        let (got, message) = refused(client, sql).await;
+        assert_eq!(got, code, "{sql}: {message}");
+        assert!(message.contains(named), "{sql}: {message}");
+    }
+}
+
 /// The rows of a simple query, as text (NULL is `None`); panics on an error.
 pub async fn rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
     client

@@ -80,6 +80,8 @@ pub struct QueryRewrite {
 pub struct BoundQuery {
     /// The statement, `$n` for every literal and proxy value.
     pub sql: Arc<str>,
+    /// The catalog map its shape was planned against.
+    pub catalog: Arc<CatalogMap>,
     /// It returns rows (RETURNING): describe them as a simple query would.
     pub returns_rows: bool,
     /// Declared parameter types (0: left to the server, as a string

@@ -18,10 +18,10 @@
 //! session to another no session binds another's statement.
 
 use std::collections::VecDeque;
-
-use crate::catalog::CatalogMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+
+use crate::catalog::CatalogMap;
 
 /// The prefix of the proxy's statement names.
 pub(crate) const NAME_PREFIX: &str = "__cmk_proxy_";
@@ -163,13 +163,13 @@ impl OwnStatements {
         &mut self,
         sql: &Arc<str>,
         types: &[u32],
-        catalog: Arc<CatalogMap>,
+        catalog: &Arc<CatalogMap>,
     ) -> StatementUse {
-        if !std::ptr::eq(self.catalog.as_ptr(), Arc::as_ptr(&catalog)) {
+        if !std::ptr::eq(self.catalog.as_ptr(), Arc::as_ptr(catalog)) {
             self.clear();
-            self.catalog = Arc::downgrade(&catalog);
+            self.catalog = Arc::downgrade(catalog);
         }
-        let close = self.to_close.drain(..).collect();
+        let mut close: Vec<u64> = self.to_close.drain(..).collect();
         if let Some(entry) = self
             .entries
             .iter()
@@ -181,7 +181,6 @@ impl OwnStatements {
                 close,
             };
         }
-        let mut close: Vec<u64> = close;
         if self.entries.len() >= MAX_STATEMENTS {
             close.extend(self.entries.pop_front().map(|e| e.number));
         }
@@ -255,15 +254,15 @@ mod tests {
         let mut own = OwnStatements::default();
         let map = Arc::new(CatalogMap::default());
         let sql: Arc<str> = Arc::from("INSERT INTO t VALUES ($1, $2)");
-        let first = own.statement_for(&sql, &[23, 17], map.clone());
+        let first = own.statement_for(&sql, &[23, 17], &map);
         assert!(first.parse);
         // Not used again before its ParseComplete.
-        let early = own.statement_for(&sql, &[23, 17], map.clone());
+        let early = own.statement_for(&sql, &[23, 17], &map);
         assert!(early.parse && early.number != first.number);
         own.parsed(first.number);
-        let again = own.statement_for(&sql, &[23, 17], map.clone());
+        let again = own.statement_for(&sql, &[23, 17], &map);
         assert_eq!((again.number, again.parse), (first.number, false));
-        let other_types = own.statement_for(&sql, &[20, 17], map.clone());
+        let other_types = own.statement_for(&sql, &[20, 17], &map);
         assert!(other_types.parse);
         assert_ne!(other_types.number, first.number);
     }
@@ -273,23 +272,23 @@ mod tests {
         let mut own = OwnStatements::default();
         let map = Arc::new(CatalogMap::default());
         let sql: Arc<str> = Arc::from("UPDATE t SET a = $1");
-        let first = own.statement_for(&sql, &[0], map.clone());
+        let first = own.statement_for(&sql, &[0], &map);
         own.failed(first.number, Some("42P01"));
-        let second = own.statement_for(&sql, &[0], map.clone());
+        let second = own.statement_for(&sql, &[0], &map);
         assert!(second.parse && second.number > first.number);
         own.parsed(second.number);
         // An error of an execution keeps a parsed statement...
         own.failed(second.number, Some("23505"));
-        assert!(!own.statement_for(&sql, &[0], map.clone()).parse);
+        assert!(!own.statement_for(&sql, &[0], &map).parse);
         // ...unless the server lost it: then it is closed with the next.
         own.failed(second.number, Some("0A000"));
-        let third = own.statement_for(&sql, &[0], map.clone());
+        let third = own.statement_for(&sql, &[0], &map);
         assert!(third.parse && third.number > second.number);
         assert_eq!(third.close, vec![second.number]);
         own.parsed(third.number);
         own.clear();
         assert_eq!(own.len(), 0);
-        let fourth = own.statement_for(&sql, &[0], map.clone());
+        let fourth = own.statement_for(&sql, &[0], &map);
         assert_eq!(fourth.close, vec![third.number]);
     }
 
@@ -298,10 +297,10 @@ mod tests {
         let mut own = OwnStatements::default();
         let sql: Arc<str> = Arc::from("INSERT INTO t VALUES ($1)");
         let first_map = Arc::new(CatalogMap::default());
-        let first = own.statement_for(&sql, &[0], first_map.clone());
+        let first = own.statement_for(&sql, &[0], &first_map);
         own.parsed(first.number);
-        assert!(!own.statement_for(&sql, &[0], first_map).parse);
-        let again = own.statement_for(&sql, &[0], Arc::new(CatalogMap::default()));
+        assert!(!own.statement_for(&sql, &[0], &first_map).parse);
+        let again = own.statement_for(&sql, &[0], &Arc::new(CatalogMap::default()));
         assert!(again.parse);
         assert_eq!(again.close, vec![first.number]);
     }
@@ -313,12 +312,12 @@ mod tests {
         let mut first = None;
         for i in 0..MAX_STATEMENTS {
             let sql: Arc<str> = Arc::from(format!("SELECT {i}"));
-            let use_ = own.statement_for(&sql, &[], map.clone());
+            let use_ = own.statement_for(&sql, &[], &map);
             assert!(use_.close.is_empty());
             first.get_or_insert(use_.number);
         }
         let sql: Arc<str> = Arc::from("SELECT 'new'");
-        let use_ = own.statement_for(&sql, &[], map.clone());
+        let use_ = own.statement_for(&sql, &[], &map);
         assert_eq!(use_.close, first.into_iter().collect::<Vec<_>>());
         assert_eq!(own.len(), MAX_STATEMENTS);
     }

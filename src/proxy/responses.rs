@@ -78,8 +78,13 @@ pub struct ResponseTracker {
     rolled_back: bool,
 }
 
-/// Records the outcome of a Parse or Close that retires a rewritten write.
+/// Records the outcome of a Parse or Close that retires a rewritten write;
+/// for a simple query run as the proxy's statement, a Parse of it that did
+/// not complete (failed or skipped) left no statement.
 fn settle(entry: &Expected, state: &SessionState, done: bool) {
+    if let Some(number) = entry.run_as() {
+        state.own_statements(|own| own.failed(number, None));
+    }
     if let Expected::Parse {
         retires: Some(seq), ..
     }
@@ -131,9 +136,6 @@ impl ResponseTracker {
                     // its cycle is over without a ReadyForQuery.
                     let cycle = state.cycle_ignored();
                     state.cycle_answered(cycle);
-                    if let Some(number) = entry.run_as() {
-                        state.own_statements(|own| own.failed(number, None));
-                    }
                 }
                 // Failed, or skipped to the Sync: not done.
                 settle(&entry, state, false);
@@ -315,11 +317,6 @@ impl ResponseTracker {
         let mut refresh = false;
         while let Some(entry) = self.pop(state) {
             settle(&entry, state, false);
-            if let Some(number) = entry.run_as() {
-                // Skipped (after an error of the client's before it): a
-                // Parse that did not complete left no statement.
-                state.own_statements(|own| own.failed(number, None));
-            }
             refresh |= entry.refreshes();
             if entry.ends_with_ready() {
                 swallowed = entry.swallowed();

@@ -61,9 +61,7 @@ fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     }
     .encode(&mut out);
     if bound.returns_rows {
-        out.put_u8(frontend::DESCRIBE);
-        out.put_u32(6);
-        out.put_slice(b"P\0");
+        describe_portal(&mut out, "");
     }
     out.put_u8(frontend::EXECUTE);
     out.put_u32(9);
@@ -533,11 +531,7 @@ impl ClientStatements {
         portal.described.store(true, Ordering::Release);
         let name = cstr(body).unwrap_or_default();
         let mut out = BytesMut::with_capacity(name.len() + 7 + frame.len());
-        out.put_u8(frontend::DESCRIBE);
-        out.put_u32((name.len() + 6) as u32);
-        out.put_u8(b'P');
-        out.extend_from_slice(name.as_bytes());
-        out.put_u8(0);
+        describe_portal(&mut out, name);
         out.extend_from_slice(frame);
         state.pending.push(Expected::DescribePortal {
             portal: portal.clone(),
@@ -848,6 +842,15 @@ fn ambiguous_statement(name: &str) -> Rejection {
 }
 
 /// Appends a Close message for the prepared statement `name`.
+/// Appends a Describe of portal `name`.
+fn describe_portal(out: &mut BytesMut, name: &str) {
+    out.put_u8(frontend::DESCRIBE);
+    out.put_u32((4 + 1 + name.len() + 1) as u32);
+    out.put_u8(b'P');
+    out.extend_from_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
 fn close_statement(out: &mut BytesMut, name: &str) {
     out.put_u8(frontend::CLOSE);
     out.put_u32((4 + 1 + name.len() + 1) as u32);
@@ -1019,8 +1022,7 @@ async fn simple_query(
                 state.own_statements(OwnStatements::clear);
             }
             let run = rewrite.bound.as_ref().map(|b| {
-                let catalog = encryption.catalog();
-                state.own_statements(|own| own.statement_for(&b.sql, &b.types, catalog))
+                state.own_statements(|own| own.statement_for(&b.sql, &b.types, &b.catalog))
             });
             // The catalog is reloaded at this query's own ReadyForQuery,
             // not at one still on its way for an earlier query.

@@ -304,13 +304,7 @@ fn max_placeholder(statements: &[Statement]) -> usize {
 pub(crate) fn placeholder_uses(statement: &Statement) -> Vec<usize> {
     let mut uses = Vec::new();
     let _ = visit_expressions(statement, |expr| {
-        if let Expr::Value(v) = expr {
-            if let Value::Placeholder(p) = &v.value {
-                if let Some(n) = p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-                    uses.push(n);
-                }
-            }
-        }
+        uses.extend(super::write::placeholder_number(expr));
         ControlFlow::<()>::Continue(())
     });
     uses

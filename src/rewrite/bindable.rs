@@ -17,11 +17,11 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     visit_expressions, ArrayElemTypeDef, BinaryOperator, DataType, Expr, OnConflictAction,
-    OnInsert, SetExpr, Statement, UnaryOperator, Value,
+    OnInsert, SetExpr, Statement, UnaryOperator,
 };
 
 use super::literals::Literal;
-use super::write::param_number;
+use super::write::placeholder_number;
 use crate::config::DeclaredType;
 
 /// The placeholders of `statement` that sit where the context alone
@@ -120,7 +120,7 @@ fn mark_operand(expr: &Expr, negated: bool, typed: &mut HashMap<usize, bool>) {
             expr: inner,
         } => mark_operand(inner, !negated, typed),
         _ => {
-            if let Some(n) = placeholder(expr) {
+            if let Some(n) = placeholder_number(expr) {
                 typed.insert(n, negated);
             }
         }
@@ -138,16 +138,6 @@ fn casts_like_a_literal(data_type: &DataType) -> bool {
         | DataType::Array(ArrayElemTypeDef::SquareBracket(inner, _))
         | DataType::Array(ArrayElemTypeDef::Parenthesis(inner)) => casts_like_a_literal(inner),
         _ => true,
-    }
-}
-
-fn placeholder(expr: &Expr) -> Option<usize> {
-    match expr {
-        Expr::Value(v) => match &v.value {
-            Value::Placeholder(p) => param_number(p),
-            _ => None,
-        },
-        _ => None,
     }
 }
 

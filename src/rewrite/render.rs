@@ -4,24 +4,18 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{visit_expressions_mut, Expr, Statement, Value};
+use sqlparser::ast::{visit_expressions_mut, Expr, Statement};
+
+use super::write::placeholder_number;
 
 /// Renders `statement`, replacing placeholder `$n` by the SQL literal text
 /// in `literals[n]` (already quoted and cast, e.g. `'\x434d..'::bytea`).
 pub fn render_with_literals(statement: &Statement, literals: &HashMap<usize, String>) -> String {
     let mut statement = statement.clone();
     let _ = visit_expressions_mut(&mut statement, |expr| {
-        if let Expr::Value(v) = expr {
-            if let Value::Placeholder(p) = &v.value {
-                if let Some(text) = p
-                    .strip_prefix('$')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .and_then(|n| literals.get(&n))
-                {
-                    // A pre-quoted literal rendered verbatim.
-                    *expr = Expr::Identifier(sqlparser::ast::Ident::new(text.clone()));
-                }
-            }
+        if let Some(text) = placeholder_number(expr).and_then(|n| literals.get(&n)) {
+            // A pre-quoted literal rendered verbatim.
+            *expr = Expr::Identifier(sqlparser::ast::Ident::new(text.clone()));
         }
         ControlFlow::<()>::Continue(())
     });

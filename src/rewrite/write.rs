@@ -130,6 +130,17 @@ pub(crate) fn param_number(text: &str) -> Option<usize> {
     text.strip_prefix('$')?.parse().ok()
 }
 
+/// The number `n` of an expression that is the placeholder `$n`.
+pub(crate) fn placeholder_number(expr: &Expr) -> Option<usize> {
+    match expr {
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => param_number(p),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// A literal's text form, or `None` for NULL, `Err` for other expressions.
 enum Operand {
     Null,

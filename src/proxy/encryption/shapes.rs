@@ -145,9 +145,15 @@ impl BoundShape {
 
     /// The parameters of one query: the client's literals as text, the
     /// proxy's values from `slots`; `None` if a proxy value is missing.
-    fn bind(&self, literals: &[rewrite::Literal<'_>], mut slots: Slots) -> Option<BoundQuery> {
+    fn bind(
+        &self,
+        literals: &[rewrite::Literal<'_>],
+        mut slots: Slots,
+        catalog: &Arc<CatalogMap>,
+    ) -> Option<BoundQuery> {
         let mut query = BoundQuery {
             sql: self.sql.clone(),
+            catalog: catalog.clone(),
             returns_rows: self.returns_rows,
             types: Vec::with_capacity(self.params.len()),
             values: Vec::with_capacity(self.params.len()),
@@ -216,7 +222,7 @@ impl Encryption {
                 };
                 if let Some(bound) = bound.as_ref().filter(|_| session.prepare_writes) {
                     return Some(Ok(QueryRewrite {
-                        bound: Some(bound.bind(&shaped.literals, slots)?),
+                        bound: Some(bound.bind(&shaped.literals, slots, catalog)?),
                         fingerprint: Some(fingerprint.clone()),
                         ..QueryRewrite::default()
                     }));

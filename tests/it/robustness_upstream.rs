@@ -1,7 +1,7 @@
 //! The upstream going away: PostgreSQL stopped and restarted under a running
 //! proxy, and an upstream that is not there at all (issue 3).
 
-mod common;
+use crate::common;
 
 use common::*;
 use tokio_postgres::NoTls;

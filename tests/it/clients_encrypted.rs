@@ -15,7 +15,7 @@
 //! `CMK_REVOKE_CMD` / `CMK_RESTORE_CMD` (shell commands disabling / enabling
 //! the key of `CMK_REVOKED_TENANT`), `CMK_OTHER_TENANT`.
 
-mod common;
+use crate::common;
 
 use common::encryption::keyring;
 

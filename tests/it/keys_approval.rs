@@ -2,10 +2,8 @@
 //! real moto server: single flight, the revocation bound, KMS outages and the
 //! max_stale grace, and crypto-shredding.
 
-#[path = "support/moto.rs"]
-mod moto;
-#[path = "support/pg.rs"]
-mod support;
+use crate::support::moto;
+use crate::support::pg as support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

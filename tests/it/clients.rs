@@ -5,7 +5,7 @@
 //! and the proxy, run one program, and require exit code 0.
 //! A missing client runtime is a failure ("run scripts/install-deps.sh").
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! statement serves every query of a shape, statements the server lost are
 //! parsed again, and clients cannot reach them.
 
-mod common;
+use crate::common;
 
 use common::encryption::{assert_refused, assert_sealed, count, refused, rows, EncryptedSetup};
 use common::raw::{message, query, read_message, read_until_ready, send, session};

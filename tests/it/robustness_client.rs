@@ -2,7 +2,7 @@
 //! malformed and oversized protocol messages. Each case checks that another
 //! client's session keeps working (issue 3).
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::time::Duration;

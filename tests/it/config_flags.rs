@@ -1,6 +1,6 @@
 //! Command-line flags of `serve` override the policy file (issue 3 CLI contract).
 
-mod common;
+use crate::common;
 
 use common::*;
 

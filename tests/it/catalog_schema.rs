@@ -2,7 +2,7 @@
 //! the DDL that fixes it, and the catalog map finds protected columns by
 //! (table OID, attnum).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

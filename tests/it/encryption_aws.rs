@@ -4,9 +4,8 @@
 //! call, while globex (local keyring) keeps working on the same connection;
 //! enabling it restores access.
 
-mod common;
-#[path = "support/moto.rs"]
-mod moto;
+use crate::common;
+use crate::support::moto;
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
 //! `cmk` schema migrations against a real PostgreSQL: idempotent, safe from
 //! several replicas at once, and the CLI applies or prints them.
 
-#[path = "support/pg.rs"]
-mod support;
+use crate::support::pg as support;
 
 use std::process::Command;
 use std::time::Duration;

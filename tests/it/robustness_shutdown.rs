@@ -1,7 +1,7 @@
 //! Graceful shutdown: on SIGTERM the proxy stops accepting, lets open sessions
 //! finish their work, and exits 0 (issue 3).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

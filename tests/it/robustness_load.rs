@@ -2,7 +2,7 @@
 //! 100 MB result read slowly while the proxy's peak memory stays bounded
 //! (issue 3).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

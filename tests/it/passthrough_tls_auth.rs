@@ -2,7 +2,7 @@
 //! cleartext, MD5, SCRAM-SHA-256, without channel binding) and cancel
 //! requests, through the real proxy binary (issue 3).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

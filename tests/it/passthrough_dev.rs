@@ -1,7 +1,7 @@
 //! `cmk-proxy dev`: a local PostgreSQL plus the proxy in one command, the
 //! first thing a new user runs.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

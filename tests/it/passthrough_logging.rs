@@ -2,7 +2,7 @@
 //! line, and a connection's lines carry its client address, user and
 //! database (issue 3).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

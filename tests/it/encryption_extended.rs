@@ -5,7 +5,7 @@
 //! drivers send (Execute without any Describe, refused Parse/Bind inside a
 //! pipeline).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! portals, pipelining, text and binary formats, COPY both ways, NOTICE and
 //! LISTEN/NOTIFY — each through the real proxy binary to a real PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! authentication methods, reached directly (no proxy). If these fail, every
 //! proxy test fails for a harness reason, not a proxy one.
 
-mod common;
+use crate::common;
 
 use cmk_proxy::localpg::LocalPostgresOptions;
 use common::*;

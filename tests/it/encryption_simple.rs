@@ -2,7 +2,7 @@
 //! a real PostgreSQL and the local keyring: ciphertext at rest, plaintext
 //! through the proxy, fail-closed refusals, cross-tenant guard, revocation.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,8 +2,7 @@
 //! agree on one DEK, rotation, rollover, rewrap, TLS to the registry, and
 //! the tenant/key CLI.
 
-#[path = "support/pg.rs"]
-mod support;
+use crate::support::pg as support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

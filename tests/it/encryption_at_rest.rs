@@ -9,11 +9,10 @@
 //! whose key is disabled (crypto-shredding) while still recovering the others,
 //! and reports tampered cells, missing EDEKs and unknown tenants.
 
-mod common;
+use crate::common;
 
+use crate::support::moto;
 use common::encryption::{keyring, rows};
-#[path = "support/moto.rs"]
-mod moto;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

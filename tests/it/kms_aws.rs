@@ -2,8 +2,7 @@
 //! context binding, key state (disable, enable, pending deletion) seen
 //! through DescribeKey, unknown keys, and an unreachable endpoint.
 
-#[path = "support/moto.rs"]
-mod moto;
+use crate::support::moto;
 
 use std::collections::BTreeMap;
 use std::time::Instant;

@@ -4,7 +4,7 @@
 //! restarting under the proxy. Each shows the error, that nothing was lost
 //! or written in plaintext, and that the proxy keeps serving.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

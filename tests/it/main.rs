@@ -1,0 +1,36 @@
+//! Every integration test of cmk-proxy, in one test binary.
+//!
+//! One binary rather than one per file: each links the whole proxy with its
+//! AWS SDK and debug information (about 400 MB apiece), and two dozen of them
+//! filled the CI machine's disk while linking. cargo-nextest still runs each
+//! test in its own process.
+
+mod common;
+mod support;
+
+mod audit_sinks;
+mod catalog_schema;
+mod clients;
+mod clients_encrypted;
+mod config_errors;
+mod config_flags;
+mod encryption_at_rest;
+mod encryption_aws;
+mod encryption_extended;
+mod encryption_own_statements;
+mod encryption_robustness;
+mod encryption_simple;
+mod keys_approval;
+mod keys_registry;
+mod kms_aws;
+mod kms_local;
+mod migrate_schema;
+mod passthrough_dev;
+mod passthrough_localpg;
+mod passthrough_logging;
+mod passthrough_protocol;
+mod passthrough_tls_auth;
+mod robustness_client;
+mod robustness_load;
+mod robustness_shutdown;
+mod robustness_upstream;

@@ -1,0 +1,5 @@
+//! Harness pieces shared by the key and KMS tests: a moto server for AWS KMS
+//! and a PostgreSQL cluster with the `cmk` schema.
+
+pub mod moto;
+pub mod pg;

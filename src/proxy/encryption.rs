@@ -116,6 +116,9 @@ pub struct Encryption {
     /// SQL → (declared parameter types, plan): looked up by `&str`, so a
     /// hit allocates nothing.
     parse_plans: DashMap<String, Vec<CachedParsePlan>>,
+    /// Bumped whenever `parse_plans` starts over: plans a session kept
+    /// from an older epoch are stale.
+    plan_epoch: AtomicU64,
     /// Simple queries planned by their literal-insensitive shape.
     shapes: shapes::ShapeCache,
 }
@@ -144,6 +147,7 @@ impl Encryption {
             catalog_loads: AtomicU64::new(0),
             catalog_installed: AtomicU64::new(0),
             parse_plans: DashMap::new(),
+            plan_epoch: AtomicU64::new(0),
             shapes: shapes::ShapeCache::default(),
         });
         // DDL that does not pass through the proxy (migrations run
@@ -202,7 +206,7 @@ impl Encryption {
                     *slot = Arc::new(map);
                 }
                 // Plans depend on the views the catalog maps.
-                self.parse_plans.clear();
+                self.clear_parse_plans();
                 self.shapes.clear();
             }
             None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
@@ -225,7 +229,7 @@ impl Encryption {
         let made = plan().map(Arc::new);
         if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
             if self.parse_plans.len() >= MAX_PARSE_PLANS {
-                self.parse_plans.clear();
+                self.clear_parse_plans();
             }
             self.parse_plans
                 .entry(sql.to_owned())
@@ -233,6 +237,19 @@ impl Encryption {
                 .push((param_types.to_vec(), made.clone()));
         }
         made
+    }
+
+    /// The epoch of the Parse plan cache (see `plan_epoch`).
+    pub(crate) fn plan_epoch(&self) -> u64 {
+        self.plan_epoch.load(Ordering::Acquire)
+    }
+
+    /// Starts the Parse plan cache over. The epoch moves after the clear:
+    /// a session reads the epoch before it looks a plan up, so a plan it
+    /// found before the clear is kept under the old epoch.
+    fn clear_parse_plans(&self) {
+        self.parse_plans.clear();
+        self.plan_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Emits a rejection audit event.

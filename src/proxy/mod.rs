@@ -7,6 +7,7 @@ mod auth;
 pub mod encryption;
 mod own_statements;
 mod pending;
+mod recent_parses;
 mod relay;
 mod responses;
 mod results;

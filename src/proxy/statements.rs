@@ -19,6 +19,7 @@ use super::own_statements::{
     is_own_name, statement_name, OwnStatements, StatementUse, StatementWords, NAME_PREFIX,
 };
 use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
+use super::recent_parses::RecentParses;
 use super::results::{protected_result_columns, RowPlanMemo};
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
@@ -180,6 +181,8 @@ pub struct ClientStatements {
     retired: HashMap<String, Retired>,
     /// Sequence numbers for retiring messages.
     next_retirement: u64,
+    /// The Parses sent last, recognised again by their bytes.
+    recent: RecentParses<ParsePlan>,
 }
 
 impl ClientStatements {
@@ -434,6 +437,9 @@ impl ClientStatements {
         encryption: &Encryption,
         state: &SessionState,
     ) -> ClientStep {
+        if let Some(step) = self.repeated_parse(frame, body, encryption, state) {
+            return step;
+        }
         let Ok(parse) = Parse::decode(body) else {
             let mut fields = body.splitn(3, |b| *b == 0);
             let (name, query) = (fields.next().unwrap_or_default(), fields.next());
@@ -458,16 +464,60 @@ impl ClientStatements {
                 self.statements.contains_key(n) || self.retired.contains_key(n)
             })
         });
+        let epoch = encryption.plan_epoch();
         let planned = match refusal {
             Some(rejection) => Err(rejection),
-            None => plan_parse(&parse, words, encryption, state),
+            None => plan_parse(&parse, encryption, state),
         };
-        let (statement, replacement) = match planned {
+        let (plan, replacement) = match planned {
             Ok(planned) => planned,
             Err(rejection) => {
                 return refuse_parse(parse.name.as_bytes(), encryption, state, rejection)
             }
         };
+        let plain_words = !(words.drops || words.names_own || words.executes);
+        if plain_words && !plan.ddl && !state.nonstandard_strings.load(Ordering::Acquire) {
+            self.recent.remember(
+                body,
+                epoch,
+                parse.name,
+                &parse.param_types,
+                Arc::clone(&plan),
+                replacement.as_ref(),
+            );
+        }
+        let statement = statement_of(&plan, parse.param_types, words.drops);
+        self.define(parse.name, statement, replacement, frame, state)
+    }
+
+    /// A Parse sent before by this session, taken from its record
+    /// ([`RecentParses`]) without reading its SQL again.
+    fn repeated_parse(
+        &mut self,
+        frame: &[u8],
+        body: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> Option<ClientStep> {
+        if state.nonstandard_strings.load(Ordering::Acquire) {
+            return None;
+        }
+        let seen = self.recent.find(body, encryption.plan_epoch())?;
+        let statement = statement_of(&seen.plan, seen.declared.clone(), false);
+        let (name, replacement) = (seen.name.clone(), seen.replacement.clone());
+        Some(self.define(&name, statement, replacement, frame, state))
+    }
+
+    /// Records `statement` under `name` and the Parse that defines it on
+    /// the server: `replacement`, else the client's `frame`.
+    fn define(
+        &mut self,
+        name: &str,
+        statement: PreparedStatement,
+        replacement: Option<BytesMut>,
+        frame: &[u8],
+        state: &SessionState,
+    ) -> ClientStep {
         // The latest Parse of a name defines it: the client may have dropped
         // the old one with SQL (DEALLOCATE, DISCARD ALL), which the proxy
         // does not track. Should that DEALLOCATE have failed, the server
@@ -476,14 +526,11 @@ impl ClientStatements {
         // would store plaintext. So a known name is closed first (closing a
         // statement that no longer exists is no error), and the server ends
         // with the statement the proxy recorded.
-        let redefined = !parse.name.is_empty() && self.statements.contains_key(parse.name);
-        let retires = match self
-            .statements
-            .insert(parse.name.to_owned(), Arc::new(statement))
-        {
-            Some(old) => self.retire(parse.name, old, state),
+        let redefined = !name.is_empty() && self.statements.contains_key(name);
+        let retires = match self.statements.insert(name.to_owned(), Arc::new(statement)) {
+            Some(old) => self.retire(name, old, state),
             None => {
-                self.redefined(parse.name, state);
+                self.redefined(name, state);
                 None
             }
         };
@@ -493,7 +540,7 @@ impl ClientStatements {
                 swallow: true,
                 retires: None,
             });
-            close_statement(&mut out, parse.name);
+            close_statement(&mut out, name);
         }
         state.pending.push(Expected::Parse {
             refusal: None,
@@ -645,14 +692,13 @@ impl ParsePlan {
     }
 }
 
-/// Plans a Parse: the statement as the proxy tracks it, and the Parse to
-/// send instead (`None`: the original). `Err`: refused.
+/// Plans a Parse: the shared plan, and the Parse to send instead (`None`:
+/// the original). `Err`: refused.
 fn plan_parse(
     parse: &Parse<'_>,
-    words: StatementWords,
     encryption: &Encryption,
     state: &SessionState,
-) -> Result<(PreparedStatement, Option<BytesMut>), Rejection> {
+) -> Result<(Arc<ParsePlan>, Option<BytesMut>), Rejection> {
     if let Some(rejection) = nonstandard_strings_refusal(parse.query, encryption, state) {
         return Err(rejection);
     }
@@ -662,13 +708,6 @@ fn plan_parse(
     if plan.ddl {
         state.refresh_catalog.store(true, Ordering::Release);
     }
-    let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
-    statement.declared = parse.param_types.clone();
-    statement.presented = plan.presented.clone();
-    statement.row_plans = plan.row_plans.clone();
-    statement.kind = plan.kind.clone();
-    // DDL may change what a statement of the proxy's returns (0A000).
-    statement.drops_statements = plan.ddl || words.drops;
     let replacement = plan.rewritten.as_ref().map(|(sql, types)| {
         let mut out = BytesMut::with_capacity(sql.len() + parse.name.len() + 16 + 4 * types.len());
         Parse {
@@ -679,7 +718,20 @@ fn plan_parse(
         .encode(&mut out);
         out
     });
-    Ok((statement, replacement))
+    Ok((plan, replacement))
+}
+
+/// The statement as the proxy tracks it, from its plan and the parameter
+/// types the client `declared`; `drops`: its SQL may drop statements.
+fn statement_of(plan: &ParsePlan, declared: Vec<u32>, drops: bool) -> PreparedStatement {
+    let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
+    statement.declared = declared;
+    statement.presented = plan.presented.clone();
+    statement.row_plans = plan.row_plans.clone();
+    statement.kind = plan.kind.clone();
+    // DDL may change what a statement of the proxy's returns (0A000).
+    statement.drops_statements = plan.ddl || drops;
+    statement
 }
 
 /// Plans the SQL of a Parse with its declared parameter types.

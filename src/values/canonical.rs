@@ -2,7 +2,9 @@
 //! timestamptz in UTC), so every spelling of a value encrypts and indexes
 //! the same way.
 
-use chrono::{NaiveDate, NaiveDateTime, NaiveTime, Timelike};
+use std::fmt::Write as _;
+
+use chrono::{Datelike, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 
 use super::{invalid, ValueError};
 use crate::config::DeclaredType;
@@ -235,7 +237,7 @@ struct DateTimeParts {
 fn split_datetime(text: &str) -> Option<DateTimeParts> {
     let text = text.trim();
     let date_end = text.find([' ', 'T', 't']).unwrap_or(text.len());
-    let date = NaiveDate::parse_from_str(&text[..date_end], "%Y-%m-%d").ok()?;
+    let date = parse_iso_date(&text[..date_end])?;
     let mut rest = text[date_end..].trim_start_matches([' ', 'T', 't']).trim();
     let mut offset = None;
     if let Some(stripped) = rest.strip_suffix(['Z', 'z']) {
@@ -286,8 +288,39 @@ pub(crate) fn parse_date(text: &str) -> Option<NaiveDate> {
     split_datetime(text).map(|p| p.date)
 }
 
+/// `YYYY-MM-DD`, read directly when it has exactly that shape (the common
+/// case, on every write of a date), else by chrono's parser.
+fn parse_iso_date(text: &str) -> Option<NaiveDate> {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range).and_then(|d| {
+            d.iter().try_fold(0u32, |n, c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        })
+    };
+    if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
+        if let (Some(y), Some(m), Some(d)) = (digits(0..4), digits(5..7), digits(8..10)) {
+            return NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d);
+        }
+    }
+    NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()
+}
+
 pub(crate) fn format_date(d: NaiveDate) -> String {
-    d.format("%Y-%m-%d").to_string()
+    let mut out = String::with_capacity(10);
+    write_date(&mut out, d);
+    out
+}
+
+/// `YYYY-MM-DD` as chrono's `%Y-%m-%d` writes it (years outside 0..=9999
+/// with their sign), without its format-string interpreter for the rest.
+fn write_date(out: &mut String, d: NaiveDate) {
+    if (0..=9999).contains(&d.year()) {
+        let _ = write!(out, "{:04}-{:02}-{:02}", d.year(), d.month(), d.day());
+    } else {
+        let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+    }
 }
 
 /// A timestamp without time zone; a zone in the input is ignored, as
@@ -308,14 +341,30 @@ pub(crate) fn parse_timestamptz(text: &str) -> Option<NaiveDateTime> {
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` with trailing zeros of the fraction trimmed.
 pub(crate) fn format_timestamp(ts: NaiveDateTime) -> String {
-    let micros = ts.nanosecond() / 1000;
-    let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
-    if micros == 0 {
-        base
-    } else {
-        let frac = format!("{micros:06}");
-        format!("{base}.{}", frac.trim_end_matches('0'))
+    if ts.nanosecond() >= 1_000_000_000 {
+        // A leap second: chrono prints it as :60.
+        let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
+        let frac = format!("{:06}", (ts.nanosecond() - 1_000_000_000) / 1000);
+        return match frac.trim_end_matches('0') {
+            "" => base,
+            frac => format!("{base}.{frac}"),
+        };
     }
+    let micros = ts.nanosecond() / 1000;
+    let mut out = String::with_capacity(26);
+    write_date(&mut out, ts.date());
+    let _ = write!(
+        out,
+        " {:02}:{:02}:{:02}",
+        ts.hour(),
+        ts.minute(),
+        ts.second()
+    );
+    if micros != 0 {
+        let frac = format!("{micros:06}");
+        let _ = write!(out, ".{}", frac.trim_end_matches('0'));
+    }
+    out
 }
 
 /// jsonb's text output: keys ordered by length then bytes, one space after
@@ -422,6 +471,55 @@ mod tests {
         assert_eq!(canon(T::Float8, "0.1"), "0.1");
         assert_eq!(canon(T::Float8, "0.00001"), "1e-05");
         assert_eq!(canon(T::Float8, "-inf"), "-Infinity");
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_written_and_read_as_chrono_formats_and_parses_them() {
+        let dates = [
+            (0, 1, 1),
+            (1, 2, 3),
+            (1980, 2, 29),
+            (2024, 12, 31),
+            (9999, 12, 31),
+        ]
+        .into_iter()
+        .chain([(-1, 1, 1), (10000, 1, 1), (-4713, 11, 24)]);
+        for (y, m, d) in dates {
+            let date = NaiveDate::from_ymd_opt(y, m, d).unwrap();
+            let chrono_text = date.format("%Y-%m-%d").to_string();
+            assert_eq!(format_date(date), chrono_text);
+            assert_eq!(parse_iso_date(&chrono_text), Some(date), "{chrono_text}");
+            for (h, mi, s, micro) in [(0, 0, 0, 0), (23, 59, 59, 999_999), (12, 5, 7, 120)] {
+                let ts = date.and_hms_micro_opt(h, mi, s, micro).unwrap();
+                let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
+                let frac = format!("{micro:06}");
+                let frac = frac.trim_end_matches('0');
+                let expected = if frac.is_empty() {
+                    base
+                } else {
+                    format!("{base}.{frac}")
+                };
+                assert_eq!(format_timestamp(ts), expected);
+            }
+        }
+        for bad in [
+            "2024-02-30",
+            "2024-13-01",
+            "2024-1-01x",
+            "abcd-ef-gh",
+            "2024/01/01",
+        ] {
+            assert_eq!(
+                parse_iso_date(bad),
+                NaiveDate::parse_from_str(bad, "%Y-%m-%d").ok(),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_iso_date("2024-1-5"),
+            NaiveDate::from_ymd_opt(2024, 1, 5),
+            "other widths still go to chrono"
+        );
     }
 
     #[test]

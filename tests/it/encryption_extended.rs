@@ -703,3 +703,89 @@ async fn text_clients_of_a_prepared_statement_get_text_when_the_server_sends_bin
         );
     }
 }
+
+/// Sends `bytes` on `s` and reads one request cycle, blocking.
+fn raw_cycle(s: &mut std::net::TcpStream, bytes: &[u8]) -> Vec<raw::BackendMessage> {
+    common::raw::send(s, bytes);
+    common::raw::read_until_ready(s)
+}
+
+/// An unnamed Parse, Bind of `params`, Execute and Sync.
+fn unnamed_run(sql: &str, params: &[Option<&[u8]>]) -> Vec<u8> {
+    let mut bytes = raw::parse("", sql, &[]);
+    bytes.extend(raw::bind("", params, 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_unnamed_parse_is_planned_again_after_ddl_and_after_strings_turn_nonstandard() {
+    let s = setup().await;
+    let port = s.proxy.port();
+    let tags = |got: &[raw::BackendMessage]| got.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut c = common::raw::session(port, "app");
+        let mut got = Vec::new();
+        got.push(raw_cycle(
+            &mut c,
+            &common::raw::query(
+                "CREATE VIEW memo_v AS SELECT id, tenant_id, plain_note AS x FROM typed",
+            ),
+        ));
+        // The proxy remembers this Parse: the view shows no protected column.
+        let insert = "INSERT INTO memo_v (tenant_id, x) VALUES ('acme', $1)";
+        got.push(raw_cycle(&mut c, &unnamed_run(insert, &[Some(b"first")])));
+        got.push(raw_cycle(&mut c, &unnamed_run(insert, &[Some(b"again")])));
+        // The same view name now shows a protected column: the same Parse
+        // bytes must be planned anew (a write through it is refused), not
+        // relayed as remembered, which would store plaintext in c_text.
+        got.push(raw_cycle(
+            &mut c,
+            &common::raw::query(
+                "DROP VIEW memo_v; \
+                 CREATE VIEW memo_v AS SELECT id, tenant_id, c_text AS x FROM typed",
+            ),
+        ));
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_run(insert, &[Some(b"plaintext secret")]),
+        ));
+        // A read remembered under standard strings is refused once they are
+        // off: the proxy may then misread where its backslash ends a string.
+        let read = "SELECT plain_note FROM typed WHERE 'a\\' = 'a\\'";
+        got.push(raw_cycle(&mut c, &unnamed_run(read, &[])));
+        got.push(raw_cycle(&mut c, &unnamed_run(read, &[])));
+        got.push(raw_cycle(
+            &mut c,
+            &common::raw::query("SET standard_conforming_strings = off"),
+        ));
+        got.push(raw_cycle(&mut c, &unnamed_run(read, &[])));
+        got.push(raw_cycle(&mut c, &unnamed_run("SELECT 7", &[])));
+        got
+    })
+    .await
+    .expect("raw session");
+    assert_eq!(tags(&got[1]), b"12CZ", "{:?}", got[1]);
+    assert_eq!(tags(&got[2]), b"12CZ", "{:?}", got[2]);
+    assert_eq!(tags(&got[4]), b"EZ", "{:?}", got[4]);
+    assert_eq!(got[4][0].field(b'C').as_deref(), Some("KM003"));
+    // The two rows the plain view took, read twice.
+    assert_eq!(tags(&got[5]), b"12DDCZ", "{:?}", got[5]);
+    assert_eq!(tags(&got[6]), b"12DDCZ", "{:?}", got[6]);
+    assert_eq!(tags(&got[8]), b"EZ", "{:?}", got[8]);
+    assert_eq!(got[8][0].field(b'C').as_deref(), Some("KM003"));
+    let message = got[8][0].field(b'M').unwrap_or_default();
+    assert!(message.contains("standard_conforming_strings"), "{message}");
+    assert_eq!(tags(&got[9]), b"12DCZ", "the session goes on: {:?}", got[9]);
+    let stored: i64 = s
+        .direct
+        .query_one(
+            "SELECT count(*) FROM typed WHERE position('plaintext secret'::bytea in c_text) > 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "no plaintext in the protected column");
+}

@@ -607,10 +607,7 @@ async fn execute_without_any_describe_is_still_decrypted_and_refusals_drain_to_s
     let sql = format!("SELECT c_text, c_int4 FROM typed WHERE id = {id}");
     // Parse / Bind / Execute / Sync with no Describe: the client gets only
     // the responses it asked for, with plaintext rows.
-    let mut bytes = raw::parse("", &sql, &[]);
-    bytes.extend(raw::bind("", &[], 0));
-    bytes.extend(raw::execute());
-    bytes.extend(raw::sync());
+    let bytes = unnamed_run(&sql, &[]);
     let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 1))
         .await
         .expect("raw session");
@@ -628,14 +625,8 @@ async fn execute_without_any_describe_is_still_decrypted_and_refusals_drain_to_s
 
     // A refused Parse in a pipeline: its error, then nothing until Sync,
     // and the statements after it did not run.
-    let mut bytes = raw::parse("", "SELECT id FROM typed WHERE c_text = 'x'", &[]);
-    bytes.extend(raw::bind("", &[], 0));
-    bytes.extend(raw::execute());
-    bytes.extend(raw::sync());
-    bytes.extend(raw::parse("", "SELECT 7", &[]));
-    bytes.extend(raw::bind("", &[], 0));
-    bytes.extend(raw::execute());
-    bytes.extend(raw::sync());
+    let mut bytes = unnamed_run("SELECT id FROM typed WHERE c_text = 'x'", &[]);
+    bytes.extend(unnamed_run("SELECT 7", &[]));
     let got = tokio::task::spawn_blocking(move || raw::run(port, &bytes, 2))
         .await
         .expect("raw session");

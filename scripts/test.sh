@@ -11,10 +11,12 @@ scripts/install-deps.sh
 
 # A cold build needs a few GB under target/; say so plainly rather than let
 # the linker die with SIGBUS when the disk fills.
-free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
-echo "== free disk: $((free_kib / 1024 / 1024)) GiB"
-if [ "${free_kib:-0}" -lt $((4 * 1024 * 1024)) ]; then
-    echo "warning: less than 4 GiB free; the build may fail for lack of disk" >&2
+free_kib=$(df -Pk . 2>/dev/null | awk 'NR == 2 { print $4 }' || true)
+if [ -n "$free_kib" ]; then
+    echo "== free disk: $((free_kib / 1024 / 1024)) GiB"
+    if [ "$free_kib" -lt $((4 * 1024 * 1024)) ]; then
+        echo "warning: less than 4 GiB free; the build may fail for lack of disk" >&2
+    fi
 fi
 # CI builds once from clean: incremental caches would only cost disk.
 if [ -n "${CI:-}" ]; then

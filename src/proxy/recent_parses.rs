@@ -50,10 +50,7 @@ impl<P> Default for RecentParses<P> {
 impl<P> RecentParses<P> {
     /// The entry of a Parse with exactly this `body`, planned in `epoch`.
     pub(crate) fn find(&mut self, body: &[u8], epoch: u64) -> Option<&RecentParse<P>> {
-        let index = self
-            .entries
-            .iter()
-            .position(|e| e.body.len() == body.len() && *e.body == *body)?;
+        let index = self.entries.iter().position(|e| *e.body == *body)?;
         if self.entries[index].epoch != epoch {
             self.entries.remove(index);
             return None;

@@ -893,7 +893,6 @@ fn ambiguous_statement(name: &str) -> Rejection {
     }
 }
 
-/// Appends a Close message for the prepared statement `name`.
 /// Appends a Describe of portal `name`.
 fn describe_portal(out: &mut BytesMut, name: &str) {
     out.put_u8(frontend::DESCRIBE);
@@ -903,6 +902,7 @@ fn describe_portal(out: &mut BytesMut, name: &str) {
     out.put_u8(0);
 }
 
+/// Appends a Close message for the prepared statement `name`.
 fn close_statement(out: &mut BytesMut, name: &str) {
     out.put_u8(frontend::CLOSE);
     out.put_u32((4 + 1 + name.len() + 1) as u32);

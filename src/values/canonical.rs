@@ -341,25 +341,16 @@ pub(crate) fn parse_timestamptz(text: &str) -> Option<NaiveDateTime> {
 
 /// `YYYY-MM-DD HH:MM:SS[.ffffff]` with trailing zeros of the fraction trimmed.
 pub(crate) fn format_timestamp(ts: NaiveDateTime) -> String {
-    if ts.nanosecond() >= 1_000_000_000 {
-        // A leap second: chrono prints it as :60.
-        let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
-        let frac = format!("{:06}", (ts.nanosecond() - 1_000_000_000) / 1000);
-        return match frac.trim_end_matches('0') {
-            "" => base,
-            frac => format!("{base}.{frac}"),
-        };
-    }
-    let micros = ts.nanosecond() / 1000;
+    // chrono keeps a leap second as :59 plus a second of nanoseconds, and
+    // prints it as :60.
+    let (second, nanos) = match ts.nanosecond().checked_sub(1_000_000_000) {
+        Some(nanos) => (ts.second() + 1, nanos),
+        None => (ts.second(), ts.nanosecond()),
+    };
     let mut out = String::with_capacity(26);
     write_date(&mut out, ts.date());
-    let _ = write!(
-        out,
-        " {:02}:{:02}:{:02}",
-        ts.hour(),
-        ts.minute(),
-        ts.second()
-    );
+    let _ = write!(out, " {:02}:{:02}:{second:02}", ts.hour(), ts.minute());
+    let micros = nanos / 1000;
     if micros != 0 {
         let frac = format!("{micros:06}");
         let _ = write!(out, ".{}", frac.trim_end_matches('0'));
@@ -515,6 +506,14 @@ mod tests {
                 "{bad}"
             );
         }
+        // A leap second (chrono reads `:60` as one) prints as chrono does.
+        let leap = NaiveDate::from_ymd_opt(2016, 12, 31)
+            .unwrap()
+            .and_hms_micro_opt(23, 59, 59, 1_500_000)
+            .unwrap();
+        assert_eq!(format_timestamp(leap), "2016-12-31 23:59:60.5");
+        let whole = leap.with_nanosecond(1_000_000_000).unwrap();
+        assert_eq!(format_timestamp(whole), "2016-12-31 23:59:60");
         assert_eq!(
             parse_iso_date("2024-1-5"),
             NaiveDate::from_ymd_opt(2024, 1, 5),

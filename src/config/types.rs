@@ -476,6 +476,14 @@ pub struct ServerConfig {
     /// follow a session from one server connection to the next.
     #[serde(default = "defaults::yes")]
     pub prepare_simple_writes: bool,
+    /// Run an unnamed extended-protocol statement on protected tables that
+    /// a session sends again (drivers that never name their statements:
+    /// libpq's `PQexecParams`, psycopg, node-postgres) as the proxy's own
+    /// named statement, parsed once per server connection. Off: every
+    /// execution is parsed and planned again by PostgreSQL. Turn it off
+    /// with `prepare_simple_writes` behind a transaction-pooling upstream.
+    #[serde(default = "defaults::yes")]
+    pub prepare_repeated_statements: bool,
 }
 
 impl Default for ServerConfig {
@@ -488,6 +496,7 @@ impl Default for ServerConfig {
             worker_threads: None,
             catalog_refresh: defaults::catalog_refresh(),
             prepare_simple_writes: true,
+            prepare_repeated_statements: true,
         }
     }
 }

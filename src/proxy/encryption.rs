@@ -490,10 +490,11 @@ impl Encryption {
 
     /// Encrypts the protected values of a Bind for a planned write: returns
     /// the Bind that reaches PostgreSQL (ciphertext in binary format, the
-    /// proxy's own parameters appended).
+    /// proxy's own parameters appended), of prepared statement `statement`.
     pub async fn encrypt_bind(
         &self,
         bind: &Bind<'_>,
+        statement: &str,
         plan: &WritePlan,
         client_params: usize,
         declared: &[u32],
@@ -540,7 +541,7 @@ impl Encryption {
         );
         Bind {
             portal: bind.portal,
-            statement: bind.statement,
+            statement,
             param_formats: formats,
             params: values,
             result_formats: bind.result_formats.clone(),

@@ -55,6 +55,34 @@ pub(crate) struct PreparedStatement {
     /// Its SQL may drop prepared statements (DEALLOCATE, DISCARD) or change
     /// what they return (DDL): each execution makes the proxy forget its own.
     pub drops_statements: bool,
+    /// The client's unnamed statement runs as one of the proxy's own (see
+    /// `own_statements`): its Binds and Describes name that one.
+    pub runs_as: Option<RunsAs>,
+}
+
+/// The SQL and parameter types PostgreSQL runs for a statement: the
+/// proxy's rewrite, or the client's own.
+#[derive(Debug)]
+pub(crate) struct ServerSql {
+    /// SQL text.
+    pub sql: Arc<str>,
+    /// Parameter type OIDs (0 = inferred by the server).
+    pub types: Vec<u32>,
+}
+
+/// A repeated unnamed Parse run as the proxy's statement `number`.
+#[derive(Debug)]
+pub(crate) struct RunsAs {
+    /// What that statement runs: a Bind in a later cycle, when the proxy
+    /// has forgotten the statement, parses it again under a new number.
+    pub server: Arc<ServerSql>,
+    /// The statement the Parse defined (or found parsed).
+    pub number: u64,
+    /// When the Parse parsed `number` on the server: the client Syncs sent
+    /// before it. A Bind before the next Sync binds `number` while its
+    /// ParseComplete is still on its way (should the Parse fail, the server
+    /// skips the Bind too); any other looks the statement up again.
+    pub parsed_after_syncs: Option<u64>,
 }
 
 impl PreparedStatement {
@@ -71,6 +99,7 @@ impl PreparedStatement {
             protected_results: std::sync::OnceLock::new(),
             row_plans: Arc::default(),
             drops_statements: false,
+            runs_as: None,
         }
     }
 }
@@ -131,12 +160,21 @@ pub(crate) enum Expected {
     },
     /// ParseComplete, or the error that replaces it. `retires`: the Parse
     /// replaces a rewritten write (see `SessionState::retirements`).
+    /// `own`: it parses the proxy's statement with this number (ready once
+    /// complete); `swallow`: injected by the proxy, its ParseComplete never
+    /// shown (its error is, in place of the Bind it was sent for).
     Parse {
         refusal: Option<Refusal>,
         retires: Option<u64>,
+        own: Option<u64>,
+        swallow: bool,
     },
-    /// BindComplete, or the error that replaces it.
-    Bind { refusal: Option<Refusal> },
+    /// BindComplete, or the error that replaces it. `own`: it binds the
+    /// proxy's statement with this number (forgotten if the server lost it).
+    Bind {
+        refusal: Option<Refusal>,
+        own: Option<u64>,
+    },
     /// ParameterDescription and RowDescription/NoData of a statement.
     DescribeStatement(Arc<PreparedStatement>),
     /// RowDescription/NoData of a portal; `swallow`: injected by the proxy.
@@ -189,9 +227,28 @@ impl Expected {
         matches!(
             self,
             Self::Query { swallow: true, .. }
+                | Self::Parse { swallow: true, .. }
                 | Self::DescribePortal { swallow: true, .. }
                 | Self::Close { swallow: true, .. }
         )
+    }
+
+    /// A Parse of the client's (answered to it) with nothing else to it.
+    pub(crate) fn parse() -> Self {
+        Self::Parse {
+            refusal: None,
+            retires: None,
+            own: None,
+            swallow: false,
+        }
+    }
+
+    /// A Bind of the client's with nothing else to it.
+    pub(crate) fn bind() -> Self {
+        Self::Bind {
+            refusal: None,
+            own: None,
+        }
     }
 }
 

@@ -2,7 +2,10 @@
 //! use the unnamed statement (pgbench `-M extended`, psycopg, node-postgres
 //! without a name) send the same Parse again for every execution, and a
 //! repeat is recognised by its bytes alone, without reading its SQL again
-//! (UTF-8 check, keyword scan, plan-cache hash of the whole text).
+//! (UTF-8 check, keyword scan, plan-cache hash of the whole text). A
+//! repeat of an unnamed Parse on protected tables also runs as one of the
+//! proxy's own named statements (see `own_statements`), so PostgreSQL does
+//! not parse and plan it again either.
 //!
 //! Only Parses whose planning depends on nothing but their bytes and the
 //! shared plan cache are kept: no keyword that drops or names statements or
@@ -13,6 +16,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+
+use super::pending::ServerSql;
 
 /// Parses remembered per session (the newest first).
 const CAPACITY: usize = 16;
@@ -31,6 +36,9 @@ pub(crate) struct RecentParse<P> {
     pub plan: Arc<P>,
     /// The Parse sent instead of the client's (`None`: the original).
     pub replacement: Option<BytesMut>,
+    /// What the server runs, when a repeat of this unnamed Parse runs as
+    /// the proxy's own statement.
+    pub server: Option<Arc<ServerSql>>,
 }
 
 /// The last [`CAPACITY`] Parses of a session worth remembering, with
@@ -62,19 +70,19 @@ impl<P> RecentParses<P> {
         self.entries.front()
     }
 
-    /// Remembers a Parse planned in `epoch` (see the module doc for which).
-    pub(crate) fn remember(
-        &mut self,
-        body: &[u8],
-        epoch: u64,
-        name: &str,
-        declared: &[u32],
-        plan: Arc<P>,
-        replacement: Option<&BytesMut>,
-    ) {
+    /// Remembers the Parse with this `body`, planned in `epoch` (see the
+    /// module doc for which): what the proxy made of it is `entry`.
+    pub(crate) fn remember(&mut self, body: &[u8], epoch: u64, entry: Remembered<P>) {
         if self.entries.len() >= CAPACITY {
             self.entries.pop_back();
         }
+        let Remembered {
+            name,
+            declared,
+            plan,
+            replacement,
+            server,
+        } = entry;
         self.entries.push_front(RecentParse {
             body: body.into(),
             epoch,
@@ -82,8 +90,23 @@ impl<P> RecentParses<P> {
             declared: declared.to_vec(),
             plan,
             replacement: replacement.cloned(),
+            server,
         });
     }
+}
+
+/// What the proxy made of a Parse, to remember (see [`RecentParse`]).
+pub(crate) struct Remembered<'a, P> {
+    /// The statement name.
+    pub name: &'a str,
+    /// The parameter types the client declared.
+    pub declared: &'a [u32],
+    /// The shared plan.
+    pub plan: Arc<P>,
+    /// The Parse sent instead of the client's (`None`: the original).
+    pub replacement: Option<&'a BytesMut>,
+    /// What the server runs, when a repeat runs as the proxy's statement.
+    pub server: Option<Arc<ServerSql>>,
 }
 
 #[cfg(test)]
@@ -91,7 +114,14 @@ mod tests {
     use super::*;
 
     fn remember(recent: &mut RecentParses<u32>, body: &[u8], epoch: u64, plan: u32) {
-        recent.remember(body, epoch, "", &[], Arc::new(plan), None);
+        let entry = Remembered {
+            name: "",
+            declared: &[],
+            plan: Arc::new(plan),
+            replacement: None,
+            server: None,
+        };
+        recent.remember(body, epoch, entry);
     }
 
     #[test]

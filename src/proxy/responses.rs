@@ -86,6 +86,15 @@ fn settle(entry: &Expected, state: &SessionState, done: bool) {
         state.own_statements(|own| own.failed(number, None));
     }
     if let Expected::Parse {
+        own: Some(number), ..
+    } = entry
+    {
+        match done {
+            true => state.own_statements(|own| own.parsed(*number)),
+            false => state.own_statements(|own| own.failed(*number, None)),
+        }
+    }
+    if let Expected::Parse {
         retires: Some(seq), ..
     }
     | Expected::Close {
@@ -224,18 +233,27 @@ impl ResponseTracker {
             }
         }
         // The server's error to a Describe the proxy slipped in before the
-        // client's Execute is the error of that Execute (skipped with it).
-        let injected_describe_failed = tag == backend::ERROR_RESPONSE
+        // client's Execute is the error of that Execute (skipped with it);
+        // to a Parse of the proxy's statement, that of the client's Bind or
+        // Describe it was sent for.
+        let injected_failed = tag == backend::ERROR_RESPONSE
             && !self.skipping
             && matches!(
                 self.front(state),
                 Some(Expected::DescribePortal { swallow: true, .. })
+                    | Some(Expected::Parse { swallow: true, .. })
             );
-        let dropping = self.dropping(state) && !injected_describe_failed;
+        let dropping = self.dropping(state) && !injected_failed;
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
             (backend::ERROR_RESPONSE, Some(frame)) => {
-                if let Some(number) = self.answering_own_statement(state) {
+                let binding_own = match self.front(state) {
+                    Some(Expected::Bind { own, .. }) => *own,
+                    _ => None,
+                };
+                if let Some(number) = self.answering_own_statement(state).or(binding_own) {
+                    // A statement the server lost (26000) or cannot run as
+                    // parsed (0A000) is parsed anew next time.
                     let sqlstate = frame.get(HEADER_LEN..).and_then(error_code);
                     state.own_statements(|own| own.failed(number, sqlstate));
                 }
@@ -368,7 +386,7 @@ impl ResponseTracker {
         self.plan = None;
         self.resolved = false;
         let refusal = match self.front(state) {
-            Some(Expected::Parse { refusal, .. }) | Some(Expected::Bind { refusal }) => {
+            Some(Expected::Parse { refusal, .. }) | Some(Expected::Bind { refusal, .. }) => {
                 refusal.clone()
             }
             _ => None,

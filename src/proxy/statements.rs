@@ -18,8 +18,10 @@ use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
 use super::own_statements::{
     is_own_name, statement_name, OwnStatements, StatementUse, StatementWords, NAME_PREFIX,
 };
-use super::pending::{Expected, Portal, PreparedStatement, Refusal, Shape, StatementKind};
-use super::recent_parses::RecentParses;
+use super::pending::{
+    Expected, Portal, PreparedStatement, Refusal, RunsAs, ServerSql, Shape, StatementKind,
+};
+use super::recent_parses::{RecentParses, Remembered};
 use super::results::{protected_result_columns, RowPlanMemo};
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
@@ -213,21 +215,27 @@ impl ClientStatements {
                 Ok(bind) => {
                     let statement = self.statement(bind.statement);
                     let wire = wire_formats(&statement, &bind.result_formats, encryption);
-                    self.bind_portal(&bind, statement, wire.clone());
-                    state.pending.push(Expected::Bind { refusal: None });
-                    match wire {
-                        Some(result_formats) => {
-                            let mut out =
-                                BytesMut::with_capacity(frame.len() + 2 * result_formats.len());
-                            Bind {
-                                result_formats,
-                                ..bind
-                            }
-                            .encode(&mut out);
-                            ClientStep::Replace(out)
-                        }
-                        None => ClientStep::Forward,
+                    self.bind_portal(&bind, statement.clone(), wire.clone());
+                    let mut out = BytesMut::new();
+                    let own = statement
+                        .runs_as
+                        .as_ref()
+                        .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out));
+                    state.pending.push(Expected::Bind {
+                        refusal: None,
+                        own: own.as_ref().map(|(number, _)| *number),
+                    });
+                    if own.is_none() && wire.is_none() {
+                        return ClientStep::Forward;
                     }
+                    out.reserve(frame.len() + 64);
+                    Bind {
+                        statement: own.as_ref().map_or(bind.statement, |(_, name)| name),
+                        result_formats: wire.unwrap_or_else(|| bind.result_formats.clone()),
+                        ..bind
+                    }
+                    .encode(&mut out);
+                    ClientStep::Replace(out)
                 }
                 Err(_) => {
                     // Malformed, or names in another client encoding: the
@@ -250,6 +258,15 @@ impl ClientStatements {
                     (b'S', name) => {
                         let statement = self.statement(name);
                         statement.described.store(true, Ordering::Release);
+                        if let Some(runs_as) = &statement.runs_as {
+                            let mut out = BytesMut::new();
+                            let (_, own) = own_statement_of(runs_as, encryption, state, &mut out);
+                            state
+                                .pending
+                                .push(Expected::DescribeStatement(statement.clone()));
+                            describe_statement(&mut out, &own);
+                            return ClientStep::Replace(out);
+                        }
                         state.pending.push(Expected::DescribeStatement(statement));
                     }
                     (_, name) => {
@@ -445,10 +462,7 @@ impl ClientStatements {
             let (name, query) = (fields.next().unwrap_or_default(), fields.next());
             let refusal = query.and_then(|q| unreadable_sql_refusal(q, encryption));
             let Some(rejection) = refusal else {
-                state.pending.push(Expected::Parse {
-                    refusal: None,
-                    retires: None,
-                });
+                state.pending.push(Expected::parse());
                 return ClientStep::Forward;
             };
             // The name as sent (it may not be UTF-8 either).
@@ -477,14 +491,14 @@ impl ClientStatements {
         };
         let plain_words = !(words.drops || words.names_own || words.executes);
         if plain_words && !plan.ddl && !state.nonstandard_strings.load(Ordering::Acquire) {
-            self.recent.remember(
-                body,
-                epoch,
-                parse.name,
-                &parse.param_types,
-                Arc::clone(&plan),
-                replacement.as_ref(),
-            );
+            let entry = Remembered {
+                name: parse.name,
+                declared: &parse.param_types,
+                plan: Arc::clone(&plan),
+                replacement: replacement.as_ref(),
+                server: own_statement_sql(&parse, &plan, encryption),
+            };
+            self.recent.remember(body, epoch, entry);
         }
         let statement = statement_of(&plan, parse.param_types, words.drops);
         self.define(parse.name, statement, replacement, frame, state)
@@ -504,8 +518,79 @@ impl ClientStatements {
         }
         let seen = self.recent.find(body, encryption.plan_epoch())?;
         let statement = statement_of(&seen.plan, seen.declared.clone(), false);
+        if let Some(server) = seen.server.clone() {
+            return Some(self.define_unnamed_as_own(statement, server, encryption, state));
+        }
         let (name, replacement) = (seen.name.clone(), seen.replacement.clone());
         Some(self.define(&name, statement, replacement, frame, state))
+    }
+
+    /// Records a repeated unnamed Parse on protected tables as the proxy's
+    /// own statement: the server parses that one when it is new (its
+    /// ParseComplete answers the client), else an empty unnamed statement
+    /// answers, and the client's Binds and Describes of the unnamed
+    /// statement name the proxy's. PostgreSQL then plans it once per
+    /// connection instead of at every execution.
+    fn define_unnamed_as_own(
+        &mut self,
+        mut statement: PreparedStatement,
+        server: Arc<ServerSql>,
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> ClientStep {
+        let catalog = encryption.catalog();
+        let run =
+            state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
+        let mut out = BytesMut::with_capacity(if run.parse { server.sql.len() + 64 } else { 16 });
+        close_own_statements(&mut out, &run.close, state);
+        let name = if run.parse {
+            statement_name(run.number)
+        } else {
+            String::new()
+        };
+        Parse {
+            name: &name,
+            query: if run.parse { &server.sql } else { "" },
+            param_types: if run.parse {
+                server.types.clone()
+            } else {
+                Vec::new()
+            },
+        }
+        .encode(&mut out);
+        statement.runs_as = Some(RunsAs {
+            server,
+            number: run.number,
+            parsed_after_syncs: run.parse.then(|| state.syncs.load(Ordering::Acquire)),
+        });
+        let (_, retires) = self.record("", statement, state);
+        state.pending.push(Expected::Parse {
+            refusal: None,
+            retires,
+            own: run.parse.then_some(run.number),
+            swallow: false,
+        });
+        ClientStep::Replace(out)
+    }
+
+    /// Stores `statement` under `name`; returns whether it replaces a
+    /// named statement the client defined before, and the retirement of
+    /// the record it replaces (see [`retire`](Self::retire)).
+    fn record(
+        &mut self,
+        name: &str,
+        statement: PreparedStatement,
+        state: &SessionState,
+    ) -> (bool, Option<u64>) {
+        let redefined = !name.is_empty() && self.statements.contains_key(name);
+        let retires = match self.statements.insert(name.to_owned(), Arc::new(statement)) {
+            Some(old) => self.retire(name, old, state),
+            None => {
+                self.redefined(name, state);
+                None
+            }
+        };
+        (redefined, retires)
     }
 
     /// Records `statement` under `name` and the Parse that defines it on
@@ -526,14 +611,7 @@ impl ClientStatements {
         // would store plaintext. So a known name is closed first (closing a
         // statement that no longer exists is no error), and the server ends
         // with the statement the proxy recorded.
-        let redefined = !name.is_empty() && self.statements.contains_key(name);
-        let retires = match self.statements.insert(name.to_owned(), Arc::new(statement)) {
-            Some(old) => self.retire(name, old, state),
-            None => {
-                self.redefined(name, state);
-                None
-            }
-        };
+        let (redefined, retires) = self.record(name, statement, state);
         let mut out = BytesMut::new();
         if redefined {
             state.pending.push(Expected::Close {
@@ -545,6 +623,8 @@ impl ClientStatements {
         state.pending.push(Expected::Parse {
             refusal: None,
             retires,
+            own: None,
+            swallow: false,
         });
         match (redefined, replacement) {
             (false, Some(bytes)) => ClientStep::Replace(bytes),
@@ -596,20 +676,26 @@ impl ClientStatements {
         state: &SessionState,
     ) -> BytesMut {
         let Ok(bind) = Bind::decode(body) else {
-            state.pending.push(Expected::Bind { refusal: None });
+            state.pending.push(Expected::bind());
             return BytesMut::from(frame);
         };
         let statement = self.statement(bind.statement);
         self.bind_portal(&bind, statement.clone(), None);
         let StatementKind::Write(plan) = &statement.kind else {
-            state.pending.push(Expected::Bind { refusal: None });
+            state.pending.push(Expected::bind());
             return BytesMut::from(frame);
         };
         let tenant = state.tenant();
         let info = state.session_info(tenant.as_deref());
+        let mut out = BytesMut::new();
+        let own = statement
+            .runs_as
+            .as_ref()
+            .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out));
         let encrypted = encryption
             .encrypt_bind(
                 &bind,
+                own.as_ref().map_or(bind.statement, |(_, name)| name),
                 plan,
                 statement.client_params,
                 &statement.declared,
@@ -617,15 +703,23 @@ impl ClientStatements {
             )
             .await;
         match encrypted {
-            Ok(out) => {
-                state.pending.push(Expected::Bind { refusal: None });
+            Ok(bound) => {
+                state.pending.push(Expected::Bind {
+                    refusal: None,
+                    own: own.map(|(number, _)| number),
+                });
+                if out.is_empty() {
+                    return bound;
+                }
+                out.extend_from_slice(&bound);
                 out
             }
             Err(rejection) => {
+                // The proxy's statement parsed above (if any) stays, unused.
                 state.pending.push(Expected::Bind {
                     refusal: Some(audited(encryption, &info, rejection)),
+                    own: None,
                 });
-                let mut out = BytesMut::new();
                 Bind {
                     portal: bind.portal,
                     statement: REFUSED_STATEMENT,
@@ -719,6 +813,82 @@ fn plan_parse(
         out
     });
     Ok((plan, replacement))
+}
+
+/// The SQL the server runs for an unnamed Parse that is worth running as
+/// the proxy's own statement when the session sends it again: one on
+/// protected tables (a rewritten write, or a read the proxy decrypts), with
+/// `server.prepare_repeated_statements` on.
+fn own_statement_sql(
+    parse: &Parse<'_>,
+    plan: &ParsePlan,
+    encryption: &Encryption,
+) -> Option<Arc<ServerSql>> {
+    let protected = matches!(plan.kind, StatementKind::Plain | StatementKind::Write(_))
+        && !plan.fingerprint.is_empty();
+    if !parse.name.is_empty()
+        || !protected
+        || !encryption.policy().server.prepare_repeated_statements
+    {
+        return None;
+    }
+    let (sql, types) = match &plan.rewritten {
+        Some((sql, types)) => (sql.as_str(), types.clone()),
+        None => (parse.query, parse.param_types.clone()),
+    };
+    Some(Arc::new(ServerSql {
+        sql: Arc::from(sql),
+        types,
+    }))
+}
+
+/// Closes the proxy's statements `numbers` (forgotten, or making room);
+/// their CloseCompletes are not shown.
+fn close_own_statements(out: &mut BytesMut, numbers: &[u64], state: &SessionState) {
+    for number in numbers {
+        state.pending.push(Expected::Close {
+            swallow: true,
+            retires: None,
+        });
+        close_statement(out, &statement_name(*number));
+    }
+}
+
+/// The proxy's statement a Bind or Describe of an unnamed statement that
+/// `runs_as` one names: the one its Parse parsed while no Sync came
+/// between, else the one the proxy holds parsed for its SQL now, parsed
+/// first (into `out`, its ParseComplete not shown) when the proxy forgot it
+/// (DEALLOCATE, DISCARD, DDL, a lost statement) or its Parse is unanswered.
+/// Returns its number and name.
+fn own_statement_of(
+    runs_as: &RunsAs,
+    encryption: &Encryption,
+    state: &SessionState,
+    out: &mut BytesMut,
+) -> (u64, String) {
+    if runs_as.parsed_after_syncs == Some(state.syncs.load(Ordering::Acquire)) {
+        return (runs_as.number, statement_name(runs_as.number));
+    }
+    let catalog = encryption.catalog();
+    let server = &runs_as.server;
+    let run = state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
+    close_own_statements(out, &run.close, state);
+    let name = statement_name(run.number);
+    if run.parse {
+        state.pending.push(Expected::Parse {
+            refusal: None,
+            retires: None,
+            own: Some(run.number),
+            swallow: true,
+        });
+        Parse {
+            name: &name,
+            query: &server.sql,
+            param_types: server.types.clone(),
+        }
+        .encode(out);
+    }
+    (run.number, name)
 }
 
 /// The statement as the proxy tracks it, from its plan and the parameter
@@ -837,6 +1007,8 @@ fn refuse_parse(
     state.pending.push(Expected::Parse {
         refusal: Some(audited(encryption, &info, rejection)),
         retires: None,
+        own: None,
+        swallow: false,
     });
     let mut out = BytesMut::new();
     out.put_u8(frontend::PARSE);
@@ -856,6 +1028,7 @@ fn refuse_bind(encryption: &Encryption, state: &SessionState, rejection: Rejecti
     let info = state.session_info(tenant.as_deref());
     state.pending.push(Expected::Bind {
         refusal: Some(audited(encryption, &info, rejection)),
+        own: None,
     });
     let mut out = BytesMut::new();
     Bind {
@@ -895,9 +1068,18 @@ fn ambiguous_statement(name: &str) -> Rejection {
 
 /// Appends a Describe of portal `name`.
 fn describe_portal(out: &mut BytesMut, name: &str) {
+    describe(out, b'P', name);
+}
+
+/// Appends a Describe of statement `name`.
+fn describe_statement(out: &mut BytesMut, name: &str) {
+    describe(out, b'S', name);
+}
+
+fn describe(out: &mut BytesMut, kind: u8, name: &str) {
     out.put_u8(frontend::DESCRIBE);
     out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(b'P');
+    out.put_u8(kind);
     out.extend_from_slice(name.as_bytes());
     out.put_u8(0);
 }

@@ -780,3 +780,196 @@ async fn a_repeated_unnamed_parse_is_planned_again_after_ddl_and_after_strings_t
         .get(0);
     assert_eq!(stored, 0, "no plaintext in the protected column");
 }
+
+/// A Bind of the unnamed statement (no Parse), Execute and Sync.
+fn unnamed_bind_run(params: &[Option<&[u8]>]) -> Vec<u8> {
+    let mut bytes = raw::bind("", params, 0);
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    bytes
+}
+
+/// The names of the server's prepared statements, read through `c`.
+fn server_statements(c: &mut std::net::TcpStream) -> Vec<String> {
+    let got = raw_cycle(
+        c,
+        &common::raw::query("SELECT name FROM pg_prepared_statements"),
+    );
+    got.iter()
+        .filter(|m| m.tag == b'D')
+        .map(|m| String::from_utf8_lossy(m.body.get(6..).unwrap_or_default()).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_unnamed_statement_runs_as_the_proxys_own_and_is_parsed_anew_when_lost() {
+    let s = setup().await;
+    // Drops every prepared statement where the proxy cannot see it.
+    s.direct
+        .batch_execute(
+            "CREATE FUNCTION forget_plans() RETURNS void LANGUAGE plpgsql \
+             AS $$BEGIN EXECUTE 'DEALL' || 'OCATE ALL'; END$$",
+        )
+        .await
+        .expect("function");
+    let port = s.proxy.port();
+    let tags = |got: &[raw::BackendMessage]| got.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    let insert =
+        "INSERT INTO typed (tenant_id, c_text, c_int4) VALUES ('acme', $1, $2) RETURNING id";
+    let read = "SELECT c_text, c_int4 FROM typed WHERE id = $1";
+    let (got, statements) = tokio::task::spawn_blocking(move || {
+        let mut c = common::raw::session(port, "app");
+        let mut got = Vec::new();
+        let mut statements = Vec::new();
+        for n in 0..3 {
+            let note = format!("note {n}");
+            got.push(raw_cycle(
+                &mut c,
+                &unnamed_run(insert, &[Some(note.as_bytes()), Some(b"7")]),
+            ));
+        }
+        statements.push(server_statements(&mut c));
+        // The unnamed statement bound again without a Parse.
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_bind_run(&[Some(b"note 3"), Some(b"8")]),
+        ));
+        // DISCARD ALL through the proxy drops its statement, not the
+        // client's unnamed one: the next Bind parses it anew, unseen.
+        got.push(raw_cycle(&mut c, &common::raw::query("DISCARD ALL")));
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_bind_run(&[Some(b"note 4"), Some(b"9")]),
+        ));
+        // Dropped where the proxy cannot see it: one execution fails with
+        // 26000 and stores nothing, the next parses it anew.
+        got.push(raw_cycle(
+            &mut c,
+            &common::raw::query("SELECT forget_plans()"),
+        ));
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_run(insert, &[Some(b"lost"), Some(b"1")]),
+        ));
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_run(insert, &[Some(b"note 5"), Some(b"10")]),
+        ));
+        // A repeated read, and a Describe of it: the client's parameter and
+        // the declared plaintext types of the protected columns.
+        let first_id = got[0]
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| String::from_utf8_lossy(m.body.get(6..).unwrap_or_default()).into_owned());
+        let id = first_id.unwrap_or_default();
+        for _ in 0..3 {
+            got.push(raw_cycle(
+                &mut c,
+                &unnamed_run(read, &[Some(id.as_bytes())]),
+            ));
+        }
+        let mut describe = raw::parse("", read, &[]);
+        describe.extend(common::raw::message(b'D', b"S\0"));
+        describe.extend(raw::sync());
+        got.push(raw_cycle(&mut c, &describe));
+        statements.push(server_statements(&mut c));
+        (got, statements)
+    })
+    .await
+    .expect("raw session");
+    // Parse (when sent), Bind, the returned id, CommandComplete, Ready.
+    for (i, expected) in [
+        (0, "12DCZ"),
+        (1, "12DCZ"),
+        (2, "12DCZ"),
+        (3, "2DCZ"),
+        (5, "2DCZ"),
+        (8, "12DCZ"),
+    ] {
+        assert_eq!(tags(&got[i]), expected.as_bytes(), "run {i}: {:?}", got[i]);
+    }
+    assert!(
+        statements[0].iter().any(|n| n.starts_with("__cmk_proxy_")),
+        "the repeat runs as the proxy's statement: {:?}",
+        statements[0]
+    );
+    assert_eq!(tags(&got[4]), b"CZ", "{:?}", got[4]);
+    assert_eq!(tags(&got[7]), b"1EZ", "{:?}", got[7]);
+    assert_eq!(got[7][1].field(b'C').as_deref(), Some("26000"));
+    for run in &got[9..12] {
+        assert_eq!(tags(run), b"12DCZ", "{run:?}");
+        let row = String::from_utf8_lossy(&run[2].body);
+        assert!(row.contains("note 0") && row.contains('7'), "{row}");
+    }
+    assert_eq!(tags(&got[12]), b"1tTZ", "{:?}", got[12]);
+    // One parameter (the id, int4), and the columns as their declared
+    // plaintext types: text (25) and int4 (23).
+    assert_eq!(got[12][1].body, [0, 1, 0, 0, 0, 23]);
+    let description = &got[12][2].body;
+    let oid_after = |name: &str| {
+        let at = description
+            .windows(name.len() + 1)
+            .position(|w| w[..name.len()] == *name.as_bytes() && w[name.len()] == 0)
+            .map(|p| p + name.len() + 1 + 6)
+            .unwrap_or_default();
+        description
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    assert_eq!(oid_after("c_text"), Some(25));
+    assert_eq!(oid_after("c_int4"), Some(23));
+    // Every row through the proxy, and none with plaintext at rest.
+    let app = s.app().await;
+    let notes: Vec<String> = app
+        .query("SELECT c_text FROM typed ORDER BY id", &[])
+        .await
+        .expect("read back")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        notes,
+        ["note 0", "note 1", "note 2", "note 3", "note 4", "note 5"]
+    );
+    let plaintext: i64 = s
+        .direct
+        .query_one(
+            "SELECT count(*) FROM typed WHERE position('note'::bytea in c_text) > 0",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(plaintext, 0, "no plaintext in the protected column");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_prepare_repeated_statements_off_every_unnamed_parse_reaches_the_server() {
+    let s = EncryptedSetup::start_configured(
+        SCHEMA,
+        "public.typed",
+        COLUMNS,
+        "",
+        "",
+        "server:\n  prepare_repeated_statements: false\n",
+    )
+    .await;
+    let port = s.proxy.port();
+    let insert = "INSERT INTO typed (tenant_id, c_text) VALUES ('acme', $1)";
+    let statements = tokio::task::spawn_blocking(move || {
+        let mut c = common::raw::session(port, "app");
+        for _ in 0..3 {
+            raw_cycle(&mut c, &unnamed_run(insert, &[Some(b"off")]));
+        }
+        server_statements(&mut c)
+    })
+    .await
+    .expect("raw session");
+    assert!(statements.is_empty(), "{statements:?}");
+    let app = s.app().await;
+    let rows = app
+        .query("SELECT c_text FROM typed", &[])
+        .await
+        .expect("read back");
+    assert_eq!(rows.len(), 3);
+}

@@ -14,7 +14,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use common::encryption::{keyring, poll_until, EncryptedSetup};
+use common::encryption::{count, keyring, poll_until, EncryptedSetup};
 
 const SCHEMA: &str = "CREATE TABLE typed (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, c_int8 bytea, \
@@ -355,13 +355,12 @@ async fn updates_upserts_pipelines_and_transactions() {
         .get(0);
     assert_eq!(seen, "committed");
     tx.commit().await.expect("commit");
-    let count: i64 = s
-        .direct
-        .query_one("SELECT count(*) FROM typed WHERE plain_note IS NULL", &[])
-        .await
-        .expect("count")
-        .get(0);
-    assert_eq!(count, 22, "1 + 20 piped + 1 committed");
+    let stored = count(
+        &s.direct,
+        "SELECT count(*) FROM typed WHERE plain_note IS NULL",
+    )
+    .await;
+    assert_eq!(stored, 22, "1 + 20 piped + 1 committed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -769,15 +768,11 @@ async fn a_repeated_unnamed_parse_is_planned_again_after_ddl_and_after_strings_t
     let message = got[8][0].field(b'M').unwrap_or_default();
     assert!(message.contains("standard_conforming_strings"), "{message}");
     assert_eq!(tags(&got[9]), b"12DCZ", "the session goes on: {:?}", got[9]);
-    let stored: i64 = s
-        .direct
-        .query_one(
-            "SELECT count(*) FROM typed WHERE position('plaintext secret'::bytea in c_text) > 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let stored = count(
+        &s.direct,
+        "SELECT count(*) FROM typed WHERE position('plaintext secret'::bytea in c_text) > 0",
+    )
+    .await;
     assert_eq!(stored, 0, "no plaintext in the protected column");
 }
 
@@ -931,15 +926,11 @@ async fn a_repeated_unnamed_statement_runs_as_the_proxys_own_and_is_parsed_anew_
         notes,
         ["note 0", "note 1", "note 2", "note 3", "note 4", "note 5"]
     );
-    let plaintext: i64 = s
-        .direct
-        .query_one(
-            "SELECT count(*) FROM typed WHERE position('note'::bytea in c_text) > 0",
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let plaintext = count(
+        &s.direct,
+        "SELECT count(*) FROM typed WHERE position('note'::bytea in c_text) > 0",
+    )
+    .await;
     assert_eq!(plaintext, 0, "no plaintext in the protected column");
 }
 

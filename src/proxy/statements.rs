@@ -198,14 +198,21 @@ impl ClientStatements {
     ) -> ClientStep {
         let body = frame.get(HEADER_LEN..).unwrap_or_default();
         match frame.first().copied() {
-            Some(frontend::QUERY) => ClientStep::Async,
+            Some(frontend::QUERY) => {
+                // PostgreSQL drops the unnamed statement at every simple query.
+                self.forget_unnamed_run_as_own();
+                ClientStep::Async
+            }
             Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
             Some(frontend::BIND) => match Bind::decode(body) {
-                Ok(bind) if self.bind_is_ambiguous(&bind, state) => {
-                    refuse_bind(encryption, state, ambiguous_statement(bind.statement))
-                }
+                Ok(bind) if self.bind_is_ambiguous(&bind, state) => refuse_bind_after(
+                    BytesMut::new(),
+                    encryption,
+                    state,
+                    ambiguous_statement(bind.statement),
+                ),
                 Ok(bind) if is_own_name(bind.statement) => {
-                    refuse_bind(encryption, state, own_name_rejection())
+                    refuse_bind_after(BytesMut::new(), encryption, state, own_name_rejection())
                 }
                 Ok(bind)
                     if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
@@ -214,13 +221,20 @@ impl ClientStatements {
                 }
                 Ok(bind) => {
                     let statement = self.statement(bind.statement);
-                    let wire = wire_formats(&statement, &bind.result_formats, encryption);
-                    self.bind_portal(&bind, statement.clone(), wire.clone());
                     let mut out = BytesMut::new();
-                    let own = statement
+                    let own = match statement
                         .runs_as
                         .as_ref()
-                        .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out));
+                        .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
+                        .transpose()
+                    {
+                        Ok(own) => own,
+                        Err(rejection) => {
+                            return refuse_bind_after(out, encryption, state, rejection)
+                        }
+                    };
+                    let wire = wire_formats(&statement, &bind.result_formats, encryption);
+                    self.bind_portal(&bind, statement.clone(), wire.clone());
                     state.pending.push(Expected::Bind {
                         refusal: None,
                         own: own.as_ref().map(|(number, _)| *number),
@@ -249,7 +263,7 @@ impl ClientStatements {
                                   names that are not UTF-8)"
                             .to_owned(),
                     };
-                    refuse_bind(encryption, state, rejection)
+                    refuse_bind_after(BytesMut::new(), encryption, state, rejection)
                 }
             },
             Some(frontend::DESCRIBE) => {
@@ -260,11 +274,23 @@ impl ClientStatements {
                         statement.described.store(true, Ordering::Release);
                         if let Some(runs_as) = &statement.runs_as {
                             let mut out = BytesMut::new();
-                            let (_, own) = own_statement_of(runs_as, encryption, state, &mut out);
-                            state
-                                .pending
-                                .push(Expected::DescribeStatement(statement.clone()));
-                            describe_statement(&mut out, &own);
+                            match own_statement_of(runs_as, encryption, state, &mut out) {
+                                Ok((_, own)) => {
+                                    state
+                                        .pending
+                                        .push(Expected::DescribeStatement(statement.clone()));
+                                    describe_statement(&mut out, &own);
+                                }
+                                // A Parse that fails at the server carries
+                                // the refusal in place of the Describe.
+                                Err(rejection) => refused_parse(
+                                    &mut out,
+                                    REFUSED_STATEMENT.as_bytes(),
+                                    encryption,
+                                    state,
+                                    rejection,
+                                ),
+                            }
                             return ClientStep::Replace(out);
                         }
                         state.pending.push(Expected::DescribeStatement(statement));
@@ -454,6 +480,11 @@ impl ClientStatements {
         encryption: &Encryption,
         state: &SessionState,
     ) -> ClientStep {
+        if body.first() == Some(&0) {
+            // PostgreSQL drops the unnamed statement when a Parse of it
+            // starts, whether it succeeds, fails or is refused.
+            self.forget_unnamed_run_as_own();
+        }
         if let Some(step) = self.repeated_parse(frame, body, encryption, state) {
             return step;
         }
@@ -518,7 +549,10 @@ impl ClientStatements {
         }
         let seen = self.recent.find(body, encryption.plan_epoch())?;
         let statement = statement_of(&seen.plan, seen.declared.clone(), false);
-        if let Some(server) = seen.server.clone() {
+        // In a failed transaction the client's Parse must fail as the
+        // server's answer to it would (25P02); an empty Parse would not.
+        let aborted = state.tx_status.load(Ordering::Acquire) == b'E';
+        if let Some(server) = seen.server.clone().filter(|_| !aborted) {
             return Some(self.define_unnamed_as_own(statement, server, encryption, state));
         }
         let (name, replacement) = (seen.name.clone(), seen.replacement.clone());
@@ -526,11 +560,15 @@ impl ClientStatements {
     }
 
     /// Records a repeated unnamed Parse on protected tables as the proxy's
-    /// own statement: the server parses that one when it is new (its
-    /// ParseComplete answers the client), else an empty unnamed statement
-    /// answers, and the client's Binds and Describes of the unnamed
-    /// statement name the proxy's. PostgreSQL then plans it once per
-    /// connection instead of at every execution.
+    /// own statement: the server parses that one first when it is new (its
+    /// ParseComplete not shown, its error shown as the Parse's), then an
+    /// empty unnamed statement answers the client, and the client's Binds
+    /// and Describes of the unnamed statement name the proxy's. PostgreSQL
+    /// then plans it once per connection instead of at every execution.
+    /// The empty statement replaces the server's unnamed one as the
+    /// client's Parse would have (the record it retires is settled by its
+    /// answer), and binding it with parameters fails: a record of the
+    /// client's that the proxy forgets never leaves an older write behind.
     fn define_unnamed_as_own(
         &mut self,
         mut statement: PreparedStatement,
@@ -543,19 +581,13 @@ impl ClientStatements {
             state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
         let mut out = BytesMut::with_capacity(if run.parse { server.sql.len() + 64 } else { 16 });
         close_own_statements(&mut out, &run.close, state);
-        let name = if run.parse {
-            statement_name(run.number)
-        } else {
-            String::new()
-        };
+        if run.parse {
+            parse_own_statement(&mut out, run.number, &server, state);
+        }
         Parse {
-            name: &name,
-            query: if run.parse { &server.sql } else { "" },
-            param_types: if run.parse {
-                server.types.clone()
-            } else {
-                Vec::new()
-            },
+            name: "",
+            query: "",
+            param_types: Vec::new(),
         }
         .encode(&mut out);
         statement.runs_as = Some(RunsAs {
@@ -567,10 +599,23 @@ impl ClientStatements {
         state.pending.push(Expected::Parse {
             refusal: None,
             retires,
-            own: run.parse.then_some(run.number),
+            own: None,
             swallow: false,
         });
         ClientStep::Replace(out)
+    }
+
+    /// Forgets the client's unnamed statement if it runs as the proxy's
+    /// (its server counterpart is an empty statement, so nothing older can
+    /// be bound in its place): a later Bind of it fails at the server.
+    fn forget_unnamed_run_as_own(&mut self) {
+        if self
+            .statements
+            .get("")
+            .is_some_and(|statement| statement.runs_as.is_some())
+        {
+            self.statements.remove("");
+        }
     }
 
     /// Stores `statement` under `name`; returns whether it replaces a
@@ -691,22 +736,28 @@ impl ClientStatements {
         let own = statement
             .runs_as
             .as_ref()
-            .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out));
-        let encrypted = encryption
-            .encrypt_bind(
-                &bind,
-                own.as_ref().map_or(bind.statement, |(_, name)| name),
-                plan,
-                statement.client_params,
-                &statement.declared,
-                &info,
-            )
-            .await;
+            .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
+            .transpose();
+        let encrypted = match &own {
+            Ok(own) => {
+                encryption
+                    .encrypt_bind(
+                        &bind,
+                        own.as_ref().map_or(bind.statement, |(_, name)| name),
+                        plan,
+                        statement.client_params,
+                        &statement.declared,
+                        &info,
+                    )
+                    .await
+            }
+            Err(rejection) => Err(rejection.clone()),
+        };
         match encrypted {
             Ok(bound) => {
                 state.pending.push(Expected::Bind {
                     refusal: None,
-                    own: own.map(|(number, _)| number),
+                    own: own.ok().flatten().map(|(number, _)| number),
                 });
                 if out.is_empty() {
                     return bound;
@@ -854,41 +905,53 @@ fn close_own_statements(out: &mut BytesMut, numbers: &[u64], state: &SessionStat
     }
 }
 
+/// Sends a Parse of the proxy's statement `number` (its ParseComplete not
+/// shown; its error shown in place of the message it was sent for).
+fn parse_own_statement(out: &mut BytesMut, number: u64, server: &ServerSql, state: &SessionState) {
+    state.pending.push(Expected::Parse {
+        refusal: None,
+        retires: None,
+        own: Some(number),
+        swallow: true,
+    });
+    Parse {
+        name: &statement_name(number),
+        query: &server.sql,
+        param_types: server.types.clone(),
+    }
+    .encode(out);
+}
+
 /// The proxy's statement a Bind or Describe of an unnamed statement that
 /// `runs_as` one names: the one its Parse parsed while no Sync came
 /// between, else the one the proxy holds parsed for its SQL now, parsed
-/// first (into `out`, its ParseComplete not shown) when the proxy forgot it
-/// (DEALLOCATE, DISCARD, DDL, a lost statement) or its Parse is unanswered.
-/// Returns its number and name.
+/// first (into `out`) when the proxy forgot it (DEALLOCATE, DISCARD, DDL,
+/// a lost statement) or its Parse is unanswered. Returns its number and
+/// name, or the refusal of a new Parse of SQL planned under
+/// standard-conforming strings once the session has turned them off.
 fn own_statement_of(
     runs_as: &RunsAs,
     encryption: &Encryption,
     state: &SessionState,
     out: &mut BytesMut,
-) -> (u64, String) {
+) -> Result<(u64, String), Rejection> {
     if runs_as.parsed_after_syncs == Some(state.syncs.load(Ordering::Acquire)) {
-        return (runs_as.number, statement_name(runs_as.number));
+        return Ok((runs_as.number, statement_name(runs_as.number)));
     }
     let catalog = encryption.catalog();
     let server = &runs_as.server;
     let run = state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
     close_own_statements(out, &run.close, state);
-    let name = statement_name(run.number);
     if run.parse {
-        state.pending.push(Expected::Parse {
-            refusal: None,
-            retires: None,
-            own: Some(run.number),
-            swallow: true,
-        });
-        Parse {
-            name: &name,
-            query: &server.sql,
-            param_types: server.types.clone(),
+        if let Some(rejection) = nonstandard_strings_refusal(&server.sql, encryption, state) {
+            state.own_statements(|own| own.failed(run.number, None));
+            return Err(rejection);
         }
-        .encode(out);
     }
-    (run.number, name)
+    if run.parse {
+        parse_own_statement(out, run.number, server, state);
+    }
+    Ok((run.number, statement_name(run.number)))
 }
 
 /// The statement as the proxy tracks it, from its plan and the parameter
@@ -1002,6 +1065,20 @@ fn refuse_parse(
     state: &SessionState,
     rejection: Rejection,
 ) -> ClientStep {
+    let mut out = BytesMut::new();
+    refused_parse(&mut out, name, encryption, state, rejection);
+    ClientStep::Replace(out)
+}
+
+/// Appends a Parse under `name` that fails at the server and records the
+/// refusal its error is replaced by.
+fn refused_parse(
+    out: &mut BytesMut,
+    name: &[u8],
+    encryption: &Encryption,
+    state: &SessionState,
+    rejection: Rejection,
+) {
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
     state.pending.push(Expected::Parse {
@@ -1010,7 +1087,6 @@ fn refuse_parse(
         own: None,
         swallow: false,
     });
-    let mut out = BytesMut::new();
     out.put_u8(frontend::PARSE);
     out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
     out.extend_from_slice(name);
@@ -1018,19 +1094,23 @@ fn refuse_parse(
     out.extend_from_slice(REFUSED_SQL.as_bytes());
     out.put_u8(0);
     out.put_i16(0);
-    ClientStep::Replace(out)
 }
 
-/// A Bind the proxy refuses: the server gets one that fails (to a statement
-/// that cannot exist), the client the refusal.
-fn refuse_bind(encryption: &Encryption, state: &SessionState, rejection: Rejection) -> ClientStep {
+/// A Bind the proxy refuses: after `out` (messages already due), the
+/// server gets one that fails (to a statement that cannot exist), the
+/// client the refusal.
+fn refuse_bind_after(
+    mut out: BytesMut,
+    encryption: &Encryption,
+    state: &SessionState,
+    rejection: Rejection,
+) -> ClientStep {
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
     state.pending.push(Expected::Bind {
         refusal: Some(audited(encryption, &info, rejection)),
         own: None,
     });
-    let mut out = BytesMut::new();
     Bind {
         portal: "",
         statement: REFUSED_STATEMENT,
@@ -1042,7 +1122,6 @@ fn refuse_bind(encryption: &Encryption, state: &SessionState, rejection: Rejecti
     ClientStep::Replace(out)
 }
 
-/// A client's use of a name reserved for the proxy's own statements.
 fn own_name_rejection() -> Rejection {
     Rejection {
         sqlstate: rewrite::KM003,

@@ -823,15 +823,20 @@ async fn a_repeated_unnamed_statement_runs_as_the_proxys_own_and_is_parsed_anew_
                 &unnamed_run(insert, &[Some(note.as_bytes()), Some(b"7")]),
             ));
         }
-        statements.push(server_statements(&mut c));
         // The unnamed statement bound again without a Parse.
         got.push(raw_cycle(
             &mut c,
             &unnamed_bind_run(&[Some(b"note 3"), Some(b"8")]),
         ));
-        // DISCARD ALL through the proxy drops its statement, not the
-        // client's unnamed one: the next Bind parses it anew, unseen.
-        got.push(raw_cycle(&mut c, &common::raw::query("DISCARD ALL")));
+        // DEALLOCATE ALL (a named statement of the client's) drops the
+        // proxy's statement, not the client's unnamed one: the next Bind
+        // parses it anew, unseen. (A simple query would drop the unnamed
+        // statement too, as PostgreSQL does.)
+        let mut deallocate = raw::parse("d", "DEALLOCATE ALL", &[]);
+        deallocate.extend(raw::bind("d", &[], 0));
+        deallocate.extend(raw::execute());
+        deallocate.extend(raw::sync());
+        got.push(raw_cycle(&mut c, &deallocate));
         got.push(raw_cycle(
             &mut c,
             &unnamed_bind_run(&[Some(b"note 4"), Some(b"9")]),
@@ -888,7 +893,7 @@ async fn a_repeated_unnamed_statement_runs_as_the_proxys_own_and_is_parsed_anew_
         "the repeat runs as the proxy's statement: {:?}",
         statements[0]
     );
-    assert_eq!(tags(&got[4]), b"CZ", "{:?}", got[4]);
+    assert_eq!(tags(&got[4]), b"12CZ", "{:?}", got[4]);
     assert_eq!(tags(&got[7]), b"1EZ", "{:?}", got[7]);
     assert_eq!(got[7][1].field(b'C').as_deref(), Some("26000"));
     for run in &got[9..12] {
@@ -963,4 +968,154 @@ async fn with_prepare_repeated_statements_off_every_unnamed_parse_reaches_the_se
         .await
         .expect("read back");
     assert_eq!(rows.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_skipped_close_after_a_repeated_read_leaves_no_rewritten_write_to_bind_as_plain() {
+    // The first repeat of an unnamed Parse runs as the proxy's statement.
+    // The server's unnamed statement must still be replaced (by an empty
+    // one): left as the rewritten write before it, a later Bind the proxy
+    // relays as plain would store the client's plaintext in c_text.
+    let s = setup().await;
+    let port = s.proxy.port();
+    let tags = |got: &[raw::BackendMessage]| got.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    let read = "SELECT c_text FROM typed WHERE id = $1";
+    let write = "INSERT INTO typed (tenant_id, c_text) VALUES ('acme', $1)";
+    let got = tokio::task::spawn_blocking(move || {
+        let mut c = common::raw::session(port, "app");
+        let mut got = Vec::new();
+        // The read, remembered.
+        got.push(raw_cycle(&mut c, &unnamed_run(read, &[Some(b"0")])));
+        // The write: the server's unnamed statement is now its rewrite.
+        got.push(raw_cycle(&mut c, &unnamed_run(write, &[Some(b"sealed")])));
+        // The read again: runs as the proxy's statement, the server's
+        // unnamed statement is still the write.
+        got.push(raw_cycle(&mut c, &unnamed_run(read, &[Some(b"0")])));
+        // An error, then a Close of the unnamed statement the server skips.
+        let mut bytes = raw::parse("bad", "SELEC", &[]);
+        bytes.extend(common::raw::message(b'C', b"S\0"));
+        bytes.extend(raw::sync());
+        got.push(raw_cycle(&mut c, &bytes));
+        // The proxy no longer knows the unnamed statement and relays a Bind
+        // of it unchanged; the server binds the rewritten write (its value,
+        // the index and the envelope: three parameters).
+        got.push(raw_cycle(
+            &mut c,
+            &unnamed_bind_run(&[Some(b"plaintext secret"), None, None]),
+        ));
+        got
+    })
+    .await
+    .expect("raw session");
+    assert_eq!(tags(&got[3]), b"EZ", "{:?}", got[3]);
+    let stored = count(
+        &s.direct,
+        "SELECT count(*) FROM typed WHERE position('plaintext secret'::bytea in c_text) > 0",
+    )
+    .await;
+    assert_eq!(stored, 0, "plaintext in the protected column: {:?}", got[4]);
+}
+
+/// The tags of each cycle of `cycles` sent on a new raw session to `port`.
+fn cycle_tags(port: u16, cycles: &[Vec<u8>]) -> Vec<(Vec<u8>, Option<String>)> {
+    let mut c = common::raw::session(port, "app");
+    cycles
+        .iter()
+        .map(|bytes| {
+            let got = raw_cycle(&mut c, bytes);
+            let code = got
+                .iter()
+                .find(|m| m.tag == b'E')
+                .and_then(|m| m.field(b'C'));
+            (got.iter().map(|m| m.tag).collect(), code)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_simple_query_drops_the_unnamed_statement_run_as_the_proxys() {
+    // PostgreSQL drops the unnamed statement at every simple Query: a Bind
+    // of it afterwards fails with 26000, through the proxy too.
+    let s = setup().await;
+    let (proxy, direct) = (s.proxy.port(), s.pg.port());
+    let write = "INSERT INTO typed (tenant_id, plain_note) VALUES ('acme', $1)";
+    let cycles = vec![
+        unnamed_run(write, &[Some(b"one")]),
+        unnamed_run(write, &[Some(b"two")]),
+        common::raw::query("SELECT 1"),
+        unnamed_bind_run(&[Some(b"three")]),
+    ];
+    let (via_proxy, via_pg) = tokio::task::spawn_blocking(move || {
+        (cycle_tags(proxy, &cycles), cycle_tags(direct, &cycles))
+    })
+    .await
+    .expect("raw sessions");
+    assert_eq!(via_pg[3], (b"EZ".to_vec(), Some("26000".into())));
+    assert_eq!(via_proxy[3], via_pg[3], "proxy {via_proxy:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_unnamed_parse_in_an_aborted_transaction_fails_as_the_servers() {
+    // A Parse in an aborted transaction fails with 25P02 (an empty unnamed
+    // Parse would pass the check): the repeat is not run as the proxy's.
+    let s = setup().await;
+    let (proxy, direct) = (s.proxy.port(), s.pg.port());
+    let write = "INSERT INTO typed (tenant_id, plain_note) VALUES ('acme', $1)";
+    let mut parse_only = raw::parse("", write, &[]);
+    parse_only.extend(raw::sync());
+    let cycles = vec![
+        unnamed_run(write, &[Some(b"one")]),
+        unnamed_run(write, &[Some(b"two")]),
+        common::raw::query("BEGIN"),
+        common::raw::query("SELECT 1/0"),
+        parse_only,
+        common::raw::query("ROLLBACK"),
+    ];
+    let (via_proxy, via_pg) = tokio::task::spawn_blocking(move || {
+        (cycle_tags(proxy, &cycles), cycle_tags(direct, &cycles))
+    })
+    .await
+    .expect("raw sessions");
+    assert_eq!(via_pg[4], (b"EZ".to_vec(), Some("25P02".into())));
+    assert_eq!(via_proxy[4], via_pg[4], "proxy {via_proxy:?}");
+}
+
+/// Parse, Bind, Execute and Sync of a named statement without parameters.
+fn named_run(name: &str, sql: &str) -> Vec<u8> {
+    let mut bytes = raw::parse(name, sql, &[]);
+    bytes.extend(raw::bind(name, &[], 0));
+    bytes.extend(raw::execute());
+    bytes.extend(raw::sync());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forgotten_statement_is_not_parsed_anew_once_strings_are_nonstandard() {
+    // The proxy planned the SQL under standard-conforming strings; parsing
+    // it again with them off could read its literals otherwise.
+    let s = setup().await;
+    let port = s.proxy.port();
+    let tags = |got: &[raw::BackendMessage]| got.iter().map(|m| m.tag).collect::<Vec<u8>>();
+    let read = "SELECT c_text FROM typed WHERE 'a\\' = 'a\\' AND id = $1";
+    let got = tokio::task::spawn_blocking(move || {
+        let mut c = common::raw::session(port, "app");
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(raw_cycle(&mut c, &unnamed_run(read, &[Some(b"1")])));
+        }
+        got.push(raw_cycle(&mut c, &named_run("d", "DEALLOCATE ALL")));
+        got.push(raw_cycle(
+            &mut c,
+            &named_run("s", "SET standard_conforming_strings = off"),
+        ));
+        got.push(raw_cycle(&mut c, &unnamed_bind_run(&[Some(b"1")])));
+        got.push(raw_cycle(&mut c, &unnamed_run("SELECT 7", &[])));
+        got
+    })
+    .await
+    .expect("raw session");
+    assert_eq!(tags(&got[1]), b"12CZ", "{:?}", got[1]);
+    assert_eq!(tags(&got[4]), b"EZ", "{:?}", got[4]);
+    assert_eq!(got[4][0].field(b'C').as_deref(), Some("KM003"));
+    assert_eq!(tags(&got[5]), b"12DCZ", "the session goes on: {:?}", got[5]);
 }

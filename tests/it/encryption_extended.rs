@@ -702,8 +702,13 @@ fn raw_cycle(s: &mut std::net::TcpStream, bytes: &[u8]) -> Vec<raw::BackendMessa
 
 /// An unnamed Parse, Bind of `params`, Execute and Sync.
 fn unnamed_run(sql: &str, params: &[Option<&[u8]>]) -> Vec<u8> {
-    let mut bytes = raw::parse("", sql, &[]);
-    bytes.extend(raw::bind("", params, 0));
+    statement_run("", sql, params)
+}
+
+/// Parse of statement `name`, Bind of `params`, Execute and Sync.
+fn statement_run(name: &str, sql: &str, params: &[Option<&[u8]>]) -> Vec<u8> {
+    let mut bytes = raw::parse(name, sql, &[]);
+    bytes.extend(raw::bind(name, params, 0));
     bytes.extend(raw::execute());
     bytes.extend(raw::sync());
     bytes
@@ -832,11 +837,10 @@ async fn a_repeated_unnamed_statement_runs_as_the_proxys_own_and_is_parsed_anew_
         // proxy's statement, not the client's unnamed one: the next Bind
         // parses it anew, unseen. (A simple query would drop the unnamed
         // statement too, as PostgreSQL does.)
-        let mut deallocate = raw::parse("d", "DEALLOCATE ALL", &[]);
-        deallocate.extend(raw::bind("d", &[], 0));
-        deallocate.extend(raw::execute());
-        deallocate.extend(raw::sync());
-        got.push(raw_cycle(&mut c, &deallocate));
+        got.push(raw_cycle(
+            &mut c,
+            &statement_run("d", "DEALLOCATE ALL", &[]),
+        ));
         got.push(raw_cycle(
             &mut c,
             &unnamed_bind_run(&[Some(b"note 4"), Some(b"9")]),
@@ -1080,15 +1084,6 @@ async fn a_repeated_unnamed_parse_in_an_aborted_transaction_fails_as_the_servers
     assert_eq!(via_proxy[4], via_pg[4], "proxy {via_proxy:?}");
 }
 
-/// Parse, Bind, Execute and Sync of a named statement without parameters.
-fn named_run(name: &str, sql: &str) -> Vec<u8> {
-    let mut bytes = raw::parse(name, sql, &[]);
-    bytes.extend(raw::bind(name, &[], 0));
-    bytes.extend(raw::execute());
-    bytes.extend(raw::sync());
-    bytes
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forgotten_statement_is_not_parsed_anew_once_strings_are_nonstandard() {
     // The proxy planned the SQL under standard-conforming strings; parsing
@@ -1103,10 +1098,13 @@ async fn a_forgotten_statement_is_not_parsed_anew_once_strings_are_nonstandard()
         for _ in 0..2 {
             got.push(raw_cycle(&mut c, &unnamed_run(read, &[Some(b"1")])));
         }
-        got.push(raw_cycle(&mut c, &named_run("d", "DEALLOCATE ALL")));
         got.push(raw_cycle(
             &mut c,
-            &named_run("s", "SET standard_conforming_strings = off"),
+            &statement_run("d", "DEALLOCATE ALL", &[]),
+        ));
+        got.push(raw_cycle(
+            &mut c,
+            &statement_run("s", "SET standard_conforming_strings = off", &[]),
         ));
         got.push(raw_cycle(&mut c, &unnamed_bind_run(&[Some(b"1")])));
         got.push(raw_cycle(&mut c, &unnamed_run("SELECT 7", &[])));

@@ -1041,7 +1041,6 @@ async fn a_simple_query_drops_the_unnamed_statement_run_as_the_proxys() {
     // PostgreSQL drops the unnamed statement at every simple Query: a Bind
     // of it afterwards fails with 26000, through the proxy too.
     let s = setup().await;
-    let (proxy, direct) = (s.proxy.port(), s.pg.port());
     let write = "INSERT INTO typed (tenant_id, plain_note) VALUES ('acme', $1)";
     let cycles = vec![
         unnamed_run(write, &[Some(b"one")]),
@@ -1049,13 +1048,7 @@ async fn a_simple_query_drops_the_unnamed_statement_run_as_the_proxys() {
         common::raw::query("SELECT 1"),
         unnamed_bind_run(&[Some(b"three")]),
     ];
-    let (via_proxy, via_pg) = tokio::task::spawn_blocking(move || {
-        (cycle_tags(proxy, &cycles), cycle_tags(direct, &cycles))
-    })
-    .await
-    .expect("raw sessions");
-    assert_eq!(via_pg[3], (b"EZ".to_vec(), Some("26000".into())));
-    assert_eq!(via_proxy[3], via_pg[3], "proxy {via_proxy:?}");
+    answers_as_postgresql(&s, cycles, 3, "26000").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1063,7 +1056,6 @@ async fn a_repeated_unnamed_parse_in_an_aborted_transaction_fails_as_the_servers
     // A Parse in an aborted transaction fails with 25P02 (an empty unnamed
     // Parse would pass the check): the repeat is not run as the proxy's.
     let s = setup().await;
-    let (proxy, direct) = (s.proxy.port(), s.pg.port());
     let write = "INSERT INTO typed (tenant_id, plain_note) VALUES ('acme', $1)";
     let mut parse_only = raw::parse("", write, &[]);
     parse_only.extend(raw::sync());
@@ -1075,13 +1067,26 @@ async fn a_repeated_unnamed_parse_in_an_aborted_transaction_fails_as_the_servers
         parse_only,
         common::raw::query("ROLLBACK"),
     ];
+    answers_as_postgresql(&s, cycles, 4, "25P02").await;
+}
+
+/// Sends `cycles` on a new raw session through the proxy and on another
+/// straight to PostgreSQL: cycle `at` fails with `sqlstate` at PostgreSQL,
+/// and the proxy answers it the same.
+async fn answers_as_postgresql(
+    s: &EncryptedSetup,
+    cycles: Vec<Vec<u8>>,
+    at: usize,
+    sqlstate: &str,
+) {
+    let (proxy, direct) = (s.proxy.port(), s.pg.port());
     let (via_proxy, via_pg) = tokio::task::spawn_blocking(move || {
         (cycle_tags(proxy, &cycles), cycle_tags(direct, &cycles))
     })
     .await
     .expect("raw sessions");
-    assert_eq!(via_pg[4], (b"EZ".to_vec(), Some("25P02".into())));
-    assert_eq!(via_proxy[4], via_pg[4], "proxy {via_proxy:?}");
+    assert_eq!(via_pg[at], (b"EZ".to_vec(), Some(sqlstate.to_owned())));
+    assert_eq!(via_proxy[at], via_pg[at], "proxy {via_proxy:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

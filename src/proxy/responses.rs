@@ -89,9 +89,10 @@ fn settle(entry: &Expected, state: &SessionState, done: bool) {
         own: Some(number), ..
     } = entry
     {
-        match done {
-            true => state.own_statements(|own| own.parsed(*number)),
-            false => state.own_statements(|own| own.failed(*number, None)),
+        if done {
+            state.own_statements(|own| own.parsed(*number));
+        } else {
+            state.own_statements(|own| own.failed(*number, None));
         }
     }
     if let Expected::Parse {

@@ -576,14 +576,16 @@ impl ClientStatements {
         encryption: &Encryption,
         state: &SessionState,
     ) -> ClientStep {
-        let catalog = encryption.catalog();
-        let run =
-            state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
-        let mut out = BytesMut::with_capacity(if run.parse { server.sql.len() + 64 } else { 16 });
-        close_own_statements(&mut out, &run.close, state);
-        if run.parse {
-            parse_own_statement(&mut out, run.number, &server, state);
-        }
+        let mut out = BytesMut::new();
+        let run = match own_statement_now(&server, encryption, state, &mut out) {
+            Ok(run) => run,
+            // A repeat is taken only under standard-conforming strings, so
+            // this is not reached; refusing is the safe answer if it were.
+            Err(rejection) => {
+                refused_parse(&mut out, b"", encryption, state, rejection);
+                return ClientStep::Replace(out);
+            }
+        };
         Parse {
             name: "",
             query: "",
@@ -738,27 +740,28 @@ impl ClientStatements {
             .as_ref()
             .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
             .transpose();
-        let encrypted = match &own {
+        let encrypted = match own {
             Ok(own) => {
-                encryption
+                let name = own
+                    .as_ref()
+                    .map_or(bind.statement, |(_, name)| name.as_str());
+                let encrypted = encryption
                     .encrypt_bind(
                         &bind,
-                        own.as_ref().map_or(bind.statement, |(_, name)| name),
+                        name,
                         plan,
                         statement.client_params,
                         &statement.declared,
                         &info,
                     )
-                    .await
+                    .await;
+                encrypted.map(|bound| (own.map(|(number, _)| number), bound))
             }
-            Err(rejection) => Err(rejection.clone()),
+            Err(rejection) => Err(rejection),
         };
         match encrypted {
-            Ok(bound) => {
-                state.pending.push(Expected::Bind {
-                    refusal: None,
-                    own: own.ok().flatten().map(|(number, _)| number),
-                });
+            Ok((own, bound)) => {
+                state.pending.push(Expected::Bind { refusal: None, own });
                 if out.is_empty() {
                     return bound;
                 }
@@ -938,8 +941,22 @@ fn own_statement_of(
     if runs_as.parsed_after_syncs == Some(state.syncs.load(Ordering::Acquire)) {
         return Ok((runs_as.number, statement_name(runs_as.number)));
     }
+    let run = own_statement_now(&runs_as.server, encryption, state, out)?;
+    Ok((run.number, statement_name(run.number)))
+}
+
+/// The proxy's statement for `server` as it holds one now (see
+/// `OwnStatements::statement_for`): the Closes of those it forgot and, when
+/// it is new, its Parse go into `out`. A new Parse is refused once the
+/// session's strings are not standard-conforming (the SQL was planned under
+/// them, and could be read otherwise).
+fn own_statement_now(
+    server: &ServerSql,
+    encryption: &Encryption,
+    state: &SessionState,
+    out: &mut BytesMut,
+) -> Result<StatementUse, Rejection> {
     let catalog = encryption.catalog();
-    let server = &runs_as.server;
     let run = state.own_statements(|own| own.statement_for(&server.sql, &server.types, &catalog));
     close_own_statements(out, &run.close, state);
     if run.parse {
@@ -947,11 +964,9 @@ fn own_statement_of(
             state.own_statements(|own| own.failed(run.number, None));
             return Err(rejection);
         }
-    }
-    if run.parse {
         parse_own_statement(out, run.number, server, state);
     }
-    Ok((run.number, statement_name(run.number)))
+    Ok(run)
 }
 
 /// The statement as the proxy tracks it, from its plan and the parameter

@@ -332,6 +332,36 @@ mod tests {
     }
 
     #[test]
+    fn infinite_dates_and_timestamps_round_trip_in_binary() {
+        // date_send('infinity') = 7fffffff, timestamp_send('-infinity') = 8000000000000000.
+        assert_eq!(to_binary(T::Date, "infinity").unwrap(), i32::MAX.to_be_bytes());
+        assert_eq!(to_binary(T::Date, "-infinity").unwrap(), i32::MIN.to_be_bytes());
+        assert_eq!(to_binary(T::Timestamp, "infinity").unwrap(), i64::MAX.to_be_bytes());
+        assert_eq!(to_binary(T::Timestamptz, "-infinity").unwrap(), i64::MIN.to_be_bytes());
+        for ty in [T::Date, T::Timestamp, T::Timestamptz] {
+            round_trip(ty, "infinity");
+            round_trip(ty, "-infinity");
+        }
+    }
+
+    #[test]
+    fn no_binary_date_or_timestamp_panics() {
+        // Out of PostgreSQL's range (and of chrono's): refused, never a panic.
+        for days in [i32::MAX - 1, i32::MIN + 1, 2_000_000_000, -2_000_000_000] {
+            assert!(from_binary(T::Date, &days.to_be_bytes()).is_err(), "{days}");
+        }
+        for micros in [i64::MAX - 1, i64::MIN + 1, 1 << 62, -(1 << 62)] {
+            assert!(from_binary(T::Timestamp, &micros.to_be_bytes()).is_err());
+            assert!(from_binary(T::Timestamptz, &micros.to_be_bytes()).is_err());
+        }
+        // PostgreSQL's lower limit, 4714-11-24 BC, is kept; a microsecond before it is not.
+        assert!(from_binary(T::Timestamp, &(-211_813_488_000_000_000i64).to_be_bytes()).is_ok());
+        assert!(
+            from_binary(T::Timestamp, &(-211_813_488_000_000_001i64).to_be_bytes()).is_err()
+        );
+    }
+
+    #[test]
     fn malformed_binary_is_an_error() {
         assert!(from_binary(T::Int4, &[1, 2]).is_err());
         assert!(from_binary(T::Bool, &[7]).is_err());

@@ -552,6 +552,66 @@ mod tests {
     }
 
     #[test]
+    fn jsonb_keeps_numbers_exactly_as_postgresql_does() {
+        // Each pair: input, `SELECT $1::jsonb::text` on PostgreSQL 15.
+        for (input, postgres) in [
+            ("12345678901234567890123", "12345678901234567890123"),
+            ("0.1000", "0.1000"),
+            ("1E2", "100"),
+            ("1E+2", "100"),
+            ("1.50E1", "15.0"),
+            ("1e-3", "0.001"),
+            ("-1e-2", "-0.01"),
+            ("-0", "0"),
+            ("-0.0", "0.0"),
+            (" [1 , 2 ] ", "[1, 2]"),
+            (
+                r#"{"b":1,"a":2,"b":3, "aa":"x\u00e9\n\u001f/\""}"#,
+                r#"{"a": 2, "b": 3, "aa": "xé\n\u001f/\""}"#,
+            ),
+            (r#""\ud83d\ude00""#, "\"😀\""),
+            ("[]", "[]"),
+            ("{}", "{}"),
+        ] {
+            assert_eq!(canon(T::Jsonb, input), postgres, "{input}");
+        }
+        let big = canon(T::Jsonb, "1e400");
+        assert_eq!(big.len(), 401);
+        assert!(big.starts_with('1') && big[1..].bytes().all(|b| b == b'0'));
+        assert_eq!(canon(T::Jsonb, "1e-16383").len(), 16385);
+        assert_eq!(canon(T::Jsonb, "1e131071").len(), 131_072);
+    }
+
+    #[test]
+    fn jsonb_refuses_what_postgresql_refuses() {
+        for bad in [
+            "01", "1.", ".5", "+1", "NaN", "1e-16384", "1e131072", r#""\u0000""#,
+            r#""\ud800""#, "\"a\tb\"", "\"a\u{9}b\"", "[1,]", "{\"a\"}", "truex", "1a", "",
+            "\u{c}1",
+        ] {
+            assert!(canonical_text(T::Jsonb, bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deep_jsonb_neither_overflows_the_stack_nor_is_refused() {
+        let depth = 100_000;
+        let text = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        assert_eq!(canon(T::Jsonb, &text), text);
+        let objects = format!("{}1{}", r#"{"k": "#.repeat(depth), "}".repeat(depth));
+        assert_eq!(canon(T::Jsonb, &objects), objects);
+    }
+
+    #[test]
+    fn infinite_dates_and_timestamps_read_as_postgresql_reads_them() {
+        assert_eq!(canon(T::Date, "infinity"), "infinity");
+        assert_eq!(canon(T::Date, " -Infinity "), "-infinity");
+        assert_eq!(canon(T::Timestamp, "INFINITY"), "infinity");
+        assert_eq!(canon(T::Timestamptz, "-infinity"), "-infinity");
+        assert!(canonical_text(T::Date, b"+infinity").is_err());
+    }
+
+    #[test]
     fn errors_never_echo_the_value() {
         let err = canonical_text(T::Int4, b"secret-123").unwrap_err();
         assert!(!err.to_string().contains("secret"));

@@ -1,14 +1,27 @@
 //! Binary wire format of the declared types (as PostgreSQL's `*send` /
 //! `*recv` functions), converted from and to canonical text.
 
-use chrono::{Duration, NaiveDate, NaiveDateTime};
+use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
 
 use super::canonical::{
     bytea_hex, canonical_numeric, format_date, format_float, format_timestamp, parse_bool,
-    parse_bytea, parse_date, parse_timestamp, parse_timestamptz,
+    parse_bytea, parse_date, parse_timestamp, parse_timestamptz, Infinity,
 };
 use super::{invalid, ValueError};
 use crate::config::DeclaredType;
+
+/// `date_send` of `infinity` and `-infinity`.
+const DATE_FUTURE: i32 = i32::MAX;
+const DATE_PAST: i32 = i32::MIN;
+/// `timestamp_send` of `infinity` and `-infinity`.
+const TIMESTAMP_FUTURE: i64 = i64::MAX;
+const TIMESTAMP_PAST: i64 = i64::MIN;
+/// PostgreSQL's first date and timestamp, 4714-11-24 BC, from 2000-01-01.
+const DATE_MIN: i32 = -2_451_545;
+const TIMESTAMP_MIN: i64 = -211_813_488_000_000_000;
+/// Values PostgreSQL refuses, or holds beyond chrono's ±262,142 years
+/// (dates after that up to 5874897 AD are refused rather than misread).
+const OUT_OF_RANGE: &str = "out of the range cmk-proxy converts";
 
 fn epoch_date() -> NaiveDate {
     NaiveDate::from_ymd_opt(2000, 1, 1).unwrap_or_default()
@@ -49,22 +62,30 @@ pub fn to_binary(ty: DeclaredType, text: &str) -> Result<Vec<u8>, ValueError> {
             .to_be_bytes()
             .to_vec(),
         T::Bool => vec![u8::from(parse_bool(text).ok_or(bad("not a boolean"))?)],
-        T::Date => {
-            let d = parse_date(text.trim()).ok_or(bad("not a date"))?;
-            ((d - epoch_date()).num_days() as i32)
-                .to_be_bytes()
-                .to_vec()
+        T::Date => match Infinity::parse(text) {
+            Some(Infinity::Future) => DATE_FUTURE,
+            Some(Infinity::Past) => DATE_PAST,
+            None => {
+                let d = parse_date(text.trim()).ok_or(bad("not a date"))?;
+                i32::try_from((d - epoch_date()).num_days()).map_err(|_| bad(OUT_OF_RANGE))?
+            }
         }
-        T::Timestamp => {
-            micros_since_epoch(parse_timestamp(text.trim()).ok_or(bad("not a timestamp"))?)
-                .to_be_bytes()
-                .to_vec()
+        .to_be_bytes()
+        .to_vec(),
+        T::Timestamp | T::Timestamptz => match Infinity::parse(text) {
+            Some(Infinity::Future) => TIMESTAMP_FUTURE,
+            Some(Infinity::Past) => TIMESTAMP_PAST,
+            None => {
+                let ts = if ty == T::Timestamp {
+                    parse_timestamp(text.trim()).ok_or(bad("not a timestamp"))?
+                } else {
+                    parse_timestamptz(text.trim()).ok_or(bad("not a timestamptz"))?
+                };
+                (ts - epoch()).num_microseconds().ok_or(bad(OUT_OF_RANGE))?
+            }
         }
-        T::Timestamptz => {
-            micros_since_epoch(parse_timestamptz(text.trim()).ok_or(bad("not a timestamptz"))?)
-                .to_be_bytes()
-                .to_vec()
-        }
+        .to_be_bytes()
+        .to_vec(),
         T::Uuid => uuid::Uuid::parse_str(text.trim())
             .map_err(|_| bad("not a uuid"))?
             .as_bytes()
@@ -102,15 +123,31 @@ pub fn from_binary(ty: DeclaredType, bytes: &[u8]) -> Result<String, ValueError>
             1 => "t".to_owned(),
             _ => return Err(bad("not a boolean")),
         },
-        T::Date => {
-            let days = i32::from_be_bytes(arr(fixed(4)?));
-            format_date(epoch_date() + Duration::days(days as i64))
-        }
-        T::Timestamp => format_timestamp(from_micros(i64::from_be_bytes(arr(fixed(8)?)))),
-        T::Timestamptz => format!(
-            "{}+00",
-            format_timestamp(from_micros(i64::from_be_bytes(arr(fixed(8)?))))
-        ),
+        T::Date => match i32::from_be_bytes(arr(fixed(4)?)) {
+            DATE_FUTURE => Infinity::Future.text().to_owned(),
+            DATE_PAST => Infinity::Past.text().to_owned(),
+            days if days < DATE_MIN => return Err(bad(OUT_OF_RANGE)),
+            days => format_date(
+                TimeDelta::try_days(i64::from(days))
+                    .and_then(|days| epoch_date().checked_add_signed(days))
+                    .ok_or(bad(OUT_OF_RANGE))?,
+            ),
+        },
+        T::Timestamp | T::Timestamptz => match i64::from_be_bytes(arr(fixed(8)?)) {
+            TIMESTAMP_FUTURE => Infinity::Future.text().to_owned(),
+            TIMESTAMP_PAST => Infinity::Past.text().to_owned(),
+            micros if micros < TIMESTAMP_MIN => return Err(bad(OUT_OF_RANGE)),
+            micros => {
+                let ts = epoch()
+                    .checked_add_signed(TimeDelta::microseconds(micros))
+                    .ok_or(bad(OUT_OF_RANGE))?;
+                if ty == T::Timestamp {
+                    format_timestamp(ts)
+                } else {
+                    format!("{}+00", format_timestamp(ts))
+                }
+            }
+        },
         T::Uuid => uuid::Uuid::from_bytes(arr(fixed(16)?))
             .hyphenated()
             .to_string(),
@@ -130,14 +167,6 @@ fn arr<const N: usize>(bytes: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
     out.copy_from_slice(&bytes[..N]);
     out
-}
-
-fn micros_since_epoch(ts: NaiveDateTime) -> i64 {
-    (ts - epoch()).num_microseconds().unwrap_or(i64::MAX)
-}
-
-fn from_micros(micros: i64) -> NaiveDateTime {
-    epoch() + Duration::microseconds(micros)
 }
 
 const NUMERIC_POS: u16 = 0x0000;
@@ -168,7 +197,7 @@ fn numeric_to_binary(text: &str) -> Option<Vec<u8>> {
         None => (false, canonical.as_str()),
     };
     let (int, frac) = body.split_once('.').unwrap_or((body, ""));
-    let dscale = frac.len() as u16;
+    let dscale = u16::try_from(frac.len()).ok()?;
     let int_padded = format!("{}{}", "0".repeat((4 - int.len() % 4) % 4), int);
     let frac_padded = format!("{}{}", frac, "0".repeat((4 - frac.len() % 4) % 4));
     let all = format!("{int_padded}{frac_padded}");
@@ -182,11 +211,11 @@ fn numeric_to_binary(text: &str) -> Option<Vec<u8>> {
                 .unwrap_or(0)
         })
         .collect();
-    let mut weight = (int_padded.len() / 4) as i16 - 1;
-    while groups.first() == Some(&0) {
-        groups.remove(0);
-        weight -= 1;
-    }
+    let leading = groups.iter().take_while(|g| **g == 0).count();
+    groups.drain(..leading);
+    let mut weight =
+        i16::try_from(i64::try_from(int_padded.len() / 4).ok()? - 1 - i64::try_from(leading).ok()?)
+            .ok()?;
     while groups.last() == Some(&0) {
         groups.pop();
     }
@@ -194,7 +223,7 @@ fn numeric_to_binary(text: &str) -> Option<Vec<u8>> {
         weight = 0;
     }
     let mut out = Vec::with_capacity(8 + groups.len() * 2);
-    out.extend_from_slice(&(groups.len() as i16).to_be_bytes());
+    out.extend_from_slice(&u16::try_from(groups.len()).ok()?.to_be_bytes());
     out.extend_from_slice(&weight.to_be_bytes());
     out.extend_from_slice(&(if negative { NUMERIC_NEG } else { NUMERIC_POS }).to_be_bytes());
     out.extend_from_slice(&dscale.to_be_bytes());
@@ -334,10 +363,22 @@ mod tests {
     #[test]
     fn infinite_dates_and_timestamps_round_trip_in_binary() {
         // date_send('infinity') = 7fffffff, timestamp_send('-infinity') = 8000000000000000.
-        assert_eq!(to_binary(T::Date, "infinity").unwrap(), i32::MAX.to_be_bytes());
-        assert_eq!(to_binary(T::Date, "-infinity").unwrap(), i32::MIN.to_be_bytes());
-        assert_eq!(to_binary(T::Timestamp, "infinity").unwrap(), i64::MAX.to_be_bytes());
-        assert_eq!(to_binary(T::Timestamptz, "-infinity").unwrap(), i64::MIN.to_be_bytes());
+        assert_eq!(
+            to_binary(T::Date, "infinity").unwrap(),
+            i32::MAX.to_be_bytes()
+        );
+        assert_eq!(
+            to_binary(T::Date, "-infinity").unwrap(),
+            i32::MIN.to_be_bytes()
+        );
+        assert_eq!(
+            to_binary(T::Timestamp, "infinity").unwrap(),
+            i64::MAX.to_be_bytes()
+        );
+        assert_eq!(
+            to_binary(T::Timestamptz, "-infinity").unwrap(),
+            i64::MIN.to_be_bytes()
+        );
         for ty in [T::Date, T::Timestamp, T::Timestamptz] {
             round_trip(ty, "infinity");
             round_trip(ty, "-infinity");
@@ -350,15 +391,18 @@ mod tests {
         for days in [i32::MAX - 1, i32::MIN + 1, 2_000_000_000, -2_000_000_000] {
             assert!(from_binary(T::Date, &days.to_be_bytes()).is_err(), "{days}");
         }
-        for micros in [i64::MAX - 1, i64::MIN + 1, 1 << 62, -(1 << 62)] {
+        for micros in [
+            i64::MAX - 1,
+            i64::MIN + 1,
+            9_223_371_331_200_000_000,
+            -(1 << 62),
+        ] {
             assert!(from_binary(T::Timestamp, &micros.to_be_bytes()).is_err());
             assert!(from_binary(T::Timestamptz, &micros.to_be_bytes()).is_err());
         }
         // PostgreSQL's lower limit, 4714-11-24 BC, is kept; a microsecond before it is not.
         assert!(from_binary(T::Timestamp, &(-211_813_488_000_000_000i64).to_be_bytes()).is_ok());
-        assert!(
-            from_binary(T::Timestamp, &(-211_813_488_000_000_001i64).to_be_bytes()).is_err()
-        );
+        assert!(from_binary(T::Timestamp, &(-211_813_488_000_000_001i64).to_be_bytes()).is_err());
     }
 
     #[test]

@@ -29,27 +29,62 @@ pub fn canonical_text(ty: DeclaredType, input: &[u8]) -> Result<String, ValueErr
         T::Bool => parse_bool(text)
             .map(|b| if b { "t" } else { "f" }.to_owned())
             .ok_or(invalid(ty, "not a boolean")),
-        T::Date => parse_date(text.trim())
+        T::Date | T::Timestamp | T::Timestamptz => match Infinity::parse(text) {
+            Some(infinity) => Ok(infinity.text().to_owned()),
+            None => finite_datetime(ty, text.trim()),
+        },
+        T::Uuid => uuid::Uuid::parse_str(text.trim())
+            .map(|u| u.hyphenated().to_string())
+            .map_err(|_| invalid(ty, "not a UUID")),
+        T::Jsonb => super::jsonb::canonical_jsonb(text).map_err(|reason| invalid(ty, reason)),
+    }
+}
+
+/// A finite date or timestamp's canonical text.
+fn finite_datetime(ty: DeclaredType, text: &str) -> Result<String, ValueError> {
+    match ty {
+        DeclaredType::Date => parse_date(text)
             .map(format_date)
             .ok_or(invalid(ty, "expected YYYY-MM-DD")),
-        T::Timestamp => parse_timestamp(text.trim())
+        DeclaredType::Timestamp => parse_timestamp(text)
             .map(format_timestamp)
             .ok_or(invalid(ty, "expected YYYY-MM-DD HH:MM:SS[.ffffff]")),
-        T::Timestamptz => parse_timestamptz(text.trim())
+        _ => parse_timestamptz(text)
             .map(|ts| format!("{}+00", format_timestamp(ts)))
             .ok_or(invalid(
                 ty,
                 "expected YYYY-MM-DD HH:MM:SS[.ffffff] with an explicit UTC offset",
             )),
-        T::Uuid => uuid::Uuid::parse_str(text.trim())
-            .map(|u| u.hyphenated().to_string())
-            .map_err(|_| invalid(ty, "not a UUID")),
-        T::Jsonb => {
-            let value: serde_json::Value =
-                serde_json::from_str(text).map_err(|_| invalid(ty, "not valid JSON"))?;
-            let mut out = String::with_capacity(text.len());
-            write_jsonb(&value, &mut out);
-            Ok(out)
+    }
+}
+
+/// `infinity` and `-infinity`, which date, timestamp and timestamptz read
+/// in any case and print in lower case (`+infinity` is refused, as by
+/// PostgreSQL 15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Infinity {
+    /// Later than every other value.
+    Future,
+    /// Earlier than every other value.
+    Past,
+}
+
+impl Infinity {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("infinity") {
+            Some(Self::Future)
+        } else if text.eq_ignore_ascii_case("-infinity") {
+            Some(Self::Past)
+        } else {
+            None
+        }
+    }
+
+    pub(crate) fn text(self) -> &'static str {
+        match self {
+            Self::Future => "infinity",
+            Self::Past => "-infinity",
         }
     }
 }
@@ -152,11 +187,19 @@ pub(crate) fn format_float(v: f64) -> String {
     format!("{v}")
 }
 
-/// Canonical numeric text: plain decimal, scale kept as written.
+/// Digits `numeric` holds before the point (weight 32767 in base 10000).
+const NUMERIC_MAX_INT_DIGITS: i64 = 131_072;
+/// Digits `numeric` holds after the point (dscale 16383).
+const NUMERIC_MAX_SCALE: i64 = 16_383;
+
+/// Canonical numeric text as PostgreSQL 15's `numeric_in` and `numeric_out`
+/// make it: plain decimal, the scale as written less the exponent, and the
+/// same limits (PostgreSQL refuses the rest with "value overflows numeric
+/// format").
 pub(crate) fn canonical_numeric(text: &str) -> Option<String> {
     match text.to_ascii_lowercase().as_str() {
         "nan" => return Some("NaN".to_owned()),
-        "infinity" | "+infinity" | "inf" => return Some("Infinity".to_owned()),
+        "infinity" | "+infinity" | "inf" | "+inf" => return Some("Infinity".to_owned()),
         "-infinity" | "-inf" => return Some("-Infinity".to_owned()),
         _ => {}
     }
@@ -166,54 +209,51 @@ pub(crate) fn canonical_numeric(text: &str) -> Option<String> {
         _ => (false, text),
     };
     let (mantissa, exp) = match body.find(['e', 'E']) {
-        Some(pos) => (&body[..pos], body[pos + 1..].parse::<i32>().ok()?),
+        Some(pos) => (&body[..pos], body[pos + 1..].parse::<i64>().ok()?),
         None => (body, 0),
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     if (int.is_empty() && frac.is_empty())
         || !int.bytes().all(|b| b.is_ascii_digit())
         || !frac.bytes().all(|b| b.is_ascii_digit())
-        || exp.abs() > 1000
+        || exp.unsigned_abs() >= u64::from(i32::MAX.unsigned_abs() / 2)
     {
         return None;
     }
-    let digits = format!("{int}{frac}");
-    // Position of the decimal point within `digits` after the exponent.
-    let point = int.len() as i64 + exp as i64;
-    let scale = (frac.len() as i64 - exp as i64).max(0) as usize;
-    let (mut int_part, frac_part) = if point <= 0 {
-        (
-            String::new(),
-            format!("{}{}", "0".repeat((-point) as usize), digits),
-        )
-    } else if point as usize >= digits.len() {
-        (
-            format!("{}{}", digits, "0".repeat(point as usize - digits.len())),
-            String::new(),
-        )
-    } else {
-        (
-            digits[..point as usize].to_owned(),
-            digits[point as usize..].to_owned(),
-        )
+    let digits = [int.as_bytes(), frac.as_bytes()].concat();
+    let len = i64::try_from(digits.len()).ok()?;
+    // Where the decimal point falls within `digits` once the exponent moves it.
+    let point = i64::try_from(int.len()).ok()?.checked_add(exp)?;
+    let scale = len.checked_sub(point)?.max(0);
+    let first = digits.iter().position(|d| *d != b'0');
+    let int_digits = match first {
+        Some(first) => point.saturating_sub(i64::try_from(first).ok()?).max(0),
+        None => 0,
     };
-    let trimmed = int_part.trim_start_matches('0');
-    int_part = if trimmed.is_empty() {
-        "0".to_owned()
-    } else {
-        trimmed.to_owned()
-    };
-    let mut frac_part: String = frac_part.chars().take(scale).collect();
-    while frac_part.len() < scale {
-        frac_part.push('0');
+    if int_digits > NUMERIC_MAX_INT_DIGITS || scale > NUMERIC_MAX_SCALE {
+        return None;
     }
-    let is_zero = int_part == "0" && frac_part.bytes().all(|b| b == b'0');
-    let sign = if negative && !is_zero { "-" } else { "" };
-    Some(if scale > 0 {
-        format!("{sign}{int_part}.{frac_part}")
+    // Digit `i` of the value counted from the point's `point`: zeros outside.
+    let digit = |i: i64| -> char {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| digits.get(i))
+            .map_or('0', |d| char::from(*d))
+    };
+    let mut out = String::with_capacity(usize::try_from(int_digits + scale).ok()? + 3);
+    if negative && first.is_some() {
+        out.push('-');
+    }
+    if int_digits == 0 {
+        out.push('0');
     } else {
-        format!("{sign}{int_part}")
-    })
+        (point - int_digits..point).for_each(|i| out.push(digit(i)));
+    }
+    if scale > 0 {
+        out.push('.');
+        (point..point + scale).for_each(|i| out.push(digit(i)));
+    }
+    Some(out)
 }
 
 pub(crate) fn parse_bool(text: &str) -> Option<bool> {
@@ -356,41 +396,6 @@ pub(crate) fn format_timestamp(ts: NaiveDateTime) -> String {
         let _ = write!(out, ".{}", frac.trim_end_matches('0'));
     }
     out
-}
-
-/// jsonb's text output: keys ordered by length then bytes, one space after
-/// `:` and `,`.
-fn write_jsonb(value: &serde_json::Value, out: &mut String) {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
-            out.push('{');
-            for (i, key) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push_str(&Value::String((*key).clone()).to_string());
-                out.push_str(": ");
-                if let Some(v) = map.get(*key) {
-                    write_jsonb(v, out);
-                }
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_jsonb(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -585,8 +590,22 @@ mod tests {
     #[test]
     fn jsonb_refuses_what_postgresql_refuses() {
         for bad in [
-            "01", "1.", ".5", "+1", "NaN", "1e-16384", "1e131072", r#""\u0000""#,
-            r#""\ud800""#, "\"a\tb\"", "\"a\u{9}b\"", "[1,]", "{\"a\"}", "truex", "1a", "",
+            "01",
+            "1.",
+            ".5",
+            "+1",
+            "NaN",
+            "1e-16384",
+            "1e131072",
+            r#""\u0000""#,
+            r#""\ud800""#,
+            "\"a\tb\"",
+            "\"a\u{9}b\"",
+            "[1,]",
+            "{\"a\"}",
+            "truex",
+            "1a",
+            "",
             "\u{c}1",
         ] {
             assert!(canonical_text(T::Jsonb, bad.as_bytes()).is_err(), "{bad}");

@@ -6,6 +6,7 @@
 
 mod binary;
 mod canonical;
+mod jsonb;
 
 pub use binary::{from_binary, to_binary};
 pub use canonical::{canonical_text, parse_bytea};

@@ -107,8 +107,23 @@ fn problem(location: impl Into<String>, message: impl Into<String>) -> ConfigPro
 /// Semantic checks that need no file system or database.
 fn validate(policy: &Policy) -> Vec<ConfigProblem> {
     let mut problems = Vec::new();
-    if let Err(e) = super::UpstreamAddr::parse(&policy.upstream) {
-        problems.push(problem("upstream", e.to_string()));
+    match super::UpstreamAddr::parse(&policy.upstream) {
+        Err(e) => problems.push(problem("upstream", e.to_string())),
+        Ok(addr) => {
+            if addr
+                .sslmode
+                .is_some_and(|mode| mode != policy.tls.upstream.mode)
+            {
+                problems.push(problem(
+                    "upstream",
+                    format!(
+                        "sslmode in the connection string disagrees with tls.upstream.mode \
+                         ({:?}): set one of them",
+                        policy.tls.upstream.mode
+                    ),
+                ));
+            }
+        }
     }
     if policy.tls.upstream.mode == UpstreamTlsMode::VerifyFull
         && policy.tls.upstream.server_name.as_deref() == Some("")
@@ -291,6 +306,19 @@ mod tests {
             locations.contains(&"tables.patients.columns"),
             "{locations:?}"
         );
+    }
+
+    #[test]
+    fn upstream_sslmode_must_agree_with_tls_upstream_mode() {
+        let text = "upstream: postgres://h/app?sslmode=require\n";
+        let Err(ConfigError::Invalid { problems, .. }) = parse_policy(text, "t") else {
+            panic!("expected invalid");
+        };
+        assert!(problems[0].message.contains("sslmode"), "{problems:?}");
+        let agreeing =
+            "upstream: postgres://u:a+b@h/app?sslmode=disable\ntls: {upstream: {mode: disable}}\n";
+        assert!(parse_policy(agreeing, "t").is_ok());
+        assert!(parse_policy("upstream: host=h dbname=app\n", "t").is_ok());
     }
 
     #[test]

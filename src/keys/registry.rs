@@ -119,6 +119,9 @@ impl Registry {
         if let Some(db) = &addr.dbname {
             config.dbname(db);
         }
+        if let Some(options) = &addr.options {
+            config.options(options);
+        }
         let up = &policy.tls.upstream;
         config.ssl_mode(match up.mode {
             UpstreamTlsMode::Disable => tokio_postgres::config::SslMode::Disable,

@@ -136,6 +136,12 @@ fn validate(policy: &Policy) -> Vec<ConfigProblem> {
             "must be greater than zero",
         ));
     }
+    if policy.server.plan_cache_size == 0 {
+        problems.push(problem(
+            "server.plan_cache_size",
+            "must be greater than zero",
+        ));
+    }
     if policy.keys.approval_ttl.is_zero() {
         problems.push(problem("keys.approval_ttl", "must be greater than zero"));
     }

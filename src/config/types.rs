@@ -484,6 +484,10 @@ pub struct ServerConfig {
     /// with `prepare_simple_writes` behind a transaction-pooling upstream.
     #[serde(default = "defaults::yes")]
     pub prepare_repeated_statements: bool,
+    /// Plans kept in each of the two shared plan caches (Parse plans by
+    /// SQL, simple queries by shape); the least useful are evicted first.
+    #[serde(default = "defaults::plan_cache_size")]
+    pub plan_cache_size: usize,
 }
 
 impl Default for ServerConfig {
@@ -495,6 +499,7 @@ impl Default for ServerConfig {
             log_format: LogFormat::Human,
             worker_threads: None,
             catalog_refresh: defaults::catalog_refresh(),
+            plan_cache_size: defaults::plan_cache_size(),
             prepare_simple_writes: true,
             prepare_repeated_statements: true,
         }
@@ -553,6 +558,10 @@ pub mod defaults {
     pub(crate) fn max_message_size() -> usize {
         1 << 30
     }
+    pub(crate) fn plan_cache_size() -> usize {
+        4096
+    }
+
     pub(crate) fn catalog_refresh() -> Duration {
         Duration::from_secs(30)
     }

@@ -25,6 +25,7 @@ use crate::rewrite::{
 };
 use crate::values;
 
+mod plan_cache;
 mod shapes;
 
 /// Why encryption could not start.
@@ -115,7 +116,7 @@ pub struct Encryption {
     catalog_installed: AtomicU64,
     /// SQL → (declared parameter types, plan): looked up by `&str`, so a
     /// hit allocates nothing.
-    parse_plans: DashMap<String, Vec<CachedParsePlan>>,
+    parse_plans: plan_cache::PlanCache<Arc<Vec<CachedParsePlan>>>,
     /// Bumped whenever `parse_plans` starts over: plans a session kept
     /// from an older epoch are stale.
     plan_epoch: AtomicU64,
@@ -126,9 +127,6 @@ pub struct Encryption {
 /// A cached Parse plan for one list of declared parameter types.
 type CachedParsePlan = (Vec<u32>, Result<Arc<ParsePlan>, Rejection>);
 
-/// Parse plans kept before the cache starts over (bounds its memory).
-const MAX_PARSE_PLANS: usize = 4096;
-
 impl Encryption {
     /// Starts audit, connects the key service (migrating the `cmk` schema and
     /// seeding tenants) and loads the catalog map.
@@ -138,6 +136,7 @@ impl Encryption {
         let client = super::admin::connect(&policy).await?;
         let map = catalog::load_map(&client, &policy).await?;
         tracing::info!(protected_columns = map.len(), "catalog map loaded");
+        let plan_cache_size = policy.server.plan_cache_size;
         let encryption = Arc::new(Self {
             policy,
             keys,
@@ -146,9 +145,9 @@ impl Encryption {
             dek_tenants: DashMap::new(),
             catalog_loads: AtomicU64::new(0),
             catalog_installed: AtomicU64::new(0),
-            parse_plans: DashMap::new(),
+            parse_plans: plan_cache::PlanCache::new(plan_cache_size),
             plan_epoch: AtomicU64::new(0),
-            shapes: shapes::ShapeCache::default(),
+            shapes: shapes::ShapeCache::new(plan_cache_size),
         });
         // DDL that does not pass through the proxy (migrations run
         // directly, say) is seen within this interval.
@@ -228,13 +227,15 @@ impl Encryption {
         }
         let made = plan().map(Arc::new);
         if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
-            if self.parse_plans.len() >= MAX_PARSE_PLANS {
-                self.clear_parse_plans();
-            }
-            self.parse_plans
-                .entry(sql.to_owned())
-                .or_default()
-                .push((param_types.to_vec(), made.clone()));
+            // Another session may add its types meanwhile; one of the two
+            // is planned again later, never wrongly.
+            let mut plans = self
+                .parse_plans
+                .get(sql)
+                .map(|plans| plans.as_ref().clone())
+                .unwrap_or_default();
+            plans.push((param_types.to_vec(), made.clone()));
+            self.parse_plans.insert(sql.to_owned(), Arc::new(plans));
         }
         made
     }

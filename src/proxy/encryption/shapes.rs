@@ -20,11 +20,11 @@
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
 use sqlparser::ast::Statement;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use super::plan_cache::PlanCache;
 use super::{BoundQuery, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot, Slots};
 use crate::catalog::CatalogMap;
 use crate::config::DeclaredType;
@@ -37,16 +37,19 @@ use crate::rewrite::{
 /// refused, and a refused shape is planned in full) or the schema.
 const SHAPED_STATEMENTS: [&str; 6] = ["select", "insert", "update", "delete", "with", "values"];
 
-/// Shapes kept before the cache starts over (bounds its memory).
-const MAX_SHAPES: usize = 4096;
-
 /// Shape SQL → its plan, made against one catalog map.
-#[derive(Default)]
 pub(super) struct ShapeCache {
-    shapes: DashMap<String, Arc<Shape>>,
+    shapes: PlanCache<Arc<Shape>>,
 }
 
 impl ShapeCache {
+    /// A cache of about `capacity` shapes (`server.plan_cache_size`).
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            shapes: PlanCache::new(capacity),
+        }
+    }
+
     /// Forgets every shape (the catalog changed).
     pub(super) fn clear(&self) {
         self.shapes.clear();
@@ -259,16 +262,13 @@ impl Encryption {
     ) -> Arc<Shape> {
         if let Some(shape) = self.shapes.shapes.get(shaped.template.as_str()) {
             if Arc::ptr_eq(&shape.catalog, catalog) {
-                return shape.clone();
+                return shape;
             }
         }
         let shape = Arc::new(Shape {
             catalog: catalog.clone(),
             plan: self.plan_shape(shaped, sql, catalog),
         });
-        if self.shapes.shapes.len() >= MAX_SHAPES {
-            self.shapes.shapes.clear();
-        }
         self.shapes
             .shapes
             .insert(shaped.template.clone(), shape.clone());

@@ -240,6 +240,54 @@ mod tests {
         );
     }
 
+    fn startup_version(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut raw = startup(params);
+        raw[4..8].copy_from_slice(&version.to_be_bytes());
+        raw
+    }
+
+    #[test]
+    fn protocol_3_2_is_answered_with_negotiate_protocol_version() {
+        // libpq 18 with max_protocol_version=latest, and a protocol option.
+        let raw = startup_version(
+            0x0003_0002,
+            &[("user", "alice"), ("_pq_.x", "1"), ("database", "app")],
+        );
+        let (packet, used) = StartupPacket::parse(&raw).unwrap().unwrap();
+        assert_eq!(used, raw.len());
+        let StartupPacket::Startup {
+            params,
+            raw: upstream,
+            negotiate,
+        } = packet
+        else {
+            panic!("not a startup");
+        };
+        assert_eq!(
+            (params.user.as_str(), params.database.as_str()),
+            ("alice", "app")
+        );
+        // What PostgreSQL 15 answers: newest minor 0, the option it ignored.
+        let mut expected = vec![b'v', 0, 0, 0, 19, 0, 0, 0, 0, 0, 0, 0, 1];
+        expected.extend_from_slice(b"_pq_.x\0");
+        assert_eq!(negotiate.as_deref(), Some(&expected[..]));
+        // Upstream gets a 3.0 startup without the option.
+        assert_eq!(
+            &upstream[..],
+            &startup(&[("user", "alice"), ("database", "app")])[..]
+        );
+        // A plain 3.0 startup is relayed as it came, with nothing to answer.
+        let plain = startup(&[("user", "alice")]);
+        let Some((StartupPacket::Startup { raw, negotiate, .. }, _)) =
+            StartupPacket::parse(&plain).unwrap()
+        else {
+            panic!("not a startup");
+        };
+        assert_eq!((&raw[..], negotiate), (&plain[..], None));
+        // Other major versions stay refused.
+        assert!(StartupPacket::parse(&startup_version(0x0004_0000, &[("user", "a")])).is_err());
+    }
+
     #[test]
     fn strips_scram_plus_from_sasl_offer() {
         let mut body = 10u32.to_be_bytes().to_vec();

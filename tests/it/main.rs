@@ -29,6 +29,7 @@ mod passthrough_dev;
 mod passthrough_localpg;
 mod passthrough_logging;
 mod passthrough_protocol;
+mod passthrough_protocol_versions;
 mod passthrough_tls_auth;
 mod robustness_client;
 mod robustness_load;

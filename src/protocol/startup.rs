@@ -28,12 +28,16 @@ pub enum StartupPacket {
         /// The packet as received, forwarded unchanged.
         raw: Bytes,
     },
-    /// The StartupMessage; `raw` is the whole packet, forwarded unchanged.
+    /// The StartupMessage; `raw` is what goes upstream: the packet as
+    /// received, or a 3.0 one without `_pq_.` options when negotiated.
     Startup {
         /// Parsed parameters.
         params: StartupParams,
-        /// The packet as received.
+        /// The protocol 3.0 packet for the upstream.
         raw: Bytes,
+        /// NegotiateProtocolVersion for the client, when it asked for a
+        /// newer minor version or for protocol options.
+        negotiate: Option<Bytes>,
     },
 }
 
@@ -58,7 +62,7 @@ pub enum StartupError {
     /// Length outside 8..=10000.
     #[error("invalid startup packet length {0}")]
     BadLength(u32),
-    /// Unknown protocol version or request code.
+    /// Unknown protocol major version or request code.
     #[error("unsupported frontend protocol {major}.{minor}: cmk-proxy supports 3.0")]
     UnsupportedProtocol {
         /// Major version.
@@ -97,10 +101,7 @@ impl StartupPacket {
                 pid: u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]),
                 raw: Bytes::copy_from_slice(packet),
             },
-            PROTOCOL_V3 => StartupPacket::Startup {
-                params: parse_params(&packet[8..])?,
-                raw: Bytes::copy_from_slice(packet),
-            },
+            code if code >> 16 == PROTOCOL_V3 >> 16 => startup(code, packet)?,
             other => {
                 return Err(StartupError::UnsupportedProtocol {
                     major: (other >> 16) as u16,
@@ -110,6 +111,68 @@ impl StartupPacket {
         };
         Ok(Some((parsed, len)))
     }
+}
+
+/// A protocol 3.x StartupMessage. PostgreSQL 15 speaks 3.0 and knows no
+/// `_pq_.` option: like it, the proxy answers a newer minor version or such
+/// options with NegotiateProtocolVersion (3.0, the options it ignores) and
+/// goes on at 3.0. It answers itself rather than relaying, so a newer
+/// upstream never agrees to a protocol the proxy cannot read (3.2's longer
+/// cancel keys, say).
+fn startup(code: u32, packet: &[u8]) -> Result<StartupPacket, StartupError> {
+    let mut params = parse_params(&packet[8..])?;
+    let (unrecognized, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut params.all)
+        .into_iter()
+        .partition(|(key, _)| key.starts_with("_pq_."));
+    params.all = kept;
+    if code == PROTOCOL_V3 && unrecognized.is_empty() {
+        return Ok(StartupPacket::Startup {
+            params,
+            raw: Bytes::copy_from_slice(packet),
+            negotiate: None,
+        });
+    }
+    let names: Vec<&str> = unrecognized.iter().map(|(key, _)| key.as_str()).collect();
+    Ok(StartupPacket::Startup {
+        raw: startup_message(&params.all),
+        negotiate: Some(negotiate_protocol_version(PROTOCOL_V3, &names)),
+        params,
+    })
+}
+
+/// A protocol 3.0 StartupMessage with these parameters.
+pub fn startup_message(params: &[(String, String)]) -> Bytes {
+    let mut out = BytesMut::with_capacity(64);
+    out.put_u32(0);
+    out.put_u32(PROTOCOL_V3);
+    for (key, value) in params {
+        out.extend_from_slice(key.as_bytes());
+        out.put_u8(0);
+        out.extend_from_slice(value.as_bytes());
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    let len = u32::try_from(out.len()).unwrap_or(u32::MAX);
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+/// NegotiateProtocolVersion (`v`): the newest version served (PostgreSQL
+/// sends the whole version number, 196608 for 3.0, where the protocol
+/// documentation says "minor version") and the options not recognized.
+pub fn negotiate_protocol_version(version: u32, unrecognized: &[&str]) -> Bytes {
+    let mut out = BytesMut::with_capacity(16);
+    out.put_u8(b'v');
+    out.put_u32(0);
+    out.put_u32(version);
+    out.put_u32(u32::try_from(unrecognized.len()).unwrap_or(u32::MAX));
+    for name in unrecognized {
+        out.extend_from_slice(name.as_bytes());
+        out.put_u8(0);
+    }
+    let len = u32::try_from(out.len() - 1).unwrap_or(u32::MAX);
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
 }
 
 fn parse_params(mut body: &[u8]) -> Result<StartupParams, StartupError> {
@@ -267,8 +330,8 @@ mod tests {
             (params.user.as_str(), params.database.as_str()),
             ("alice", "app")
         );
-        // What PostgreSQL 15 answers: newest minor 0, the option it ignored.
-        let mut expected = vec![b'v', 0, 0, 0, 19, 0, 0, 0, 0, 0, 0, 0, 1];
+        // What PostgreSQL 15 answers: version 3.0, the option it ignored.
+        let mut expected = vec![b'v', 0, 0, 0, 19, 0, 3, 0, 0, 0, 0, 0, 1];
         expected.extend_from_slice(b"_pq_.x\0");
         assert_eq!(negotiate.as_deref(), Some(&expected[..]));
         // Upstream gets a 3.0 startup without the option.

@@ -130,10 +130,17 @@ async fn startup(
                 let _ = stream.shutdown().await;
                 return Ok(None);
             }
-            StartupPacket::Startup { params, raw } => {
+            StartupPacket::Startup {
+                params,
+                raw,
+                negotiate,
+            } => {
                 if let Some(reason) = ctx.refuse_new_sessions() {
                     reject(&mut stream, sqlstate::ADMIN_SHUTDOWN, reason).await;
                     return Ok(None);
+                }
+                if let Some(answer) = negotiate {
+                    send(&mut stream, &answer).await?;
                 }
                 let mut initial = BytesMut::with_capacity(raw.len() + buf.len());
                 initial.extend_from_slice(&raw);

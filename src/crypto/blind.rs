@@ -100,6 +100,22 @@ mod tests {
         assert_ne!(blind_index(&acme, b"v"), blind_index(&other_dek, b"v"));
     }
 
+    /// Values written before the move to the `hkdf` crate: existing blind
+    /// indexes must stay valid.
+    #[test]
+    fn derivation_and_index_keep_their_bytes() {
+        let d = Dek::from_bytes(Zeroizing::new((0u8..32).collect())).unwrap();
+        let key = BlindIndexKey::derive(&d, "acme");
+        assert_eq!(
+            hex::encode(*key.key),
+            "a52cd388cbcc4e1e5aa80a6de523b8f317c845cb8a75a0f8d326d6e9c8ec3d87"
+        );
+        assert_eq!(
+            hex::encode(blind_index(&key, b"123-45-6789")),
+            "b0c54f0ab2ef8bc37872cd831dc06a1e"
+        );
+    }
+
     #[test]
     fn debug_is_redacted() {
         assert_eq!(

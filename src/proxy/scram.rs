@@ -5,6 +5,7 @@
 //! cross a proxy that terminates TLS on both legs, where relaying the
 //! exchange fails PostgreSQL's channel-binding downgrade check.
 
+use subtle::ConstantTimeEq;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -190,16 +191,13 @@ impl ServerExchange {
             *byte = proof[i] ^ signature[i];
         }
         let digest: [u8; 32] = Sha256::digest(client_key.as_slice()).into();
-        if !constant_time_eq(&digest, &verifier.stored_key) {
+        // subtle: the compiler may not turn the comparison into an early exit.
+        if !bool::from(digest.ct_eq(&verifier.stored_key)) {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(verifier.server_key.as_slice(), auth_message.as_bytes());
         Ok((client_key, format!("v={}", B64.encode(server_signature))))
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Client side of the exchange with the server, using a known ClientKey.
@@ -259,7 +257,8 @@ impl ClientExchange {
             std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let given = attribute(text, 'v').ok_or(ScramError::Malformed("no server signature"))?;
         let expected = hmac(verifier.server_key.as_slice(), self.auth_message.as_bytes());
-        if B64.decode(given).ok().as_deref() == Some(expected.as_slice()) {
+        let given = B64.decode(given).unwrap_or_default();
+        if bool::from(given.as_slice().ct_eq(expected.as_slice())) {
             Ok(())
         } else {
             Err(ScramError::BadServerSignature)

@@ -1,6 +1,7 @@
 //! Blind index for searchable equality: a per-tenant HMAC key derived from a
 //! DEK with HKDF-SHA256, and HMAC-SHA256 truncated to 16 bytes.
 
+use hkdf::Hkdf;
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -22,11 +23,13 @@ impl BlindIndexKey {
     /// (RFC 5869, no salt, info = `"cmk-proxy blind index v1" || tenant_id`,
     /// 32 bytes of output). The same DEK and tenant always give the same key.
     pub fn derive(dek: &Dek, tenant_id: &str) -> BlindIndexKey {
-        // Extract with the default salt (32 zero bytes), then a single
-        // expand block T(1) = HMAC(PRK, info || 0x01) since L = HashLen.
-        let prk = hmac_sha256(&[0u8; 32], &[dek.expose_bytes()]);
-        let okm = hmac_sha256(&prk, &[INFO_LABEL, tenant_id.as_bytes(), &[1u8]]);
-        BlindIndexKey { key: okm }
+        let mut key = Zeroizing::new([0u8; 32]);
+        // expand fails only for an output longer than 255 * HashLen; this
+        // one is a constant 32 bytes, so the error arm cannot be taken.
+        let expanded = Hkdf::<Sha256>::new(None, dek.expose_bytes())
+            .expand_multi_info(&[INFO_LABEL, tenant_id.as_bytes()], key.as_mut_slice());
+        debug_assert!(expanded.is_ok());
+        BlindIndexKey { key }
     }
 }
 

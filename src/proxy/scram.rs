@@ -5,11 +5,11 @@
 //! cross a proxy that terminates TLS on both legs, where relaying the
 //! exchange fails PostgreSQL's channel-binding downgrade check.
 
-use subtle::ConstantTimeEq;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 type HmacSha256 = Hmac<Sha256>;

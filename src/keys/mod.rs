@@ -5,6 +5,7 @@
 mod approval;
 mod migrate;
 mod registry;
+mod retry;
 mod service;
 
 pub use approval::{ApprovalCache, ApprovedDek};

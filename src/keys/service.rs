@@ -20,10 +20,7 @@ use crate::config::{AuditSink, KeysConfig, Policy};
 use crate::crypto::{BlindIndexKey, Dek};
 use crate::kms::{DenialReason, Edek, KeyContext, KeyProvider, KmsError, Providers};
 
-/// Transient KMS errors are tried this many times per operation.
-const KMS_TRIES: u32 = 3;
-/// First retry delay; doubles per try.
-const KMS_BACKOFF: Duration = Duration::from_millis(50);
+use super::retry::{kms_retry_delays, KMS_BACKOFF};
 /// How often the registry is asked to settle the current epoch before giving up.
 const EPOCH_TRIES: u32 = 5;
 
@@ -519,8 +516,7 @@ impl Inner {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, KmsError>>,
     {
-        let mut delay = KMS_BACKOFF;
-        let mut attempt = 1;
+        let mut delays = kms_retry_delays();
         loop {
             self.kms_calls.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
@@ -537,13 +533,9 @@ impl Inner {
                 outcome,
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             });
-            match result {
-                Err(KmsError::Transient { .. }) if attempt < KMS_TRIES => {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    attempt += 1;
-                }
-                other => return other,
+            match (result, delays.next()) {
+                (Err(KmsError::Transient { .. }), Some(delay)) => tokio::time::sleep(delay).await,
+                (other, _) => return other,
             }
         }
     }

@@ -19,10 +19,8 @@ use crate::crypto::Dek;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one HTTP attempt.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Timeout of a whole operation including its retry.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(6);
-/// One retry for throttling and 5xx; the key service retries on its own schedule.
-const MAX_ATTEMPTS: u32 = 2;
+/// Timeout of a whole operation (one attempt: see `keys/retry.rs`).
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// `KeyProvider` over AWS KMS (or any endpoint that speaks its API, e.g. moto).
 #[derive(Debug, Clone)]
@@ -68,7 +66,8 @@ impl AwsKmsProvider {
                     .operation_timeout(OPERATION_TIMEOUT)
                     .build(),
             )
-            .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+            // The key service retries with jitter; SDK retries would stack on it.
+            .retry_config(RetryConfig::disabled());
         if let Some(region) = region {
             loader = loader.region(Region::new(region.to_owned()));
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::{Error as PemError, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
@@ -48,11 +49,11 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_pem(path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read {
+        .map_err(|_| TlsError::Pem {
             path: path.display().to_string(),
-            source,
+            what: "malformed PEM",
         })?;
     if certs.is_empty() {
         return Err(TlsError::Pem {
@@ -65,15 +66,13 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read_pem(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::Read {
-            path: path.display().to_string(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::Pem {
-            path: path.display().to_string(),
-            what: "no private key found",
-        })
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        what: match e {
+            PemError::NoItemsFound => "no private key found",
+            _ => "malformed PEM",
+        },
+    })
 }
 
 /// The acceptor for client connections that ask for TLS.

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use cmk_proxy::localpg::{LocalPostgres, LocalPostgresOptions};
 use futures_util::{stream, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
@@ -321,7 +323,7 @@ pub async fn connect_with_messages(
 pub fn rustls_client_config(ca_path: &Path) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca_path).expect("read CA");
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+    for cert in CertificateDer::pem_slice_iter(&pem) {
         roots.add(cert.expect("parse CA")).expect("add CA");
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

@@ -4,6 +4,7 @@
 pub mod check_config;
 pub mod decrypt_dump;
 pub mod dev;
+pub mod hardening;
 pub mod keyring;
 pub mod keys;
 pub mod logging;

@@ -63,6 +63,24 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             Err(code) => return Ok(code),
         };
     super::logging::init(args.log_format.unwrap_or(policy.server.log_format));
+    match super::hardening::harden() {
+        Ok(done) => {
+            if !done.memory_locked {
+                tracing::warn!(
+                    "memory not locked (RLIMIT_MEMLOCK is not unlimited): pages holding keys may be swapped out"
+                );
+            }
+            tracing::info!(
+                core_dumps = false,
+                memory_locked = done.memory_locked,
+                "process hardened"
+            );
+        }
+        Err(e) => {
+            eprintln!("cmk-proxy: {e}");
+            return Ok(1);
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(policy.listen).await {
         Ok(listener) => listener,
         Err(e) => {

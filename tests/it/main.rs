@@ -33,6 +33,7 @@ mod passthrough_protocol;
 mod passthrough_protocol_versions;
 mod passthrough_tls_auth;
 mod robustness_client;
+mod robustness_hardening;
 mod robustness_load;
 mod robustness_shutdown;
 mod robustness_upstream;

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/install-deps.sh
-exec cargo run --release --locked --bin cmk-proxy -- dev "$@"
+exec cargo run --release --locked --features dev --bin cmk-proxy -- dev "$@"

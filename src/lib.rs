@@ -9,6 +9,7 @@ pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod kms;
+#[cfg(feature = "dev")]
 pub mod localpg;
 pub mod protocol;
 pub mod proxy;

@@ -3,6 +3,7 @@
 
 pub mod check_config;
 pub mod decrypt_dump;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod hardening;
 pub mod keyring;
@@ -43,6 +44,7 @@ pub enum Command {
     /// Run the proxy.
     Serve(serve::Args),
     /// Start a throwaway local PostgreSQL and the proxy in front of it (demo).
+    #[cfg(feature = "dev")]
     Dev(dev::Args),
     /// Validate a policy file (and, with --live, against the database).
     CheckConfig(check_config::Args),
@@ -65,6 +67,7 @@ pub enum Command {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        #[cfg(feature = "dev")]
         Command::Dev(args) => dev::run(args).await,
         Command::CheckConfig(args) => check_config::run(args).await,
         Command::Migrate(args) => migrate::run(args).await,

@@ -178,18 +178,20 @@ const NUMERIC_NINF: u16 = 0xF000;
 /// numeric_send: ndigits, weight, sign, dscale, then base-10000 digits.
 fn numeric_to_binary(text: &str) -> Option<Vec<u8>> {
     let canonical = canonical_numeric(text.trim())?;
-    let header = |sign: u16| {
+    let header = |sign: u16, dscale: u16| {
         let mut out = Vec::with_capacity(8);
         out.extend_from_slice(&0i16.to_be_bytes());
         out.extend_from_slice(&0i16.to_be_bytes());
         out.extend_from_slice(&sign.to_be_bytes());
-        out.extend_from_slice(&0u16.to_be_bytes());
+        out.extend_from_slice(&dscale.to_be_bytes());
         out
     };
+    // PostgreSQL 15 sends the infinities with a dscale of 32 (the bits of
+    // its short header), NaN with 0: the same bytes as numeric_send.
     match canonical.as_str() {
-        "NaN" => return Some(header(NUMERIC_NAN)),
-        "Infinity" => return Some(header(NUMERIC_PINF)),
-        "-Infinity" => return Some(header(NUMERIC_NINF)),
+        "NaN" => return Some(header(NUMERIC_NAN, 0)),
+        "Infinity" => return Some(header(NUMERIC_PINF, 32)),
+        "-Infinity" => return Some(header(NUMERIC_NINF, 32)),
         _ => {}
     }
     let (negative, body) = match canonical.strip_prefix('-') {

@@ -37,3 +37,4 @@ mod robustness_hardening;
 mod robustness_load;
 mod robustness_shutdown;
 mod robustness_upstream;
+mod values_differential;

@@ -20,6 +20,7 @@ mod encryption_extended;
 mod encryption_own_statements;
 mod encryption_robustness;
 mod encryption_simple;
+mod fuzz_inputs;
 mod keys_approval;
 mod keys_registry;
 mod kms_aws;

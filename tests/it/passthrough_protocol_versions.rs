@@ -8,21 +8,6 @@ use crate::common;
 use common::raw::{self, BackendMessage};
 use common::*;
 
-/// A StartupMessage with protocol `version` and `params`.
-fn startup(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = version.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    msg.extend_from_slice(&body);
-    msg
-}
-
 /// The version and option names of the NegotiateProtocolVersion answer.
 fn negotiation(messages: &[BackendMessage]) -> Option<(u32, Vec<String>)> {
     let v = messages.iter().find(|m| m.tag == b'v')?;
@@ -45,7 +30,7 @@ fn protocol_3_2_startup_is_negotiated_down_as_postgresql_does() {
         let mut s = raw::connect(port);
         raw::send(
             &mut s,
-            &startup(
+            &raw::startup_with(
                 0x0003_0002,
                 &[
                     ("user", "postgres"),

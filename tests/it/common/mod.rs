@@ -400,9 +400,14 @@ pub mod raw {
 
     /// A StartupMessage (protocol 3.0) with `user` and `database`.
     pub fn startup(user: &str, database: &str) -> Vec<u8> {
+        startup_with(196_608, &[("user", user), ("database", database)])
+    }
+
+    /// A StartupMessage of protocol `version` with `params`.
+    pub fn startup_with(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
         let mut body = Vec::new();
-        body.extend_from_slice(&196_608u32.to_be_bytes());
-        for (k, v) in [("user", user), ("database", database)] {
+        body.extend_from_slice(&version.to_be_bytes());
+        for (k, v) in params {
             body.extend_from_slice(k.as_bytes());
             body.push(0);
             body.extend_from_slice(v.as_bytes());

@@ -14,6 +14,7 @@ mod clients;
 mod clients_encrypted;
 mod config_errors;
 mod config_flags;
+mod config_upstream;
 mod encryption_at_rest;
 mod encryption_aws;
 mod encryption_extended;

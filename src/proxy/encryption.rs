@@ -305,8 +305,9 @@ impl Encryption {
         // The original statements, re-parsed, render the untouched ones
         // (a query of one statement that is a write needs none).
         let originals = if needs_rewrite && analysis.statements.len() > 1 {
-            sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
-                .map_err(|_| Rejection::unsupported("", None, "SQL that cmk-proxy cannot parse"))?
+            rewrite::parse_statements(sql).ok_or_else(|| {
+                Rejection::unsupported("", None, "SQL that cmk-proxy cannot parse")
+            })?
         } else {
             Vec::new()
         };

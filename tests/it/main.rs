@@ -15,6 +15,7 @@ mod clients_encrypted;
 mod config_errors;
 mod config_flags;
 mod encryption_at_rest;
+mod encryption_attacks;
 mod encryption_aws;
 mod encryption_extended;
 mod encryption_own_statements;

@@ -138,6 +138,12 @@ impl Encryption {
         let client = super::admin::connect(&policy).await?;
         let map = catalog::load_map(&client, &policy).await?;
         tracing::info!(protected_columns = map.len(), "catalog map loaded");
+        for check in catalog::envelope::envelope_checks(&client, &policy).await? {
+            tracing::warn!(
+                fix = %check.fix(),
+                "{check}: PostgreSQL itself will not refuse plaintext there (server-side code, direct connections); run cmk-proxy migrate --config <policy>"
+            );
+        }
         let encryption = Arc::new(Self {
             policy,
             keys,

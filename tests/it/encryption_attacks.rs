@@ -249,3 +249,106 @@ async fn deeply_nested_calls_are_refused_at_once_and_stall_no_other_session() {
     // The hostile session is still usable.
     assert_eq!(rows(&hostile, "SELECT 1").await[0][0].as_deref(), Some("1"));
 }
+
+/// Runs `cmk-proxy <args>`; its exit code and output.
+fn cmk_proxy(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(args)
+        .output()
+        .expect("run cmk-proxy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[tokio::test]
+async fn with_the_envelope_check_postgresql_refuses_plaintext_from_server_side_code() {
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let config = setup.proxy.dir().join("policy.yaml");
+    let config = config.to_str().unwrap();
+    let app = setup.app().await;
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, ssn, notes) VALUES ('acme', '123-45-6789', 'n1')",
+    )
+    .await;
+    // serve warned at start; check-config --live names the missing CHECK.
+    assert!(
+        setup.proxy.log_text().contains("has no CHECK constraint"),
+        "{}",
+        setup.proxy.log_text()
+    );
+    let (code, out) = cmk_proxy(&["check-config", "--live", config]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("cmk_envelope_ssn"), "{out}");
+    // migrate adds and validates it (the row written through the proxy is
+    // an envelope), and running it again changes nothing.
+    let (code, out) = cmk_proxy(&["migrate", "--config", config]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("cmk_envelope_notes validated"), "{out}");
+    let (code, out) = cmk_proxy(&["check-config", "--live", config]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, _) = cmk_proxy(&["migrate", "--config", config]);
+    assert_eq!(code, Some(0));
+
+    // Server-side code the proxy cannot see, created directly in
+    // PostgreSQL: each tries to store plaintext and PostgreSQL refuses.
+    setup
+        .direct
+        .batch_execute(
+            "CREATE FUNCTION sneak(v text) RETURNS void LANGUAGE plpgsql AS $f$ BEGIN \
+               EXECUTE 'INSERT INTO pat' || 'ients (tenant_id, ssn) VALUES ($1, convert_to($2, ''UTF8''))' \
+               USING 'acme', v; END $f$; \
+             CREATE TABLE inbox (tenant_id text, note text); \
+             CREATE RULE forward AS ON INSERT TO inbox DO ALSO \
+               INSERT INTO patients (tenant_id, notes) VALUES (NEW.tenant_id, convert_to(NEW.note, 'UTF8'))",
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "SELECT sneak('PLAINTEXT')",
+        "DO $$BEGIN EXECUTE 'UPDATE pat' || 'ients SET notes = convert_to(''PLAINTEXT'', ''UTF8'')'; END$$",
+        "INSERT INTO inbox VALUES ('acme', 'PLAINTEXT')",
+    ] {
+        let err = setup.direct.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(common::sqlstate(&err).as_deref(), Some("23514"), "{sql}: {err:?}");
+    }
+    // Through the proxy too: the DO block's dynamic SQL is invisible to it.
+    let err = app
+        .simple_query(
+            "DO $$BEGIN EXECUTE 'UPDATE pat' || 'ients SET ssn = convert_to(''PLAINTEXT'', ''UTF8'')'; END$$",
+        )
+        .await
+        .expect_err("DO through the proxy");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("23514"), "{err:?}");
+    assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 0);
+    assert_eq!(
+        rows(&app, "SELECT ssn, notes FROM patients").await,
+        vec![vec![Some("123-45-6789".to_owned()), Some("n1".to_owned())]]
+    );
+}
+
+#[tokio::test]
+async fn migrate_leaves_the_check_not_valid_where_legacy_plaintext_remains() {
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let config = setup.proxy.dir().join("policy.yaml");
+    setup
+        .direct
+        .batch_execute("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'legacy')")
+        .await
+        .unwrap();
+    let (code, out) = cmk_proxy(&["migrate", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("stays NOT VALID"), "{out}");
+    // New plaintext is refused already; the legacy row is still there.
+    let err = setup
+        .direct
+        .batch_execute("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'new')")
+        .await
+        .expect_err("plaintext insert");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("23514"));
+    assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 1);
+}

@@ -45,6 +45,9 @@ check nodejs               command -v node
 check npm                  command -v npm
 check python3-venv         /usr/bin/python3 -c 'import venv, ensurepip'
 check openssl              command -v openssl
+# The pg_query crate compiles libpg_query (PostgreSQL's parser) and makes
+# its Rust bindings with bindgen, which needs libclang.
+check libclang-dev         bash -c 'ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/x86_64-linux-gnu/libclang*.so* 2>/dev/null | grep -q .'
 
 if [ "${#missing[@]}" -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to install: ${missing[*]}"

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use crate::config::{split_table_name, DeclaredType, Policy, SearchMode};
 use crate::rewrite::SchemaFacts;
 
+pub mod envelope;
+
 /// What a protected table column is for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ColumnRole {

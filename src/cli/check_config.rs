@@ -30,13 +30,19 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     if args.live {
         let client = crate::proxy::admin::connect(&policy).await?;
         let problems = crate::catalog::check_schema(&client, &policy).await?;
-        if !problems.is_empty() {
+        let checks = crate::catalog::envelope::envelope_checks(&client, &policy).await?;
+        if !problems.is_empty() || !checks.is_empty() {
             eprintln!(
                 "{}: the live schema does not match the policy:",
                 args.file.display()
             );
             for problem in &problems {
                 eprintln!("  - {problem}");
+            }
+            // The database's own refusal of plaintext (cmk-proxy migrate
+            // adds it).
+            for check in &checks {
+                eprintln!("  - {check}\n    fix: {}", check.fix());
             }
             return Ok(super::serve::EXIT_CONFIG);
         }

@@ -1,12 +1,19 @@
 //! `cmk-proxy migrate`: create or upgrade the `cmk` registry schema, or print
 //! its DDL for a DBA to review. Safe to run from several replicas at once.
 
+use tokio_postgres::error::SqlState;
+
+use crate::catalog::envelope::{envelope_checks, CheckState, EnvelopeCheck};
 use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
 
-/// Create or upgrade the `cmk` schema (tenants, data keys, schema versions).
+/// Create or upgrade the `cmk` schema (tenants, data keys, schema versions),
+/// and put the envelope CHECK constraint on every protected column.
 ///
 /// Applies the embedded migrations that are missing, inside one transaction
-/// holding an advisory lock, and records them in `cmk.schema_version`.
+/// holding an advisory lock, and records them in `cmk.schema_version`. Then,
+/// with a policy, adds to each protected column of each existing policy
+/// table a CHECK that only NULL or a cell envelope passes (NOT VALID, then
+/// VALIDATE: no long lock).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Policy file and upstream.
@@ -46,6 +53,14 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
                 None => println!("-- (no automatic fix: create or rename it by hand)"),
             }
         }
+        let checks = envelope_checks(&client, &policy).await?;
+        println!(
+            "\n-- envelope CHECK constraints: {} to add or validate",
+            checks.len()
+        );
+        for check in checks {
+            println!("-- {check}\n{}", check.fix());
+        }
         return Ok(0);
     }
     let registry = Registry::new(&policy)?;
@@ -61,5 +76,65 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             list.join(", ")
         );
     }
-    Ok(0)
+    if policy.tables.is_empty() {
+        return Ok(0);
+    }
+    let client = crate::proxy::admin::connect(&policy).await?;
+    let mut failed = 0;
+    for check in envelope_checks(&client, &policy).await? {
+        match apply_check(&client, &check).await {
+            Ok(()) => println!(
+                "{}.{}: CHECK constraint {} validated",
+                check.table,
+                check.column,
+                check.name()
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{}.{}: {e}", check.table, check.column);
+            }
+        }
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// How long `migrate` waits for the brief lock of `ADD CONSTRAINT … NOT
+/// VALID` before trying again: never queue the application's statements
+/// behind it for longer.
+const LOCK_TIMEOUT: &str = "1s";
+
+/// Lock waits tried before giving up.
+const LOCK_ATTEMPTS: u32 = 5;
+
+/// Adds the constraint NOT VALID (a brief ACCESS EXCLUSIVE lock, no scan,
+/// bounded by `lock_timeout`), then validates it under SHARE UPDATE
+/// EXCLUSIVE, which lets reads and writes go on.
+async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> anyhow::Result<()> {
+    if check.state == CheckState::Missing {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let sql = format!("SET lock_timeout = '{LOCK_TIMEOUT}'; {}", check.add_sql());
+            match client.batch_execute(&sql).await {
+                Ok(()) => break,
+                Err(e)
+                    if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                        && attempt < LOCK_ATTEMPTS =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => anyhow::bail!("cannot add the envelope CHECK constraint: {e}"),
+            }
+        }
+    }
+    client
+        .batch_execute(&format!("RESET lock_timeout; {}", check.validate_sql()))
+        .await
+        .map_err(|e| match e.code() {
+            Some(&SqlState::CHECK_VIOLATION) => anyhow::anyhow!(
+                "holds cells that are not envelopes (legacy plaintext?): the constraint {} stays NOT VALID, so new writes are checked; seal the old rows, then run migrate again",
+                check.name()
+            ),
+            _ => anyhow::anyhow!("cannot validate the envelope CHECK constraint: {e}"),
+        })
 }

@@ -136,6 +136,12 @@ impl Encryption {
         let client = super::admin::connect(&policy).await?;
         let map = catalog::load_map(&client, &policy).await?;
         tracing::info!(protected_columns = map.len(), "catalog map loaded");
+        for check in catalog::envelope::envelope_checks(&client, &policy).await? {
+            tracing::warn!(
+                fix = %check.fix(),
+                "{check}: PostgreSQL itself will not refuse plaintext there (server-side code, direct connections); run cmk-proxy migrate --config <policy>"
+            );
+        }
         let plan_cache_size = policy.server.plan_cache_size;
         let encryption = Arc::new(Self {
             policy,
@@ -306,8 +312,9 @@ impl Encryption {
         // The original statements, re-parsed, render the untouched ones
         // (a query of one statement that is a write needs none).
         let originals = if needs_rewrite && analysis.statements.len() > 1 {
-            sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
-                .map_err(|_| Rejection::unsupported("", None, "SQL that cmk-proxy cannot parse"))?
+            rewrite::parse_statements(sql).ok_or_else(|| {
+                Rejection::unsupported("", None, "SQL that cmk-proxy cannot parse")
+            })?
         } else {
             Vec::new()
         };

@@ -1202,11 +1202,8 @@ fn sql_execute_refusal(
         return None;
     }
     let lower = sql.to_ascii_lowercase();
-    let names = match sqlparser::parser::Parser::parse_sql(
-        &sqlparser::dialect::PostgreSqlDialect {},
-        sql,
-    ) {
-        Ok(statements) => {
+    let names = match rewrite::parse_statements(sql) {
+        Some(statements) => {
             let mut names = Vec::new();
             let _ = sqlparser::ast::visit_statements(&statements, |statement| {
                 if let sqlparser::ast::Statement::Execute {
@@ -1221,7 +1218,7 @@ fn sql_execute_refusal(
             });
             names
         }
-        Err(_) => executed_names(&lower, sql),
+        None => executed_names(&lower, sql),
     };
     let name = names.into_iter().find(|n| is_prepared(n))?;
     Some(Rejection {

@@ -16,6 +16,8 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::ops::Range;
 
+use super::lexer::{self, TokenKind};
+
 /// A literal of the original SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Literal<'a> {
@@ -164,199 +166,45 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
-/// Walks `sql` token by token; `None` when `on` says stop or the scanner
-/// meets something it does not read with certainty.
+/// Walks `sql` token by token, as PostgreSQL's scanner cuts it; `None`
+/// when `on` says stop or a token is one whose value the shapes do not
+/// read with certainty (see [`TokenKind`]).
 fn scan<'a>(sql: &'a str, mut on: impl FnMut(Token<'a>) -> Option<()>) -> Option<()> {
-    let bytes = sql.as_bytes();
-    let mut i = 0;
     let mut text_start = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let next = bytes.get(i + 1).copied();
-        match b {
-            b'\'' => {
-                // A prefix glued to the quote (E, B, X, N, U&) changes the
-                // meaning of the content.
-                if i > 0 && (is_word_byte(bytes[i - 1]) || bytes[i - 1] == b'&') {
-                    return None;
-                }
-                let (end, value) = string_literal(sql, i)?;
-                flush_text(&mut on, &mut text_start, i)?;
-                on(Token::String {
-                    range: i..end,
-                    value,
-                })?;
-                i = end;
-                text_start = end;
-                // 'a'\n'b' is one string in PostgreSQL; 'a' 'b' an error.
-                let after = bytes[end..]
-                    .iter()
-                    .position(|c| !c.is_ascii_whitespace())
-                    .map(|k| bytes[end + k]);
-                if after == Some(b'\'') {
-                    return None;
-                }
-                continue;
+    for token in lexer::tokens(sql)? {
+        let range = token.range.clone();
+        let found = match token.kind {
+            TokenKind::PlainString => Token::String {
+                range: range.clone(),
+                value: lexer::plain_string_value(&sql[range.clone()]),
+            },
+            TokenKind::Number => Token::Number(range.clone()),
+            TokenKind::Param(n) => Token::Param(n),
+            TokenKind::OtherString | TokenKind::VersionedNumber | TokenKind::EscapedName => {
+                return None
             }
-            b'"' => {
-                // U&"..." spells a name with escapes the shape cannot see.
-                if i > 0 && bytes[i - 1] == b'&' {
-                    return None;
-                }
-                i = quoted_name_end(bytes, i)?;
-            }
-            b'-' if next == Some(b'-') => {
-                // A line comment ends at a newline or a carriage return.
-                i = bytes[i..]
-                    .iter()
-                    .position(|&c| c == b'\n' || c == b'\r')
-                    .map_or(bytes.len(), |k| i + k + 1);
-            }
-            b'/' if next == Some(b'*') => i = block_comment_end(bytes, i)?,
-            b'$' => {
-                let digits = bytes[i + 1..]
-                    .iter()
-                    .take_while(|c| c.is_ascii_digit())
-                    .count();
-                let end = i + 1 + digits;
-                if digits == 0 || bytes.get(end).is_some_and(|&c| is_word_byte(c)) {
-                    return None; // a dollar quote
-                }
-                let n = sql[i + 1..end].parse().ok()?;
-                flush_text(&mut on, &mut text_start, i)?;
-                on(Token::Param(n))?;
-                i = end;
-                text_start = end;
-            }
-            b'\\' => return None,
-            b'0'..=b'9' => {
-                let end = number_end(bytes, i)?;
-                flush_text(&mut on, &mut text_start, i)?;
-                on(Token::Number(i..end))?;
-                i = end;
-                text_start = end;
-            }
-            b'.' if next.is_some_and(|c| c.is_ascii_digit()) => {
-                let end = number_end(bytes, i)?;
-                flush_text(&mut on, &mut text_start, i)?;
-                on(Token::Number(i..end))?;
-                i = end;
-                text_start = end;
-            }
-            b if is_word_byte(b) => {
-                // A whole word, so digits inside names are not numbers.
-                i += bytes[i..].iter().take_while(|&&c| is_word_byte(c)).count();
-            }
-            _ => i += 1,
-        }
-    }
-    flush_text(&mut on, &mut text_start, bytes.len())
-}
-
-fn flush_text<'a>(
-    on: &mut impl FnMut(Token<'a>) -> Option<()>,
-    start: &mut usize,
-    end: usize,
-) -> Option<()> {
-    if *start < end {
-        on(Token::Text(*start..end))?;
-    }
-    *start = end;
-    Some(())
-}
-
-/// The end of the string literal opening at `start`, and its value.
-fn string_literal(sql: &str, start: usize) -> Option<(usize, Cow<'_, str>)> {
-    let bytes = sql.as_bytes();
-    let mut i = start + 1;
-    let mut doubled = false;
-    loop {
-        let k = bytes[i..].iter().position(|&c| c == b'\'' || c == b'\\')?;
-        i += k;
-        if bytes[i] == b'\\' {
-            return None;
-        }
-        if bytes.get(i + 1) == Some(&b'\'') {
-            doubled = true;
-            i += 2;
-            continue;
-        }
-        let content = &sql[start + 1..i];
-        let value = if doubled {
-            Cow::Owned(content.replace("''", "'"))
-        } else {
-            Cow::Borrowed(content)
+            TokenKind::Comment | TokenKind::Semicolon | TokenKind::Other => continue,
         };
-        return Some((i + 1, value));
-    }
-}
-
-/// The end of the quoted name opening at `start` (`""` is a quote inside).
-fn quoted_name_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let mut i = start + 1;
-    loop {
-        i += bytes[i..].iter().position(|&c| c == b'"')?;
-        if bytes.get(i + 1) == Some(&b'"') {
-            i += 2;
-            continue;
-        }
-        return Some(i + 1);
-    }
-}
-
-/// The end of the (nested) block comment opening at `start`.
-fn block_comment_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut i = start;
-    while i + 1 < bytes.len() {
-        match (bytes[i], bytes[i + 1]) {
-            (b'/', b'*') => {
-                depth += 1;
-                i += 2;
-            }
-            (b'*', b'/') => {
-                depth -= 1;
-                i += 2;
-                if depth == 0 {
-                    return Some(i);
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-/// The end of the numeric constant at `start`: digits, a fraction, an
-/// exponent. `None` when letters or another dot follow (`0x1F`, `1_000`,
-/// `1.2.3`, `1e`).
-fn number_end(bytes: &[u8], start: usize) -> Option<usize> {
-    let digits = |from: usize| {
-        bytes[from..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count()
-    };
-    let mut i = start + digits(start);
-    if bytes.get(i) == Some(&b'.') {
-        i += 1;
-        i += digits(i);
-    }
-    if matches!(bytes.get(i), Some(b'e' | b'E')) {
-        i += 1;
-        if matches!(bytes.get(i), Some(b'+' | b'-')) {
-            i += 1;
-        }
-        let exponent = digits(i);
-        if exponent == 0 {
+        // A placeholder glued to a word would read as another token
+        // (`'a'x` is a string and an alias; `$1x` is not; `1abc` is `1 abc`
+        // to PostgreSQL 15 and an error to 16).
+        if sql[range.end..]
+            .bytes()
+            .next()
+            .is_some_and(|b| is_word_byte(b) || (b == b'.' && matches!(found, Token::Number(_))))
+        {
             return None;
         }
-        i += exponent;
+        if text_start < range.start {
+            on(Token::Text(text_start..range.start))?;
+        }
+        on(found)?;
+        text_start = range.end;
     }
-    match bytes.get(i) {
-        Some(&c) if is_word_byte(c) || c == b'.' => None,
-        _ => Some(i),
+    if text_start < sql.len() {
+        on(Token::Text(text_start..sql.len()))?;
     }
+    Some(())
 }
 
 #[cfg(test)]

@@ -9,15 +9,17 @@ mod analyze;
 mod bindable;
 mod ddl;
 mod fingerprint;
+mod lexer;
 mod literals;
 mod names;
+mod pg_reading;
 mod render;
 mod set_config;
 mod write;
 
 pub use analyze::{
-    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
-    StatementPlan, TenantChange,
+    analyze, analyze_in, nonstandard_strings_refusal, parse_statements, Analysis, SavepointOp,
+    SchemaFacts, StatementPlan, TenantChange,
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;

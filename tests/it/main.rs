@@ -16,6 +16,7 @@ mod config_errors;
 mod config_flags;
 mod config_upstream;
 mod encryption_at_rest;
+mod encryption_attacks;
 mod encryption_aws;
 mod encryption_extended;
 mod encryption_own_statements;

@@ -21,8 +21,6 @@
 use std::sync::Arc;
 
 use sqlparser::ast::Statement;
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
 use super::plan_cache::PlanCache;
 use super::{BoundQuery, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot, Slots};
@@ -279,7 +277,7 @@ impl Encryption {
     fn plan_shape(&self, shaped: &Parameterized<'_>, sql: &str, catalog: &CatalogMap) -> ShapePlan {
         // A template the parser cannot read is not planned from its words
         // (that fallback is for the original SQL): the full planner decides.
-        if Parser::parse_sql(&PostgreSqlDialect {}, &shaped.template).is_err() {
+        if rewrite::parse_statements(&shaped.template).is_none() {
             return ShapePlan::Unshared;
         }
         let Ok(analysis) = rewrite::analyze_in(

@@ -47,6 +47,15 @@ pub(crate) struct SqlToken {
 /// strings); `None` when PostgreSQL's scanner rejects it (an unterminated
 /// quote or comment, a NUL byte).
 pub(crate) fn tokens(sql: &str) -> Option<Vec<SqlToken>> {
+    // pg_query 18.1 builds a slice from a null pointer when the scan finds
+    // no token (undefined behaviour; debug builds abort the process): SQL
+    // of PostgreSQL's whitespace only has no tokens, so it is not scanned.
+    if sql
+        .bytes()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+    {
+        return Some(Vec::new());
+    }
     let scanned = pg_query::scan_tokens(sql).ok()?;
     let mut out = Vec::with_capacity(scanned.len());
     for token in scanned {

@@ -131,3 +131,14 @@ proptest! {
         let _ = parse_policy(&text, "fuzz");
     }
 }
+
+/// Found by `sql_planner_and_literal_scanner_never_panic`: pg_query's
+/// scanner aborted the process on SQL without tokens.
+#[test]
+fn sql_of_whitespace_only_is_scanned_without_aborting() {
+    for sql in ["", " ", "\t\n\r\u{b}\u{c}", "-- c", "/* c */"] {
+        let _ = rewrite::parameterize(sql);
+        let _ = rewrite::fingerprint(sql);
+        let _ = rewrite::analyze(&policy(), sql, 0);
+    }
+}

@@ -16,6 +16,8 @@ use cmk_proxy::protocol::{FrameHeader, StartupPacket};
 use cmk_proxy::{rewrite, values};
 use proptest::prelude::*;
 
+use crate::common;
+
 const TYPES: [DeclaredType; 14] = [
     DeclaredType::Text,
     DeclaredType::Varchar,
@@ -141,4 +143,32 @@ fn sql_of_whitespace_only_is_scanned_without_aborting() {
         let _ = rewrite::fingerprint(sql);
         let _ = rewrite::analyze(&policy(), sql, 0);
     }
+}
+
+/// The same through an encrypting proxy (a debug build aborted on it).
+#[tokio::test]
+async fn whitespace_only_query_keeps_an_encrypting_proxy_serving() {
+    use common::encryption::{rows, EncryptedSetup};
+    use common::raw;
+    let s = EncryptedSetup::start(
+        "CREATE TABLE patients (id serial, tenant_id text, ssn bytea, cmk_edek jsonb)",
+        "public.patients",
+        &["ssn: {type: text}"],
+    )
+    .await;
+    let mut session = raw::session(s.proxy.port(), "app");
+    for sql in [" ", "", "\t\n"] {
+        raw::send(&mut session, &raw::query(sql));
+        let answer = raw::read_until_ready(&mut session);
+        assert_eq!(
+            answer.last().map(|m| m.tag),
+            Some(b'Z'),
+            "{sql:?}: {answer:?}"
+        );
+    }
+    let app = s.app().await;
+    assert_eq!(
+        rows(&app, "SELECT 1").await,
+        vec![vec![Some("1".to_owned())]]
+    );
 }

@@ -212,8 +212,17 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
         fix(ca);
     }
     for provider in policy.keys.providers.values_mut() {
-        if let ProviderConfig::Local { path } = provider {
-            fix(path);
+        match provider {
+            ProviderConfig::Local { path } => fix(path),
+            ProviderConfig::Pkcs11 {
+                module, pin_file, ..
+            } => {
+                fix(module);
+                if let Some(pin_file) = pin_file {
+                    fix(pin_file);
+                }
+            }
+            _ => {}
         }
     }
     match &mut policy.audit.sink {

@@ -191,6 +191,20 @@ pub enum ProviderConfig {
         /// Named profile of the shared AWS config.
         profile: Option<String>,
     },
+    /// A PKCS#11 token (HSM); a tenant's key ref is its AES key's label
+    /// (or `id:HEX` for CKA_ID).
+    Pkcs11 {
+        /// Path of the vendor's PKCS#11 library.
+        module: PathBuf,
+        /// Label of the token holding the tenants' keys.
+        token: String,
+        /// File holding the token's user PIN.
+        pin_file: Option<PathBuf>,
+        /// Environment variable holding the user PIN (instead of `pin_file`).
+        pin_env: Option<String>,
+        /// Sessions opened at most at once (default 8).
+        sessions: Option<usize>,
+    },
 }
 
 /// Audit configuration (DESIGN section 8).

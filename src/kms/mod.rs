@@ -1,9 +1,11 @@
-//! The `KeyProvider` trait and its providers: local keyring, AWS KMS.
+//! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
+//! PKCS#11 tokens.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
 pub mod local;
+pub mod pkcs11;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
+pub use pkcs11::{PinSource, Pkcs11Provider};
 
 /// A wrapped DEK (ciphertext from the tenant's KMS). Not secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +34,7 @@ pub struct KeyContext<'a> {
 /// A tenant key management service.
 #[async_trait::async_trait]
 pub trait KeyProvider: Send + Sync + 'static {
-    /// `"local"` or `"aws-kms"`.
+    /// `"local"`, `"aws-kms"`, `"pkcs11"`…
     fn kind(&self) -> &'static str;
     /// Wraps `dek` under the master key `key_ref`, bound to `ctx`.
     async fn wrap(&self, key_ref: &str, ctx: &KeyContext<'_>, dek: &Dek) -> Result<Edek, KmsError>;
@@ -156,6 +159,24 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
                 )
                 .await?,
             ),
+            ProviderConfig::Pkcs11 {
+                module,
+                token,
+                pin_file,
+                pin_env,
+                sessions,
+            } => {
+                let pin = match (pin_file, pin_env) {
+                    (Some(file), None) => PinSource::File(file.clone()),
+                    (None, Some(var)) => PinSource::Env(var.clone()),
+                    _ => {
+                        return Err(KmsError::Config(format!(
+                            "pkcs11 provider '{name}' needs exactly one of pin_file, pin_env"
+                        )))
+                    }
+                };
+                Arc::new(Pkcs11Provider::open(module, token, &pin, *sessions)?)
+            }
         };
         providers.insert(name.clone(), built);
     }

@@ -24,6 +24,7 @@ mod keys_approval;
 mod keys_registry;
 mod kms_aws;
 mod kms_local;
+mod kms_pkcs11;
 mod migrate_schema;
 mod passthrough_dev;
 mod passthrough_localpg;

@@ -3,3 +3,4 @@
 
 pub mod moto;
 pub mod pg;
+pub mod softhsm;

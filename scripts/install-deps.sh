@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration clients and the benchmark need on Debian 12:
-# apt packages (only the missing ones; SoftHSM2 for the PKCS#11 tests), the
-# Python venv at <repo>/.venv, the node packages of integration/node, and the
-# compiled JDBC client.
+# apt packages (only the missing ones; SoftHSM2 and PyKMIP's server for the
+# PKCS#11 and KMIP tests), the Python venv at <repo>/.venv, the node packages
+# of integration/node, and the compiled JDBC client.
 # Idempotent: when everything is present it only checks and prints "ok" lines.
 # Needs no network other than Debian apt, PyPI and npm.
 set -euo pipefail
@@ -47,6 +47,7 @@ check npm                  command -v npm
 check python3-venv         /usr/bin/python3 -c 'import venv, ensurepip'
 check openssl              command -v openssl
 check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
+check python3-pykmip       test -x /usr/bin/pykmip-server
 
 if [ "${#missing[@]}" -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to install: ${missing[*]}"

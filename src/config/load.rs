@@ -222,6 +222,16 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
                     fix(pin_file);
                 }
             }
+            ProviderConfig::Kmip {
+                ca,
+                client_cert,
+                client_key,
+                ..
+            } => {
+                fix(ca);
+                fix(client_cert);
+                fix(client_key);
+            }
             _ => {}
         }
     }

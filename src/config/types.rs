@@ -205,6 +205,20 @@ pub enum ProviderConfig {
         /// Sessions opened at most at once (default 8).
         sessions: Option<usize>,
     },
+    /// A KMIP 1.4+ server over TLS with a client certificate; a tenant's
+    /// key ref is its AES key's Unique Identifier.
+    Kmip {
+        /// `host:port` of the server (usually port 5696).
+        endpoint: String,
+        /// CA certificate(s) (PEM) of the server.
+        ca: PathBuf,
+        /// The proxy's client certificate (PEM).
+        client_cert: PathBuf,
+        /// Its private key (PEM).
+        client_key: PathBuf,
+        /// Name checked in the server's certificate (default: endpoint host).
+        server_name: Option<String>,
+    },
 }
 
 /// Audit configuration (DESIGN section 8).

@@ -1,9 +1,10 @@
 //! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
-//! PKCS#11 tokens.
+//! PKCS#11 tokens, KMIP servers.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
+pub mod kmip;
 pub mod local;
 pub mod pkcs11;
 
@@ -14,6 +15,7 @@ use crate::config::{KeysConfig, ProviderConfig};
 use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
+pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
 pub use pkcs11::{PinSource, Pkcs11Provider};
 
@@ -177,6 +179,19 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
                 };
                 Arc::new(Pkcs11Provider::open(module, token, &pin, *sessions)?)
             }
+            ProviderConfig::Kmip {
+                endpoint,
+                ca,
+                client_cert,
+                client_key,
+                server_name,
+            } => Arc::new(KmipProvider::new(&KmipSettings {
+                endpoint: endpoint.clone(),
+                ca: ca.clone(),
+                client_cert: client_cert.clone(),
+                client_key: client_key.clone(),
+                server_name: server_name.clone(),
+            })?),
         };
         providers.insert(name.clone(), built);
     }

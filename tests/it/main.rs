@@ -23,6 +23,7 @@ mod encryption_simple;
 mod keys_approval;
 mod keys_registry;
 mod kms_aws;
+mod kms_kmip;
 mod kms_local;
 mod kms_pkcs11;
 mod migrate_schema;

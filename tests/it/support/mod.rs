@@ -3,4 +3,5 @@
 
 pub mod moto;
 pub mod pg;
+pub mod pykmip;
 pub mod softhsm;

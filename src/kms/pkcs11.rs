@@ -137,6 +137,7 @@ struct Token {
     idle: Mutex<Vec<Session>>,
     /// One permit per session that may be open at once.
     permits: Arc<Semaphore>,
+    handles: Handles,
 }
 
 impl Token {
@@ -202,6 +203,7 @@ impl Pkcs11Provider {
                 pin,
                 idle: Mutex::new(vec![first]),
                 permits: Arc::new(Semaphore::new(sessions)),
+                handles: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -211,7 +213,7 @@ impl Pkcs11Provider {
     async fn call<T, F>(&self, key_ref: &str, op: F) -> Result<T, KmsError>
     where
         T: Send + 'static,
-        F: FnOnce(&Session, &str) -> Result<T, KmsError> + Send + 'static,
+        F: FnOnce(&Session, &Handles, &str) -> Result<T, KmsError> + Send + 'static,
     {
         let token = Arc::clone(&self.token);
         let owned_ref = key_ref.to_owned();
@@ -226,7 +228,7 @@ impl Pkcs11Provider {
                 let session = token
                     .take_session()
                     .map_err(|e| map_ck_error(&owned_ref, "C_OpenSession/C_Login", e))?;
-                let result = op(&session, &owned_ref);
+                let result = op(&session, &token.handles, &owned_ref);
                 if !matches!(result, Err(KmsError::Transient { .. })) {
                     token.give_back(session);
                 }
@@ -272,10 +274,38 @@ fn key_template(key_ref: &str) -> Result<Vec<Attribute>, KmsError> {
     Ok(template)
 }
 
+/// Object handles of keys already found, by key ref: `C_FindObjects`
+/// scans the whole token on some HSMs (SoftHSM2 re-reads every object
+/// file), so it runs once per key, not once per call.
+type Handles = Mutex<HashMap<String, ObjectHandle>>;
+
 /// Finds the tenant's key and confirms it may still encrypt and decrypt.
-fn usable_key(session: &Session, key_ref: &str) -> Result<ObjectHandle, KmsError> {
+/// A remembered handle is used only while it still names an object with
+/// this key's label or id; otherwise the key is looked up again.
+fn usable_key(
+    session: &Session,
+    handles: &Handles,
+    key_ref: &str,
+) -> Result<ObjectHandle, KmsError> {
+    let template = key_template(key_ref)?;
+    let remembered = handles.lock().ok().and_then(|h| h.get(key_ref).copied());
+    if let Some(key) = remembered {
+        match key_attributes(session, key) {
+            Ok(attrs) if names_key(&attrs, &template) => {
+                key_state_outcome(key_ref, &attrs)?;
+                return Ok(key);
+            }
+            Ok(_)
+            | Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+                if let Ok(mut h) = handles.lock() {
+                    h.remove(key_ref);
+                }
+            }
+            Err(e) => return Err(map_ck_error(key_ref, "C_GetAttributeValue", e)),
+        }
+    }
     let found = session
-        .find_objects(&key_template(key_ref)?)
+        .find_objects(&template)
         .map_err(|e| map_ck_error(key_ref, "C_FindObjects", e))?;
     let key = match found.as_slice() {
         [one] => *one,
@@ -294,18 +324,32 @@ fn usable_key(session: &Session, key_ref: &str) -> Result<ObjectHandle, KmsError
             ))
         }
     };
-    let attrs = session
-        .get_attributes(
-            key,
-            &[
-                AttributeType::KeyType,
-                AttributeType::Encrypt,
-                AttributeType::Decrypt,
-            ],
-        )
+    let attrs = key_attributes(session, key)
         .map_err(|e| map_ck_error(key_ref, "C_GetAttributeValue", e))?;
     key_state_outcome(key_ref, &attrs)?;
+    if let Ok(mut h) = handles.lock() {
+        h.insert(key_ref.to_owned(), key);
+    }
     Ok(key)
+}
+
+fn key_attributes(session: &Session, key: ObjectHandle) -> cryptoki::error::Result<Vec<Attribute>> {
+    session.get_attributes(
+        key,
+        &[
+            AttributeType::Class,
+            AttributeType::Label,
+            AttributeType::Id,
+            AttributeType::KeyType,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+        ],
+    )
+}
+
+/// True when `attrs` carry every attribute of the search `template`.
+fn names_key(attrs: &[Attribute], template: &[Attribute]) -> bool {
+    template.iter().all(|want| attrs.contains(want))
 }
 
 /// Usable only as an AES key with CKA_ENCRYPT and CKA_DECRYPT both true; an
@@ -373,8 +417,14 @@ fn map_ck_error(key_ref: &str, function: &str, err: CkError) -> KmsError {
     }
 }
 
-fn seal(session: &Session, key_ref: &str, aad: &[u8], dek: &[u8]) -> Result<Vec<u8>, KmsError> {
-    let key = usable_key(session, key_ref)?;
+fn seal(
+    session: &Session,
+    handles: &Handles,
+    key_ref: &str,
+    aad: &[u8],
+    dek: &[u8],
+) -> Result<Vec<u8>, KmsError> {
+    let key = usable_key(session, handles, key_ref)?;
     let mut iv = [0u8; IV_LEN];
     rand::rngs::OsRng.fill_bytes(&mut iv);
     let sealed = {
@@ -393,6 +443,7 @@ fn seal(session: &Session, key_ref: &str, aad: &[u8], dek: &[u8]) -> Result<Vec<
 
 fn open(
     session: &Session,
+    handles: &Handles,
     key_ref: &str,
     aad: &[u8],
     edek: &[u8],
@@ -410,7 +461,7 @@ fn open(
     }
     let (iv, sealed) = rest.split_at(IV_LEN);
     let mut iv: [u8; IV_LEN] = iv.try_into().map_err(|_| bad())?;
-    let key = usable_key(session, key_ref)?;
+    let key = usable_key(session, handles, key_ref)?;
     match gcm_decrypt(session, key, &mut iv, aad, sealed) {
         Ok(plain) => Ok(plain),
         // SoftHSM2 (and others) answer a failed tag check with
@@ -462,8 +513,8 @@ impl KeyProvider for Pkcs11Provider {
         let aad = associated_data(ctx)?;
         let plain = Zeroizing::new(dek.expose_bytes().to_vec());
         let sealed = self
-            .call(key_ref, move |session, key_ref| {
-                seal(session, key_ref, &aad, &plain)
+            .call(key_ref, move |session, handles, key_ref| {
+                seal(session, handles, key_ref, &aad, &plain)
             })
             .await?;
         Ok(Edek(sealed))
@@ -478,8 +529,8 @@ impl KeyProvider for Pkcs11Provider {
         let aad = associated_data(ctx)?;
         let sealed = edek.0.clone();
         let plain = self
-            .call(key_ref, move |session, key_ref| {
-                open(session, key_ref, &aad, &sealed)
+            .call(key_ref, move |session, handles, key_ref| {
+                open(session, handles, key_ref, &aad, &sealed)
             })
             .await?;
         Dek::from_bytes(plain).map_err(|_| {
@@ -492,8 +543,8 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     async fn check_key(&self, key_ref: &str) -> Result<(), KmsError> {
-        self.call(key_ref, |session, key_ref| {
-            usable_key(session, key_ref).map(|_| ())
+        self.call(key_ref, |session, handles, key_ref| {
+            usable_key(session, handles, key_ref).map(|_| ())
         })
         .await
     }

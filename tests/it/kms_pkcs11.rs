@@ -153,6 +153,14 @@ async fn pkcs11_key_with_decrypt_cleared_or_deleted_is_denied() {
         reason(p.check_key("never-made").await),
         DenialReason::NotFound
     );
+
+    // A new key under the old label is found again, and is not the old key.
+    hsm.create_key("acme");
+    p.check_key("acme").await.expect("the new key");
+    assert_eq!(
+        reason(p.unwrap("acme", &ctx("acme", id), &edek).await),
+        DenialReason::InvalidCiphertext
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

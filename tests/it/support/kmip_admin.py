@@ -2,7 +2,7 @@
 client: create an AES-256 key usable for Encrypt/Decrypt and activate it,
 revoke it (deactivated or compromised), destroy it.
 
-usage: kmip_admin.py DIR PORT create | revoke UID | compromise UID | destroy UID
+usage: kmip_admin.py DIR PORT create [COUNT] | revoke UID | compromise UID | destroy UID
 DIR holds ca.pem, client.pem and client.key."""
 import sys
 
@@ -22,16 +22,17 @@ def main(directory, port, command, uid=None):
     )
     with client:
         if command == "create":
-            uid = client.create(
-                enums.CryptographicAlgorithm.AES,
-                256,
-                cryptographic_usage_mask=[
-                    enums.CryptographicUsageMask.ENCRYPT,
-                    enums.CryptographicUsageMask.DECRYPT,
-                ],
-            )
-            client.activate(uid)
-            print(uid)
+            for _ in range(int(uid or 1)):
+                created = client.create(
+                    enums.CryptographicAlgorithm.AES,
+                    256,
+                    cryptographic_usage_mask=[
+                        enums.CryptographicUsageMask.ENCRYPT,
+                        enums.CryptographicUsageMask.DECRYPT,
+                    ],
+                )
+                client.activate(created)
+                print(created)
         elif command == "revoke":
             client.revoke(enums.RevocationReasonCode.CESSATION_OF_OPERATION, uid)
         elif command == "compromise":

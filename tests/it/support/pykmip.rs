@@ -4,6 +4,7 @@
 //! authentication, an SQLite store in a temp dir, on a free 127.0.0.1 port;
 //! killed on drop. The tenant's side (create, revoke, destroy) goes through
 //! PyKMIP's own client (`kmip_admin.py`).
+#![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -162,6 +163,14 @@ impl PyKmip {
     /// Creates and activates an AES-256 key; returns its Unique Identifier.
     pub fn create_key(&self) -> String {
         self.admin(&["create"])
+    }
+
+    /// Creates and activates `count` AES-256 keys (one connection).
+    pub fn create_keys(&self, count: usize) -> Vec<String> {
+        self.admin(&["create", &count.to_string()])
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Revokes the key (cessation of operation: state Deactivated).

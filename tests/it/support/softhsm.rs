@@ -2,6 +2,7 @@
 //! `SOFTHSM2_CONF` per test process, the token initialised with
 //! `softhsm2-util`, and the tenant's side (create, restrict, delete keys)
 //! done through the same Cryptoki module the provider loads.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -194,6 +194,13 @@ async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
         .await
         .is_none());
     common::encryption::assert_sealed(&s.direct, ACME_READ, "kmip-held").await;
+    // decrypt-dump opens a pg_dump through the same provider.
+    let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        rows.contains("kmip-held") && rows.contains("local-held"),
+        "{rows}"
+    );
 
     // tenants add checks the key at the server before storing a tenant.
     let config = s.proxy.dir().join("policy.yaml");
@@ -227,6 +234,13 @@ async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
         .expect("globex keeps working")
         .get(0);
     assert_eq!(globex, "local-held");
+    let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
+    assert_eq!(code, 1, "the revoked tenant's rows fail: {stderr}");
+    assert!(
+        rows.contains("local-held") && !rows.contains("kmip-held"),
+        "{rows}"
+    );
+    assert!(stderr.contains("acme"), "{stderr}");
     let out = add("hooli", &key);
     assert_eq!(out.status.code(), Some(1), "revoked key refused: {out:?}");
     let stored = common::encryption::count(

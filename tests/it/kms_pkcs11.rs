@@ -314,6 +314,13 @@ async fn pkcs11_key_revoked_in_softhsm_revokes_the_tenant_through_the_proxy() {
         "hsm-held",
     )
     .await;
+    // decrypt-dump opens a pg_dump through the same provider.
+    let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        rows.contains("hsm-held") && rows.contains("local-held"),
+        "{rows}"
+    );
 
     // The tenant clears CKA_DECRYPT in its token (another process).
     hsm.set_decrypt("acme-key", false);
@@ -332,6 +339,13 @@ async fn pkcs11_key_revoked_in_softhsm_revokes_the_tenant_through_the_proxy() {
         .expect("globex keeps working")
         .get(0);
     assert_eq!(globex, "local-held");
+    let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
+    assert_eq!(code, 1, "the revoked tenant's rows fail: {stderr}");
+    assert!(
+        rows.contains("local-held") && !rows.contains("hsm-held"),
+        "{rows}"
+    );
+    assert!(stderr.contains("acme"), "{stderr}");
 
     hsm.set_decrypt("acme-key", true);
     assert!(

@@ -232,6 +232,20 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
                 fix(client_cert);
                 fix(client_key);
             }
+            ProviderConfig::VaultTransit {
+                ca,
+                token_file,
+                secret_id_file,
+                jwt_file,
+                ..
+            } => {
+                for path in [ca, token_file, secret_id_file, jwt_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(path);
+                }
+            }
             _ => {}
         }
     }

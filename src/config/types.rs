@@ -219,6 +219,32 @@ pub enum ProviderConfig {
         /// Name checked in the server's certificate (default: endpoint host).
         server_name: Option<String>,
     },
+    /// HashiCorp Vault / OpenBao Transit; a tenant's key ref is its
+    /// Transit key name.
+    VaultTransit {
+        /// `https://vault:8200`.
+        address: String,
+        /// Transit mount path (default `transit`).
+        mount: Option<String>,
+        /// Namespace (Vault Enterprise, HCP).
+        namespace: Option<String>,
+        /// CA certificate (PEM) of Vault's TLS certificate.
+        ca: Option<PathBuf>,
+        /// `token` (default: `token_file` or VAULT_TOKEN), `approle` or `kubernetes`.
+        auth: Option<String>,
+        /// File holding the token (auth `token`).
+        token_file: Option<PathBuf>,
+        /// AppRole role id (auth `approle`).
+        role_id: Option<String>,
+        /// File holding the AppRole secret id.
+        secret_id_file: Option<PathBuf>,
+        /// Vault role (auth `kubernetes`).
+        role: Option<String>,
+        /// Service-account token file (default: the pod's).
+        jwt_file: Option<PathBuf>,
+        /// Auth mount path (default `approle` / `kubernetes`).
+        auth_mount: Option<String>,
+    },
 }
 
 /// Audit configuration (DESIGN section 8).

@@ -1,5 +1,5 @@
 //! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
-//! PKCS#11 tokens, KMIP servers.
+//! PKCS#11 tokens, KMIP servers, Vault Transit.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
@@ -7,6 +7,7 @@ pub mod aws;
 pub mod kmip;
 pub mod local;
 pub mod pkcs11;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub use aws::AwsKmsProvider;
 pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
 pub use pkcs11::{PinSource, Pkcs11Provider};
+pub use vault::{VaultAuth, VaultSettings, VaultTransitProvider};
 
 /// A wrapped DEK (ciphertext from the tenant's KMS). Not secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,6 +194,9 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
                 client_key: client_key.clone(),
                 server_name: server_name.clone(),
             })?),
+            vault @ ProviderConfig::VaultTransit { .. } => {
+                Arc::new(VaultTransitProvider::new(vault::settings(name, vault)?)?)
+            }
         };
         providers.insert(name.clone(), built);
     }

@@ -26,6 +26,7 @@ mod kms_aws;
 mod kms_kmip;
 mod kms_local;
 mod kms_pkcs11;
+mod kms_vault;
 mod migrate_schema;
 mod passthrough_dev;
 mod passthrough_localpg;

@@ -5,3 +5,4 @@ pub mod moto;
 pub mod pg;
 pub mod pykmip;
 pub mod softhsm;
+pub mod vault_fake;

@@ -35,6 +35,24 @@ pub struct KeyContext<'a> {
     pub dek_id: uuid::Uuid,
 }
 
+impl KeyContext<'_> {
+    /// AEAD associated data for providers that seal DEKs themselves
+    /// (PKCS#11, KMIP, Vault Transit): the provider's `label`, then the
+    /// tenant id length-prefixed (so no two contexts encode alike), then the
+    /// DEK id's 16 bytes.
+    pub fn associated_data(&self, label: &[u8]) -> Result<Vec<u8>, KmsError> {
+        let tenant = self.tenant_id.as_bytes();
+        let len = u32::try_from(tenant.len())
+            .map_err(|_| KmsError::Config("tenant id too long".to_owned()))?;
+        let mut aad = Vec::with_capacity(label.len() + 4 + tenant.len() + 16);
+        aad.extend_from_slice(label);
+        aad.extend_from_slice(&len.to_be_bytes());
+        aad.extend_from_slice(tenant);
+        aad.extend_from_slice(self.dek_id.as_bytes());
+        Ok(aad)
+    }
+}
+
 /// A tenant key management service.
 #[async_trait::async_trait]
 pub trait KeyProvider: Send + Sync + 'static {
@@ -201,4 +219,24 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
         providers.insert(name.clone(), built);
     }
     Ok(providers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn associated_data_differs_per_tenant_dek_and_label() {
+        let id = uuid::Uuid::new_v4();
+        let aad = |tenant_id, dek_id, label: &[u8]| {
+            KeyContext { tenant_id, dek_id }
+                .associated_data(label)
+                .unwrap()
+        };
+        let a = aad("ab", id, b"x");
+        assert_ne!(a, aad("a", id, b"x"));
+        assert_ne!(a, aad("ab", uuid::Uuid::new_v4(), b"x"));
+        assert_ne!(a, aad("ab", id, b"y"));
+        assert_eq!(a, aad("ab", id, b"x"));
+    }
 }

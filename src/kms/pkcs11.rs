@@ -381,20 +381,6 @@ fn key_state_outcome(key_ref: &str, attrs: &[Attribute]) -> Result<(), KmsError>
     Ok(())
 }
 
-/// AAD binding the sealed DEK to its tenant and DEK id (length-prefixed so
-/// no two contexts encode alike).
-fn associated_data(ctx: &KeyContext<'_>) -> Result<Vec<u8>, KmsError> {
-    let tenant = ctx.tenant_id.as_bytes();
-    let len = u32::try_from(tenant.len())
-        .map_err(|_| KmsError::Config("tenant id too long".to_owned()))?;
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + 4 + tenant.len() + 16);
-    aad.extend_from_slice(AAD_LABEL);
-    aad.extend_from_slice(&len.to_be_bytes());
-    aad.extend_from_slice(tenant);
-    aad.extend_from_slice(ctx.dek_id.as_bytes());
-    Ok(aad)
-}
-
 /// Maps a Cryptoki error: the key's own refusals are denials, token and
 /// session trouble (and the proxy's own PIN) are transient.
 fn map_ck_error(key_ref: &str, function: &str, err: CkError) -> KmsError {
@@ -510,7 +496,7 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     async fn wrap(&self, key_ref: &str, ctx: &KeyContext<'_>, dek: &Dek) -> Result<Edek, KmsError> {
-        let aad = associated_data(ctx)?;
+        let aad = ctx.associated_data(AAD_LABEL)?;
         let plain = Zeroizing::new(dek.expose_bytes().to_vec());
         let sealed = self
             .call(key_ref, move |session, handles, key_ref| {
@@ -526,7 +512,7 @@ impl KeyProvider for Pkcs11Provider {
         ctx: &KeyContext<'_>,
         edek: &Edek,
     ) -> Result<Dek, KmsError> {
-        let aad = associated_data(ctx)?;
+        let aad = ctx.associated_data(AAD_LABEL)?;
         let sealed = edek.0.clone();
         let plain = self
             .call(key_ref, move |session, handles, key_ref| {
@@ -573,28 +559,6 @@ mod tests {
             let err = key_state_outcome("k", &a).unwrap_err();
             assert_eq!(err.denial_reason(), Some(reason));
         }
-    }
-
-    #[test]
-    fn associated_data_differs_per_tenant_and_dek() {
-        let id = uuid::Uuid::new_v4();
-        let a = associated_data(&KeyContext {
-            tenant_id: "ab",
-            dek_id: id,
-        })
-        .unwrap();
-        let b = associated_data(&KeyContext {
-            tenant_id: "a",
-            dek_id: id,
-        })
-        .unwrap();
-        let c = associated_data(&KeyContext {
-            tenant_id: "ab",
-            dek_id: uuid::Uuid::new_v4(),
-        })
-        .unwrap();
-        assert_ne!(a, b);
-        assert_ne!(a, c);
     }
 
     #[test]

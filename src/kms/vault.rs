@@ -419,19 +419,6 @@ fn key_state_outcome(key_ref: &str, data: &Value) -> Result<u64, KmsError> {
     Ok(data["min_decryption_version"].as_u64().unwrap_or(1))
 }
 
-/// AAD binding the sealed DEK to its tenant and DEK id, base64 for the API.
-fn associated_data(ctx: &KeyContext<'_>) -> Result<String, KmsError> {
-    let tenant = ctx.tenant_id.as_bytes();
-    let len = u32::try_from(tenant.len())
-        .map_err(|_| KmsError::Config("tenant id too long".to_owned()))?;
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + 4 + tenant.len() + 16);
-    aad.extend_from_slice(AAD_LABEL);
-    aad.extend_from_slice(&len.to_be_bytes());
-    aad.extend_from_slice(tenant);
-    aad.extend_from_slice(ctx.dek_id.as_bytes());
-    Ok(B64.encode(aad))
-}
-
 /// The key version of a `vault:vN:` ciphertext.
 fn ciphertext_version(ciphertext: &str) -> Option<u64> {
     ciphertext
@@ -454,7 +441,7 @@ impl KeyProvider for VaultTransitProvider {
         let plaintext = Zeroizing::new(B64.encode(dek.expose_bytes()));
         let body = json!({
             "plaintext": plaintext.as_str(),
-            "associated_data": associated_data(ctx)?,
+            "associated_data": B64.encode(ctx.associated_data(AAD_LABEL)?),
         });
         let path = format!("{}/encrypt/{}", self.settings.mount, key_path(key_ref)?);
         let value = self
@@ -495,7 +482,7 @@ impl KeyProvider for VaultTransitProvider {
         }
         let body = json!({
             "ciphertext": ciphertext,
-            "associated_data": associated_data(ctx)?,
+            "associated_data": B64.encode(ctx.associated_data(AAD_LABEL)?),
         });
         let path = format!("{}/decrypt/{}", self.settings.mount, key_path(key_ref)?);
         let mut value = self

@@ -4,32 +4,15 @@
 //! failures as transient, and revocation end to end through the proxy.
 
 use crate::common;
+use crate::support::kms;
 use crate::support::pykmip::PyKmip;
 
 use std::time::{Duration, Instant};
 
 use cmk_proxy::crypto::Dek;
-use cmk_proxy::kms::{
-    DenialReason, Edek, KeyContext, KeyProvider, KmipProvider, KmipSettings, KmsError,
-};
-use common::encryption::{poll_until, EncryptedSetup};
+use cmk_proxy::kms::{DenialReason, Edek, KeyProvider, KmipProvider, KmipSettings, KmsError};
+use kms::{ctx, reason};
 use uuid::Uuid;
-
-fn ctx(tenant: &str, dek_id: Uuid) -> KeyContext<'_> {
-    KeyContext {
-        tenant_id: tenant,
-        dek_id,
-    }
-}
-
-fn reason(result: Result<impl std::fmt::Debug, KmsError>) -> DenialReason {
-    match result {
-        Err(e) => e
-            .denial_reason()
-            .unwrap_or_else(|| panic!("expected a denial, got {e}")),
-        Ok(v) => panic!("expected a denial, got {v:?}"),
-    }
-}
 
 fn settings(kmip: &PyKmip, endpoint: &str) -> KmipSettings {
     KmipSettings {
@@ -52,28 +35,8 @@ async fn kmip_wrap_unwrap_round_trips_bound_to_tenant_dek_id_and_key() {
     let globex = kmip.create_key();
     let p = provider(&kmip);
     assert_eq!(p.kind(), "kmip");
-    let dek = Dek::generate();
-    let id = Uuid::new_v4();
-    let edek = p.wrap(&acme, &ctx("acme", id), &dek).await.expect("wrap");
-    assert!(!edek.0.windows(32).any(|w| w == dek.expose_bytes()));
-    let back = p
-        .unwrap(&acme, &ctx("acme", id), &edek)
-        .await
-        .expect("unwrap");
-    assert_eq!(back.expose_bytes(), dek.expose_bytes());
+    let (_, id, edek) = kms::assert_bound_round_trip(&p, &acme, &globex).await;
     p.check_key(&acme).await.expect("active");
-
-    for (key_ref, tenant, dek_id) in [
-        (acme.as_str(), "globex", id),
-        (acme.as_str(), "acme", Uuid::new_v4()),
-        (globex.as_str(), "acme", id),
-    ] {
-        assert_eq!(
-            reason(p.unwrap(key_ref, &ctx(tenant, dek_id), &edek).await),
-            DenialReason::InvalidCiphertext,
-            "{key_ref}/{tenant}"
-        );
-    }
     let mut bad_tag = edek.0.clone();
     bad_tag[14] ^= 1;
     let mut bad_body = edek.0.clone();
@@ -168,33 +131,17 @@ async fn kmip_unreachable_silent_or_stopped_server_is_transient_and_bad_files_ar
     }
 }
 
-const ACME_READ: &str = "SELECT secret FROM vault WHERE tenant_id = 'acme'";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
     let kmip = PyKmip::start();
     let key = kmip.create_key();
-    let s = EncryptedSetup::start_with(
-        "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, secret bytea, cmk_edek jsonb)",
-        "public.vault",
-        &["secret: {type: text}"],
+    let s = kms::start(
         &format!("kmip: {}", kmip.provider_yaml()),
         &format!("acme: {{provider: kmip, key: \"{key}\"}}"),
     )
     .await;
     let app = s.app().await;
-    let insert = "INSERT INTO vault (tenant_id, secret) VALUES ($1, $2)";
-    app.execute(insert, &[&"acme", &"kmip-held"])
-        .await
-        .expect("acme write");
-    app.execute(insert, &[&"globex", &"local-held"])
-        .await
-        .expect("globex write");
-    assert!(poll_until(false, || app.query(ACME_READ, &[]))
-        .await
-        .is_none());
-    common::encryption::assert_sealed(&s.direct, ACME_READ, "kmip-held").await;
-    // decrypt-dump opens a pg_dump through the same provider.
+    kms::write_both(&s, &app, "kmip-held").await;
     let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -219,28 +166,13 @@ async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
     );
 
     kmip.revoke(&key);
-    let err = poll_until(true, || app.query(ACME_READ, &[]))
-        .await
-        .expect("revoked");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let err = app
-        .execute(insert, &[&"acme", &"refused"])
-        .await
-        .expect_err("write refused");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let globex: String = app
-        .query_one("SELECT secret FROM vault WHERE tenant_id = 'globex'", &[])
-        .await
-        .expect("globex keeps working")
-        .get(0);
-    assert_eq!(globex, "local-held");
+    kms::assert_acme_revoked(&app).await;
     let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
     assert_eq!(code, 1, "the revoked tenant's rows fail: {stderr}");
     assert!(
         rows.contains("local-held") && !rows.contains("kmip-held"),
         "{rows}"
     );
-    assert!(stderr.contains("acme"), "{stderr}");
     let out = add("hooli", &key);
     assert_eq!(out.status.code(), Some(1), "revoked key refused: {out:?}");
     let stored = common::encryption::count(
@@ -251,8 +183,7 @@ async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
     assert_eq!(stored, 0);
 
     kmip.destroy(&key);
-    let err = app.query(ACME_READ, &[]).await.expect_err("destroyed");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
+    kms::assert_acme_revoked(&app).await;
     let sealed = common::encryption::count(
         &s.direct,
         "SELECT count(*) FROM vault WHERE tenant_id = 'acme'",
@@ -260,15 +191,9 @@ async fn kmip_key_revoked_at_the_server_revokes_the_tenant_through_the_proxy() {
     .await;
     assert_eq!(sealed, 1, "the sealed row is still there, unreadable");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let audit = s.audit();
-    let outcomes: Vec<String> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "kms_call" && e["provider"] == "kmip")
-        .filter_map(|e| e["outcome"].as_str().map(str::to_owned))
-        .collect();
+    let outcomes = kms::kms_outcomes(&s, "kmip");
     for want in ["ok", "denied:disabled"] {
         assert!(outcomes.iter().any(|o| o == want), "{want} in {outcomes:?}");
     }
-    assert!(!audit.contains("kmip-held"));
+    assert!(!s.audit().contains("kmip-held"));
 }

@@ -5,6 +5,7 @@
 //! through the proxy.
 
 use crate::common;
+use crate::support::kms;
 use crate::support::softhsm::{SoftHsm, MODULE, TOKEN};
 
 use std::path::Path;
@@ -13,27 +14,11 @@ use std::time::Duration;
 use cmk_proxy::config::{KeysConfig, ProviderConfig};
 use cmk_proxy::crypto::Dek;
 use cmk_proxy::kms::{
-    build_providers, DenialReason, Edek, KeyContext, KeyProvider, KmsError, PinSource,
-    Pkcs11Provider,
+    build_providers, DenialReason, Edek, KeyProvider, KmsError, PinSource, Pkcs11Provider,
 };
-use common::encryption::{poll_until, EncryptedSetup};
+use common::encryption::poll_until;
+use kms::{ctx, reason, ACME_READ};
 use uuid::Uuid;
-
-fn ctx(tenant: &str, dek_id: Uuid) -> KeyContext<'_> {
-    KeyContext {
-        tenant_id: tenant,
-        dek_id,
-    }
-}
-
-fn reason(result: Result<impl std::fmt::Debug, KmsError>) -> DenialReason {
-    match result {
-        Err(e) => e
-            .denial_reason()
-            .unwrap_or_else(|| panic!("expected a denial, got {e}")),
-        Ok(v) => panic!("expected a denial, got {v:?}"),
-    }
-}
 
 fn provider(hsm: &SoftHsm, sessions: Option<usize>) -> Pkcs11Provider {
     Pkcs11Provider::open(
@@ -69,29 +54,9 @@ async fn pkcs11_wrap_unwrap_round_trips_bound_to_tenant_dek_id_and_key() {
     let providers = build_providers(&cfg).await.expect("build");
     let p = providers.get("hsm").expect("hsm provider");
     assert_eq!(p.kind(), "pkcs11");
-    let dek = Dek::generate();
-    let id = Uuid::new_v4();
-    let edek = p.wrap("acme", &ctx("acme", id), &dek).await.expect("wrap");
-    assert!(!edek.0.windows(32).any(|w| w == dek.expose_bytes()));
+    let (dek, id, edek) = kms::assert_bound_round_trip(p.as_ref(), "acme", "globex").await;
     let again = p.wrap("acme", &ctx("acme", id), &dek).await.expect("wrap");
     assert_ne!(edek, again, "a fresh IV per wrap");
-    let back = p
-        .unwrap("acme", &ctx("acme", id), &edek)
-        .await
-        .expect("unwrap");
-    assert_eq!(back.expose_bytes(), dek.expose_bytes());
-
-    for (key_ref, tenant, dek_id) in [
-        ("acme", "globex", id),
-        ("acme", "acme", Uuid::new_v4()),
-        ("globex", "acme", id),
-    ] {
-        assert_eq!(
-            reason(p.unwrap(key_ref, &ctx(tenant, dek_id), &edek).await),
-            DenialReason::InvalidCiphertext,
-            "{key_ref}/{tenant}"
-        );
-    }
     let last = edek.0.len() - 1;
     let mut tampered = edek.0.clone();
     tampered[last] ^= 1;
@@ -243,14 +208,7 @@ async fn pkcs11_concurrent_calls_share_a_small_session_pool() {
 async fn pkcs11_tenants_add_checks_the_key_before_storing_the_tenant() {
     let hsm = SoftHsm::start();
     hsm.create_key("acme");
-    let s = EncryptedSetup::start_with(
-        "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, secret bytea, cmk_edek jsonb)",
-        "public.vault",
-        &["secret: {type: text}"],
-        &format!("hsm: {}", hsm.provider_yaml()),
-        "",
-    )
-    .await;
+    let s = kms::start(&format!("hsm: {}", hsm.provider_yaml()), "").await;
     let config = s.proxy.dir().join("policy.yaml");
     let cli = |tenant: &str, key: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
@@ -283,37 +241,17 @@ async fn pkcs11_tenants_add_checks_the_key_before_storing_the_tenant() {
     assert_eq!(stored, 1, "only the tenant with a usable key is stored");
 }
 
-const ACME_READ: &str = "SELECT secret FROM vault WHERE tenant_id = 'acme'";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pkcs11_key_revoked_in_softhsm_revokes_the_tenant_through_the_proxy() {
     let hsm = SoftHsm::start();
     hsm.create_key("acme-key");
-    let s = EncryptedSetup::start_with(
-        "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, secret bytea, cmk_edek jsonb)",
-        "public.vault",
-        &["secret: {type: text}"],
+    let s = kms::start(
         &format!("hsm: {}", hsm.provider_yaml()),
         "acme: {provider: hsm, key: acme-key}",
     )
     .await;
     let app = s.app().await;
-    let insert = "INSERT INTO vault (tenant_id, secret) VALUES ($1, $2)";
-    app.execute(insert, &[&"acme", &"hsm-held"])
-        .await
-        .expect("acme write");
-    app.execute(insert, &[&"globex", &"local-held"])
-        .await
-        .expect("globex write");
-    assert!(poll_until(false, || app.query(ACME_READ, &[]))
-        .await
-        .is_none());
-    common::encryption::assert_sealed(
-        &s.direct,
-        "SELECT secret FROM vault WHERE tenant_id = 'acme'",
-        "hsm-held",
-    )
-    .await;
+    kms::write_both(&s, &app, "hsm-held").await;
     // decrypt-dump opens a pg_dump through the same provider.
     let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
     assert_eq!(code, 0, "{stderr}");
@@ -324,21 +262,7 @@ async fn pkcs11_key_revoked_in_softhsm_revokes_the_tenant_through_the_proxy() {
 
     // The tenant clears CKA_DECRYPT in its token (another process).
     hsm.set_decrypt("acme-key", false);
-    let err = poll_until(true, || app.query(ACME_READ, &[]))
-        .await
-        .expect("revoked");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let err = app
-        .execute(insert, &[&"acme", &"refused"])
-        .await
-        .expect_err("write refused");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let globex: String = app
-        .query_one("SELECT secret FROM vault WHERE tenant_id = 'globex'", &[])
-        .await
-        .expect("globex keeps working")
-        .get(0);
-    assert_eq!(globex, "local-held");
+    kms::assert_acme_revoked(&app).await;
     let (code, rows, stderr) = common::encryption::decrypt_dump(&s);
     assert_eq!(code, 1, "the revoked tenant's rows fail: {stderr}");
     assert!(
@@ -360,23 +284,11 @@ async fn pkcs11_key_revoked_in_softhsm_revokes_the_tenant_through_the_proxy() {
 
     // Deleting the key is final.
     hsm.delete_key("acme-key");
-    let err = poll_until(true, || app.query(ACME_READ, &[]))
-        .await
-        .expect("deleted");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
+    kms::assert_acme_revoked(&app).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let audit = s.audit();
-    let calls: Vec<serde_json::Value> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "kms_call" && e["provider"] == "hsm")
-        .collect();
-    let outcomes: Vec<&str> = calls.iter().filter_map(|e| e["outcome"].as_str()).collect();
+    let outcomes = kms::kms_outcomes(&s, "hsm");
     for want in ["ok", "denied:disabled", "denied:not-found"] {
-        assert!(outcomes.contains(&want), "{want} in {outcomes:?}");
+        assert!(outcomes.iter().any(|o| o == want), "{want} in {outcomes:?}");
     }
-    assert!(calls
-        .iter()
-        .all(|e| e["key_ref"] == "acme-key" && e["tenant"] == "acme"));
-    assert!(!audit.contains("hsm-held"));
+    assert!(!s.audit().contains("hsm-held"));
 }

@@ -7,33 +7,18 @@
 //! auth, and revocation end to end through the proxy.
 
 use crate::common;
+use crate::support::kms;
 use crate::support::vault_fake::{FakeVault, Fault, ROLE_ID};
 
 use std::time::{Duration, Instant};
 
 use cmk_proxy::crypto::Dek;
 use cmk_proxy::kms::{
-    DenialReason, Edek, KeyContext, KeyProvider, KmsError, VaultAuth, VaultSettings,
-    VaultTransitProvider,
+    DenialReason, Edek, KeyProvider, KmsError, VaultAuth, VaultSettings, VaultTransitProvider,
 };
-use common::encryption::{poll_until, EncryptedSetup};
+use common::encryption::poll_until;
+use kms::{ctx, reason, ACME_READ};
 use uuid::Uuid;
-
-fn ctx(tenant: &str, dek_id: Uuid) -> KeyContext<'_> {
-    KeyContext {
-        tenant_id: tenant,
-        dek_id,
-    }
-}
-
-fn reason(result: Result<impl std::fmt::Debug, KmsError>) -> DenialReason {
-    match result {
-        Err(e) => e
-            .denial_reason()
-            .unwrap_or_else(|| panic!("expected a denial, got {e}")),
-        Ok(v) => panic!("expected a denial, got {v:?}"),
-    }
-}
 
 fn is_transient(result: Result<impl std::fmt::Debug, KmsError>) -> bool {
     matches!(result, Err(KmsError::Transient { .. }))
@@ -63,26 +48,8 @@ async fn vault_wrap_unwrap_round_trips_bound_to_tenant_dek_id_and_key() {
     vault.create_key("globex");
     let p = provider(&vault, token_auth(&vault));
     assert_eq!(p.kind(), "vault-transit");
-    let dek = Dek::generate();
-    let id = Uuid::new_v4();
-    let edek = p.wrap("acme", &ctx("acme", id), &dek).await.expect("wrap");
+    let (_, id, edek) = kms::assert_bound_round_trip(&p, "acme", "globex").await;
     assert!(edek.0.starts_with(b"vault:v1:"));
-    let back = p
-        .unwrap("acme", &ctx("acme", id), &edek)
-        .await
-        .expect("unwrap");
-    assert_eq!(back.expose_bytes(), dek.expose_bytes());
-    for (key_ref, tenant, dek_id) in [
-        ("acme", "globex", id),
-        ("acme", "acme", Uuid::new_v4()),
-        ("globex", "acme", id),
-    ] {
-        assert_eq!(
-            reason(p.unwrap(key_ref, &ctx(tenant, dek_id), &edek).await),
-            DenialReason::InvalidCiphertext,
-            "{key_ref}/{tenant}"
-        );
-    }
     for bad in [&b""[..], b"vault:vx:abc", b"\xff\xfe", b"vault:v1:nope"] {
         assert_eq!(
             reason(
@@ -229,44 +196,20 @@ async fn vault_approle_logs_in_and_again_after_its_token_is_revoked() {
     ));
 }
 
-const ACME_READ: &str = "SELECT secret FROM vault WHERE tenant_id = 'acme'";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn vault_key_deleted_revokes_the_tenant_through_the_proxy() {
     let vault = FakeVault::start().await;
     vault.create_key("acme-key");
-    let s = EncryptedSetup::start_with(
-        "CREATE TABLE vault (id serial PRIMARY KEY, tenant_id text NOT NULL, secret bytea, cmk_edek jsonb)",
-        "public.vault",
-        &["secret: {type: text}"],
+    let s = kms::start(
         &format!("transit: {}", vault.provider_yaml()),
         "acme: {provider: transit, key: acme-key}",
     )
     .await;
     let app = s.app().await;
-    let insert = "INSERT INTO vault (tenant_id, secret) VALUES ($1, $2)";
-    app.execute(insert, &[&"acme", &"vault-held"])
-        .await
-        .expect("acme write");
-    app.execute(insert, &[&"globex", &"local-held"])
-        .await
-        .expect("globex write");
-    assert!(poll_until(false, || app.query(ACME_READ, &[]))
-        .await
-        .is_none());
-    common::encryption::assert_sealed(&s.direct, ACME_READ, "vault-held").await;
+    kms::write_both(&s, &app, "vault-held").await;
 
     vault.set_fault(Some(Fault::Forbidden));
-    let err = poll_until(true, || app.query(ACME_READ, &[]))
-        .await
-        .expect("revoked");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let globex: String = app
-        .query_one("SELECT secret FROM vault WHERE tenant_id = 'globex'", &[])
-        .await
-        .expect("globex keeps working")
-        .get(0);
-    assert_eq!(globex, "local-held");
+    kms::assert_acme_revoked(&app).await;
     vault.set_fault(None);
     assert!(
         poll_until(false, || app.query(ACME_READ, &[]))
@@ -276,25 +219,11 @@ async fn vault_key_deleted_revokes_the_tenant_through_the_proxy() {
     );
 
     vault.delete_key("acme-key");
-    let err = poll_until(true, || app.query(ACME_READ, &[]))
-        .await
-        .expect("deleted");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
-    let err = app
-        .execute(insert, &[&"acme", &"refused"])
-        .await
-        .expect_err("write refused");
-    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM001"), "{err}");
+    kms::assert_acme_revoked(&app).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let audit = s.audit();
-    let outcomes: Vec<String> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "kms_call" && e["provider"] == "transit")
-        .filter_map(|e| e["outcome"].as_str().map(str::to_owned))
-        .collect();
+    let outcomes = kms::kms_outcomes(&s, "transit");
     for want in ["ok", "denied:access-denied", "denied:not-found"] {
         assert!(outcomes.iter().any(|o| o == want), "{want} in {outcomes:?}");
     }
-    assert!(!audit.contains("vault-held"));
+    assert!(!s.audit().contains("vault-held"));
 }

@@ -170,19 +170,6 @@ fn gcm_parameters() -> Item {
     )
 }
 
-/// AAD binding the sealed DEK to its tenant and DEK id (length-prefixed).
-fn associated_data(ctx: &KeyContext<'_>) -> Result<Vec<u8>, KmsError> {
-    let tenant = ctx.tenant_id.as_bytes();
-    let len = u32::try_from(tenant.len())
-        .map_err(|_| KmsError::Config("tenant id too long".to_owned()))?;
-    let mut aad = Vec::with_capacity(AAD_LABEL.len() + 4 + tenant.len() + 16);
-    aad.extend_from_slice(AAD_LABEL);
-    aad.extend_from_slice(&len.to_be_bytes());
-    aad.extend_from_slice(tenant);
-    aad.extend_from_slice(ctx.dek_id.as_bytes());
-    Ok(aad)
-}
-
 /// Maps a key State: only Active is usable.
 fn state_outcome(key_ref: &str, state: Option<u32>) -> Result<(), KmsError> {
     let deny = |reason, name: &str| {
@@ -250,7 +237,7 @@ impl KeyProvider for KmipProvider {
         self.require_active(key_ref).await?;
         let mut iv = [0u8; IV_LEN];
         rand::rngs::OsRng.fill_bytes(&mut iv);
-        let aad = associated_data(ctx)?;
+        let aad = ctx.associated_data(AAD_LABEL)?;
         let answer = self.encrypt(key_ref, dek.expose_bytes(), &iv, &aad).await?;
         let payload = refused(key_ref, "Encrypt", answer)?;
         let missing = |what: &str| KmsError::Transient {
@@ -295,7 +282,7 @@ impl KeyProvider for KmipProvider {
         // KMIP lets a Deactivated key still decrypt; the tenant's
         // revocation must stop that, so the State is checked first.
         self.require_active(key_ref).await?;
-        let aad = associated_data(ctx)?;
+        let aad = ctx.associated_data(AAD_LABEL)?;
         let answer = self.decrypt(key_ref, sealed, iv, &aad, auth_tag).await?;
         // PyKMIP (and others) answer a failed tag check with General
         // Failure, which also means a sick server: a probe tells which.

@@ -40,14 +40,14 @@ check() { # name, test command...
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
 check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
+check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
+check python3-pykmip       test -x /usr/bin/pykmip-server
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"
 check default-jdk-headless bash -c 'command -v javac && command -v java'
 check nodejs               command -v node
 check npm                  command -v npm
 check python3-venv         /usr/bin/python3 -c 'import venv, ensurepip'
 check openssl              command -v openssl
-check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
-check python3-pykmip       test -x /usr/bin/pykmip-server
 
 if [ "${#missing[@]}" -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to install: ${missing[*]}"

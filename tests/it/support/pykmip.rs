@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -89,7 +90,10 @@ impl PyKmip {
                 ),
             )
             .unwrap();
+            // Its own process group: PyKMIP forks workers that a kill of
+            // the parent alone would leave running.
             let mut child = Command::new(SERVER)
+                .process_group(0)
                 .arg("-f")
                 .arg(&conf)
                 .arg("-l")
@@ -110,8 +114,7 @@ impl PyKmip {
                     return PyKmip { child, port, dir };
                 }
                 if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    kill_group(&mut child);
                     last_error = "pykmip-server did not listen within 60 s".to_owned();
                     break;
                 }
@@ -189,9 +192,20 @@ impl PyKmip {
     }
 }
 
+/// Kills the server and every process it forked.
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for PyKmip {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 }

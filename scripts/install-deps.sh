@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration clients and the benchmark need on Debian 12:
-# apt packages (only the missing ones), the Python venv at <repo>/.venv, the
-# node packages of integration/node, and the compiled JDBC client.
+# apt packages (only the missing ones; SoftHSM2 and PyKMIP's server for the
+# PKCS#11 and KMIP tests), the Python venv at <repo>/.venv, the node packages
+# of integration/node, and the compiled JDBC client.
 # Idempotent: when everything is present it only checks and prints "ok" lines.
 # Needs no network other than Debian apt, PyPI and npm.
 set -euo pipefail
@@ -39,6 +40,8 @@ check() { # name, test command...
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
 check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
+check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
+check python3-pykmip       test -x /usr/bin/pykmip-server
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"
 check default-jdk-headless bash -c 'command -v javac && command -v java'
 check nodejs               command -v node

@@ -191,3 +191,29 @@ where
         }
     }
 }
+
+/// `pg_dump` of database `app`, then `cmk-proxy decrypt-dump` of it with the
+/// proxy's own policy: (exit code, stdout, stderr).
+pub fn decrypt_dump(setup: &EncryptedSetup) -> (i32, String, String) {
+    let dump = setup.dir.path().join("dump.sql");
+    let out = std::process::Command::new(crate::encryption_at_rest::pg_dump_bin())
+        .arg("--dbname")
+        .arg(setup.pg.admin_url("app"))
+        .arg("--file")
+        .arg(&dump)
+        .output()
+        .expect("run pg_dump");
+    assert!(out.status.success(), "pg_dump: {out:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .arg("decrypt-dump")
+        .arg("--config")
+        .arg(setup.proxy.dir().join("policy.yaml"))
+        .arg(&dump)
+        .output()
+        .expect("run decrypt-dump");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

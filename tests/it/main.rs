@@ -34,3 +34,4 @@ mod robustness_client;
 mod robustness_load;
 mod robustness_shutdown;
 mod robustness_upstream;
+mod upstream_tls;

@@ -235,7 +235,29 @@ pub async fn load_map(
     }
     let children = map_children(client, &mut map).await?;
     map_views(client, &mut map, &children).await?;
+    warn_of_citus_router_results(client).await?;
     Ok(map)
+}
+
+/// Citus answers a router (single-shard) query with a RowDescription whose
+/// columns name no table (it rebuilds the target list of its plan), so the
+/// protected columns in it cannot be traced and their cells are refused
+/// (KM003). With `citus.enable_router_execution = off` Citus plans such
+/// queries like multi-shard ones, whose columns name the distributed table.
+async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result<(), CatalogError> {
+    let router: Option<String> = client
+        .query_one(
+            "SELECT current_setting('citus.enable_router_execution', true)",
+            &[],
+        )
+        .await?
+        .get(0);
+    if router.as_deref() == Some("on") {
+        tracing::warn!(
+            "Citus router execution is on: single-shard results of protected columns cannot be traced and are refused (KM003); set citus.enable_router_execution = off for the database (docs/scaling-out.md)"
+        );
+    }
+    Ok(())
 }
 
 /// Partitions and inheritance children of policy tables, at any depth:

@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 
 use nix::unistd::{Gid, Uid, User};
 
+pub mod citus;
+
 /// Version of the template layout; bump it when the template contents change
 /// so stale caches from older builds are not reused.
 const TEMPLATE_LAYOUT: u32 = 2;
@@ -100,6 +102,8 @@ pub struct LocalPostgresOptions {
     pub data_dir: Option<PathBuf>,
     /// Which certificate the server presents with `tls: true`.
     pub server_cert: ServerCert,
+    /// `shared_preload_libraries` (e.g. `citus`); none when empty.
+    pub preload: String,
 }
 
 impl Default for LocalPostgresOptions {
@@ -109,6 +113,7 @@ impl Default for LocalPostgresOptions {
             max_connections: 200,
             data_dir: None,
             server_cert: ServerCert::CaSigned,
+            preload: String::new(),
         }
     }
 }
@@ -542,8 +547,12 @@ fn pg_ctl(inst: &Installation, dir: &Path, args: &[&str]) -> Result<Output, Loca
 }
 
 fn pg_ctl_start(inst: &Installation, dir: &Path, log: &Path) -> Result<(), LocalPgError> {
+    // The server's own libpq connections (Citus between nodes) look for
+    // client certificates under $HOME/.postgresql; ours may be unreadable
+    // to the cluster owner, so point it at the data directory.
     let started = run(inst
         .command("pg_ctl")
+        .env("HOME", dir)
         .arg("-D")
         .arg(dir)
         .arg("-l")
@@ -693,7 +702,9 @@ impl LocalPostgres {
              log_min_messages = warning\n\
              log_connections = off\n\
              dynamic_shared_memory_type = mmap\n\
+             shared_preload_libraries = '{preload}'\n\
              {ssl}",
+            preload = opts.preload.replace('\'', ""),
             port = self.port,
             dir = self.data_dir.display(),
             max = opts.max_connections,

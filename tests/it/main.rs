@@ -10,6 +10,7 @@ mod support;
 
 mod audit_sinks;
 mod catalog_schema;
+mod citus;
 mod clients;
 mod clients_encrypted;
 mod config_errors;

@@ -123,6 +123,11 @@ impl Proxy {
         Err(format!("timed out\n{}", self.log_text()))
     }
 
+    /// The policy file the proxy was started with (for CLI commands).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -176,13 +176,24 @@ fn tls13_signature(
     )
 }
 
-/// TLS 1.2 names a signature scheme that may map to several algorithms
-/// (rustls's `verify_tls12_signature` tries each in turn; so does this).
 fn tls12_signature(
     provider: &CryptoProvider,
     message: &[u8],
     cert: &CertificateDer<'_>,
     dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    signed_by_certificate_key(provider, message, cert, dss.scheme, dss.signature())
+}
+
+/// Checks `signature` over `message` with the public key of `cert` (any
+/// X.509 version). A scheme may map to several algorithms (rustls's own
+/// `verify_tls12_signature` tries each in turn; so does this).
+fn signed_by_certificate_key(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    scheme: SignatureScheme,
+    signature: &[u8],
 ) -> Result<HandshakeSignatureValid, rustls::Error> {
     let spki = subject_public_key_info(cert)?;
     let key = webpki::RawPublicKeyEntity::try_from(&spki).map_err(|_| bad_encoding())?;
@@ -190,13 +201,13 @@ fn tls12_signature(
         .signature_verification_algorithms
         .mapping
         .iter()
-        .find(|(scheme, _)| *scheme == dss.scheme)
+        .find(|(known, _)| *known == scheme)
         .map(|(_, algs)| *algs)
         .ok_or(rustls::Error::PeerMisbehaved(
             rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
         ))?;
     for alg in candidates {
-        match key.verify_signature(*alg, message, dss.signature()) {
+        match key.verify_signature(*alg, message, signature) {
             Ok(()) => return Ok(HandshakeSignatureValid::assertion()),
             Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => continue,
             Err(_) => break,
@@ -205,4 +216,71 @@ fn tls12_signature(
     Err(rustls::Error::InvalidCertificate(
         CertificateError::BadSignature,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::localpg::write_self_signed_v1_cert;
+    use crate::tls::{load_certs, load_key, provider};
+
+    /// A v1 certificate, its key, and a signature by that key over `message`.
+    fn v1_signed(
+        dir: &std::path::Path,
+        message: &[u8],
+    ) -> (CertificateDer<'static>, SignatureScheme, Vec<u8>) {
+        let files = write_self_signed_v1_cert(dir).expect("openssl makes a v1 certificate");
+        let cert = load_certs(&files.cert).unwrap().remove(0);
+        let key =
+            rustls::crypto::ring::sign::any_supported_type(&load_key(&files.key).unwrap()).unwrap();
+        let signer = key
+            .choose_scheme(&[SignatureScheme::RSA_PSS_SHA256])
+            .unwrap();
+        let scheme = signer.scheme();
+        (cert, scheme, signer.sign(message).unwrap())
+    }
+
+    #[test]
+    fn a_v1_certificate_is_refused_by_webpki_but_its_key_checks_signatures() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = b"handshake transcript";
+        let (cert, scheme, signature) = v1_signed(dir.path(), message);
+        let version = x509_cert::Certificate::from_der(cert.as_ref())
+            .unwrap()
+            .tbs_certificate
+            .version;
+        assert_eq!(version, x509_cert::Version::V1);
+        assert!(webpki::EndEntityCert::try_from(&cert).is_err());
+        let p = provider();
+        assert!(signed_by_certificate_key(&p, message, &cert, scheme, &signature).is_ok());
+        // Another message, or a key the certificate does not hold, fails.
+        let other = signed_by_certificate_key(&p, b"another transcript", &cert, scheme, &signature);
+        assert!(matches!(
+            other,
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::BadSignature
+            ))
+        ));
+        let other_dir = tempfile::tempdir().unwrap();
+        let (_, _, foreign) = v1_signed(other_dir.path(), message);
+        assert!(signed_by_certificate_key(&p, message, &cert, scheme, &foreign).is_err());
+    }
+
+    #[test]
+    fn garbage_is_no_certificate() {
+        let verifier = EncryptOnly(provider());
+        let err = verifier
+            .verify_server_cert(
+                &CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]),
+                &[],
+                &ServerName::try_from("localhost").unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+        ));
+    }
 }

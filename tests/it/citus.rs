@@ -61,15 +61,26 @@ struct CitusSetup {
 }
 
 async fn setup(router_execution: bool) -> Option<CitusSetup> {
+    setup_with(router_execution, false).await
+}
+
+/// With `coordinator_shards`, the coordinator holds shards too.
+async fn setup_with(router_execution: bool, coordinator_shards: bool) -> Option<CitusSetup> {
     let LocalCitus {
         coordinator,
         workers,
     } = cluster()?;
-    let schema = if router_execution {
-        SCHEMA.to_owned()
-    } else {
-        format!("{SCHEMA} {ROUTER_OFF};")
-    };
+    let mut schema = String::new();
+    if coordinator_shards {
+        schema.push_str(&format!(
+            "SELECT citus_set_node_property('127.0.0.1', {}, 'shouldhaveshards', true); ",
+            coordinator.port()
+        ));
+    }
+    schema.push_str(SCHEMA);
+    if !router_execution {
+        schema.push_str(&format!(" {ROUTER_OFF};"));
+    }
     let s = EncryptedSetup::start_on(
         coordinator,
         &schema,
@@ -430,4 +441,52 @@ async fn the_registry_lives_on_the_coordinator_and_rotation_and_disable_work_whi
     .await
     .expect("a disabled tenant is refused");
     assert_eq!(sqlstate(&err).as_deref(), Some("KM001"), "{err}");
+}
+
+/// A statement naming a shard is refused like one naming a partition: on a
+/// coordinator that holds shards it would otherwise write plaintext into a
+/// protected column, or read cells, unseen by the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shard_named_directly_is_refused() {
+    let Some(CitusSetup { s, workers: _w }) = setup_with(false, true).await else {
+        return;
+    };
+    s.direct
+        .batch_execute("SET citus.override_table_visibility = off")
+        .await
+        .unwrap();
+    let shard: String = s
+        .direct
+        .query_one(
+            "SELECT relname::text FROM pg_class WHERE relkind = 'r' AND relname ~ '^patients_[0-9]+$' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let app = s.app().await;
+    for sql in [
+        format!("INSERT INTO {shard} (tenant_id, notes) VALUES ('acme', 'plain')"),
+        format!("INSERT INTO public.{shard} (tenant_id, notes) VALUES ('acme', 'plain')"),
+        format!("SELECT notes FROM {shard}"),
+        format!("UPDATE {shard} SET notes = 'plain'"),
+    ] {
+        let (code, message) = refused(&app, &sql).await;
+        assert_eq!(code, "KM003", "{sql}: {message}");
+        assert!(message.contains("public.patients"), "{sql}: {message}");
+    }
+    let stored: i64 = s
+        .direct
+        .query_one(&format!("SELECT count(*) FROM {shard}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "nothing reached the shard");
+    // The distributed table itself still works through the proxy.
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'ok')",
+    )
+    .await;
+    assert_eq!(notes_of(&app, "acme").await, [Some("ok".into())]);
 }

@@ -3,12 +3,11 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::RootCertStore;
 
 use super::pem::{load_certs, load_key};
-use super::verify::{ChainOnly, EncryptOnly};
+use super::verify::{LibpqVerifier, Trust};
 use super::{provider, TlsError};
 use crate::config::{UpstreamTls, UpstreamTlsMode};
 
@@ -20,28 +19,29 @@ pub fn upstream_client_config(
 ) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    let builder = match cfg.mode {
+    let trust = match cfg.mode {
         UpstreamTlsMode::Disable => return Ok(None),
-        UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => {
-            let verifier: Arc<dyn ServerCertVerifier> = Arc::new(EncryptOnly(provider()));
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
-        }
+        UpstreamTlsMode::Prefer | UpstreamTlsMode::Require => Some(Trust::Anyone),
         UpstreamTlsMode::VerifyCa => {
             let (roots, pinned) = trusted(cfg)?;
             if roots.is_empty() && pinned.is_empty() {
                 return Err(no_anchor("verify-ca has no CA certificate to trust"));
             }
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                    roots: Arc::new(roots),
-                    pinned,
-                    provider: provider(),
-                }))
+            Some(Trust::Chain {
+                roots: Arc::new(roots),
+                pinned,
+            })
         }
-        UpstreamTlsMode::VerifyFull => {
+        UpstreamTlsMode::VerifyFull => None,
+    };
+    let builder = match trust {
+        Some(trust) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(LibpqVerifier {
+                trust,
+                provider: provider(),
+            })),
+        None => {
             let (roots, _) = trusted(cfg)?;
             if roots.is_empty() {
                 return Err(no_anchor(

@@ -19,59 +19,31 @@ use rustls::server::ParsedCertificate;
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use x509_cert::der::{Decode, Encode};
 
-/// libpq's `prefer` / `require`: any certificate, of any X.509 version.
+/// What the server's certificate must satisfy.
 #[derive(Debug)]
-pub(super) struct EncryptOnly(pub(super) Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // Not trusted, but it must hold a key the signatures can be checked with.
-        subject_public_key_info(end_entity)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12_signature(&self.0, message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13_signature(&self.0, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+pub(super) enum Trust {
+    /// libpq's `prefer` / `require`: any certificate, of any X.509 version.
+    Anyone,
+    /// libpq's `verify-ca`: the certificate chains to a trusted CA; the
+    /// host name is not checked. A server certificate that is itself in
+    /// `pinned` (a self-signed certificate, as OpenSSL accepts it) is
+    /// trusted whatever its X.509 version, within its validity period.
+    Chain {
+        /// The CAs, for WebPKI (X.509 v3) chains.
+        roots: Arc<RootCertStore>,
+        /// The CA file's certificates themselves.
+        pinned: Vec<CertificateDer<'static>>,
+    },
 }
 
-/// libpq's `verify-ca`: the certificate chains to a trusted CA; the host
-/// name is not checked. A server certificate that is itself in the trusted
-/// set (a pinned self-signed certificate, as OpenSSL accepts it) is trusted
-/// whatever its X.509 version, within its validity period.
+/// The verifier of `require` and `verify-ca` (see the module doc).
 #[derive(Debug)]
-pub(super) struct ChainOnly {
-    pub(super) roots: Arc<RootCertStore>,
-    pub(super) pinned: Vec<CertificateDer<'static>>,
+pub(super) struct LibpqVerifier {
+    pub(super) trust: Trust,
     pub(super) provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for LibpqVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -80,18 +52,22 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .pinned
-            .iter()
-            .any(|c| c.as_ref() == end_entity.as_ref())
-        {
+        let (roots, pinned) = match &self.trust {
+            Trust::Anyone => {
+                // Not trusted, but it must hold a key the signatures can be checked with.
+                subject_public_key_info(end_entity)?;
+                return Ok(ServerCertVerified::assertion());
+            }
+            Trust::Chain { roots, pinned } => (roots, pinned),
+        };
+        if pinned.iter().any(|c| c.as_ref() == end_entity.as_ref()) {
             check_validity(end_entity, now)?;
             return Ok(ServerCertVerified::assertion());
         }
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
@@ -105,7 +81,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls12_signature(&self.provider, message, cert, dss)
+        signed_by_certificate_key(&self.provider, message, cert, dss.scheme, dss.signature())
     }
 
     fn verify_tls13_signature(
@@ -114,7 +90,13 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        tls13_signature(&self.provider, message, cert, dss)
+        let spki = subject_public_key_info(cert)?;
+        verify_tls13_signature_with_raw_key(
+            message,
+            &spki,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -159,30 +141,6 @@ fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls
         return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
     }
     Ok(())
-}
-
-fn tls13_signature(
-    provider: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    let spki = subject_public_key_info(cert)?;
-    verify_tls13_signature_with_raw_key(
-        message,
-        &spki,
-        dss,
-        &provider.signature_verification_algorithms,
-    )
-}
-
-fn tls12_signature(
-    provider: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    signed_by_certificate_key(provider, message, cert, dss.scheme, dss.signature())
 }
 
 /// Checks `signature` over `message` with the public key of `cert` (any
@@ -268,7 +226,10 @@ mod tests {
 
     #[test]
     fn garbage_is_no_certificate() {
-        let verifier = EncryptOnly(provider());
+        let verifier = LibpqVerifier {
+            trust: Trust::Anyone,
+            provider: provider(),
+        };
         let err = verifier
             .verify_server_cert(
                 &CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]),

@@ -13,13 +13,12 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use cmk_proxy::localpg::citus::{self, LocalCitus};
 use cmk_proxy::localpg::LocalPostgres;
 use common::encryption::{keyring, poll_until, refused, rows, EncryptedSetup};
-use common::{connect, sqlstate};
+use common::{connect, run_cmk_proxy, server_sees_tls, sqlstate};
 use tokio_postgres::Client;
 
 const COLUMNS: &[&str] = &["ssn: {type: text}", "notes: {type: text}"];
@@ -150,12 +149,7 @@ async fn writes_and_reads_on_a_table_distributed_by_tenant() {
     let app = s.app().await;
     // The proxy's upstream session is encrypted although the coordinator's
     // certificate is the self-signed X.509 v1 one Citus made.
-    let ssl = rows(
-        &app,
-        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-    )
-    .await;
-    assert_eq!(ssl[0][0].as_deref(), Some("t"));
+    assert!(server_sees_tls(&app).await);
     // Simple protocol: one row, then several rows across tenants.
     rows(
         &app,
@@ -355,18 +349,10 @@ async fn an_untraceable_router_result_is_refused_not_shown() {
 }
 
 fn cli(args: &[&str], config: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{args:?}: {text}");
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    all.extend([std::ffi::OsStr::new("--config"), config.as_os_str()]);
+    let (ok, text) = run_cmk_proxy(all);
+    assert!(ok, "{args:?}: {text}");
     text
 }
 

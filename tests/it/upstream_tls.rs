@@ -6,7 +6,6 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 use cmk_proxy::config::{Policy, UpstreamTlsMode};
 use cmk_proxy::keys::Registry;
@@ -49,14 +48,7 @@ async fn session_ssl(pg: &LocalPostgres, mode: &str, ca: Option<&Path>) -> Resul
     let (client, _h) = try_connect(&proxy.url("scram_user", "scram_pw", "app"))
         .await
         .map_err(|e| error_message(&e))?;
-    Ok(client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0))
+    Ok(server_sees_tls(&client).await)
 }
 
 fn registry_policy(pg: &LocalPostgres, mode: UpstreamTlsMode, ca: Option<&Path>) -> Policy {
@@ -80,14 +72,7 @@ async fn registry_ssl(
         .connect_dedicated()
         .await
         .map_err(|e| e.to_string())?;
-    Ok(client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0))
+    Ok(server_sees_tls(&client).await)
 }
 
 const MODES: [(&str, UpstreamTlsMode); 5] = [
@@ -151,25 +136,12 @@ async fn the_default_mode_serves_and_migrates_against_a_v1_certificate() {
     // The default mode is prefer: no tls section at all.
     let proxy = Proxy::start(&format!("upstream: {}\n", pg.admin_url("app")), &[]);
     let (client, _h) = connect(&proxy.url("scram_user", "scram_pw", "app")).await;
-    let ssl: bool = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(ssl, "prefer must encrypt against a v1 certificate");
-    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .args(["migrate", "--upstream", &pg.admin_url("app")])
-        .output()
-        .unwrap();
     assert!(
-        out.status.success(),
-        "migrate: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        server_sees_tls(&client).await,
+        "prefer must encrypt against a v1 certificate"
     );
+    let (ok, out) = run_cmk_proxy(["migrate", "--upstream", &pg.admin_url("app")]);
+    assert!(ok, "migrate: {out}");
 }
 
 #[tokio::test]
@@ -283,17 +255,8 @@ fn a_certificate_without_its_key_is_a_config_error() {
         "upstream: postgres://u@127.0.0.1:1/app\ntls:\n  upstream: {mode: require, cert: /x.crt}\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .arg("check-config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = run_cmk_proxy([std::ffi::OsStr::new("check-config"), config.as_os_str()]);
+    assert!(!ok, "{text}");
     assert!(
         text.contains("tls.upstream") && text.contains("cert and key must be given together"),
         "{text}"

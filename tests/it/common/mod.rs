@@ -289,6 +289,36 @@ pub async fn connect(url: &str) -> (Client, JoinHandle<()>) {
         .unwrap_or_else(|e| panic!("connect {url}: {e} ({e:?})"))
 }
 
+/// Whether PostgreSQL sees `client`'s session over TLS (`pg_stat_ssl`).
+pub async fn server_sees_tls(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_ssl")
+        .get(0)
+}
+
+/// Runs the `cmk-proxy` binary: whether it succeeded, and stdout + stderr.
+pub fn run_cmk_proxy<I, S>(args: I) -> (bool, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(args)
+        .output()
+        .expect("run cmk-proxy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// Connects without TLS; the error is returned for the test to inspect.
 pub async fn try_connect(url: &str) -> Result<(Client, JoinHandle<()>), tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;

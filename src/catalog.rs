@@ -246,17 +246,24 @@ pub async fn load_map(
 /// (KM003). With `citus.enable_router_execution = off` Citus plans such
 /// queries like multi-shard ones, whose columns name the distributed table.
 async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result<(), CatalogError> {
-    let router: Option<String> = client
+    let row = client
         .query_one(
-            "SELECT current_setting('citus.enable_router_execution', true)",
+            "SELECT current_setting('citus.enable_router_execution', true), \
+                    current_setting('plan_cache_mode')",
             &[],
         )
-        .await?
-        .get(0);
-    if router.as_deref() == Some("on") {
-        tracing::warn!(
-            "Citus router execution is on: single-shard results of protected columns cannot be traced and are refused (KM003); set citus.enable_router_execution = off for the database (docs/scaling-out.md)"
-        );
+        .await?;
+    let router: Option<String> = row.get(0);
+    let plan_cache: String = row.get(1);
+    match router.as_deref() {
+        Some("on") => tracing::warn!(
+            "Citus router execution is on: single-shard results of protected columns cannot be traced and are refused (KM003); set citus.enable_router_execution = off for the database (docs/SCALING-OUT.md)"
+        ),
+        // Citus 13.2 crashes the backend on a generic plan in that mode.
+        Some("off") if plan_cache != "force_custom_plan" => tracing::warn!(
+            "citus.enable_router_execution is off but plan_cache_mode is {plan_cache}: Citus crashes a backend running a generic plan (the sixth execution of a prepared statement); set plan_cache_mode = force_custom_plan for the database (docs/SCALING-OUT.md)"
+        ),
+        _ => {}
     }
     Ok(())
 }

@@ -24,8 +24,8 @@
 # CMK_PROXY_BIN (default target/release/cmk-proxy, built if needed),
 # CITUS (1: a Citus coordinator and two workers on loopback instead of one
 # PostgreSQL, items distributed by tenant_id, the read by tenant and primary
-# key, citus.enable_router_execution off for the encrypted database as
-# docs/SCALING-OUT.md says, and a third target straight to the coordinator).
+# key, citus.enable_router_execution off and plan_cache_mode
+# force_custom_plan for the encrypted database as docs/SCALING-OUT.md says, and a third target straight to the coordinator).
 # Output: a table on stdout and integration/bench/results-encrypted.md.
 set -euo pipefail
 
@@ -161,7 +161,8 @@ if [ "$CITUS" = 1 ]; then
         done
     done
     # Router results carry no column origins; see docs/SCALING-OUT.md.
-    admin enc -c 'ALTER DATABASE enc SET citus.enable_router_execution = off' >/dev/null
+    admin enc -c 'ALTER DATABASE enc SET citus.enable_router_execution = off' \
+        -c 'ALTER DATABASE enc SET plan_cache_mode = force_custom_plan' >/dev/null
     KEY="PRIMARY KEY (tenant_id, id)"
 else
     KEY="PRIMARY KEY (id)"

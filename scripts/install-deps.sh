@@ -69,6 +69,42 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet pgbouncer
     step "pgbouncer service" "stopped (benchmark starts its own)"
 fi
 
+# ---- Citus (tests against a distributed PostgreSQL) -------------------------
+# Citus is not packaged for Debian 12; its release source is vendored beside
+# the repo (../shared/vendor/citus, or $CITUS_VENDOR_DIR) and built here once.
+CITUS_DIR="${CITUS_VENDOR_DIR:-$REPO/../shared/vendor/citus}"
+CITUS_VERSION=13.2.2
+CITUS_SO="$(dirname "$PG_BIN")/lib/citus.so"
+if [ -f "$CITUS_SO" ]; then
+    step "citus" "ok ($CITUS_SO)"
+elif [ ! -f "$CITUS_DIR/citus-$CITUS_VERSION.tar.gz" ]; then
+    step "citus" "skipped: no $CITUS_DIR/citus-$CITUS_VERSION.tar.gz (Citus tests will be skipped)"
+else
+    [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to build Citus"
+    citus_deps=(postgresql-server-dev-15 liblz4-dev libzstd-dev libkrb5-dev libselinux1-dev libxslt1-dev libpam0g-dev)
+    citus_missing=()
+    for pkg in "${citus_deps[@]}"; do have_pkg "$pkg" || citus_missing+=("$pkg"); done
+    if [ "${#citus_missing[@]}" -gt 0 ]; then
+        step "apt-get install" "${citus_missing[*]} (to build Citus)"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${citus_missing[@]}" >/dev/null
+    fi
+    citus_build="$(mktemp -d)"
+    trap 'rm -rf "$citus_build"' EXIT
+    tar xzf "$CITUS_DIR/citus-$CITUS_VERSION.tar.gz" -C "$citus_build"
+    if [ -f "$CITUS_DIR/pg15-have_createdb_privilege.patch" ]; then
+        (cd "$citus_build" && patch -s -p0 < "$CITUS_DIR/pg15-have_createdb_privilege.patch")
+    fi
+    step "citus" "building $CITUS_VERSION (about 2 minutes)"
+    (cd "$citus_build/citus-$CITUS_VERSION" \
+        && PG_CONFIG="$PG_BIN/pg_config" ./configure --without-libcurl >"$citus_build/configure.log" 2>&1 \
+        && make -j"$(nproc)" >"$citus_build/make.log" 2>&1 \
+        && "${SUDO[@]}" make install >"$citus_build/install.log" 2>&1) \
+        || { tail -30 "$citus_build"/*.log >&2; die "Citus build failed"; }
+    step "citus" "installed $CITUS_SO"
+fi
+
 # ---- Python venv ------------------------------------------------------------
 VENV="$REPO/.venv"
 PY_PKGS=("psycopg[binary]" "moto[server]" sqlalchemy pytest)

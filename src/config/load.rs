@@ -115,6 +115,12 @@ fn validate(policy: &Policy) -> Vec<ConfigProblem> {
     {
         problems.push(problem("tls.upstream.server_name", "must not be empty"));
     }
+    if policy.tls.upstream.cert.is_some() != policy.tls.upstream.key.is_some() {
+        problems.push(problem(
+            "tls.upstream",
+            "cert and key must be given together",
+        ));
+    }
     if policy.server.catalog_refresh.is_zero() {
         problems.push(problem(
             "server.catalog_refresh",

@@ -115,14 +115,20 @@ pub struct ClientTls {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
-    /// disable / prefer / require / verify-full, as libpq's sslmode.
+    /// disable / prefer / require / verify-ca / verify-full, as libpq's sslmode.
     #[serde(default)]
     pub mode: UpstreamTlsMode,
-    /// CA bundle (PEM) used by `verify-full`; the system roots when absent.
+    /// CA bundle (PEM) used by `verify-ca` and `verify-full`; the system
+    /// roots when absent.
     pub ca: Option<PathBuf>,
     /// Name checked against the server certificate in `verify-full`
     /// (defaults to the upstream host).
     pub server_name: Option<String>,
+    /// Client certificate chain (PEM) shown to PostgreSQL, as libpq's
+    /// `sslcert`; needs `key`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`, as libpq's `sslkey`.
+    pub key: Option<PathBuf>,
 }
 
 /// libpq-like sslmode for the upstream leg.
@@ -136,6 +142,8 @@ pub enum UpstreamTlsMode {
     Prefer,
     /// Require TLS, without verifying the certificate.
     Require,
+    /// Require TLS and verify the certificate chain, not the host name.
+    VerifyCa,
     /// Require TLS and verify the certificate chain and host name.
     VerifyFull,
 }

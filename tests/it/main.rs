@@ -10,6 +10,7 @@ mod support;
 
 mod audit_sinks;
 mod catalog_schema;
+mod citus;
 mod clients;
 mod clients_encrypted;
 mod config_errors;
@@ -38,3 +39,4 @@ mod robustness_client;
 mod robustness_load;
 mod robustness_shutdown;
 mod robustness_upstream;
+mod upstream_tls;

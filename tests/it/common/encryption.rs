@@ -65,7 +65,19 @@ impl EncryptedSetup {
         tenants: &str,
         extra: &str,
     ) -> Self {
-        let pg = pg();
+        Self::start_on(pg(), schema, table, columns, providers, tenants, extra).await
+    }
+
+    /// Like `start_configured`, on a given cluster (a Citus coordinator, say).
+    pub async fn start_on(
+        pg: LocalPostgres,
+        schema: &str,
+        table: &str,
+        columns: &[&str],
+        providers: &str,
+        tenants: &str,
+        extra: &str,
+    ) -> Self {
         let (direct, conn) = connect(&pg.admin_url("app")).await;
         std::mem::forget(conn);
         direct.batch_execute(schema).await.expect("schema");

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the integration clients and the benchmark need on Debian 12:
-# apt packages (only the missing ones), the Python venv at <repo>/.venv, the
-# node packages of integration/node, and the compiled JDBC client.
+# apt packages (only the missing ones; SoftHSM2 and PyKMIP's server for the
+# PKCS#11 and KMIP tests), the Python venv at <repo>/.venv, the node packages
+# of integration/node, and the compiled JDBC client.
 # Idempotent: when everything is present it only checks and prints "ok" lines.
 # Needs no network other than Debian apt, PyPI and npm.
 set -euo pipefail
@@ -39,6 +40,8 @@ check() { # name, test command...
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
 check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
+check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
+check python3-pykmip       test -x /usr/bin/pykmip-server
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"
 check default-jdk-headless bash -c 'command -v javac && command -v java'
 check nodejs               command -v node
@@ -64,6 +67,42 @@ fi
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet pgbouncer 2>/dev/null; then
     "${SUDO[@]}" systemctl stop pgbouncer >/dev/null 2>&1 || true
     step "pgbouncer service" "stopped (benchmark starts its own)"
+fi
+
+# ---- Citus (tests against a distributed PostgreSQL) -------------------------
+# Citus is not packaged for Debian 12; its release source is vendored beside
+# the repo (../shared/vendor/citus, or $CITUS_VENDOR_DIR) and built here once.
+CITUS_DIR="${CITUS_VENDOR_DIR:-$REPO/../shared/vendor/citus}"
+CITUS_VERSION=13.2.2
+CITUS_SO="$(dirname "$PG_BIN")/lib/citus.so"
+if [ -f "$CITUS_SO" ]; then
+    step "citus" "ok ($CITUS_SO)"
+elif [ ! -f "$CITUS_DIR/citus-$CITUS_VERSION.tar.gz" ]; then
+    step "citus" "skipped: no $CITUS_DIR/citus-$CITUS_VERSION.tar.gz (Citus tests will be skipped)"
+else
+    [ "$(id -u)" -eq 0 ] || [ "${#SUDO[@]}" -gt 0 ] || die "need root or sudo to build Citus"
+    citus_deps=(postgresql-server-dev-15 liblz4-dev libzstd-dev libkrb5-dev libselinux1-dev libxslt1-dev libpam0g-dev)
+    citus_missing=()
+    for pkg in "${citus_deps[@]}"; do have_pkg "$pkg" || citus_missing+=("$pkg"); done
+    if [ "${#citus_missing[@]}" -gt 0 ]; then
+        step "apt-get install" "${citus_missing[*]} (to build Citus)"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${citus_missing[@]}" >/dev/null
+    fi
+    citus_build="$(mktemp -d)"
+    trap 'rm -rf "$citus_build"' EXIT
+    tar xzf "$CITUS_DIR/citus-$CITUS_VERSION.tar.gz" -C "$citus_build"
+    if [ -f "$CITUS_DIR/pg15-have_createdb_privilege.patch" ]; then
+        (cd "$citus_build" && patch -s -p0 < "$CITUS_DIR/pg15-have_createdb_privilege.patch")
+    fi
+    step "citus" "building $CITUS_VERSION (about 2 minutes)"
+    (cd "$citus_build/citus-$CITUS_VERSION" \
+        && PG_CONFIG="$PG_BIN/pg_config" ./configure --without-libcurl >"$citus_build/configure.log" 2>&1 \
+        && make -j"$(nproc)" >"$citus_build/make.log" 2>&1 \
+        && "${SUDO[@]}" make install >"$citus_build/install.log" 2>&1) \
+        || { tail -30 "$citus_build"/*.log >&2; die "Citus build failed"; }
+    step "citus" "installed $CITUS_SO"
 fi
 
 # ---- Python venv ------------------------------------------------------------

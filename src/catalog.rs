@@ -236,8 +236,38 @@ pub async fn load_map(
         add(&table_policy.tenant_column, ColumnRole::Tenant);
     }
     let children = map_children(client, &mut map).await?;
+    refuse_citus_shards(client, &mut map).await?;
     map_views(client, &mut map, &children).await?;
+    warn_of_citus_router_results(client).await?;
     Ok(map)
+}
+
+/// Citus answers a router (single-shard) query with a RowDescription whose
+/// columns name no table (it rebuilds the target list of its plan), so the
+/// protected columns in it cannot be traced and their cells are refused
+/// (KM003). With `citus.enable_router_execution = off` Citus plans such
+/// queries like multi-shard ones, whose columns name the distributed table.
+async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result<(), CatalogError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('citus.enable_router_execution', true), \
+                    current_setting('plan_cache_mode')",
+            &[],
+        )
+        .await?;
+    let router: Option<String> = row.get(0);
+    let plan_cache: String = row.get(1);
+    match router.as_deref() {
+        Some("on") => tracing::warn!(
+            "Citus router execution is on: single-shard results of protected columns cannot be traced and are refused (KM003); set citus.enable_router_execution = off for the database (docs/SCALING-OUT.md)"
+        ),
+        // Citus 13.2 crashes the backend on a generic plan in that mode.
+        Some("off") if plan_cache != "force_custom_plan" => tracing::warn!(
+            "citus.enable_router_execution is off but plan_cache_mode is {plan_cache}: Citus crashes a backend running a generic plan (the sixth execution of a prepared statement); set plan_cache_mode = force_custom_plan for the database (docs/SCALING-OUT.md)"
+        ),
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Partitions and inheritance children of policy tables, at any depth:
@@ -299,6 +329,45 @@ async fn map_children(
         }
     }
     Ok(children)
+}
+
+/// The shards of policy tables that Citus distributes (or replicates), from
+/// its metadata on the coordinator: statements naming a shard are refused
+/// like those naming a partition (its cells would be written or read
+/// unseen, e.g. on a coordinator that holds shards). Citus's results for a
+/// distributed table never name a shard; router results name no table at
+/// all (see `warn_of_citus_router_results`).
+async fn refuse_citus_shards(
+    client: &tokio_postgres::Client,
+    map: &mut CatalogMap,
+) -> Result<(), CatalogError> {
+    let citus: bool = client
+        .query_one(
+            "SELECT to_regclass('pg_catalog.pg_dist_shard') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !citus {
+        return Ok(());
+    }
+    let tables: Vec<u32> = map.table_oids.values().copied().collect();
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || (parse_ident(shard_name(s.logicalrelid, s.shardid)))[ \
+                    cardinality(parse_ident(shard_name(s.logicalrelid, s.shardid)))], \
+                    n.nspname || '.' || c.relname \
+             FROM pg_catalog.pg_dist_shard s \
+             JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE s.logicalrelid::oid = ANY($1::oid[])",
+            &[&tables],
+        )
+        .await?;
+    for row in rows {
+        map.facts.children.insert(row.get(0), row.get(1));
+    }
+    Ok(())
 }
 
 /// Views over policy tables (or their children) at any depth that

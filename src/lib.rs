@@ -14,4 +14,5 @@ pub mod localpg;
 pub mod protocol;
 pub mod proxy;
 pub mod rewrite;
+pub mod tls;
 pub mod values;

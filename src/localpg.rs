@@ -18,6 +18,8 @@ use std::sync::OnceLock;
 
 use nix::unistd::{Gid, Uid, User};
 
+pub mod citus;
+
 /// Version of the template layout; bump it when the template contents change
 /// so stale caches from older builds are not reused.
 const TEMPLATE_LAYOUT: u32 = 2;
@@ -98,6 +100,10 @@ pub struct LocalPostgresOptions {
     /// Data directory to use (kept on drop); a temp dir (removed on drop) when absent.
     /// An existing cluster in it is reused.
     pub data_dir: Option<PathBuf>,
+    /// Which certificate the server presents with `tls: true`.
+    pub server_cert: ServerCert,
+    /// `shared_preload_libraries` (e.g. `citus`); none when empty.
+    pub preload: String,
 }
 
 impl Default for LocalPostgresOptions {
@@ -106,8 +112,21 @@ impl Default for LocalPostgresOptions {
             tls: true,
             max_connections: 200,
             data_dir: None,
+            server_cert: ServerCert::CaSigned,
+            preload: String::new(),
         }
     }
+}
+
+/// The kind of certificate a local cluster serves TLS with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ServerCert {
+    /// X.509 v3 for `localhost`/`127.0.0.1`, signed by a fresh CA.
+    #[default]
+    CaSigned,
+    /// A self-signed X.509 **version 1** certificate (no extensions), as
+    /// Citus makes and `openssl x509 -req` does; it is its own CA file.
+    SelfSignedV1,
 }
 
 /// PEM files of a CA and a server certificate signed by it.
@@ -119,6 +138,11 @@ pub struct CertFiles {
     pub cert: PathBuf,
     /// Server private key (PEM, PKCS#8, mode 0600).
     pub key: PathBuf,
+    /// Client certificate (PEM) for the role `cert_user`, signed by the CA;
+    /// the local cluster authenticates that role with it (`cert` in pg_hba).
+    pub client_cert: PathBuf,
+    /// Its private key (PEM, mode 0600).
+    pub client_key: PathBuf,
 }
 
 /// Writes a fresh CA (`ca.crt`) and a server certificate (`server.crt`,
@@ -153,10 +177,64 @@ pub fn write_ca_and_server_cert(dir: &Path, names: &[&str]) -> Result<CertFiles,
         ca_cert: dir.join("ca.crt"),
         cert: dir.join("server.crt"),
         key: dir.join("server.key"),
+        client_cert: dir.join("cert_user.crt"),
+        client_key: dir.join("cert_user.key"),
     };
     write_file(&files.ca_cert, ca.pem().as_bytes(), 0o644)?;
+    let client_key = KeyPair::generate()?;
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "cert_user");
+    let client = client.signed_by(&client_key, &ca, &ca_key)?;
+    write_file(&files.client_cert, client.pem().as_bytes(), 0o644)?;
+    write_file(
+        &files.client_key,
+        client_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
     write_file(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(files)
+}
+
+/// Writes a self-signed X.509 version 1 certificate for `localhost` with
+/// the openssl CLI (`x509 -req` without extensions), as `server.crt` /
+/// `server.key`, and the same certificate as `ca.crt`.
+pub fn write_self_signed_v1_cert(dir: &Path) -> Result<CertFiles, LocalPgError> {
+    let files = CertFiles {
+        ca_cert: dir.join("ca.crt"),
+        cert: dir.join("server.crt"),
+        key: dir.join("server.key"),
+        client_cert: dir.join("server.crt"),
+        client_key: dir.join("server.key"),
+    };
+    let csr = dir.join("server.csr");
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .arg("-keyout")
+        .arg(&files.key)
+        .arg("-out")
+        .arg(&csr))?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "3650", "-in"])
+        .arg(&csr)
+        .arg("-signkey")
+        .arg(&files.key)
+        .arg("-out")
+        .arg(&files.cert))?;
+    fs::remove_file(&csr).map_err(io_err("remove server.csr"))?;
+    fs::copy(&files.cert, &files.ca_cert).map_err(io_err("copy server.crt to ca.crt"))?;
+    fs::set_permissions(&files.key, fs::Permissions::from_mode(0o600))
+        .map_err(io_err("chmod server.key"))?;
     Ok(files)
 }
 
@@ -469,8 +547,12 @@ fn pg_ctl(inst: &Installation, dir: &Path, args: &[&str]) -> Result<Output, Loca
 }
 
 fn pg_ctl_start(inst: &Installation, dir: &Path, log: &Path) -> Result<(), LocalPgError> {
+    // The server's own libpq connections (Citus between nodes) look for
+    // client certificates under $HOME/.postgresql; ours may be unreadable
+    // to the cluster owner, so point it at the data directory.
     let started = run(inst
         .command("pg_ctl")
+        .env("HOME", dir)
         .arg("-D")
         .arg(dir)
         .arg("-l")
@@ -564,7 +646,12 @@ impl LocalPostgres {
             .map_err(io_err("chmod data dir"))?;
         inst.chown(&data_dir)?;
         let ca_cert = if opts.tls {
-            let files = write_ca_and_server_cert(&data_dir, &["localhost", "127.0.0.1"])?;
+            let files = match opts.server_cert {
+                ServerCert::CaSigned => {
+                    write_ca_and_server_cert(&data_dir, &["localhost", "127.0.0.1"])?
+                }
+                ServerCert::SelfSignedV1 => write_self_signed_v1_cert(&data_dir)?,
+            };
             for p in [&files.ca_cert, &files.cert, &files.key] {
                 inst.chown(p)?;
             }
@@ -615,7 +702,9 @@ impl LocalPostgres {
              log_min_messages = warning\n\
              log_connections = off\n\
              dynamic_shared_memory_type = mmap\n\
+             shared_preload_libraries = '{preload}'\n\
              {ssl}",
+            preload = opts.preload.replace('\'', ""),
             port = self.port,
             dir = self.data_dir.display(),
             max = opts.max_connections,
@@ -737,6 +826,10 @@ fn pg_hba(tls: bool) -> String {
         for net in ["127.0.0.1/32", "::1/128"] {
             for (user, method) in [
                 ("postgres", "trust"),
+                (
+                    "cert_user",
+                    if *kind == "hostssl" { "cert" } else { "reject" },
+                ),
                 ("scram_user", "scram-sha-256"),
                 ("md5_user", "md5"),
                 ("plain_user", "password"),

@@ -21,7 +21,11 @@
 # PROFILE (1: perf profile of the encrypting proxy during its first round,
 # written to integration/bench/profile-encrypted.txt; PROFILE_DATA=FILE also
 # keeps perf.data there),
-# CMK_PROXY_BIN (default target/release/cmk-proxy, built if needed).
+# CMK_PROXY_BIN (default target/release/cmk-proxy, built if needed),
+# CITUS (1: a Citus coordinator and two workers on loopback instead of one
+# PostgreSQL, items distributed by tenant_id, the read by tenant and primary
+# key, citus.enable_router_execution off and plan_cache_mode
+# force_custom_plan for the encrypted database as docs/SCALING-OUT.md says, and a third target straight to the coordinator).
 # Output: a table on stdout and integration/bench/results-encrypted.md.
 set -euo pipefail
 
@@ -36,6 +40,7 @@ WORKER_THREADS="${WORKER_THREADS:-1}"
 PROTOCOL="${PROTOCOL:-simple}"
 PASSTHROUGH="${PASSTHROUGH:-1}"
 PROFILE="${PROFILE:-0}"
+CITUS="${CITUS:-0}"
 PROFILE_OUT="$REPO/integration/bench/profile-encrypted.txt"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 RESULTS="${RESULTS:-$REPO/integration/bench/results-encrypted.md}"
@@ -80,9 +85,11 @@ cleanup() {
     set +e
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
-    if [ -f "$WORK/pg/postmaster.pid" ]; then
-        "${AS_USER[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg" -m immediate -w stop >/dev/null 2>&1
-    fi
+    for node in pg w1 w2; do
+        if [ -f "$WORK/$node/postmaster.pid" ]; then
+            "${AS_USER[@]}" "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
+        fi
+    done
     if [ "${KEEP_WORK:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -107,15 +114,15 @@ wait_ready() { # port db what
 export PGSSLMODE=disable
 
 # ---- PostgreSQL: database enc (through the proxy), database plain (through PgBouncer)
-PG_PORT="$(free_port)"
-log "initdb + start PostgreSQL on 127.0.0.1:$PG_PORT"
-mkdir -p "$WORK/pg" && chown "$RUN_USER" "$WORK/pg" 2>/dev/null || true
-"${AS_USER[@]}" "$PG_BIN/initdb" -D "$WORK/pg" -U postgres -A trust --no-sync >"$WORK/initdb.log" 2>&1 \
-    || { cat "$WORK/initdb.log" >&2; die "initdb failed"; }
-cat >>"$WORK/pg/postgresql.conf" <<EOF
+# start_node DIR PORT: initdb and start one PostgreSQL (with Citus preloaded when CITUS=1)
+start_node() {
+    mkdir -p "$WORK/$1" && chown "$RUN_USER" "$WORK/$1" 2>/dev/null || true
+    "${AS_USER[@]}" "$PG_BIN/initdb" -D "$WORK/$1" -U postgres -A trust --no-sync >"$WORK/initdb-$1.log" 2>&1 \
+        || { cat "$WORK/initdb-$1.log" >&2; die "initdb failed"; }
+    cat >>"$WORK/$1/postgresql.conf" <<EOF
 listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$WORK/pg'
+port = $2
+unix_socket_directories = '$WORK/$1'
 max_connections = 200
 shared_buffers = 256MB
 fsync = off
@@ -123,17 +130,54 @@ synchronous_commit = off
 full_page_writes = off
 log_min_messages = warning
 EOF
-printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' >"$WORK/pg/pg_hba.conf"
-"${AS_USER[@]}" "$PG_BIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg/server.log" -w -t 60 start >/dev/null \
-    || { cat "$WORK/pg/server.log" >&2; die "PostgreSQL did not start"; }
+    if [ "$CITUS" = 1 ]; then echo "shared_preload_libraries = 'citus'" >>"$WORK/$1/postgresql.conf"; fi
+    printf 'local all all trust\nhost all all 127.0.0.1/32 trust\n' >"$WORK/$1/pg_hba.conf"
+    # HOME: Citus's connections between nodes read $HOME/.postgresql.
+    HOME="$WORK/$1" "${AS_USER[@]}" "$PG_BIN/pg_ctl" -D "$WORK/$1" -l "$WORK/$1/server.log" -w -t 60 start >/dev/null \
+        || { cat "$WORK/$1/server.log" >&2; die "PostgreSQL did not start"; }
+}
+PG_PORT="$(free_port)"
+log "initdb + start PostgreSQL on 127.0.0.1:$PG_PORT$([ "$CITUS" = 1 ] && echo " (Citus coordinator) and two workers" || true)"
+start_node pg "$PG_PORT"
+WORKER_PORTS=()
+if [ "$CITUS" = 1 ]; then
+    for w in w1 w2; do
+        port="$(free_port)"
+        start_node "$w" "$port"
+        WORKER_PORTS+=("$port")
+    done
+fi
 admin() { psql "host=127.0.0.1 port=$PG_PORT user=postgres dbname=$1" -XAtq -v ON_ERROR_STOP=1 "${@:2}"; }
 admin postgres -c 'CREATE DATABASE enc' -c 'CREATE DATABASE plain' >/dev/null
+if [ "$CITUS" = 1 ]; then
+    for db in enc plain; do
+        for port in "${WORKER_PORTS[@]}"; do
+            psql "host=127.0.0.1 port=$port user=postgres dbname=postgres" -XAtq -c "CREATE DATABASE $db" >/dev/null
+            psql "host=127.0.0.1 port=$port user=postgres dbname=$db" -XAtq -c 'CREATE EXTENSION citus' >/dev/null
+        done
+        admin "$db" -c 'CREATE EXTENSION citus' -c "SELECT citus_set_coordinator_host('127.0.0.1', $PG_PORT)" >/dev/null
+        for port in "${WORKER_PORTS[@]}"; do
+            admin "$db" -c "SELECT citus_add_node('127.0.0.1', $port)" >/dev/null
+        done
+    done
+    # Router results carry no column origins; see docs/SCALING-OUT.md.
+    admin enc -c 'ALTER DATABASE enc SET citus.enable_router_execution = off' \
+        -c 'ALTER DATABASE enc SET plan_cache_mode = force_custom_plan' >/dev/null
+    KEY="PRIMARY KEY (tenant_id, id)"
+else
+    KEY="PRIMARY KEY (id)"
+fi
 # Same table, same name in both databases, so one pgbench script serves both:
 # protected columns are bytea (+ the EDEK column) in enc, their plain types in plain.
-admin enc -c "CREATE TABLE items (id bigserial PRIMARY KEY, tenant_id text NOT NULL,
-    note bytea, score bytea, birth_date bytea, cmk_edek jsonb)" >/dev/null
-admin plain -c "CREATE TABLE items (id bigserial PRIMARY KEY, tenant_id text NOT NULL,
-    note text, score int4, birth_date date)" >/dev/null
+admin enc -c "CREATE TABLE items (id bigserial, tenant_id text NOT NULL,
+    note bytea, score bytea, birth_date bytea, cmk_edek jsonb, $KEY)" >/dev/null
+admin plain -c "CREATE TABLE items (id bigserial, tenant_id text NOT NULL,
+    note text, score int4, birth_date date, $KEY)" >/dev/null
+if [ "$CITUS" = 1 ]; then
+    for db in enc plain; do
+        admin "$db" -c "SELECT create_distributed_table('items', 'tenant_id')" >/dev/null
+    done
+fi
 
 # ---- tenants: a local keyring with one master key each, and the policy ---------
 log "creating $TENANTS tenant keys (local keyring)"
@@ -237,7 +281,7 @@ if [ "$PROTOCOL" = simple ]; then
 \\set m random(10, 12)
 \\set d random(10, 28)
 INSERT INTO items (tenant_id, note, score, birth_date) VALUES ('tenant_:t', 'tenant_:t :s $FILLER', ':s', '1980-:m-:d') RETURNING id \\gset
-SELECT tenant_id, note, score, birth_date FROM items WHERE id = :id;
+SELECT tenant_id, note, score, birth_date FROM items WHERE $([ "$CITUS" = 1 ] && echo "tenant_id = 'tenant_:t' AND ")id = :id;
 EOF
 else
     cat >"$SCRIPT" <<EOF
@@ -247,15 +291,16 @@ else
 \\set d random(10, 28)
 SELECT 'tenant_' || :t AS tenant, '1980-' || :m || '-' || :d AS birth \\gset
 INSERT INTO items (tenant_id, note, score, birth_date) VALUES (:tenant, 'note $FILLER', :s, :birth) RETURNING id \\gset
-SELECT tenant_id, note, score, birth_date FROM items WHERE id = :id;
+SELECT tenant_id, note, score, birth_date FROM items WHERE $([ "$CITUS" = 1 ] && echo "tenant_id = :tenant AND ")id = :id;
 EOF
 fi
 NOTE_BYTES="$(awk '/^INSERT/ {print}' "$SCRIPT" | python3 -c "import sys,re; l=sys.stdin.read(); m=re.findall(r\"'([^']*lorem[^']*)'\", l); print(len(m[0]) if m else 0)")"
 
 # ---- rounds, alternating -----------------------------------------------------------
-declare -A PORT=([pgbouncer]="$BOUNCER_PORT" [cmk-proxy]="$PROXY_PORT" [cmk-proxy-plain]="${PLAIN_PROXY_PORT:-}")
-declare -A DB=([pgbouncer]=plain [cmk-proxy]=enc [cmk-proxy-plain]=plain)
-declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-proxy-plain]="${PLAIN_PROXY_PID:-}")
+declare -A PORT=([pgbouncer]="$BOUNCER_PORT" [cmk-proxy]="$PROXY_PORT" [cmk-proxy-plain]="${PLAIN_PROXY_PORT:-}" [direct]="$PG_PORT")
+declare -A DB=([pgbouncer]=plain [cmk-proxy]=enc [cmk-proxy-plain]=plain [direct]=plain)
+# The direct target has no hop: its "hop CPU" is this shell's (about zero).
+declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-proxy-plain]="${PLAIN_PROXY_PID:-}" [direct]="$$")
 declare -A HOP_TICKS HOP_XACTS
 # CPU time (user + system, clock ticks) used so far by a process.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -274,6 +319,7 @@ declare -A PG_TICKS
 CLK_TCK="$(getconf CLK_TCK)"
 TARGETS=(pgbouncer cmk-proxy)
 [ "$PASSTHROUGH" = 1 ] && TARGETS+=(cmk-proxy-plain)
+[ "$CITUS" = 1 ] && TARGETS+=(direct)
 PERF_PID=""
 declare -A TPS_ALL
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -387,6 +433,15 @@ if [ "$PASSTHROUGH" = 1 ]; then
 | tps ratio cmk-proxy passthrough / PgBouncer (the hop) | $(ratio "$TPS_X" "$TPS_B") | | |
 | tps ratio cmk-proxy encrypted / passthrough (the encryption) | $(ratio "$TPS_P" "$TPS_X") | | |"
 fi
+if [ "$CITUS" = 1 ]; then
+    # shellcheck disable=SC2086
+    TPS_D="$(median ${TPS_ALL[direct]})"
+    read -r N_D P50_D P99_D <<<"$(percentiles direct)"
+    PLAIN_ROW="$PLAIN_ROW
+| coordinator directly (no hop) | plaintext (text, int4, date) | $TPS_D | $(echo ${TPS_ALL[direct]} | tr ' ' '/') | $N_D | $P50_D | $P99_D | - | $(pg_cpu direct) |"
+    PLAIN_RATIOS="$PLAIN_RATIOS
+| tps ratio cmk-proxy / coordinator directly | $(ratio "$TPS_P" "$TPS_D") | | |"
+fi
 RATIO="$(ratio "$TPS_P" "$TPS_B")"
 ADD50="$(awk -v a="$P50_P" -v b="$P50_B" 'BEGIN { printf "%+.3f", a - b }')"
 ADD99="$(awk -v a="$P99_P" -v b="$P99_B" 'BEGIN { printf "%+.3f", a - b }')"
@@ -467,7 +522,7 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
 
 - date: $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT, proxy binary \`${PROXY_BIN#"$REPO"/}\`
 - machine: $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM; load average before/after: $LOAD_BEFORE / $LOAD_AFTER
-- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}'), $("$PGBOUNCER" --version | head -1), $(pgbench --version | awk '{print "pgbench " $3}')
+- PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}')$([ "$CITUS" = 1 ] && echo ", Citus $(admin plain -c "SELECT extversion FROM pg_extension WHERE extname = 'citus'") (coordinator + 2 workers on loopback, items distributed by tenant_id; PostgreSQL CPU counts the coordinator only)" || true), $("$PGBOUNCER" --version | head -1), $(pgbench --version | awk '{print "pgbench " $3}')
 - settings: BENCH_SECONDS=$BENCH_SECONDS ROUNDS=$ROUNDS CLIENTS=$CLIENTS THREADS=$THREADS TENANTS=$TENANTS APPROVAL_TTL=$APPROVAL_TTL PROTOCOL=$PROTOCOL WORKER_THREADS=$WORKER_THREADS
 - workload (\`pgbench -n -M $PROTOCOL -c $CLIENTS -j $THREADS -T $BENCH_SECONDS\`, one transaction =
   INSERT of one row for a random tenant of $TENANTS with three protected columns — note text

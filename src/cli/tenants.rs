@@ -30,7 +30,8 @@ pub enum TenantsCommand {
         /// Provider name from `keys.providers` in the policy.
         #[arg(long)]
         provider: String,
-        /// Key reference within the provider (AWS key ARN/alias, keyring entry).
+        /// Key reference within the provider (AWS key ARN/alias, keyring entry,
+        /// PKCS#11 key label or `id:HEX`, KMIP Unique Identifier, Transit key name).
         #[arg(long)]
         key: String,
         /// Per-tenant audit sink: JSON such as `{"kind":"http","url":"..."}`,

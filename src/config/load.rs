@@ -130,6 +130,12 @@ fn validate(policy: &Policy) -> Vec<ConfigProblem> {
     {
         problems.push(problem("tls.upstream.server_name", "must not be empty"));
     }
+    if policy.tls.upstream.cert.is_some() != policy.tls.upstream.key.is_some() {
+        problems.push(problem(
+            "tls.upstream",
+            "cert and key must be given together",
+        ));
+    }
     if policy.server.catalog_refresh.is_zero() {
         problems.push(problem(
             "server.catalog_refresh",
@@ -233,8 +239,41 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
         fix(ca);
     }
     for provider in policy.keys.providers.values_mut() {
-        if let ProviderConfig::Local { path } = provider {
-            fix(path);
+        match provider {
+            ProviderConfig::Local { path } => fix(path),
+            ProviderConfig::Pkcs11 {
+                module, pin_file, ..
+            } => {
+                fix(module);
+                if let Some(pin_file) = pin_file {
+                    fix(pin_file);
+                }
+            }
+            ProviderConfig::Kmip {
+                ca,
+                client_cert,
+                client_key,
+                ..
+            } => {
+                fix(ca);
+                fix(client_cert);
+                fix(client_key);
+            }
+            ProviderConfig::VaultTransit {
+                ca,
+                token_file,
+                secret_id_file,
+                jwt_file,
+                ..
+            } => {
+                for path in [ca, token_file, secret_id_file, jwt_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(path);
+                }
+            }
+            _ => {}
         }
     }
     match &mut policy.audit.sink {

@@ -115,14 +115,20 @@ pub struct ClientTls {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
-    /// disable / prefer / require / verify-full, as libpq's sslmode.
+    /// disable / prefer / require / verify-ca / verify-full, as libpq's sslmode.
     #[serde(default)]
     pub mode: UpstreamTlsMode,
-    /// CA bundle (PEM) used by `verify-full`; the system roots when absent.
+    /// CA bundle (PEM) used by `verify-ca` and `verify-full`; the system
+    /// roots when absent.
     pub ca: Option<PathBuf>,
     /// Name checked against the server certificate in `verify-full`
     /// (defaults to the upstream host).
     pub server_name: Option<String>,
+    /// Client certificate chain (PEM) shown to PostgreSQL, as libpq's
+    /// `sslcert`; needs `key`.
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of `cert`, as libpq's `sslkey`.
+    pub key: Option<PathBuf>,
 }
 
 /// libpq-like sslmode for the upstream leg.
@@ -136,6 +142,8 @@ pub enum UpstreamTlsMode {
     Prefer,
     /// Require TLS, without verifying the certificate.
     Require,
+    /// Require TLS and verify the certificate chain, not the host name.
+    VerifyCa,
     /// Require TLS and verify the certificate chain and host name.
     VerifyFull,
 }
@@ -190,6 +198,60 @@ pub enum ProviderConfig {
         endpoint: Option<String>,
         /// Named profile of the shared AWS config.
         profile: Option<String>,
+    },
+    /// A PKCS#11 token (HSM); a tenant's key ref is its AES key's label
+    /// (or `id:HEX` for CKA_ID).
+    Pkcs11 {
+        /// Path of the vendor's PKCS#11 library.
+        module: PathBuf,
+        /// Label of the token holding the tenants' keys.
+        token: String,
+        /// File holding the token's user PIN.
+        pin_file: Option<PathBuf>,
+        /// Environment variable holding the user PIN (instead of `pin_file`).
+        pin_env: Option<String>,
+        /// Sessions opened at most at once (default 8).
+        sessions: Option<usize>,
+    },
+    /// A KMIP 1.4+ server over TLS with a client certificate; a tenant's
+    /// key ref is its AES key's Unique Identifier.
+    Kmip {
+        /// `host:port` of the server (usually port 5696).
+        endpoint: String,
+        /// CA certificate(s) (PEM) of the server.
+        ca: PathBuf,
+        /// The proxy's client certificate (PEM).
+        client_cert: PathBuf,
+        /// Its private key (PEM).
+        client_key: PathBuf,
+        /// Name checked in the server's certificate (default: endpoint host).
+        server_name: Option<String>,
+    },
+    /// HashiCorp Vault / OpenBao Transit; a tenant's key ref is its
+    /// Transit key name.
+    VaultTransit {
+        /// `https://vault:8200`.
+        address: String,
+        /// Transit mount path (default `transit`).
+        mount: Option<String>,
+        /// Namespace (Vault Enterprise, HCP).
+        namespace: Option<String>,
+        /// CA certificate (PEM) of Vault's TLS certificate.
+        ca: Option<PathBuf>,
+        /// `token` (default: `token_file` or VAULT_TOKEN), `approle` or `kubernetes`.
+        auth: Option<String>,
+        /// File holding the token (auth `token`).
+        token_file: Option<PathBuf>,
+        /// AppRole role id (auth `approle`).
+        role_id: Option<String>,
+        /// File holding the AppRole secret id.
+        secret_id_file: Option<PathBuf>,
+        /// Vault role (auth `kubernetes`).
+        role: Option<String>,
+        /// Service-account token file (default: the pod's).
+        jwt_file: Option<PathBuf>,
+        /// Auth mount path (default `approle` / `kubernetes`).
+        auth_mount: Option<String>,
     },
 }
 

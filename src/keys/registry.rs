@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
@@ -124,10 +125,10 @@ impl Registry {
         }
         let up = &policy.tls.upstream;
         config.ssl_mode(match up.mode {
-            UpstreamTlsMode::Disable => tokio_postgres::config::SslMode::Disable,
-            UpstreamTlsMode::Prefer => tokio_postgres::config::SslMode::Prefer,
-            UpstreamTlsMode::Require | UpstreamTlsMode::VerifyFull => {
-                tokio_postgres::config::SslMode::Require
+            UpstreamTlsMode::Disable => SslMode::Disable,
+            UpstreamTlsMode::Prefer => SslMode::Prefer,
+            UpstreamTlsMode::Require | UpstreamTlsMode::VerifyCa | UpstreamTlsMode::VerifyFull => {
+                SslMode::Require
             }
         });
         if let (UpstreamTlsMode::VerifyFull, Some(name)) = (up.mode, &up.server_name) {
@@ -150,12 +151,29 @@ impl Registry {
 
     /// Opens a new connection of its own (migrations, transactions).
     pub async fn connect_dedicated(&self) -> Result<Client, KeyError> {
+        match self.connect_with(&self.config).await {
+            // libpq's `prefer` tries again without TLS when the TLS attempt
+            // fails (a handshake it cannot complete, or a server that
+            // refuses the encrypted session); tokio-postgres does not.
+            Err(e) if self.config.get_ssl_mode() == SslMode::Prefer && self.tls.is_some() => {
+                let mut plain = self.config.clone();
+                plain.ssl_mode(SslMode::Disable);
+                tracing::warn!(upstream = %self.authority, error = %e, "registry TLS attempt failed; retrying without TLS (prefer)");
+                self.connect_with(&plain)
+                    .await
+                    .map_err(|again| KeyError::Registry(format!("{e}; and without TLS: {again}")))
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(&self, config: &tokio_postgres::Config) -> Result<Client, KeyError> {
         let unreachable = |e: tokio_postgres::Error| {
-            KeyError::Registry(format!("registry {}: {e}", self.authority))
+            KeyError::Registry(format!("registry {}: {}", self.authority, with_causes(&e)))
         };
         let client = match &self.tls {
             None => {
-                let (client, conn) = self.config.connect(NoTls).await.map_err(unreachable)?;
+                let (client, conn) = config.connect(NoTls).await.map_err(unreachable)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::warn!(error = %e, "registry connection closed");
@@ -164,11 +182,7 @@ impl Registry {
                 client
             }
             Some(tls) => {
-                let (client, conn) = self
-                    .config
-                    .connect(tls.clone())
-                    .await
-                    .map_err(unreachable)?;
+                let (client, conn) = config.connect(tls.clone()).await.map_err(unreachable)?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::warn!(error = %e, "registry connection closed");
@@ -403,6 +417,19 @@ impl Registry {
     }
 }
 
+/// The error and its causes: tokio-postgres says only "error performing
+/// TLS handshake"; the certificate problem is in the source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 fn tenant_from_row(r: &tokio_postgres::Row) -> TenantRecord {
     TenantRecord {
         tenant_id: r.get(0),
@@ -429,11 +456,11 @@ fn dek_from_row(r: &tokio_postgres::Row) -> DataKeyRecord {
 
 /// The rustls connector for the registry connection, or `None` for
 /// `disable`: the same TLS settings as the session connections
-/// (`proxy::tls::upstream_client_config`).
+/// (`tls::upstream_client_config`).
 pub fn upstream_tls(
     tls: &UpstreamTls,
 ) -> Result<Option<tokio_postgres_rustls::MakeRustlsConnect>, KeyError> {
-    let config = crate::proxy::tls::upstream_client_config(tls)
+    let config = crate::tls::upstream_client_config(tls)
         .map_err(|e| KeyError::Registry(format!("TLS setup: {e}")))?;
     Ok(config.map(|c| tokio_postgres_rustls::MakeRustlsConnect::new(Arc::unwrap_or_clone(c))))
 }

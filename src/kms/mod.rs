@@ -1,9 +1,13 @@
-//! The `KeyProvider` trait and its providers: local keyring, AWS KMS.
+//! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
+//! PKCS#11 tokens, KMIP servers, Vault Transit.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
+pub mod kmip;
 pub mod local;
+pub mod pkcs11;
+pub mod vault;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +16,10 @@ use crate::config::{KeysConfig, ProviderConfig};
 use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
+pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
+pub use pkcs11::{PinSource, Pkcs11Provider};
+pub use vault::{VaultAuth, VaultSettings, VaultTransitProvider};
 
 /// A wrapped DEK (ciphertext from the tenant's KMS). Not secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +35,28 @@ pub struct KeyContext<'a> {
     pub dek_id: uuid::Uuid,
 }
 
+impl KeyContext<'_> {
+    /// AEAD associated data for providers that seal DEKs themselves
+    /// (PKCS#11, KMIP, Vault Transit): the provider's `label`, then the
+    /// tenant id length-prefixed (so no two contexts encode alike), then the
+    /// DEK id's 16 bytes.
+    pub fn associated_data(&self, label: &[u8]) -> Result<Vec<u8>, KmsError> {
+        let tenant = self.tenant_id.as_bytes();
+        let len = u32::try_from(tenant.len())
+            .map_err(|_| KmsError::Config("tenant id too long".to_owned()))?;
+        let mut aad = Vec::with_capacity(label.len() + 4 + tenant.len() + 16);
+        aad.extend_from_slice(label);
+        aad.extend_from_slice(&len.to_be_bytes());
+        aad.extend_from_slice(tenant);
+        aad.extend_from_slice(self.dek_id.as_bytes());
+        Ok(aad)
+    }
+}
+
 /// A tenant key management service.
 #[async_trait::async_trait]
 pub trait KeyProvider: Send + Sync + 'static {
-    /// `"local"` or `"aws-kms"`.
+    /// `"local"`, `"aws-kms"`, `"pkcs11"`…
     fn kind(&self) -> &'static str;
     /// Wraps `dek` under the master key `key_ref`, bound to `ctx`.
     async fn wrap(&self, key_ref: &str, ctx: &KeyContext<'_>, dek: &Dek) -> Result<Edek, KmsError>;
@@ -156,8 +181,62 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
                 )
                 .await?,
             ),
+            ProviderConfig::Pkcs11 {
+                module,
+                token,
+                pin_file,
+                pin_env,
+                sessions,
+            } => {
+                let pin = match (pin_file, pin_env) {
+                    (Some(file), None) => PinSource::File(file.clone()),
+                    (None, Some(var)) => PinSource::Env(var.clone()),
+                    _ => {
+                        return Err(KmsError::Config(format!(
+                            "pkcs11 provider '{name}' needs exactly one of pin_file, pin_env"
+                        )))
+                    }
+                };
+                Arc::new(Pkcs11Provider::open(module, token, &pin, *sessions)?)
+            }
+            ProviderConfig::Kmip {
+                endpoint,
+                ca,
+                client_cert,
+                client_key,
+                server_name,
+            } => Arc::new(KmipProvider::new(&KmipSettings {
+                endpoint: endpoint.clone(),
+                ca: ca.clone(),
+                client_cert: client_cert.clone(),
+                client_key: client_key.clone(),
+                server_name: server_name.clone(),
+            })?),
+            vault @ ProviderConfig::VaultTransit { .. } => {
+                Arc::new(VaultTransitProvider::new(vault::settings(name, vault)?)?)
+            }
         };
         providers.insert(name.clone(), built);
     }
     Ok(providers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn associated_data_differs_per_tenant_dek_and_label() {
+        let id = uuid::Uuid::new_v4();
+        let aad = |tenant_id, dek_id, label: &[u8]| {
+            KeyContext { tenant_id, dek_id }
+                .associated_data(label)
+                .unwrap()
+        };
+        let a = aad("ab", id, b"x");
+        assert_ne!(a, aad("a", id, b"x"));
+        assert_ne!(a, aad("ab", uuid::Uuid::new_v4(), b"x"));
+        assert_ne!(a, aad("ab", id, b"y"));
+        assert_eq!(a, aad("ab", id, b"x"));
+    }
 }

@@ -51,13 +51,15 @@ impl<'a> Reader<'a> {
         self.buf = &self.buf[end + 1..];
         Ok(text)
     }
-    /// A length-prefixed value; `None` for SQL NULL (length -1).
+    /// A length-prefixed value; `None` for SQL NULL (length -1). Any other
+    /// negative length is malformed, as PostgreSQL has it.
     fn value(&mut self) -> Result<Option<&'a [u8]>, Malformed> {
         let len = self.i32()?;
-        if len < 0 {
+        if len == -1 {
             return Ok(None);
         }
-        self.take(len as usize).map(Some)
+        let len = usize::try_from(len).map_err(|_| self.err())?;
+        self.take(len).map(Some)
     }
     fn done(&self) -> Result<(), Malformed> {
         if self.buf.is_empty() {
@@ -169,12 +171,23 @@ impl<'a> Bind<'a> {
         let portal = r.cstr()?;
         let statement = r.cstr()?;
         let nformats = r.u16()?;
-        let param_formats = (0..nformats).map(|_| r.i16()).collect::<Result<_, _>>()?;
+        let param_formats: Vec<i16> = (0..nformats).map(|_| r.i16()).collect::<Result<_, _>>()?;
         let nparams = r.u16()?;
-        let params = (0..nparams).map(|_| r.value()).collect::<Result<_, _>>()?;
+        let params: Vec<Option<&[u8]>> =
+            (0..nparams).map(|_| r.value()).collect::<Result<_, _>>()?;
         let nresults = r.u16()?;
-        let result_formats = (0..nresults).map(|_| r.i16()).collect::<Result<_, _>>()?;
+        let result_formats: Vec<i16> = (0..nresults).map(|_| r.i16()).collect::<Result<_, _>>()?;
         r.done()?;
+        // PostgreSQL refuses these (08P01): formats neither none, one for
+        // all, nor one each; a format code other than text or binary.
+        let formats_fit = param_formats.len() <= 1 || param_formats.len() == params.len();
+        let codes_known = param_formats
+            .iter()
+            .chain(&result_formats)
+            .all(|f| matches!(f, 0 | 1));
+        if !formats_fit || !codes_known {
+            return Err(r.err());
+        }
         Ok(Self {
             portal,
             statement,
@@ -317,6 +330,38 @@ mod tests {
         let mut out = BytesMut::new();
         p.encode(&mut out);
         assert_eq!(Parse::decode(&out[HEADER_LEN..]).unwrap(), p);
+    }
+
+    #[test]
+    fn binds_that_postgresql_refuses_are_malformed() {
+        let encoded = |b: &Bind<'_>| {
+            let mut out = BytesMut::new();
+            b.encode(&mut out);
+            out[HEADER_LEN..].to_vec()
+        };
+        let three = vec![Some(&b"a"[..]), Some(&b"b"[..]), Some(&b"c"[..])];
+        let bind = |param_formats: Vec<i16>, result_formats: Vec<i16>| Bind {
+            portal: "",
+            statement: "",
+            param_formats,
+            params: three.clone(),
+            result_formats,
+        };
+        // Two format codes for three parameters; a format code 2.
+        assert!(Bind::decode(&encoded(&bind(vec![0, 1], vec![]))).is_err());
+        assert!(Bind::decode(&encoded(&bind(vec![2], vec![]))).is_err());
+        assert!(Bind::decode(&encoded(&bind(vec![], vec![0, 3]))).is_err());
+        assert!(Bind::decode(&encoded(&bind(vec![0, 1, 0], vec![]))).is_ok());
+        // A parameter length of -2 (not NULL, not a length).
+        let mut body = encoded(&Bind {
+            params: vec![None],
+            ..bind(vec![], vec![])
+        });
+        let at = body.len() - 2 - 4;
+        body[at..at + 4].copy_from_slice(&(-2i32).to_be_bytes());
+        assert!(Bind::decode(&body).is_err());
+        body[at..at + 4].copy_from_slice(&(-1i32).to_be_bytes());
+        assert!(Bind::decode(&body).is_ok());
     }
 
     #[test]

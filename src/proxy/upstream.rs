@@ -8,9 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::stream::Stream;
-use super::tls::{self, TlsError};
 use crate::config::{Policy, UpstreamAddr, UpstreamTlsMode};
 use crate::protocol::SSL_REQUEST_CODE;
+use crate::tls::{self, TlsError};
 
 /// Why the upstream could not be reached.
 #[derive(Debug, thiserror::Error)]
@@ -135,14 +135,19 @@ impl Upstream {
                 authority: self.authority.clone(),
             });
         }
-        let tls = connector
-            .connect(name.clone(), socket)
-            .await
-            .map_err(|source| UpstreamError::Handshake {
+        match connector.connect(name.clone(), socket).await {
+            Ok(tls) => Ok(Stream::ClientTls(Box::new(tls))),
+            // libpq's `prefer` opens a new connection without TLS when the
+            // handshake fails (e.g. no cipher or protocol version in common).
+            Err(e) if self.mode == UpstreamTlsMode::Prefer => {
+                tracing::warn!(upstream = %self.authority, error = %e, "TLS handshake failed; connecting without TLS (prefer)");
+                Ok(Stream::Plain(self.tcp().await?))
+            }
+            Err(source) => Err(UpstreamError::Handshake {
                 authority: self.authority.clone(),
                 source,
-            })?;
-        Ok(Stream::ClientTls(Box::new(tls)))
+            }),
+        }
     }
 
     /// Forwards a CancelRequest packet unchanged on a fresh connection.

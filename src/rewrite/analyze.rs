@@ -605,8 +605,10 @@ pub fn nonstandard_strings_refusal(
         return None;
     }
     let scope = Scope::new(policy, facts);
-    let named = mentions_protected(&scope, sql)
-        .or_else(|| names_tenant_setting(policy, sql).then(String::new))?;
+    // `U&"…"` can spell a protected name the text search does not find.
+    let named = mentions_protected(&scope, sql).or_else(|| {
+        (names_tenant_setting(policy, sql) || has_unicode_escape(sql)).then(String::new)
+    })?;
     let mut rejection = Rejection::unsupported(
         &named,
         None,
@@ -615,8 +617,8 @@ pub fn nonstandard_strings_refusal(
     if named.is_empty() {
         rejection.table = None;
         rejection.message = "cmk-proxy: a backslash in SQL that names the tenant setting, \
-                             set_config or pg_settings is not supported while \
-                             standard_conforming_strings is off"
+                             set_config or pg_settings, or holds a Unicode escape (U&), \
+                             is not supported while standard_conforming_strings is off"
             .to_owned();
     }
     Some(rejection)

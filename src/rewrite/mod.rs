@@ -64,4 +64,6 @@ impl Rejection {
 }
 
 #[cfg(test)]
+mod differential;
+#[cfg(test)]
 mod tests;

@@ -613,6 +613,12 @@ fn backslashes_under_nonstandard_strings_are_refused_near_protected_names() {
     assert!(refused("SELECT set_config('cmk.tenant_id', 'a\\', false)").is_some());
     assert!(refused("INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'ok')").is_none());
     assert!(refused("SELECT 'a\\b' FROM other").is_none());
+    // With strings nonstandard, `'a\\'` does not end at its second quote:
+    // the name spelled with escapes after it must not go unseen.
+    assert!(refused(
+        "SELECT 'a\\' , $$' ; INSERT INTO U&\"p\\0061tients\" (tenant_id, ssn) VALUES (1, 2) --' $$"
+    )
+    .is_some());
 }
 
 #[test]

@@ -105,7 +105,7 @@ fn cmk_proxy(args: &[&str]) -> Output {
 
 /// Where pg_dump is: `pg_config --bindir`, the newest /usr/lib/postgresql/*/bin, PATH
 /// (the same search as `localpg`).
-fn pg_dump_bin() -> PathBuf {
+pub(crate) fn pg_dump_bin() -> PathBuf {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if out.status.success() && dir.join("pg_dump").is_file() {

@@ -352,3 +352,70 @@ async fn migrate_leaves_the_check_not_valid_where_legacy_plaintext_remains() {
     assert_eq!(common::sqlstate(&err).as_deref(), Some("23514"));
     assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 1);
 }
+
+/// A raw Bind of the unnamed statement: `formats` format codes, then the
+/// parameters as (length, bytes).
+fn raw_bind(formats: &[i16], params: &[(i32, &[u8])]) -> Vec<u8> {
+    let mut body = vec![0, 0];
+    body.extend_from_slice(&(formats.len() as u16).to_be_bytes());
+    for f in formats {
+        body.extend_from_slice(&f.to_be_bytes());
+    }
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for (len, bytes) in params {
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(bytes);
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    common::raw::message(b'B', &body)
+}
+
+#[tokio::test]
+async fn malformed_binds_are_refused_as_postgresql_refuses_them() {
+    use common::raw;
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let mut parse =
+        b"\0INSERT INTO patients (tenant_id, ssn, notes) VALUES ($1, $2, $3)\0".to_vec();
+    parse.extend_from_slice(&0u16.to_be_bytes());
+    let execute = raw::message(b'E', b"\0\0\0\0\0");
+    let sync = raw::message(b'S', b"");
+    for (what, bind) in [
+        (
+            "two format codes for three parameters",
+            raw_bind(&[0, 0], &[(4, b"acme"), (5, b"PLAIN"), (5, b"PLAIN")]),
+        ),
+        (
+            "a parameter length of -2",
+            raw_bind(&[], &[(4, b"acme"), (-2, b""), (5, b"PLAIN")]),
+        ),
+        (
+            "format code 7",
+            raw_bind(&[7], &[(4, b"acme"), (5, b"PLAIN"), (5, b"PLAIN")]),
+        ),
+    ] {
+        let mut s = raw::session(setup.proxy.port(), "app");
+        let mut batch = raw::message(b'P', &parse);
+        batch.extend(bind);
+        batch.extend(&execute);
+        batch.extend(&sync);
+        raw::send(&mut s, &batch);
+        let answers = raw::read_until_ready(&mut s);
+        let error = answers
+            .iter()
+            .find(|m| m.tag == b'E')
+            .unwrap_or_else(|| panic!("{what}: no error in {answers:?}"));
+        assert_eq!(
+            error.field(b'C').as_deref(),
+            Some("08P01"),
+            "{what}: {answers:?}"
+        );
+        // The session goes on.
+        raw::send(&mut s, &raw::query("SELECT 1"));
+        let answers = raw::read_until_ready(&mut s);
+        assert!(answers.iter().any(|m| m.tag == b'D'), "{what}: {answers:?}");
+    }
+    assert_eq!(
+        count(&setup.direct, "SELECT count(*) FROM patients").await,
+        0
+    );
+}

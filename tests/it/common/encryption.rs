@@ -65,7 +65,19 @@ impl EncryptedSetup {
         tenants: &str,
         extra: &str,
     ) -> Self {
-        let pg = pg();
+        Self::start_on(pg(), schema, table, columns, providers, tenants, extra).await
+    }
+
+    /// Like `start_configured`, on a given cluster (a Citus coordinator, say).
+    pub async fn start_on(
+        pg: LocalPostgres,
+        schema: &str,
+        table: &str,
+        columns: &[&str],
+        providers: &str,
+        tenants: &str,
+        extra: &str,
+    ) -> Self {
         let (direct, conn) = connect(&pg.admin_url("app")).await;
         std::mem::forget(conn);
         direct.batch_execute(schema).await.expect("schema");
@@ -190,4 +202,30 @@ where
             }
         }
     }
+}
+
+/// `pg_dump` of database `app`, then `cmk-proxy decrypt-dump` of it with the
+/// proxy's own policy: (exit code, stdout, stderr).
+pub fn decrypt_dump(setup: &EncryptedSetup) -> (i32, String, String) {
+    let dump = setup.dir.path().join("dump.sql");
+    let out = std::process::Command::new(crate::encryption_at_rest::pg_dump_bin())
+        .arg("--dbname")
+        .arg(setup.pg.admin_url("app"))
+        .arg("--file")
+        .arg(&dump)
+        .output()
+        .expect("run pg_dump");
+    assert!(out.status.success(), "pg_dump: {out:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .arg("decrypt-dump")
+        .arg("--config")
+        .arg(setup.proxy.dir().join("policy.yaml"))
+        .arg(&dump)
+        .output()
+        .expect("run decrypt-dump");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -125,6 +125,11 @@ impl Proxy {
         Err(format!("timed out\n{}", self.log_text()))
     }
 
+    /// The policy file the proxy was started with (for CLI commands).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -284,6 +289,36 @@ pub async fn connect(url: &str) -> (Client, JoinHandle<()>) {
     try_connect(url)
         .await
         .unwrap_or_else(|e| panic!("connect {url}: {e} ({e:?})"))
+}
+
+/// Whether PostgreSQL sees `client`'s session over TLS (`pg_stat_ssl`).
+pub async fn server_sees_tls(client: &Client) -> bool {
+    client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("read pg_stat_ssl")
+        .get(0)
+}
+
+/// Runs the `cmk-proxy` binary: whether it succeeded, and stdout + stderr.
+pub fn run_cmk_proxy<I, S>(args: I) -> (bool, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(args)
+        .output()
+        .expect("run cmk-proxy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
 }
 
 /// Connects without TLS; the error is returned for the test to inspect.

@@ -252,16 +252,7 @@ async fn deeply_nested_calls_are_refused_at_once_and_stall_no_other_session() {
 
 /// Runs `cmk-proxy <args>`; its exit code and output.
 fn cmk_proxy(args: &[&str]) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
-        .args(args)
-        .output()
-        .expect("run cmk-proxy");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    common::run_cmk_proxy_code(args)
 }
 
 #[tokio::test]

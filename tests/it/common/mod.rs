@@ -309,6 +309,16 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
+    let (code, text) = run_cmk_proxy_code(args);
+    (code == Some(0), text)
+}
+
+/// Runs the `cmk-proxy` binary: its exit code, and stdout + stderr.
+pub fn run_cmk_proxy_code<I, S>(args: I) -> (Option<i32>, String)
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     let out = Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
         .args(args)
         .output()
@@ -318,7 +328,7 @@ where
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    (out.status.success(), text)
+    (out.status.code(), text)
 }
 
 /// Connects without TLS; the error is returned for the test to inspect.

@@ -210,7 +210,7 @@ pub fn analyze_in(
             return Ok(Analysis {
                 statements: reading
                     .classes()
-                    .into_iter()
+                    .iter()
                     .map(|class| match class {
                         StatementClass::Ddl => StatementPlan::Ddl,
                         _ => StatementPlan::Untouched,

@@ -90,9 +90,10 @@ pub(crate) fn tokens(sql: &str) -> Option<Vec<SqlToken>> {
 /// that is not a doubled quote).
 fn string_kind(sql: &str, start: usize, text: &str) -> TokenKind {
     let glued = start > 0
-        && sql.as_bytes().get(start - 1).is_some_and(|b| {
-            b.is_ascii_alphanumeric() || matches!(*b, b'_' | b'&' | b'$') || *b >= 0x80
-        });
+        && sql
+            .as_bytes()
+            .get(start - 1)
+            .is_some_and(|&b| is_word_byte(b) || b == b'&');
     let plain = !glued
         && text.len() >= 2
         && text.starts_with('\'')
@@ -107,6 +108,12 @@ fn string_kind(sql: &str, start: usize, text: &str) -> TokenKind {
     } else {
         TokenKind::OtherString
     }
+}
+
+/// A byte that continues a word (PostgreSQL: letters, digits, `_`, `$`, and
+/// every non-ASCII byte).
+pub(crate) fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
 fn number_kind(text: &str) -> TokenKind {

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::ops::Range;
 
-use super::lexer::{self, TokenKind};
+use super::lexer::{self, is_word_byte, TokenKind};
 
 /// A literal of the original SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,12 +158,6 @@ enum Token<'a> {
     Number(Range<usize>),
     /// `$n`.
     Param(usize),
-}
-
-/// A byte that continues a word (PostgreSQL: letters, digits, `_`, `$`, and
-/// every non-ASCII byte).
-fn is_word_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
 /// Walks `sql` token by token, as PostgreSQL's scanner cuts it; `None`

@@ -29,27 +29,53 @@ pub(crate) enum StatementClass {
     Followed,
 }
 
-/// The parse of a whole query string by PostgreSQL's grammar.
+/// The parse of a whole query string by PostgreSQL's grammar, with what
+/// the planner asks of it read in one walk of the tree.
 pub(crate) struct PgReading {
     parsed: pg_query::ParseResult,
+    classes: Vec<StatementClass>,
+    depth: i32,
+    max_param: usize,
 }
 
 impl PgReading {
     /// PostgreSQL's reading of `sql`; `None` when its grammar rejects it.
     pub(crate) fn of(sql: &str) -> Option<Self> {
-        pg_query::parse(sql, pg_query::ParserOptions::DEFAULT)
-            .ok()
-            .map(|parsed| Self { parsed })
+        let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
+        let classes = parsed.protobuf.stmts.iter().map(class_of).collect();
+        let (mut depth, mut max_param) = (0, 0);
+        for (node, node_depth, _, _) in parsed.protobuf.nodes() {
+            depth = depth.max(node_depth);
+            if let NodeRef::ParamRef(p) = node {
+                max_param = max_param.max(usize::try_from(p.number).unwrap_or(0));
+            }
+        }
+        Some(Self {
+            parsed,
+            classes,
+            depth,
+            max_param,
+        })
     }
 
     /// The statements' count (an empty query string has none).
     pub(crate) fn len(&self) -> usize {
-        self.parsed.protobuf.stmts.len()
+        self.classes.len()
     }
 
     /// The class of each statement, in order.
-    pub(crate) fn classes(&self) -> Vec<StatementClass> {
-        self.parsed.protobuf.stmts.iter().map(class_of).collect()
+    pub(crate) fn classes(&self) -> &[StatementClass] {
+        &self.classes
+    }
+
+    /// The deepest node of any statement's parse tree.
+    pub(crate) fn depth(&self) -> i32 {
+        self.depth
+    }
+
+    /// The highest `$n` any statement uses.
+    pub(crate) fn max_param(&self) -> usize {
+        self.max_param
     }
 
     /// True when a relation, function or CTE that statement `index` names
@@ -88,31 +114,6 @@ impl PgReading {
             Ok(len) => start.saturating_add(len),
         };
         sql.get(start..end.min(sql.len())).unwrap_or(sql)
-    }
-
-    /// The deepest node of any statement's parse tree.
-    pub(crate) fn depth(&self) -> i32 {
-        self.parsed
-            .protobuf
-            .nodes()
-            .iter()
-            .map(|(_, depth, _, _)| *depth)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// The highest `$n` any statement uses.
-    pub(crate) fn max_param(&self) -> usize {
-        self.parsed
-            .protobuf
-            .nodes()
-            .iter()
-            .filter_map(|(node, _, _, _)| match node {
-                NodeRef::ParamRef(p) => usize::try_from(p.number).ok(),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0)
     }
 
     /// True when `proxy_sql` (one statement, as the proxy understood
@@ -241,7 +242,7 @@ mod tests {
         let reading =
             PgReading::of("BEGIN; CREATE VIEW v AS SELECT 1; SELECT 1; RESET ALL").unwrap();
         assert_eq!(
-            reading.classes(),
+            reading.classes().to_vec(),
             vec![
                 StatementClass::Followed,
                 StatementClass::Ddl,

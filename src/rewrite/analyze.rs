@@ -9,8 +9,10 @@ use sqlparser::ast::{
     Statement, TableFactor, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
 
+use super::gate::{
+    disagreement, has_unicode_escape, needs_the_proxy, parse_bounded, MAX_CALL_NESTING,
+};
 use super::names::{
     ambiguous_table, ident_name, keys_named, last_name, mentioned_key, mentions_policy_table,
     policy_table, relation_key, unqualified,
@@ -156,10 +158,10 @@ pub struct SchemaFacts {
 }
 
 /// What the analysis protects: the policy tables and the views over them.
-struct Scope<'a> {
-    policy: &'a Policy,
-    views: &'a HashMap<String, Vec<String>>,
-    children: &'a HashMap<String, String>,
+pub(super) struct Scope<'a> {
+    pub(super) policy: &'a Policy,
+    pub(super) views: &'a HashMap<String, Vec<String>>,
+    pub(super) children: &'a HashMap<String, String>,
     unwritable: &'a HashMap<String, String>,
 }
 
@@ -334,100 +336,6 @@ pub fn analyze_in(
     })
 }
 
-/// sqlparser's statements of `sql`, in bounded time: `None` when calls
-/// nest too deep for it (its time doubles with each level) or it cannot
-/// parse the SQL. Every use of sqlparser goes through here.
-pub fn parse_statements(sql: &str) -> Option<Vec<Statement>> {
-    if super::lexer::call_nesting(sql).is_some_and(|n| n > MAX_CALL_NESTING) {
-        return None;
-    }
-    parse_bounded(sql).ok()
-}
-
-/// sqlparser with a recursion limit: the depth check above bounds what
-/// PostgreSQL's reading may hold, this bounds sqlparser's own descent.
-fn parse_bounded(sql: &str) -> Result<Vec<Statement>, ()> {
-    Parser::new(&PostgreSqlDialect {})
-        .with_recursion_limit(SQLPARSER_RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut parser| parser.parse_statements())
-        .map_err(|_| ())
-}
-
-/// Deepest nesting of calls (`f(`, `ROW(`, `IN (`) sqlparser is given: its
-/// time doubles with each level (a millisecond at 10, seconds at 20).
-const MAX_CALL_NESTING: usize = 10;
-
-/// sqlparser's own nesting limit (its default is 50).
-const SQLPARSER_RECURSION_LIMIT: usize = 64;
-
-/// True when the query string may touch what the proxy guards: a protected
-/// table, view or child (named in the text, or by PostgreSQL's decoding of
-/// the names), the tenant setting, `set_config`, `pg_settings`, or a
-/// statement the proxy follows whatever it names (transactions, SET,
-/// PREPARE, COPY, DO, functions …). Anything else passes untouched without
-/// sqlparser ever reading it.
-fn needs_the_proxy(scope: &Scope<'_>, reading: &PgReading, index: usize, sql: &str) -> bool {
-    let text = reading.text(index, sql);
-    match reading.classes().get(index) {
-        Some(StatementClass::Show) => false,
-        Some(StatementClass::Followed) => true,
-        _ => {
-            mentions_protected(scope, text).is_some()
-                || names_tenant_setting(scope.policy, text)
-                || has_unicode_escape(text)
-                || reading.names_any(index, |name| is_guarded_name(scope, name))
-        }
-    }
-}
-
-/// A relation or function name (its last part, as PostgreSQL decoded it)
-/// that the proxy guards.
-fn is_guarded_name(scope: &Scope<'_>, bare: &str) -> bool {
-    let is_bare = |key: &String| key.rsplit('.').next() == Some(bare);
-    scope.policy.tables.keys().any(is_bare)
-        || scope.views.keys().any(is_bare)
-        || scope.children.keys().any(is_bare)
-        || matches!(bare, "set_config" | "pg_settings")
-}
-
-/// `U&'…'` or `U&"…"` anywhere (escapes can spell any name).
-fn has_unicode_escape(sql: &str) -> bool {
-    sql.as_bytes()
-        .windows(2)
-        .any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&')
-}
-
-/// The refusal of a query string that sqlparser reads otherwise than
-/// PostgreSQL: another number of statements, or a statement that, printed
-/// back from sqlparser's tree, PostgreSQL parses to another tree than the
-/// client's text. Whatever sqlparser misread (a dollar quote, a nested
-/// comment, an escape) would make every later check a check of some other
-/// statement.
-fn disagreement(
-    scope: &Scope<'_>,
-    reading: &PgReading,
-    statements: &[Statement],
-    sql: &str,
-) -> Result<(), Rejection> {
-    // A SHOW touches no data (and sqlparser prints `SHOW a.b` as `SHOW a b`).
-    let agrees = statements.len() == reading.len()
-        && statements.iter().enumerate().all(|(i, statement)| {
-            reading.classes().get(i) == Some(&StatementClass::Show)
-                && matches!(statement, Statement::ShowVariable { .. })
-                || reading.agrees(i, &statement.to_string())
-        });
-    if agrees {
-        return Ok(());
-    }
-    Err(Rejection::unsupported(
-        mentions_protected(scope, sql).as_deref().unwrap_or(""),
-        None,
-        "SQL that cmk-proxy's parser reads otherwise than PostgreSQL (write it more plainly: \
-         standard quotes, no nested comments)",
-    ))
-}
-
 fn max_placeholder(statements: &[Statement]) -> usize {
     statements
         .iter()
@@ -587,7 +495,7 @@ fn view_write_refusal(scope: &Scope<'_>, name: &ObjectName) -> Result<(), Reject
 
 /// The policy table or protected view whose name `sql` contains anywhere
 /// (for SQL that did not parse, and text the parser does not look into).
-fn mentions_protected(scope: &Scope<'_>, sql: &str) -> Option<String> {
+pub(super) fn mentions_protected(scope: &Scope<'_>, sql: &str) -> Option<String> {
     mentions_policy_table(scope.policy, sql).or_else(|| mentioned_key(scope.views.keys(), sql))
 }
 
@@ -759,7 +667,7 @@ fn reset_of_tenant(policy: &Policy, sql: &str) -> TenantReset {
 
 /// True when `text` names the tenant setting, `set_config` or
 /// `pg_settings` anywhere (inside strings and dollar-quoted bodies too).
-fn names_tenant_setting(policy: &Policy, text: &str) -> bool {
+pub(super) fn names_tenant_setting(policy: &Policy, text: &str) -> bool {
     let lower = text.to_lowercase();
     [
         policy.tenant.session_setting.to_lowercase().as_str(),

@@ -9,6 +9,7 @@ mod analyze;
 mod bindable;
 mod ddl;
 mod fingerprint;
+mod gate;
 mod lexer;
 mod literals;
 mod names;
@@ -18,11 +19,12 @@ mod set_config;
 mod write;
 
 pub use analyze::{
-    analyze, analyze_in, nonstandard_strings_refusal, parse_statements, Analysis, SavepointOp,
-    SchemaFacts, StatementPlan, TenantChange,
+    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
+    StatementPlan, TenantChange,
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;
+pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};

@@ -40,7 +40,7 @@ pub struct ColumnRef {
 /// (table OID, attnum) → policy column, for RowDescription lookups. Views
 /// (and materialized views) whose columns PostgreSQL traces back to a
 /// protected column are mapped to that column too.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatalogMap {
     by_attr: HashMap<(u32, i16), ColumnRef>,
     table_oids: BTreeMap<Arc<str>, u32>,

@@ -12,7 +12,6 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
 
-use super::statements::ParsePlan;
 use crate::audit::{Audit, AuditEvent};
 use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
@@ -24,8 +23,10 @@ use crate::rewrite::{
     TenantSource, ValueSource, WritePlan,
 };
 use crate::values;
+use plans::ParsePlan;
 
 mod plan_cache;
+pub(crate) mod plans;
 mod shapes;
 
 /// Why encryption could not start.
@@ -125,7 +126,8 @@ pub struct Encryption {
 }
 
 /// A cached Parse plan for one list of declared parameter types.
-type CachedParsePlan = (Vec<u32>, Result<Arc<ParsePlan>, Rejection>);
+/// Declared parameter types, the plan epoch it was made in, the plan.
+type CachedParsePlan = (Vec<u32>, u64, Result<Arc<ParsePlan>, Rejection>);
 
 impl Encryption {
     /// Starts audit, connects the key service (migrating the `cmk` schema and
@@ -164,10 +166,10 @@ impl Encryption {
             ticks.tick().await;
             loop {
                 ticks.tick().await;
-                match weak.upgrade() {
-                    Some(encryption) => encryption.refresh_catalog().await,
-                    None => break,
-                }
+                let Some(encryption) = weak.upgrade() else {
+                    break;
+                };
+                encryption.refresh_catalog().await;
             }
         });
         Ok(encryption)
@@ -193,8 +195,9 @@ impl Encryption {
 
     /// Reloads the catalog map (after DDL, and periodically). A load that
     /// began before another one already installed is dropped: an older map
-    /// never replaces a newer one.
-    pub async fn refresh_catalog(&self) {
+    /// never replaces a newer one. `false` when the catalog could not be
+    /// read (the previous map stays).
+    pub async fn refresh_catalog(&self) -> bool {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
         let loaded = async {
             let client = super::admin::connect(&self.policy).await.ok()?;
@@ -205,29 +208,48 @@ impl Encryption {
             Some(map) => {
                 if let Ok(mut slot) = self.catalog.write() {
                     if self.catalog_installed.load(Ordering::Acquire) > ticket {
-                        return;
+                        // A load begun later was installed: it is newer.
+                        return true;
                     }
                     self.catalog_installed.store(ticket, Ordering::Release);
+                    if **slot == map {
+                        // Nothing plans depend on changed: they stay valid
+                        // (a periodic reload costs no prepared statement a
+                        // new plan).
+                        return true;
+                    }
                     *slot = Arc::new(map);
                 }
                 // Plans depend on the views the catalog maps.
                 self.clear_parse_plans();
                 self.shapes.clear();
+                true
             }
-            None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
+            None => {
+                tracing::warn!("catalog map refresh failed; keeping the previous map");
+                false
+            }
         }
     }
 
     /// The plan of a Parse with this SQL and these declared types: cached,
-    /// else made by `plan` (refusals are cached too; DDL is not).
+    /// else made by `plan` (refusals are cached too; DDL is not). `epoch`
+    /// is the plan epoch the caller read before asking: only a plan made in
+    /// that epoch is taken from the cache, and a plan is cached under the
+    /// epoch read before its catalog, so a plan made against an older
+    /// catalog is never found in a newer epoch.
     pub(crate) fn parse_plan(
         &self,
         sql: &str,
         param_types: &[u32],
+        epoch: u64,
         plan: impl FnOnce() -> Result<ParsePlan, Rejection>,
     ) -> Result<Arc<ParsePlan>, Rejection> {
         if let Some(plans) = self.parse_plans.get(sql) {
-            if let Some((_, found)) = plans.iter().find(|(types, _)| types == param_types) {
+            let found = plans
+                .iter()
+                .find(|(types, made_in, _)| *made_in == epoch && types == param_types);
+            if let Some((_, _, found)) = found {
                 return found.clone();
             }
         }
@@ -235,12 +257,18 @@ impl Encryption {
         if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
             // Another session may add its types meanwhile; one of the two
             // is planned again later, never wrongly.
-            let mut plans = self
+            let mut plans: Vec<CachedParsePlan> = self
                 .parse_plans
                 .get(sql)
-                .map(|plans| plans.as_ref().clone())
+                .map(|plans| {
+                    plans
+                        .iter()
+                        .filter(|(_, made_in, _)| *made_in == epoch)
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
-            plans.push((param_types.to_vec(), made.clone()));
+            plans.push((param_types.to_vec(), epoch, made.clone()));
             self.parse_plans.insert(sql.to_owned(), Arc::new(plans));
         }
         made
@@ -251,12 +279,12 @@ impl Encryption {
         self.plan_epoch.load(Ordering::Acquire)
     }
 
-    /// Starts the Parse plan cache over. The epoch moves after the clear:
-    /// a session reads the epoch before it looks a plan up, so a plan it
-    /// found before the clear is kept under the old epoch.
+    /// Starts the Parse plan cache over, in a new epoch. The new catalog is
+    /// installed before the epoch moves: a plan cached under an epoch was
+    /// made against that epoch's catalog or a newer one.
     fn clear_parse_plans(&self) {
-        self.parse_plans.clear();
         self.plan_epoch.fetch_add(1, Ordering::AcqRel);
+        self.parse_plans.clear();
     }
 
     /// Emits a rejection audit event.

@@ -251,6 +251,7 @@ async fn run_session(
         tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
+        schema_flux: Default::default(),
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
         own_statements: Mutex::new(Default::default()),
@@ -745,7 +746,7 @@ where
             if let Some(encryption) = encryption {
                 let tracker = &mut inspector.tracker;
                 let out = if frame.first() == Some(&backend::READY_FOR_QUERY) {
-                    Box::pin(tracker.ready(&frame, encryption)).await
+                    Box::pin(tracker.ready(&frame, encryption, state)).await
                 } else {
                     Box::pin(tracker.decrypt(&frame, encryption, state)).await
                 };

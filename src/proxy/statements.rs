@@ -9,20 +9,22 @@
 //! transaction state.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 
+use super::encryption::plans::ParsePlan;
 use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
 use super::own_statements::{
     is_own_name, statement_name, OwnStatements, StatementUse, StatementWords, NAME_PREFIX,
 };
 use super::pending::{
-    Expected, Portal, PreparedStatement, Refusal, RunsAs, ServerSql, Shape, StatementKind,
+    Expected, PlanOrigin, Portal, PreparedStatement, Refusal, RunsAs, ServerSql, Shape,
+    StatementKind,
 };
 use super::recent_parses::{RecentParses, Remembered};
-use super::results::{protected_result_columns, RowPlanMemo};
+use super::results::protected_result_columns;
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
@@ -204,68 +206,7 @@ impl ClientStatements {
                 ClientStep::Async
             }
             Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
-            Some(frontend::BIND) => match Bind::decode(body) {
-                Ok(bind) if self.bind_is_ambiguous(&bind, state) => refuse_bind_after(
-                    BytesMut::new(),
-                    encryption,
-                    state,
-                    ambiguous_statement(bind.statement),
-                ),
-                Ok(bind) if is_own_name(bind.statement) => {
-                    refuse_bind_after(BytesMut::new(), encryption, state, own_name_rejection())
-                }
-                Ok(bind)
-                    if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
-                {
-                    ClientStep::Async
-                }
-                Ok(bind) => {
-                    let statement = self.statement(bind.statement);
-                    let mut out = BytesMut::new();
-                    let own = match statement
-                        .runs_as
-                        .as_ref()
-                        .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
-                        .transpose()
-                    {
-                        Ok(own) => own,
-                        Err(rejection) => {
-                            return refuse_bind_after(out, encryption, state, rejection)
-                        }
-                    };
-                    let wire = wire_formats(&statement, &bind.result_formats, encryption);
-                    self.bind_portal(&bind, statement.clone(), wire.clone());
-                    state.pending.push(Expected::Bind {
-                        refusal: None,
-                        own: own.as_ref().map(|(number, _)| *number),
-                    });
-                    if own.is_none() && wire.is_none() {
-                        return ClientStep::Forward;
-                    }
-                    out.reserve(frame.len() + 64);
-                    Bind {
-                        statement: own.as_ref().map_or(bind.statement, |(_, name)| name),
-                        result_formats: wire.unwrap_or_else(|| bind.result_formats.clone()),
-                        ..bind
-                    }
-                    .encode(&mut out);
-                    ClientStep::Replace(out)
-                }
-                Err(_) => {
-                    // Malformed, or names in another client encoding: the
-                    // proxy cannot tell which statement it binds (a write
-                    // would get plaintext), so it refuses it.
-                    let rejection = Rejection {
-                        sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
-                        table: None,
-                        column: None,
-                        message: "cmk-proxy: a Bind message it cannot read (malformed, or \
-                                  names that are not UTF-8)"
-                            .to_owned(),
-                    };
-                    refuse_bind_after(BytesMut::new(), encryption, state, rejection)
-                }
-            },
+            Some(frontend::BIND) => self.bind(frame, body, encryption, state),
             Some(frontend::DESCRIBE) => {
                 // A malformed Describe fails at the server like any other.
                 match target(body).unwrap_or((b'P', "")) {
@@ -332,6 +273,73 @@ impl ClientStatements {
             }
             _ => ClientStep::Forward,
         }
+    }
+
+    /// A Bind that needs no keys is sent on (to the proxy's own statement
+    /// when the client's runs as one); a Bind of a write is left to
+    /// `finish`; one the proxy cannot tell the statement of is refused.
+    fn bind(
+        &mut self,
+        frame: &[u8],
+        body: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> ClientStep {
+        let Ok(bind) = Bind::decode(body) else {
+            // Malformed, or names in another client encoding: the proxy
+            // cannot tell which statement it binds (a write would get
+            // plaintext), so it refuses it.
+            let rejection = Rejection {
+                sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
+                table: None,
+                column: None,
+                message: "cmk-proxy: a Bind message it cannot read (malformed, or \
+                          names that are not UTF-8)"
+                    .to_owned(),
+            };
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        };
+        if self.bind_is_ambiguous(&bind, state) {
+            let rejection = ambiguous_statement(bind.statement);
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        }
+        if is_own_name(bind.statement) {
+            return refuse_bind_after(BytesMut::new(), encryption, state, own_name_rejection());
+        }
+        if let Err(rejection) = self.replan_if_stale(bind.statement, encryption, state) {
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        }
+        let statement = self.statement(bind.statement);
+        if matches!(statement.kind, StatementKind::Write(_)) {
+            return ClientStep::Async;
+        }
+        let mut out = BytesMut::new();
+        let own = match statement
+            .runs_as
+            .as_ref()
+            .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
+            .transpose()
+        {
+            Ok(own) => own,
+            Err(rejection) => return refuse_bind_after(out, encryption, state, rejection),
+        };
+        let wire = wire_formats(&statement, &bind.result_formats, encryption);
+        self.bind_portal(&bind, statement.clone(), wire.clone());
+        state.pending.push(Expected::Bind {
+            refusal: None,
+            own: own.as_ref().map(|(number, _)| *number),
+        });
+        if own.is_none() && wire.is_none() {
+            return ClientStep::Forward;
+        }
+        out.reserve(frame.len() + 64);
+        Bind {
+            statement: own.as_ref().map_or(bind.statement, |(_, name)| name),
+            result_formats: wire.unwrap_or_else(|| bind.result_formats.clone()),
+            ..bind
+        }
+        .encode(&mut out);
+        ClientStep::Replace(out)
     }
 
     /// Handles a message `on_frame` left for async work; returns the bytes
@@ -418,6 +426,55 @@ impl ClientStatements {
                 bind.params.len() == server_params
             }
         }
+    }
+
+    /// Plans statement `name` again when the catalog changed since it was
+    /// planned, as PostgreSQL plans a prepared statement again after the
+    /// schema it depends on changed. When the new plan runs exactly as the
+    /// old one, the statement is current again; otherwise (a view it writes
+    /// now shows a protected table, say) binding it is refused: the server
+    /// would run it on the new schema, the proxy on the old plan.
+    /// While names are in flux (see `follow_schema_flux`), a statement
+    /// prepared before the DDL that names one is refused too.
+    fn replan_if_stale(
+        &self,
+        name: &str,
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> Result<(), Rejection> {
+        let Some(statement) = self.statements.get(name) else {
+            return Ok(());
+        };
+        let Some(origin) = statement.origin.as_ref() else {
+            return Ok(());
+        };
+        if let Some(in_flux) = state.flux_names() {
+            let catalog = encryption.catalog();
+            let sql = &origin.plan.sql;
+            rewrite::schema_flux(encryption.policy(), catalog.schema_facts(), sql, &in_flux)?;
+        }
+        let epoch = encryption.plan_epoch();
+        if origin.epoch.load(Ordering::Acquire) == epoch {
+            return Ok(());
+        }
+        let old = &origin.plan;
+        let new = encryption
+            .parse_plan(&old.sql, &statement.declared, epoch, || {
+                plan_sql(&old.sql, &statement.declared, encryption)
+            })
+            .map_err(|rejection| Rejection {
+                message: format!(
+                    "{} (the schema changed since {} was prepared)",
+                    rejection.message,
+                    shown_name(name)
+                ),
+                ..rejection
+            })?;
+        if !old.runs_as(&new) {
+            return Err(schema_changed(name));
+        }
+        origin.epoch.store(epoch, Ordering::Release);
+        Ok(())
     }
 
     fn statement(&self, name: &str) -> Arc<PreparedStatement> {
@@ -512,8 +569,14 @@ impl ClientStatements {
         let epoch = encryption.plan_epoch();
         let planned = match refusal {
             Some(rejection) => Err(rejection),
-            None => plan_parse(&parse, encryption, state),
+            None => plan_parse(&parse, epoch, encryption, state),
         };
+        // The Parse is in the cycle its coming Sync ends.
+        let cycle = state.cycles_sent.load(Ordering::Acquire) + 1;
+        let planned = planned.and_then(|(plan, replacement)| {
+            follow_schema_flux(parse.query, plan.ddl, cycle, encryption, state)?;
+            Ok((plan, replacement))
+        });
         let (plan, replacement) = match planned {
             Ok(planned) => planned,
             Err(rejection) => {
@@ -531,7 +594,7 @@ impl ClientStatements {
             };
             self.recent.remember(body, epoch, entry);
         }
-        let statement = statement_of(&plan, parse.param_types, words.drops);
+        let statement = statement_of(&plan, epoch, parse.param_types, words.drops);
         self.define(parse.name, statement, replacement, frame, state)
     }
 
@@ -544,11 +607,12 @@ impl ClientStatements {
         encryption: &Encryption,
         state: &SessionState,
     ) -> Option<ClientStep> {
-        if state.nonstandard_strings.load(Ordering::Acquire) {
+        if state.nonstandard_strings.load(Ordering::Acquire) || state.flux_names().is_some() {
             return None;
         }
-        let seen = self.recent.find(body, encryption.plan_epoch())?;
-        let statement = statement_of(&seen.plan, seen.declared.clone(), false);
+        let epoch = encryption.plan_epoch();
+        let seen = self.recent.find(body, epoch)?;
+        let statement = statement_of(&seen.plan, epoch, seen.declared.clone(), false);
         // In a failed transaction the client's Parse must fail as the
         // server's answer to it would (25P02); an empty Parse would not.
         let aborted = state.tx_status.load(Ordering::Acquire) == b'E';
@@ -815,42 +879,18 @@ fn bound_tenant(statement: &PreparedStatement, bind: &Bind<'_>) -> Option<Tenant
     Some(TenantChange::to(tenant, local))
 }
 
-/// What the proxy makes of one Parse (SQL and declared parameter types),
-/// shared by every session that sends the same one until the catalog
-/// changes: drivers that use unnamed statements send the same Parse for
-/// every execution.
-#[derive(Debug)]
-pub struct ParsePlan {
-    kind: StatementKind,
-    client_params: usize,
-    presented: Vec<(usize, u32)>,
-    fingerprint: Arc<str>,
-    /// SQL and parameter types sent instead of the client's.
-    rewritten: Option<(String, Vec<u32>)>,
-    /// The statement changes the schema.
-    ddl: bool,
-    /// The plans of its result rows, shared by the sessions that prepare it.
-    row_plans: Arc<RowPlanMemo>,
-}
-
-impl ParsePlan {
-    /// True when the statement changes the schema (never cached).
-    pub fn is_ddl(&self) -> bool {
-        self.ddl
-    }
-}
-
 /// Plans a Parse: the shared plan, and the Parse to send instead (`None`:
 /// the original). `Err`: refused.
 fn plan_parse(
     parse: &Parse<'_>,
+    epoch: u64,
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(Arc<ParsePlan>, Option<BytesMut>), Rejection> {
     if let Some(rejection) = nonstandard_strings_refusal(parse.query, encryption, state) {
         return Err(rejection);
     }
-    let plan = encryption.parse_plan(parse.query, &parse.param_types, || {
+    let plan = encryption.parse_plan(parse.query, &parse.param_types, epoch, || {
         plan_sql(parse.query, &parse.param_types, encryption)
     })?;
     if plan.ddl {
@@ -971,8 +1011,17 @@ fn own_statement_now(
 
 /// The statement as the proxy tracks it, from its plan and the parameter
 /// types the client `declared`; `drops`: its SQL may drop statements.
-fn statement_of(plan: &ParsePlan, declared: Vec<u32>, drops: bool) -> PreparedStatement {
+fn statement_of(
+    plan: &Arc<ParsePlan>,
+    epoch: u64,
+    declared: Vec<u32>,
+    drops: bool,
+) -> PreparedStatement {
     let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
+    statement.origin = Some(PlanOrigin {
+        plan: Arc::clone(plan),
+        epoch: AtomicU64::new(epoch),
+    });
     statement.declared = declared;
     statement.presented = plan.presented.clone();
     statement.row_plans = plan.row_plans.clone();
@@ -996,6 +1045,7 @@ fn plan_sql(
         param_types.len(),
     )?;
     let mut plan = ParsePlan {
+        sql: Arc::from(query),
         kind: StatementKind::Plain,
         client_params: analysis.client_params,
         presented: Vec::new(),
@@ -1135,6 +1185,59 @@ fn refuse_bind_after(
     }
     .encode(&mut out);
     ClientStep::Replace(out)
+}
+
+/// Follows the session's schema flux through `sql` (see
+/// `rewrite::schema_flux`): refuses a statement on a relation the
+/// session's uncommitted DDL changed, and puts the names of DDL on
+/// protected data in flux (`cycle`: the request cycle that carries it).
+/// Costs nothing unless the statement is DDL or names are in flux.
+fn follow_schema_flux(
+    sql: &str,
+    ddl: bool,
+    cycle: u64,
+    encryption: &Encryption,
+    state: &SessionState,
+) -> Result<(), Rejection> {
+    let in_flux = state.flux_names();
+    if in_flux.is_none() && !ddl {
+        return Ok(());
+    }
+    let catalog = encryption.catalog();
+    let changed = rewrite::schema_flux(
+        encryption.policy(),
+        catalog.schema_facts(),
+        sql,
+        &in_flux.unwrap_or_default(),
+    )?;
+    if let Some(names) = changed {
+        state.add_flux(names, cycle);
+    }
+    Ok(())
+}
+
+/// The refusal of a Bind of a statement whose plan the schema changed
+/// under (see `ClientStatements::replan`).
+fn schema_changed(name: &str) -> Rejection {
+    let shown = shown_name(name);
+    Rejection {
+        sqlstate: rewrite::KM003,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: the schema changed since {shown} was prepared, and the change touches \
+             protected data: prepare the statement again"
+        ),
+    }
+}
+
+/// A prepared statement's name as messages show it.
+fn shown_name(name: &str) -> String {
+    if name.is_empty() {
+        "the unnamed statement".to_owned()
+    } else {
+        format!("statement \"{name}\"")
+    }
 }
 
 fn own_name_rejection() -> Rejection {
@@ -1337,7 +1440,15 @@ async fn simple_query(
         state.pending.push(Expected::query());
         return query_message(&rejection_query(&rejection));
     }
-    match encryption.rewrite_simple_query(sql, &info).await {
+    let cycle = state.cycles_sent.load(Ordering::Acquire);
+    let rewritten = encryption
+        .rewrite_simple_query(sql, &info)
+        .await
+        .and_then(|rewrite| {
+            follow_schema_flux(sql, rewrite.ddl, cycle, encryption, state)?;
+            Ok(rewrite)
+        });
+    match rewritten {
         Ok(rewrite) => {
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);

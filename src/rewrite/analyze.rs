@@ -21,6 +21,7 @@ use super::pg_reading::{PgReading, StatementClass, MAX_DEPTH};
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::{Rejection, KM003};
 use crate::config::Policy;
+use pg_query::NodeEnum;
 
 /// What the proxy does with one statement.
 #[derive(Debug, Clone)]
@@ -141,7 +142,7 @@ impl Analysis {
 }
 
 /// What the analysis must know of the live schema besides the policy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchemaFacts {
     /// Views over protected columns: `schema.view` → its protected column names.
     pub views: HashMap<String, Vec<String>>,
@@ -166,7 +167,7 @@ pub(super) struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
-    fn new(policy: &'a Policy, facts: &'a SchemaFacts) -> Self {
+    pub(super) fn new(policy: &'a Policy, facts: &'a SchemaFacts) -> Self {
         Self {
             policy,
             views: &facts.views,
@@ -218,7 +219,7 @@ pub fn analyze_in(
                         _ => StatementPlan::Untouched,
                     })
                     .collect(),
-                client_params: client_params.max(reading.max_param()),
+                client_params: client_params.max(super::lexer::max_param(sql)),
             });
         }
     }
@@ -303,13 +304,35 @@ pub fn analyze_in(
         .into_iter()
         .map(|s| plan_statement(&scope, s, params))
         .collect::<Result<_, _>>()?;
+    // A rename or move to another schema changes what names mean: the
+    // catalog is reloaded after it, like after DDL.
+    let mut plans = plans;
+    if let Some(reading) = &reading {
+        for (index, plan) in plans.iter_mut().enumerate() {
+            let renames = matches!(
+                reading.statement(index),
+                Some(NodeEnum::RenameStmt(_) | NodeEnum::AlterObjectSchemaStmt(_))
+            );
+            if renames && matches!(plan, StatementPlan::Untouched) {
+                *plan = StatementPlan::Ddl;
+            }
+        }
+    }
     // The catalog (which views show protected columns, which tables are
     // writable) is reloaded after the query: statements after DDL on
     // protected data would be planned against the old one.
     if let Some(ddl) = plans.iter().position(|p| matches!(p, StatementPlan::Ddl)) {
-        if plans[ddl + 1..]
+        // COMMIT and the like may follow: they plan nothing.
+        let plans_nothing = |index: usize| {
+            reading
+                .as_ref()
+                .is_some_and(|r| matches!(r.statement(index), Some(NodeEnum::TransactionStmt(_))))
+        };
+        if plans
             .iter()
-            .any(|p| !matches!(p, StatementPlan::Ddl))
+            .enumerate()
+            .skip(ddl + 1)
+            .any(|(index, p)| !matches!(p, StatementPlan::Ddl) && !plans_nothing(index))
         {
             if let Some(table) = mentions_protected(&scope, sql) {
                 return Err(Rejection::unsupported(

@@ -9,6 +9,7 @@ mod analyze;
 mod bindable;
 mod ddl;
 mod fingerprint;
+mod flux;
 mod gate;
 mod lexer;
 mod literals;
@@ -24,6 +25,7 @@ pub use analyze::{
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;
+pub use flux::schema_flux;
 pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};

@@ -35,7 +35,6 @@ pub(crate) struct PgReading {
     parsed: pg_query::ParseResult,
     classes: Vec<StatementClass>,
     depth: i32,
-    max_param: usize,
 }
 
 impl PgReading {
@@ -43,18 +42,17 @@ impl PgReading {
     pub(crate) fn of(sql: &str) -> Option<Self> {
         let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
         let classes = parsed.protobuf.stmts.iter().map(class_of).collect();
-        let (mut depth, mut max_param) = (0, 0);
-        for (node, node_depth, _, _) in parsed.protobuf.nodes() {
-            depth = depth.max(node_depth);
-            if let NodeRef::ParamRef(p) = node {
-                max_param = max_param.max(usize::try_from(p.number).unwrap_or(0));
-            }
-        }
+        let depth = parsed
+            .protobuf
+            .nodes()
+            .iter()
+            .map(|(_, node_depth, _, _)| *node_depth)
+            .max()
+            .unwrap_or(0);
         Some(Self {
             parsed,
             classes,
             depth,
-            max_param,
         })
     }
 
@@ -73,23 +71,11 @@ impl PgReading {
         self.depth
     }
 
-    /// The highest `$n` any statement uses.
-    pub(crate) fn max_param(&self) -> usize {
-        self.max_param
-    }
-
     /// True when a relation, function or CTE that statement `index` names
     /// (its last part, decoded as PostgreSQL decodes names: `U&"…"` and
     /// quotes included) satisfies `hit`.
     pub(crate) fn names_any(&self, index: usize, hit: impl Fn(&str) -> bool) -> bool {
-        let Some(node) = self
-            .parsed
-            .protobuf
-            .stmts
-            .get(index)
-            .and_then(|s| s.stmt.as_ref())
-            .and_then(|s| s.node.as_ref())
-        else {
+        let Some(node) = self.statement(index) else {
             return false;
         };
         node.nodes().iter().any(|(node, _, _, _)| match node {
@@ -101,6 +87,16 @@ impl PgReading {
             }),
             _ => false,
         })
+    }
+
+    /// The parse tree of statement `index`.
+    pub(crate) fn statement(&self, index: usize) -> Option<&NodeEnum> {
+        self.parsed
+            .protobuf
+            .stmts
+            .get(index)
+            .and_then(|s| s.stmt.as_ref())
+            .and_then(|s| s.node.as_ref())
     }
 
     /// The text of statement `index` in `sql`, as PostgreSQL cut it.
@@ -214,7 +210,6 @@ mod tests {
         assert!(reading.agrees(0, "SELECT a, b FROM t WHERE x = $1"));
         assert!(!reading.agrees(0, "SELECT a, b FROM t WHERE x = $2"));
         assert!(!reading.agrees(0, "SELECT a FROM t WHERE x = $1"));
-        assert_eq!(reading.max_param(), 1);
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod encryption_aws;
 mod encryption_extended;
 mod encryption_own_statements;
 mod encryption_robustness;
+mod encryption_schema_changes;
 mod encryption_simple;
 mod fuzz_inputs;
 mod keys_approval;

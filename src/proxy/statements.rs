@@ -25,6 +25,7 @@ use super::pending::{
 };
 use super::recent_parses::{RecentParses, Remembered};
 use super::results::protected_result_columns;
+use super::sql_prepared::SqlPrepared;
 use super::state::SessionState;
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
@@ -187,6 +188,8 @@ pub struct ClientStatements {
     next_retirement: u64,
     /// The Parses sent last, recognised again by their bytes.
     recent: RecentParses<ParsePlan>,
+    /// The session's SQL-level prepared statements.
+    sql_prepared: SqlPrepared,
 }
 
 impl ClientStatements {
@@ -356,7 +359,8 @@ impl ClientStatements {
                 let executes = |name: &str| {
                     self.statements.contains_key(name) || self.retired.contains_key(name)
                 };
-                simple_query(frame, body, encryption, state, executes).await
+                let sql_prepared = &mut self.sql_prepared;
+                simple_query(frame, body, encryption, state, executes, sql_prepared).await
             }
             Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
             _ => BytesMut::from(frame),
@@ -561,11 +565,17 @@ impl ClientStatements {
             state.own_statements(OwnStatements::clear);
         }
         let own_name = is_own_name(parse.name) || words.names_own;
-        let refusal = own_name.then(own_name_rejection).or_else(|| {
-            sql_execute_refusal(parse.query, words, |n| {
-                self.statements.contains_key(n) || self.retired.contains_key(n)
+        let refusal = own_name
+            .then(own_name_rejection)
+            .or_else(|| {
+                sql_execute_refusal(parse.query, words, |n| {
+                    self.statements.contains_key(n) || self.retired.contains_key(n)
+                })
             })
-        });
+            .or_else(|| {
+                self.sql_prepared
+                    .refusal(parse.query, words, encryption, state)
+            });
         let epoch = encryption.plan_epoch();
         let planned = match refusal {
             Some(rejection) => Err(rejection),
@@ -594,6 +604,7 @@ impl ClientStatements {
             };
             self.recent.remember(body, epoch, entry);
         }
+        self.sql_prepared.follow(parse.query, words);
         let statement = statement_of(&plan, epoch, parse.param_types, words.drops);
         self.define(parse.name, statement, replacement, frame, state)
     }
@@ -1415,6 +1426,7 @@ async fn simple_query(
     encryption: &Encryption,
     state: &SessionState,
     is_prepared: impl Fn(&str) -> bool,
+    sql_prepared: &mut SqlPrepared,
 ) -> BytesMut {
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
@@ -1434,7 +1446,8 @@ async fn simple_query(
     }
     let refusal = nonstandard_strings_refusal(sql, encryption, state)
         .or_else(|| words.names_own.then(own_name_rejection))
-        .or_else(|| sql_execute_refusal(sql, words, &is_prepared));
+        .or_else(|| sql_execute_refusal(sql, words, &is_prepared))
+        .or_else(|| sql_prepared.refusal(sql, words, encryption, state));
     if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);
         state.pending.push(Expected::query());
@@ -1450,6 +1463,7 @@ async fn simple_query(
         });
     match rewritten {
         Ok(rewrite) => {
+            sql_prepared.follow(sql, words);
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);
             }

@@ -17,6 +17,7 @@ mod names;
 mod pg_reading;
 mod render;
 mod set_config;
+mod sql_prepare;
 mod write;
 
 pub use analyze::{
@@ -30,6 +31,7 @@ pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};
+pub use sql_prepare::{sql_prepare_ops, SqlPrepareOp};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
 
 /// A statement the proxy refuses, with what the client is told.

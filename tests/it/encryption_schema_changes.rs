@@ -305,3 +305,46 @@ async fn a_prepared_statement_is_planned_again_when_the_view_it_writes_changes()
         .unwrap();
     app.execute(&unrelated, &[&"acme"]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_sql_prepared_statement_is_read_again_at_every_execute() {
+    let setup = setup().await;
+    let (app, other) = (setup.app().await, setup.app().await);
+    setup
+        .direct
+        .batch_execute("CREATE VIEW sv2 AS SELECT tenant_id, ssn, notes FROM plain_notes")
+        .await
+        .unwrap();
+    app.batch_execute(
+        "PREPARE ins(text, bytea, bytea) AS INSERT INTO sv2 VALUES ($1, $2, $3); \
+         EXECUTE ins('acme', 'PLAINTEXT', 'PLAINTEXT')",
+    )
+    .await
+    .unwrap();
+    // PostgreSQL plans `ins` again onto patients at its next EXECUTE.
+    other
+        .batch_execute(
+            "DROP VIEW sv2; CREATE VIEW sv2 AS SELECT tenant_id, ssn, notes FROM patients",
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "EXECUTE ins('acme', 'PLAINTEXT', 'PLAINTEXT')",
+        "explain analyze execute INS('acme', 'PLAINTEXT', 'PLAINTEXT')",
+        "CREATE TABLE copied AS EXECUTE ins('acme', 'PLAINTEXT', 'PLAINTEXT')",
+    ] {
+        let err = app.batch_execute(sql).await.unwrap_err();
+        assert_eq!(code(&err), "KM003", "{sql}: {err}");
+        let err = app.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(code(&err), "KM003", "{sql} (extended): {err}");
+    }
+    assert_nothing_at_rest(&setup, "EXECUTE after the view changed").await;
+    // Prepared again under the same name, it runs what it says now.
+    app.batch_execute("DEALLOCATE ins; PREPARE ins AS SELECT 1; EXECUTE ins")
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&setup.direct, "SELECT count(*) FROM plain_notes").await,
+        1
+    );
+}

@@ -12,6 +12,7 @@ use crate::config::{split_table_name, DeclaredType, Policy, SearchMode};
 use crate::rewrite::SchemaFacts;
 
 pub mod envelope;
+pub mod schema_notify;
 
 /// What a protected table column is for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]

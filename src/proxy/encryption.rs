@@ -157,21 +157,7 @@ impl Encryption {
             plan_epoch: AtomicU64::new(0),
             shapes: shapes::ShapeCache::new(plan_cache_size),
         });
-        // DDL that does not pass through the proxy (migrations run
-        // directly, say) is seen within this interval.
-        let weak = Arc::downgrade(&encryption);
-        let every = encryption.policy.server.catalog_refresh;
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let Some(encryption) = weak.upgrade() else {
-                    break;
-                };
-                encryption.refresh_catalog().await;
-            }
-        });
+        tokio::spawn(follow_schema_changes(Arc::downgrade(&encryption)));
         Ok(encryption)
     }
 
@@ -885,4 +871,59 @@ pub fn rejection_query(rejection: &Rejection) -> String {
         rejection.sqlstate,
         quote_literal(&message)
     )
+}
+
+/// Reloads the catalog when DDL run directly against PostgreSQL commits
+/// (the NOTIFY of `migrate`'s event trigger, see `catalog::schema_notify`),
+/// and every `server.catalog_refresh` in any case; ends with the proxy.
+async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
+    let Some(every) = weak.upgrade().map(|e| e.policy.server.catalog_refresh) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    let mut listening = None;
+    loop {
+        if listening.is_none() {
+            let Some(encryption) = weak.upgrade() else {
+                return;
+            };
+            listening = listen_for_schema_changes(&encryption.policy).await;
+        }
+        let notified = async {
+            match listening.as_mut() {
+                Some((_, notes)) => notes.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ticks.tick() => {}
+            open = notified => {
+                if !open {
+                    // The connection ended: opened again at the next turn.
+                    listening = None;
+                }
+            }
+        }
+        let Some(encryption) = weak.upgrade() else {
+            return;
+        };
+        encryption.refresh_catalog().await;
+    }
+}
+
+/// A connection LISTENing for the schema-change NOTIFY, with its
+/// notifications; `None` when the database cannot be reached (tried again
+/// at the next reload).
+async fn listen_for_schema_changes(
+    policy: &Policy,
+) -> Option<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+)> {
+    let registry = crate::keys::Registry::new(policy).ok()?;
+    let (client, notes) = registry.connect_listening().await.ok()?;
+    let listen = format!("LISTEN {}", catalog::schema_notify::CHANNEL);
+    client.batch_execute(&listen).await.ok()?;
+    Some((client, notes))
 }

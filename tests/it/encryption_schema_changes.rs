@@ -348,3 +348,54 @@ async fn an_sql_prepared_statement_is_read_again_at_every_execute() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ddl_run_directly_reaches_the_proxy_through_the_event_trigger_of_migrate() {
+    // The periodic reload is an hour away: only the NOTIFY of the event
+    // trigger can tell the proxy of the change in time.
+    let setup = EncryptedSetup::start_configured(
+        SCHEMA,
+        "public.patients",
+        COLUMNS,
+        "",
+        "",
+        "server:\n  catalog_refresh: 1h\n",
+    )
+    .await;
+    let config = setup.proxy.config_path();
+    let (code, out) = common::run_cmk_proxy_code(["migrate", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("event trigger cmk_schema_change installed"),
+        "{out}"
+    );
+    let (app, other) = (setup.app().await, setup.app().await);
+    setup
+        .direct
+        .batch_execute("CREATE VIEW sv AS SELECT tenant_id, ssn, notes FROM plain_notes")
+        .await
+        .unwrap();
+    let insert = "INSERT INTO sv (tenant_id, ssn, notes) VALUES ($1, $2, $3)";
+    let prepared = app.prepare(insert).await.unwrap();
+    assert_eq!(run_prepared(&app, &prepared).await.unwrap(), 1);
+    other
+        .batch_execute("INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')")
+        .await
+        .unwrap();
+    setup
+        .direct
+        .batch_execute(
+            "BEGIN; DROP VIEW sv; CREATE VIEW sv AS SELECT tenant_id, ssn, notes FROM patients; \
+             COMMIT",
+        )
+        .await
+        .unwrap();
+    wait_until_mapped(&other).await;
+    assert_eq!(
+        rows(&other, "SELECT ssn FROM sv").await,
+        vec![vec![Some("123-45-6789".to_owned())]]
+    );
+    let err = run_prepared(&app, &prepared).await.unwrap_err();
+    assert_eq!(self::code(&err), "KM003", "{err}");
+    assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 0);
+}

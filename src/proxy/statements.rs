@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
 use super::encryption::plans::ParsePlan;
 use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
@@ -27,6 +27,7 @@ use super::recent_parses::{RecentParses, Remembered};
 use super::results::protected_result_columns;
 use super::sql_prepared::SqlPrepared;
 use super::state::SessionState;
+use crate::protocol::encode::{self, Target};
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
 use crate::rewrite::{self, Rejection, StatementPlan, TenantChange, ValueSource};
@@ -69,22 +70,15 @@ fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     if bound.returns_rows {
         describe_portal(&mut out, "");
     }
-    out.put_u8(frontend::EXECUTE);
-    out.put_u32(9);
-    out.put_u8(0);
-    out.put_u32(0);
-    out.put_u8(frontend::SYNC);
-    out.put_u32(4);
+    encode::execute("", 0, &mut out);
+    encode::sync(&mut out);
     out
 }
 
 /// Builds a Query message.
 fn query_message(sql: &str) -> BytesMut {
-    let mut out = BytesMut::with_capacity(sql.len() + 6);
-    out.put_u8(frontend::QUERY);
-    out.put_u32((sql.len() + 5) as u32);
-    out.extend_from_slice(sql.as_bytes());
-    out.put_u8(0);
+    let mut out = BytesMut::new();
+    encode::query(sql, &mut out);
     out
 }
 
@@ -1163,13 +1157,7 @@ fn refused_parse(
         own: None,
         swallow: false,
     });
-    out.put_u8(frontend::PARSE);
-    out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
-    out.extend_from_slice(name);
-    out.put_u8(0);
-    out.extend_from_slice(REFUSED_SQL.as_bytes());
-    out.put_u8(0);
-    out.put_i16(0);
+    encode::parse_raw_name(name, REFUSED_SQL, out);
 }
 
 /// A Bind the proxy refuses: after `out` (messages already due), the
@@ -1276,29 +1264,17 @@ fn ambiguous_statement(name: &str) -> Rejection {
 
 /// Appends a Describe of portal `name`.
 fn describe_portal(out: &mut BytesMut, name: &str) {
-    describe(out, b'P', name);
+    encode::describe(Target::Portal, name, out);
 }
 
 /// Appends a Describe of statement `name`.
 fn describe_statement(out: &mut BytesMut, name: &str) {
-    describe(out, b'S', name);
-}
-
-fn describe(out: &mut BytesMut, kind: u8, name: &str) {
-    out.put_u8(frontend::DESCRIBE);
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(kind);
-    out.extend_from_slice(name.as_bytes());
-    out.put_u8(0);
+    encode::describe(Target::Statement, name, out);
 }
 
 /// Appends a Close message for the prepared statement `name`.
 fn close_statement(out: &mut BytesMut, name: &str) {
-    out.put_u8(frontend::CLOSE);
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(b'S');
-    out.extend_from_slice(name.as_bytes());
-    out.put_u8(0);
+    encode::close(Target::Statement, name, out);
 }
 
 /// SQL `EXECUTE name` of a statement prepared through the protocol: the

@@ -303,6 +303,21 @@ pub fn analyze_in(
         .into_iter()
         .map(|s| plan_statement(&scope, s, params))
         .collect::<Result<_, _>>()?;
+    // A protected value may reach the client only as a bare column,
+    // whatever alias it travels under: its lineage is followed through
+    // PostgreSQL's own tree of each statement that touches protected data.
+    if let Some(reading) = &reading {
+        for (index, plan) in plans.iter().enumerate() {
+            if matches!(
+                plan,
+                StatementPlan::Read | StatementPlan::Write(_) | StatementPlan::Ddl
+            ) {
+                if let Some(tree) = reading.statement_tree(index) {
+                    super::lineage::check(&scope, &tree)?;
+                }
+            }
+        }
+    }
     // The catalog (which views show protected columns, which tables are
     // writable) is reloaded after the query: statements after DDL on
     // protected data would be planned against the old one.

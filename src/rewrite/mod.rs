@@ -11,6 +11,7 @@ mod ddl;
 mod fingerprint;
 mod gate;
 mod lexer;
+mod lineage;
 mod literals;
 mod names;
 mod pg_reading;

@@ -29,6 +29,10 @@ pub enum StatementPlan {
     Untouched,
     /// Reads protected tables: results are decrypted from RowDescription.
     Read,
+    /// A read whose protected columns are checked against their rows'
+    /// tenant: sent with the tenant columns added to its result, hidden
+    /// from the client.
+    ReadRowTenants(Box<RowTenantRead>),
     /// Schema change: the catalog map must be refreshed afterwards.
     Ddl,
     /// A write with protected values to encrypt.
@@ -45,6 +49,18 @@ pub enum StatementPlan {
         local: bool,
     },
 }
+
+/// A read sent with hidden row-tenant columns after the client's own.
+#[derive(Debug, Clone)]
+pub struct RowTenantRead {
+    /// The statement as sent.
+    pub sql: String,
+    /// How many columns were added.
+    pub hidden: usize,
+}
+
+/// The name of every result column the proxy adds to name a row's tenant.
+pub const ROW_TENANT_COLUMN: &str = "cmk$row_tenant";
 
 /// A change of the session tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,9 +150,12 @@ pub struct Analysis {
 impl Analysis {
     /// True if the SQL text must be replaced (some statement is a write).
     pub fn needs_rewrite(&self) -> bool {
-        self.statements
-            .iter()
-            .any(|s| matches!(s, StatementPlan::Write(_)))
+        self.statements.iter().any(|s| {
+            matches!(
+                s,
+                StatementPlan::Write(_) | StatementPlan::ReadRowTenants(_)
+            )
+        })
     }
 }
 
@@ -145,6 +164,9 @@ impl Analysis {
 pub struct SchemaFacts {
     /// Views over protected columns: `schema.view` → its protected column names.
     pub views: HashMap<String, Vec<String>>,
+    /// Views over protected columns that show a tenant column: `schema.view`
+    /// → the name of that column in the view.
+    pub view_tenants: HashMap<String, String>,
     /// Policy tables whose schema does not match the policy → the problem:
     /// writes to them are refused.
     pub unwritable: HashMap<String, String>,
@@ -161,6 +183,7 @@ pub struct SchemaFacts {
 pub(super) struct Scope<'a> {
     pub(super) policy: &'a Policy,
     pub(super) views: &'a HashMap<String, Vec<String>>,
+    pub(super) view_tenants: &'a HashMap<String, String>,
     pub(super) children: &'a HashMap<String, String>,
     unwritable: &'a HashMap<String, String>,
 }
@@ -170,6 +193,7 @@ impl<'a> Scope<'a> {
         Self {
             policy,
             views: &facts.views,
+            view_tenants: &facts.view_tenants,
             children: &facts.children,
             unwritable: &facts.unwritable,
         }
@@ -299,22 +323,41 @@ pub fn analyze_in(
     if let Some(reading) = &reading {
         disagreement(&scope, reading, &statements, sql)?;
     }
-    let plans: Vec<StatementPlan> = statements
-        .into_iter()
-        .map(|s| plan_statement(&scope, s, params))
+    let mut plans: Vec<StatementPlan> = statements
+        .iter()
+        .map(|s| plan_statement(&scope, s.clone(), params))
         .collect::<Result<_, _>>()?;
     // A protected value may reach the client only as a bare column,
     // whatever alias it travels under: its lineage is followed through
     // PostgreSQL's own tree of each statement that touches protected data.
+    // A read of protected columns gets their rows' tenant columns added.
     if let Some(reading) = &reading {
-        for (index, plan) in plans.iter().enumerate() {
+        for (index, plan) in plans.iter_mut().enumerate() {
             if matches!(
                 plan,
                 StatementPlan::Read | StatementPlan::Write(_) | StatementPlan::Ddl
             ) {
-                if let Some(tree) = reading.statement_tree(index) {
-                    super::lineage::check(&scope, &tree)?;
+                let Some(tree) = reading.statement_tree(index) else {
+                    continue;
+                };
+                let attached = super::lineage::check(&scope, &tree)?;
+                if attached.is_empty() || !matches!(plan, StatementPlan::Read) {
+                    continue;
                 }
+                let sql = statements
+                    .get(index)
+                    .and_then(|s| with_row_tenants(s, &attached))
+                    .ok_or_else(|| {
+                        Rejection::unsupported(
+                            mentions_protected(&scope, sql).as_deref().unwrap_or(""),
+                            None,
+                            "a read whose rows' tenant cmk-proxy cannot add to the result",
+                        )
+                    })?;
+                *plan = StatementPlan::ReadRowTenants(Box::new(RowTenantRead {
+                    sql,
+                    hidden: attached.len(),
+                }));
             }
         }
     }
@@ -349,6 +392,37 @@ pub fn analyze_in(
         statements: plans,
         client_params: params,
     })
+}
+
+/// The statement with `attached` columns (as [`ROW_TENANT_COLUMN`]) after
+/// its own result columns; `None` when it is not a plain SELECT.
+fn with_row_tenants(
+    statement: &Statement,
+    attached: &[super::lineage::RowTenantColumn],
+) -> Option<String> {
+    use sqlparser::ast::Ident;
+    let mut statement = statement.clone();
+    let Statement::Query(query) = &mut statement else {
+        return None;
+    };
+    let mut body = query.body.as_mut();
+    let select = loop {
+        match body {
+            SetExpr::Select(select) => break select,
+            SetExpr::Query(inner) => body = inner.body.as_mut(),
+            _ => return None,
+        }
+    };
+    for column in attached {
+        select.projection.push(SelectItem::ExprWithAlias {
+            expr: Expr::CompoundIdentifier(vec![
+                Ident::with_quote('"', &column.qualifier),
+                Ident::with_quote('"', &column.column),
+            ]),
+            alias: Ident::with_quote('"', ROW_TENANT_COLUMN),
+        });
+    }
+    Some(statement.to_string())
 }
 
 fn max_placeholder(statements: &[Statement]) -> usize {

@@ -17,12 +17,22 @@ use super::names::keys_named;
 use super::Rejection;
 
 /// Where a protected value comes from: a policy table's (or a protected
-/// view's) column.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// view's) column, and the relation of the query at hand that delivers it.
+#[derive(Debug, Clone)]
 struct Origin {
     table: String,
     column: String,
+    /// The id of the relation it was last read from.
+    via: usize,
 }
+
+impl PartialEq for Origin {
+    fn eq(&self, other: &Self) -> bool {
+        self.table == other.table && self.column == other.column
+    }
+}
+
+impl Eq for Origin {}
 
 /// The columns a relation (a table, view, CTE, subquery or join) shows to
 /// the query that reads it.
@@ -143,8 +153,60 @@ impl Columns {
 /// A relation of a FROM list, under the name that qualifies its columns.
 #[derive(Debug, Clone)]
 struct Relation {
+    id: usize,
     name: String,
     columns: Columns,
+    /// Its column that names each row's tenant, when the proxy can attach
+    /// it to the result (a policy table, a view that shows it).
+    row_tenant: Option<String>,
+}
+
+impl Relation {
+    /// `lookup`, with the origin marked as read from this relation.
+    fn lookup(&self, name: &str) -> Lookup {
+        match self.columns.lookup(name) {
+            Lookup::Protected(origin) => Lookup::Protected(Origin {
+                via: self.id,
+                ..origin
+            }),
+            other => other,
+        }
+    }
+
+    /// Its protected columns, marked as read from this relation.
+    fn columns_via(&self) -> Columns {
+        let via = |origin: &Origin| Origin {
+            via: self.id,
+            ..origin.clone()
+        };
+        match &self.columns {
+            Columns::Ordered(columns) => Columns::Ordered(
+                columns
+                    .iter()
+                    .map(|(c, o)| (c.clone(), o.as_ref().map(via)))
+                    .collect(),
+            ),
+            Columns::Named(columns) => {
+                Columns::Named(columns.iter().map(|(c, o)| (c.clone(), via(o))).collect())
+            }
+        }
+    }
+}
+
+/// The column the proxy adds to a read so that each protected cell is
+/// opened only in a row of its own tenant: `qualifier.column`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RowTenantColumn {
+    /// The relation's name in the query (its alias, else its name).
+    pub(crate) qualifier: String,
+    /// Its tenant column.
+    pub(crate) column: String,
+}
+
+/// The outermost query's result and FROM list.
+struct Top {
+    columns: Columns,
+    relations: Vec<Relation>,
 }
 
 /// What a column reference means.
@@ -161,17 +223,69 @@ struct Walk<'s, 'p> {
     levels: Vec<Vec<Relation>>,
     /// CTEs in scope, innermost last.
     ctes: Vec<(String, Columns)>,
+    /// Ids for relations.
+    next_id: usize,
+    /// The next query read is the statement's outermost SELECT.
+    top_pending: bool,
+    /// What the outermost SELECT returns to the client (not SELECT INTO).
+    top: Option<Top>,
 }
 
 /// Refuses statement `tree` (a parse tree node as JSON) when a value
 /// derived from a protected column is used otherwise than as a bare column.
-pub(super) fn check(scope: &Scope<'_>, tree: &Value) -> Result<(), Rejection> {
+/// For a SELECT that returns protected columns, the tenant columns of the
+/// relations they come from, for the proxy to add to the result (hidden
+/// from the client); a protected column from a relation without one (a
+/// CTE, a subquery, a set operation, a view that does not show it) is
+/// refused: its rows' tenant cannot be checked.
+pub(super) fn check(scope: &Scope<'_>, tree: &Value) -> Result<Vec<RowTenantColumn>, Rejection> {
     let mut walk = Walk {
         scope,
         levels: Vec::new(),
         ctes: Vec::new(),
+        next_id: 0,
+        top_pending: matches!(kind(tree), Some(("SelectStmt", _))),
+        top: None,
     };
-    walk.statement(tree).map_err(Refusal::rejection)
+    walk.statement(tree).map_err(Refusal::rejection)?;
+    let Some(top) = walk.top else {
+        return Ok(Vec::new());
+    };
+    let mut attached: Vec<RowTenantColumn> = Vec::new();
+    let mut read_from: Vec<(&str, usize)> = Vec::new();
+    for origin in top.columns.protected() {
+        // Two rows of one table in one result row: the cells of each
+        // cannot be told apart to check them against their own row.
+        if read_from
+            .iter()
+            .any(|(table, via)| *table == origin.table && *via != origin.via)
+        {
+            return Err(Refusal {
+                origin: origin.clone(),
+                what: SELF_JOIN,
+            }
+            .rejection());
+        }
+        read_from.push((&origin.table, origin.via));
+        let relation = top.relations.iter().find(|r| r.id == origin.via);
+        let Some((relation, column)) =
+            relation.and_then(|r| r.row_tenant.as_ref().map(|column| (r, column)))
+        else {
+            return Err(Refusal {
+                origin: origin.clone(),
+                what: UNATTACHED,
+            }
+            .rejection());
+        };
+        let wanted = RowTenantColumn {
+            qualifier: relation.name.clone(),
+            column: column.clone(),
+        };
+        if !attached.contains(&wanted) {
+            attached.push(wanted);
+        }
+    }
+    Ok(attached)
 }
 
 /// Why a statement is refused, with the protected column involved.
@@ -192,6 +306,11 @@ const COMPUTED: &str = "a function, cast, operator, condition, join condition, o
 const WHOLE_ROW: &str = "a whole-row reference to a relation that holds it (the row as one value)";
 const ALIAS_LIST: &str =
     "a column alias list over a relation that holds it (the proxy does not know its position)";
+const UNATTACHED: &str = "returning it through a CTE, subquery, set operation, aliased join or \
+     view without the tenant column (the proxy checks each cell against its row's tenant; select \
+     it from its table or from a view that shows the tenant column)";
+const SELF_JOIN: &str = "returning it from two rows of its table at once (a self-join: the proxy \
+     checks each cell against its own row's tenant, and cannot tell them apart)";
 const NATURAL: &str = "NATURAL JOIN of a relation that holds it (a join condition on ciphertext)";
 
 type Step<T = ()> = Result<T, Refusal>;
@@ -267,14 +386,16 @@ impl Walk<'_, '_> {
     /// A query's result columns, after refusing every use of a protected
     /// value in it other than as a bare column of its target list.
     fn query(&mut self, select: &Value) -> Step<Columns> {
+        let top = std::mem::take(&mut self.top_pending);
         let ctes = self.ctes.len();
         self.with_clause(field(select, "with_clause"))?;
-        let columns = self.query_body(select);
+        let columns = self.query_body(select, top);
         self.ctes.truncate(ctes);
         columns
     }
 
-    fn query_body(&mut self, select: &Value) -> Step<Columns> {
+    /// `top`: the statement's outermost query, whose result the client gets.
+    fn query_body(&mut self, select: &Value, top: bool) -> Step<Columns> {
         // SetOperation: 0 undefined, 1 none, 2 union, 3 intersect, 4 except.
         let op = select.get("op").and_then(Value::as_i64).unwrap_or(1);
         if op > 1 {
@@ -295,6 +416,12 @@ impl Walk<'_, '_> {
             let done = self.ordering(select, &columns);
             self.levels.pop();
             done?;
+            if top {
+                self.top = Some(Top {
+                    columns: columns.clone(),
+                    relations: Vec::new(),
+                });
+            }
             return Ok(columns);
         }
         let values = list(select, "values_lists");
@@ -311,13 +438,20 @@ impl Walk<'_, '_> {
         }
         self.levels.push(Vec::new());
         let columns = self.select(select);
-        self.levels.pop();
+        let relations = self.levels.pop().unwrap_or_default();
+        let into = field(select, "into_clause").is_object();
+        if let (true, false, Ok(columns)) = (top, into, &columns) {
+            self.top = Some(Top {
+                columns: columns.clone(),
+                relations,
+            });
+        }
         columns
     }
 
     fn select(&mut self, select: &Value) -> Step<Columns> {
         for item in list(select, "from_clause") {
-            self.from_item(item)?;
+            self.range_item(item)?;
         }
         self.consume(field(select, "where_clause"))?;
         let columns = self.target_list(list(select, "target_list"))?;
@@ -437,7 +571,7 @@ impl Walk<'_, '_> {
         let columns = level
             .iter()
             .filter(|r| qualifier.last().is_none_or(|q| r.name == *q))
-            .map(|r| r.columns.clone())
+            .map(Relation::columns_via)
             .collect();
         Columns::concat(columns)
     }
@@ -466,7 +600,7 @@ impl Walk<'_, '_> {
             [.., relation, column] => {
                 for level in self.levels.iter().rev() {
                     if let Some(r) = level.iter().find(|r| r.name == *relation) {
-                        return match r.columns.lookup(column) {
+                        return match r.lookup(column) {
                             Lookup::Protected(origin) => Resolved::Value(Some(origin)),
                             _ => Resolved::Value(None),
                         };
@@ -484,7 +618,7 @@ impl Walk<'_, '_> {
         for level in self.levels.iter().rev() {
             let mut clean = false;
             for relation in level {
-                match relation.columns.lookup(name) {
+                match relation.lookup(name) {
                     Lookup::Protected(origin) => return Resolved::Value(Some(origin)),
                     Lookup::Clean => clean = true,
                     Lookup::Absent | Lookup::Unknown => {}
@@ -505,16 +639,12 @@ impl Walk<'_, '_> {
     }
 
     /// Adds the relations of one FROM item to the current query.
-    fn from_item(&mut self, item: &Value) -> Step {
+    fn range_item(&mut self, item: &Value) -> Step {
         let Some((kind_name, body)) = kind(item) else {
             return Ok(());
         };
         match kind_name {
-            "RangeVar" => {
-                let columns = self.relation_columns(body);
-                let name = text(body, "relname").to_owned();
-                self.add(body, name, columns)
-            }
+            "RangeVar" => self.range_var(body),
             "RangeSubselect" => {
                 let columns = match kind(field(body, "subquery")) {
                     Some(("SelectStmt", select)) => self.query(select)?,
@@ -530,7 +660,7 @@ impl Walk<'_, '_> {
             "RangeTableSample" => {
                 self.consume_all(list(body, "args"))?;
                 self.consume(field(body, "repeatable"))?;
-                self.from_item(field(body, "relation"))
+                self.range_item(field(body, "relation"))
             }
             // XMLTABLE, JSON_TABLE and the like: their arguments are
             // expressions, their columns carry nothing protected.
@@ -543,17 +673,56 @@ impl Walk<'_, '_> {
 
     /// Adds a relation under its alias (or `name`), renamed by its alias list.
     fn add(&mut self, body: &Value, name: String, columns: Columns) -> Step {
+        self.add_with_tenant(body, name, columns, None)
+    }
+
+    fn add_with_tenant(
+        &mut self,
+        body: &Value,
+        name: String,
+        columns: Columns,
+        row_tenant: Option<String>,
+    ) -> Step {
         let (alias, colnames) = alias(body);
         let columns = columns
             .renamed(&colnames)
             .or_else(|origin| refuse(origin, ALIAS_LIST))?;
+        let renamed_tenant = row_tenant.filter(|_| colnames.is_empty());
+        self.next_id += 1;
+        let id = self.next_id;
         if let Some(level) = self.levels.last_mut() {
             level.push(Relation {
+                id,
                 name: alias.unwrap_or(name),
                 columns,
+                row_tenant: renamed_tenant,
             });
         }
         Ok(())
+    }
+
+    /// The tenant column of a named relation: a policy table's, or the one
+    /// a view over protected columns shows (not a CTE's).
+    fn row_tenant(&self, range_var: &Value) -> Option<String> {
+        let schema = text(range_var, "schemaname");
+        let relation = text(range_var, "relname");
+        if schema.is_empty() && self.ctes.iter().any(|(n, _)| n == relation) {
+            return None;
+        }
+        let key = format!("{schema}.{relation}");
+        let policy = self.scope.policy;
+        let table = match schema {
+            "" => keys_named(policy.tables.keys(), relation).next(),
+            _ => policy.tables.get_key_value(&key).map(|(k, _)| k),
+        };
+        if let Some(table) = table.and_then(|t| policy.tables.get(t)) {
+            return Some(table.tenant_column.clone());
+        }
+        let view = match schema {
+            "" => keys_named(self.scope.view_tenants.keys(), relation).next(),
+            _ => self.scope.view_tenants.get_key_value(&key).map(|(k, _)| k),
+        };
+        view.and_then(|v| self.scope.view_tenants.get(v)).cloned()
     }
 
     /// The columns of a named relation: a CTE, a policy table, a view over
@@ -600,9 +769,9 @@ impl Walk<'_, '_> {
     /// values (ON, USING, NATURAL) is refused.
     fn join(&mut self, join: &Value) -> Step {
         let first = self.levels.last().map_or(0, Vec::len);
-        self.from_item(field(join, "larg"))?;
+        self.range_item(field(join, "larg"))?;
         let middle = self.levels.last().map_or(0, Vec::len);
-        self.from_item(field(join, "rarg"))?;
+        self.range_item(field(join, "rarg"))?;
         let level = self.levels.last().cloned().unwrap_or_default();
         let side = |range: std::ops::Range<usize>| {
             Columns::concat(
@@ -743,9 +912,9 @@ impl Walk<'_, '_> {
         self.with_clause(field(update, "with_clause"))?;
         self.levels.push(Vec::new());
         let target = field(update, "relation");
-        let done = self.from_item_var(target).and_then(|()| {
+        let done = self.range_var(target).and_then(|()| {
             for item in list(update, "from_clause") {
-                self.from_item(item)?;
+                self.range_item(item)?;
             }
             self.consume(field(update, "where_clause"))?;
             self.assignments(list(update, "target_list"), target)?;
@@ -760,9 +929,9 @@ impl Walk<'_, '_> {
         let ctes = self.ctes.len();
         self.with_clause(field(delete, "with_clause"))?;
         self.levels.push(Vec::new());
-        let done = self.from_item_var(field(delete, "relation")).and_then(|()| {
+        let done = self.range_var(field(delete, "relation")).and_then(|()| {
             for item in list(delete, "using_clause") {
-                self.from_item(item)?;
+                self.range_item(item)?;
             }
             self.consume(field(delete, "where_clause"))?;
             self.returning(delete)
@@ -772,10 +941,13 @@ impl Walk<'_, '_> {
         done
     }
 
-    /// The target of an UPDATE or DELETE (a RangeVar, not wrapped in a node).
-    fn from_item_var(&mut self, range_var: &Value) -> Step {
+    /// A named relation of a FROM list, or the target of an UPDATE or
+    /// DELETE (a RangeVar, not wrapped in a node).
+    fn range_var(&mut self, range_var: &Value) -> Step {
         let columns = self.relation_columns(range_var);
-        self.add(range_var, text(range_var, "relname").to_owned(), columns)
+        let tenant = self.row_tenant(range_var);
+        let name = text(range_var, "relname").to_owned();
+        self.add_with_tenant(range_var, name, columns, tenant)
     }
 
     /// SET values: a protected column's value is the write planner's (it
@@ -887,6 +1059,7 @@ impl Origin {
         Self {
             table: table.to_owned(),
             column: column.to_owned(),
+            via: 0,
         }
     }
 }

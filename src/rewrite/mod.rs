@@ -20,8 +20,8 @@ mod set_config;
 mod write;
 
 pub use analyze::{
-    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
-    StatementPlan, TenantChange,
+    analyze, analyze_in, nonstandard_strings_refusal, Analysis, RowTenantRead, SavepointOp,
+    SchemaFacts, StatementPlan, TenantChange, ROW_TENANT_COLUMN,
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;

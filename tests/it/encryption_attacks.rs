@@ -8,7 +8,8 @@ use crate::common;
 use common::encryption::{count, rows, EncryptedSetup};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-pub(crate) const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+pub(crate) const SCHEMA: &str =
+    "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, notes bytea, cmk_edek jsonb)";
 
 pub(crate) const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
@@ -88,7 +89,10 @@ pub(crate) async fn simple(app: &Client, sql: &str) -> Result<Vec<String>, tokio
 
 /// Runs `sql` through the extended protocol; returns every text or bytea
 /// value received.
-pub(crate) async fn extended(app: &Client, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+pub(crate) async fn extended(
+    app: &Client,
+    sql: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = app.query(sql, &[]).await?;
     let mut values = Vec::new();
     for row in rows {

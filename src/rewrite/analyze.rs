@@ -32,7 +32,7 @@ pub enum StatementPlan {
     /// A read whose protected columns are checked against their rows'
     /// tenant: sent with the tenant columns added to its result, hidden
     /// from the client.
-    ReadRowTenants(Box<RowTenantRead>),
+    ReadRowTenants(Box<super::row_tenant::RowTenantRead>),
     /// Schema change: the catalog map must be refreshed afterwards.
     Ddl,
     /// A write with protected values to encrypt.
@@ -49,18 +49,6 @@ pub enum StatementPlan {
         local: bool,
     },
 }
-
-/// A read sent with hidden row-tenant columns after the client's own.
-#[derive(Debug, Clone)]
-pub struct RowTenantRead {
-    /// The statement as sent.
-    pub sql: String,
-    /// How many columns were added.
-    pub hidden: usize,
-}
-
-/// The name of every result column the proxy adds to name a row's tenant.
-pub const ROW_TENANT_COLUMN: &str = "cmk$row_tenant";
 
 /// A change of the session tenant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -346,7 +334,7 @@ pub fn analyze_in(
                 }
                 let sql = statements
                     .get(index)
-                    .and_then(|s| with_row_tenants(s, &attached))
+                    .and_then(|s| super::row_tenant::with_row_tenants(s, &attached))
                     .ok_or_else(|| {
                         Rejection::unsupported(
                             mentions_protected(&scope, sql).as_deref().unwrap_or(""),
@@ -354,7 +342,7 @@ pub fn analyze_in(
                             "a read whose rows' tenant cmk-proxy cannot add to the result",
                         )
                     })?;
-                *plan = StatementPlan::ReadRowTenants(Box::new(RowTenantRead {
+                *plan = StatementPlan::ReadRowTenants(Box::new(super::row_tenant::RowTenantRead {
                     sql,
                     hidden: attached.len(),
                 }));
@@ -392,37 +380,6 @@ pub fn analyze_in(
         statements: plans,
         client_params: params,
     })
-}
-
-/// The statement with `attached` columns (as [`ROW_TENANT_COLUMN`]) after
-/// its own result columns; `None` when it is not a plain SELECT.
-fn with_row_tenants(
-    statement: &Statement,
-    attached: &[super::lineage::RowTenantColumn],
-) -> Option<String> {
-    use sqlparser::ast::Ident;
-    let mut statement = statement.clone();
-    let Statement::Query(query) = &mut statement else {
-        return None;
-    };
-    let mut body = query.body.as_mut();
-    let select = loop {
-        match body {
-            SetExpr::Select(select) => break select,
-            SetExpr::Query(inner) => body = inner.body.as_mut(),
-            _ => return None,
-        }
-    };
-    for column in attached {
-        select.projection.push(SelectItem::ExprWithAlias {
-            expr: Expr::CompoundIdentifier(vec![
-                Ident::with_quote('"', &column.qualifier),
-                Ident::with_quote('"', &column.column),
-            ]),
-            alias: Ident::with_quote('"', ROW_TENANT_COLUMN),
-        });
-    }
-    Some(statement.to_string())
 }
 
 fn max_placeholder(statements: &[Statement]) -> usize {

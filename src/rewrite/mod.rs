@@ -16,12 +16,13 @@ mod literals;
 mod names;
 mod pg_reading;
 mod render;
+mod row_tenant;
 mod set_config;
 mod write;
 
 pub use analyze::{
-    analyze, analyze_in, nonstandard_strings_refusal, Analysis, RowTenantRead, SavepointOp,
-    SchemaFacts, StatementPlan, TenantChange, ROW_TENANT_COLUMN,
+    analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
+    StatementPlan, TenantChange,
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;
@@ -29,6 +30,7 @@ pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};
+pub use row_tenant::{RowTenantRead, ROW_TENANT_COLUMN};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
 
 /// A statement the proxy refuses, with what the client is told.

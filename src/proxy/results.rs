@@ -534,3 +534,52 @@ impl ResultPlan {
         std::mem::take(&mut self.batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rows_tenant_reads_the_same_in_text_and_binary() {
+        assert_eq!(tenant_text(b"acme", false, 25).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme", true, 1043).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme  ", true, 1042).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme  ", false, 1042).as_deref(), Some("acme"));
+        assert_eq!(
+            tenant_text(&42i32.to_be_bytes(), true, 23).as_deref(),
+            Some("42")
+        );
+        assert_eq!(tenant_text(b"42", false, 23).as_deref(), Some("42"));
+        assert_eq!(
+            tenant_text(&(-7i64).to_be_bytes(), true, 20).as_deref(),
+            Some("-7")
+        );
+        let id = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(
+            tenant_text(id.as_bytes(), true, 2950).as_deref(),
+            Some("01234567-89ab-cdef-0123-456789abcdef")
+        );
+        // A binary form it cannot read, or a wrong length: no tenant.
+        assert_eq!(tenant_text(b"\x00\x01", true, 23), None);
+        assert_eq!(tenant_text(b"x", true, 1700), None);
+        assert_eq!(tenant_text(b"\xff", false, 25), None);
+    }
+
+    #[test]
+    fn each_protected_column_pairs_with_its_own_tables_row_tenant() {
+        let field = |index, table: &str| RowTenantField {
+            index,
+            table: Arc::from(table),
+            binary: false,
+            type_oid: 25,
+        };
+        let patients: Arc<str> = Arc::from("public.patients");
+        assert_eq!(row_tenant_of(&[], &patients), RowTenant::Unchecked);
+        let fields = [field(3, "public.visits"), field(4, "public.patients")];
+        assert_eq!(row_tenant_of(&fields, &patients), RowTenant::Field(1));
+        let only_visits = [field(3, "public.visits")];
+        assert_eq!(row_tenant_of(&only_visits, &patients), RowTenant::Unknown);
+        let twice = [field(3, "public.patients"), field(4, "public.patients")];
+        assert_eq!(row_tenant_of(&twice, &patients), RowTenant::Unknown);
+    }
+}

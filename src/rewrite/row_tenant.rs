@@ -20,25 +20,33 @@ pub struct RowTenantRead {
 pub const ROW_TENANT_COLUMN: &str = "cmk$row_tenant";
 
 /// The statement with `attached` columns (as [`ROW_TENANT_COLUMN`]) after
-/// its own result columns; `None` when it is not a plain SELECT.
+/// its own result columns (a SELECT's, or an UPDATE's or DELETE's
+/// RETURNING list); `None` for any other statement.
 pub(super) fn with_row_tenants(
     statement: &Statement,
     attached: &[RowTenantColumn],
 ) -> Option<String> {
     let mut statement = statement.clone();
-    let Statement::Query(query) = &mut statement else {
-        return None;
-    };
-    let mut body = query.body.as_mut();
-    let select = loop {
-        match body {
-            SetExpr::Select(select) => break select,
-            SetExpr::Query(inner) => body = inner.body.as_mut(),
-            _ => return None,
+    let items = match &mut statement {
+        Statement::Query(query) => {
+            let mut body = query.body.as_mut();
+            loop {
+                match body {
+                    SetExpr::Select(select) => break &mut select.projection,
+                    SetExpr::Query(inner) => body = inner.body.as_mut(),
+                    _ => return None,
+                }
+            }
         }
+        Statement::Update {
+            returning: Some(items),
+            ..
+        } => items,
+        Statement::Delete(delete) => delete.returning.as_mut()?,
+        _ => return None,
     };
     for column in attached {
-        select.projection.push(SelectItem::ExprWithAlias {
+        items.push(SelectItem::ExprWithAlias {
             expr: Expr::CompoundIdentifier(vec![
                 Ident::with_quote('"', &column.qualifier),
                 Ident::with_quote('"', &column.column),

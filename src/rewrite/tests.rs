@@ -69,6 +69,11 @@ fn plain_reads_of_protected_columns_are_allowed() {
             "SELECT *, \"patients\".\"tenant_id\" AS \"cmk$row_tenant\" FROM public.patients \
              ORDER BY id",
         ),
+        (
+            "DELETE FROM patients p WHERE id = 1 RETURNING id, ssn",
+            "DELETE FROM patients AS p WHERE id = 1 RETURNING id, ssn, \"p\".\"tenant_id\" AS \
+             \"cmk$row_tenant\"",
+        ),
     ] {
         let a = analyze(&policy(), sql, 0).unwrap();
         match &a.statements[0] {

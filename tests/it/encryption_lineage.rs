@@ -217,6 +217,7 @@ async fn a_cell_moved_into_another_tenants_row_is_never_served() {
         "SELECT * FROM patients WHERE tenant_id = 'globex'",
         "SELECT p.ssn FROM patients p WHERE p.tenant_id = 'globex'",
         "SELECT ssn AS s FROM patients WHERE tenant_id <> 'acme'",
+        "UPDATE patients SET id = id WHERE tenant_id = 'globex' RETURNING ssn",
     ];
     for session_tenant in [None, Some("acme"), Some("globex")] {
         for sql in reads {

@@ -56,6 +56,9 @@ struct Walk<'s, 'p> {
     next_id: usize,
     /// The next query read is the statement's outermost SELECT.
     top_pending: bool,
+    /// The statement is an UPDATE or DELETE whose RETURNING list the
+    /// client gets.
+    top_returning: bool,
     /// What the outermost SELECT returns to the client (not SELECT INTO).
     top: Option<Top>,
 }
@@ -74,6 +77,7 @@ pub(super) fn check(scope: &Scope<'_>, tree: &Value) -> Result<Vec<RowTenantColu
         ctes: Vec::new(),
         next_id: 0,
         top_pending: matches!(kind(tree), Some(("SelectStmt", _))),
+        top_returning: matches!(kind(tree), Some(("UpdateStmt" | "DeleteStmt", _))),
         top: None,
     };
     walk.statement(tree).map_err(Refusal::rejection)?;

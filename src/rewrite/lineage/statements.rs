@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::columns::Columns;
 use super::tree::{field, kind, list, names, text};
-use super::{refuse, Step, Walk, ALIAS_LIST};
+use super::{refuse, Step, Top, Walk, ALIAS_LIST};
 
 impl Walk<'_, '_> {
     /// The CTEs of a WITH clause, each visible to the ones after it (and,
@@ -146,8 +146,17 @@ impl Walk<'_, '_> {
         Ok(())
     }
 
+    /// A RETURNING list; the statement's own (of an UPDATE or DELETE) is
+    /// what the client gets, like a SELECT's result.
     pub(super) fn returning(&mut self, statement: &Value) -> Step {
         let exprs = list(field(statement, "returning_clause"), "exprs");
-        self.target_list(exprs).map(drop)
+        let columns = self.target_list(exprs)?;
+        if std::mem::take(&mut self.top_returning) {
+            self.top = Some(Top {
+                columns,
+                relations: self.levels.last().cloned().unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 }

@@ -457,12 +457,20 @@ async fn map_views(
                 let Some(base) = origin.and_then(|key| map.by_attr.get(&key)).cloned() else {
                     continue;
                 };
-                if matches!(base.role, ColumnRole::Protected(_)) {
-                    map.facts
+                match base.role {
+                    ColumnRole::Protected(_) => map
+                        .facts
                         .views
                         .entry(name.clone())
                         .or_default()
-                        .push(column.name().to_owned());
+                        .push(column.name().to_owned()),
+                    ColumnRole::Tenant => {
+                        map.facts
+                            .view_tenants
+                            .entry(name.clone())
+                            .or_insert_with(|| column.name().to_owned());
+                    }
+                    _ => {}
                 }
                 map.by_attr.insert((oid, index as i16 + 1), base);
             }

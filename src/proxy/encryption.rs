@@ -316,11 +316,12 @@ impl Encryption {
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
         let needs_rewrite = analysis.needs_rewrite();
-        if analysis
-            .statements
-            .iter()
-            .any(|s| matches!(s, StatementPlan::Read | StatementPlan::Write(_)))
-        {
+        if analysis.statements.iter().any(|s| {
+            matches!(
+                s,
+                StatementPlan::Read | StatementPlan::ReadRowTenants(_) | StatementPlan::Write(_)
+            )
+        }) {
             out.fingerprint = Some(Arc::from(rewrite::fingerprint(sql)));
         }
         // The original statements, re-parsed, render the untouched ones
@@ -353,6 +354,10 @@ impl Encryption {
                     out.tenant_changes.push(change);
                 }
                 StatementPlan::Ddl => out.ddl = true,
+                StatementPlan::ReadRowTenants(read) => {
+                    rendered.push(read.sql);
+                    continue;
+                }
                 StatementPlan::Write(plan) => {
                     let current = SessionInfo {
                         tenant: tenant.as_deref(),
@@ -573,13 +578,16 @@ impl Encryption {
     }
 
     /// Opens one protected cell and returns its canonical plaintext.
-    /// `session_tenant`: cells of other tenants are refused (KM006).
+    /// `session_tenant`: cells of other tenants are refused (KM006);
+    /// `row_tenant`: the tenant of the cell's row, a cell of another tenant
+    /// is refused (KM005: it was moved there).
     pub async fn open_cell(
         &self,
         table: &str,
         column: &str,
         cell: &[u8],
         session_tenant: Option<&str>,
+        row_tenant: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
         let integrity = |tenant: Option<String>, what: &str| CellFailure {
             sqlstate: "KM005",
@@ -613,6 +621,12 @@ impl Encryption {
                 })
             }
         };
+        if row_tenant.is_some_and(|row| row != &*tenant) {
+            return Err(integrity(
+                None,
+                "belongs to another tenant than its row (moved from another tenant's row)",
+            ));
+        }
         if let Some(session) = session_tenant {
             if session != &*tenant {
                 return Err(CellFailure {

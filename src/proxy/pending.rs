@@ -43,6 +43,8 @@ pub(crate) struct PreparedStatement {
     /// Its SQL may drop prepared statements (DEALLOCATE, DISCARD) or change
     /// what they return (DDL): each execution makes the proxy forget its own.
     pub drops_statements: bool,
+    /// Result columns the proxy added after the client's (row tenants).
+    pub hidden_results: usize,
     /// The client's unnamed statement runs as one of the proxy's own (see
     /// `own_statements`): its Binds and Describes name that one.
     pub runs_as: Option<RunsAs>,
@@ -106,6 +108,7 @@ impl PreparedStatement {
             row_plans: Arc::default(),
             origin: None,
             drops_statements: false,
+            hidden_results: 0,
             runs_as: None,
         }
     }

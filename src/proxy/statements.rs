@@ -124,19 +124,30 @@ fn wire_formats(
     client: &[i16],
     encryption: &Encryption,
 ) -> Option<Vec<i16>> {
+    // A format per column: the columns the proxy added (row tenants) are
+    // read as text.
+    let padded = (statement.hidden_results > 0 && client.len() > 1).then(|| {
+        let mut formats = client.to_vec();
+        formats.resize(client.len() + statement.hidden_results, 0);
+        formats
+    });
+    let client = padded.as_deref().unwrap_or(client);
     let (count, protected) = match statement.protected_results.get() {
         Some(known) => known,
         None => {
-            let shape = statement.shape.lock().ok()?.clone()?;
-            let Shape::Rows(frame) = shape else {
-                return None;
+            let Some(Some(Shape::Rows(frame))) =
+                statement.shape.lock().ok().map(|shape| shape.clone())
+            else {
+                return padded;
             };
-            let known = protected_result_columns(&frame, &encryption.catalog()).ok()?;
+            let Ok(known) = protected_result_columns(&frame, &encryption.catalog()) else {
+                return padded;
+            };
             statement.protected_results.get_or_init(|| known)
         }
     };
     if protected.iter().all(|i| format_of(client, *i) == 1) {
-        return None;
+        return padded;
     }
     let mut formats: Vec<i16> = (0..*count).map(|i| format_of(client, i)).collect();
     for index in protected {
@@ -1031,6 +1042,7 @@ fn statement_of(
     statement.presented = plan.presented.clone();
     statement.row_plans = plan.row_plans.clone();
     statement.kind = plan.kind.clone();
+    statement.hidden_results = plan.hidden_results;
     // DDL may change what a statement of the proxy's returns (0A000).
     statement.drops_statements = plan.ddl || drops;
     statement
@@ -1060,6 +1072,7 @@ fn plan_sql(
             .statements
             .iter()
             .any(|s| matches!(s, StatementPlan::Ddl)),
+        hidden_results: 0,
         row_plans: Arc::default(),
     };
     // The server refuses several statements in one Parse by itself.
@@ -1069,6 +1082,11 @@ fn plan_sql(
     match statement {
         StatementPlan::Untouched | StatementPlan::Ddl => {}
         StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
+        StatementPlan::ReadRowTenants(read) => {
+            plan.fingerprint = Arc::from(rewrite::fingerprint(query));
+            plan.rewritten = Some((read.sql.clone(), param_types.to_vec()));
+            plan.hidden_results = read.hidden;
+        }
         StatementPlan::SetTenant(change) => plan.kind = StatementKind::SetTenant(change.clone()),
         StatementPlan::SetTenantParam { param, local } => {
             plan.kind = StatementKind::SetTenantParam {

@@ -99,6 +99,13 @@ impl PgReading {
             .and_then(|s| s.node.as_ref())
     }
 
+    /// Statement `index`'s parse tree as JSON: every node kind with every
+    /// field, for walks that must miss none.
+    pub(crate) fn statement_tree(&self, index: usize) -> Option<Value> {
+        let statement = self.parsed.protobuf.stmts.get(index)?;
+        serde_json::to_value(statement.stmt.as_deref()?).ok()
+    }
+
     /// The text of statement `index` in `sql`, as PostgreSQL cut it.
     pub(crate) fn text<'s>(&self, index: usize, sql: &'s str) -> &'s str {
         let Some(statement) = self.parsed.protobuf.stmts.get(index) else {

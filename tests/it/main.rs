@@ -20,6 +20,7 @@ mod encryption_at_rest;
 mod encryption_attacks;
 mod encryption_aws;
 mod encryption_extended;
+mod encryption_lineage;
 mod encryption_own_statements;
 mod encryption_robustness;
 mod encryption_schema_changes;

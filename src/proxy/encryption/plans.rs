@@ -37,6 +37,8 @@ pub struct ParsePlan {
     pub(crate) rewritten: Option<(String, Vec<u32>)>,
     /// The statement changes the schema.
     pub(crate) ddl: bool,
+    /// Result columns the proxy added after the client's (row tenants).
+    pub(crate) hidden_results: usize,
     /// The plans of its result rows, shared by the sessions that prepare it.
     pub(crate) row_plans: Arc<RowPlanMemo>,
 }
@@ -73,6 +75,7 @@ impl ParsePlan {
             && self.presented == other.presented
             && self.rewritten == other.rewritten
             && self.ddl == other.ddl
+            && self.hidden_results == other.hidden_results
             && self.fingerprint.is_empty() == other.fingerprint.is_empty()
     }
 }

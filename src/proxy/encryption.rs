@@ -297,7 +297,12 @@ impl Encryption {
         if let Some(rewrite) = self.rewrite_by_shape(sql, session, &catalog).await {
             return rewrite;
         }
-        let analysis = rewrite::analyze_in(&self.policy, catalog.schema_facts(), sql, 0)?;
+        let analysis = rewrite::analyze_in(
+            catalog.analysis_policy(&self.policy),
+            catalog.schema_facts(),
+            sql,
+            0,
+        )?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
@@ -573,11 +578,14 @@ impl Encryption {
             tenant,
         };
         if !crypto::is_envelope(cell) {
+            // A table in transition from legacy plaintext (cmk-proxy
+            // encrypt) serves its not yet sealed values.
             let migrating = self
                 .policy
                 .tables
                 .get(table)
-                .is_some_and(|t| t.mode == TableMode::Migrating);
+                .is_some_and(|t| t.mode == TableMode::Migrating)
+                || self.catalog().in_transition(table);
             if migrating {
                 return Ok((None, cell.to_vec()));
             }

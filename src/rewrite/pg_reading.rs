@@ -38,6 +38,24 @@ pub(crate) struct PgReading {
     max_param: usize,
 }
 
+/// The highest `$n` token PostgreSQL's scanner finds in `sql` (0 if none,
+/// or if it cannot scan it).
+fn scanned_max_param(sql: &str) -> usize {
+    let Ok(scan) = pg_query::scan(sql) else {
+        return 0;
+    };
+    scan.tokens
+        .iter()
+        .filter(|t| t.token == pg_query::protobuf::Token::Param as i32)
+        .filter_map(|t| {
+            let start = usize::try_from(t.start).ok()?.checked_add(1)?;
+            let end = usize::try_from(t.end).ok()?;
+            sql.get(start..end)?.parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 impl PgReading {
     /// PostgreSQL's reading of `sql`; `None` when its grammar rejects it.
     pub(crate) fn of(sql: &str) -> Option<Self> {
@@ -50,6 +68,9 @@ impl PgReading {
                 max_param = max_param.max(usize::try_from(p.number).unwrap_or(0));
             }
         }
+        // The node walk does not reach every list (an INSERT's VALUES):
+        // PostgreSQL's scanner sees every `$n`.
+        max_param = max_param.max(scanned_max_param(sql));
         Some(Self {
             parsed,
             classes,
@@ -215,6 +236,15 @@ mod tests {
         assert!(!reading.agrees(0, "SELECT a, b FROM t WHERE x = $2"));
         assert!(!reading.agrees(0, "SELECT a FROM t WHERE x = $1"));
         assert_eq!(reading.max_param(), 1);
+    }
+
+    #[test]
+    fn parameters_in_values_lists_are_counted() {
+        let reading = PgReading::of(
+            "INSERT INTO t (a, b, c) VALUES ($1, $2, '$9'), ($3, NULL, 1) RETURNING id",
+        )
+        .expect("reads");
+        assert_eq!(reading.max_param(), 3);
     }
 
     #[test]

@@ -93,17 +93,22 @@ struct Written {
 /// lost silently).
 async fn application(
     app: tokio_postgres::Client,
+    tenant: &'static str,
     stop: Arc<AtomicBool>,
 ) -> (HashMap<i64, Written>, u64, u64) {
+    app.batch_execute(&format!("SET cmk.tenant_id = '{tenant}'"))
+        .await
+        .expect("session tenant");
+    // Rows of this tenant: acme is id % 3 == 0, globex id % 3 == 1.
+    let residue = if tenant == "acme" { 0 } else { 1 };
     let mut written: HashMap<i64, Written> = HashMap::new();
     let mut failures = 0u64;
     let mut statements = 0u64;
     let mut step = 0i64;
     while !stop.load(Ordering::Acquire) {
         step += 1;
-        // Rows 1, 2 (acme, globex by i % 3) and their kin; never initech.
         let id = 1 + (step * 7919) % 3000;
-        if id % 3 == 0 {
+        if id % 3 != residue {
             continue;
         }
         statements += 1;
@@ -139,11 +144,10 @@ async fn application(
                 })
             }
             2 => {
-                let tenant = if step % 8 == 2 { "acme" } else { "globex" };
                 let ssn = format!("inserted-{step}");
                 app.query_one(
                     "INSERT INTO patients (tenant_id, ssn, birth_date, notes) \
-                     VALUES ($1, $2, DATE '2001-02-03', NULL) RETURNING id",
+                     VALUES ($1, $2, '2001-02-03', NULL) RETURNING id",
                     &[&tenant, &ssn],
                 )
                 .await
@@ -183,7 +187,8 @@ async fn application(
         if let Err(e) = outcome {
             failures += 1;
             eprintln!(
-                "application statement failed: {e} {:?}",
+                "application statement {} failed: {e} {:?}",
+                step % 4,
                 common::sqlstate(&e)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -217,7 +222,9 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
 
     // The application runs during the whole conversion.
     let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(application(app, stop.clone()));
+    drop(app);
+    let acme = tokio::spawn(application(setup.app().await, "acme", stop.clone()));
+    let globex = tokio::spawn(application(setup.app().await, "globex", stop.clone()));
 
     // First run: killed with SIGKILL once batches have committed.
     let mut child = encrypt_command(&setup, &["--batch-size", "50"])
@@ -280,7 +287,12 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
     assert!(report.contains("1000 rows of tenant initech"), "{report}");
 
     stop.store(true, Ordering::Release);
-    let (written, statements, failures) = task.await.expect("application");
+    let (mut written, mut statements, mut failures) = acme.await.expect("application acme");
+    let (globex_written, globex_statements, globex_failures) =
+        globex.await.expect("application globex");
+    written.extend(globex_written);
+    statements += globex_statements;
+    failures += globex_failures;
     eprintln!("application: {statements} statements, {failures} failed");
     assert!(!written.is_empty());
 

@@ -7,6 +7,7 @@
 pub mod convert;
 pub mod ddl;
 pub mod progress;
+pub mod reencrypt;
 pub mod shape;
 pub mod usage;
 

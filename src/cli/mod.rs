@@ -11,6 +11,7 @@ pub mod keyring;
 pub mod keys;
 pub mod logging;
 pub mod migrate;
+pub mod reencrypt;
 pub mod rewrap;
 pub mod serve;
 pub mod tenants;
@@ -59,6 +60,8 @@ pub enum Command {
     Keys(keys::Args),
     /// Encrypt a legacy plaintext table in place, online and resumable.
     Encrypt(encrypt::Args),
+    /// Move a tenant's cells to its current data key (after keys rotate or rewrap).
+    Reencrypt(reencrypt::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
@@ -78,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tenants(args) => tenants::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Encrypt(args) => encrypt::run(args).await,
+        Command::Reencrypt(args) => reencrypt::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
         Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }

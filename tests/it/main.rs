@@ -9,6 +9,7 @@ mod common;
 mod support;
 
 mod adopt_encrypt;
+mod adopt_reencrypt;
 mod audit_sinks;
 mod catalog_schema;
 mod citus;

@@ -8,6 +8,7 @@
 mod common;
 mod support;
 
+mod adopt_aws;
 mod adopt_encrypt;
 mod adopt_reencrypt;
 mod audit_sinks;

@@ -349,6 +349,13 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
         legacy_left,
         vec![vec![Some("initech".to_owned()), Some("1000".to_owned())]]
     );
+    // During the transition PostgreSQL already refuses plaintext cells.
+    let err = setup
+        .direct
+        .batch_execute("UPDATE patients__cmk_base SET ssn__cmk = 'plain'::bytea WHERE id = 3")
+        .await
+        .expect_err("the shadow column's envelope CHECK");
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("23514"), "{err}");
     let (ok, live) = run_cmk_proxy([
         "check-config".as_ref(),
         "--live".as_ref(),
@@ -486,5 +493,28 @@ async fn encrypt_refuses_a_table_without_a_primary_key() {
     assert_eq!(
         rows(&setup.direct, "SELECT count(*) FROM pg_attribute WHERE attrelid = 'patients'::regclass AND attnum > 0").await,
         vec![vec![Some("4".to_owned())]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_refuses_a_table_that_views_depend_on_and_changes_nothing() {
+    let schema = "CREATE TABLE patients (id int PRIMARY KEY, tenant_id text, ssn text, \
+                  birth_date date, notes text); \
+                  INSERT INTO patients VALUES (1, 'acme', 'x', '2000-01-01', 'n'); \
+                  CREATE VIEW patient_names AS SELECT id, notes FROM patients";
+    let setup =
+        EncryptedSetup::start_configured(schema, "public.patients", COLUMNS, "", "", SERVER).await;
+    let out = run_encrypt(&setup, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("patient_names"), "{}", text(&out));
+    assert_eq!(
+        rows(&setup.direct, "SELECT count(*) FROM cmk.adoptions").await,
+        vec![vec![Some("0".to_owned())]]
+    );
+    // The legacy table is still served untouched through the proxy.
+    let app = setup.app().await;
+    assert_eq!(
+        rows(&app, "SELECT ssn, birth_date FROM patients").await,
+        vec![vec![Some("x".to_owned()), Some("2000-01-01".to_owned())]]
     );
 }

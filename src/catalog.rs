@@ -55,6 +55,8 @@ pub struct CatalogMap {
     transition: BTreeSet<String>,
     /// The policy without the legacy tables, when there are any.
     analysis_policy: Option<Arc<Policy>>,
+    /// A table's transition view is about to take its name.
+    awaiting_swap: bool,
 }
 
 impl CatalogMap {
@@ -87,6 +89,13 @@ impl CatalogMap {
     /// statements pass through untouched until `cmk-proxy encrypt` swaps it.
     pub fn is_legacy(&self, table: &str) -> bool {
         self.legacy.contains(table)
+    }
+
+    /// True while a table's transition view is about to take its name: the
+    /// proxy then reloads the catalog often, so it plans statements on the
+    /// table as the view's soon after the swap.
+    pub fn awaiting_swap(&self) -> bool {
+        self.awaiting_swap
     }
 
     /// The policy statements are analysed against: `full` without the
@@ -362,6 +371,7 @@ pub async fn load_map(
                 if let Some(view) = adoption.and_then(|a| by_oid.get(&a.view_oid)) {
                     map_relation(&mut map, &table, table_policy, view);
                     map.transition.insert(name.clone());
+                    map.awaiting_swap = true;
                 }
             }
             TableState::Transition(adoption) => {

@@ -28,6 +28,10 @@ use crate::values;
 mod plan_cache;
 mod shapes;
 
+/// How often the catalog is reloaded while a transition view is about to
+/// take a table's name.
+const SWAP_REFRESH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why encryption could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EncryptionError {
@@ -157,15 +161,23 @@ impl Encryption {
         });
         // DDL that does not pass through the proxy (migrations run
         // directly, say) is seen within this interval.
+        // While `cmk-proxy encrypt` is about to swap a table's transition
+        // view in, much sooner (docs/ADOPTING.md, "The swap's instant").
         let weak = Arc::downgrade(&encryption);
         let every = encryption.policy.server.catalog_refresh;
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
+            let mut wait = every;
             loop {
-                ticks.tick().await;
+                tokio::time::sleep(wait).await;
                 match weak.upgrade() {
-                    Some(encryption) => encryption.refresh_catalog().await,
+                    Some(encryption) => {
+                        encryption.refresh_catalog().await;
+                        wait = if encryption.catalog().awaiting_swap() {
+                            every.min(SWAP_REFRESH)
+                        } else {
+                            every
+                        };
+                    }
                     None => break,
                 }
             }
@@ -197,12 +209,16 @@ impl Encryption {
     pub async fn refresh_catalog(&self) {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
         let loaded = async {
-            let client = super::admin::connect(&self.policy).await.ok()?;
-            catalog::load_map(&client, &self.policy).await.ok()
+            let client = super::admin::connect(&self.policy)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog::load_map(&client, &self.policy)
+                .await
+                .map_err(|e| e.to_string())
         }
         .await;
         match loaded {
-            Some(map) => {
+            Ok(map) => {
                 if let Ok(mut slot) = self.catalog.write() {
                     if self.catalog_installed.load(Ordering::Acquire) > ticket {
                         return;
@@ -214,7 +230,9 @@ impl Encryption {
                 self.clear_parse_plans();
                 self.shapes.clear();
             }
-            None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
+            Err(error) => {
+                tracing::warn!(%error, "catalog map refresh failed; keeping the previous map")
+            }
         }
     }
 

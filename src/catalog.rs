@@ -4,15 +4,18 @@
 //! Reads the catalog through a tokio-postgres client; knows no sockets of
 //! sessions and no keys.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::config::{split_table_name, DeclaredType, Policy, SearchMode};
+use crate::config::{split_table_name, DeclaredType, Policy, SearchMode, TablePolicy};
 use crate::rewrite::SchemaFacts;
 
+pub mod adoption;
 pub mod envelope;
 pub mod schema_notify;
+
+use adoption::{Adoption, Phase};
 
 /// What a protected table column is for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,11 +44,33 @@ pub struct ColumnRef {
 /// (table OID, attnum) → policy column, for RowDescription lookups. Views
 /// (and materialized views) whose columns PostgreSQL traces back to a
 /// protected column are mapped to that column too.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CatalogMap {
     by_attr: HashMap<(u32, i16), ColumnRef>,
     table_oids: BTreeMap<Arc<str>, u32>,
     facts: SchemaFacts,
+    /// Policy tables that still hold legacy plaintext (not yet swapped to
+    /// their transition view): passed through untouched.
+    legacy: BTreeSet<String>,
+    /// Policy tables in transition: their cells may be legacy plaintext.
+    transition: BTreeSet<String>,
+    /// The policy without the legacy tables, when there are any.
+    analysis_policy: Option<Arc<Policy>>,
+    /// A table's transition view is about to take its name.
+    awaiting_swap: bool,
+}
+
+/// Two maps are equal when statements planned with one plan alike with the
+/// other (the analysis policy follows from the policy and `legacy`).
+impl PartialEq for CatalogMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.by_attr == other.by_attr
+            && self.table_oids == other.table_oids
+            && self.facts == other.facts
+            && self.legacy == other.legacy
+            && self.transition == other.transition
+            && self.awaiting_swap == other.awaiting_swap
+    }
 }
 
 impl CatalogMap {
@@ -66,6 +91,31 @@ impl CatalogMap {
     /// protected columns, and policy tables that must not be written.
     pub fn schema_facts(&self) -> &SchemaFacts {
         &self.facts
+    }
+
+    /// True for a policy table in transition from legacy plaintext, whose
+    /// non-envelope cells are its legacy values (docs/ADOPTING.md).
+    pub fn in_transition(&self, table: &str) -> bool {
+        self.transition.contains(table)
+    }
+
+    /// True for a policy table that still holds legacy plaintext: its
+    /// statements pass through untouched until `cmk-proxy encrypt` swaps it.
+    pub fn is_legacy(&self, table: &str) -> bool {
+        self.legacy.contains(table)
+    }
+
+    /// True while a table's transition view is about to take its name: the
+    /// proxy then reloads the catalog often, so it plans statements on the
+    /// table as the view's soon after the swap.
+    pub fn awaiting_swap(&self) -> bool {
+        self.awaiting_swap
+    }
+
+    /// The policy statements are analysed against: `full` without the
+    /// legacy tables.
+    pub fn analysis_policy<'a>(&'a self, full: &'a Policy) -> &'a Policy {
+        self.analysis_policy.as_deref().unwrap_or(full)
     }
 
     /// Number of mapped columns.
@@ -117,10 +167,46 @@ struct Attr {
 
 struct TableInfo {
     oid: u32,
+    /// `pg_class.relkind`: `r`, `p` or `v` (a transition view).
+    kind: String,
     attrs: HashMap<String, Attr>,
 }
 
-fn quote_ident(name: &str) -> String {
+/// Where a policy table stands between legacy plaintext and its format.
+enum TableState<'a> {
+    /// In the policy's format (or wrong in ways `schema_problems` reports).
+    Normal,
+    /// Legacy plaintext, possibly with an adoption prepared.
+    Legacy(Option<&'a Adoption>),
+    /// Its name is the transition view's.
+    Transition(&'a Adoption),
+}
+
+/// A legacy table: no protected column is bytea and there is no EDEK column.
+fn holds_legacy_plaintext(info: &TableInfo, table_policy: &TablePolicy) -> bool {
+    !info.attrs.contains_key(&table_policy.edek_column)
+        && table_policy.columns.keys().all(|column| {
+            info.attrs
+                .get(column)
+                .is_some_and(|attr| attr.type_name != "bytea")
+        })
+}
+
+fn table_state<'a>(
+    name: &str,
+    info: &TableInfo,
+    table_policy: &TablePolicy,
+    adoptions: &'a HashMap<String, Adoption>,
+) -> TableState<'a> {
+    match adoptions.get(name) {
+        Some(adoption) if info.oid == adoption.view_oid => TableState::Transition(adoption),
+        Some(adoption) if adoption.phase == Phase::Prepared => TableState::Legacy(Some(adoption)),
+        _ if holds_legacy_plaintext(info, table_policy) => TableState::Legacy(None),
+        _ => TableState::Normal,
+    }
+}
+
+pub(crate) fn quote_ident(name: &str) -> String {
     let plain = !name.is_empty()
         && name
             .bytes()
@@ -133,61 +219,197 @@ fn quote_ident(name: &str) -> String {
     }
 }
 
-fn qualified(table: &str) -> String {
+pub(crate) fn qualified(table: &str) -> String {
     match split_table_name(table) {
         Some((schema, name)) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
         None => quote_ident(table),
     }
 }
 
+/// The policy tables by name (a transition view counts for its table when
+/// `views` names its OID), and the relations of `oids` by OID.
 async fn read_tables(
     client: &tokio_postgres::Client,
     policy: &Policy,
-) -> Result<HashMap<String, TableInfo>, CatalogError> {
+    views: &[u32],
+    oids: &[u32],
+) -> Result<(HashMap<String, TableInfo>, HashMap<u32, TableInfo>), CatalogError> {
     let names: Vec<String> = policy.tables.keys().cloned().collect();
     let rows = client
         .query(
             "SELECT n.nspname || '.' || c.relname, c.oid, a.attnum, a.attname::text, \
                     format_type(a.atttypid, NULL), a.atthasdef, \
                     (a.atttypmod <> -1 AND coalesce(nullif(t.typelem, 0), t.oid) = 'pg_catalog.interval'::regtype) \
-                      OR t.typtype = 'd' OR coalesce(e.typtype = 'd', false) \
+                      OR t.typtype = 'd' OR coalesce(e.typtype = 'd', false), \
+                    c.relkind::text, \
+                    n.nspname || '.' || c.relname = ANY($1::text[]) \
+                      AND (c.relkind IN ('r', 'p') OR c.oid = ANY($2::oid[])) \
              FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
              LEFT JOIN pg_catalog.pg_type e ON e.oid = t.typelem AND t.typelem <> 0 \
-             WHERE n.nspname || '.' || c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p')",
-            &[&names],
+             WHERE (n.nspname || '.' || c.relname = ANY($1::text[]) \
+                    AND (c.relkind IN ('r', 'p') OR c.oid = ANY($2::oid[]))) \
+                OR c.oid = ANY($3::oid[])",
+            &[&names, &views, &oids],
         )
         .await?;
     let mut tables: HashMap<String, TableInfo> = HashMap::new();
+    let mut by_oid: HashMap<u32, TableInfo> = HashMap::new();
     for row in rows {
         let table: String = row.get(0);
         let oid: u32 = row.get(1);
-        let entry = tables.entry(table).or_insert_with(|| TableInfo {
+        let kind: String = row.get(7);
+        let by_name: bool = row.get(8);
+        let attr = || Attr {
+            attnum: row.get(2),
+            type_name: row.get(4),
+            has_default: row.get(5),
+            literal_sensitive: row.get(6),
+        };
+        let new = || TableInfo {
             oid,
+            kind: kind.clone(),
             attrs: HashMap::new(),
-        });
-        entry.attrs.insert(
-            row.get(3),
-            Attr {
-                attnum: row.get(2),
-                type_name: row.get(4),
-                has_default: row.get(5),
-                literal_sensitive: row.get(6),
-            },
-        );
+        };
+        if by_name {
+            tables
+                .entry(table)
+                .or_insert_with(new)
+                .attrs
+                .insert(row.get(3), attr());
+        }
+        if oids.contains(&oid) {
+            by_oid
+                .entry(oid)
+                .or_insert_with(new)
+                .attrs
+                .insert(row.get(3), attr());
+        }
     }
-    Ok(tables)
+    Ok((tables, by_oid))
+}
+
+/// The policy tables with their state: the adoptions, the tables by name,
+/// the relations of adoptions by OID.
+async fn read_policy_tables(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<
+    (
+        HashMap<String, Adoption>,
+        HashMap<String, TableInfo>,
+        HashMap<u32, TableInfo>,
+    ),
+    CatalogError,
+> {
+    let adoptions: HashMap<String, Adoption> = adoption::adoptions(client)
+        .await?
+        .into_iter()
+        .filter(|(name, _)| policy.tables.contains_key(name))
+        .collect();
+    let views: Vec<u32> = adoptions.values().map(|a| a.view_oid).collect();
+    let oids: Vec<u32> = adoptions
+        .values()
+        .flat_map(|a| [a.view_oid, a.base_oid])
+        .collect();
+    let (tables, by_oid) = read_tables(client, policy, &views, &oids).await?;
+    Ok((adoptions, tables, by_oid))
+}
+
+/// Maps the columns of `relation` (a transition view or the real table of a
+/// table in transition) for the policy table `table`: protected columns by
+/// their name or their shadow's, the EDEK column and blind indexes.
+fn map_relation(
+    map: &mut CatalogMap,
+    table: &Arc<str>,
+    table_policy: &TablePolicy,
+    relation: &TableInfo,
+) {
+    let mut add = |column: &str, role: ColumnRole, key: &str| {
+        if let Some(attr) = relation.attrs.get(key) {
+            map.by_attr.insert(
+                (relation.oid, attr.attnum),
+                ColumnRef {
+                    table: table.clone(),
+                    column: Arc::from(column),
+                    role,
+                },
+            );
+        }
+    };
+    for (column, column_policy) in &table_policy.columns {
+        let role = ColumnRole::Protected(column_policy.ty);
+        if relation.kind == "v" {
+            add(column, role, column);
+        } else {
+            add(column, role, &adoption::shadow_column(column));
+        }
+        if column_policy.search == SearchMode::Equality {
+            let bidx = format!("{column}_bidx");
+            add(&bidx, ColumnRole::BlindIndex, &bidx);
+        }
+    }
+    add(
+        &table_policy.edek_column,
+        ColumnRole::Edek,
+        &table_policy.edek_column,
+    );
 }
 
 /// Builds the (OID, attnum) map for the policy tables that exist.
 pub async fn load_map(
     client: &tokio_postgres::Client,
-    policy: &Policy,
+    policy_in: &Policy,
 ) -> Result<CatalogMap, CatalogError> {
-    let tables = read_tables(client, policy).await?;
+    let policy = policy_in;
+    let (adoptions, mut tables, by_oid) = read_policy_tables(client, policy).await?;
     let mut map = CatalogMap::default();
+    for (name, table_policy) in &policy.tables {
+        let Some(info) = tables.get(name) else {
+            continue;
+        };
+        let table: Arc<str> = Arc::from(name.as_str());
+        match table_state(name, info, table_policy, &adoptions) {
+            TableState::Normal => continue,
+            TableState::Legacy(adoption) => {
+                tracing::warn!(
+                    table = %name,
+                    "policy table holds legacy plaintext: its statements pass through untouched until cmk-proxy encrypt converts it (docs/ADOPTING.md)"
+                );
+                map.legacy.insert(name.clone());
+                // The transition view, known before it takes the table's
+                // name, so its rows are opened (legacy values served) from
+                // the first moment.
+                if let Some(view) = adoption.and_then(|a| by_oid.get(&a.view_oid)) {
+                    map_relation(&mut map, &table, table_policy, view);
+                    map.transition.insert(name.clone());
+                    map.awaiting_swap = true;
+                }
+            }
+            TableState::Transition(adoption) => {
+                tracing::warn!(
+                    table = %name,
+                    base = %adoption.base_name,
+                    "policy table in transition from legacy plaintext (cmk-proxy encrypt): legacy values are served until it finishes"
+                );
+                map.transition.insert(name.clone());
+                // The real table, which takes the name back at the end.
+                if let Some(base) = by_oid.get(&adoption.base_oid) {
+                    map_relation(&mut map, &table, table_policy, base);
+                }
+            }
+        }
+    }
+    tables.retain(|name, _| !map.legacy.contains(name));
+    if !map.legacy.is_empty() {
+        let mut analysed = policy.clone();
+        analysed.tables.retain(|name, _| !map.legacy.contains(name));
+        map.analysis_policy = Some(Arc::new(analysed));
+    }
+    let policy = map.analysis_policy.clone();
+    let policy = policy.as_deref().unwrap_or(policy_in);
     for problem in schema_problems(policy, &tables) {
         tracing::error!(
             location = %problem.location,
@@ -485,8 +707,50 @@ pub async fn check_schema(
     client: &tokio_postgres::Client,
     policy: &Policy,
 ) -> Result<Vec<SchemaProblem>, CatalogError> {
-    let tables = read_tables(client, policy).await?;
-    Ok(schema_problems(policy, &tables))
+    let (adoptions, mut tables, _) = read_policy_tables(client, policy).await?;
+    let mut problems = Vec::new();
+    for (name, table_policy) in &policy.tables {
+        let Some(info) = tables.get(name) else {
+            continue;
+        };
+        let fix = Some(format!(
+            "cmk-proxy encrypt --config <policy> --table {name}"
+        ));
+        let message = match table_state(name, info, table_policy, &adoptions) {
+            TableState::Normal => continue,
+            TableState::Legacy(None) => {
+                "holds legacy plaintext (no protected column is bytea, no EDEK column): served untouched until converted".to_owned()
+            }
+            TableState::Legacy(Some(_)) => {
+                "in transition from legacy plaintext (phase prepared: the transition view is not swapped in yet)".to_owned()
+            }
+            TableState::Transition(adoption) => format!(
+                "in transition from legacy plaintext (phase converting, real table {}, resume after {}): legacy values are still served",
+                adoption.base_name,
+                adoption
+                    .resume_after
+                    .as_ref()
+                    .map_or("the start".to_owned(), |key| key.join(","))
+            ),
+        };
+        problems.push(SchemaProblem {
+            location: name.clone(),
+            message,
+            fix,
+        });
+    }
+    let mut analysed = policy.clone();
+    analysed.tables.retain(|name, table_policy| {
+        tables.get(name).is_none_or(|info| {
+            !matches!(
+                table_state(name, info, table_policy, &adoptions),
+                TableState::Legacy(_)
+            )
+        })
+    });
+    tables.retain(|name, _| analysed.tables.contains_key(name));
+    problems.extend(schema_problems(&analysed, &tables));
+    Ok(problems)
 }
 
 fn schema_problems(policy: &Policy, tables: &HashMap<String, TableInfo>) -> Vec<SchemaProblem> {

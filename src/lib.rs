@@ -2,6 +2,7 @@
 //! with per-tenant, customer-managed keys.
 #![forbid(unsafe_code)]
 
+pub mod adopt;
 pub mod audit;
 pub mod catalog;
 pub mod cli;

@@ -5,11 +5,13 @@ pub mod check_config;
 pub mod decrypt_dump;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod encrypt;
 pub mod hardening;
 pub mod keyring;
 pub mod keys;
 pub mod logging;
 pub mod migrate;
+pub mod reencrypt;
 pub mod rewrap;
 pub mod serve;
 pub mod tenants;
@@ -56,6 +58,10 @@ pub enum Command {
     Tenants(tenants::Args),
     /// Data-key operations (rotation).
     Keys(keys::Args),
+    /// Encrypt a legacy plaintext table in place, online and resumable.
+    Encrypt(encrypt::Args),
+    /// Move a tenant's cells to its current data key (after keys rotate or rewrap).
+    Reencrypt(reencrypt::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
@@ -74,6 +80,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keyring(args) => keyring::run(args).await,
         Command::Tenants(args) => tenants::run(args).await,
         Command::Keys(args) => keys::run(args).await,
+        Command::Encrypt(args) => encrypt::run(args).await,
+        Command::Reencrypt(args) => reencrypt::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
         Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }

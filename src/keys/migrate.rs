@@ -19,11 +19,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. New files are appended here.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_cmk_schema.sql",
-    sql: include_str!("../../migrations/0001_cmk_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_cmk_schema.sql",
+        sql: include_str!("../../migrations/0001_cmk_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_adoptions.sql",
+        sql: include_str!("../../migrations/0002_adoptions.sql"),
+    },
+];
 
 /// Created before anything else so the applied versions can be read.
 const BOOTSTRAP_SQL: &str = "CREATE SCHEMA IF NOT EXISTS cmk;

@@ -29,6 +29,10 @@ mod plan_cache;
 pub(crate) mod plans;
 mod shapes;
 
+/// How often the catalog is reloaded while a transition view is about to
+/// take a table's name.
+const SWAP_REFRESH: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why encryption could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EncryptionError {
@@ -186,12 +190,16 @@ impl Encryption {
     pub async fn refresh_catalog(&self) -> bool {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
         let loaded = async {
-            let client = super::admin::connect(&self.policy).await.ok()?;
-            catalog::load_map(&client, &self.policy).await.ok()
+            let client = super::admin::connect(&self.policy)
+                .await
+                .map_err(|e| e.to_string())?;
+            catalog::load_map(&client, &self.policy)
+                .await
+                .map_err(|e| e.to_string())
         }
         .await;
         match loaded {
-            Some(map) => {
+            Ok(map) => {
                 if let Ok(mut slot) = self.catalog.write() {
                     if self.catalog_installed.load(Ordering::Acquire) > ticket {
                         // A load begun later was installed: it is newer.
@@ -211,8 +219,8 @@ impl Encryption {
                 self.shapes.clear();
                 true
             }
-            None => {
-                tracing::warn!("catalog map refresh failed; keeping the previous map");
+            Err(error) => {
+                tracing::warn!(%error, "catalog map refresh failed; keeping the previous map");
                 false
             }
         }
@@ -311,7 +319,12 @@ impl Encryption {
         if let Some(rewrite) = self.rewrite_by_shape(sql, session, &catalog).await {
             return rewrite;
         }
-        let analysis = rewrite::analyze_in(&self.policy, catalog.schema_facts(), sql, 0)?;
+        let analysis = rewrite::analyze_in(
+            catalog.analysis_policy(&self.policy),
+            catalog.schema_facts(),
+            sql,
+            0,
+        )?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
@@ -595,11 +608,14 @@ impl Encryption {
             tenant,
         };
         if !crypto::is_envelope(cell) {
+            // A table in transition from legacy plaintext (cmk-proxy
+            // encrypt) serves its not yet sealed values.
             let migrating = self
                 .policy
                 .tables
                 .get(table)
-                .is_some_and(|t| t.mode == TableMode::Migrating);
+                .is_some_and(|t| t.mode == TableMode::Migrating)
+                || self.catalog().in_transition(table);
             if migrating {
                 return Ok((None, cell.to_vec()));
             }
@@ -889,13 +905,13 @@ pub fn rejection_query(rejection: &Rejection) -> String {
 
 /// Reloads the catalog when DDL run directly against PostgreSQL commits
 /// (the NOTIFY of `migrate`'s event trigger, see `catalog::schema_notify`),
-/// and every `server.catalog_refresh` in any case; ends with the proxy.
+/// and every `server.catalog_refresh` in any case (more often while a
+/// table's adoption is about to swap); ends with the proxy.
 async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
     let Some(every) = weak.upgrade().map(|e| e.policy.server.catalog_refresh) else {
         return;
     };
-    let mut ticks = tokio::time::interval(every);
-    ticks.tick().await;
+    let mut wait = every;
     let mut listening = None;
     loop {
         if listening.is_none() {
@@ -911,7 +927,7 @@ async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
             }
         };
         tokio::select! {
-            _ = ticks.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             open = notified => {
                 if !open {
                     // The connection ended: opened again at the next turn.
@@ -923,6 +939,13 @@ async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
             return;
         };
         encryption.refresh_catalog().await;
+        // While `cmk-proxy encrypt` is about to swap a table's transition
+        // view in, much sooner (docs/ADOPTING.md, "The swap's instant").
+        wait = if encryption.catalog().awaiting_swap() {
+            every.min(SWAP_REFRESH)
+        } else {
+            every
+        };
     }
 }
 

@@ -93,9 +93,9 @@ fn replanned_refusal(
 ) -> Option<Rejection> {
     let catalog = encryption.catalog();
     let facts = catalog.schema_facts();
+    let policy = catalog.analysis_policy(encryption.policy());
     if let Some(in_flux) = state.flux_names() {
-        if let Err(rejection) = rewrite::schema_flux(encryption.policy(), facts, prepare, &in_flux)
-        {
+        if let Err(rejection) = rewrite::schema_flux(policy, facts, prepare, &in_flux) {
             return Some(rejection);
         }
     }
@@ -109,7 +109,7 @@ fn replanned_refusal(
              Parse, not SQL PREPARE)"
         ),
     };
-    match rewrite::analyze_in(encryption.policy(), facts, prepare, 0) {
+    match rewrite::analyze_in(policy, facts, prepare, 0) {
         Ok(analysis)
             if analysis
                 .statements

@@ -460,7 +460,8 @@ impl ClientStatements {
         if let Some(in_flux) = state.flux_names() {
             let catalog = encryption.catalog();
             let sql = &origin.plan.sql;
-            rewrite::schema_flux(encryption.policy(), catalog.schema_facts(), sql, &in_flux)?;
+            let policy = catalog.analysis_policy(encryption.policy());
+            rewrite::schema_flux(policy, catalog.schema_facts(), sql, &in_flux)?;
         }
         let epoch = encryption.plan_epoch();
         if origin.epoch.load(Ordering::Acquire) == epoch {
@@ -1056,7 +1057,7 @@ fn plan_sql(
 ) -> Result<ParsePlan, Rejection> {
     let catalog = encryption.catalog();
     let analysis = rewrite::analyze_in(
-        encryption.policy(),
+        catalog.analysis_policy(encryption.policy()),
         catalog.schema_facts(),
         query,
         param_types.len(),
@@ -1130,7 +1131,11 @@ fn nonstandard_strings_refusal(
         return None;
     }
     let catalog = encryption.catalog();
-    rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
+    rewrite::nonstandard_strings_refusal(
+        catalog.analysis_policy(encryption.policy()),
+        catalog.schema_facts(),
+        sql,
+    )
 }
 
 /// A rewritten write closed or replaced by the client (see
@@ -1222,7 +1227,7 @@ fn follow_schema_flux(
     }
     let catalog = encryption.catalog();
     let changed = rewrite::schema_flux(
-        encryption.policy(),
+        catalog.analysis_policy(encryption.policy()),
         catalog.schema_facts(),
         sql,
         &in_flux.unwrap_or_default(),
@@ -1390,7 +1395,12 @@ fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejecti
     let end = sql.iter().position(|b| *b == 0).unwrap_or(sql.len());
     let lossy = String::from_utf8_lossy(&sql[..end]);
     let catalog = encryption.catalog();
-    match rewrite::analyze_in(encryption.policy(), catalog.schema_facts(), &lossy, 0) {
+    match rewrite::analyze_in(
+        catalog.analysis_policy(encryption.policy()),
+        catalog.schema_facts(),
+        &lossy,
+        0,
+    ) {
         Ok(analysis)
             if analysis
                 .statements

@@ -203,13 +203,10 @@ pub fn analyze_in(
     sql: &str,
     client_params: usize,
 ) -> Result<Analysis, Rejection> {
+    // No early return for a policy without tables: while every policy
+    // table is legacy (docs/ADOPTING.md) the analysis still counts the
+    // parameters and follows the session's tenant.
     let scope = Scope::new(policy, facts);
-    if policy.tables.is_empty() {
-        return Ok(Analysis {
-            statements: vec![StatementPlan::Untouched],
-            client_params,
-        });
-    }
     // PostgreSQL's reading first: it decides whether the statement needs
     // the proxy at all, and sqlparser's plan must agree with it.
     let reading = PgReading::of(sql);

@@ -8,6 +8,9 @@
 mod common;
 mod support;
 
+mod adopt_aws;
+mod adopt_encrypt;
+mod adopt_reencrypt;
 mod audit_sinks;
 mod catalog_schema;
 mod citus;

@@ -43,7 +43,10 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(tables, ["data_keys", "schema_version", "tenants"]);
+    assert_eq!(
+        tables,
+        ["adoptions", "data_keys", "schema_version", "tenants"]
+    );
 }
 
 #[tokio::test]
@@ -110,7 +113,7 @@ async fn migrate_cli_applies_then_reports_up_to_date_and_print_shows_ddl() {
     let printed = admin(&env.pg, "printed").await;
     printed.batch_execute(&ddl).await.unwrap();
     printed.batch_execute(&ddl).await.unwrap();
-    assert_eq!(version_rows(&printed).await, vec![(1, 1)]);
+    assert_eq!(version_rows(&printed).await, vec![(1, 1), (2, 1)]);
     let (code, _, err) = run(&["migrate", "--upstream", "mysql://x"]);
     assert_eq!(code, Some(2), "{err}");
 }

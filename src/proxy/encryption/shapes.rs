@@ -301,7 +301,7 @@ impl Encryption {
             return ShapePlan::Unshared;
         }
         let Ok(analysis) = rewrite::analyze_in(
-            &self.policy,
+            catalog.analysis_policy(&self.policy),
             catalog.schema_facts(),
             &shaped.template,
             shaped.literals.len(),

@@ -1,0 +1,407 @@
+//! The schema steps of a table's transition (docs/ADOPTING.md, "Steps,
+//! locks and how long they are held"), as SQL text. Every step is catalog
+//! changes only: no statement here scans or rewrites the table, except the
+//! VALIDATEs, which take locks that let reads and writes go on.
+
+use crate::catalog::adoption::shadow_column;
+use crate::catalog::envelope::{constraint_name, ENVELOPE_PREFIX_HEX};
+use crate::catalog::quote_ident;
+use crate::config::{SearchMode, TablePolicy};
+use crate::rewrite::quote_literal;
+
+use super::shape::TableShape;
+
+/// Name of the CHECK that proves no legacy value is left, before the
+/// legacy columns are dropped.
+pub const NO_PLAINTEXT_CHECK: &str = "cmk_adopt_no_plaintext";
+
+/// `name` with `suffix`, cut to PostgreSQL's 63-byte names.
+fn suffixed(name: &str, suffix: &str) -> String {
+    let mut base = name.to_owned();
+    while base.len() + suffix.len() > 63 {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+/// The relations and function a transition creates for a table `name`.
+#[derive(Debug, Clone)]
+pub struct Names {
+    /// The real table while the view has the table's name.
+    pub base: String,
+    /// The view's name before the swap.
+    pub transition_view: String,
+    /// The INSTEAD OF trigger function.
+    pub function: String,
+}
+
+impl Names {
+    /// The names for table `name` (without schema).
+    pub fn of(name: &str) -> Names {
+        Names {
+            base: suffixed(name, "__cmk_base"),
+            transition_view: suffixed(name, "__cmk_transition"),
+            function: suffixed(name, "__cmk_write"),
+        }
+    }
+}
+
+/// `true` when `cell` (an SQL bytea expression) starts with the envelope.
+fn is_envelope(cell: &str) -> String {
+    format!("substr({cell}, 1, 4) = '\\x{ENVELOPE_PREFIX_HEX}'::bytea")
+}
+
+/// A column of the final layout (what the view shows).
+struct Shown<'a> {
+    name: &'a str,
+    /// Legacy type of a protected column.
+    protected: Option<&'a str>,
+    generated: bool,
+}
+
+/// The columns the view shows, in order: the table's own (protected ones
+/// merged), then the EDEK and blind-index columns that are new.
+fn shown<'a>(
+    shape: &'a TableShape,
+    policy: &'a TablePolicy,
+    added: &'a [String],
+) -> Vec<Shown<'a>> {
+    let mut out: Vec<Shown<'a>> = shape
+        .columns
+        .iter()
+        .map(|c| Shown {
+            name: &c.name,
+            protected: policy
+                .columns
+                .contains_key(&c.name)
+                .then_some(c.type_name.as_str()),
+            generated: c.generated,
+        })
+        .collect();
+    out.extend(added.iter().map(|name| Shown {
+        name,
+        protected: None,
+        generated: false,
+    }));
+    out
+}
+
+/// The EDEK and blind-index columns the legacy table lacks.
+pub fn added_columns(shape: &TableShape, policy: &TablePolicy) -> Vec<String> {
+    let mut wanted = vec![policy.edek_column.clone()];
+    for (column, column_policy) in &policy.columns {
+        if column_policy.search == SearchMode::Equality {
+            wanted.push(format!("{column}_bidx"));
+        }
+    }
+    wanted.retain(|c| shape.column(c).is_none());
+    wanted
+}
+
+/// The value a reader of the view sees for protected column `c` of `b`.
+fn merged(c: &str) -> String {
+    format!(
+        "coalesce(b.{}, convert_to(b.{}::text, 'UTF8'))",
+        quote_ident(&shadow_column(c)),
+        quote_ident(c)
+    )
+}
+
+/// The prepare step: shadow, EDEK and blind-index columns, the envelope
+/// CHECKs (NOT VALID: the shadow columns are empty), the transition view
+/// with the table's defaults and grants, its INSTEAD OF trigger and the
+/// `cmk.adoptions` row. One transaction, catalog changes only.
+pub fn prepare(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<String> {
+    let names = Names::of(&shape.name);
+    let relation = shape.relation(&shape.name);
+    let view = shape.relation(&names.transition_view);
+    let base = shape.relation(&names.base);
+    let added = added_columns(shape, policy);
+    let mut out = Vec::new();
+    let mut adds: Vec<String> = policy
+        .columns
+        .keys()
+        .map(|c| format!("ADD COLUMN {} bytea", quote_ident(&shadow_column(c))))
+        .collect();
+    for column in &added {
+        let ty = if *column == policy.edek_column {
+            "jsonb"
+        } else {
+            "bytea"
+        };
+        adds.push(format!("ADD COLUMN {} {ty}", quote_ident(column)));
+    }
+    out.push(format!("ALTER TABLE {relation} {}", adds.join(", ")));
+    for column in policy.columns.keys() {
+        out.push(format!(
+            "ALTER TABLE {relation} ADD CONSTRAINT {} CHECK ({}) NOT VALID",
+            quote_ident(&constraint_name(column)),
+            is_envelope(&quote_ident(&shadow_column(column)))
+        ));
+    }
+    let columns = shown(shape, policy, &added);
+    let select: Vec<String> = columns
+        .iter()
+        .map(|c| match c.protected {
+            Some(_) => format!("{} AS {}", merged(c.name), quote_ident(c.name)),
+            None => format!("b.{}", quote_ident(c.name)),
+        })
+        .collect();
+    out.push(format!(
+        "CREATE VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {relation} AS b",
+        select.join(", ")
+    ));
+    for column in &shape.columns {
+        if let Some(default) = &column.default {
+            if !column.generated {
+                out.push(format!(
+                    "ALTER VIEW {view} ALTER COLUMN {} SET DEFAULT {default}",
+                    quote_ident(&column.name)
+                ));
+            }
+        }
+    }
+    out.push(trigger_function(shape, policy, &added, &base, &names));
+    out.push(format!(
+        "CREATE TRIGGER cmk_write INSTEAD OF INSERT OR UPDATE OR DELETE ON {view} \
+         FOR EACH ROW EXECUTE FUNCTION {}()",
+        shape.relation(&names.function)
+    ));
+    for (grantee, privilege) in &shape.grants {
+        let grantee = if grantee == "PUBLIC" {
+            "PUBLIC".to_owned()
+        } else {
+            quote_ident(grantee)
+        };
+        out.push(format!("GRANT {privilege} ON {view} TO {grantee}"));
+    }
+    out.push(format!(
+        "INSERT INTO cmk.adoptions (table_name, phase, view_oid, base_oid, base_name) \
+         VALUES ({}, 'prepared', {}::regclass::oid, {}, {})",
+        quote_literal(table),
+        quote_literal(&view),
+        shape.oid,
+        quote_literal(&names.base)
+    ));
+    out
+}
+
+/// The INSTEAD OF trigger of the view: writes go to the real table, cells
+/// to the shadow columns, anything else to the legacy columns (to be sealed
+/// by the converter); an UPDATE changes only the columns whose new value
+/// differs from the one it read, against the row's latest version.
+fn trigger_function(
+    shape: &TableShape,
+    policy: &TablePolicy,
+    added: &[String],
+    base: &str,
+    names: &Names,
+) -> String {
+    let columns = shown(shape, policy, added);
+    let writable: Vec<&Shown<'_>> = columns.iter().filter(|c| !c.generated).collect();
+    let q = |name: &str| quote_ident(name);
+    let envelope_new = |c: &str| is_envelope(&format!("NEW.{}", q(c)));
+    let legacy_new = |c: &str, ty: &str| format!("convert_from(NEW.{}, 'UTF8')::{ty}", q(c));
+
+    let mut insert_columns = Vec::new();
+    let mut insert_values = Vec::new();
+    let mut sets = Vec::new();
+    for c in &writable {
+        let unchanged = format!("NEW.{0} IS NOT DISTINCT FROM OLD.{0}", q(c.name));
+        match c.protected {
+            Some(ty) => {
+                let shadow = q(&shadow_column(c.name));
+                insert_columns.push(shadow.clone());
+                insert_values.push(format!(
+                    "CASE WHEN {} THEN NEW.{} END",
+                    envelope_new(c.name),
+                    q(c.name)
+                ));
+                insert_columns.push(q(c.name));
+                insert_values.push(format!(
+                    "CASE WHEN NOT ({}) THEN {} END",
+                    envelope_new(c.name),
+                    legacy_new(c.name, ty)
+                ));
+                sets.push(format!(
+                    "{shadow} = CASE WHEN {unchanged} THEN b.{shadow} WHEN {} THEN NEW.{} END",
+                    envelope_new(c.name),
+                    q(c.name)
+                ));
+                sets.push(format!(
+                    "{0} = CASE WHEN {unchanged} THEN b.{0} WHEN NEW.{0} IS NULL OR {1} THEN NULL ELSE {2} END",
+                    q(c.name),
+                    envelope_new(c.name),
+                    legacy_new(c.name, ty)
+                ));
+            }
+            None if c.name == policy.edek_column => {
+                insert_columns.push(q(c.name));
+                insert_values.push(format!("NEW.{}", q(c.name)));
+                // EDEK copies are merged, never dropped.
+                sets.push(format!(
+                    "{0} = CASE WHEN {unchanged} THEN b.{0} ELSE coalesce(b.{0}, '{{}}'::jsonb) || coalesce(NEW.{0}, '{{}}'::jsonb) END",
+                    q(c.name)
+                ));
+            }
+            None => {
+                insert_columns.push(q(c.name));
+                insert_values.push(format!("NEW.{}", q(c.name)));
+                sets.push(format!(
+                    "{0} = CASE WHEN {unchanged} THEN b.{0} ELSE NEW.{0} END",
+                    q(c.name)
+                ));
+            }
+        }
+    }
+    let returning: Vec<String> = columns
+        .iter()
+        .map(|c| match c.protected {
+            Some(_) => merged(c.name),
+            None => format!("b.{}", q(c.name)),
+        })
+        .collect();
+    let into: Vec<String> = columns
+        .iter()
+        .map(|c| format!("NEW.{}", q(c.name)))
+        .collect();
+    let key: Vec<String> = shape
+        .primary_key
+        .iter()
+        .map(|k| format!("b.{0} = OLD.{0}", q(k)))
+        .collect();
+    let overriding = if shape.columns.iter().any(|c| c.identity) {
+        " OVERRIDING SYSTEM VALUE"
+    } else {
+        ""
+    };
+    format!(
+        "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $cmk$\n\
+         BEGIN\n\
+         IF TG_OP = 'INSERT' THEN\n\
+           INSERT INTO {base} AS b ({insert_columns}){overriding} VALUES ({insert_values})\n\
+             RETURNING {returning} INTO {into};\n\
+           RETURN NEW;\n\
+         ELSIF TG_OP = 'UPDATE' THEN\n\
+           UPDATE {base} AS b SET {sets} WHERE {key}\n\
+             RETURNING {returning} INTO {into};\n\
+           IF NOT FOUND THEN RETURN NULL; END IF;\n\
+           RETURN NEW;\n\
+         ELSE\n\
+           DELETE FROM {base} AS b WHERE {key};\n\
+           IF NOT FOUND THEN RETURN NULL; END IF;\n\
+           RETURN OLD;\n\
+         END IF;\n\
+         END\n\
+         $cmk$",
+        function = shape.relation(&names.function),
+        insert_columns = insert_columns.join(", "),
+        insert_values = insert_values.join(", "),
+        returning = returning.join(", "),
+        into = into.join(", "),
+        sets = sets.join(", "),
+        key = key.join(" AND "),
+    )
+}
+
+/// The swap: the real table steps aside, the view takes its name. The
+/// table is still named `name` here.
+pub fn swap(table: &str, schema_shape: &TableShape) -> Vec<String> {
+    let names = Names::of(&schema_shape.name);
+    vec![
+        format!(
+            "ALTER TABLE {} RENAME TO {}",
+            schema_shape.relation(&schema_shape.name),
+            quote_ident(&names.base)
+        ),
+        format!(
+            "ALTER VIEW {} RENAME TO {}",
+            schema_shape.relation(&names.transition_view),
+            quote_ident(&schema_shape.name)
+        ),
+        format!(
+            "UPDATE cmk.adoptions SET phase = 'converting', updated_at = now() WHERE table_name = {}",
+            quote_literal(table)
+        ),
+    ]
+}
+
+/// The CHECK that proves the legacy columns empty (added NOT VALID, then
+/// validated without blocking writes), on the real table `base`.
+pub fn no_plaintext_check(base: &str, policy: &TablePolicy) -> String {
+    let empty: Vec<String> = policy
+        .columns
+        .keys()
+        .map(|c| format!("{} IS NULL", quote_ident(c)))
+        .collect();
+    format!(
+        "ALTER TABLE {base} ADD CONSTRAINT {NO_PLAINTEXT_CHECK} CHECK ({}) NOT VALID",
+        empty.join(" AND ")
+    )
+}
+
+/// The finish: the view and its function go, the real table takes its name
+/// back, the (empty) legacy columns are dropped and the shadow columns take
+/// their names, the adoption row goes.
+pub fn finish(table: &str, schema: &str, name: &str, policy: &TablePolicy) -> Vec<String> {
+    let names = Names::of(name);
+    let rel = |n: &str| format!("{}.{}", quote_ident(schema), quote_ident(n));
+    let relation = rel(name);
+    let mut out = vec![
+        format!("DROP VIEW {relation}"),
+        format!("DROP FUNCTION {}()", rel(&names.function)),
+        format!(
+            "ALTER TABLE {} RENAME TO {}",
+            rel(&names.base),
+            quote_ident(name)
+        ),
+        format!("ALTER TABLE {relation} DROP CONSTRAINT {NO_PLAINTEXT_CHECK}"),
+    ];
+    let drops: Vec<String> = policy
+        .columns
+        .keys()
+        .map(|c| format!("DROP COLUMN {}", quote_ident(c)))
+        .collect();
+    out.push(format!("ALTER TABLE {relation} {}", drops.join(", ")));
+    for column in policy.columns.keys() {
+        out.push(format!(
+            "ALTER TABLE {relation} RENAME COLUMN {} TO {}",
+            quote_ident(&shadow_column(column)),
+            quote_ident(column)
+        ));
+    }
+    out.push(format!(
+        "DELETE FROM cmk.adoptions WHERE table_name = {}",
+        quote_literal(table)
+    ));
+    out
+}
+
+/// VALIDATE of the envelope CHECKs once the table is in its format.
+pub fn validate_envelopes(relation: &str, policy: &TablePolicy) -> Vec<String> {
+    policy
+        .columns
+        .keys()
+        .map(|c| {
+            format!(
+                "ALTER TABLE {relation} VALIDATE CONSTRAINT {}",
+                quote_ident(&constraint_name(c))
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_postgresql() {
+        let names = Names::of(&"t".repeat(70));
+        assert!(names.base.len() <= 63 && names.base.ends_with("__cmk_base"));
+        assert_eq!(
+            Names::of("patients").transition_view,
+            "patients__cmk_transition"
+        );
+    }
+}

@@ -10,6 +10,7 @@ pub mod keyring;
 pub mod keys;
 pub mod logging;
 pub mod migrate;
+pub mod reload;
 pub mod rewrap;
 pub mod serve;
 pub mod tenants;
@@ -58,6 +59,8 @@ pub enum Command {
     Keys(keys::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
+    /// Asks a running `serve` to reload its policy file (SIGHUP).
+    Reload(reload::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
     #[command(long_about = decrypt_dump::LONG_ABOUT)]
     DecryptDump(decrypt_dump::Args),
@@ -75,6 +78,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tenants(args) => tenants::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
+        Command::Reload(args) => reload::run(args),
         Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }
 }

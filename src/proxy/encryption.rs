@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
@@ -18,6 +19,7 @@ use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
 use crate::crypto::{self, CellAad};
 use crate::keys::{KeyError, KeyService, WriteKey};
+use crate::ops::metrics::{metrics, OutcomeLabel, SqlstateLabel};
 use crate::protocol::messages::{format_of, Bind};
 use crate::rewrite::{
     self, quote_literal, render_with_literals, Rejection, StatementPlan, TenantChange,
@@ -106,7 +108,9 @@ pub struct CellFailure {
 
 /// Shared encryption state of the server.
 pub struct Encryption {
-    policy: Arc<Policy>,
+    /// The policy in force (replaced by a reload, together with the
+    /// catalog map made from it).
+    policy: ArcSwap<Policy>,
     keys: KeyService,
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
@@ -144,7 +148,7 @@ impl Encryption {
         }
         let plan_cache_size = policy.server.plan_cache_size;
         let encryption = Arc::new(Self {
-            policy,
+            policy: ArcSwap::new(policy),
             keys,
             audit,
             catalog: RwLock::new(Arc::new(map)),
@@ -158,7 +162,7 @@ impl Encryption {
         // DDL that does not pass through the proxy (migrations run
         // directly, say) is seen within this interval.
         let weak = Arc::downgrade(&encryption);
-        let every = encryption.policy.server.catalog_refresh;
+        let every = encryption.policy().server.catalog_refresh;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
             ticks.tick().await;
@@ -173,9 +177,43 @@ impl Encryption {
         Ok(encryption)
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// The audit handle.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// Makes `policy` the one in force: loads the catalog map for it,
+    /// seeds its tenants, reopens the audit sinks, then installs map and
+    /// policy together and starts the plan caches over. On an error
+    /// nothing has changed. Key providers and key lifetimes stay as they
+    /// were started (they need a restart).
+    pub async fn reload(&self, policy: Arc<Policy>) -> Result<(), EncryptionError> {
+        let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
+        let client = super::admin::connect(&policy).await?;
+        let map = catalog::load_map(&client, &policy).await?;
+        for check in catalog::envelope::envelope_checks(&client, &policy).await? {
+            tracing::warn!(
+                fix = %check.fix(),
+                "{check}: PostgreSQL itself will not refuse plaintext there; run cmk-proxy migrate --config <policy>"
+            );
+        }
+        self.keys.seed_tenants(&policy).await?;
+        self.audit.reload(&policy.audit)?;
+        {
+            let mut slot = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+            self.catalog_installed.fetch_max(ticket, Ordering::AcqRel);
+            *slot = Arc::new(map);
+            self.policy.store(policy);
+        }
+        self.clear_parse_plans();
+        self.shapes.clear();
+        tracing::info!(protected_columns = self.catalog().len(), "policy reloaded");
+        Ok(())
     }
 
     /// The key service (for tests and tools).
@@ -196,15 +234,22 @@ impl Encryption {
     /// never replaces a newer one.
     pub async fn refresh_catalog(&self) {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
+        let policy = self.policy.load_full();
         let loaded = async {
-            let client = super::admin::connect(&self.policy).await.ok()?;
-            catalog::load_map(&client, &self.policy).await.ok()
+            let client = super::admin::connect(&policy).await.ok()?;
+            catalog::load_map(&client, &policy).await.ok()
         }
         .await;
+        let reloads = &metrics().catalog_reloads;
         match loaded {
             Some(map) => {
+                reloads.get_or_create(&OutcomeLabel { outcome: "ok" }).inc();
                 if let Ok(mut slot) = self.catalog.write() {
-                    if self.catalog_installed.load(Ordering::Acquire) > ticket {
+                    // A map made for a policy a reload has replaced
+                    // meanwhile is dropped, like an older load.
+                    if self.catalog_installed.load(Ordering::Acquire) > ticket
+                        || !Arc::ptr_eq(&policy, &self.policy.load())
+                    {
                         return;
                     }
                     self.catalog_installed.store(ticket, Ordering::Release);
@@ -214,7 +259,12 @@ impl Encryption {
                 self.clear_parse_plans();
                 self.shapes.clear();
             }
-            None => tracing::warn!("catalog map refresh failed; keeping the previous map"),
+            None => {
+                reloads
+                    .get_or_create(&OutcomeLabel { outcome: "error" })
+                    .inc();
+                tracing::warn!("catalog map refresh failed; keeping the previous map")
+            }
         }
     }
 
@@ -261,6 +311,7 @@ impl Encryption {
 
     /// Emits a rejection audit event.
     pub fn audit_rejection(&self, rejection: &Rejection, session: &SessionInfo<'_>) {
+        metrics().refusal(rejection.sqlstate);
         self.audit.emit(AuditEvent::Rejection {
             sqlstate: rejection.sqlstate,
             reason: rejection.message.clone(),
@@ -297,7 +348,7 @@ impl Encryption {
         if let Some(rewrite) = self.rewrite_by_shape(sql, session, &catalog).await {
             return rewrite;
         }
-        let analysis = rewrite::analyze_in(&self.policy, catalog.schema_facts(), sql, 0)?;
+        let analysis = rewrite::analyze_in(&self.policy(), catalog.schema_facts(), sql, 0)?;
         let mut out = QueryRewrite::default();
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
@@ -384,7 +435,7 @@ impl Encryption {
                 return session.tenant.map(str::to_owned).ok_or_else(|| {
                     km004(format!(
                         "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
-                        plan.table, plan.tenant_column, self.policy.tenant.session_setting
+                        plan.table, plan.tenant_column, self.policy().tenant.session_setting
                     ))
                 })
             }
@@ -567,6 +618,27 @@ impl Encryption {
         cell: &[u8],
         session_tenant: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
+        let opened = self
+            .open_cell_counted(table, column, cell, session_tenant)
+            .await;
+        if let Err(failure) = &opened {
+            metrics()
+                .decrypt_failures
+                .get_or_create(&SqlstateLabel {
+                    sqlstate: failure.sqlstate,
+                })
+                .inc();
+        }
+        opened
+    }
+
+    async fn open_cell_counted(
+        &self,
+        table: &str,
+        column: &str,
+        cell: &[u8],
+        session_tenant: Option<&str>,
+    ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
         let integrity = |tenant: Option<String>, what: &str| CellFailure {
             sqlstate: "KM005",
             message: format!("cmk-proxy: integrity failure: a cell of {table}.{column} {what}"),
@@ -574,7 +646,7 @@ impl Encryption {
         };
         if !crypto::is_envelope(cell) {
             let migrating = self
-                .policy
+                .policy()
                 .tables
                 .get(table)
                 .is_some_and(|t| t.mode == TableMode::Migrating);
@@ -609,6 +681,15 @@ impl Encryption {
                     tenant: Some(session.to_owned()),
                 });
             }
+        }
+        if self.audit.delivery_blocked(&tenant) {
+            return Err(CellFailure {
+                sqlstate: "KM007",
+                message: format!(
+                    "cmk-proxy: cannot read {table}.{column}: the audit trail of tenant '{tenant}' cannot be delivered and its spool is full; decrypts resume when delivery does (audit.on_failure: deny)"
+                ),
+                tenant: Some(tenant.to_string()),
+            });
         }
         let key = self
             .keys

@@ -990,7 +990,7 @@ fn plan_sql(
 ) -> Result<ParsePlan, Rejection> {
     let catalog = encryption.catalog();
     let analysis = rewrite::analyze_in(
-        encryption.policy(),
+        &encryption.policy(),
         catalog.schema_facts(),
         query,
         param_types.len(),
@@ -1057,7 +1057,7 @@ fn nonstandard_strings_refusal(
         return None;
     }
     let catalog = encryption.catalog();
-    rewrite::nonstandard_strings_refusal(encryption.policy(), catalog.schema_facts(), sql)
+    rewrite::nonstandard_strings_refusal(&encryption.policy(), catalog.schema_facts(), sql)
 }
 
 /// A rewritten write closed or replaced by the client (see
@@ -1282,7 +1282,7 @@ fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejecti
     let end = sql.iter().position(|b| *b == 0).unwrap_or(sql.len());
     let lossy = String::from_utf8_lossy(&sql[..end]);
     let catalog = encryption.catalog();
-    match rewrite::analyze_in(encryption.policy(), catalog.schema_facts(), &lossy, 0) {
+    match rewrite::analyze_in(&encryption.policy(), catalog.schema_facts(), &lossy, 0) {
         Ok(analysis)
             if analysis
                 .statements

@@ -33,6 +33,8 @@ mod kms_pkcs11;
 mod kms_retries;
 mod kms_vault;
 mod migrate_schema;
+mod ops_admin;
+mod ops_reload;
 mod passthrough_dev;
 mod passthrough_localpg;
 mod passthrough_logging;

@@ -3,9 +3,11 @@
 //! lines, removing a batch only once the receiver answered 2xx. Failures
 //! are retried for ever with exponential backoff and jitter; each event
 //! carries an `id`, so a batch sent again after a lost answer or a restart
-//! can be dropped by the receiver. A full spool drops new events (counted)
-//! and, with `audit.on_failure: deny`, pauses the decrypts of the tenants
-//! whose events go here (`Audit::delivery_blocked`) until it drains.
+//! can be dropped by the receiver. With `audit.on_failure: allow` a full
+//! spool drops new events (counted); with `deny` the decrypts of the
+//! tenants whose events go here stop at 90 % (`Audit::delivery_blocked`)
+//! until it drains below 50 %, and the events already emitted still go in
+//! (the spool may pass `spool_max_bytes` by at most the audit queue).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -142,7 +144,10 @@ impl Delivery {
     pub(super) fn enqueue(&self, line: &[u8]) {
         let outcome = {
             let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-            if spool.bytes().saturating_add(line.len() as u64 + 1) > self.max_bytes {
+            // With `deny`, decrypts stop at 90 % and the events already on
+            // their way (at most `audit.queue_capacity`) still go in.
+            let over = spool.bytes().saturating_add(line.len() as u64 + 1) > self.max_bytes;
+            if over && self.on_failure == AuditOnFailure::Allow {
                 Err("spool full".to_owned())
             } else {
                 let appended = spool.append(line).map_err(|e| e.to_string());

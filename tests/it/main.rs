@@ -8,6 +8,7 @@
 mod common;
 mod support;
 
+mod audit_delivery;
 mod audit_sinks;
 mod catalog_schema;
 mod citus;

@@ -6,6 +6,7 @@ pub mod decrypt_dump;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod hardening;
+pub mod health;
 pub mod keyring;
 pub mod keys;
 pub mod logging;
@@ -61,6 +62,8 @@ pub enum Command {
     Rewrap(rewrap::Args),
     /// Asks a running `serve` to reload its policy file (SIGHUP).
     Reload(reload::Args),
+    /// Asks a running proxy's admin endpoint whether it is ready (exit 0) or not.
+    Health(health::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
     #[command(long_about = decrypt_dump::LONG_ABOUT)]
     DecryptDump(decrypt_dump::Args),
@@ -79,6 +82,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(args) => keys::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
         Command::Reload(args) => reload::run(args),
+        Command::Health(args) => health::run(args).await,
         Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }
 }

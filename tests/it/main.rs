@@ -35,6 +35,7 @@ mod kms_retries;
 mod kms_vault;
 mod migrate_schema;
 mod ops_admin;
+mod ops_container;
 mod ops_reload;
 mod passthrough_dev;
 mod passthrough_localpg;

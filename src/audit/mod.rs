@@ -193,6 +193,12 @@ struct Inner {
     shared: Arc<Shared>,
 }
 
+/// Checks audit settings without starting anything (a reload checks
+/// before it changes anything).
+pub fn check_config(cfg: &AuditConfig) -> Result<(), AuditError> {
+    sink::check(&cfg.sink)
+}
+
 /// Handle to the audit writer: cheap to clone, never blocks the data path.
 #[derive(Clone)]
 pub struct Audit {

@@ -142,6 +142,7 @@ impl Reloader {
                 "changed in the policy file; takes effect at the next restart"
             );
         }
+        keep_restart_only(&current, &mut policy);
         let policy = Arc::new(policy);
         if let Some(encryption) = &self.ctx.encryption {
             encryption.reload(policy.clone()).await?;
@@ -159,6 +160,24 @@ impl Reloader {
         );
         Ok(())
     }
+}
+
+/// Keeps the running values of the settings a reload cannot apply, so the
+/// policy in force says what the server does (the registry connection
+/// goes on using the running upstream, say).
+fn keep_restart_only(current: &Policy, new: &mut Policy) {
+    new.listen = current.listen;
+    new.upstream.clone_from(&current.upstream);
+    new.tls.upstream = current.tls.upstream.clone();
+    new.keys = current.keys.clone();
+    new.auth = current.auth.clone();
+    new.admin = current.admin.clone();
+    new.audit.queue_capacity = current.audit.queue_capacity;
+    new.server.worker_threads = current.server.worker_threads;
+    new.server.connect_timeout = current.server.connect_timeout;
+    new.server.log_format = current.server.log_format;
+    new.server.catalog_refresh = current.server.catalog_refresh;
+    new.server.plan_cache_size = current.server.plan_cache_size;
 }
 
 /// Settings a reload reads but cannot apply to a running server.

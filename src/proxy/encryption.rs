@@ -202,6 +202,7 @@ impl Encryption {
                 "{check}: PostgreSQL itself will not refuse plaintext there; run cmk-proxy migrate --config <policy>"
             );
         }
+        crate::audit::check_config(&policy.audit)?;
         self.keys.seed_tenants(&policy).await?;
         self.audit.reload(&policy.audit)?;
         {

@@ -124,6 +124,9 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     metrics().set_tenant_labels(policy.metrics.tenant_labels);
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    // Listened to from here on: SIGHUP's default action would end the
+    // process while it starts.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let ctx = Arc::new(ServerContext::new(Arc::new(policy), shutdown.clone()).await?);
     let source = PolicySource {
         config: args.config.clone(),
@@ -135,7 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         source,
         Box::new(prepare_log_level),
     ));
-    spawn_reload_on_sighup(reloader.clone(), shutdown.clone())?;
+    spawn_reload_on_sighup(hangups, reloader.clone(), shutdown.clone());
     if let Some(admin_listener) = admin_listener {
         if let Ok(address) = admin_listener.local_addr() {
             tracing::info!(%address, "admin endpoint listening (/metrics, /healthz, /readyz, POST /reload)");
@@ -154,11 +157,10 @@ fn prepare_log_level(level: Option<&str>) -> Result<ApplyLogLevel, String> {
 
 /// Reloads the configuration on every SIGHUP until shutdown.
 fn spawn_reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
     reloader: Arc<Reloader>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
+) {
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -174,7 +176,6 @@ fn spawn_reload_on_sighup(
             }
         }
     });
-    Ok(())
 }
 
 /// The pid file of `--pid-file`, removed when dropped.

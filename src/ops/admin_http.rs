@@ -21,9 +21,12 @@ use super::reload::Reloader;
 
 /// How long one admin connection may stay open (scrapes are short).
 const CONNECTION_LIMIT: Duration = Duration::from_secs(30);
+/// Admin connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Serves the admin endpoint until `shutdown` fires.
 pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -37,8 +40,13 @@ pub async fn serve(listener: TcpListener, reloader: Arc<Reloader>, shutdown: Can
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("admin endpoint: too many connections; one closed");
+            continue;
+        };
         let reloader = reloader.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let reloader = reloader.clone();
                 async move { Ok::<_, Infallible>(route(req, &reloader).await) }

@@ -227,3 +227,35 @@ fn restart_only_changes(old: &Policy, new: &Policy) -> Vec<&'static str> {
     }
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_policy;
+
+    #[test]
+    fn restart_only_settings_are_named_and_keep_their_running_values() {
+        let running = parse_policy(
+            "listen: 127.0.0.1:6432\nupstream: postgres://a@10.0.0.1:5432/app\nserver:\n  worker_threads: 2\n",
+            "running",
+        )
+        .unwrap();
+        let mut new = parse_policy(
+            "listen: 127.0.0.1:7000\nupstream: postgres://a@10.0.0.2:5432/app\nserver:\n  worker_threads: 4\n  log_level: debug\n",
+            "new",
+        )
+        .unwrap();
+        assert_eq!(
+            restart_only_changes(&running, &new),
+            ["listen", "upstream", "server.worker_threads"]
+        );
+        keep_restart_only(&running, &mut new);
+        assert!(restart_only_changes(&running, &new).is_empty());
+        assert_eq!(new.upstream, "postgres://a@10.0.0.1:5432/app");
+        assert_eq!(
+            new.server.log_level.as_deref(),
+            Some("debug"),
+            "reloadable settings are taken"
+        );
+    }
+}

@@ -1,6 +1,8 @@
 //! Audit events and sinks (DESIGN section 8): a cheap `Audit` handle that
 //! never blocks the data path, a bounded queue, and one writer thread that
-//! writes JSON lines to stdout, files, per-tenant files or HTTP endpoints.
+//! writes JSON lines (each with an event id) to stdout, files and per-tenant
+//! files, and queues them for HTTP endpoints, which `http` delivers from a
+//! bounded spool (`spool`) with retries.
 
 mod http;
 mod sink;
@@ -219,7 +221,7 @@ const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Audit {
     /// Starts the writer (a dedicated thread, so file writes never stall
-    /// the runtime; HTTP POSTs run as tasks on the current tokio runtime).
+    /// the runtime; HTTP deliveries run as tasks on the current tokio runtime).
     pub fn start(cfg: &AuditConfig) -> Result<Audit, AuditError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| AuditError::NoRuntime)?;
         if cfg.queue_capacity == 0 {
@@ -301,14 +303,15 @@ impl Audit {
         };
     }
 
-    /// Events lost to back-pressure (full queue, too many HTTP POSTs in flight).
+    /// Events lost: full queue, or a full HTTP spool with `on_failure: allow`.
     pub fn dropped(&self) -> u64 {
         self.inner
             .as_ref()
             .map_or(0, |i| i.shared.dropped.load(Ordering::Relaxed))
     }
 
-    /// Sink writes that failed (I/O errors, HTTP errors and timeouts).
+    /// Sink writes that failed (I/O errors; HTTP errors and timeouts, each
+    /// retried).
     pub fn failed(&self) -> u64 {
         self.inner
             .as_ref()

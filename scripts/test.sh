@@ -26,6 +26,17 @@ fi
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
+# No Docker engine here: check the compose file where a client can read it.
+if docker compose version >/dev/null 2>&1; then
+    echo "== docker compose config"
+    docker compose config -q
+elif command -v docker-compose >/dev/null 2>&1; then
+    echo "== docker-compose config"
+    docker-compose config -q
+else
+    echo "== docker compose: no client with compose here; docker-compose.yml is checked by tests/it/ops_container.rs only"
+fi
+
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod kms;
 #[cfg(feature = "dev")]
 pub mod localpg;
+pub mod ops;
 pub mod protocol;
 pub mod proxy;
 pub mod rewrite;

@@ -22,6 +22,10 @@
 # written to integration/bench/profile-encrypted.txt; PROFILE_DATA=FILE also
 # keeps perf.data there),
 # CMK_PROXY_BIN (default target/release/cmk-proxy, built if needed),
+# METRICS (1: the encrypting proxy serves admin.listen and /metrics is
+# scraped every second during the run, as a Prometheus would, only faster),
+# RELOADS (N > 0: N configuration reloads, POST /reload, spread over each
+# encrypted round; the run fails if pgbench reports a failed transaction),
 # CITUS (1: a Citus coordinator and two workers on loopback instead of one
 # PostgreSQL, items distributed by tenant_id, the read by tenant and primary
 # key, citus.enable_router_execution off and plan_cache_mode
@@ -41,6 +45,8 @@ PROTOCOL="${PROTOCOL:-simple}"
 PASSTHROUGH="${PASSTHROUGH:-1}"
 PROFILE="${PROFILE:-0}"
 CITUS="${CITUS:-0}"
+METRICS="${METRICS:-0}"
+RELOADS="${RELOADS:-0}"
 PROFILE_OUT="$REPO/integration/bench/profile-encrypted.txt"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 RESULTS="${RESULTS:-$REPO/integration/bench/results-encrypted.md}"
@@ -215,6 +221,10 @@ EOF
     for i in $(seq 1 "$TENANTS"); do
         printf '  tenant_%d: {provider: local, key: tenant_%d}\n' "$i" "$i"
     done
+    if [ "$METRICS" = 1 ] || [ "$RELOADS" -gt 0 ]; then
+        ADMIN_PORT="$(free_port)"
+        printf 'admin: {listen: 127.0.0.1:%d}\n' "$ADMIN_PORT"
+    fi
 } >"$WORK/policy.yaml"
 "$PROXY_BIN" check-config "$WORK/policy.yaml" >/dev/null || die "policy invalid: $("$PROXY_BIN" check-config "$WORK/policy.yaml" 2>&1)"
 
@@ -253,6 +263,32 @@ RUST_LOG=warn "$PROXY_BIN" serve --config "$WORK/policy.yaml" --listen "127.0.0.
 PROXY_PID=$!
 PIDS+=("$PROXY_PID")
 wait_ready "$PROXY_PORT" enc cmk-proxy
+if [ "$METRICS" = 1 ]; then
+    # Scrapes until the proxy ends; each scrape must parse as a response.
+    (while kill -0 "$PROXY_PID" 2>/dev/null; do
+        curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" >/dev/null || true
+        sleep 1
+    done) &
+    PIDS+=("$!")
+fi
+RELOADS_OK=0
+# Reloads the encrypting proxy RELOADS times over one round, alternating
+# two versions of its policy (a tenant seed added and taken away again);
+# prints how many were applied.
+reload_during_round() {
+    local i ok=0 pause
+    pause="$(awk -v s="$BENCH_SECONDS" -v n="$RELOADS" 'BEGIN { printf "%.2f", s / (n + 1) }')"
+    cp "$WORK/policy.yaml" "$WORK/policy-a.yaml"
+    { cat "$WORK/policy-a.yaml"; printf '# reload probe\n'; } >"$WORK/policy-b.yaml"
+    sed -i 's/^tenants:$/tenants:\n  reload_probe: {provider: local, key: tenant_1}/' "$WORK/policy-b.yaml"
+    for i in $(seq 1 "$RELOADS"); do
+        sleep "$pause"
+        if [ $((i % 2)) = 1 ]; then cp "$WORK/policy-b.yaml" "$WORK/policy.yaml"; else cp "$WORK/policy-a.yaml" "$WORK/policy.yaml"; fi
+        curl -sf -X POST "http://127.0.0.1:$ADMIN_PORT/reload" >/dev/null && ok=$((ok + 1))
+    done
+    cp "$WORK/policy-a.yaml" "$WORK/policy.yaml"
+    echo "$ok"
+}
 
 # ---- cmk-proxy as a passthrough in front of plain (no policy tables) -------------
 if [ "$PASSTHROUGH" = 1 ]; then
@@ -340,6 +376,11 @@ for r in $(seq 1 "$ROUNDS"); do
                 PERF_PID=$!
             fi
         fi
+        RELOADER_PID=""
+        if [ "$t" = cmk-proxy ] && [ "$RELOADS" -gt 0 ]; then
+            reload_during_round >"$WORK/reloads-$r.txt" &
+            RELOADER_PID=$!
+        fi
         if ! pgbench -n -f "$SCRIPT" -M "$PROTOCOL" -c "$CLIENTS" -j "$THREADS" -T "$BENCH_SECONDS" \
             -l --log-prefix="$WORK/lat-$t/r$r" \
             -h 127.0.0.1 -p "${PORT[$t]}" -U postgres "${DB[$t]}" >"$out" 2>&1; then
@@ -350,6 +391,10 @@ for r in $(seq 1 "$ROUNDS"); do
             die "pgbench against $t failed (output above)"
         fi
         ended="$(date +%s.%N)"
+        if [ -n "$RELOADER_PID" ]; then
+            wait "$RELOADER_PID"
+            RELOADS_OK=$((RELOADS_OK + $(cat "$WORK/reloads-$r.txt")))
+        fi
         sleep 0.3 # the backends of the round end and are reaped (their CPU moves to the postmaster)
         HOP_TICKS[$t]=$(( ${HOP_TICKS[$t]:-0} + $(cpu_ticks "${HOP_PID[$t]}") - ticks_before ))
         PG_TICKS[$t]=$(( ${PG_TICKS[$t]:-0} + $(pg_ticks) - pg_before ))
@@ -508,6 +553,7 @@ KMS_TABLE="| measure | value |
 | rows inserted through cmk-proxy (database enc) / into database plain (PgBouncer$([ "$PASSTHROUGH" = 1 ] && echo " + passthrough" || true)) | $ROWS_ENC / $ROWS_PLAIN |
 | rows with a protected cell not in the CMK envelope, or without EDEK | $NOT_ENCRYPTED |
 | proxy runtime: first proxy round start → last proxy round end (s) / of it under load (s) | $PROXY_RUNTIME / $PROXY_ACTIVE |
+| admin endpoint scraped every second (METRICS) / configuration reloads applied under load (RELOADS per round) | $METRICS / $RELOADS_OK |
 | KMS calls, total (audit \`kms_call\` events) | $KMS_TOTAL |
 | — wrap / unwrap / check | $KMS_WRAP / $KMS_UNWRAP / $KMS_CHECK |
 | — tenants with a KMS call / calls not \`ok\` | $KMS_TENANTS / $KMS_NOT_OK |

@@ -1,23 +1,25 @@
 //! Audit events and sinks (DESIGN section 8): a cheap `Audit` handle that
 //! never blocks the data path, a bounded queue, and one writer thread that
-//! writes JSON lines to stdout, files, per-tenant files or HTTP endpoints.
+//! writes JSON lines (each with an event id) to stdout, files and per-tenant
+//! files, and queues them for HTTP endpoints, which `http` delivers from a
+//! bounded spool (`spool`) with retries.
 
+mod http;
 mod sink;
+pub mod spool;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{AuditConfig, AuditSink};
+use crate::config::{AuditConfig, AuditOnFailure, AuditSink};
+use crate::ops::metrics::{metrics, SinkLabel};
 
-/// Most HTTP POSTs in flight at once; beyond that events for HTTP sinks are
-/// dropped (and counted) rather than queued behind a slow endpoint.
-const MAX_HTTP_IN_FLIGHT: usize = 256;
 /// At most one "events dropped" warning per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -117,6 +119,9 @@ pub enum AuditError {
 enum Msg {
     Event(DateTime<Utc>, AuditEvent),
     Flush(oneshot::Sender<()>),
+    /// Flush and close every file, then write to this main sink (files are
+    /// opened again at their next event, so a rotated file is followed).
+    Reopen(AuditSink, AuditOnFailure),
 }
 
 /// State shared by the handles and the writer.
@@ -127,13 +132,21 @@ struct Shared {
     last_warn: AtomicU64,
     epoch: Instant,
     tenant_sinks: RwLock<HashMap<String, AuditSink>>,
-    http_slots: Arc<Semaphore>,
-    http_capacity: u32,
+    /// HTTP deliveries by `http::delivery_key`.
+    deliveries: RwLock<HashMap<String, Arc<http::Delivery>>>,
+    /// Delivery key of the main sink, if it is an HTTP sink.
+    main_key: RwLock<Option<String>>,
+    /// Deliveries pausing decrypts now (`on_failure: deny`, spool full).
+    blocked: AtomicUsize,
 }
 
 impl Shared {
     /// Counts a dropped event and warns at most once per interval.
-    fn count_drop(&self, why: &'static str) {
+    fn count_drop(&self, sink: &'static str, why: &'static str) {
+        metrics()
+            .audit_dropped
+            .get_or_create(&SinkLabel { sink })
+            .inc();
         let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         if self.may_warn() {
             tracing::warn!(dropped = total, why, "audit events dropped");
@@ -146,6 +159,23 @@ impl Shared {
         if self.may_warn() {
             tracing::warn!(failed = total, sink, error, "audit sink write failed");
         }
+    }
+
+    /// A delivery paused (`true`) or resumed decrypts.
+    fn blocked_changed(&self, blocked: bool) {
+        if blocked {
+            self.blocked.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.blocked.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    fn delivery(&self, key: &str) -> Option<Arc<http::Delivery>> {
+        self.deliveries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
     }
 
     fn may_warn(&self) -> bool {
@@ -163,6 +193,12 @@ impl Shared {
 struct Inner {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+}
+
+/// Checks audit settings without starting anything (a reload checks
+/// before it changes anything).
+pub fn check_config(cfg: &AuditConfig) -> Result<(), AuditError> {
+    sink::check(&cfg.sink)
 }
 
 /// Handle to the audit writer: cheap to clone, never blocks the data path.
@@ -185,7 +221,7 @@ const BATCH_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
 
 impl Audit {
     /// Starts the writer (a dedicated thread, so file writes never stall
-    /// the runtime; HTTP POSTs run as tasks on the current tokio runtime).
+    /// the runtime; HTTP deliveries run as tasks on the current tokio runtime).
     pub fn start(cfg: &AuditConfig) -> Result<Audit, AuditError> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| AuditError::NoRuntime)?;
         if cfg.queue_capacity == 0 {
@@ -193,17 +229,22 @@ impl Audit {
                 "audit.queue_capacity must be at least 1".to_owned(),
             ));
         }
-        let http_capacity = cfg.queue_capacity.clamp(1, MAX_HTTP_IN_FLIGHT);
         let shared = Arc::new(Shared {
             dropped: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             last_warn: AtomicU64::new(0),
             epoch: Instant::now(),
             tenant_sinks: RwLock::new(HashMap::new()),
-            http_slots: Arc::new(Semaphore::new(http_capacity)),
-            http_capacity: u32::try_from(http_capacity).unwrap_or(1),
+            deliveries: RwLock::new(HashMap::new()),
+            main_key: RwLock::new(None),
+            blocked: AtomicUsize::new(0),
         });
-        let mut writer = sink::Writer::new(cfg.sink.clone(), Arc::clone(&shared), handle)?;
+        let mut writer = sink::Writer::new(
+            cfg.sink.clone(),
+            cfg.on_failure,
+            Arc::clone(&shared),
+            handle,
+        )?;
         let (tx, mut rx) = mpsc::channel(cfg.queue_capacity);
         std::thread::Builder::new()
             .name("cmk-audit".to_owned())
@@ -244,7 +285,7 @@ impl Audit {
     pub fn emit(&self, event: AuditEvent) {
         let Some(inner) = &self.inner else { return };
         if inner.tx.try_send(Msg::Event(Utc::now(), event)).is_err() {
-            inner.shared.count_drop("queue full");
+            inner.shared.count_drop("queue", "queue full");
         }
     }
 
@@ -262,22 +303,66 @@ impl Audit {
         };
     }
 
-    /// Events lost to back-pressure (full queue, too many HTTP POSTs in flight).
+    /// Events lost: full queue, or a full HTTP spool with `on_failure: allow`.
     pub fn dropped(&self) -> u64 {
         self.inner
             .as_ref()
             .map_or(0, |i| i.shared.dropped.load(Ordering::Relaxed))
     }
 
-    /// Sink writes that failed (I/O errors, HTTP errors and timeouts).
+    /// Sink writes that failed (I/O errors; HTTP errors and timeouts, each
+    /// retried).
     pub fn failed(&self) -> u64 {
         self.inner
             .as_ref()
             .map_or(0, |i| i.shared.failed.load(Ordering::Relaxed))
     }
 
-    /// Waits until every event queued before this call is written (files
-    /// flushed, HTTP POSTs answered or timed out).
+    /// Reopens the sinks after a configuration reload: files are closed
+    /// and opened again by path (logrotate), and `cfg.sink` becomes the
+    /// main sink. The queue capacity stays as started.
+    pub fn reload(&self, cfg: &AuditConfig) -> Result<(), AuditError> {
+        let Some(inner) = &self.inner else {
+            return Ok(());
+        };
+        sink::check(&cfg.sink)?;
+        inner
+            .tx
+            .try_send(Msg::Reopen(cfg.sink.clone(), cfg.on_failure))
+            .map_err(|_| AuditError::Io("the audit queue is full; reload again".to_owned()))
+    }
+
+    /// Whether decrypts of `tenant` are paused because an HTTP sink its
+    /// events go to has a full spool (`audit.on_failure: deny`).
+    pub fn delivery_blocked(&self, tenant: &str) -> bool {
+        let Some(inner) = &self.inner else {
+            return false;
+        };
+        let shared = &inner.shared;
+        if shared.blocked.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let main = shared
+            .main_key
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let own = shared
+            .tenant_sinks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant)
+            .and_then(http::delivery_key);
+        [main, own]
+            .into_iter()
+            .flatten()
+            .any(|key| shared.delivery(&key).is_some_and(|d| d.blocked()))
+    }
+
+    /// Waits until every event queued before this call is written: files
+    /// flushed, and each HTTP sink's spool delivered or one delivery
+    /// attempt made after this call (a receiver that is down does not hold
+    /// the caller for longer than one POST).
     pub async fn flush(&self) {
         let Some(inner) = &self.inner else { return };
         let (done_tx, done_rx) = oneshot::channel();
@@ -285,11 +370,18 @@ impl Audit {
             return;
         }
         let _ = done_rx.await;
-        // Holding every slot at once means every POST started so far ended.
-        let _all = inner
+        let deliveries: Vec<Arc<http::Delivery>> = inner
             .shared
-            .http_slots
-            .acquire_many(inner.shared.http_capacity)
-            .await;
+            .deliveries
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for delivery in deliveries {
+            let mut progress = delivery.progress();
+            let start = progress.borrow().attempts;
+            let _ = progress.wait_for(|p| p.empty || p.attempts > start).await;
+        }
     }
 }

@@ -7,23 +7,23 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
-use super::{AuditError, AuditEvent, Msg, Shared};
-use crate::config::AuditSink;
+use super::{http, AuditError, AuditEvent, Msg, Shared};
+use crate::config::{AuditOnFailure, AuditSink};
+use crate::ops::metrics::{metrics, SinkLabel};
 
-/// Whole-request timeout of one HTTP POST.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(2);
-const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// File of events without a tenant in a `tenant-files` directory; tenant
 /// names never produce a leading dot (see [`tenant_file_name`]).
 const NO_TENANT_FILE: &str = ".no-tenant.jsonl";
 
 #[derive(Serialize)]
 struct Line<'a> {
+    /// Unique per event (the same in every sink it goes to), so a receiver
+    /// can drop a batch it sees again after a retry.
+    id: uuid::Uuid,
     ts: String,
     #[serde(flatten)]
     event: &'a AuditEvent,
@@ -31,6 +31,7 @@ struct Line<'a> {
 
 pub(super) struct Writer {
     main: AuditSink,
+    on_failure: AuditOnFailure,
     shared: Arc<Shared>,
     runtime: tokio::runtime::Handle,
     http: reqwest::Client,
@@ -40,39 +41,58 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn new(
         main: AuditSink,
+        on_failure: AuditOnFailure,
         shared: Arc<Shared>,
         runtime: tokio::runtime::Handle,
     ) -> Result<Writer, AuditError> {
-        let http = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .connect_timeout(HTTP_CONNECT_TIMEOUT)
-            .build()
-            .map_err(|e| AuditError::Config(format!("HTTP client: {e}")))?;
         let mut writer = Writer {
             main,
+            on_failure,
             shared,
             runtime,
-            http,
+            http: http::client()?,
             files: HashMap::new(),
         };
         // Fail at start-up, not at the first event, on an unusable main sink.
-        match writer.main.clone() {
-            AuditSink::File { path } => {
-                writer
-                    .file(&path)
-                    .map_err(|e| AuditError::Io(format!("cannot open {}: {e}", path.display())))?;
-            }
-            AuditSink::TenantFiles { dir } => {
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| AuditError::Io(format!("cannot create {}: {e}", dir.display())))?;
-            }
-            AuditSink::Http { url } => {
-                reqwest::Url::parse(&url)
-                    .map_err(|e| AuditError::Config(format!("audit sink url {url:?}: {e}")))?;
-            }
-            AuditSink::None | AuditSink::Stdout => {}
-        }
+        check(&writer.main)?;
+        writer.set_main(writer.main.clone())?;
         Ok(writer)
+    }
+
+    /// Makes `main` the main sink, starting its HTTP delivery if it has none.
+    fn set_main(&mut self, main: AuditSink) -> Result<(), AuditError> {
+        if http::delivery_key(&main).is_some() {
+            self.delivery(&main)?;
+        }
+        *self
+            .shared
+            .main_key
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = http::delivery_key(&main);
+        self.main = main;
+        Ok(())
+    }
+
+    /// The delivery of an HTTP sink, started at its first use.
+    fn delivery(&mut self, sink: &AuditSink) -> Result<Arc<http::Delivery>, AuditError> {
+        let key = http::delivery_key(sink)
+            .ok_or_else(|| AuditError::Config("not an HTTP sink".to_owned()))?;
+        if let Some(found) = self.shared.delivery(&key) {
+            return Ok(found);
+        }
+        let delivery = http::Delivery::start(
+            sink,
+            self.on_failure,
+            &self.shared,
+            self.http.clone(),
+            &self.runtime,
+        )?;
+        self.shared
+            .deliveries
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Arc::clone(&delivery));
+        Ok(delivery)
     }
 
     pub(super) fn handle(&mut self, msg: Msg) {
@@ -82,11 +102,21 @@ impl Writer {
                 self.flush_files();
                 let _ = done.send(());
             }
+            Msg::Reopen(main, on_failure) => {
+                self.flush_files();
+                self.files.clear();
+                self.on_failure = on_failure;
+                if let Err(e) = self.set_main(main) {
+                    self.shared.count_failure("audit reload", &e.to_string());
+                }
+                tracing::info!("audit sinks reopened");
+            }
         }
     }
 
     fn write_event(&mut self, at: DateTime<Utc>, event: &AuditEvent) {
         let line = Line {
+            id: uuid::Uuid::new_v4(),
             ts: at.to_rfc3339_opts(SecondsFormat::Micros, true),
             event,
         };
@@ -114,6 +144,12 @@ impl Writer {
     }
 
     fn write_to(&mut self, sink: &AuditSink, tenant: Option<&str>, line: &[u8]) {
+        if !matches!(sink, AuditSink::None) {
+            metrics()
+                .audit_emitted
+                .get_or_create(&SinkLabel { sink: kind(sink) })
+                .inc();
+        }
         match sink {
             AuditSink::None => {}
             AuditSink::Stdout => {
@@ -126,7 +162,14 @@ impl Writer {
                 let name = tenant.map_or_else(|| NO_TENANT_FILE.to_owned(), tenant_file_name);
                 self.append(&dir.join(name), line);
             }
-            AuditSink::Http { url } => self.post(url, line),
+            AuditSink::Http { .. } => match self.delivery(sink) {
+                Ok(delivery) => delivery.enqueue(&line[..line.len().saturating_sub(1)]),
+                Err(e) => {
+                    self.shared
+                        .count_drop("http", "HTTP sink spool cannot open");
+                    self.shared.count_failure("audit spool", &e.to_string());
+                }
+            },
         }
     }
 
@@ -160,27 +203,6 @@ impl Writer {
             .ok_or_else(|| std::io::Error::other("audit file vanished"))
     }
 
-    fn post(&mut self, url: &str, line: &[u8]) {
-        let Ok(permit) = Arc::clone(&self.shared.http_slots).try_acquire_owned() else {
-            self.shared.count_drop("too many HTTP posts in flight");
-            return;
-        };
-        let request = self
-            .http
-            .post(url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(line[..line.len().saturating_sub(1)].to_vec());
-        let shared = Arc::clone(&self.shared);
-        let url = url.to_owned();
-        self.runtime.spawn(async move {
-            let outcome = request.send().await.and_then(|r| r.error_for_status());
-            if let Err(e) = outcome {
-                shared.count_failure(&url, &e.to_string());
-            }
-            drop(permit);
-        });
-    }
-
     pub(super) fn flush_files(&mut self) {
         let mut failures = Vec::new();
         for (path, file) in &mut self.files {
@@ -194,6 +216,61 @@ impl Writer {
                 .count_failure(&path.display().to_string(), &error);
         }
     }
+}
+
+/// The sink's kind, as its metrics label.
+pub(super) fn kind(sink: &AuditSink) -> &'static str {
+    match sink {
+        AuditSink::None => "none",
+        AuditSink::Stdout => "stdout",
+        AuditSink::File { .. } => "file",
+        AuditSink::TenantFiles { .. } => "tenant-files",
+        AuditSink::Http { .. } => "http",
+    }
+}
+
+/// Fails on a main sink that cannot be used: a file that cannot be
+/// opened for appending, a directory that cannot be created, a bad URL.
+pub(super) fn check(sink: &AuditSink) -> Result<(), AuditError> {
+    match sink {
+        AuditSink::File { path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| AuditError::Io(format!("cannot create {}: {e}", dir.display())))?;
+            }
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o640)
+                .open(path)
+                .map_err(|e| AuditError::Io(format!("cannot open {}: {e}", path.display())))?;
+        }
+        AuditSink::TenantFiles { dir } => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| AuditError::Io(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        AuditSink::Http {
+            url,
+            spool_dir,
+            batch_size,
+            ..
+        } => {
+            if *batch_size == Some(0) {
+                return Err(AuditError::Config(
+                    "audit http sink: batch_size must be at least 1".to_owned(),
+                ));
+            }
+            if let Some(dir) = spool_dir {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    AuditError::Io(format!("cannot create spool_dir {}: {e}", dir.display()))
+                })?;
+            }
+            reqwest::Url::parse(url)
+                .map_err(|e| AuditError::Config(format!("audit sink url {url:?}: {e}")))?;
+        }
+        AuditSink::None | AuditSink::Stdout => {}
+    }
+    Ok(())
 }
 
 /// `<tenant>.jsonl` with every byte outside `[A-Za-z0-9_-]` (and any dot)
@@ -240,6 +317,7 @@ mod tests {
             detail: "epoch 1".into(),
         };
         let line = Line {
+            id: uuid::Uuid::nil(),
             ts: "2026-01-01T00:00:00.000000Z".into(),
             event: &event,
         };

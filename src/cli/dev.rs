@@ -30,7 +30,10 @@ pub struct Args {
 
 /// Runs the subcommand.
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    super::logging::init(LogFormat::Human);
+    super::logging::init(
+        LogFormat::Human,
+        super::logging::filter(None).unwrap_or_default(),
+    );
     // Ctrl-C is handled from the start, so it always stops both cleanly
     // (a signal during start-up makes the proxy stop at once).
     let shutdown = CancellationToken::new();

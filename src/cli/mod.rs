@@ -7,11 +7,13 @@ pub mod decrypt_dump;
 pub mod dev;
 pub mod encrypt;
 pub mod hardening;
+pub mod health;
 pub mod keyring;
 pub mod keys;
 pub mod logging;
 pub mod migrate;
 pub mod reencrypt;
+pub mod reload;
 pub mod rewrap;
 pub mod serve;
 pub mod tenants;
@@ -64,6 +66,10 @@ pub enum Command {
     Reencrypt(reencrypt::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
     Rewrap(rewrap::Args),
+    /// Asks a running `serve` to reload its policy file (SIGHUP).
+    Reload(reload::Args),
+    /// Asks a running proxy's admin endpoint whether it is ready (exit 0) or not.
+    Health(health::Args),
     /// Decrypt the protected columns of a plain pg_dump offline, with the tenants' keys only.
     #[command(long_about = decrypt_dump::LONG_ABOUT)]
     DecryptDump(decrypt_dump::Args),
@@ -83,6 +89,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Encrypt(args) => encrypt::run(args).await,
         Command::Reencrypt(args) => reencrypt::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
+        Command::Reload(args) => reload::run(args),
+        Command::Health(args) => health::run(args).await,
         Command::DecryptDump(args) => decrypt_dump::run(args).await,
     }
 }

@@ -30,7 +30,10 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };
-    super::logging::init(policy.server.log_format);
+    super::logging::init(
+        policy.server.log_format,
+        super::logging::filter(policy.server.log_level.as_deref()).unwrap_or_default(),
+    );
     let mut client = service.registry().connect_dedicated().await?;
     let tables: Vec<String> = match &args.table {
         Some(t) => vec![t.clone()],

@@ -44,6 +44,32 @@ pub struct Policy {
     /// Client authentication.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The operator's HTTP endpoint: metrics, health, readiness, reload.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// What the metrics show.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `POST
+/// /reload`). Off unless `listen` is set; it has no authentication, so
+/// bind it to a loopback or private address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin endpoint, e.g. `127.0.0.1:9187`.
+    pub listen: Option<SocketAddr>,
+}
+
+/// Metrics settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Label tenant-level series with the tenant id (one series per tenant
+    /// in each such family); off: every tenant counts under `all`.
+    #[serde(default)]
+    pub tenant_labels: bool,
 }
 
 /// Client authentication. The proxy relays authentication to PostgreSQL;
@@ -265,6 +291,11 @@ pub struct AuditConfig {
     /// Capacity of the in-memory queue in front of the sinks.
     #[serde(default = "defaults::audit_queue")]
     pub queue_capacity: usize,
+    /// What happens when an HTTP sink's spool is full: `deny` (decrypts of
+    /// the tenants whose events go there stop with KM007 until delivery
+    /// resumes) or `allow` (events are dropped and counted).
+    #[serde(default)]
+    pub on_failure: AuditOnFailure,
 }
 
 impl Default for AuditConfig {
@@ -272,8 +303,20 @@ impl Default for AuditConfig {
         Self {
             sink: AuditSink::default(),
             queue_capacity: defaults::audit_queue(),
+            on_failure: AuditOnFailure::default(),
         }
     }
+}
+
+/// What a full HTTP audit spool does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditOnFailure {
+    /// Fail closed: the tenants' decrypts stop until delivery resumes.
+    #[default]
+    Deny,
+    /// Keep serving: events that do not fit are dropped and counted.
+    Allow,
 }
 
 /// Where audit events are written.
@@ -295,10 +338,22 @@ pub enum AuditSink {
         /// Directory of the per-tenant files.
         dir: PathBuf,
     },
-    /// POST each event as JSON to an HTTP endpoint.
+    /// POST events to an HTTP endpoint: batches of JSON lines (one event:
+    /// one JSON object), retried with backoff and jitter, queued in a
+    /// bounded spool while the endpoint is down. Each event has an `id`.
     Http {
         /// Endpoint URL.
         url: String,
+        /// Most events per POST (default 100).
+        #[serde(default)]
+        batch_size: Option<usize>,
+        /// Directory of the on-disk spool (default: a spool in memory,
+        /// lost at a restart).
+        #[serde(default)]
+        spool_dir: Option<PathBuf>,
+        /// Largest spool, in bytes (default 64 MiB).
+        #[serde(default)]
+        spool_max_bytes: Option<u64>,
     },
 }
 
@@ -520,6 +575,10 @@ pub struct ServerConfig {
     /// `human` or `json` log lines.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Log filter (`RUST_LOG` syntax, e.g. `info,cmk_proxy=debug`);
+    /// unset: `RUST_LOG`, else `info`. Reloadable.
+    #[serde(default)]
+    pub log_level: Option<String>,
     /// Threads that run sessions, each with its own sessions (`None`: one
     /// per CPU). Fewer than the CPUs when PostgreSQL or the application
     /// share the machine.
@@ -559,6 +618,7 @@ impl Default for ServerConfig {
             max_message_size: defaults::max_message_size(),
             connect_timeout: defaults::connect_timeout(),
             log_format: LogFormat::Human,
+            log_level: None,
             worker_threads: None,
             catalog_refresh: defaults::catalog_refresh(),
             plan_cache_size: defaults::plan_cache_size(),
@@ -603,6 +663,12 @@ pub mod defaults {
     }
     pub(crate) fn audit_queue() -> usize {
         65_536
+    }
+    pub(crate) fn audit_batch_size() -> usize {
+        100
+    }
+    pub(crate) fn audit_spool_max_bytes() -> u64 {
+        64 << 20
     }
     pub(crate) fn session_setting() -> String {
         "cmk.tenant_id".to_owned()
@@ -651,6 +717,8 @@ impl Default for Policy {
             tables: BTreeMap::new(),
             server: ServerConfig::default(),
             auth: AuthConfig::default(),
+            admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use super::KeyError;
 use crate::crypto::{self, BlindIndexKey, CellAad, CellError, Dek};
+use crate::ops::metrics::metrics;
 
 /// Nanoseconds since the first call in this process: a monotonic clock that
 /// fits an atomic.
@@ -60,12 +61,17 @@ impl ApprovedDek {
     /// Encrypts one cell under this DEK (counted towards `dek_max_cells`).
     pub fn seal(&self, aad: &CellAad<'_>, pt: &[u8]) -> Vec<u8> {
         self.sealed.fetch_add(1, Ordering::Relaxed);
+        metrics().cells_sealed.inc();
         crypto::seal(&self.dek, self.dek_id, aad, pt)
     }
 
     /// Decrypts one cell sealed under this DEK.
     pub fn open(&self, aad: &CellAad<'_>, cell: &[u8]) -> Result<Vec<u8>, CellError> {
-        crypto::open(&self.dek, aad, cell)
+        let opened = crypto::open(&self.dek, aad, cell);
+        if opened.is_ok() {
+            metrics().cells_opened.inc();
+        }
+        opened
     }
 
     /// Cells sealed by this process under this DEK.

@@ -19,6 +19,7 @@ use crate::audit::{Audit, AuditEvent};
 use crate::config::{AuditSink, KeysConfig, Policy};
 use crate::crypto::{BlindIndexKey, Dek};
 use crate::kms::{DenialReason, Edek, KeyContext, KeyProvider, KmsError, Providers};
+use crate::ops::metrics::metrics;
 
 use super::retry::{kms_retry_delays, KMS_BACKOFF};
 /// How often the registry is asked to settle the current epoch before giving up.
@@ -209,24 +210,32 @@ impl KeyService {
             .await
             .map_err(|e| KeyError::Registry(format!("key providers: {e}")))?;
         let service = Self::from_parts(registry, providers, &policy.keys, audit);
+        service.seed_tenants(policy).await?;
+        Ok(service)
+    }
+
+    /// Adds `policy.tenants` missing from the registry and registers every
+    /// tenant's own audit sink (at start and on a configuration reload).
+    pub async fn seed_tenants(&self, policy: &Policy) -> Result<(), KeyError> {
         for (tenant, seed) in &policy.tenants {
-            if !service.inner.providers.contains_key(&seed.provider) {
+            if !self.inner.providers.contains_key(&seed.provider) {
                 return Err(KeyError::Registry(format!(
-                    "tenants.{tenant}: unknown provider '{}'",
+                    "tenants.{tenant}: unknown provider '{}' (key providers change only at a restart)",
                     seed.provider
                 )));
             }
+        }
+        for (tenant, seed) in &policy.tenants {
             let sink = seed.audit_sink.as_ref().map(sink_to_json);
-            service
-                .inner
+            self.inner
                 .registry
                 .add_tenant(tenant, &seed.provider, &seed.key, sink.as_ref())
                 .await?;
         }
-        for record in service.inner.registry.list_tenants().await? {
-            service.register_sink(&record)?;
+        for record in self.inner.registry.list_tenants().await? {
+            self.register_sink(&record)?;
         }
-        Ok(service)
+        Ok(())
     }
 
     /// Builds a service from parts (tests, tools that bring their own providers).
@@ -324,8 +333,10 @@ impl KeyService {
         edek: Option<&Edek>,
     ) -> Result<Arc<ApprovedDek>, KeyError> {
         if let Some(dek) = self.inner.cache.get(tenant, dek_id) {
+            metrics().approval_hits.inc();
             return Ok(dek);
         }
+        metrics().approval_misses.inc();
         self.inner.clone().read_key_slow(tenant, dek_id, edek).await
     }
 
@@ -337,10 +348,12 @@ impl KeyService {
             if let Some(slot) = ts.write_slot() {
                 let now = now_nanos();
                 if ts.lease.usable(now) && inner.slot_fresh(&slot, now) {
+                    metrics().approval_hits.inc();
                     return Ok(WriteKey::of(&slot));
                 }
             }
         }
+        metrics().approval_misses.inc();
         inner
             .clone()
             .write_key_slow(tenant, false)
@@ -481,7 +494,24 @@ pub(crate) fn sink_to_json(sink: &AuditSink) -> serde_json::Value {
         AuditSink::Stdout => serde_json::json!({"kind": "stdout"}),
         AuditSink::File { path } => serde_json::json!({"kind": "file", "path": path}),
         AuditSink::TenantFiles { dir } => serde_json::json!({"kind": "tenant-files", "dir": dir}),
-        AuditSink::Http { url } => serde_json::json!({"kind": "http", "url": url}),
+        AuditSink::Http {
+            url,
+            batch_size,
+            spool_dir,
+            spool_max_bytes,
+        } => {
+            let mut json = serde_json::json!({"kind": "http", "url": url});
+            if let Some(n) = batch_size {
+                json["batch_size"] = serde_json::json!(n);
+            }
+            if let Some(dir) = spool_dir {
+                json["spool_dir"] = serde_json::json!(dir);
+            }
+            if let Some(n) = spool_max_bytes {
+                json["spool_max_bytes"] = serde_json::json!(n);
+            }
+            json
+        }
     }
 }
 
@@ -525,13 +555,15 @@ impl Inner {
                 Ok(_) => "ok".to_owned(),
                 Err(e) => e.outcome(),
             };
+            let elapsed = started.elapsed().as_secs_f64();
+            metrics().kms_call(provider, operation, &outcome, elapsed);
             self.audit.emit(AuditEvent::KmsCall {
                 tenant: tenant.to_owned(),
                 provider: provider.to_owned(),
                 key_ref: key_ref.to_owned(),
                 operation,
                 outcome,
-                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                latency_ms: elapsed * 1000.0,
             });
             match (result, delays.next()) {
                 (Err(KmsError::Transient { .. }), Some(delay)) => tokio::time::sleep(delay).await,
@@ -564,6 +596,8 @@ impl Inner {
         let until = now_nanos().saturating_add(nanos(self.approval_ttl));
         self.denied
             .insert(tenant.to_owned(), (until, detail.to_owned()));
+        let m = metrics();
+        m.tenants_denied.get_or_create(&m.tenant(tenant)).inc();
         self.purge(tenant, "revoked");
     }
 
@@ -575,6 +609,7 @@ impl Inner {
             ts.set_index_key(None);
         }
         let dropped = self.cache.purge_tenant(tenant);
+        metrics().approval_evictions.inc_by(dropped as u64);
         if dropped > 0 {
             self.audit.emit(AuditEvent::KeyLifecycle {
                 tenant: tenant.to_owned(),
@@ -591,6 +626,7 @@ impl Inner {
         ts.set_write_slot(None);
         ts.set_index_key(None);
         let dropped = self.cache.purge_tenant(&ts.id);
+        metrics().approval_evictions.inc_by(dropped as u64);
         if dropped > 0 {
             self.lifecycle(
                 &ts.id,
@@ -716,6 +752,8 @@ impl Inner {
                     return Err(unavailable(tenant, "keys were purged meanwhile; retry"));
                 }
                 ts.lease.approve(now_nanos(), self.approval_ttl);
+                let m = metrics();
+                m.tenants_approved.get_or_create(&m.tenant(tenant)).inc();
                 self.drop_stale_write_slot(ts).await;
                 self.spawn_refresher(ts);
                 Ok(())

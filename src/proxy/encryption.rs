@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
@@ -17,6 +18,7 @@ use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
 use crate::crypto::{self, CellAad};
 use crate::keys::{KeyError, KeyService, WriteKey};
+use crate::ops::metrics::{metrics, OutcomeLabel, SqlstateLabel};
 use crate::protocol::messages::{format_of, Bind};
 use crate::rewrite::{
     self, quote_literal, render_with_literals, Rejection, StatementPlan, TenantChange,
@@ -111,7 +113,9 @@ pub struct CellFailure {
 
 /// Shared encryption state of the server.
 pub struct Encryption {
-    policy: Arc<Policy>,
+    /// The policy in force (replaced by a reload, together with the
+    /// catalog map made from it).
+    policy: ArcSwap<Policy>,
     keys: KeyService,
     audit: Audit,
     catalog: RwLock<Arc<CatalogMap>>,
@@ -150,7 +154,7 @@ impl Encryption {
         }
         let plan_cache_size = policy.server.plan_cache_size;
         let encryption = Arc::new(Self {
-            policy,
+            policy: ArcSwap::new(policy),
             keys,
             audit,
             catalog: RwLock::new(Arc::new(map)),
@@ -165,9 +169,44 @@ impl Encryption {
         Ok(encryption)
     }
 
-    /// The policy.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy in force.
+    pub fn policy(&self) -> arc_swap::Guard<Arc<Policy>> {
+        self.policy.load()
+    }
+
+    /// The audit handle.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// Makes `policy` the one in force: loads the catalog map for it,
+    /// seeds its tenants, reopens the audit sinks, then installs map and
+    /// policy together and starts the plan caches over. On an error
+    /// nothing has changed. Key providers and key lifetimes stay as they
+    /// were started (they need a restart).
+    pub async fn reload(&self, policy: Arc<Policy>) -> Result<(), EncryptionError> {
+        let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
+        let client = super::admin::connect(&policy).await?;
+        let map = catalog::load_map(&client, &policy).await?;
+        for check in catalog::envelope::envelope_checks(&client, &policy).await? {
+            tracing::warn!(
+                fix = %check.fix(),
+                "{check}: PostgreSQL itself will not refuse plaintext there; run cmk-proxy migrate --config <policy>"
+            );
+        }
+        crate::audit::check_config(&policy.audit)?;
+        self.keys.seed_tenants(&policy).await?;
+        self.audit.reload(&policy.audit)?;
+        {
+            let mut slot = self.catalog.write().unwrap_or_else(|p| p.into_inner());
+            self.catalog_installed.fetch_max(ticket, Ordering::AcqRel);
+            *slot = Arc::new(map);
+            self.policy.store(policy);
+        }
+        self.clear_parse_plans();
+        self.shapes.clear();
+        tracing::info!(protected_columns = self.catalog().len(), "policy reloaded");
+        Ok(())
     }
 
     /// The key service (for tests and tools).
@@ -189,20 +228,27 @@ impl Encryption {
     /// read (the previous map stays).
     pub async fn refresh_catalog(&self) -> bool {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
+        let policy = self.policy.load_full();
         let loaded = async {
-            let client = super::admin::connect(&self.policy)
+            let client = super::admin::connect(&policy)
                 .await
                 .map_err(|e| e.to_string())?;
-            catalog::load_map(&client, &self.policy)
+            catalog::load_map(&client, &policy)
                 .await
                 .map_err(|e| e.to_string())
         }
         .await;
+        let reloads = &metrics().catalog_reloads;
         match loaded {
             Ok(map) => {
+                reloads.get_or_create(&OutcomeLabel { outcome: "ok" }).inc();
                 if let Ok(mut slot) = self.catalog.write() {
-                    if self.catalog_installed.load(Ordering::Acquire) > ticket {
-                        // A load begun later was installed: it is newer.
+                    // A map made for a policy a reload has replaced
+                    // meanwhile is dropped, like an older load.
+                    if self.catalog_installed.load(Ordering::Acquire) > ticket
+                        || !Arc::ptr_eq(&policy, &self.policy.load())
+                    {
+                        // A newer load was installed, or is due.
                         return true;
                     }
                     self.catalog_installed.store(ticket, Ordering::Release);
@@ -220,6 +266,9 @@ impl Encryption {
                 true
             }
             Err(error) => {
+                reloads
+                    .get_or_create(&OutcomeLabel { outcome: "error" })
+                    .inc();
                 tracing::warn!(%error, "catalog map refresh failed; keeping the previous map");
                 false
             }
@@ -283,6 +332,7 @@ impl Encryption {
 
     /// Emits a rejection audit event.
     pub fn audit_rejection(&self, rejection: &Rejection, session: &SessionInfo<'_>) {
+        metrics().refusal(rejection.sqlstate);
         self.audit.emit(AuditEvent::Rejection {
             sqlstate: rejection.sqlstate,
             reason: rejection.message.clone(),
@@ -319,8 +369,9 @@ impl Encryption {
         if let Some(rewrite) = self.rewrite_by_shape(sql, session, &catalog).await {
             return rewrite;
         }
+        let policy = self.policy();
         let analysis = rewrite::analyze_in(
-            catalog.analysis_policy(&self.policy),
+            catalog.analysis_policy(&policy),
             catalog.schema_facts(),
             sql,
             0,
@@ -416,7 +467,7 @@ impl Encryption {
                 return session.tenant.map(str::to_owned).ok_or_else(|| {
                     km004(format!(
                         "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
-                        plan.table, plan.tenant_column, self.policy.tenant.session_setting
+                        plan.table, plan.tenant_column, self.policy().tenant.session_setting
                     ))
                 })
             }
@@ -602,6 +653,28 @@ impl Encryption {
         session_tenant: Option<&str>,
         row_tenant: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
+        let opened = self
+            .open_cell_counted(table, column, cell, session_tenant, row_tenant)
+            .await;
+        if let Err(failure) = &opened {
+            metrics()
+                .decrypt_failures
+                .get_or_create(&SqlstateLabel {
+                    sqlstate: failure.sqlstate,
+                })
+                .inc();
+        }
+        opened
+    }
+
+    async fn open_cell_counted(
+        &self,
+        table: &str,
+        column: &str,
+        cell: &[u8],
+        session_tenant: Option<&str>,
+        row_tenant: Option<&str>,
+    ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
         let integrity = |tenant: Option<String>, what: &str| CellFailure {
             sqlstate: "KM005",
             message: format!("cmk-proxy: integrity failure: a cell of {table}.{column} {what}"),
@@ -611,7 +684,7 @@ impl Encryption {
             // A table in transition from legacy plaintext (cmk-proxy
             // encrypt) serves its not yet sealed values.
             let migrating = self
-                .policy
+                .policy()
                 .tables
                 .get(table)
                 .is_some_and(|t| t.mode == TableMode::Migrating)
@@ -653,6 +726,15 @@ impl Encryption {
                     tenant: Some(session.to_owned()),
                 });
             }
+        }
+        if self.audit.delivery_blocked(&tenant) {
+            return Err(CellFailure {
+                sqlstate: "KM007",
+                message: format!(
+                    "cmk-proxy: cannot read {table}.{column}: the audit trail of tenant '{tenant}' cannot be delivered and its spool is full; decrypts resume when delivery does (audit.on_failure: deny)"
+                ),
+                tenant: Some(tenant.to_string()),
+            });
         }
         let key = self
             .keys
@@ -908,7 +990,7 @@ pub fn rejection_query(rejection: &Rejection) -> String {
 /// and every `server.catalog_refresh` in any case (more often while a
 /// table's adoption is about to swap); ends with the proxy.
 async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
-    let Some(every) = weak.upgrade().map(|e| e.policy.server.catalog_refresh) else {
+    let Some(every) = weak.upgrade().map(|e| e.policy().server.catalog_refresh) else {
         return;
     };
     let mut wait = every;
@@ -918,7 +1000,7 @@ async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
             let Some(encryption) = weak.upgrade() else {
                 return;
             };
-            listening = listen_for_schema_changes(&encryption.policy).await;
+            listening = listen_for_schema_changes(&encryption.policy()).await;
         }
         let notified = async {
             match listening.as_mut() {

@@ -22,5 +22,5 @@ pub mod tls;
 mod upstream;
 mod verifiers;
 
-pub use server::{run_server, ProxyError, ServerContext};
+pub use server::{run_server, serve_context, ProxyError, ServerContext};
 pub use upstream::{Upstream, UpstreamError};

@@ -417,7 +417,8 @@ impl ResponseTracker {
 
     fn on_row_description(&mut self, frame: &[u8], encryption: &Encryption) -> Step {
         let catalog = encryption.catalog();
-        let policy = encryption.policy();
+        let guard = encryption.policy();
+        let policy: &crate::config::Policy = &guard;
         let planned = match self.queue.front() {
             Some(Expected::Query { fingerprint, .. }) => {
                 let planned = plan_rows(frame, None, None, &catalog, policy);
@@ -598,7 +599,7 @@ fn execution_plan(portal: &Portal, encryption: &Encryption) -> Option<ResultPlan
                 Some(&portal.result_formats),
                 Some(&portal.client_formats),
                 &encryption.catalog(),
-                encryption.policy(),
+                &encryption.policy(),
             );
             match planned {
                 Ok(planned) => Some(ResultPlan::new(planned.layout.clone()?, fingerprint)),

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,12 +40,12 @@ pub enum ProxyError {
 
 /// Everything a session needs, shared by all sessions.
 pub struct ServerContext {
-    /// The loaded policy.
-    pub policy: Arc<Policy>,
+    /// The policy in force (replaced by a reload).
+    policy: ArcSwap<Policy>,
     /// Where and how to connect upstream.
     pub upstream: Upstream,
-    /// TLS acceptor when client TLS is configured.
-    pub acceptor: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS acceptor when client TLS is configured (replaced by a reload).
+    acceptor: ArcSwapOption<tokio_rustls::TlsAcceptor>,
     /// Fired when shutdown starts: no new sessions, idle ones close.
     pub shutdown: CancellationToken,
     /// Fired when the shutdown timeout ran out: every session closes.
@@ -72,11 +73,28 @@ impl ServerContext {
             upstream: Upstream::from_policy(&policy)?,
             verifiers: VerifierStore::new(policy.clone()),
             encryption,
-            policy,
-            acceptor,
+            policy: ArcSwap::new(policy),
+            acceptor: ArcSwapOption::new(acceptor.map(Arc::new)),
             shutdown,
             hard_stop: CancellationToken::new(),
         })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// The client TLS acceptor in force, if client TLS is configured.
+    pub fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.acceptor.load().as_deref().cloned()
+    }
+
+    /// Installs a reloaded policy and client TLS acceptor for new sessions
+    /// (the encryption engine is reloaded separately, before this).
+    pub fn install(&self, policy: Arc<Policy>, acceptor: Option<tokio_rustls::TlsAcceptor>) {
+        self.acceptor.store(acceptor.map(Arc::new));
+        self.policy.store(policy);
     }
 
     /// `Some(reason)` once new sessions must be refused.
@@ -200,19 +218,29 @@ pub async fn run_server(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ProxyError> {
-    let ctx = Arc::new(ServerContext::new(policy, shutdown.clone()).await?);
+    let ctx = Arc::new(ServerContext::new(policy, shutdown).await?);
+    serve_context(ctx, listener).await
+}
+
+/// Serves clients of `ctx` from `listener` until its shutdown fires, then
+/// drains.
+pub async fn serve_context(
+    ctx: Arc<ServerContext>,
+    listener: TcpListener,
+) -> Result<(), ProxyError> {
+    let shutdown = ctx.shutdown.clone();
     let local = listener.local_addr().map_err(ProxyError::Listen)?;
     info!(
         address = %local,
         upstream = ctx.upstream.authority(),
-        tls_to_clients = ctx.acceptor.is_some(),
+        tls_to_clients = ctx.acceptor().is_some(),
         "listening"
     );
     let sessions = TaskTracker::new();
     // Closed however this function ends (also when its future is dropped),
     // so the session threads end once their sessions have.
     let _close = CloseOnDrop(sessions.clone());
-    let workers = SessionWorkers::start(ctx.policy.server.worker_threads, &sessions, &ctx)
+    let workers = SessionWorkers::start(ctx.policy().server.worker_threads, &sessions, &ctx)
         .map_err(ProxyError::Listen)?;
     loop {
         let accepted = tokio::select! {
@@ -232,7 +260,7 @@ pub async fn run_server(
     drop(listener);
     sessions.close();
     let open = sessions.len();
-    let timeout = ctx.policy.server.shutdown_timeout;
+    let timeout = ctx.policy().server.shutdown_timeout;
     info!(open_sessions = open, timeout = ?timeout, "shutting down: no longer accepting");
     if tokio::time::timeout(timeout, sessions.wait())
         .await

@@ -23,6 +23,7 @@ use super::stream::send;
 use super::stream::Stream;
 use super::ServerContext;
 use crate::config::ScramPassthrough;
+use crate::ops::metrics::{metrics, TlsLabel};
 use crate::protocol::{
     backend, frontend, rewrite_sasl_mechanisms, sqlstate, ErrorResponse, FrameHeader,
     StartupPacket, StartupParams,
@@ -39,12 +40,19 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     );
     async move {
         let _ = socket.set_nodelay(true);
+        let _open = OpenConnection::count();
         match startup(socket, &ctx).await {
             Ok(Some((client, params, leftover))) => {
                 let span = tracing::Span::current();
                 span.record("user", params.user.as_str());
                 span.record("database", params.database.as_str());
                 span.record("tls", client.is_tls());
+                metrics()
+                    .client_connections
+                    .get_or_create(&TlsLabel {
+                        tls: client.is_tls(),
+                    })
+                    .inc();
                 run_session(client, leftover, &params, peer, &ctx).await;
             }
             Ok(None) => {}
@@ -53,6 +61,22 @@ pub async fn serve_client(socket: TcpStream, peer: SocketAddr, ctx: Arc<ServerCo
     }
     .instrument(span)
     .await
+}
+
+/// Counts a client connection as open while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn count() -> OpenConnection {
+        metrics().client_connections_open.inc();
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        metrics().client_connections_open.dec();
+    }
 }
 
 /// I/O failure during the startup phase.
@@ -106,7 +130,7 @@ async fn startup(
                     .await;
                     return Ok(None);
                 }
-                match (&ctx.acceptor, stream) {
+                match (ctx.acceptor(), stream) {
                     (Some(acceptor), Stream::Plain(mut tcp)) => {
                         send(&mut tcp, b"S").await?;
                         let tls = acceptor.accept(tcp).await?;
@@ -185,8 +209,12 @@ async fn run_session(
     // Boxed: rarely-used large futures stay out of every idle session's
     // state (per-connection memory is a budget).
     let mut server = match Box::pin(ctx.upstream.connect()).await {
-        Ok(server) => server,
+        Ok(server) => {
+            metrics().upstream_connections.inc();
+            server
+        }
         Err(e) => {
+            metrics().upstream_errors.inc();
             warn!(error = %e, "upstream connection failed");
             reject(
                 &mut client,
@@ -213,9 +241,8 @@ async fn run_session(
     let started = std::time::Instant::now();
     info!(upstream = ctx.upstream.authority(), "session started");
     let mut server_buf = BytesMut::new();
-    if ctx.policy.auth.scram_passthrough == ScramPassthrough::Auto
-        && client.is_tls()
-        && server.is_tls()
+    let policy = ctx.policy();
+    if policy.auth.scram_passthrough == ScramPassthrough::Auto && client.is_tls() && server.is_tls()
     {
         let outcome = Box::pin(auth::scram_passthrough(
             &mut client,
@@ -239,7 +266,7 @@ async fn run_session(
             }
         }
     }
-    let default_tenant = startup_tenant(params, &ctx.policy);
+    let default_tenant = startup_tenant(params, &policy);
     let state = SessionState {
         open_cycles: AtomicI64::new(1),
         tx_status: AtomicU8::new(b'I'),
@@ -265,7 +292,7 @@ async fn run_session(
     };
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
-    let limit = ctx.policy.server.max_message_size;
+    let limit = policy.server.max_message_size;
     let shutdown = ctx.shutdown.clone();
     let hard_stop = ctx.hard_stop.clone();
 
@@ -418,6 +445,18 @@ impl Inspector for ClientInspector<'_> {
     }
 
     fn on_header(&mut self, header: FrameHeader) {
+        match header.tag {
+            frontend::QUERY => {
+                metrics().queries_simple.inc();
+            }
+            frontend::EXECUTE => {
+                metrics().queries_extended.inc();
+            }
+            frontend::FUNCTION_CALL => {
+                metrics().queries_function_call.inc();
+            }
+            _ => {}
+        }
         match header.tag {
             frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL => self.state.cycle_sent(),
             frontend::TERMINATE => self.state.terminated.store(true, Ordering::Release),

@@ -93,7 +93,8 @@ fn replanned_refusal(
 ) -> Option<Rejection> {
     let catalog = encryption.catalog();
     let facts = catalog.schema_facts();
-    let policy = catalog.analysis_policy(encryption.policy());
+    let full = encryption.policy();
+    let policy = catalog.analysis_policy(&full);
     if let Some(in_flux) = state.flux_names() {
         if let Err(rejection) = rewrite::schema_flux(policy, facts, prepare, &in_flux) {
             return Some(rejection);

@@ -460,7 +460,8 @@ impl ClientStatements {
         if let Some(in_flux) = state.flux_names() {
             let catalog = encryption.catalog();
             let sql = &origin.plan.sql;
-            let policy = catalog.analysis_policy(encryption.policy());
+            let full = encryption.policy();
+            let policy = catalog.analysis_policy(&full);
             rewrite::schema_flux(policy, catalog.schema_facts(), sql, &in_flux)?;
         }
         let epoch = encryption.plan_epoch();
@@ -1057,7 +1058,7 @@ fn plan_sql(
 ) -> Result<ParsePlan, Rejection> {
     let catalog = encryption.catalog();
     let analysis = rewrite::analyze_in(
-        catalog.analysis_policy(encryption.policy()),
+        catalog.analysis_policy(&encryption.policy()),
         catalog.schema_facts(),
         query,
         param_types.len(),
@@ -1132,7 +1133,7 @@ fn nonstandard_strings_refusal(
     }
     let catalog = encryption.catalog();
     rewrite::nonstandard_strings_refusal(
-        catalog.analysis_policy(encryption.policy()),
+        catalog.analysis_policy(&encryption.policy()),
         catalog.schema_facts(),
         sql,
     )
@@ -1227,7 +1228,7 @@ fn follow_schema_flux(
     }
     let catalog = encryption.catalog();
     let changed = rewrite::schema_flux(
-        catalog.analysis_policy(encryption.policy()),
+        catalog.analysis_policy(&encryption.policy()),
         catalog.schema_facts(),
         sql,
         &in_flux.unwrap_or_default(),
@@ -1396,7 +1397,7 @@ fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejecti
     let lossy = String::from_utf8_lossy(&sql[..end]);
     let catalog = encryption.catalog();
     match rewrite::analyze_in(
-        catalog.analysis_policy(encryption.policy()),
+        catalog.analysis_policy(&encryption.policy()),
         catalog.schema_facts(),
         &lossy,
         0,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine as _;
 use cmk_proxy::audit::{Audit, AuditEvent};
-use cmk_proxy::config::{AuditConfig, AuditSink};
+use cmk_proxy::config::{AuditConfig, AuditOnFailure, AuditSink};
 use cmk_proxy::crypto::{self, CellAad, Dek};
 use cmk_proxy::kms::{KeyContext, KeyProvider, Keyring, LocalProvider};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,7 +20,26 @@ fn cfg(sink: AuditSink, queue_capacity: usize) -> AuditConfig {
     AuditConfig {
         sink,
         queue_capacity,
+        on_failure: AuditOnFailure::Deny,
     }
+}
+
+/// An HTTP sink with the default batch and an in-memory spool.
+pub fn http_sink(url: String) -> AuditSink {
+    AuditSink::Http {
+        url,
+        batch_size: None,
+        spool_dir: None,
+        spool_max_bytes: None,
+    }
+}
+
+/// The events of one POST body (JSON lines).
+pub fn events_of(body: &[u8]) -> Vec<serde_json::Value> {
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("a JSON event per line"))
+        .collect()
 }
 
 fn kms_call(tenant: &str) -> AuditEvent {
@@ -253,32 +272,37 @@ async fn http_server() -> (String, mpsc::UnboundedReceiver<Seen>) {
 }
 
 #[tokio::test]
-async fn http_sink_posts_each_event_as_json() {
+async fn http_sink_posts_events_as_json_lines_with_ids() {
     let (url, mut seen) = http_server().await;
-    let audit = Audit::start(&cfg(AuditSink::Http { url }, 64)).unwrap();
+    let audit = Audit::start(&cfg(http_sink(url), 64)).unwrap();
     for e in all_kinds("acme") {
         audit.emit(e);
     }
     audit.flush().await;
     let mut kinds = Vec::new();
-    for _ in 0..4 {
+    let mut ids = std::collections::HashSet::new();
+    while kinds.len() < 4 {
         let req = seen.recv().await.unwrap();
         assert!(
             req.head.starts_with("POST /audit HTTP/1.1\r\n"),
             "{}",
             req.head
         );
+        let head = req.head.to_ascii_lowercase();
         assert!(
-            req.head
-                .to_ascii_lowercase()
-                .contains("content-type: application/json"),
+            head.contains("content-type: application/json")
+                || head.contains("content-type: application/x-ndjson"),
             "{}",
             req.head
         );
-        let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
-        assert_eq!(v["tenant"], "acme");
-        assert!(v["ts"].is_string());
-        kinds.push(v["event"].as_str().unwrap().to_owned());
+        for v in events_of(&req.body) {
+            assert_eq!(v["tenant"], "acme");
+            assert!(v["ts"].is_string());
+            let id = v["id"].as_str().expect("an id per event");
+            assert!(Uuid::parse_str(id).is_ok(), "{id}");
+            assert!(ids.insert(id.to_owned()), "ids are unique");
+            kinds.push(v["event"].as_str().unwrap().to_owned());
+        }
     }
     kinds.sort();
     assert_eq!(
@@ -293,14 +317,15 @@ async fn http_sink_posts_each_event_as_json() {
 async fn per_tenant_http_sink_gets_only_its_tenant() {
     let (url, mut seen) = http_server().await;
     let audit = Audit::start(&cfg(AuditSink::None, 64)).unwrap();
-    audit.set_tenant_sink("globex", AuditSink::Http { url });
+    audit.set_tenant_sink("globex", http_sink(url));
     audit.emit(kms_call("acme"));
     audit.emit(kms_call("globex"));
     audit.emit(kms_call("acme"));
     audit.flush().await;
     let req = seen.recv().await.unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
-    assert_eq!(v["tenant"], "globex");
+    let events = events_of(&req.body);
+    assert_eq!(events.len(), 1, "only one event is globex's");
+    assert_eq!(events[0]["tenant"], "globex");
     assert!(seen.try_recv().is_err(), "only one event is globex's");
 }
 
@@ -315,29 +340,37 @@ async fn stalled_http_sink_never_blocks_emit_and_counts_drops() {
             held.push(sock);
         }
     });
-    let audit = Audit::start(&cfg(AuditSink::Http { url }, 8)).unwrap();
+    let mut config = cfg(
+        AuditSink::Http {
+            url,
+            batch_size: None,
+            spool_dir: None,
+            spool_max_bytes: Some(16 * 1024),
+        },
+        8,
+    );
+    config.on_failure = AuditOnFailure::Allow;
+    let audit = Audit::start(&config).unwrap();
     for i in 0..2_000 {
         audit.emit(kms_call(&format!("tenant-{i}")));
     }
-    assert!(audit.dropped() > 0, "dropped = {}", audit.dropped());
-    // flush still returns: stalled POSTs end at their timeout.
+    // flush still returns: a stalled POST ends at its timeout.
     audit.flush().await;
+    assert!(audit.dropped() > 0, "dropped = {}", audit.dropped());
     assert!(
         audit.failed() > 0,
         "timed-out POSTs are counted as failures"
+    );
+    assert!(
+        !audit.delivery_blocked("tenant-1"),
+        "allow never pauses decrypts"
     );
 }
 
 #[tokio::test]
 async fn bad_settings_are_refused_at_start() {
     assert!(Audit::start(&cfg(AuditSink::Stdout, 0)).is_err());
-    let err = Audit::start(&cfg(
-        AuditSink::Http {
-            url: "not a url".to_owned(),
-        },
-        8,
-    ))
-    .unwrap_err();
+    let err = Audit::start(&cfg(http_sink("not a url".to_owned()), 8)).unwrap_err();
     assert!(err.to_string().contains("not a url"), "{err}");
     let err = Audit::start(&cfg(
         AuditSink::File {
@@ -399,7 +432,7 @@ async fn written_logs_contain_no_key_or_value_bytes() {
     let tenant_dir = dir.path().join("tenants");
     let (url, mut seen) = http_server().await;
     let file_audit = Audit::start(&cfg(AuditSink::File { path: main.clone() }, 64)).unwrap();
-    file_audit.set_tenant_sink("acme", AuditSink::Http { url });
+    file_audit.set_tenant_sink("acme", http_sink(url));
     let dir_audit = Audit::start(&cfg(
         AuditSink::TenantFiles {
             dir: tenant_dir.clone(),
@@ -480,8 +513,11 @@ async fn written_logs_contain_no_key_or_value_bytes() {
     let mut written = Vec::new();
     written.extend(std::fs::read(&main).unwrap());
     written.extend(std::fs::read(tenant_dir.join("acme.jsonl")).unwrap());
-    for _ in 0..4 {
-        written.extend(seen.recv().await.unwrap().body);
+    let mut posted = 0;
+    while posted < 4 {
+        let body = seen.recv().await.unwrap().body;
+        posted += events_of(&body).len();
+        written.extend(body);
     }
     written.extend(logs.lock().unwrap().iter());
     let written = String::from_utf8_lossy(&written).to_lowercase();

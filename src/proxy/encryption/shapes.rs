@@ -300,8 +300,9 @@ impl Encryption {
         if rewrite::parse_statements(&shaped.template).is_none() {
             return ShapePlan::Unshared;
         }
+        let policy = self.policy();
         let Ok(analysis) = rewrite::analyze_in(
-            catalog.analysis_policy(&self.policy),
+            catalog.analysis_policy(&policy),
             catalog.schema_facts(),
             &shaped.template,
             shaped.literals.len(),
@@ -327,7 +328,7 @@ impl Encryption {
             },
             StatementPlan::Write(plan) => match SqlTemplate::new(&plan.statement.to_string()) {
                 Some(template) => ShapePlan::Write {
-                    bound: if self.policy.server.prepare_simple_writes {
+                    bound: if policy.server.prepare_simple_writes {
                         BoundShape::new(
                             &plan,
                             &template,

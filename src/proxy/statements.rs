@@ -1248,7 +1248,7 @@ fn schema_changed(name: &str) -> Rejection {
         table: None,
         column: None,
         message: format!(
-            "cmk-proxy: the schema changed since {shown} was prepared, and the change touches \
+            "cmk-proxy: the schema or policy changed since {shown} was prepared, and the change touches \
              protected data: prepare the statement again"
         ),
     }

@@ -224,18 +224,30 @@ async fn wait_until_mapped(app: &Client) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_prepared_statement_is_planned_again_when_the_view_it_writes_changes() {
-    let setup = setup().await;
-    let (app, other) = (setup.app().await, setup.app().await);
+/// Creates view `sv` over the unprotected table directly, then prepares an
+/// INSERT into it through `app` and runs it once (it stores nothing
+/// protected).
+async fn prepare_insert_into_unprotected_view(
+    setup: &EncryptedSetup,
+    app: &Client,
+) -> tokio_postgres::Statement {
     setup
         .direct
         .batch_execute("CREATE VIEW sv AS SELECT tenant_id, ssn, notes FROM plain_notes")
         .await
         .unwrap();
-    let insert = "INSERT INTO sv (tenant_id, ssn, notes) VALUES ($1, $2, $3)";
-    let prepared = app.prepare(insert).await.unwrap();
-    assert_eq!(run_prepared(&app, &prepared).await.unwrap(), 1);
+    let prepared = app.prepare(INSERT_INTO_SV).await.unwrap();
+    assert_eq!(run_prepared(app, &prepared).await.unwrap(), 1);
+    prepared
+}
+
+const INSERT_INTO_SV: &str = "INSERT INTO sv (tenant_id, ssn, notes) VALUES ($1, $2, $3)";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepared_statement_is_planned_again_when_the_view_it_writes_changes() {
+    let setup = setup().await;
+    let (app, other) = (setup.app().await, setup.app().await);
+    let prepared = prepare_insert_into_unprotected_view(&setup, &app).await;
 
     // Another session of the proxy replaces the view with one over the
     // protected table: PostgreSQL plans the statement again onto patients,
@@ -247,13 +259,13 @@ async fn a_prepared_statement_is_planned_again_when_the_view_it_writes_changes()
     let err = run_prepared(&app, &prepared).await.unwrap_err();
     assert_eq!(code(&err), "KM003", "{err}");
     assert!(
-        common::error_message(&err).contains("schema changed"),
+        common::error_message(&err).contains("changed since"),
         "{err}"
     );
     assert_nothing_at_rest(&setup, "view replaced through the proxy").await;
     // Prepared again, it is planned against the new view: refused as a
     // write through a view of protected columns.
-    let err = app.prepare(insert).await.unwrap_err();
+    let err = app.prepare(INSERT_INTO_SV).await.unwrap_err();
     assert_eq!(code(&err), "KM003", "{err}");
 
     // The same when the view is replaced directly against PostgreSQL, once
@@ -267,7 +279,7 @@ async fn a_prepared_statement_is_planned_again_when_the_view_it_writes_changes()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let prepared = loop {
-        match app.prepare(insert).await {
+        match app.prepare(INSERT_INTO_SV).await {
             Ok(statement) => break statement,
             Err(e) => {
                 assert!(Instant::now() < deadline, "sv stays protected: {e}");
@@ -370,14 +382,7 @@ async fn ddl_run_directly_reaches_the_proxy_through_the_event_trigger_of_migrate
         "{out}"
     );
     let (app, other) = (setup.app().await, setup.app().await);
-    setup
-        .direct
-        .batch_execute("CREATE VIEW sv AS SELECT tenant_id, ssn, notes FROM plain_notes")
-        .await
-        .unwrap();
-    let insert = "INSERT INTO sv (tenant_id, ssn, notes) VALUES ($1, $2, $3)";
-    let prepared = app.prepare(insert).await.unwrap();
-    assert_eq!(run_prepared(&app, &prepared).await.unwrap(), 1);
+    let prepared = prepare_insert_into_unprotected_view(&setup, &app).await;
     other
         .batch_execute("INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')")
         .await

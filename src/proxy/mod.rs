@@ -4,6 +4,7 @@
 
 pub mod admin;
 mod auth;
+mod context;
 pub mod encryption;
 mod own_statements;
 mod pending;
@@ -22,5 +23,6 @@ pub mod tls;
 mod upstream;
 mod verifiers;
 
-pub use server::{run_server, serve_context, ProxyError, ServerContext};
+pub use context::{ProxyError, ServerContext};
+pub use server::{run_server, serve_context};
 pub use upstream::{Upstream, UpstreamError};

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::auth::{self, AuthOutcome};
+use super::context::ServerContext;
 use super::encryption::Encryption;
 use super::pending::{Expected, PendingQueue};
 use super::relay::{Inspector, Interest, Pump, PumpEnd, Verdict};
@@ -21,7 +22,6 @@ use super::state::SessionState;
 use super::statements::{self, ClientStatements, ClientStep};
 use super::stream::send;
 use super::stream::Stream;
-use super::ServerContext;
 use crate::config::ScramPassthrough;
 use crate::ops::metrics::{metrics, TlsLabel};
 use crate::protocol::{
@@ -877,7 +877,7 @@ mod tests {
     use super::{serve_client, split_options, startup_tenant};
     use crate::config::parse_policy;
     use crate::protocol::StartupParams;
-    use crate::proxy::server::ServerContext;
+    use crate::proxy::context::ServerContext;
 
     /// Every idle session keeps its whole future in memory: an array or a
     /// duplicated sub-future in it is paid per connection (an 8 KiB drain

@@ -13,6 +13,7 @@ use crate::rewrite::SchemaFacts;
 
 pub mod adoption;
 pub mod envelope;
+pub mod schema_notify;
 
 use adoption::{Adoption, Phase};
 
@@ -43,7 +44,7 @@ pub struct ColumnRef {
 /// (table OID, attnum) → policy column, for RowDescription lookups. Views
 /// (and materialized views) whose columns PostgreSQL traces back to a
 /// protected column are mapped to that column too.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CatalogMap {
     by_attr: HashMap<(u32, i16), ColumnRef>,
     table_oids: BTreeMap<Arc<str>, u32>,
@@ -54,7 +55,7 @@ pub struct CatalogMap {
     /// Policy tables in transition: their cells may be legacy plaintext.
     transition: BTreeSet<String>,
     /// The policy without the legacy tables, when there are any.
-    analysis_policy: Option<Arc<Policy>>,
+    analysis_policy: Option<AnalysisPolicy>,
     /// A table's transition view is about to take its name.
     awaiting_swap: bool,
 }
@@ -101,7 +102,7 @@ impl CatalogMap {
     /// The policy statements are analysed against: `full` without the
     /// legacy tables.
     pub fn analysis_policy<'a>(&'a self, full: &'a Policy) -> &'a Policy {
-        self.analysis_policy.as_deref().unwrap_or(full)
+        self.analysis_policy.as_ref().map_or(full, |p| &p.0)
     }
 
     /// Number of mapped columns.
@@ -114,6 +115,19 @@ impl CatalogMap {
         self.by_attr.is_empty()
     }
 }
+
+/// The policy without the legacy tables. Equal to any other: it follows
+/// from the policy and `CatalogMap::legacy`, which is compared.
+#[derive(Debug, Clone)]
+struct AnalysisPolicy(Arc<Policy>);
+
+impl PartialEq for AnalysisPolicy {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for AnalysisPolicy {}
 
 /// A mismatch between the policy and the live schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -392,10 +406,10 @@ pub async fn load_map(
     if !map.legacy.is_empty() {
         let mut analysed = policy.clone();
         analysed.tables.retain(|name, _| !map.legacy.contains(name));
-        map.analysis_policy = Some(Arc::new(analysed));
+        map.analysis_policy = Some(AnalysisPolicy(Arc::new(analysed)));
     }
     let policy = map.analysis_policy.clone();
-    let policy = policy.as_deref().unwrap_or(policy_in);
+    let policy = policy.as_ref().map_or(policy_in, |p| &p.0);
     for problem in schema_problems(policy, &tables) {
         tracing::error!(
             location = %problem.location,
@@ -665,12 +679,20 @@ async fn map_views(
                 let Some(base) = origin.and_then(|key| map.by_attr.get(&key)).cloned() else {
                     continue;
                 };
-                if matches!(base.role, ColumnRole::Protected(_)) {
-                    map.facts
+                match base.role {
+                    ColumnRole::Protected(_) => map
+                        .facts
                         .views
                         .entry(name.clone())
                         .or_default()
-                        .push(column.name().to_owned());
+                        .push(column.name().to_owned()),
+                    ColumnRole::Tenant => {
+                        map.facts
+                            .view_tenants
+                            .entry(name.clone())
+                            .or_insert_with(|| column.name().to_owned());
+                    }
+                    _ => {}
                 }
                 map.by_attr.insert((oid, index as i16 + 1), base);
             }

@@ -4,6 +4,7 @@
 use tokio_postgres::error::SqlState;
 
 use crate::catalog::envelope::{envelope_checks, CheckState, EnvelopeCheck};
+use crate::catalog::schema_notify;
 use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
 
 /// Create or upgrade the `cmk` schema (tenants, data keys, schema versions),
@@ -53,6 +54,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
                 None => println!("-- (no automatic fix: create or rename it by hand)"),
             }
         }
+        if !schema_notify::installed(&client).await? {
+            println!(
+                "\n-- event trigger {}: proxies reload their catalog at each DDL (superuser)\n{}",
+                schema_notify::TRIGGER,
+                schema_notify::INSTALL_SQL
+            );
+        }
         let checks = envelope_checks(&client, &policy).await?;
         println!(
             "\n-- envelope CHECK constraints: {} to add or validate",
@@ -80,6 +88,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(0);
     }
     let client = crate::proxy::admin::connect(&policy).await?;
+    install_schema_notify(&client).await;
     let mut failed = 0;
     for check in envelope_checks(&client, &policy).await? {
         match apply_check(&client, &check).await {
@@ -96,6 +105,26 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// Installs the event trigger that tells every proxy of DDL at once (see
+/// `catalog::schema_notify`); a role that may not create event triggers
+/// (only superusers may) is told what that costs, and `migrate` goes on.
+async fn install_schema_notify(client: &tokio_postgres::Client) {
+    match client.batch_execute(schema_notify::INSTALL_SQL).await {
+        Ok(()) => println!(
+            "event trigger {} installed: proxies reload their catalog at each DDL",
+            schema_notify::TRIGGER
+        ),
+        Err(e) => eprintln!(
+            "note: event trigger {} not installed ({}): DDL run directly against PostgreSQL \
+             is seen by the proxies within server.catalog_refresh; a superuser can run \
+             `cmk-proxy migrate --print` and install it",
+            schema_notify::TRIGGER,
+            e.as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+        ),
+    }
 }
 
 /// How long `migrate` waits for the brief lock of `ADD CONSTRAINT … NOT

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use uuid::Uuid;
 
 use super::KeyError;
@@ -151,7 +152,25 @@ impl Registry {
 
     /// Opens a new connection of its own (migrations, transactions).
     pub async fn connect_dedicated(&self) -> Result<Client, KeyError> {
-        match self.connect_with(&self.config).await {
+        self.connect_notifying(None).await
+    }
+
+    /// A dedicated connection whose NOTIFY messages (for channels it
+    /// LISTENs on) are sent to the returned receiver; the receiver ends
+    /// when the connection does.
+    pub async fn connect_listening(
+        &self,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Notification>), KeyError> {
+        let (send, receive) = mpsc::unbounded_channel();
+        let client = self.connect_notifying(Some(send)).await?;
+        Ok((client, receive))
+    }
+
+    async fn connect_notifying(
+        &self,
+        notify: Option<mpsc::UnboundedSender<Notification>>,
+    ) -> Result<Client, KeyError> {
+        match self.connect_with(&self.config, notify.clone()).await {
             // libpq's `prefer` tries again without TLS when the TLS attempt
             // fails (a handshake it cannot complete, or a server that
             // refuses the encrypted session); tokio-postgres does not.
@@ -159,7 +178,7 @@ impl Registry {
                 let mut plain = self.config.clone();
                 plain.ssl_mode(SslMode::Disable);
                 tracing::warn!(upstream = %self.authority, error = %e, "registry TLS attempt failed; retrying without TLS (prefer)");
-                self.connect_with(&plain)
+                self.connect_with(&plain, notify)
                     .await
                     .map_err(|again| KeyError::Registry(format!("{e}; and without TLS: {again}")))
             }
@@ -167,27 +186,23 @@ impl Registry {
         }
     }
 
-    async fn connect_with(&self, config: &tokio_postgres::Config) -> Result<Client, KeyError> {
+    async fn connect_with(
+        &self,
+        config: &tokio_postgres::Config,
+        notify: Option<mpsc::UnboundedSender<Notification>>,
+    ) -> Result<Client, KeyError> {
         let unreachable = |e: tokio_postgres::Error| {
             KeyError::Registry(format!("registry {}: {}", self.authority, with_causes(&e)))
         };
         let client = match &self.tls {
             None => {
                 let (client, conn) = config.connect(NoTls).await.map_err(unreachable)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "registry connection closed");
-                    }
-                });
+                tokio::spawn(drive(conn, notify));
                 client
             }
             Some(tls) => {
                 let (client, conn) = config.connect(tls.clone()).await.map_err(unreachable)?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "registry connection closed");
-                    }
-                });
+                tokio::spawn(drive(conn, notify));
                 client
             }
         };
@@ -414,6 +429,34 @@ impl Registry {
         .await
         .map_err(pg_err("rewrap"))?;
         tx.commit().await.map_err(pg_err("rewrap commit"))
+    }
+}
+
+/// Runs a connection until it ends, handing its notifications to `notify`.
+async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    notify: Option<mpsc::UnboundedSender<Notification>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(notification))) => {
+                if let Some(notify) = &notify {
+                    let _ = notify.send(notification);
+                }
+            }
+            Some(Ok(AsyncMessage::Notice(notice))) => {
+                tracing::info!("{}: {}", notice.severity(), notice.message());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "registry connection closed");
+                return;
+            }
+            None => return,
+        }
     }
 }
 

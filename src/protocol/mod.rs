@@ -9,6 +9,7 @@
 //! than the buffer. Neither crate exposes that (pgwire decodes every message
 //! into owned structs; postgres-protocol parses only backend messages).
 
+pub mod encode;
 mod error;
 mod frame;
 pub mod messages;

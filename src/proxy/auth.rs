@@ -5,14 +5,14 @@
 //! channel binding" (`y`), and a server that also runs TLS then reports a
 //! downgrade attack.
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::scram::{ClientExchange, ClientFirst, ScramError, ServerExchange};
 use super::stream::send;
 use super::verifiers::VerifierStore;
-use crate::protocol::{sqlstate, ErrorResponse, FrameHeader, HEADER_LEN};
+use crate::protocol::{encode, sqlstate, ErrorResponse, FrameHeader, HEADER_LEN};
 
 const SASL: u32 = 10;
 const SASL_CONTINUE: u32 = 11;
@@ -67,31 +67,15 @@ async fn read_frame<S: AsyncRead + Unpin>(
 }
 
 fn auth_request(code: u32, data: &[u8]) -> BytesMut {
-    let mut out = BytesMut::with_capacity(9 + data.len());
-    out.put_u8(b'R');
-    out.put_u32((8 + data.len()) as u32);
-    out.put_u32(code);
-    out.extend_from_slice(data);
-    out
+    encode::authentication(code, data)
 }
 
 fn sasl_initial_response(data: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    out.put_u8(b'p');
-    out.put_u32((4 + MECHANISM.len() + 1 + 4 + data.len()) as u32);
-    out.extend_from_slice(MECHANISM.as_bytes());
-    out.put_u8(0);
-    out.put_u32(data.len() as u32);
-    out.extend_from_slice(data.as_bytes());
-    out
+    encode::sasl_initial_response(MECHANISM, data.as_bytes())
 }
 
 fn sasl_response(data: &str) -> BytesMut {
-    let mut out = BytesMut::new();
-    out.put_u8(b'p');
-    out.put_u32((4 + data.len()) as u32);
-    out.extend_from_slice(data.as_bytes());
-    out
+    encode::sasl_response(data.as_bytes())
 }
 
 /// Parses a SASLInitialResponse body: mechanism and data.
@@ -259,10 +243,8 @@ async fn relay_server_error<C: AsyncWrite + Unpin>(
     body: &[u8],
 ) -> Result<AuthOutcome, AuthError> {
     if tag == b'E' {
-        let mut frame = BytesMut::with_capacity(HEADER_LEN + body.len());
-        frame.put_u8(b'E');
-        frame.put_u32((4 + body.len()) as u32);
-        frame.extend_from_slice(body);
+        let mut frame = BytesMut::new();
+        encode::frame(b'E', body, &mut frame);
         send(client, &frame).await?;
         return Ok(AuthOutcome::Failed);
     }

@@ -12,7 +12,6 @@ use bytes::BytesMut;
 use dashmap::DashMap;
 use uuid::Uuid;
 
-use super::statements::ParsePlan;
 use crate::audit::{Audit, AuditEvent};
 use crate::catalog::{self, CatalogMap};
 use crate::config::{DeclaredType, Policy, TableMode};
@@ -24,8 +23,10 @@ use crate::rewrite::{
     TenantSource, ValueSource, WritePlan,
 };
 use crate::values;
+use plans::ParsePlan;
 
 mod plan_cache;
+pub(crate) mod plans;
 mod shapes;
 
 /// How often the catalog is reloaded while a transition view is about to
@@ -129,7 +130,8 @@ pub struct Encryption {
 }
 
 /// A cached Parse plan for one list of declared parameter types.
-type CachedParsePlan = (Vec<u32>, Result<Arc<ParsePlan>, Rejection>);
+/// Declared parameter types, the plan epoch it was made in, the plan.
+type CachedParsePlan = (Vec<u32>, u64, Result<Arc<ParsePlan>, Rejection>);
 
 impl Encryption {
     /// Starts audit, connects the key service (migrating the `cmk` schema and
@@ -159,29 +161,7 @@ impl Encryption {
             plan_epoch: AtomicU64::new(0),
             shapes: shapes::ShapeCache::new(plan_cache_size),
         });
-        // DDL that does not pass through the proxy (migrations run
-        // directly, say) is seen within this interval.
-        // While `cmk-proxy encrypt` is about to swap a table's transition
-        // view in, much sooner (docs/ADOPTING.md, "The swap's instant").
-        let weak = Arc::downgrade(&encryption);
-        let every = encryption.policy.server.catalog_refresh;
-        tokio::spawn(async move {
-            let mut wait = every;
-            loop {
-                tokio::time::sleep(wait).await;
-                match weak.upgrade() {
-                    Some(encryption) => {
-                        encryption.refresh_catalog().await;
-                        wait = if encryption.catalog().awaiting_swap() {
-                            every.min(SWAP_REFRESH)
-                        } else {
-                            every
-                        };
-                    }
-                    None => break,
-                }
-            }
-        });
+        tokio::spawn(follow_schema_changes(Arc::downgrade(&encryption)));
         Ok(encryption)
     }
 
@@ -205,8 +185,9 @@ impl Encryption {
 
     /// Reloads the catalog map (after DDL, and periodically). A load that
     /// began before another one already installed is dropped: an older map
-    /// never replaces a newer one.
-    pub async fn refresh_catalog(&self) {
+    /// never replaces a newer one. `false` when the catalog could not be
+    /// read (the previous map stays).
+    pub async fn refresh_catalog(&self) -> bool {
         let ticket = self.catalog_loads.fetch_add(1, Ordering::AcqRel) + 1;
         let loaded = async {
             let client = super::admin::connect(&self.policy)
@@ -221,31 +202,48 @@ impl Encryption {
             Ok(map) => {
                 if let Ok(mut slot) = self.catalog.write() {
                     if self.catalog_installed.load(Ordering::Acquire) > ticket {
-                        return;
+                        // A load begun later was installed: it is newer.
+                        return true;
                     }
                     self.catalog_installed.store(ticket, Ordering::Release);
+                    if **slot == map {
+                        // Nothing plans depend on changed: they stay valid
+                        // (a periodic reload costs no prepared statement a
+                        // new plan).
+                        return true;
+                    }
                     *slot = Arc::new(map);
                 }
                 // Plans depend on the views the catalog maps.
                 self.clear_parse_plans();
                 self.shapes.clear();
+                true
             }
             Err(error) => {
-                tracing::warn!(%error, "catalog map refresh failed; keeping the previous map")
+                tracing::warn!(%error, "catalog map refresh failed; keeping the previous map");
+                false
             }
         }
     }
 
     /// The plan of a Parse with this SQL and these declared types: cached,
-    /// else made by `plan` (refusals are cached too; DDL is not).
+    /// else made by `plan` (refusals are cached too; DDL is not). `epoch`
+    /// is the plan epoch the caller read before asking: only a plan made in
+    /// that epoch is taken from the cache, and a plan is cached under the
+    /// epoch read before its catalog, so a plan made against an older
+    /// catalog is never found in a newer epoch.
     pub(crate) fn parse_plan(
         &self,
         sql: &str,
         param_types: &[u32],
+        epoch: u64,
         plan: impl FnOnce() -> Result<ParsePlan, Rejection>,
     ) -> Result<Arc<ParsePlan>, Rejection> {
         if let Some(plans) = self.parse_plans.get(sql) {
-            if let Some((_, found)) = plans.iter().find(|(types, _)| types == param_types) {
+            let found = plans
+                .iter()
+                .find(|(types, made_in, _)| *made_in == epoch && types == param_types);
+            if let Some((_, _, found)) = found {
                 return found.clone();
             }
         }
@@ -253,12 +251,18 @@ impl Encryption {
         if !made.as_ref().is_ok_and(|p| p.is_ddl()) {
             // Another session may add its types meanwhile; one of the two
             // is planned again later, never wrongly.
-            let mut plans = self
+            let mut plans: Vec<CachedParsePlan> = self
                 .parse_plans
                 .get(sql)
-                .map(|plans| plans.as_ref().clone())
+                .map(|plans| {
+                    plans
+                        .iter()
+                        .filter(|(_, made_in, _)| *made_in == epoch)
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
-            plans.push((param_types.to_vec(), made.clone()));
+            plans.push((param_types.to_vec(), epoch, made.clone()));
             self.parse_plans.insert(sql.to_owned(), Arc::new(plans));
         }
         made
@@ -269,12 +273,12 @@ impl Encryption {
         self.plan_epoch.load(Ordering::Acquire)
     }
 
-    /// Starts the Parse plan cache over. The epoch moves after the clear:
-    /// a session reads the epoch before it looks a plan up, so a plan it
-    /// found before the clear is kept under the old epoch.
+    /// Starts the Parse plan cache over, in a new epoch. The new catalog is
+    /// installed before the epoch moves: a plan cached under an epoch was
+    /// made against that epoch's catalog or a newer one.
     fn clear_parse_plans(&self) {
-        self.parse_plans.clear();
         self.plan_epoch.fetch_add(1, Ordering::AcqRel);
+        self.parse_plans.clear();
     }
 
     /// Emits a rejection audit event.
@@ -325,11 +329,12 @@ impl Encryption {
         let mut tenant = session.tenant.map(str::to_owned);
         let mut rendered = Vec::with_capacity(analysis.statements.len());
         let needs_rewrite = analysis.needs_rewrite();
-        if analysis
-            .statements
-            .iter()
-            .any(|s| matches!(s, StatementPlan::Read | StatementPlan::Write(_)))
-        {
+        if analysis.statements.iter().any(|s| {
+            matches!(
+                s,
+                StatementPlan::Read | StatementPlan::ReadRowTenants(_) | StatementPlan::Write(_)
+            )
+        }) {
             out.fingerprint = Some(Arc::from(rewrite::fingerprint(sql)));
         }
         // The original statements, re-parsed, render the untouched ones
@@ -362,6 +367,10 @@ impl Encryption {
                     out.tenant_changes.push(change);
                 }
                 StatementPlan::Ddl => out.ddl = true,
+                StatementPlan::ReadRowTenants(read) => {
+                    rendered.push(read.sql);
+                    continue;
+                }
                 StatementPlan::Write(plan) => {
                     let current = SessionInfo {
                         tenant: tenant.as_deref(),
@@ -582,13 +591,16 @@ impl Encryption {
     }
 
     /// Opens one protected cell and returns its canonical plaintext.
-    /// `session_tenant`: cells of other tenants are refused (KM006).
+    /// `session_tenant`: cells of other tenants are refused (KM006);
+    /// `row_tenant`: the tenant of the cell's row, a cell of another tenant
+    /// is refused (KM005: it was moved there).
     pub async fn open_cell(
         &self,
         table: &str,
         column: &str,
         cell: &[u8],
         session_tenant: Option<&str>,
+        row_tenant: Option<&str>,
     ) -> Result<(Option<Arc<str>>, Vec<u8>), CellFailure> {
         let integrity = |tenant: Option<String>, what: &str| CellFailure {
             sqlstate: "KM005",
@@ -625,6 +637,12 @@ impl Encryption {
                 })
             }
         };
+        if row_tenant.is_some_and(|row| row != &*tenant) {
+            return Err(integrity(
+                None,
+                "belongs to another tenant than its row (moved from another tenant's row)",
+            ));
+        }
         if let Some(session) = session_tenant {
             if session != &*tenant {
                 return Err(CellFailure {
@@ -883,4 +901,63 @@ pub fn rejection_query(rejection: &Rejection) -> String {
         rejection.sqlstate,
         quote_literal(&message)
     )
+}
+
+/// Reloads the catalog when DDL run directly against PostgreSQL commits
+/// (the NOTIFY of `migrate`'s event trigger, see `catalog::schema_notify`),
+/// and every `server.catalog_refresh` in any case; ends with the proxy.
+async fn follow_schema_changes(weak: std::sync::Weak<Encryption>) {
+    let Some(every) = weak.upgrade().map(|e| e.policy.server.catalog_refresh) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    let mut listening = None;
+    loop {
+        if listening.is_none() {
+            let Some(encryption) = weak.upgrade() else {
+                return;
+            };
+            listening = listen_for_schema_changes(&encryption.policy).await;
+        }
+        let notified = async {
+            match listening.as_mut() {
+                Some((_, notes)) => notes.recv().await.is_some(),
+                None => std::future::pending().await,
+            }
+        };
+        // While `cmk-proxy encrypt` is about to swap a table's transition
+        // view in, reload often too (docs/ADOPTING.md, "The swap's instant").
+        let swap_pending = weak.upgrade().is_some_and(|e| e.catalog().awaiting_swap());
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = tokio::time::sleep(SWAP_REFRESH), if swap_pending => {}
+            open = notified => {
+                if !open {
+                    // The connection ended: opened again at the next turn.
+                    listening = None;
+                }
+            }
+        }
+        let Some(encryption) = weak.upgrade() else {
+            return;
+        };
+        encryption.refresh_catalog().await;
+    }
+}
+
+/// A connection LISTENing for the schema-change NOTIFY, with its
+/// notifications; `None` when the database cannot be reached (tried again
+/// at the next reload).
+async fn listen_for_schema_changes(
+    policy: &Policy,
+) -> Option<(
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+)> {
+    let registry = crate::keys::Registry::new(policy).ok()?;
+    let (client, notes) = registry.connect_listening().await.ok()?;
+    let listen = format!("LISTEN {}", catalog::schema_notify::CHANNEL);
+    client.batch_execute(&listen).await.ok()?;
+    Some((client, notes))
 }

@@ -14,6 +14,7 @@ mod results;
 pub mod scram;
 mod server;
 mod session;
+mod sql_prepared;
 mod state;
 mod statements;
 mod stream;

@@ -107,6 +107,8 @@ pub(crate) struct StatementWords {
     pub names_own: bool,
     /// It has `execute`, in any case, anywhere.
     pub executes: bool,
+    /// It has the word `prepare` (anywhere, a string too).
+    pub prepares: bool,
 }
 
 /// The words [`StatementWords`] looks for, in this order.
@@ -135,6 +137,7 @@ impl StatementWords {
                 drops: true,
                 names_own: true,
                 executes: true,
+                prepares: true,
             };
         };
         let bytes = sql.as_bytes();
@@ -158,6 +161,7 @@ impl StatementWords {
             drops: deallocate || discard,
             names_own: own_prefix || (unicode_name && (prepare || execute || deallocate)),
             executes: execute,
+            prepares: prepare,
         }
     }
 }

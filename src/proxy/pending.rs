@@ -12,22 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::encryption::plans::ParsePlan;
+pub(crate) use super::encryption::plans::StatementKind;
 use super::results::{PlannedRows, RowPlanMemo};
-use crate::rewrite::{TenantChange, WritePlan};
-
-/// What the proxy does with the executions of a prepared statement.
-#[derive(Debug, Clone)]
-pub(crate) enum StatementKind {
-    /// Parameters pass unchanged; results are decrypted by their columns.
-    Plain,
-    /// A write whose protected values are encrypted at every Bind.
-    Write(Arc<WritePlan>),
-    /// `SET <tenant setting> = …`: changes the session tenant when executed.
-    SetTenant(TenantChange),
-    /// `set_config('<tenant setting>', $n, local)`: the tenant is the value
-    /// each Bind gives parameter `param` (1-based).
-    SetTenantParam { param: usize, local: bool },
-}
+use crate::rewrite::TenantChange;
 
 /// A prepared statement as the proxy knows it.
 #[derive(Debug)]
@@ -55,9 +43,29 @@ pub(crate) struct PreparedStatement {
     /// Its SQL may drop prepared statements (DEALLOCATE, DISCARD) or change
     /// what they return (DDL): each execution makes the proxy forget its own.
     pub drops_statements: bool,
+    /// Result columns the proxy added after the client's (row tenants).
+    pub hidden_results: usize,
     /// The client's unnamed statement runs as one of the proxy's own (see
     /// `own_statements`): its Binds and Describes name that one.
     pub runs_as: Option<RunsAs>,
+    /// The SQL and plan it was prepared with, and the catalog epoch of that
+    /// plan: a Bind after the catalog changed plans it again (see
+    /// [`PlanOrigin`]). `None` for statements the proxy did not plan.
+    pub origin: Option<PlanOrigin>,
+}
+
+/// Where a prepared statement's plan came from. PostgreSQL plans a
+/// prepared statement again when the schema it depends on changes (a view
+/// replaced, a table renamed); the proxy must too, or it would run an
+/// INSERT it planned for an unprotected view on a view that now shows a
+/// protected table.
+#[derive(Debug)]
+pub(crate) struct PlanOrigin {
+    /// The plan the statement runs with (it holds the client's SQL).
+    pub plan: Arc<ParsePlan>,
+    /// The plan-cache epoch `plan` was valid in; moves forward when a
+    /// later epoch's plan is found to run alike.
+    pub epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The SQL and parameter types PostgreSQL runs for a statement: the
@@ -98,7 +106,9 @@ impl PreparedStatement {
             described: AtomicBool::new(false),
             protected_results: std::sync::OnceLock::new(),
             row_plans: Arc::default(),
+            origin: None,
             drops_statements: false,
+            hidden_results: 0,
             runs_as: None,
         }
     }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::encryption::Encryption;
-use super::pending::{Expected, Portal, Shape};
+use super::pending::{Expected, Portal, Shape, StatementKind};
 use super::relay::Interest;
 use super::results::{plan_rows, PlannedRows, ResultPlan};
 use super::state::{EndSettled, SessionState};
@@ -73,6 +73,9 @@ pub struct ResponseTracker {
     skip_to_sync: bool,
     /// A ReadyForQuery held for a catalog refresh.
     ready_out: Option<BytesMut>,
+    /// The cycle that ReadyForQuery answers, when the session's DDL on
+    /// protected data is settled by the refresh (see `SchemaFlux`).
+    flux_cycle: Option<u64>,
     /// The last transaction end of this cycle was a ROLLBACK (undoes tenant
     /// changes).
     rolled_back: bool,
@@ -353,6 +356,12 @@ impl ResponseTracker {
         state.cycle_answered(cycle);
         if frame.last() == Some(&b'I') {
             state.end_tenant_transaction(rolled_back, cycle);
+            // The session's DDL is committed (or rolled back): the proxy's
+            // catalog connection sees it now.
+            if state.flux_due(cycle) {
+                refresh = true;
+                self.flux_cycle = Some(cycle);
+            }
         }
         if swallowed {
             return Step::Drop;
@@ -486,7 +495,12 @@ impl ResponseTracker {
         let Ok(mut oids) = decode_parameter_description(&frame[HEADER_LEN..]) else {
             return Step::Forward;
         };
-        if oids.len() == statement.client_params && statement.presented.is_empty() {
+        // Only a rewritten write has parameters of the proxy's to hide,
+        // or parameters shown with their plaintext type.
+        let rewritten = matches!(statement.kind, StatementKind::Write(_));
+        if !rewritten && statement.presented.is_empty()
+            || oids.len() == statement.client_params && statement.presented.is_empty()
+        {
             return Step::Forward;
         }
         oids.truncate(statement.client_params);
@@ -545,8 +559,20 @@ impl ResponseTracker {
 
     /// Refreshes the catalog map after DDL, then returns the held
     /// ReadyForQuery.
-    pub async fn ready(&mut self, frame: &[u8], encryption: &Encryption) -> BytesMut {
-        encryption.refresh_catalog().await;
+    pub async fn ready(
+        &mut self,
+        frame: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> BytesMut {
+        let reloaded = encryption.refresh_catalog().await;
+        if let Some(cycle) = self.flux_cycle.take() {
+            // A failed reload keeps the names in flux: statements on them
+            // stay refused, and the next ReadyForQuery tries again.
+            if reloaded {
+                state.settle_flux(cycle);
+            }
+        }
         self.ready_out
             .take()
             .unwrap_or_else(|| BytesMut::from(frame))

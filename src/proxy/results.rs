@@ -15,7 +15,7 @@ use crate::protocol::messages::{
     Field, Malformed,
 };
 use crate::protocol::{ErrorResponse, HEADER_LEN};
-use crate::values;
+use crate::{rewrite, values};
 
 /// A protected column of the current result set.
 #[derive(Debug)]
@@ -28,6 +28,30 @@ struct PlannedColumn {
     binary: bool,
     /// The client wants the plaintext in binary.
     client_binary: bool,
+    /// Where its row's tenant is.
+    row_tenant: RowTenant,
+}
+
+/// Where the tenant of a protected cell's row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowTenant {
+    /// Nowhere (a result the proxy did not add tenant columns to, such as
+    /// RETURNING): the cell's own tenant and the session's are checked.
+    Unchecked,
+    /// The hidden field of this index in `ResultLayout::row_tenants`.
+    Field(usize),
+    /// The proxy added tenant columns, but none (or several) of this
+    /// column's table: its cells are refused.
+    Unknown,
+}
+
+/// A result field the proxy added that names a row's tenant.
+#[derive(Debug)]
+struct RowTenantField {
+    index: usize,
+    table: Arc<str>,
+    binary: bool,
+    type_oid: u32,
 }
 
 /// What the rows of a result set need: planned once per RowDescription
@@ -35,8 +59,10 @@ struct PlannedColumn {
 #[derive(Debug)]
 pub struct ResultLayout {
     columns: Vec<PlannedColumn>,
-    /// Field indexes removed from the result (EDEK, blind index).
+    /// Field indexes removed from the result (EDEK, blind index, row tenants).
     hidden: Vec<usize>,
+    /// The row-tenant fields the proxy added.
+    row_tenants: Vec<RowTenantField>,
     /// Unmapped bytea fields (index, binary, name): a cell there that is an
     /// envelope reached the result through a view, function or expression.
     watched: Vec<(usize, bool, String)>,
@@ -224,7 +250,12 @@ fn plan_fields<'f>(
     let mut hidden = Vec::new();
     let mut watched = Vec::new();
     let mut shown: Vec<Field<'f>> = Vec::with_capacity(fields.len());
+    let row_tenants = row_tenant_fields(fields, catalog);
     for (index, field) in fields.iter().enumerate() {
+        if row_tenants.iter().any(|t| t.index == index) {
+            hidden.push(index);
+            continue;
+        }
         match catalog.lookup(field.table_oid, field.column) {
             Some(col) => match col.role {
                 ColumnRole::Protected(ty) => {
@@ -237,6 +268,7 @@ fn plan_fields<'f>(
                         ty,
                         binary: field.format == 1,
                         client_binary: client_format == 1,
+                        row_tenant: row_tenant_of(&row_tenants, &col.table),
                     });
                     shown.push(Field {
                         type_oid: ty.oid(),
@@ -269,6 +301,7 @@ fn plan_fields<'f>(
         ResultLayout {
             columns,
             hidden,
+            row_tenants,
             watched,
             watch_all: false,
             column_names,
@@ -293,12 +326,76 @@ impl ResultPlan {
         let layout = ResultLayout {
             columns: Vec::new(),
             hidden: Vec::new(),
+            row_tenants: Vec::new(),
             watched: Vec::new(),
             watch_all: true,
             column_names: Arc::from(Vec::new()),
         };
         Self::new(Arc::new(layout), fingerprint)
     }
+}
+
+/// The row-tenant fields the proxy added to a result: named
+/// [`rewrite::ROW_TENANT_COLUMN`] and, by the catalog, a tenant column.
+fn row_tenant_fields(fields: &[Field<'_>], catalog: &CatalogMap) -> Vec<RowTenantField> {
+    fields
+        .iter()
+        .enumerate()
+        .filter(|(_, field)| field.name == rewrite::ROW_TENANT_COLUMN)
+        .filter_map(|(index, field)| {
+            let column = catalog.lookup(field.table_oid, field.column)?;
+            matches!(column.role, ColumnRole::Tenant).then(|| RowTenantField {
+                index,
+                table: column.table.clone(),
+                binary: field.format == 1,
+                type_oid: field.type_oid,
+            })
+        })
+        .collect()
+}
+
+/// Where the rows of `table` name their tenant among `fields`.
+fn row_tenant_of(fields: &[RowTenantField], table: &Arc<str>) -> RowTenant {
+    if fields.is_empty() {
+        return RowTenant::Unchecked;
+    }
+    let mut of_table = fields.iter().enumerate().filter(|(_, f)| f.table == *table);
+    match (of_table.next(), of_table.next()) {
+        (Some((i, _)), None) => RowTenant::Field(i),
+        _ => RowTenant::Unknown,
+    }
+}
+
+/// A row's tenant as text, from its text or binary form.
+fn tenant_text(raw: &[u8], binary: bool, type_oid: u32) -> Option<String> {
+    const BPCHAR: u32 = 1042;
+    let text = |raw: &[u8]| {
+        let text = std::str::from_utf8(raw).ok()?;
+        // char(n) pads with spaces; the tenant is the value without them.
+        Some(match type_oid {
+            BPCHAR => text.trim_end_matches(' ').to_owned(),
+            _ => text.to_owned(),
+        })
+    };
+    if !binary {
+        return text(raw);
+    }
+    match type_oid {
+        // text, varchar, name, bpchar: their binary form is their text.
+        25 | 1043 | 19 | BPCHAR => text(raw),
+        21 => Some(i16::from_be_bytes(raw.try_into().ok()?).to_string()),
+        23 => Some(i32::from_be_bytes(raw.try_into().ok()?).to_string()),
+        20 => Some(i64::from_be_bytes(raw.try_into().ok()?).to_string()),
+        2950 => Some(uuid::Uuid::from_slice(raw).ok()?.hyphenated().to_string()),
+        _ => None,
+    }
+}
+
+fn no_row_tenant(column: &PlannedColumn) -> String {
+    format!(
+        "cmk-proxy: integrity failure: a cell of {}.{} is in a row whose tenant cmk-proxy cannot read",
+        column.table, column.column
+    )
 }
 
 impl ResultPlan {
@@ -356,8 +453,28 @@ impl ResultPlan {
                     }
                 }
             };
+            let owner = match column.row_tenant {
+                RowTenant::Unchecked => None,
+                RowTenant::Field(i) => {
+                    let named = layout.row_tenants.get(i).and_then(|field| {
+                        let raw = cells.get(field.index).copied().flatten()?;
+                        tenant_text(raw, field.binary, field.type_oid)
+                    });
+                    match named {
+                        Some(tenant) => Some(tenant),
+                        None => return Err(self.fail("KM005", &no_row_tenant(column))),
+                    }
+                }
+                RowTenant::Unknown => return Err(self.fail("KM005", &no_row_tenant(column))),
+            };
             let (tenant, plaintext) = match encryption
-                .open_cell(&column.table, &column.column, &envelope, session_tenant)
+                .open_cell(
+                    &column.table,
+                    &column.column,
+                    &envelope,
+                    session_tenant,
+                    owner.as_deref(),
+                )
                 .await
             {
                 Ok(done) => done,
@@ -415,5 +532,54 @@ impl ResultPlan {
     /// The audit counts of this result.
     pub fn take_batch(&mut self) -> DecryptBatch {
         std::mem::take(&mut self.batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rows_tenant_reads_the_same_in_text_and_binary() {
+        assert_eq!(tenant_text(b"acme", false, 25).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme", true, 1043).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme  ", true, 1042).as_deref(), Some("acme"));
+        assert_eq!(tenant_text(b"acme  ", false, 1042).as_deref(), Some("acme"));
+        assert_eq!(
+            tenant_text(&42i32.to_be_bytes(), true, 23).as_deref(),
+            Some("42")
+        );
+        assert_eq!(tenant_text(b"42", false, 23).as_deref(), Some("42"));
+        assert_eq!(
+            tenant_text(&(-7i64).to_be_bytes(), true, 20).as_deref(),
+            Some("-7")
+        );
+        let id = uuid::Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(
+            tenant_text(id.as_bytes(), true, 2950).as_deref(),
+            Some("01234567-89ab-cdef-0123-456789abcdef")
+        );
+        // A binary form it cannot read, or a wrong length: no tenant.
+        assert_eq!(tenant_text(b"\x00\x01", true, 23), None);
+        assert_eq!(tenant_text(b"x", true, 1700), None);
+        assert_eq!(tenant_text(b"\xff", false, 25), None);
+    }
+
+    #[test]
+    fn each_protected_column_pairs_with_its_own_tables_row_tenant() {
+        let field = |index, table: &str| RowTenantField {
+            index,
+            table: Arc::from(table),
+            binary: false,
+            type_oid: 25,
+        };
+        let patients: Arc<str> = Arc::from("public.patients");
+        assert_eq!(row_tenant_of(&[], &patients), RowTenant::Unchecked);
+        let fields = [field(3, "public.visits"), field(4, "public.patients")];
+        assert_eq!(row_tenant_of(&fields, &patients), RowTenant::Field(1));
+        let only_visits = [field(3, "public.visits")];
+        assert_eq!(row_tenant_of(&only_visits, &patients), RowTenant::Unknown);
+        let twice = [field(3, "public.patients"), field(4, "public.patients")];
+        assert_eq!(row_tenant_of(&twice, &patients), RowTenant::Unknown);
     }
 }

@@ -25,7 +25,7 @@ use super::ServerContext;
 use crate::config::ScramPassthrough;
 use crate::protocol::{
     backend, frontend, rewrite_sasl_mechanisms, sqlstate, ErrorResponse, FrameHeader,
-    StartupPacket, StartupParams, CANCEL_REQUEST_CODE,
+    StartupPacket, StartupParams,
 };
 
 /// Serves one accepted client connection to its end.
@@ -251,6 +251,7 @@ async fn run_session(
         tenant_undo: Mutex::new(Default::default()),
         pending: PendingQueue::new(),
         refresh_catalog: AtomicBool::new(false),
+        schema_flux: Default::default(),
         nonstandard_strings: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
         own_statements: Mutex::new(Default::default()),
@@ -660,11 +661,7 @@ impl Inspector for ServerInspector<'_> {
                 return Verdict::Forward;
             }
             backend::BACKEND_KEY_DATA => {
-                if body.len() >= 8 {
-                    let mut packet = [0u8; 16];
-                    packet[..4].copy_from_slice(&16u32.to_be_bytes());
-                    packet[4..8].copy_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
-                    packet[8..16].copy_from_slice(&body[..8]);
+                if let Some(packet) = crate::protocol::encode::cancel_request(body) {
                     if let Ok(mut slot) = self.state.cancel_packet.lock() {
                         *slot = Some(packet);
                     }
@@ -745,7 +742,7 @@ where
             if let Some(encryption) = encryption {
                 let tracker = &mut inspector.tracker;
                 let out = if frame.first() == Some(&backend::READY_FOR_QUERY) {
-                    Box::pin(tracker.ready(&frame, encryption)).await
+                    Box::pin(tracker.ready(&frame, encryption, state)).await
                 } else {
                     Box::pin(tracker.decrypt(&frame, encryption, state)).await
                 };

@@ -1,6 +1,6 @@
 //! State shared by the two directions of one session.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
@@ -124,6 +124,9 @@ pub(crate) struct SessionState {
     /// A DDL statement was parsed (extended protocol): the next Sync's
     /// ReadyForQuery reloads the catalog.
     pub(crate) refresh_catalog: AtomicBool,
+    /// Relation names changed by the session's DDL on protected data that
+    /// the catalog may not show yet (see `rewrite::schema_flux`).
+    pub(crate) schema_flux: Mutex<SchemaFlux>,
     /// A read failed inside a transaction: before the client's next message
     /// the server transaction is made to fail too.
     pub(crate) poison: Poison,
@@ -138,7 +141,56 @@ pub(crate) struct SessionState {
     pub(crate) client_addr: String,
 }
 
+/// DDL on protected data the session sent whose effect the catalog may not
+/// show: its own connection sees the change at once, the proxy's catalog
+/// connection only after the transaction commits.
+#[derive(Debug, Default)]
+pub(crate) struct SchemaFlux {
+    /// Relation names the DDL created, replaced, altered or renamed.
+    names: HashSet<String>,
+    /// Such DDL was sent: the catalog is reloaded at the ReadyForQuery,
+    /// outside a transaction, that answers `last_cycle` or a later cycle.
+    pending: bool,
+    last_cycle: u64,
+}
+
 impl SessionState {
+    /// The names in flux, when there are any (else `None`, the usual case).
+    pub(crate) fn flux_names(&self) -> Option<HashSet<String>> {
+        let flux = self.schema_flux.lock().ok()?;
+        (!flux.names.is_empty()).then(|| flux.names.clone())
+    }
+
+    /// DDL on protected data sent in request cycle `cycle`, changing `names`.
+    pub(crate) fn add_flux(&self, names: Vec<String>, cycle: u64) {
+        let mut flux = self
+            .schema_flux
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        flux.names.extend(names);
+        flux.pending = true;
+        flux.last_cycle = flux.last_cycle.max(cycle);
+    }
+
+    /// True when a ReadyForQuery outside a transaction that answers cycle
+    /// `answered` must reload the catalog for the session's DDL.
+    pub(crate) fn flux_due(&self, answered: u64) -> bool {
+        self.schema_flux
+            .lock()
+            .is_ok_and(|flux| flux.pending && flux.last_cycle <= answered)
+    }
+
+    /// The catalog was reloaded after the ReadyForQuery that answered cycle
+    /// `answered`, outside a transaction: DDL sent up to it is in the
+    /// catalog (or was rolled back), and its names are in flux no more.
+    pub(crate) fn settle_flux(&self, answered: u64) {
+        if let Ok(mut flux) = self.schema_flux.lock() {
+            if flux.last_cycle <= answered {
+                *flux = SchemaFlux::default();
+            }
+        }
+    }
+
     /// A request cycle (Query, Sync, FunctionCall, injected query) is sent:
     /// one ReadyForQuery more is owed.
     pub(crate) fn cycle_sent(&self) {

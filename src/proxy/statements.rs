@@ -9,21 +9,25 @@
 //! transaction state.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 
+use super::encryption::plans::ParsePlan;
 use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
 use super::own_statements::{
     is_own_name, statement_name, OwnStatements, StatementUse, StatementWords, NAME_PREFIX,
 };
 use super::pending::{
-    Expected, Portal, PreparedStatement, Refusal, RunsAs, ServerSql, Shape, StatementKind,
+    Expected, PlanOrigin, Portal, PreparedStatement, Refusal, RunsAs, ServerSql, Shape,
+    StatementKind,
 };
 use super::recent_parses::{RecentParses, Remembered};
-use super::results::{protected_result_columns, RowPlanMemo};
+use super::results::protected_result_columns;
+use super::sql_prepared::SqlPrepared;
 use super::state::SessionState;
+use crate::protocol::encode::{self, Target};
 use crate::protocol::messages::{format_of, Bind, Parse};
 use crate::protocol::{frontend, HEADER_LEN};
 use crate::rewrite::{self, Rejection, StatementPlan, TenantChange, ValueSource};
@@ -66,22 +70,15 @@ fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     if bound.returns_rows {
         describe_portal(&mut out, "");
     }
-    out.put_u8(frontend::EXECUTE);
-    out.put_u32(9);
-    out.put_u8(0);
-    out.put_u32(0);
-    out.put_u8(frontend::SYNC);
-    out.put_u32(4);
+    encode::execute("", 0, &mut out);
+    encode::sync(&mut out);
     out
 }
 
 /// Builds a Query message.
 fn query_message(sql: &str) -> BytesMut {
-    let mut out = BytesMut::with_capacity(sql.len() + 6);
-    out.put_u8(frontend::QUERY);
-    out.put_u32((sql.len() + 5) as u32);
-    out.extend_from_slice(sql.as_bytes());
-    out.put_u8(0);
+    let mut out = BytesMut::new();
+    encode::query(sql, &mut out);
     out
 }
 
@@ -127,19 +124,30 @@ fn wire_formats(
     client: &[i16],
     encryption: &Encryption,
 ) -> Option<Vec<i16>> {
+    // A format per column: the columns the proxy added (row tenants) are
+    // read as text.
+    let padded = (statement.hidden_results > 0 && client.len() > 1).then(|| {
+        let mut formats = client.to_vec();
+        formats.resize(client.len() + statement.hidden_results, 0);
+        formats
+    });
+    let client = padded.as_deref().unwrap_or(client);
     let (count, protected) = match statement.protected_results.get() {
         Some(known) => known,
         None => {
-            let shape = statement.shape.lock().ok()?.clone()?;
-            let Shape::Rows(frame) = shape else {
-                return None;
+            let Some(Some(Shape::Rows(frame))) =
+                statement.shape.lock().ok().map(|shape| shape.clone())
+            else {
+                return padded;
             };
-            let known = protected_result_columns(&frame, &encryption.catalog()).ok()?;
+            let Ok(known) = protected_result_columns(&frame, &encryption.catalog()) else {
+                return padded;
+            };
             statement.protected_results.get_or_init(|| known)
         }
     };
     if protected.iter().all(|i| format_of(client, *i) == 1) {
-        return None;
+        return padded;
     }
     let mut formats: Vec<i16> = (0..*count).map(|i| format_of(client, i)).collect();
     for index in protected {
@@ -185,6 +193,8 @@ pub struct ClientStatements {
     next_retirement: u64,
     /// The Parses sent last, recognised again by their bytes.
     recent: RecentParses<ParsePlan>,
+    /// The session's SQL-level prepared statements.
+    sql_prepared: SqlPrepared,
 }
 
 impl ClientStatements {
@@ -204,68 +214,7 @@ impl ClientStatements {
                 ClientStep::Async
             }
             Some(frontend::PARSE) => self.parse(frame, body, encryption, state),
-            Some(frontend::BIND) => match Bind::decode(body) {
-                Ok(bind) if self.bind_is_ambiguous(&bind, state) => refuse_bind_after(
-                    BytesMut::new(),
-                    encryption,
-                    state,
-                    ambiguous_statement(bind.statement),
-                ),
-                Ok(bind) if is_own_name(bind.statement) => {
-                    refuse_bind_after(BytesMut::new(), encryption, state, own_name_rejection())
-                }
-                Ok(bind)
-                    if matches!(self.statement(bind.statement).kind, StatementKind::Write(_)) =>
-                {
-                    ClientStep::Async
-                }
-                Ok(bind) => {
-                    let statement = self.statement(bind.statement);
-                    let mut out = BytesMut::new();
-                    let own = match statement
-                        .runs_as
-                        .as_ref()
-                        .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
-                        .transpose()
-                    {
-                        Ok(own) => own,
-                        Err(rejection) => {
-                            return refuse_bind_after(out, encryption, state, rejection)
-                        }
-                    };
-                    let wire = wire_formats(&statement, &bind.result_formats, encryption);
-                    self.bind_portal(&bind, statement.clone(), wire.clone());
-                    state.pending.push(Expected::Bind {
-                        refusal: None,
-                        own: own.as_ref().map(|(number, _)| *number),
-                    });
-                    if own.is_none() && wire.is_none() {
-                        return ClientStep::Forward;
-                    }
-                    out.reserve(frame.len() + 64);
-                    Bind {
-                        statement: own.as_ref().map_or(bind.statement, |(_, name)| name),
-                        result_formats: wire.unwrap_or_else(|| bind.result_formats.clone()),
-                        ..bind
-                    }
-                    .encode(&mut out);
-                    ClientStep::Replace(out)
-                }
-                Err(_) => {
-                    // Malformed, or names in another client encoding: the
-                    // proxy cannot tell which statement it binds (a write
-                    // would get plaintext), so it refuses it.
-                    let rejection = Rejection {
-                        sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
-                        table: None,
-                        column: None,
-                        message: "cmk-proxy: a Bind message it cannot read (malformed, or \
-                                  names that are not UTF-8)"
-                            .to_owned(),
-                    };
-                    refuse_bind_after(BytesMut::new(), encryption, state, rejection)
-                }
-            },
+            Some(frontend::BIND) => self.bind(frame, body, encryption, state),
             Some(frontend::DESCRIBE) => {
                 // A malformed Describe fails at the server like any other.
                 match target(body).unwrap_or((b'P', "")) {
@@ -334,6 +283,73 @@ impl ClientStatements {
         }
     }
 
+    /// A Bind that needs no keys is sent on (to the proxy's own statement
+    /// when the client's runs as one); a Bind of a write is left to
+    /// `finish`; one the proxy cannot tell the statement of is refused.
+    fn bind(
+        &mut self,
+        frame: &[u8],
+        body: &[u8],
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> ClientStep {
+        let Ok(bind) = Bind::decode(body) else {
+            // Malformed, or names in another client encoding: the proxy
+            // cannot tell which statement it binds (a write would get
+            // plaintext), so it refuses it.
+            let rejection = Rejection {
+                sqlstate: crate::protocol::sqlstate::PROTOCOL_VIOLATION,
+                table: None,
+                column: None,
+                message: "cmk-proxy: a Bind message it cannot read (malformed, or \
+                          names that are not UTF-8)"
+                    .to_owned(),
+            };
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        };
+        if self.bind_is_ambiguous(&bind, state) {
+            let rejection = ambiguous_statement(bind.statement);
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        }
+        if is_own_name(bind.statement) {
+            return refuse_bind_after(BytesMut::new(), encryption, state, own_name_rejection());
+        }
+        if let Err(rejection) = self.replan_if_stale(bind.statement, encryption, state) {
+            return refuse_bind_after(BytesMut::new(), encryption, state, rejection);
+        }
+        let statement = self.statement(bind.statement);
+        if matches!(statement.kind, StatementKind::Write(_)) {
+            return ClientStep::Async;
+        }
+        let mut out = BytesMut::new();
+        let own = match statement
+            .runs_as
+            .as_ref()
+            .map(|runs_as| own_statement_of(runs_as, encryption, state, &mut out))
+            .transpose()
+        {
+            Ok(own) => own,
+            Err(rejection) => return refuse_bind_after(out, encryption, state, rejection),
+        };
+        let wire = wire_formats(&statement, &bind.result_formats, encryption);
+        self.bind_portal(&bind, statement.clone(), wire.clone());
+        state.pending.push(Expected::Bind {
+            refusal: None,
+            own: own.as_ref().map(|(number, _)| *number),
+        });
+        if own.is_none() && wire.is_none() {
+            return ClientStep::Forward;
+        }
+        out.reserve(frame.len() + 64);
+        Bind {
+            statement: own.as_ref().map_or(bind.statement, |(_, name)| name),
+            result_formats: wire.unwrap_or_else(|| bind.result_formats.clone()),
+            ..bind
+        }
+        .encode(&mut out);
+        ClientStep::Replace(out)
+    }
+
     /// Handles a message `on_frame` left for async work; returns the bytes
     /// to send instead of it.
     pub async fn finish(
@@ -348,7 +364,8 @@ impl ClientStatements {
                 let executes = |name: &str| {
                     self.statements.contains_key(name) || self.retired.contains_key(name)
                 };
-                simple_query(frame, body, encryption, state, executes).await
+                let sql_prepared = &mut self.sql_prepared;
+                simple_query(frame, body, encryption, state, executes, sql_prepared).await
             }
             Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
             _ => BytesMut::from(frame),
@@ -418,6 +435,55 @@ impl ClientStatements {
                 bind.params.len() == server_params
             }
         }
+    }
+
+    /// Plans statement `name` again when the catalog changed since it was
+    /// planned, as PostgreSQL plans a prepared statement again after the
+    /// schema it depends on changed. When the new plan runs exactly as the
+    /// old one, the statement is current again; otherwise (a view it writes
+    /// now shows a protected table, say) binding it is refused: the server
+    /// would run it on the new schema, the proxy on the old plan.
+    /// While names are in flux (see `follow_schema_flux`), a statement
+    /// prepared before the DDL that names one is refused too.
+    fn replan_if_stale(
+        &self,
+        name: &str,
+        encryption: &Encryption,
+        state: &SessionState,
+    ) -> Result<(), Rejection> {
+        let Some(statement) = self.statements.get(name) else {
+            return Ok(());
+        };
+        let Some(origin) = statement.origin.as_ref() else {
+            return Ok(());
+        };
+        if let Some(in_flux) = state.flux_names() {
+            let catalog = encryption.catalog();
+            let sql = &origin.plan.sql;
+            rewrite::schema_flux(encryption.policy(), catalog.schema_facts(), sql, &in_flux)?;
+        }
+        let epoch = encryption.plan_epoch();
+        if origin.epoch.load(Ordering::Acquire) == epoch {
+            return Ok(());
+        }
+        let old = &origin.plan;
+        let new = encryption
+            .parse_plan(&old.sql, &statement.declared, epoch, || {
+                plan_sql(&old.sql, &statement.declared, encryption)
+            })
+            .map_err(|rejection| Rejection {
+                message: format!(
+                    "{} (the schema changed since {} was prepared)",
+                    rejection.message,
+                    shown_name(name)
+                ),
+                ..rejection
+            })?;
+        if !old.runs_as(&new) {
+            return Err(schema_changed(name));
+        }
+        origin.epoch.store(epoch, Ordering::Release);
+        Ok(())
     }
 
     fn statement(&self, name: &str) -> Arc<PreparedStatement> {
@@ -504,16 +570,28 @@ impl ClientStatements {
             state.own_statements(OwnStatements::clear);
         }
         let own_name = is_own_name(parse.name) || words.names_own;
-        let refusal = own_name.then(own_name_rejection).or_else(|| {
-            sql_execute_refusal(parse.query, words, |n| {
-                self.statements.contains_key(n) || self.retired.contains_key(n)
+        let refusal = own_name
+            .then(own_name_rejection)
+            .or_else(|| {
+                sql_execute_refusal(parse.query, words, |n| {
+                    self.statements.contains_key(n) || self.retired.contains_key(n)
+                })
             })
-        });
+            .or_else(|| {
+                self.sql_prepared
+                    .refusal(parse.query, words, encryption, state)
+            });
         let epoch = encryption.plan_epoch();
         let planned = match refusal {
             Some(rejection) => Err(rejection),
-            None => plan_parse(&parse, encryption, state),
+            None => plan_parse(&parse, epoch, encryption, state),
         };
+        // The Parse is in the cycle its coming Sync ends.
+        let cycle = state.cycles_sent.load(Ordering::Acquire) + 1;
+        let planned = planned.and_then(|(plan, replacement)| {
+            follow_schema_flux(parse.query, plan.ddl, cycle, encryption, state)?;
+            Ok((plan, replacement))
+        });
         let (plan, replacement) = match planned {
             Ok(planned) => planned,
             Err(rejection) => {
@@ -531,7 +609,8 @@ impl ClientStatements {
             };
             self.recent.remember(body, epoch, entry);
         }
-        let statement = statement_of(&plan, parse.param_types, words.drops);
+        self.sql_prepared.follow(parse.query, words);
+        let statement = statement_of(&plan, epoch, parse.param_types, words.drops);
         self.define(parse.name, statement, replacement, frame, state)
     }
 
@@ -544,11 +623,12 @@ impl ClientStatements {
         encryption: &Encryption,
         state: &SessionState,
     ) -> Option<ClientStep> {
-        if state.nonstandard_strings.load(Ordering::Acquire) {
+        if state.nonstandard_strings.load(Ordering::Acquire) || state.flux_names().is_some() {
             return None;
         }
-        let seen = self.recent.find(body, encryption.plan_epoch())?;
-        let statement = statement_of(&seen.plan, seen.declared.clone(), false);
+        let epoch = encryption.plan_epoch();
+        let seen = self.recent.find(body, epoch)?;
+        let statement = statement_of(&seen.plan, epoch, seen.declared.clone(), false);
         // In a failed transaction the client's Parse must fail as the
         // server's answer to it would (25P02); an empty Parse would not.
         let aborted = state.tx_status.load(Ordering::Acquire) == b'E';
@@ -815,42 +895,18 @@ fn bound_tenant(statement: &PreparedStatement, bind: &Bind<'_>) -> Option<Tenant
     Some(TenantChange::to(tenant, local))
 }
 
-/// What the proxy makes of one Parse (SQL and declared parameter types),
-/// shared by every session that sends the same one until the catalog
-/// changes: drivers that use unnamed statements send the same Parse for
-/// every execution.
-#[derive(Debug)]
-pub struct ParsePlan {
-    kind: StatementKind,
-    client_params: usize,
-    presented: Vec<(usize, u32)>,
-    fingerprint: Arc<str>,
-    /// SQL and parameter types sent instead of the client's.
-    rewritten: Option<(String, Vec<u32>)>,
-    /// The statement changes the schema.
-    ddl: bool,
-    /// The plans of its result rows, shared by the sessions that prepare it.
-    row_plans: Arc<RowPlanMemo>,
-}
-
-impl ParsePlan {
-    /// True when the statement changes the schema (never cached).
-    pub fn is_ddl(&self) -> bool {
-        self.ddl
-    }
-}
-
 /// Plans a Parse: the shared plan, and the Parse to send instead (`None`:
 /// the original). `Err`: refused.
 fn plan_parse(
     parse: &Parse<'_>,
+    epoch: u64,
     encryption: &Encryption,
     state: &SessionState,
 ) -> Result<(Arc<ParsePlan>, Option<BytesMut>), Rejection> {
     if let Some(rejection) = nonstandard_strings_refusal(parse.query, encryption, state) {
         return Err(rejection);
     }
-    let plan = encryption.parse_plan(parse.query, &parse.param_types, || {
+    let plan = encryption.parse_plan(parse.query, &parse.param_types, epoch, || {
         plan_sql(parse.query, &parse.param_types, encryption)
     })?;
     if plan.ddl {
@@ -971,12 +1027,22 @@ fn own_statement_now(
 
 /// The statement as the proxy tracks it, from its plan and the parameter
 /// types the client `declared`; `drops`: its SQL may drop statements.
-fn statement_of(plan: &ParsePlan, declared: Vec<u32>, drops: bool) -> PreparedStatement {
+fn statement_of(
+    plan: &Arc<ParsePlan>,
+    epoch: u64,
+    declared: Vec<u32>,
+    drops: bool,
+) -> PreparedStatement {
     let mut statement = PreparedStatement::plain(plan.client_params, plan.fingerprint.clone());
+    statement.origin = Some(PlanOrigin {
+        plan: Arc::clone(plan),
+        epoch: AtomicU64::new(epoch),
+    });
     statement.declared = declared;
     statement.presented = plan.presented.clone();
     statement.row_plans = plan.row_plans.clone();
     statement.kind = plan.kind.clone();
+    statement.hidden_results = plan.hidden_results;
     // DDL may change what a statement of the proxy's returns (0A000).
     statement.drops_statements = plan.ddl || drops;
     statement
@@ -996,6 +1062,7 @@ fn plan_sql(
         param_types.len(),
     )?;
     let mut plan = ParsePlan {
+        sql: Arc::from(query),
         kind: StatementKind::Plain,
         client_params: analysis.client_params,
         presented: Vec::new(),
@@ -1005,6 +1072,7 @@ fn plan_sql(
             .statements
             .iter()
             .any(|s| matches!(s, StatementPlan::Ddl)),
+        hidden_results: 0,
         row_plans: Arc::default(),
     };
     // The server refuses several statements in one Parse by itself.
@@ -1014,6 +1082,11 @@ fn plan_sql(
     match statement {
         StatementPlan::Untouched | StatementPlan::Ddl => {}
         StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
+        StatementPlan::ReadRowTenants(read) => {
+            plan.fingerprint = Arc::from(rewrite::fingerprint(query));
+            plan.rewritten = Some((read.sql.clone(), param_types.to_vec()));
+            plan.hidden_results = read.hidden;
+        }
         StatementPlan::SetTenant(change) => plan.kind = StatementKind::SetTenant(change.clone()),
         StatementPlan::SetTenantParam { param, local } => {
             plan.kind = StatementKind::SetTenantParam {
@@ -1106,13 +1179,7 @@ fn refused_parse(
         own: None,
         swallow: false,
     });
-    out.put_u8(frontend::PARSE);
-    out.put_u32((4 + name.len() + 1 + REFUSED_SQL.len() + 1 + 2) as u32);
-    out.extend_from_slice(name);
-    out.put_u8(0);
-    out.extend_from_slice(REFUSED_SQL.as_bytes());
-    out.put_u8(0);
-    out.put_i16(0);
+    encode::parse_raw_name(name, REFUSED_SQL, out);
 }
 
 /// A Bind the proxy refuses: after `out` (messages already due), the
@@ -1141,6 +1208,59 @@ fn refuse_bind_after(
     ClientStep::Replace(out)
 }
 
+/// Follows the session's schema flux through `sql` (see
+/// `rewrite::schema_flux`): refuses a statement on a relation the
+/// session's uncommitted DDL changed, and puts the names of DDL on
+/// protected data in flux (`cycle`: the request cycle that carries it).
+/// Costs nothing unless the statement is DDL or names are in flux.
+fn follow_schema_flux(
+    sql: &str,
+    ddl: bool,
+    cycle: u64,
+    encryption: &Encryption,
+    state: &SessionState,
+) -> Result<(), Rejection> {
+    let in_flux = state.flux_names();
+    if in_flux.is_none() && !ddl {
+        return Ok(());
+    }
+    let catalog = encryption.catalog();
+    let changed = rewrite::schema_flux(
+        encryption.policy(),
+        catalog.schema_facts(),
+        sql,
+        &in_flux.unwrap_or_default(),
+    )?;
+    if let Some(names) = changed {
+        state.add_flux(names, cycle);
+    }
+    Ok(())
+}
+
+/// The refusal of a Bind of a statement whose plan the schema changed
+/// under (see `ClientStatements::replan`).
+fn schema_changed(name: &str) -> Rejection {
+    let shown = shown_name(name);
+    Rejection {
+        sqlstate: rewrite::KM003,
+        table: None,
+        column: None,
+        message: format!(
+            "cmk-proxy: the schema changed since {shown} was prepared, and the change touches \
+             protected data: prepare the statement again"
+        ),
+    }
+}
+
+/// A prepared statement's name as messages show it.
+fn shown_name(name: &str) -> String {
+    if name.is_empty() {
+        "the unnamed statement".to_owned()
+    } else {
+        format!("statement \"{name}\"")
+    }
+}
+
 fn own_name_rejection() -> Rejection {
     Rejection {
         sqlstate: rewrite::KM003,
@@ -1166,29 +1286,17 @@ fn ambiguous_statement(name: &str) -> Rejection {
 
 /// Appends a Describe of portal `name`.
 fn describe_portal(out: &mut BytesMut, name: &str) {
-    describe(out, b'P', name);
+    encode::describe(Target::Portal, name, out);
 }
 
 /// Appends a Describe of statement `name`.
 fn describe_statement(out: &mut BytesMut, name: &str) {
-    describe(out, b'S', name);
-}
-
-fn describe(out: &mut BytesMut, kind: u8, name: &str) {
-    out.put_u8(frontend::DESCRIBE);
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(kind);
-    out.extend_from_slice(name.as_bytes());
-    out.put_u8(0);
+    encode::describe(Target::Statement, name, out);
 }
 
 /// Appends a Close message for the prepared statement `name`.
 fn close_statement(out: &mut BytesMut, name: &str) {
-    out.put_u8(frontend::CLOSE);
-    out.put_u32((4 + 1 + name.len() + 1) as u32);
-    out.put_u8(b'S');
-    out.extend_from_slice(name.as_bytes());
-    out.put_u8(0);
+    encode::close(Target::Statement, name, out);
 }
 
 /// SQL `EXECUTE name` of a statement prepared through the protocol: the
@@ -1321,6 +1429,7 @@ async fn simple_query(
     encryption: &Encryption,
     state: &SessionState,
     is_prepared: impl Fn(&str) -> bool,
+    sql_prepared: &mut SqlPrepared,
 ) -> BytesMut {
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
@@ -1340,14 +1449,24 @@ async fn simple_query(
     }
     let refusal = nonstandard_strings_refusal(sql, encryption, state)
         .or_else(|| words.names_own.then(own_name_rejection))
-        .or_else(|| sql_execute_refusal(sql, words, &is_prepared));
+        .or_else(|| sql_execute_refusal(sql, words, &is_prepared))
+        .or_else(|| sql_prepared.refusal(sql, words, encryption, state));
     if let Some(rejection) = refusal {
         encryption.audit_rejection(&rejection, &info);
         state.pending.push(Expected::query());
         return query_message(&rejection_query(&rejection));
     }
-    match encryption.rewrite_simple_query(sql, &info).await {
+    let cycle = state.cycles_sent.load(Ordering::Acquire);
+    let rewritten = encryption
+        .rewrite_simple_query(sql, &info)
+        .await
+        .and_then(|rewrite| {
+            follow_schema_flux(sql, rewrite.ddl, cycle, encryption, state)?;
+            Ok(rewrite)
+        });
+    match rewritten {
         Ok(rewrite) => {
+            sql_prepared.follow(sql, words);
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);
             }

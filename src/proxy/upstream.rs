@@ -9,7 +9,6 @@ use tokio::net::TcpStream;
 
 use super::stream::Stream;
 use crate::config::{Policy, UpstreamAddr, UpstreamTlsMode};
-use crate::protocol::SSL_REQUEST_CODE;
 use crate::tls::{self, TlsError};
 
 /// Why the upstream could not be reached.
@@ -122,9 +121,7 @@ impl Upstream {
             authority: self.authority.clone(),
             source,
         };
-        let mut request = [0u8; 8];
-        request[..4].copy_from_slice(&8u32.to_be_bytes());
-        request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        let request = crate::protocol::encode::ssl_request();
         socket.write_all(&request).await.map_err(io_err)?;
         let answer = socket.read_u8().await.map_err(io_err)?;
         if answer != b'S' {

@@ -21,6 +21,7 @@ use super::pg_reading::{PgReading, StatementClass, MAX_DEPTH};
 use super::write::{plan_insert, plan_update, WritePlan};
 use super::{Rejection, KM003};
 use crate::config::Policy;
+use pg_query::NodeEnum;
 
 /// What the proxy does with one statement.
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub enum StatementPlan {
     Untouched,
     /// Reads protected tables: results are decrypted from RowDescription.
     Read,
+    /// A read whose protected columns are checked against their rows'
+    /// tenant: sent with the tenant columns added to its result, hidden
+    /// from the client.
+    ReadRowTenants(Box<super::row_tenant::RowTenantRead>),
     /// Schema change: the catalog map must be refreshed afterwards.
     Ddl,
     /// A write with protected values to encrypt.
@@ -134,17 +139,23 @@ pub struct Analysis {
 impl Analysis {
     /// True if the SQL text must be replaced (some statement is a write).
     pub fn needs_rewrite(&self) -> bool {
-        self.statements
-            .iter()
-            .any(|s| matches!(s, StatementPlan::Write(_)))
+        self.statements.iter().any(|s| {
+            matches!(
+                s,
+                StatementPlan::Write(_) | StatementPlan::ReadRowTenants(_)
+            )
+        })
     }
 }
 
 /// What the analysis must know of the live schema besides the policy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SchemaFacts {
     /// Views over protected columns: `schema.view` → its protected column names.
     pub views: HashMap<String, Vec<String>>,
+    /// Views over protected columns that show a tenant column: `schema.view`
+    /// → the name of that column in the view.
+    pub view_tenants: HashMap<String, String>,
     /// Policy tables whose schema does not match the policy → the problem:
     /// writes to them are refused.
     pub unwritable: HashMap<String, String>,
@@ -161,15 +172,17 @@ pub struct SchemaFacts {
 pub(super) struct Scope<'a> {
     pub(super) policy: &'a Policy,
     pub(super) views: &'a HashMap<String, Vec<String>>,
+    pub(super) view_tenants: &'a HashMap<String, String>,
     pub(super) children: &'a HashMap<String, String>,
     unwritable: &'a HashMap<String, String>,
 }
 
 impl<'a> Scope<'a> {
-    fn new(policy: &'a Policy, facts: &'a SchemaFacts) -> Self {
+    pub(super) fn new(policy: &'a Policy, facts: &'a SchemaFacts) -> Self {
         Self {
             policy,
             views: &facts.views,
+            view_tenants: &facts.view_tenants,
             children: &facts.children,
             unwritable: &facts.unwritable,
         }
@@ -215,7 +228,7 @@ pub fn analyze_in(
                         _ => StatementPlan::Untouched,
                     })
                     .collect(),
-                client_params: client_params.max(reading.max_param()),
+                client_params: client_params.max(super::lexer::max_param(sql)),
             });
         }
     }
@@ -296,17 +309,72 @@ pub fn analyze_in(
     if let Some(reading) = &reading {
         disagreement(&scope, reading, &statements, sql)?;
     }
-    let plans: Vec<StatementPlan> = statements
-        .into_iter()
-        .map(|s| plan_statement(&scope, s, params))
+    let mut plans: Vec<StatementPlan> = statements
+        .iter()
+        .map(|s| plan_statement(&scope, s.clone(), params))
         .collect::<Result<_, _>>()?;
+    // A rename or move to another schema changes what names mean: the
+    // catalog is reloaded after it, like after DDL.
+    if let Some(reading) = &reading {
+        for (index, plan) in plans.iter_mut().enumerate() {
+            let renames = matches!(
+                reading.statement(index),
+                Some(NodeEnum::RenameStmt(_) | NodeEnum::AlterObjectSchemaStmt(_))
+            );
+            if renames && matches!(plan, StatementPlan::Untouched) {
+                *plan = StatementPlan::Ddl;
+            }
+        }
+    }
+    // A protected value may reach the client only as a bare column,
+    // whatever alias it travels under: its lineage is followed through
+    // PostgreSQL's own tree of each statement that touches protected data.
+    // A read of protected columns gets their rows' tenant columns added.
+    if let Some(reading) = &reading {
+        for (index, plan) in plans.iter_mut().enumerate() {
+            if matches!(
+                plan,
+                StatementPlan::Read | StatementPlan::Write(_) | StatementPlan::Ddl
+            ) {
+                let Some(tree) = reading.statement_tree(index) else {
+                    continue;
+                };
+                let attached = super::lineage::check(&scope, &tree)?;
+                if attached.is_empty() || !matches!(plan, StatementPlan::Read) {
+                    continue;
+                }
+                let sql = statements
+                    .get(index)
+                    .and_then(|s| super::row_tenant::with_row_tenants(s, &attached))
+                    .ok_or_else(|| {
+                        Rejection::unsupported(
+                            mentions_protected(&scope, sql).as_deref().unwrap_or(""),
+                            None,
+                            "a read whose rows' tenant cmk-proxy cannot add to the result",
+                        )
+                    })?;
+                *plan = StatementPlan::ReadRowTenants(Box::new(super::row_tenant::RowTenantRead {
+                    sql,
+                    hidden: attached.len(),
+                }));
+            }
+        }
+    }
     // The catalog (which views show protected columns, which tables are
     // writable) is reloaded after the query: statements after DDL on
     // protected data would be planned against the old one.
     if let Some(ddl) = plans.iter().position(|p| matches!(p, StatementPlan::Ddl)) {
-        if plans[ddl + 1..]
+        // COMMIT and the like may follow: they plan nothing.
+        let plans_nothing = |index: usize| {
+            reading
+                .as_ref()
+                .is_some_and(|r| matches!(r.statement(index), Some(NodeEnum::TransactionStmt(_))))
+        };
+        if plans
             .iter()
-            .any(|p| !matches!(p, StatementPlan::Ddl))
+            .enumerate()
+            .skip(ddl + 1)
+            .any(|(index, p)| !matches!(p, StatementPlan::Ddl) && !plans_nothing(index))
         {
             if let Some(table) = mentions_protected(&scope, sql) {
                 return Err(Rejection::unsupported(

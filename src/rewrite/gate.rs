@@ -65,7 +65,7 @@ pub(super) fn needs_the_proxy(
 
 /// A relation or function name (its last part, as PostgreSQL decoded it)
 /// that the proxy guards.
-fn is_guarded_name(scope: &Scope<'_>, bare: &str) -> bool {
+pub(super) fn is_guarded_name(scope: &Scope<'_>, bare: &str) -> bool {
     let is_bare = |key: &String| key.rsplit('.').next() == Some(bare);
     scope.policy.tables.keys().any(is_bare)
         || scope.views.keys().any(is_bare)

@@ -127,6 +127,22 @@ fn number_kind(text: &str) -> TokenKind {
     }
 }
 
+/// The highest `$n` in `sql`, as PostgreSQL's scanner reads it (0 when
+/// there is none or the scanner rejects the text). Read from the tokens,
+/// not from a walk of the parse tree: pg_query's walk skips parts of some
+/// statements (the VALUES lists of an INSERT).
+pub(crate) fn max_param(sql: &str) -> usize {
+    tokens(sql)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|token| match token.kind {
+            TokenKind::Param(n) => Some(n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// How deep parentheses that follow a word (`f(`, `ROW(`, `IN (`) nest in
 /// `sql`; `None` when the scanner rejects it. sqlparser's time grows
 /// exponentially with nested function calls, so this is what bounds it.
@@ -212,6 +228,16 @@ mod tests {
         assert_eq!(kinds("SELECT $12")[1].0, TokenKind::Param(12));
         assert_eq!(tokens("SELECT 'open"), None);
         assert_eq!(tokens("SELECT /* open"), None);
+    }
+
+    #[test]
+    fn the_highest_parameter_is_found_wherever_it_stands() {
+        assert_eq!(
+            max_param("INSERT INTO t (a, b) VALUES ($1, $3), ($2, $1)"),
+            3
+        );
+        assert_eq!(max_param("SELECT '$9', $$ $8 $$, $2 -- $7"), 2);
+        assert_eq!(max_param("SELECT 1"), 0);
     }
 
     #[test]

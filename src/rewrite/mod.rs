@@ -9,13 +9,17 @@ mod analyze;
 mod bindable;
 mod ddl;
 mod fingerprint;
+mod flux;
 mod gate;
 mod lexer;
+mod lineage;
 mod literals;
 mod names;
 mod pg_reading;
 mod render;
+mod row_tenant;
 mod set_config;
+mod sql_prepare;
 mod write;
 
 pub use analyze::{
@@ -24,10 +28,13 @@ pub use analyze::{
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
 pub use fingerprint::fingerprint;
+pub use flux::schema_flux;
 pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
 pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};
+pub use row_tenant::{RowTenantRead, ROW_TENANT_COLUMN};
+pub use sql_prepare::{sql_prepare_ops, SqlPrepareOp};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
 
 /// A statement the proxy refuses, with what the client is told.

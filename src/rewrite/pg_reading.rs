@@ -35,25 +35,6 @@ pub(crate) struct PgReading {
     parsed: pg_query::ParseResult,
     classes: Vec<StatementClass>,
     depth: i32,
-    max_param: usize,
-}
-
-/// The highest `$n` token PostgreSQL's scanner finds in `sql` (0 if none,
-/// or if it cannot scan it).
-fn scanned_max_param(sql: &str) -> usize {
-    let Ok(scan) = pg_query::scan(sql) else {
-        return 0;
-    };
-    scan.tokens
-        .iter()
-        .filter(|t| t.token == pg_query::protobuf::Token::Param as i32)
-        .filter_map(|t| {
-            let start = usize::try_from(t.start).ok()?.checked_add(1)?;
-            let end = usize::try_from(t.end).ok()?;
-            sql.get(start..end)?.parse::<usize>().ok()
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 impl PgReading {
@@ -61,21 +42,17 @@ impl PgReading {
     pub(crate) fn of(sql: &str) -> Option<Self> {
         let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).ok()?;
         let classes = parsed.protobuf.stmts.iter().map(class_of).collect();
-        let (mut depth, mut max_param) = (0, 0);
-        for (node, node_depth, _, _) in parsed.protobuf.nodes() {
-            depth = depth.max(node_depth);
-            if let NodeRef::ParamRef(p) = node {
-                max_param = max_param.max(usize::try_from(p.number).unwrap_or(0));
-            }
-        }
-        // The node walk does not reach every list (an INSERT's VALUES):
-        // PostgreSQL's scanner sees every `$n`.
-        max_param = max_param.max(scanned_max_param(sql));
+        let depth = parsed
+            .protobuf
+            .nodes()
+            .iter()
+            .map(|(_, node_depth, _, _)| *node_depth)
+            .max()
+            .unwrap_or(0);
         Some(Self {
             parsed,
             classes,
             depth,
-            max_param,
         })
     }
 
@@ -94,23 +71,11 @@ impl PgReading {
         self.depth
     }
 
-    /// The highest `$n` any statement uses.
-    pub(crate) fn max_param(&self) -> usize {
-        self.max_param
-    }
-
     /// True when a relation, function or CTE that statement `index` names
     /// (its last part, decoded as PostgreSQL decodes names: `U&"…"` and
     /// quotes included) satisfies `hit`.
     pub(crate) fn names_any(&self, index: usize, hit: impl Fn(&str) -> bool) -> bool {
-        let Some(node) = self
-            .parsed
-            .protobuf
-            .stmts
-            .get(index)
-            .and_then(|s| s.stmt.as_ref())
-            .and_then(|s| s.node.as_ref())
-        else {
+        let Some(node) = self.statement(index) else {
             return false;
         };
         node.nodes().iter().any(|(node, _, _, _)| match node {
@@ -122,6 +87,23 @@ impl PgReading {
             }),
             _ => false,
         })
+    }
+
+    /// The parse tree of statement `index`.
+    pub(crate) fn statement(&self, index: usize) -> Option<&NodeEnum> {
+        self.parsed
+            .protobuf
+            .stmts
+            .get(index)
+            .and_then(|s| s.stmt.as_ref())
+            .and_then(|s| s.node.as_ref())
+    }
+
+    /// Statement `index`'s parse tree as JSON: every node kind with every
+    /// field, for walks that must miss none.
+    pub(crate) fn statement_tree(&self, index: usize) -> Option<Value> {
+        let statement = self.parsed.protobuf.stmts.get(index)?;
+        serde_json::to_value(statement.stmt.as_deref()?).ok()
     }
 
     /// The text of statement `index` in `sql`, as PostgreSQL cut it.
@@ -235,16 +217,6 @@ mod tests {
         assert!(reading.agrees(0, "SELECT a, b FROM t WHERE x = $1"));
         assert!(!reading.agrees(0, "SELECT a, b FROM t WHERE x = $2"));
         assert!(!reading.agrees(0, "SELECT a FROM t WHERE x = $1"));
-        assert_eq!(reading.max_param(), 1);
-    }
-
-    #[test]
-    fn parameters_in_values_lists_are_counted() {
-        let reading = PgReading::of(
-            "INSERT INTO t (a, b, c) VALUES ($1, $2, '$9'), ($3, NULL, 1) RETURNING id",
-        )
-        .expect("reads");
-        assert_eq!(reading.max_param(), 3);
     }
 
     #[test]

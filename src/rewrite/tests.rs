@@ -54,15 +54,45 @@ fn statements_on_other_tables_are_untouched() {
 
 #[test]
 fn plain_reads_of_protected_columns_are_allowed() {
-    for sql in [
-        "SELECT ssn, notes AS n, p.birth_date FROM patients p WHERE id = 1",
-        "SELECT * FROM public.patients ORDER BY id",
-        "WITH x AS (SELECT ssn FROM patients) SELECT * FROM x",
-        "SELECT id FROM patients WHERE tenant_id = 'acme'",
+    let sql = "SELECT id FROM patients WHERE tenant_id = 'acme'";
+    let a = analyze(&policy(), sql, 0).unwrap();
+    assert!(matches!(a.statements[0], StatementPlan::Read), "{sql}");
+    // Protected columns come with their rows' tenant, hidden.
+    for (sql, sent) in [
+        (
+            "SELECT ssn, notes AS n, p.birth_date FROM patients p WHERE id = 1",
+            "SELECT ssn, notes AS n, p.birth_date, \"p\".\"tenant_id\" AS \"cmk$row_tenant\" \
+             FROM patients AS p WHERE id = 1",
+        ),
+        (
+            "SELECT * FROM public.patients ORDER BY id",
+            "SELECT *, \"patients\".\"tenant_id\" AS \"cmk$row_tenant\" FROM public.patients \
+             ORDER BY id",
+        ),
+        (
+            "DELETE FROM patients p WHERE id = 1 RETURNING id, ssn",
+            "DELETE FROM patients AS p WHERE id = 1 RETURNING id, ssn, \"p\".\"tenant_id\" AS \
+             \"cmk$row_tenant\"",
+        ),
     ] {
         let a = analyze(&policy(), sql, 0).unwrap();
-        assert!(matches!(a.statements[0], StatementPlan::Read), "{sql}");
+        match &a.statements[0] {
+            StatementPlan::ReadRowTenants(read) => {
+                assert_eq!(read.sql, sent, "{sql}");
+                assert_eq!(read.hidden, 1, "{sql}");
+            }
+            other => panic!("{sql}: {other:?}"),
+        }
     }
+    refused_saying(
+        "SELECT a.ssn, b.notes FROM patients a JOIN patients b ON a.id = b.id",
+        "self-join",
+    );
+    // Through a CTE or subquery the row's tenant cannot be added: refused.
+    refused_saying(
+        "WITH x AS (SELECT ssn FROM patients) SELECT * FROM x",
+        "without the tenant column",
+    );
 }
 
 #[test]
@@ -1052,4 +1082,69 @@ fn a_qualified_star_as_a_value_is_a_whole_row_reference() {
     // In the SELECT list it is every column, each decrypted.
     assert!(analyze(&policy(), "SELECT p.* FROM patients p", 0).is_ok());
     assert!(analyze(&policy(), "SELECT row_to_json(d.*) FROM doctors d", 0).is_ok());
+}
+
+#[test]
+fn values_derived_from_protected_columns_are_refused_through_any_alias() {
+    for sql in [
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT id, x::text FROM c",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT id, encode(x, 'hex') FROM c",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT substr(x, 5) FROM c",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT ARRAY[x] FROM c",
+        "WITH c (i, x) AS (SELECT id, notes FROM patients) SELECT encode(x, 'base64') FROM c",
+        "WITH c AS (SELECT * FROM patients) SELECT encode(ssn, 'hex') FROM c",
+        "WITH c AS (SELECT ssn AS x FROM patients), d AS (SELECT x AS y FROM c) \
+         SELECT encode(y, 'escape') FROM d",
+        "SELECT encode(x, 'hex') FROM (SELECT ssn AS x FROM patients) s",
+        "SELECT encode(s.x, 'hex') FROM (SELECT ssn FROM patients) s(x)",
+        "SELECT (SELECT x FROM (SELECT ssn AS x FROM patients) s LIMIT 1)",
+        "SELECT encode(c, 'hex') FROM patients AS p(i, t, c)",
+        "SELECT p.id FROM patients p JOIN patients q USING (ssn)",
+        "SELECT id FROM patients NATURAL JOIN (SELECT id, ssn FROM patients) s",
+        "SELECT s.id FROM patients p JOIN (SELECT id, ssn AS x FROM patients) s ON s.x = p.ssn",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT id FROM c WHERE x > '\\x00'",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT count(*) FROM c GROUP BY x",
+        "SELECT x FROM (SELECT ssn AS x FROM patients) s GROUP BY 1",
+        "SELECT id, ssn FROM patients ORDER BY 2",
+        "SELECT ssn AS x FROM patients ORDER BY x",
+        "SELECT DISTINCT ON (x) x FROM (SELECT ssn AS x FROM patients) s",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT c FROM c",
+        "WITH c AS (SELECT id, ssn AS x FROM patients) SELECT row_to_json(c.*) FROM c",
+        "SELECT id FROM patients WHERE id IN (SELECT x FROM (SELECT ssn AS x FROM patients) s)",
+        "SELECT x FROM (SELECT ssn AS x FROM patients) s UNION SELECT x FROM (SELECT \
+         notes AS x FROM patients) t ORDER BY 1",
+        "WITH RECURSIVE r (a, b) AS (SELECT ssn, 1 FROM patients UNION ALL \
+         SELECT a, b + 1 FROM r WHERE b < 2) SELECT encode(a, 'hex') FROM r",
+        "CREATE VIEW v AS SELECT ssn::text AS s, encode(notes, 'base64') AS n FROM patients",
+        "CREATE VIEW v AS WITH c AS (SELECT ssn AS x FROM patients) SELECT x::text FROM c",
+        "CREATE TABLE t AS SELECT encode(x, 'hex') FROM (SELECT ssn AS x FROM patients) s",
+        "UPDATE patients SET notes = NULL FROM (SELECT id AS i, ssn AS x FROM patients) s \
+         WHERE s.i = patients.id AND s.x IS NULL",
+        "DELETE FROM patients USING (SELECT ssn AS x FROM patients) s WHERE s.x > '\\x00'",
+        "INSERT INTO doctors (name) SELECT encode(x, 'hex') FROM (SELECT ssn AS x FROM patients) s",
+    ] {
+        let refusal = rejection(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}: {}", refusal.message);
+        assert!(
+            refusal.table.as_deref() == Some("public.patients"),
+            "{sql}: {refusal:?}"
+        );
+    }
+}
+
+#[test]
+fn bare_protected_columns_pass_through_aliases() {
+    for sql in [
+        "SELECT count(*) FROM patients",
+        "SELECT p.ssn, d.name FROM patients p JOIN doctors d ON d.id = p.id ORDER BY 2",
+        "SELECT p.ssn FROM patients p JOIN doctors d USING (id)",
+        "SELECT DISTINCT ssn FROM patients",
+        "CREATE VIEW v AS SELECT id, tenant_id, ssn FROM patients",
+        "INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') \
+         ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes RETURNING notes",
+    ] {
+        if let Err(refusal) = analyze(&policy(), sql, 0) {
+            panic!("{sql}: {}", refusal.message);
+        }
+    }
 }

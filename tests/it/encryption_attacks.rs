@@ -8,10 +8,11 @@ use crate::common;
 use common::encryption::{count, rows, EncryptedSetup};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-const SCHEMA: &str = "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
+pub(crate) const SCHEMA: &str =
+    "CREATE TABLE patients (id serial PRIMARY KEY, tenant_id text NOT NULL, \
     ssn bytea, ssn_bidx bytea, notes bytea, cmk_edek jsonb)";
 
-const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
+pub(crate) const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
 
 /// Payloads that PostgreSQL reads otherwise than a lexer that does not
 /// follow it exactly: dollar quotes with non-ASCII tags, nested comments,
@@ -65,12 +66,12 @@ const PLAINTEXT_AT_REST: &str = "SELECT count(*) FROM patients WHERE \
 
 /// True when a value the client received holds envelope bytes: raw, hex
 /// (`encode(…, 'hex')`, bytea output) or base64.
-fn carries_an_envelope(text: &str) -> bool {
+pub(crate) fn carries_an_envelope(text: &str) -> bool {
     text.contains("CMK\u{1}") || text.to_lowercase().contains("434d4b01") || text.contains("Q01LAQ")
 }
 
 /// Runs `sql` through the simple protocol; returns every value received.
-async fn simple(app: &Client, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+pub(crate) async fn simple(app: &Client, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
     let messages = app.simple_query(sql).await?;
     Ok(messages
         .into_iter()
@@ -88,7 +89,10 @@ async fn simple(app: &Client, sql: &str) -> Result<Vec<String>, tokio_postgres::
 
 /// Runs `sql` through the extended protocol; returns every text or bytea
 /// value received.
-async fn extended(app: &Client, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+pub(crate) async fn extended(
+    app: &Client,
+    sql: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     let rows = app.query(sql, &[]).await?;
     let mut values = Vec::new();
     for row in rows {

@@ -65,6 +65,12 @@ enum ShapePlan {
     Unshared,
     /// Sent as written (a read's rows are decrypted on the way back).
     AsWritten { fingerprint: Option<Arc<str>> },
+    /// A read sent with its rows' tenant columns added: the query's
+    /// literals go back into `sql` as written.
+    Read {
+        sql: SqlTemplate,
+        fingerprint: Arc<str>,
+    },
     /// A write: its literals are sealed and bound to `bound`, or spliced
     /// into `sql`.
     Write {
@@ -205,6 +211,20 @@ impl Encryption {
                 fingerprint: fingerprint.clone(),
                 ..QueryRewrite::default()
             })),
+            ShapePlan::Read {
+                sql: template,
+                fingerprint,
+            } => {
+                let rewritten = template.fill(0, |n, out| {
+                    out.push_str(shaped.literals.get(n.checked_sub(1)?)?.source);
+                    Some(())
+                })?;
+                Some(Ok(QueryRewrite {
+                    sql: Some(rewritten),
+                    fingerprint: Some(fingerprint.clone()),
+                    ..QueryRewrite::default()
+                }))
+            }
             ShapePlan::Write {
                 plan,
                 sql: template,
@@ -297,6 +317,13 @@ impl Encryption {
             StatementPlan::Untouched => ShapePlan::AsWritten { fingerprint: None },
             StatementPlan::Read => ShapePlan::AsWritten {
                 fingerprint: Some(fingerprint()),
+            },
+            StatementPlan::ReadRowTenants(read) => match SqlTemplate::new(&read.sql) {
+                Some(sql) => ShapePlan::Read {
+                    sql,
+                    fingerprint: fingerprint(),
+                },
+                None => ShapePlan::Unshared,
             },
             StatementPlan::Write(plan) => match SqlTemplate::new(&plan.statement.to_string()) {
                 Some(template) => ShapePlan::Write {

@@ -134,7 +134,7 @@ for BATCH in $BATCHES; do
     admin -c "INSERT INTO items (tenant_id, a, b, c)
         SELECT 'tenant_' || (1 + i % $TENANTS),
                rpad('a' || i, 100, 'x'), rpad('b' || i, 100, 'y'), rpad('c' || i, 100, 'z')
-        FROM generate_series(1, $ROWS) AS i; VACUUM ANALYZE items" >/dev/null
+        FROM generate_series(1, $ROWS) AS i" -c "VACUUM ANALYZE items" >/dev/null
     sleep 3 # the proxy sees the legacy table
 
     log "workload alone for ${BEFORE_SECONDS}s"

@@ -81,6 +81,10 @@ async fn reencrypt_after_rotation_leaves_no_cell_on_the_retired_key() {
     let before = snapshot(&setup.direct).await;
     let (code, out) = cmk(&setup, &["encrypt", "--table", "public.patients"]);
     assert_eq!(code, Some(0), "{out}");
+    // Run again on the finished table: nothing to do.
+    let (code, out) = cmk(&setup, &["encrypt", "--table", "public.patients"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already in the policy's format"), "{out}");
 
     // acme: 200 rows, 3 cells each but 40 NULL notes.
     let sealed = 200 * 3 - 40;

@@ -262,8 +262,10 @@ fn update_finds_the_tenant_or_pins_to_the_session() {
         "{sql}"
     );
     assert!(!sql.contains("secret"), "{sql}");
+    // Setting the tenant column to a literal or parameter pins the UPDATE
+    // to that tenant's rows (see the ORM test below); a real move is refused.
     assert_eq!(
-        rejection("UPDATE patients SET tenant_id = 'b' WHERE id = 1").sqlstate,
+        rejection("UPDATE patients SET tenant_id = 'b' WHERE id = 1 AND tenant_id = 'a'").sqlstate,
         KM003
     );
     assert_eq!(
@@ -711,7 +713,7 @@ fn writes_stay_in_their_tenant_s_rows() {
         "{sql}"
     );
     assert_eq!(
-        rejection("INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes, tenant_id = EXCLUDED.tenant_id").sqlstate,
+        rejection("INSERT INTO patients (id, tenant_id, notes) VALUES (1, 'acme', 'x') ON CONFLICT (id) DO UPDATE SET notes = EXCLUDED.notes, tenant_id = 'globex'").sqlstate,
         KM003
     );
     // UPDATE … FROM: another table's tenant column does not name the row's.
@@ -1147,4 +1149,75 @@ fn bare_protected_columns_pass_through_aliases() {
             panic!("{sql}: {}", refusal.message);
         }
     }
+}
+
+#[test]
+fn an_orm_entity_save_that_sets_the_tenant_column_is_pinned_to_that_tenant() {
+    // Django's Model.save(): every column, the tenant's included.
+    let plan = write_plan(
+        "UPDATE \"patients\" SET \"tenant_id\" = $1, \"ssn\" = $2, \"notes\" = $3 \
+         WHERE \"patients\".\"id\" = $4",
+        4,
+    );
+    assert_eq!(plan.rows[0].tenant, TenantSource::Param(1));
+    assert_eq!(plan.tenant_pin_param, None);
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("WHERE (\"patients\".\"id\" = $4) AND patients.tenant_id = $1"),
+        "{sql}"
+    );
+    // A literal tenant, and the tenant column alone (no protected value).
+    let plan = write_plan(
+        "UPDATE patients SET tenant_id = 'acme', notes = 'x' WHERE id = 1",
+        0,
+    );
+    assert_eq!(
+        plan.rows[0].tenant,
+        TenantSource::Literal("acme".to_owned())
+    );
+    assert!(
+        plan.statement
+            .to_string()
+            .contains("(id = 1) AND patients.tenant_id = 'acme'"),
+        "{}",
+        plan.statement
+    );
+    let plan = write_plan("UPDATE patients SET tenant_id = 'acme' WHERE id = 1", 0);
+    assert!(plan.rows[0].cells.is_empty());
+    assert!(plan
+        .statement
+        .to_string()
+        .contains("patients.tenant_id = 'acme'"));
+    // The same tenant in WHERE agrees; an expression is never a tenant.
+    write_plan(
+        "UPDATE patients SET tenant_id = 'acme', ssn = 'x' WHERE id = 1 AND tenant_id = 'acme'",
+        0,
+    );
+    refused_saying(
+        "UPDATE patients SET tenant_id = lower('ACME') WHERE id = 1",
+        "a literal or a parameter",
+    );
+    refused_saying(
+        "UPDATE patients SET tenant_id = 'globex' WHERE id = 1 AND tenant_id = 'acme'",
+        "moving a row to another tenant",
+    );
+}
+
+#[test]
+fn an_upsert_that_sets_the_tenant_from_excluded_keeps_rows_with_their_tenant() {
+    let plan = write_plan(
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (1, 'acme', '123') \
+         ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, ssn = EXCLUDED.ssn",
+        0,
+    );
+    let sql = plan.statement.to_string();
+    assert!(
+        sql.contains("WHERE patients.tenant_id = excluded.tenant_id"),
+        "{sql}"
+    );
+    refused_saying(
+        "INSERT INTO patients (id, tenant_id, ssn) VALUES (1, 'acme', '123') \
+         ON CONFLICT (id) DO UPDATE SET tenant_id = 'globex', ssn = EXCLUDED.ssn",
+        "moving a row to another tenant",
+    );
 }

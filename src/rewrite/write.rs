@@ -676,6 +676,7 @@ fn plan_conflict_update(
 ) -> Result<(), Rejection> {
     let assignments = &mut update.assignments;
     let mut touches = false;
+    let mut sets_tenant = false;
     for assignment in assignments.iter() {
         let Some(column) = assigned_column(assignment) else {
             // `SET (a, b) = (…)`: no protected, managed or tenant column.
@@ -693,11 +694,20 @@ fn plan_conflict_update(
             return Err(refusal);
         }
         if column == policy.tenant_column {
-            return Err(Rejection::unsupported(
-                table,
-                Some(&column),
-                "ON CONFLICT DO UPDATE of the tenant column",
-            ));
+            // `SET tenant = EXCLUDED.tenant` (Rails upsert_all, Django
+            // bulk_create with update_conflicts): with the same-tenant pin
+            // below it changes nothing; any other value would move the row.
+            let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
+                if parts.len() == 2 && ident_name(&parts[0]) == "excluded" && ident_name(&parts[1]) == column);
+            if !from_excluded {
+                return Err(Rejection::unsupported(
+                    table,
+                    Some(&column),
+                    "ON CONFLICT DO UPDATE moving a row to another tenant (only EXCLUDED.<tenant column> is accepted)",
+                ));
+            }
+            sets_tenant = true;
+            continue;
         }
         if policy.columns.contains_key(&column) {
             let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
@@ -712,9 +722,8 @@ fn plan_conflict_update(
             touches = true;
         }
     }
-    if touches {
-        let edek = &policy.edek_column;
-        let table_name = table.rsplit('.').next().unwrap_or(table);
+    let table_name = table.rsplit('.').next().unwrap_or(table);
+    if touches || sets_tenant {
         let same_tenant = Expr::BinaryOp {
             left: Box::new(Expr::CompoundIdentifier(vec![
                 Ident::new(table_name),
@@ -734,6 +743,9 @@ fn plan_conflict_update(
             },
             None => same_tenant,
         });
+    }
+    if touches {
+        let edek = &policy.edek_column;
         let assignments = &mut update.assignments;
         assignments.push(Assignment {
             target: AssignmentTarget::ColumnName(ObjectName(vec![ObjectNamePart::Identifier(
@@ -869,6 +881,9 @@ pub(crate) fn plan_update(
     let mut slots = Placeholders::after(client_params);
     let mut cells = Vec::new();
     let mut extra_assignments = Vec::new();
+    // ORMs set every column when they save an entity, the tenant column to
+    // the value it has (Django `save()`, JPA): the tenant that value names.
+    let mut assigned_tenant: Option<(TenantSource, Expr)> = None;
     for assignment in assignments.iter_mut() {
         let Some(column) = assigned_column(assignment) else {
             if let Some(refusal) =
@@ -882,11 +897,20 @@ pub(crate) fn plan_update(
             return Err(refusal);
         }
         if column == policy.tenant_column {
-            return Err(Rejection::unsupported(
-                table,
-                Some(&column),
-                "changing the tenant of a row (its cells are bound to the tenant)",
-            ));
+            let source = match tenant_operand(&assignment.value) {
+                Operand::Literal(t) => TenantSource::Literal(t),
+                Operand::Param(n) => TenantSource::Param(n),
+                _ => {
+                    return Err(Rejection::unsupported(
+                        table,
+                        Some(&column),
+                        "setting the tenant of a row to anything but a literal or a parameter \
+                         (its cells are bound to the tenant)",
+                    ))
+                }
+            };
+            assigned_tenant = Some((source, assignment.value.clone()));
+            continue;
         }
         let Some(column_policy) = policy.columns.get(&column) else {
             continue;
@@ -928,11 +952,47 @@ pub(crate) fn plan_update(
             bidx_param,
         });
     }
-    if cells.is_empty() && extra_assignments.is_empty() {
+    if cells.is_empty() && extra_assignments.is_empty() && assigned_tenant.is_none() {
         return Ok(None);
     }
-    let mut tenant = tenant_in_where(selection.as_ref(), &policy.tenant_column, &row_name)
-        .unwrap_or(TenantSource::Session);
+    let in_where = tenant_in_where(selection.as_ref(), &policy.tenant_column, &row_name);
+    let mut tenant = match (assigned_tenant, in_where) {
+        (Some((TenantSource::Literal(set), _)), Some(TenantSource::Literal(found)))
+            if set != found =>
+        {
+            return Err(Rejection::unsupported(
+                table,
+                Some(&policy.tenant_column),
+                "moving a row to another tenant (its cells are bound to the tenant)",
+            ));
+        }
+        (Some((source, value)), _) => {
+            // Only rows that already belong to the tenant set are updated:
+            // setting the tenant column can never move a row.
+            let column = match row_name.as_str() {
+                "" => Expr::Identifier(column_ident(&policy.tenant_column)),
+                row => Expr::CompoundIdentifier(vec![
+                    Ident::new(row),
+                    column_ident(&policy.tenant_column),
+                ]),
+            };
+            let pin = Expr::BinaryOp {
+                left: Box::new(column),
+                op: BinaryOperator::Eq,
+                right: Box::new(value),
+            };
+            *selection = Some(match selection.take() {
+                Some(existing) => Expr::BinaryOp {
+                    left: Box::new(Expr::Nested(Box::new(existing))),
+                    op: BinaryOperator::And,
+                    right: Box::new(pin),
+                },
+                None => pin,
+            });
+            source
+        }
+        (None, found) => found.unwrap_or(TenantSource::Session),
+    };
     let mut tenant_pin_param = None;
     if tenant == TenantSource::Session && !cells.is_empty() {
         // Pin the UPDATE to the session tenant so no row of another tenant

@@ -25,6 +25,7 @@ mod encryption_attacks;
 mod encryption_aws;
 mod encryption_extended;
 mod encryption_lineage;
+mod encryption_orm_saves;
 mod encryption_own_statements;
 mod encryption_robustness;
 mod encryption_schema_changes;

@@ -697,9 +697,7 @@ fn plan_conflict_update(
             // `SET tenant = EXCLUDED.tenant` (Rails upsert_all, Django
             // bulk_create with update_conflicts): with the same-tenant pin
             // below it changes nothing; any other value would move the row.
-            let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
-                if parts.len() == 2 && ident_name(&parts[0]) == "excluded" && ident_name(&parts[1]) == column);
-            if !from_excluded {
+            if !is_excluded(&assignment.value, &column) {
                 return Err(Rejection::unsupported(
                     table,
                     Some(&column),
@@ -710,9 +708,7 @@ fn plan_conflict_update(
             continue;
         }
         if policy.columns.contains_key(&column) {
-            let from_excluded = matches!(&assignment.value, Expr::CompoundIdentifier(parts)
-                if parts.len() == 2 && ident_name(&parts[0]) == "excluded" && ident_name(&parts[1]) == column);
-            if !from_excluded {
+            if !is_excluded(&assignment.value, &column) {
                 return Err(Rejection::unsupported(
                     table,
                     Some(&column),
@@ -773,6 +769,12 @@ fn plan_conflict_update(
         }
     }
     Ok(())
+}
+
+/// True when `value` is `EXCLUDED.<column>`: the proposed row's own value.
+fn is_excluded(value: &Expr, column: &str) -> bool {
+    matches!(value, Expr::CompoundIdentifier(parts)
+        if parts.len() == 2 && ident_name(&parts[0]) == "excluded" && ident_name(&parts[1]) == column)
 }
 
 /// `COALESCE(old, '{}'::jsonb) || new`: the row keeps every DEK its cells use.

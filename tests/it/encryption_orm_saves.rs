@@ -20,6 +20,11 @@ const PLAINTEXT_AT_REST: &str = "SELECT count(*) FROM patients WHERE \
 const SAVE: &str = "UPDATE \"patients\" SET \"tenant_id\" = $1, \"ssn\" = $2, \"notes\" = $3 \
     WHERE \"patients\".\"id\" = $4";
 
+/// Rails `upsert_all`, Django `bulk_create(update_conflicts=True)`.
+const UPSERT: &str = "INSERT INTO patients (id, tenant_id, ssn, notes) VALUES ($1, $2, $3, $4) \
+    ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, ssn = EXCLUDED.ssn, \
+    notes = EXCLUDED.notes";
+
 /// The (tenant, ssn, notes) of row `id`, read through the proxy.
 async fn row(app: &tokio_postgres::Client, id: i32) -> Vec<Option<String>> {
     let sql = format!("SELECT tenant_id, ssn, notes FROM patients WHERE id = {id}");
@@ -111,24 +116,14 @@ async fn an_entity_save_that_sets_the_tenant_column_updates_only_that_tenants_ro
 
     // The upsert form: the conflicting row is globex's, the proposed one
     // acme's: nothing of acme's lands in globex's row.
-    app.execute(
-        "INSERT INTO patients (id, tenant_id, ssn, notes) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, ssn = EXCLUDED.ssn, \
-         notes = EXCLUDED.notes",
-        &[&2i32, &"acme", &"stolen", &"stolen"],
-    )
-    .await
-    .unwrap();
+    app.execute(UPSERT, &[&2i32, &"acme", &"stolen", &"stolen"])
+        .await
+        .unwrap();
     assert_eq!(row(&app, 2).await, texts(["globex", "222-00-0000", "g2"]));
     // Its own row is updated.
-    app.execute(
-        "INSERT INTO patients (id, tenant_id, ssn, notes) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, ssn = EXCLUDED.ssn, \
-         notes = EXCLUDED.notes",
-        &[&1i32, &"acme", &"111-99-9999", &"a3"],
-    )
-    .await
-    .unwrap();
+    app.execute(UPSERT, &[&1i32, &"acme", &"111-99-9999", &"a3"])
+        .await
+        .unwrap();
     assert_eq!(row(&app, 1).await, texts(["acme", "111-99-9999", "a3"]));
 
     assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 0);

@@ -91,15 +91,13 @@ fn replanned_refusal(
     encryption: &Encryption,
     state: &SessionState,
 ) -> Option<Rejection> {
+    if let Err(rejection) = super::statements::refuse_in_flux(prepare, encryption, state) {
+        return Some(rejection);
+    }
     let catalog = encryption.catalog();
     let facts = catalog.schema_facts();
     let full = encryption.policy();
     let policy = catalog.analysis_policy(&full);
-    if let Some(in_flux) = state.flux_names() {
-        if let Err(rejection) = rewrite::schema_flux(policy, facts, prepare, &in_flux) {
-            return Some(rejection);
-        }
-    }
     let changed = |reason: &str| Rejection {
         sqlstate: rewrite::KM003,
         table: None,

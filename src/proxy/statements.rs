@@ -457,13 +457,7 @@ impl ClientStatements {
         let Some(origin) = statement.origin.as_ref() else {
             return Ok(());
         };
-        if let Some(in_flux) = state.flux_names() {
-            let catalog = encryption.catalog();
-            let sql = &origin.plan.sql;
-            let full = encryption.policy();
-            let policy = catalog.analysis_policy(&full);
-            rewrite::schema_flux(policy, catalog.schema_facts(), sql, &in_flux)?;
-        }
+        refuse_in_flux(&origin.plan.sql, encryption, state)?;
         let epoch = encryption.plan_epoch();
         if origin.epoch.load(Ordering::Acquire) == epoch {
             return Ok(());
@@ -1208,6 +1202,23 @@ fn refuse_bind_after(
     }
     .encode(&mut out);
     ClientStep::Replace(out)
+}
+
+/// The refusal of `sql` when it reads or writes a name in the session's
+/// schema flux (see `follow_schema_flux`); nothing to do, and nothing
+/// read, while no name is in flux.
+pub(super) fn refuse_in_flux(
+    sql: &str,
+    encryption: &Encryption,
+    state: &SessionState,
+) -> Result<(), Rejection> {
+    let Some(in_flux) = state.flux_names() else {
+        return Ok(());
+    };
+    let catalog = encryption.catalog();
+    let policy = encryption.policy();
+    let policy = catalog.analysis_policy(&policy);
+    rewrite::schema_flux(policy, catalog.schema_facts(), sql, &in_flux).map(drop)
 }
 
 /// Follows the session's schema flux through `sql` (see

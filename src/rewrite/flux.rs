@@ -46,8 +46,13 @@ pub fn schema_flux(
             continue;
         };
         let flux_named = |name: &str| in_flux.contains(name) || changed.iter().any(|c| c == name);
-        if changes_schema(&reading, index, statement) {
-            let relevant = relation_names(statement)
+        let schema_change = changes_schema(&reading, index, statement);
+        if !schema_change && !runs_on_data(statement) {
+            continue;
+        }
+        let names = relation_names(statement);
+        if schema_change {
+            let relevant = names
                 .iter()
                 .any(|name| flux_named(name) || is_guarded_name(&scope, name));
             if relevant {
@@ -58,28 +63,19 @@ pub fn schema_flux(
                         .keys()
                         .any(|key| key.rsplit('.').next() == Some(name))
                 };
-                let targets: Vec<String> = relation_names(statement)
-                    .into_iter()
-                    .filter(|name| !is_policy_table(name))
-                    .collect();
-                changed.extend(targets);
+                changed.extend(names.into_iter().filter(|name| !is_policy_table(name)));
             }
-        } else if runs_on_data(statement) {
-            if let Some(name) = relation_names(statement)
-                .into_iter()
-                .find(|name| flux_named(name))
-            {
-                return Err(Rejection {
-                    sqlstate: KM003,
-                    table: None,
-                    column: None,
-                    message: format!(
-                        "cmk-proxy: \"{name}\" was created, replaced or renamed earlier in this \
-                         transaction by DDL on protected data, which cmk-proxy sees only once it \
-                         is committed: commit the DDL first, then run this statement"
-                    ),
-                });
-            }
+        } else if let Some(name) = names.into_iter().find(|name| flux_named(name)) {
+            return Err(Rejection {
+                sqlstate: KM003,
+                table: None,
+                column: None,
+                message: format!(
+                    "cmk-proxy: \"{name}\" was created, replaced or renamed earlier in this \
+                     transaction by DDL on protected data, which cmk-proxy sees only once it \
+                     is committed: commit the DDL first, then run this statement"
+                ),
+            });
         }
     }
     Ok(relevant_ddl.then_some(changed))

@@ -520,8 +520,26 @@ impl Encryption {
         params: &ClientParams<'_>,
     ) -> Result<Slots, Rejection> {
         let mut slots = Slots::default();
+        // Lookups first: a row's tenant may be the one a lookup pins (the
+        // WHERE of an UPDATE by a protected value names it by its slot).
+        for lookup in &plan.lookups {
+            self.index_lookup(lookup, session, params, &mut slots)
+                .await?;
+        }
         for row in &plan.rows {
-            let tenant = self.row_tenant(&row.tenant, plan, session, params)?;
+            let pinned = match row.tenant {
+                TenantSource::Param(n) if plan.lookups.iter().any(|l| l.tenant_param == n) => {
+                    match slots.get(n) {
+                        Some(Slot::Text(tenant)) => Some(tenant.to_string()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let tenant = match pinned {
+                Some(tenant) => tenant,
+                None => self.row_tenant(&row.tenant, plan, session, params)?,
+            };
             if row.cells.is_empty() {
                 continue;
             }
@@ -578,10 +596,6 @@ impl Encryption {
         if let Some(n) = plan.tenant_pin_param {
             let tenant = session.tenant.unwrap_or_default();
             slots.insert(n, Slot::Text(Arc::from(tenant)));
-        }
-        for lookup in &plan.lookups {
-            self.index_lookup(lookup, session, params, &mut slots)
-                .await?;
         }
         for &n in &plan.cleared {
             slots.insert(n, Slot::Null);

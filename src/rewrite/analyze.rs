@@ -1319,7 +1319,17 @@ fn find_protected_use(
 ) -> Result<(), Rejection> {
     let columns = protected_columns(scope, tables);
     let mut hit: Option<(String, String)> = None;
+    // `col IS [NOT] NULL` reveals null-ness, visible anyway.
+    let mut null_tested: Vec<*const Expr> = Vec::new();
     let _ = visit_expressions(statement, |expr| {
+        if let Expr::IsNull(inner) | Expr::IsNotNull(inner) = expr {
+            if column_name(inner).is_some() {
+                null_tested.push(&**inner);
+            }
+        }
+        if null_tested.contains(&(expr as *const Expr)) {
+            return ControlFlow::Continue(());
+        }
         if let Some(name) = column_name(expr) {
             if let Some((table, column)) = columns.iter().find(|(_, c)| *c == name) {
                 hit = Some((table.to_string(), column.to_string()));

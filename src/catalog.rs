@@ -14,6 +14,7 @@ use crate::rewrite::SchemaFacts;
 pub mod adoption;
 pub mod envelope;
 pub mod schema_notify;
+pub mod search_index;
 
 use adoption::{Adoption, Phase};
 

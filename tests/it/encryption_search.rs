@@ -356,3 +356,35 @@ async fn a_unique_index_on_tenant_and_blind_index_enforces_per_tenant_uniqueness
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_live_prints_the_lookup_index_of_every_searchable_column() {
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+            .args(["check-config", "--live"])
+            .arg(setup.proxy.config_path())
+            .output()
+            .expect("run check-config");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = check();
+    assert!(
+        out.contains("public.patients.ssn: index patients_ssn_lookup"),
+        "{out}"
+    );
+    let ddl = "CREATE INDEX CONCURRENTLY IF NOT EXISTS patients_mrn_bidx_lookup ON public.patients (tenant_id, mrn_bidx);";
+    assert!(out.contains("public.patients.mrn: no index"), "{out}");
+    assert!(out.contains(ddl), "{out}");
+    assert!(
+        out.contains("-- CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS patients_mrn_bidx_unique"),
+        "{out}"
+    );
+    // The printed DDL runs as printed.
+    setup.direct.batch_execute(ddl).await.unwrap();
+    let out = check();
+    assert!(
+        out.contains("public.patients.mrn: index patients_mrn_bidx_lookup"),
+        "{out}"
+    );
+}

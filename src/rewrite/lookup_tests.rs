@@ -1,6 +1,6 @@
 //! Unit tests of the equality lookups' rewrite.
 
-use super::super::{analyze, StatementPlan, TenantSource, WritePlan, KM003};
+use super::super::{analyze_in, SchemaFacts, StatementPlan, TenantSource, WritePlan, KM003};
 use super::{LookupSlot, LookupValue};
 use crate::config::{parse_policy, Policy};
 
@@ -10,6 +10,25 @@ fn policy() -> Policy {
         "test",
     )
     .unwrap()
+}
+
+/// The blind indexes of `ssn`, `mrn` and `score` proven complete.
+fn facts() -> SchemaFacts {
+    SchemaFacts {
+        indexed_columns: ["ssn", "mrn", "score"]
+            .iter()
+            .map(|c| format!("public.patients.{c}"))
+            .collect(),
+        ..SchemaFacts::default()
+    }
+}
+
+fn analyze(
+    policy: &Policy,
+    sql: &str,
+    params: usize,
+) -> Result<super::super::Analysis, super::super::Rejection> {
+    analyze_in(policy, &facts(), sql, params)
 }
 
 fn lookup_plan(sql: &str, params: usize) -> WritePlan {
@@ -161,4 +180,24 @@ fn correlated_and_unqualified_outer_names_are_not_guessed() {
     )
     .expect_err("correlated");
     assert_eq!(refusal.sqlstate, KM003);
+}
+
+#[test]
+fn a_blind_index_not_proven_complete_or_an_inexact_type_is_refused_saying_why() {
+    let refusal = analyze_in(
+        &policy(),
+        &SchemaFacts::default(),
+        "SELECT id FROM patients WHERE ssn = 'x'",
+        0,
+    )
+    .expect_err("not proven complete");
+    assert_eq!(refusal.sqlstate, KM003);
+    assert!(
+        refusal.message.contains("cmk_bidx_ssn"),
+        "{}",
+        refusal.message
+    );
+    let refusal =
+        analyze(&policy(), "SELECT id FROM patients WHERE score = '1.0'", 0).expect_err("numeric");
+    assert!(refusal.message.contains("numeric"), "{}", refusal.message);
 }

@@ -580,6 +580,9 @@ fn column_of(expr: &Expr, relations: &[Relation<'_>], total: usize) -> Option<(u
 /// the column's type, NULL, or a parameter.
 fn lookup_value(expr: &Expr, ty: DeclaredType) -> Option<LookupValue> {
     use DeclaredType as T;
+    if !casts_keep_the_value(expr, ty) {
+        return None;
+    }
     let number = matches!(expr_value(expr), Some(sqlparser::ast::Value::Number(..)));
     let boolean = matches!(expr_value(expr), Some(sqlparser::ast::Value::Boolean(_)));
     match operand(expr) {
@@ -590,6 +593,37 @@ fn lookup_value(expr: &Expr, ty: DeclaredType) -> Option<LookupValue> {
         Operand::Literal(_) if boolean && ty != T::Bool => None,
         Operand::Literal(text) => Some(LookupValue::Literal(Some(text))),
         _ => None,
+    }
+}
+
+/// True when every cast on the value only restates a type that reads it
+/// unchanged: text, an unbounded varchar, or the column's own type. A cast
+/// with a modifier (`::char(2)`, `::varchar(3)`, `::timestamp(0)`) or to
+/// another type could change the value PostgreSQL compares.
+fn casts_keep_the_value(expr: &Expr, ty: DeclaredType) -> bool {
+    match expr {
+        Expr::Nested(inner) => casts_keep_the_value(inner, ty),
+        Expr::Cast {
+            expr, data_type, ..
+        } => {
+            let name = data_type.to_string().to_ascii_lowercase();
+            let own = match ty {
+                DeclaredType::Int2 => ["int2", "smallint"].contains(&name.as_str()),
+                DeclaredType::Int4 => ["int4", "int", "integer"].contains(&name.as_str()),
+                DeclaredType::Int8 => ["int8", "bigint"].contains(&name.as_str()),
+                DeclaredType::Bool => ["bool", "boolean"].contains(&name.as_str()),
+                DeclaredType::Timestamp => {
+                    ["timestamp", "timestamp without time zone"].contains(&name.as_str())
+                }
+                DeclaredType::Timestamptz => {
+                    ["timestamptz", "timestamp with time zone"].contains(&name.as_str())
+                }
+                other => name == other.sql_name(),
+            };
+            let textual = ["text", "varchar", "character varying"].contains(&name.as_str());
+            (own || textual) && casts_keep_the_value(expr, ty)
+        }
+        _ => true,
     }
 }
 

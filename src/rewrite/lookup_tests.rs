@@ -83,6 +83,12 @@ fn orm_shapes_are_answered() {
     );
     assert_eq!(plan.lookups[0].tenant, TenantSource::Param(1));
     assert_eq!(plan.cleared, vec![2]);
+    // Casts that restate the type.
+    let plan = lookup_plan(
+        "SELECT id FROM patients WHERE ssn = $1::text AND mrn = '7'::bigint",
+        1,
+    );
+    assert_eq!(plan.lookups.len(), 2);
     // The tenant column named by a literal.
     let plan = lookup_plan(
         "SELECT id FROM patients WHERE tenant_id = 'acme' AND ssn = 'x'",
@@ -162,6 +168,10 @@ fn what_cannot_be_answered_exactly_is_still_refused() {
         ("SELECT p.id FROM patients p, doctors d WHERE ssn = 'x'", 0),
         // text = integer is an error in PostgreSQL, not a match.
         ("SELECT id FROM patients WHERE ssn = 5", 0),
+        // Casts that can change the value compared.
+        ("SELECT id FROM patients WHERE ssn = 'abc'::char(2)", 0),
+        ("SELECT id FROM patients WHERE ssn = $1::varchar(3)", 1),
+        ("SELECT id FROM patients WHERE mrn = '1.5'::numeric", 0),
         // The parameter would still reach the server.
         ("SELECT id, $1::text FROM patients WHERE ssn = $1", 1),
     ] {

@@ -50,6 +50,7 @@ mod passthrough_logging;
 mod passthrough_protocol;
 mod passthrough_protocol_versions;
 mod passthrough_tls_auth;
+mod replicas;
 mod robustness_client;
 mod robustness_hardening;
 mod robustness_load;

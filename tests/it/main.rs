@@ -52,6 +52,7 @@ mod passthrough_protocol_versions;
 mod passthrough_tls_auth;
 mod replicas;
 mod robustness_client;
+mod robustness_faults;
 mod robustness_hardening;
 mod robustness_load;
 mod robustness_shutdown;

@@ -57,5 +57,6 @@ mod robustness_hardening;
 mod robustness_load;
 mod robustness_shutdown;
 mod robustness_upstream;
+mod soak;
 mod upstream_tls;
 mod values_differential;

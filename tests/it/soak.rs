@@ -23,7 +23,11 @@ const COLUMNS: &[&str] = &["ssn: {type: text}", "notes: {type: text}"];
 /// One client's life: a session of `statements` statements mixing the
 /// three protocols and both kinds of table, then a new session.
 async fn client(url: String, n: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
-    let tenant = if n % 2 == 0 { "acme" } else { "globex" };
+    let tenant = if n.is_multiple_of(2) {
+        "acme"
+    } else {
+        "globex"
+    };
     let mut i = 0u64;
     while !stop.load(Ordering::Acquire) {
         let (c, _h) = common::connect(&url).await;

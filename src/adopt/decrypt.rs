@@ -223,7 +223,7 @@ async fn convert_and_finish(
     progress.finish();
     let secs = progress.elapsed().as_secs_f64();
     audit_refusals(keys, table, &skips);
-    if !skips.is_empty() || (tenant.is_some() && !remaining.is_empty()) {
+    if !skips.is_empty() {
         return Ok(DecryptOutcome::Incomplete {
             rows: opened,
             remaining,
@@ -231,11 +231,13 @@ async fn convert_and_finish(
         });
     }
     if tenant.is_some() {
-        let others = opener.remaining(client, None).await?;
-        if !others.is_empty() {
+        // The tenant's cells written by the application after the last
+        // pass, if any, are listed with the others'.
+        let left = opener.remaining(client, None).await?;
+        if !left.is_empty() {
             return Ok(DecryptOutcome::TenantDone {
                 rows: opened,
-                remaining: others,
+                remaining: left,
             });
         }
     }

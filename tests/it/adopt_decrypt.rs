@@ -416,3 +416,79 @@ async fn decrypt_one_tenant_leaves_the_table_mixed_served_and_resumable_both_way
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_takes_a_table_left_mixed_by_decrypt_tenant_back_to_the_format() {
+    let setup =
+        EncryptedSetup::start_configured(TWO_TENANTS, "public.patients", COLUMNS, "", "", SERVER)
+            .await;
+    let before = snapshot(&setup.direct).await;
+    let out = run(&setup, "encrypt", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&setup, "decrypt", &["--tenant", "globex"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        count(
+            &setup.direct,
+            "SELECT count(*) FROM patients__cmk_base WHERE ssn IS NOT NULL"
+        )
+        .await,
+        200
+    );
+    // The way forward again from the mixed state: globex's plaintext is
+    // sealed, the table leaves its transition in the policy's format.
+    let out = run(&setup, "encrypt", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("out of transition"), "{}", text(&out));
+    assert_eq!(
+        columns(&setup.direct, "patients").await,
+        [
+            "id bigint",
+            "tenant_id text",
+            "visits integer",
+            "birth_date bytea",
+            "notes bytea",
+            "ssn bytea",
+            "cmk_edek jsonb",
+        ]
+        .map(str::to_owned)
+    );
+    let leaked = count(
+        &setup.direct,
+        "SELECT count(*) FROM patients WHERE position('ssn-0'::bytea IN ssn) > 0",
+    )
+    .await;
+    assert_eq!(leaked, 0);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let app = setup.app().await;
+    assert_eq!(snapshot(&app).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn decrypt_refuses_what_it_cannot_take_back_and_changes_nothing() {
+    // A table in the policy's format made by hand, without a primary key.
+    let schema = "CREATE TABLE patients (tenant_id text, ssn bytea, birth_date bytea, \
+                  notes bytea, cmk_edek jsonb)";
+    let setup =
+        EncryptedSetup::start_configured(schema, "public.patients", COLUMNS, "", "", SERVER).await;
+    let out = run(&setup, "decrypt", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("has no primary key"), "{}", text(&out));
+    assert_eq!(
+        count(&setup.direct, "SELECT count(*) FROM cmk.adoptions").await,
+        0
+    );
+    assert_eq!(columns(&setup.direct, "patients").await.len(), 5);
+    // A legacy plaintext table: nothing to decrypt.
+    setup
+        .direct
+        .batch_execute(
+            "DROP TABLE patients; CREATE TABLE patients (id int PRIMARY KEY, tenant_id text, \
+             ssn text, birth_date date, notes text)",
+        )
+        .await
+        .unwrap();
+    let out = run(&setup, "decrypt", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("nothing to decrypt"), "{}", text(&out));
+}

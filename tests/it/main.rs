@@ -9,6 +9,7 @@ mod common;
 mod support;
 
 mod adopt_aws;
+mod adopt_decrypt;
 mod adopt_encrypt;
 mod adopt_reencrypt;
 mod audit_delivery;

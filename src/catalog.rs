@@ -398,6 +398,7 @@ pub async fn load_map(
                 if let Some(view) = adoption.and_then(|a| by_oid.get(&a.view_oid)) {
                     map_relation(&mut map, &table, table_policy, view);
                     map.transition.insert(name.clone());
+                    map.facts.unindexed.insert(name.clone());
                     map.awaiting_swap = true;
                 }
             }
@@ -408,6 +409,7 @@ pub async fn load_map(
                     "policy table in transition from legacy plaintext (cmk-proxy encrypt): legacy values are served until it finishes"
                 );
                 map.transition.insert(name.clone());
+                map.facts.unindexed.insert(name.clone());
                 // The real table, which takes the name back at the end.
                 if let Some(base) = by_oid.get(&adoption.base_oid) {
                     map_relation(&mut map, &table, table_policy, base);

@@ -455,10 +455,31 @@ impl Encryption {
         session: &SessionInfo<'_>,
         params: &ClientParams<'_>,
     ) -> Result<String, Rejection> {
+        self.tenant_of(
+            source,
+            &plan.table,
+            &plan.tenant_column,
+            "a write to",
+            session,
+            params,
+        )
+    }
+
+    /// Resolves a statement's tenant (`what` the statement does to `table`),
+    /// refusing disagreements with the session (KM004).
+    fn tenant_of(
+        &self,
+        source: &TenantSource,
+        table: &str,
+        tenant_column: &str,
+        what: &str,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+    ) -> Result<String, Rejection> {
         let km004 = |message: String| Rejection {
             sqlstate: rewrite::KM004,
-            table: Some(plan.table.clone()),
-            column: Some(plan.tenant_column.clone()),
+            table: Some(table.to_owned()),
+            column: Some(tenant_column.to_owned()),
             message,
         };
         let named = match source {
@@ -466,8 +487,8 @@ impl Encryption {
             TenantSource::Session => {
                 return session.tenant.map(str::to_owned).ok_or_else(|| {
                     km004(format!(
-                        "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
-                        plan.table, plan.tenant_column, self.policy().tenant.session_setting
+                        "cmk-proxy: cannot determine the tenant of {what} {table}: set {tenant_column} in the statement or SET {} first",
+                        self.policy().tenant.session_setting
                     ))
                 })
             }
@@ -475,17 +496,15 @@ impl Encryption {
                 Ok(Some(t)) if !t.is_empty() => t,
                 Ok(_) => {
                     return Err(km004(format!(
-                        "cmk-proxy: the tenant of a write to {} (parameter ${n}) is missing or NULL",
-                        plan.table
+                        "cmk-proxy: the tenant of {what} {table} (parameter ${n}) is missing or NULL"
                     )))
                 }
-                Err(e) => return Err(km004(format!("cmk-proxy: tenant of a write to {}: {e}", plan.table))),
+                Err(e) => return Err(km004(format!("cmk-proxy: tenant of {what} {table}: {e}"))),
             },
         };
         match session.tenant {
             Some(s) if s != named => Err(km004(format!(
-                "cmk-proxy: row tenant '{named}' of {} disagrees with the session tenant '{s}'",
-                plan.table
+                "cmk-proxy: tenant '{named}' of {what} {table} disagrees with the session tenant '{s}'"
             ))),
             _ => Ok(named),
         }
@@ -501,8 +520,26 @@ impl Encryption {
         params: &ClientParams<'_>,
     ) -> Result<Slots, Rejection> {
         let mut slots = Slots::default();
+        // Lookups first: a row's tenant may be the one a lookup pins (the
+        // WHERE of an UPDATE by a protected value names it by its slot).
+        for lookup in &plan.lookups {
+            self.index_lookup(lookup, session, params, &mut slots)
+                .await?;
+        }
         for row in &plan.rows {
-            let tenant = self.row_tenant(&row.tenant, plan, session, params)?;
+            let pinned = match row.tenant {
+                TenantSource::Param(n) if plan.lookups.iter().any(|l| l.tenant_param == n) => {
+                    match slots.get(n) {
+                        Some(Slot::Text(tenant)) => Some(tenant.to_string()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let tenant = match pinned {
+                Some(tenant) => tenant,
+                None => self.row_tenant(&row.tenant, plan, session, params)?,
+            };
             if row.cells.is_empty() {
                 continue;
             }
@@ -560,7 +597,68 @@ impl Encryption {
             let tenant = session.tenant.unwrap_or_default();
             slots.insert(n, Slot::Text(Arc::from(tenant)));
         }
+        for &n in &plan.cleared {
+            slots.insert(n, Slot::Null);
+        }
         Ok(slots)
+    }
+
+    /// Computes the blind index of every value an equality lookup compares
+    /// with, under its tenant's index key, and the tenant that pins it.
+    async fn index_lookup(
+        &self,
+        lookup: &rewrite::Lookup,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+        slots: &mut Slots,
+    ) -> Result<(), Rejection> {
+        let tenant = self.tenant_of(
+            &lookup.tenant,
+            &lookup.table,
+            &lookup.tenant_column,
+            "an equality lookup on",
+            session,
+            params,
+        )?;
+        let key = self
+            .keys
+            .blind_index_key(&tenant)
+            .await
+            .map_err(|e| key_rejection(&e, &lookup.table))?;
+        let invalid = |e: values::ValueError| invalid_value(&lookup.table, &lookup.column, &e);
+        let index = |text: &str| -> Result<Vec<u8>, Rejection> {
+            let canonical = values::canonical_text(lookup.ty, text.as_bytes()).map_err(invalid)?;
+            Ok(crypto::blind_index(&key, canonical.as_bytes()).to_vec())
+        };
+        for slot in &lookup.values {
+            let value = match &slot.value {
+                rewrite::LookupValue::Literal(text) => text.clone(),
+                rewrite::LookupValue::Param(n) => {
+                    params.text(*n, Some(lookup.ty)).map_err(invalid)?
+                }
+                rewrite::LookupValue::ArrayParam(n) => {
+                    let value = match params.array(*n).map_err(invalid)? {
+                        Some(elements) => {
+                            let indexes = elements
+                                .iter()
+                                .map(|e| e.as_deref().map(index).transpose())
+                                .collect::<Result<Vec<_>, _>>()?;
+                            Slot::Text(Arc::from(values::bytea_array_text(&indexes)))
+                        }
+                        None => Slot::Null,
+                    };
+                    slots.insert(slot.index_param, value);
+                    continue;
+                }
+            };
+            let value = match value {
+                Some(text) => Slot::Bytes(index(&text)?),
+                None => Slot::Null,
+            };
+            slots.insert(slot.index_param, value);
+        }
+        slots.insert(lookup.tenant_param, Slot::Text(Arc::from(tenant.as_str())));
+        Ok(())
     }
 
     async fn encrypt_literals(
@@ -871,6 +969,34 @@ impl ClientParams<'_> {
                 }),
             };
         values::from_binary(wire_type, value).map(Some)
+    }
+
+    /// The elements of array parameter `$n` (1-based); `None` for NULL.
+    fn array(&self, n: usize) -> Result<Option<Vec<Option<String>>>, values::ValueError> {
+        let not_bound = values::ValueError {
+            ty: "array",
+            reason: "a parameter that was not bound",
+        };
+        let (bind, index) = match self {
+            ClientParams::Bind { bind, .. } => (bind, n.checked_sub(1).ok_or(not_bound.clone())?),
+            _ => {
+                return match self.text(n, None)? {
+                    Some(text) => values::parse_text_array(&text).map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        let Some(value) = bind.params.get(index).ok_or(not_bound)? else {
+            return Ok(None);
+        };
+        if format_of(&bind.param_formats, index) == 0 {
+            let text = std::str::from_utf8(value).map_err(|_| values::ValueError {
+                ty: "array",
+                reason: "not valid UTF-8",
+            })?;
+            return values::parse_text_array(text).map(Some);
+        }
+        values::parse_binary_array(value).map(Some)
     }
 }
 

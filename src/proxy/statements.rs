@@ -1106,6 +1106,19 @@ fn plan_sql(
                     plan.presented.push((n - 1, shown));
                 }
             }
+            for lookup in &write.lookups {
+                for slot in &lookup.values {
+                    let (n, oid) = match slot.value {
+                        rewrite::LookupValue::Param(n) => (n, lookup.ty.oid()),
+                        rewrite::LookupValue::ArrayParam(n) => (n, lookup.ty.array_oid()),
+                        rewrite::LookupValue::Literal(_) => continue,
+                    };
+                    let declared = param_types.get(n - 1).copied().unwrap_or(0);
+                    plan.presented
+                        .push((n - 1, if declared == 0 { oid } else { declared }));
+                }
+            }
+            plan.hidden_results = write.hidden_results;
             write.declare_proxy_params(&mut types);
             plan.rewritten = Some((write.statement.to_string(), types));
             plan.fingerprint = Arc::from(rewrite::fingerprint(query));

@@ -9,6 +9,7 @@ use sqlparser::ast::{
     TableAliasColumnDef, TableFactor, Value,
 };
 
+use super::lookup::{Lookup, LookupValue};
 use super::names::{ident_name, last_name};
 use super::{Rejection, KM004};
 use crate::config::{DeclaredType, SearchMode, TablePolicy};
@@ -75,6 +76,13 @@ pub struct WritePlan {
     pub extra_params: usize,
     /// The rewritten statement.
     pub statement: Statement,
+    /// Equality lookups through the blind index (their placeholders are
+    /// among the proxy's own).
+    pub lookups: Vec<Lookup>,
+    /// Client parameters the lookups replaced: bound as NULL.
+    pub cleared: Vec<usize>,
+    /// Result columns the proxy added after the client's (row tenants).
+    pub hidden_results: usize,
 }
 
 impl WritePlan {
@@ -98,8 +106,24 @@ impl WritePlan {
                 declare(n, DeclaredType::Jsonb.oid());
             }
         }
+        for lookup in &self.lookups {
+            for slot in &lookup.values {
+                let oid = match slot.value {
+                    LookupValue::ArrayParam(_) => BYTEA_ARRAY_OID,
+                    _ => DeclaredType::Bytea.oid(),
+                };
+                declare(slot.index_param, oid);
+            }
+        }
+        // Unused in the SQL now: a type for the server, which gets NULL.
+        for &n in &self.cleared {
+            declare(n, DeclaredType::Bytea.oid());
+        }
     }
 }
+
+/// OID of `bytea[]`.
+pub const BYTEA_ARRAY_OID: u32 = 1001;
 
 /// Allocates placeholder numbers after the client's own.
 pub(crate) struct Placeholders {
@@ -142,7 +166,7 @@ pub(crate) fn placeholder_number(expr: &Expr) -> Option<usize> {
 }
 
 /// A literal's text form, or `None` for NULL, `Err` for other expressions.
-enum Operand {
+pub(super) enum Operand {
     Null,
     Literal(String),
     Param(usize),
@@ -150,7 +174,7 @@ enum Operand {
     Other,
 }
 
-fn operand(expr: &Expr) -> Operand {
+pub(super) fn operand(expr: &Expr) -> Operand {
     match expr {
         Expr::Value(v) => match &v.value {
             Value::Null => Operand::Null,
@@ -629,6 +653,9 @@ pub(crate) fn plan_insert(
         tenant_pin_param: tenant_pin.map(|(n, _)| n),
         extra_params: slots.added,
         statement,
+        lookups: Vec::new(),
+        cleared: Vec::new(),
+        hidden_results: 0,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))
@@ -1046,6 +1073,9 @@ pub(crate) fn plan_update(
         tenant_pin_param,
         extra_params: slots.added,
         statement,
+        lookups: Vec::new(),
+        cleared: Vec::new(),
+        hidden_results: 0,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))

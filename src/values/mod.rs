@@ -4,10 +4,12 @@
 //! (for clients that bind parameters or read results in binary).
 //! Knows PostgreSQL type formats; knows nothing of keys, SQL or sockets.
 
+mod array;
 mod binary;
 mod canonical;
 mod jsonb;
 
+pub use array::{bytea_array_text, parse_binary_array, parse_text_array};
 pub use binary::{from_binary, to_binary};
 pub use canonical::{canonical_text, parse_bytea};
 

@@ -30,6 +30,7 @@ mod encryption_orm_saves;
 mod encryption_own_statements;
 mod encryption_robustness;
 mod encryption_schema_changes;
+mod encryption_search;
 mod encryption_simple;
 mod fuzz_inputs;
 mod keys_approval;

@@ -14,6 +14,7 @@ use crate::rewrite::SchemaFacts;
 pub mod adoption;
 pub mod envelope;
 pub mod schema_notify;
+pub mod search_index;
 
 use adoption::{Adoption, Phase};
 
@@ -217,6 +218,43 @@ fn table_state<'a>(
         _ if holds_legacy_plaintext(info, table_policy) => TableState::Legacy(None),
         _ => TableState::Normal,
     }
+}
+
+/// Searchable columns (`schema.table.column`) with a validated blind-index
+/// CHECK (`envelope::CheckKind::BlindIndex`): every value has its index.
+async fn indexed_columns(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<std::collections::HashSet<String>, CatalogError> {
+    use envelope::{blind_index_constraint_name, check_clause, CheckKind};
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, k.conname::text, pg_catalog.pg_get_constraintdef(k.oid) \
+             FROM pg_catalog.pg_constraint k \
+             JOIN pg_catalog.pg_class c ON c.oid = k.conrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE k.contype = 'c' AND k.convalidated AND k.conname LIKE 'cmk\\_bidx\\_%'",
+            &[],
+        )
+        .await?;
+    let found: BTreeSet<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut out = std::collections::HashSet::new();
+    for (table, table_policy) in &policy.tables {
+        for (column, column_policy) in &table_policy.columns {
+            let wanted = (
+                table.clone(),
+                blind_index_constraint_name(column),
+                check_clause(CheckKind::BlindIndex, column),
+            );
+            if column_policy.search == SearchMode::Equality && found.contains(&wanted) {
+                out.insert(format!("{table}.{column}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn quote_ident(name: &str) -> String {
@@ -443,6 +481,7 @@ pub async fn load_map(
             .entry(table)
             .or_insert_with(|| format!("{}: {}", problem.location, problem.message));
     }
+    map.facts.indexed_columns = indexed_columns(client, policy).await?;
     for (name, table_policy) in &policy.tables {
         let Some(info) = tables.get(name) else {
             continue;

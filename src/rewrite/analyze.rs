@@ -169,6 +169,10 @@ pub struct SchemaFacts {
     /// Policy tables whose rows may lack a blind index (in transition from
     /// legacy plaintext): equality lookups on them are not answered.
     pub unindexed: std::collections::HashSet<String>,
+    /// Searchable columns (`schema.table.column`) whose every value has its
+    /// blind index, as a validated CHECK constraint proves: the only ones
+    /// equality lookups are answered on.
+    pub indexed_columns: std::collections::HashSet<String>,
 }
 
 /// What the analysis protects: the policy tables and the views over them.
@@ -178,6 +182,7 @@ pub(super) struct Scope<'a> {
     pub(super) view_tenants: &'a HashMap<String, String>,
     pub(super) children: &'a HashMap<String, String>,
     pub(super) unindexed: &'a std::collections::HashSet<String>,
+    pub(super) indexed_columns: &'a std::collections::HashSet<String>,
     unwritable: &'a HashMap<String, String>,
 }
 
@@ -189,6 +194,7 @@ impl<'a> Scope<'a> {
             view_tenants: &facts.view_tenants,
             children: &facts.children,
             unindexed: &facts.unindexed,
+            indexed_columns: &facts.indexed_columns,
             unwritable: &facts.unwritable,
         }
     }

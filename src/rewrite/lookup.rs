@@ -100,13 +100,18 @@ pub(super) fn rewrite_lookups(
         next,
         lookups: Vec::new(),
         param_values: BTreeSet::new(),
+        refusal: None,
     };
     let _ = statement.visit(&mut rewriter);
     let Rewriter {
         lookups,
         param_values,
+        refusal,
         ..
     } = rewriter;
+    if let Some(refusal) = refusal {
+        return Err(refusal);
+    }
     if lookups.is_empty() {
         return Ok(Lookups::default());
     }
@@ -134,6 +139,8 @@ struct Rewriter<'r, 's, 'p> {
     next: &'s mut usize,
     lookups: Vec<Lookup>,
     param_values: BTreeSet<usize>,
+    /// Why a comparison on a searchable column cannot be answered.
+    refusal: Option<Rejection>,
 }
 
 /// A policy table named in a FROM list, as the query refers to it.
@@ -290,9 +297,13 @@ impl<'p> Rewriter<'_, '_, 'p> {
                 op: op @ (BinaryOperator::Eq | BinaryOperator::NotEq),
                 right,
             } => {
-                let column = searchable(&left, relations, total)
+                let column = self
+                    .searchable(&left, relations, total)
                     .map(|c| (c, &right))
-                    .or_else(|| searchable(&right, relations, total).map(|c| (c, &left)));
+                    .or_else(|| {
+                        self.searchable(&right, relations, total)
+                            .map(|c| (c, &left))
+                    });
                 let Some(((index, column), value)) = column else {
                     return Expr::BinaryOp { left, op, right };
                 };
@@ -320,14 +331,16 @@ impl<'p> Rewriter<'_, '_, 'p> {
                 list,
                 negated,
             } => {
-                let found = searchable(&expr, relations, total).and_then(|(index, column)| {
-                    let ty = relations[index].policy.columns[&column].ty;
-                    let values = list
-                        .iter()
-                        .map(|v| lookup_value(v, ty))
-                        .collect::<Option<Vec<_>>>()?;
-                    Some((index, column, values))
-                });
+                let found = self
+                    .searchable(&expr, relations, total)
+                    .and_then(|(index, column)| {
+                        let ty = relations[index].policy.columns[&column].ty;
+                        let values = list
+                            .iter()
+                            .map(|v| lookup_value(v, ty))
+                            .collect::<Option<Vec<_>>>()?;
+                        Some((index, column, values))
+                    });
                 let Some((index, column, values)) = found else {
                     return Expr::InList {
                         expr,
@@ -354,10 +367,12 @@ impl<'p> Rewriter<'_, '_, 'p> {
                 right,
                 is_some,
             } => {
-                let found = searchable(&left, relations, total).and_then(|(index, column)| {
-                    let ty = relations[index].policy.columns[&column].ty;
-                    Some((index, column, any_values(&right, ty)?))
-                });
+                let found = self
+                    .searchable(&left, relations, total)
+                    .and_then(|(index, column)| {
+                        let ty = relations[index].policy.columns[&column].ty;
+                        Some((index, column, any_values(&right, ty)?))
+                    });
                 let Some((index, column, values)) = found else {
                     return Expr::AnyOp {
                         left,
@@ -391,6 +406,45 @@ impl<'p> Rewriter<'_, '_, 'p> {
             }
             other => other,
         }
+    }
+
+    /// A column declared `search: equality` of a relation the lookup can
+    /// use. One whose lookups cannot be answered exactly (its type, or a
+    /// blind index the database does not prove complete) is refused with
+    /// the reason.
+    fn searchable(
+        &mut self,
+        expr: &Expr,
+        relations: &[Relation<'p>],
+        total: usize,
+    ) -> Option<(usize, String)> {
+        let (index, column) = column_of(expr, relations, total)?;
+        let relation = &relations[index];
+        let policy = relation.policy.columns.get(&column)?;
+        if policy.search != SearchMode::Equality {
+            return None;
+        }
+        let why = if !searchable_type(policy.ty) {
+            format!(
+                "an equality lookup on a {} column (equal values of this type can have different texts, so their blind indexes differ)",
+                policy.ty.sql_name()
+            )
+        } else if !self
+            .scope
+            .indexed_columns
+            .contains(&format!("{}.{column}", relation.table))
+        {
+            format!(
+                "an equality lookup before the database proves every value has its blind index (run cmk-proxy migrate: it adds and validates the CHECK constraint {})",
+                crate::catalog::envelope::blind_index_constraint_name(&column)
+            )
+        } else {
+            return Some((index, column));
+        };
+        if self.refusal.is_none() {
+            self.refusal = Some(Rejection::unsupported(relation.table, Some(&column), &why));
+        }
+        None
     }
 
     /// Records a lookup, numbering its placeholders.
@@ -522,17 +576,13 @@ fn column_of(expr: &Expr, relations: &[Relation<'_>], total: usize) -> Option<(u
     }
 }
 
-/// A column declared `search: equality` of a relation the lookup can use.
-fn searchable(expr: &Expr, relations: &[Relation<'_>], total: usize) -> Option<(usize, String)> {
-    let (index, column) = column_of(expr, relations, total)?;
-    let policy = relations[index].policy.columns.get(&column)?;
-    (policy.search == SearchMode::Equality && searchable_type(policy.ty)).then_some((index, column))
-}
-
 /// A value a lookup can compare with: a literal PostgreSQL would read as
 /// the column's type, NULL, or a parameter.
 fn lookup_value(expr: &Expr, ty: DeclaredType) -> Option<LookupValue> {
     use DeclaredType as T;
+    if !casts_keep_the_value(expr, ty) {
+        return None;
+    }
     let number = matches!(expr_value(expr), Some(sqlparser::ast::Value::Number(..)));
     let boolean = matches!(expr_value(expr), Some(sqlparser::ast::Value::Boolean(_)));
     match operand(expr) {
@@ -543,6 +593,37 @@ fn lookup_value(expr: &Expr, ty: DeclaredType) -> Option<LookupValue> {
         Operand::Literal(_) if boolean && ty != T::Bool => None,
         Operand::Literal(text) => Some(LookupValue::Literal(Some(text))),
         _ => None,
+    }
+}
+
+/// True when every cast on the value only restates a type that reads it
+/// unchanged: text, an unbounded varchar, or the column's own type. A cast
+/// with a modifier (`::char(2)`, `::varchar(3)`, `::timestamp(0)`) or to
+/// another type could change the value PostgreSQL compares.
+fn casts_keep_the_value(expr: &Expr, ty: DeclaredType) -> bool {
+    match expr {
+        Expr::Nested(inner) => casts_keep_the_value(inner, ty),
+        Expr::Cast {
+            expr, data_type, ..
+        } => {
+            let name = data_type.to_string().to_ascii_lowercase();
+            let own = match ty {
+                DeclaredType::Int2 => ["int2", "smallint"].contains(&name.as_str()),
+                DeclaredType::Int4 => ["int4", "int", "integer"].contains(&name.as_str()),
+                DeclaredType::Int8 => ["int8", "bigint"].contains(&name.as_str()),
+                DeclaredType::Bool => ["bool", "boolean"].contains(&name.as_str()),
+                DeclaredType::Timestamp => {
+                    ["timestamp", "timestamp without time zone"].contains(&name.as_str())
+                }
+                DeclaredType::Timestamptz => {
+                    ["timestamptz", "timestamp with time zone"].contains(&name.as_str())
+                }
+                other => name == other.sql_name(),
+            };
+            let textual = ["text", "varchar", "character varying"].contains(&name.as_str());
+            (own || textual) && casts_keep_the_value(expr, ty)
+        }
+        _ => true,
     }
 }
 

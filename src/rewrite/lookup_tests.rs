@@ -1,6 +1,6 @@
 //! Unit tests of the equality lookups' rewrite.
 
-use super::super::{analyze, StatementPlan, TenantSource, WritePlan, KM003};
+use super::super::{analyze_in, SchemaFacts, StatementPlan, TenantSource, WritePlan, KM003};
 use super::{LookupSlot, LookupValue};
 use crate::config::{parse_policy, Policy};
 
@@ -10,6 +10,25 @@ fn policy() -> Policy {
         "test",
     )
     .unwrap()
+}
+
+/// The blind indexes of `ssn`, `mrn` and `score` proven complete.
+fn facts() -> SchemaFacts {
+    SchemaFacts {
+        indexed_columns: ["ssn", "mrn", "score"]
+            .iter()
+            .map(|c| format!("public.patients.{c}"))
+            .collect(),
+        ..SchemaFacts::default()
+    }
+}
+
+fn analyze(
+    policy: &Policy,
+    sql: &str,
+    params: usize,
+) -> Result<super::super::Analysis, super::super::Rejection> {
+    analyze_in(policy, &facts(), sql, params)
 }
 
 fn lookup_plan(sql: &str, params: usize) -> WritePlan {
@@ -64,6 +83,12 @@ fn orm_shapes_are_answered() {
     );
     assert_eq!(plan.lookups[0].tenant, TenantSource::Param(1));
     assert_eq!(plan.cleared, vec![2]);
+    // Casts that restate the type.
+    let plan = lookup_plan(
+        "SELECT id FROM patients WHERE ssn = $1::text AND mrn = '7'::bigint",
+        1,
+    );
+    assert_eq!(plan.lookups.len(), 2);
     // The tenant column named by a literal.
     let plan = lookup_plan(
         "SELECT id FROM patients WHERE tenant_id = 'acme' AND ssn = 'x'",
@@ -143,6 +168,10 @@ fn what_cannot_be_answered_exactly_is_still_refused() {
         ("SELECT p.id FROM patients p, doctors d WHERE ssn = 'x'", 0),
         // text = integer is an error in PostgreSQL, not a match.
         ("SELECT id FROM patients WHERE ssn = 5", 0),
+        // Casts that can change the value compared.
+        ("SELECT id FROM patients WHERE ssn = 'abc'::char(2)", 0),
+        ("SELECT id FROM patients WHERE ssn = $1::varchar(3)", 1),
+        ("SELECT id FROM patients WHERE mrn = '1.5'::numeric", 0),
         // The parameter would still reach the server.
         ("SELECT id, $1::text FROM patients WHERE ssn = $1", 1),
     ] {
@@ -161,4 +190,24 @@ fn correlated_and_unqualified_outer_names_are_not_guessed() {
     )
     .expect_err("correlated");
     assert_eq!(refusal.sqlstate, KM003);
+}
+
+#[test]
+fn a_blind_index_not_proven_complete_or_an_inexact_type_is_refused_saying_why() {
+    let refusal = analyze_in(
+        &policy(),
+        &SchemaFacts::default(),
+        "SELECT id FROM patients WHERE ssn = 'x'",
+        0,
+    )
+    .expect_err("not proven complete");
+    assert_eq!(refusal.sqlstate, KM003);
+    assert!(
+        refusal.message.contains("cmk_bidx_ssn"),
+        "{}",
+        refusal.message
+    );
+    let refusal =
+        analyze(&policy(), "SELECT id FROM patients WHERE score = '1.0'", 0).expect_err("numeric");
+    assert!(refusal.message.contains("numeric"), "{}", refusal.message);
 }

@@ -33,7 +33,7 @@ const RECORDS_SCHEMA: &str = "CREATE TABLE records (\
     c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, \
     c_int8 bytea, c_numeric bytea, c_float8 bytea, c_bool bytea, c_date bytea, \
     c_timestamp bytea, c_timestamptz bytea, c_uuid bytea, c_jsonb bytea, c_bytea bytea, \
-    cmk_edek jsonb); \
+    cmk_edek jsonb, CONSTRAINT cmk_bidx_c_text CHECK ((c_text IS NULL) = (c_text_bidx IS NULL))); \
     GRANT ALL ON records TO scram_user";
 
 /// Protected columns of `records` and their declared types.

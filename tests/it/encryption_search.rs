@@ -12,7 +12,9 @@ use crate::common;
 use common::encryption::{count, keyring, poll_until, rows, EncryptedSetup};
 
 const SCHEMA: &str = "CREATE TABLE patients (id int PRIMARY KEY, tenant_id text NOT NULL, \
-    ssn bytea, ssn_bidx bytea, mrn bytea, mrn_bidx bytea, notes bytea, cmk_edek jsonb); \
+    ssn bytea, ssn_bidx bytea, mrn bytea, mrn_bidx bytea, notes bytea, cmk_edek jsonb, \
+    CONSTRAINT cmk_bidx_ssn CHECK ((ssn IS NULL) = (ssn_bidx IS NULL)), \
+    CONSTRAINT cmk_bidx_mrn CHECK ((mrn IS NULL) = (mrn_bidx IS NULL))); \
     CREATE INDEX patients_ssn_lookup ON patients (tenant_id, ssn_bidx); \
     CREATE TABLE plain (id int PRIMARY KEY, tenant_id text NOT NULL, ssn text, mrn int8, notes text)";
 
@@ -22,9 +24,18 @@ const COLUMNS: &[&str] = &[
     "notes: {type: text}",
 ];
 
-/// (id, tenant, ssn, mrn, notes): values shared across tenants, NULLs,
-/// and strings that differ only in case or trailing space.
-const ROWS: &[(i32, &str, Option<&str>, Option<i64>, &str)] = &[
+/// A row of the test data: id, tenant, ssn, mrn, notes.
+type Row = (
+    i32,
+    &'static str,
+    Option<&'static str>,
+    Option<i64>,
+    &'static str,
+);
+
+/// Values shared across tenants, NULLs, and strings that differ only in
+/// case or trailing space.
+const ROWS: &[Row] = &[
     (1, "acme", Some("111-11-1111"), Some(10), "a1"),
     (2, "acme", Some("222-22-2222"), Some(20), "a2"),
     (3, "acme", None, None, "a3"),
@@ -71,11 +82,11 @@ async fn both(
             .iter()
             .map(|r| {
                 (0..r.len())
-                    .map(|i| match r.columns()[i].type_() {
-                        &tokio_postgres::types::Type::INT4 => {
+                    .map(|i| match *r.columns()[i].type_() {
+                        tokio_postgres::types::Type::INT4 => {
                             r.get::<_, Option<i32>>(i).map(|v| v.to_string())
                         }
-                        &tokio_postgres::types::Type::INT8 => {
+                        tokio_postgres::types::Type::INT8 => {
                             r.get::<_, Option<i64>>(i).map(|v| v.to_string())
                         }
                         _ => r.get::<_, Option<String>>(i),
@@ -355,4 +366,78 @@ async fn a_unique_index_on_tenant_and_blind_index_enforces_per_tenant_uniqueness
         count(&setup.direct, "SELECT count(*) FROM patients").await,
         2
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_config_live_prints_the_lookup_index_of_every_searchable_column() {
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let check = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+            .args(["check-config", "--live"])
+            .arg(setup.proxy.config_path())
+            .output()
+            .expect("run check-config");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = check();
+    assert!(
+        out.contains("public.patients.ssn: index patients_ssn_lookup"),
+        "{out}"
+    );
+    let ddl = "CREATE INDEX CONCURRENTLY IF NOT EXISTS patients_mrn_bidx_lookup ON public.patients (tenant_id, mrn_bidx);";
+    assert!(out.contains("public.patients.mrn: no index"), "{out}");
+    assert!(out.contains(ddl), "{out}");
+    assert!(
+        out.contains("-- CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS patients_mrn_bidx_unique"),
+        "{out}"
+    );
+    // The printed DDL runs as printed.
+    setup.direct.batch_execute(ddl).await.unwrap();
+    let out = check();
+    assert!(
+        out.contains("public.patients.mrn: index patients_mrn_bidx_lookup"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lookups_wait_until_the_database_proves_every_value_has_its_blind_index() {
+    let without_checks = SCHEMA
+        .replacen(
+            "CONSTRAINT cmk_bidx_ssn CHECK ((ssn IS NULL) = (ssn_bidx IS NULL)), ",
+            "",
+            1,
+        )
+        .replacen(
+            ", CONSTRAINT cmk_bidx_mrn CHECK ((mrn IS NULL) = (mrn_bidx IS NULL))",
+            "",
+            1,
+        );
+    assert!(!without_checks.contains("cmk_bidx"), "{without_checks}");
+    let setup = EncryptedSetup::start(&without_checks, "public.patients", COLUMNS).await;
+    let app = setup.app().await;
+    load(&setup, &app).await;
+    let lookup = "SELECT id FROM patients WHERE tenant_id = 'acme' AND ssn = 'ab'";
+    let err = app.simple_query(lookup).await.unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM003"), "{err}");
+    assert!(
+        common::error_message(&err).contains("cmk_bidx_ssn"),
+        "{err}"
+    );
+    // migrate adds and validates the constraints; the proxy sees them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cmk-proxy"))
+        .args(["migrate", "--config"])
+        .arg(setup.proxy.config_path())
+        .output()
+        .expect("run migrate");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("cmk_bidx_ssn validated"), "{said}");
+    poll_until(false, || app.simple_query(lookup)).await;
+    assert_eq!(rows(&app, lookup).await, vec![vec![Some("7".to_owned())]]);
 }

@@ -597,10 +597,127 @@ impl Encryption {
             let tenant = session.tenant.unwrap_or_default();
             slots.insert(n, Slot::Text(Arc::from(tenant)));
         }
+        if let Some(unnest) = &plan.unnest {
+            self.seal_unnest(plan, unnest, session, params, &mut slots)
+                .await?;
+        }
         for &n in &plan.cleared {
             slots.insert(n, Slot::Null);
         }
         Ok(slots)
+    }
+
+    /// Seals the arrays of an UNNEST insert: row `i` (element `i` of every
+    /// array, NULL past an array's end, as UNNEST pads) is sealed under the
+    /// tenant of element `i` of the tenant array.
+    async fn seal_unnest(
+        &self,
+        plan: &WritePlan,
+        unnest: &rewrite::UnnestPlan,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+        slots: &mut Slots,
+    ) -> Result<(), Rejection> {
+        let array = |source: &rewrite::ArraySource, column: &str| {
+            let elements = match source {
+                rewrite::ArraySource::Literal(text) => values::parse_text_array(text).map(Some),
+                rewrite::ArraySource::Param(n) => params.array(*n),
+            };
+            // A NULL array unnests to no rows.
+            elements
+                .map(Option::unwrap_or_default)
+                .map_err(|e| invalid_value(&plan.table, column, &e))
+        };
+        let tenants = array(&unnest.tenants, &plan.tenant_column)?;
+        let columns = unnest
+            .cells
+            .iter()
+            .map(|c| array(&c.source, &c.column))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = columns.iter().map(Vec::len).fold(tenants.len(), usize::max);
+        let mut keys: HashMap<String, (WriteKey, Option<Arc<crypto::BlindIndexKey>>)> =
+            HashMap::new();
+        let mut cells: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::with_capacity(rows); columns.len()];
+        let mut indexes: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::with_capacity(rows); columns.len()];
+        let mut edeks: Vec<Option<Arc<str>>> = Vec::with_capacity(rows);
+        for row in 0..rows {
+            let named = tenants.get(row).cloned().flatten();
+            let source = match named {
+                Some(tenant) if !tenant.is_empty() => TenantSource::Literal(tenant),
+                _ => {
+                    return Err(Rejection {
+                        sqlstate: rewrite::KM004,
+                        table: Some(plan.table.clone()),
+                        column: Some(plan.tenant_column.clone()),
+                        message: format!(
+                            "cmk-proxy: row {} of an UNNEST insert into {} has no tenant",
+                            row + 1,
+                            plan.table
+                        ),
+                    })
+                }
+            };
+            let tenant = self.row_tenant(&source, plan, session, params)?;
+            if !keys.contains_key(&tenant) {
+                let key = self
+                    .keys
+                    .write_key(&tenant)
+                    .await
+                    .map_err(|e| key_rejection(&e, &plan.table))?;
+                let index = if unnest.cells.iter().any(|c| c.bidx_param.is_some()) {
+                    Some(
+                        self.keys
+                            .blind_index_key(&tenant)
+                            .await
+                            .map_err(|e| key_rejection(&e, &plan.table))?,
+                    )
+                } else {
+                    None
+                };
+                keys.insert(tenant.clone(), (key, index));
+            }
+            let Some((key, index)) = keys.get(&tenant) else {
+                continue;
+            };
+            for (c, spec) in unnest.cells.iter().enumerate() {
+                let value = columns[c].get(row).cloned().flatten();
+                let (cell, bidx) = match value {
+                    Some(text) => seal_value(
+                        key,
+                        &tenant,
+                        &plan.table,
+                        &spec.column,
+                        spec.ty,
+                        text.as_bytes(),
+                        spec.bidx_param.and(index.as_deref()),
+                    )
+                    .map(|(cell, bidx)| (Some(cell), bidx))
+                    .map_err(|e| invalid_value(&plan.table, &spec.column, &e))?,
+                    None => (None, None),
+                };
+                cells[c].push(cell);
+                indexes[c].push(bidx);
+            }
+            edeks.push(Some(key.edek_json.clone()));
+        }
+        for (c, spec) in unnest.cells.iter().enumerate() {
+            slots.insert(
+                spec.target_param,
+                Slot::Text(Arc::from(values::bytea_array_text(&cells[c]))),
+            );
+            if let Some(n) = spec.bidx_param {
+                slots.insert(
+                    n,
+                    Slot::Text(Arc::from(values::bytea_array_text(&indexes[c]))),
+                );
+            }
+        }
+        let edeks: Vec<Option<&str>> = edeks.iter().map(|e| e.as_deref()).collect();
+        slots.insert(
+            unnest.edek_param,
+            Slot::Text(Arc::from(values::quoted_array_text(&edeks))),
+        );
+        Ok(())
     }
 
     /// Computes the blind index of every value an equality lookup compares

@@ -1118,6 +1118,17 @@ fn plan_sql(
                         .push((n - 1, if declared == 0 { oid } else { declared }));
                 }
             }
+            for cells in write.unnest.iter().flat_map(|u| &u.cells) {
+                if let rewrite::ArraySource::Param(n) = cells.source {
+                    let declared = param_types.get(n - 1).copied().unwrap_or(0);
+                    let shown = if declared == 0 {
+                        cells.ty.array_oid()
+                    } else {
+                        declared
+                    };
+                    plan.presented.push((n - 1, shown));
+                }
+            }
             plan.hidden_results = write.hidden_results;
             write.declare_proxy_params(&mut types);
             plan.rewritten = Some((write.statement.to_string(), types));

@@ -494,6 +494,7 @@ fn with_lookups(
         lookups: lookups.lookups.clone(),
         cleared: lookups.cleared.clone(),
         hidden_results,
+        unnest: None,
     };
     match plan {
         StatementPlan::Read => Ok(StatementPlan::Write(Box::new(read(statement, 0)))),

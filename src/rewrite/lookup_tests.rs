@@ -211,3 +211,41 @@ fn a_blind_index_not_proven_complete_or_an_inexact_type_is_refused_saying_why() 
         analyze(&policy(), "SELECT id FROM patients WHERE score = '1.0'", 0).expect_err("numeric");
     assert!(refusal.message.contains("numeric"), "{}", refusal.message);
 }
+
+#[test]
+fn an_unnest_insert_seals_each_protected_array() {
+    let sql = "INSERT INTO \"patients\" (\"tenant_id\", \"notes\", \"ssn\") SELECT * FROM \
+               UNNEST(('{acme,globex}')::varchar[], ('{a,NULL}')::text[], $1::varchar[]) \
+               RETURNING \"patients\".\"id\"";
+    let analysis = analyze(&policy(), sql, 1).expect("planned");
+    let Some(StatementPlan::Write(plan)) = analysis.statements.first() else {
+        panic!("{analysis:?}")
+    };
+    let unnest = plan.unnest.as_ref().expect("an UNNEST plan");
+    assert_eq!(
+        unnest.tenants,
+        super::super::ArraySource::Literal("{acme,globex}".into())
+    );
+    let columns: Vec<&str> = unnest.cells.iter().map(|c| c.column.as_str()).collect();
+    assert_eq!(columns, ["notes", "ssn"]);
+    assert_eq!(
+        unnest.cells[1].target_param, 1,
+        "the parameter carries its cells"
+    );
+    assert!(unnest.cells[1].bidx_param.is_some());
+    let sent = plan.statement.to_string();
+    assert!(
+        sent.contains("\"ssn\", ssn_bidx, cmk_edek) SELECT * FROM UNNEST(('{acme,globex}')::VARCHAR[], $2::BYTEA[], $1::BYTEA[], $3::BYTEA[], $4::JSONB[])"),
+        "{sent}"
+    );
+    // Other shapes of INSERT … SELECT stay refused.
+    for sql in [
+        "INSERT INTO patients (tenant_id, ssn) SELECT * FROM UNNEST($1::text[], $2::text[]) WHERE true",
+        "INSERT INTO patients (tenant_id, ssn) SELECT * FROM UNNEST($1::text[], upper($2)::text[])",
+        "INSERT INTO patients (ssn) SELECT * FROM UNNEST($1::text[])",
+        "INSERT INTO patients (tenant_id, ssn) SELECT * FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY",
+    ] {
+        let refusal = analyze(&policy(), sql, 2).expect_err(sql);
+        assert_eq!(refusal.sqlstate, KM003, "{sql}: {}", refusal.message);
+    }
+}

@@ -22,6 +22,7 @@ mod row_tenant;
 mod set_config;
 mod sql_prepare;
 mod write;
+mod write_unnest;
 
 pub use analyze::{
     analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
@@ -38,6 +39,7 @@ pub use render::{quote_literal, render_with_literals};
 pub use row_tenant::{RowTenantRead, ROW_TENANT_COLUMN};
 pub use sql_prepare::{sql_prepare_ops, SqlPrepareOp};
 pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan, BYTEA_ARRAY_OID};
+pub use write_unnest::{ArrayCells, ArraySource, UnnestPlan};
 
 /// A statement the proxy refuses, with what the client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -11,6 +11,7 @@ use sqlparser::ast::{
 
 use super::lookup::{Lookup, LookupValue};
 use super::names::{ident_name, last_name};
+use super::write_unnest::{UnnestPlan, JSONB_ARRAY_OID};
 use super::{Rejection, KM004};
 use crate::config::{DeclaredType, SearchMode, TablePolicy};
 
@@ -83,6 +84,8 @@ pub struct WritePlan {
     pub cleared: Vec<usize>,
     /// Result columns the proxy added after the client's (row tenants).
     pub hidden_results: usize,
+    /// An `INSERT … SELECT * FROM UNNEST(…)`: arrays instead of rows.
+    pub unnest: Option<UnnestPlan>,
 }
 
 impl WritePlan {
@@ -115,6 +118,15 @@ impl WritePlan {
                 declare(slot.index_param, oid);
             }
         }
+        if let Some(unnest) = &self.unnest {
+            for cells in &unnest.cells {
+                declare(cells.target_param, BYTEA_ARRAY_OID);
+                if let Some(n) = cells.bidx_param {
+                    declare(n, BYTEA_ARRAY_OID);
+                }
+            }
+            declare(unnest.edek_param, JSONB_ARRAY_OID);
+        }
         // Unused in the SQL now: a type for the server, which gets NULL.
         for &n in &self.cleared {
             declare(n, DeclaredType::Bytea.oid());
@@ -138,11 +150,16 @@ impl Placeholders {
             added: 0,
         }
     }
-    fn take(&mut self) -> (usize, Expr) {
+    pub(crate) fn take(&mut self) -> (usize, Expr) {
         let n = self.next;
         self.next += 1;
         self.added += 1;
         (n, placeholder(n))
+    }
+
+    /// Placeholders taken so far.
+    pub(crate) fn added(&self) -> usize {
+        self.added
     }
 }
 
@@ -469,6 +486,11 @@ pub(crate) fn plan_insert(
         }
         return Ok(None);
     }
+    if let Some(plan) =
+        super::write_unnest::plan_unnest_insert(table, policy, insert, &columns, client_params)?
+    {
+        return Ok(Some(plan));
+    }
     let tenant_index = columns.iter().position(|c| *c == policy.tenant_column);
     let Some(source) = insert.source.as_mut() else {
         return Err(Rejection::unsupported(
@@ -656,6 +678,7 @@ pub(crate) fn plan_insert(
         lookups: Vec::new(),
         cleared: Vec::new(),
         hidden_results: 0,
+        unnest: None,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))
@@ -1076,6 +1099,7 @@ pub(crate) fn plan_update(
         lookups: Vec::new(),
         cleared: Vec::new(),
         hidden_results: 0,
+        unnest: None,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))

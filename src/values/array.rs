@@ -183,6 +183,31 @@ pub fn bytea_array_text(elements: &[Option<Vec<u8>>]) -> String {
     out
 }
 
+/// The text form of an array of texts, every element quoted (`{"a\\"b",NULL}`).
+pub fn quoted_array_text(elements: &[Option<&str>]) -> String {
+    let mut out = String::from("{");
+    for (i, element) in elements.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match element {
+            Some(text) => {
+                out.push('"');
+                for c in text.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+            None => out.push_str("NULL"),
+        }
+    }
+    out.push('}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +294,19 @@ mod tests {
         assert!(parse_binary_array(&[0, 0, 0, 2]).is_err());
         let truncated = binary(&[Some(b"abc")], 25);
         assert!(parse_binary_array(&truncated[..truncated.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn quoted_arrays_read_back_as_written() {
+        let elements = [Some(r#"{"k": "a\"b"}"#), None, Some("NULL"), Some("")];
+        let text = quoted_array_text(&elements);
+        let back = text_arrays(&text);
+        let want: Vec<Option<String>> = elements.iter().map(|e| e.map(str::to_owned)).collect();
+        assert_eq!(back, want);
+    }
+
+    fn text_arrays(text: &str) -> Vec<Option<String>> {
+        parse_text_array(text).unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod binary;
 mod canonical;
 mod jsonb;
 
-pub use array::{bytea_array_text, parse_binary_array, parse_text_array};
+pub use array::{bytea_array_text, parse_binary_array, parse_text_array, quoted_array_text};
 pub use binary::{from_binary, to_binary};
 pub use canonical::{canonical_text, parse_bytea};
 

@@ -40,6 +40,7 @@ check() { # name, test command...
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
 check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
+check haproxy              bash -c "test -x /usr/sbin/haproxy || command -v haproxy"
 check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
 check python3-pykmip       test -x /usr/bin/pykmip-server
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"

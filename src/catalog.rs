@@ -192,6 +192,9 @@ enum TableState<'a> {
     Normal,
     /// Legacy plaintext, possibly with an adoption prepared.
     Legacy(Option<&'a Adoption>),
+    /// In the policy's format, with the transition view of `decrypt` made
+    /// beside it (not swapped in yet).
+    Leaving(&'a Adoption),
     /// Its name is the transition view's.
     Transition(&'a Adoption),
 }
@@ -214,6 +217,7 @@ fn table_state<'a>(
 ) -> TableState<'a> {
     match adoptions.get(name) {
         Some(adoption) if info.oid == adoption.view_oid => TableState::Transition(adoption),
+        Some(adoption) if adoption.phase == Phase::Leaving => TableState::Leaving(adoption),
         Some(adoption) if adoption.phase == Phase::Prepared => TableState::Legacy(Some(adoption)),
         _ if holds_legacy_plaintext(info, table_policy) => TableState::Legacy(None),
         _ => TableState::Normal,
@@ -437,6 +441,19 @@ pub async fn load_map(
                     map_relation(&mut map, &table, table_policy, view);
                     map.transition.insert(name.clone());
                     map.facts.unindexed.insert(name.clone());
+                    map.awaiting_swap = true;
+                }
+            }
+            TableState::Leaving(adoption) => {
+                tracing::warn!(
+                    table = %name,
+                    "policy table about to leave the policy's format (cmk-proxy decrypt): its transition view is mapped before it takes the table's name"
+                );
+                // Served as usual; the view is known before the swap, so its
+                // rows are opened (and its legacy values served) from then.
+                if let Some(view) = by_oid.get(&adoption.view_oid) {
+                    map_relation(&mut map, &table, table_policy, view);
+                    map.transition.insert(name.clone());
                     map.awaiting_swap = true;
                 }
             }
@@ -767,10 +784,16 @@ pub async fn check_schema(
         let Some(info) = tables.get(name) else {
             continue;
         };
+        let state = table_state(name, info, table_policy, &adoptions);
+        let command = if matches!(state, TableState::Leaving(_)) {
+            "decrypt"
+        } else {
+            "encrypt"
+        };
         let fix = Some(format!(
-            "cmk-proxy encrypt --config <policy> --table {name}"
+            "cmk-proxy {command} --config <policy> --table {name}"
         ));
-        let message = match table_state(name, info, table_policy, &adoptions) {
+        let message = match state {
             TableState::Normal => continue,
             TableState::Legacy(None) => {
                 "holds legacy plaintext (no protected column is bytea, no EDEK column): served untouched until converted".to_owned()
@@ -778,8 +801,11 @@ pub async fn check_schema(
             TableState::Legacy(Some(_)) => {
                 "in transition from legacy plaintext (phase prepared: the transition view is not swapped in yet)".to_owned()
             }
+            TableState::Leaving(_) => {
+                "leaving the policy's format (cmk-proxy decrypt, phase leaving: the transition view is not swapped in yet)".to_owned()
+            }
             TableState::Transition(adoption) => format!(
-                "in transition from legacy plaintext (phase converting, real table {}, resume after {}): legacy values are still served",
+                "in transition between legacy plaintext and cells (phase converting, real table {}, resume after {}): legacy values are served beside cells until encrypt or decrypt finishes it",
                 adoption.base_name,
                 adoption
                     .resume_after

@@ -4,8 +4,8 @@
 use chrono::{NaiveDate, NaiveDateTime, TimeDelta};
 
 use super::canonical::{
-    bytea_hex, canonical_numeric, format_date, format_float, format_timestamp, parse_bool,
-    parse_bytea, parse_date, parse_timestamp, parse_timestamptz, Infinity,
+    bytea_hex, canonical_numeric, format_date, format_float, format_timestamp, format_timestamptz,
+    parse_bool, parse_bytea, parse_date, parse_timestamp, parse_timestamptz, Infinity,
 };
 use super::{invalid, ValueError};
 use crate::config::DeclaredType;
@@ -144,7 +144,7 @@ pub fn from_binary(ty: DeclaredType, bytes: &[u8]) -> Result<String, ValueError>
                 if ty == T::Timestamp {
                     format_timestamp(ts)
                 } else {
-                    format!("{}+00", format_timestamp(ts))
+                    format_timestamptz(ts)
                 }
             }
         },

@@ -50,7 +50,7 @@ fn finite_datetime(ty: DeclaredType, text: &str) -> Result<String, ValueError> {
             .map(format_timestamp)
             .ok_or(invalid(ty, "expected YYYY-MM-DD HH:MM:SS[.ffffff]")),
         _ => parse_timestamptz(text)
-            .map(|ts| format!("{}+00", format_timestamp(ts)))
+            .map(format_timestamptz)
             .ok_or(invalid(
                 ty,
                 "expected YYYY-MM-DD HH:MM:SS[.ffffff] with an explicit UTC offset",
@@ -275,9 +275,19 @@ struct DateTimeParts {
 }
 
 fn split_datetime(text: &str) -> Option<DateTimeParts> {
-    let text = text.trim();
+    let (text, bc) = era(text.trim());
     let date_end = text.find([' ', 'T', 't']).unwrap_or(text.len());
     let date = parse_iso_date(&text[..date_end])?;
+    // Years are counted from 1 (1 BC is astronomical year 0), as in
+    // PostgreSQL, which refuses year 0 and signed years.
+    if date.year() < 1 {
+        return None;
+    }
+    let date = if bc {
+        date.with_year(1 - date.year())?
+    } else {
+        date
+    };
     let mut rest = text[date_end..].trim_start_matches([' ', 'T', 't']).trim();
     let mut offset = None;
     if let Some(stripped) = rest.strip_suffix(['Z', 'z']) {
@@ -297,6 +307,21 @@ fn split_datetime(text: &str) -> Option<DateTimeParts> {
         )
     };
     Some(DateTimeParts { date, time, offset })
+}
+
+/// The text without a trailing ` BC` or ` AD` (any case), and whether it
+/// was BC.
+fn era(text: &str) -> (&str, bool) {
+    let Some((rest, word)) = text.rsplit_once([' ', '\t']) else {
+        return (text, false);
+    };
+    if word.eq_ignore_ascii_case("bc") {
+        (rest.trim_end(), true)
+    } else if word.eq_ignore_ascii_case("ad") {
+        (rest.trim_end(), false)
+    } else {
+        (text, false)
+    }
 }
 
 /// `+HH`, `+HH:MM`, `+HHMM` or `+HH:MM:SS` → seconds east of UTC.
@@ -339,8 +364,12 @@ fn parse_iso_date(text: &str) -> Option<NaiveDate> {
             })
         })
     };
-    if b.len() == 10 && b[4] == b'-' && b[7] == b'-' {
-        if let (Some(y), Some(m), Some(d)) = (digits(0..4), digits(5..7), digits(8..10)) {
+    // `YYYY-MM-DD`, or a year of more digits (`12345-06-07`).
+    let n = b.len();
+    if (10..=12).contains(&n) && b[n - 6] == b'-' && b[n - 3] == b'-' {
+        if let (Some(y), Some(m), Some(d)) =
+            (digits(0..n - 6), digits(n - 5..n - 3), digits(n - 2..n))
+        {
             return NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d);
         }
     }
@@ -348,19 +377,26 @@ fn parse_iso_date(text: &str) -> Option<NaiveDate> {
 }
 
 pub(crate) fn format_date(d: NaiveDate) -> String {
-    let mut out = String::with_capacity(10);
-    write_date(&mut out, d);
-    out
+    let mut out = String::with_capacity(13);
+    let bc = write_date(&mut out, d);
+    with_era(out, bc)
 }
 
-/// `YYYY-MM-DD` as chrono's `%Y-%m-%d` writes it (years outside 0..=9999
-/// with their sign), without its format-string interpreter for the rest.
-fn write_date(out: &mut String, d: NaiveDate) {
-    if (0..=9999).contains(&d.year()) {
-        let _ = write!(out, "{:04}-{:02}-{:02}", d.year(), d.month(), d.day());
-    } else {
-        let _ = write!(out, "{}", d.format("%Y-%m-%d"));
+/// `YYYY-MM-DD` as PostgreSQL prints it (ISO): at least four digits of
+/// year, counted from 1; `true` when the year is BC (the caller appends
+/// ` BC` after the rest, as PostgreSQL does).
+fn write_date(out: &mut String, d: NaiveDate) -> bool {
+    let bc = d.year() < 1;
+    let year = if bc { 1 - d.year() } else { d.year() };
+    let _ = write!(out, "{year:04}-{:02}-{:02}", d.month(), d.day());
+    bc
+}
+
+fn with_era(mut text: String, bc: bool) -> String {
+    if bc {
+        text.push_str(" BC");
     }
+    text
 }
 
 /// A timestamp without time zone; a zone in the input is ignored, as
@@ -379,23 +415,37 @@ pub(crate) fn parse_timestamptz(text: &str) -> Option<NaiveDateTime> {
     local.checked_sub_signed(chrono::TimeDelta::seconds(i64::from(parts.offset?)))
 }
 
-/// `YYYY-MM-DD HH:MM:SS[.ffffff]` with trailing zeros of the fraction trimmed.
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][ BC]` with trailing zeros of the fraction
+/// trimmed.
 pub(crate) fn format_timestamp(ts: NaiveDateTime) -> String {
+    let (text, bc) = timestamp_text(ts);
+    with_era(text, bc)
+}
+
+/// A timestamptz in UTC: `YYYY-MM-DD HH:MM:SS[.ffffff]+00[ BC]`.
+pub(crate) fn format_timestamptz(ts: NaiveDateTime) -> String {
+    let (mut text, bc) = timestamp_text(ts);
+    text.push_str("+00");
+    with_era(text, bc)
+}
+
+/// The timestamp without its era, and whether it is BC.
+fn timestamp_text(ts: NaiveDateTime) -> (String, bool) {
     // chrono keeps a leap second as :59 plus a second of nanoseconds, and
     // prints it as :60.
     let (second, nanos) = match ts.nanosecond().checked_sub(1_000_000_000) {
         Some(nanos) => (ts.second() + 1, nanos),
         None => (ts.second(), ts.nanosecond()),
     };
-    let mut out = String::with_capacity(26);
-    write_date(&mut out, ts.date());
+    let mut out = String::with_capacity(32);
+    let bc = write_date(&mut out, ts.date());
     let _ = write!(out, " {:02}:{:02}:{second:02}", ts.hour(), ts.minute());
     let micros = nanos / 1000;
     if micros != 0 {
         let frac = format!("{micros:06}");
         let _ = write!(out, ".{}", frac.trim_end_matches('0'));
     }
-    out
+    (out, bc)
 }
 
 #[cfg(test)]
@@ -470,33 +520,43 @@ mod tests {
     }
 
     #[test]
-    fn dates_and_timestamps_are_written_and_read_as_chrono_formats_and_parses_them() {
-        let dates = [
-            (0, 1, 1),
-            (1, 2, 3),
-            (1980, 2, 29),
-            (2024, 12, 31),
-            (9999, 12, 31),
-        ]
-        .into_iter()
-        .chain([(-1, 1, 1), (10000, 1, 1), (-4713, 11, 24)]);
-        for (y, m, d) in dates {
+    fn dates_and_timestamps_are_written_and_read_as_postgresql_prints_them() {
+        // (astronomical year, month, day) → PostgreSQL 15's ISO output
+        // (checked with psql: BC years counted from 1, more than four
+        // digits printed as they are).
+        for (y, m, d, text) in [
+            (1, 2, 3, "0001-02-03"),
+            (1980, 2, 29, "1980-02-29"),
+            (9999, 12, 31, "9999-12-31"),
+            (10000, 1, 1, "10000-01-01"),
+            (12345, 6, 7, "12345-06-07"),
+            (0, 12, 31, "0001-12-31 BC"),
+            (-1, 12, 31, "0002-12-31 BC"),
+            (-43, 3, 15, "0044-03-15 BC"),
+            (-4712, 11, 24, "4713-11-24 BC"),
+        ] {
             let date = NaiveDate::from_ymd_opt(y, m, d).unwrap();
-            let chrono_text = date.format("%Y-%m-%d").to_string();
-            assert_eq!(format_date(date), chrono_text);
-            assert_eq!(parse_iso_date(&chrono_text), Some(date), "{chrono_text}");
-            for (h, mi, s, micro) in [(0, 0, 0, 0), (23, 59, 59, 999_999), (12, 5, 7, 120)] {
-                let ts = date.and_hms_micro_opt(h, mi, s, micro).unwrap();
-                let base = ts.format("%Y-%m-%d %H:%M:%S").to_string();
-                let frac = format!("{micro:06}");
-                let frac = frac.trim_end_matches('0');
-                let expected = if frac.is_empty() {
-                    base
-                } else {
-                    format!("{base}.{frac}")
-                };
-                assert_eq!(format_timestamp(ts), expected);
-            }
+            assert_eq!(format_date(date), text);
+            assert_eq!(parse_date(text), Some(date), "{text}");
+            assert_eq!(canon(T::Date, text), text);
+            let ts = date.and_hms_micro_opt(12, 0, 0, 500_000).unwrap();
+            let (day, era) = text.split_at(10.max(text.find(' ').unwrap_or(text.len())));
+            assert_eq!(format_timestamp(ts), format!("{day} 12:00:00.5{era}"));
+            assert_eq!(format_timestamptz(ts), format!("{day} 12:00:00.5+00{era}"));
+            assert_eq!(
+                canon(T::Timestamp, &format_timestamp(ts)),
+                format_timestamp(ts)
+            );
+            assert_eq!(
+                canon(T::Timestamptz, &format_timestamptz(ts)),
+                format_timestamptz(ts)
+            );
+        }
+        assert_eq!(canon(T::Date, "0044-03-15 bc"), "0044-03-15 BC");
+        assert_eq!(canon(T::Date, "12345-06-07 AD"), "12345-06-07");
+        // PostgreSQL refuses year 0 and signed years.
+        for bad in ["0000-01-01", "0000-01-01 BC", "-0044-03-15"] {
+            assert!(canonical_text(T::Date, bad.as_bytes()).is_err(), "{bad}");
         }
         for bad in [
             "2024-02-30",

@@ -6,6 +6,7 @@
 
 mod binary;
 mod canonical;
+pub mod copy;
 mod jsonb;
 
 pub use binary::{from_binary, to_binary};

@@ -15,6 +15,8 @@ pub struct ErrorResponse<'a> {
     pub detail: Option<&'a str>,
     /// Optional hint line.
     pub hint: Option<&'a str>,
+    /// Optional context (`CONTEXT: COPY t, line 3`).
+    pub context: Option<&'a str>,
 }
 
 impl<'a> ErrorResponse<'a> {
@@ -26,6 +28,7 @@ impl<'a> ErrorResponse<'a> {
             message,
             detail: None,
             hint: None,
+            context: None,
         }
     }
 
@@ -57,6 +60,9 @@ impl<'a> ErrorResponse<'a> {
         }
         if let Some(hint) = self.hint {
             field(b'H', hint);
+        }
+        if let Some(context) = self.context {
+            field(b'W', context);
         }
         out.put_u8(0);
         let len = (out.len() - start - 1) as u32;

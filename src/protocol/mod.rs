@@ -68,6 +68,12 @@ pub mod frontend {
     pub const CLOSE: u8 = b'C';
     /// FunctionCall (`F`).
     pub const FUNCTION_CALL: u8 = b'F';
+    /// CopyData (`d`).
+    pub const COPY_DATA: u8 = b'd';
+    /// CopyDone (`c`).
+    pub const COPY_DONE: u8 = b'c';
+    /// CopyFail (`f`).
+    pub const COPY_FAIL: u8 = b'f';
 }
 
 /// SQLSTATE codes the proxy itself raises.

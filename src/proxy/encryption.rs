@@ -27,6 +27,7 @@ use crate::rewrite::{
 use crate::values;
 use plans::ParsePlan;
 
+mod copy_plans;
 mod plan_cache;
 pub(crate) mod plans;
 mod shapes;
@@ -78,6 +79,8 @@ pub struct QueryRewrite {
     /// Run the query as a prepared statement with these parameters
     /// instead (takes precedence over `sql`).
     pub bound: Option<BoundQuery>,
+    /// The query is a COPY the proxy takes part in (docs/COPY.md).
+    pub copy: Option<super::copy::CopyRewrite>,
 }
 
 /// A simple query's write as a prepared statement: the client's literals
@@ -383,7 +386,10 @@ impl Encryption {
         if analysis.statements.iter().any(|s| {
             matches!(
                 s,
-                StatementPlan::Read | StatementPlan::ReadRowTenants(_) | StatementPlan::Write(_)
+                StatementPlan::Read
+                    | StatementPlan::ReadRowTenants(_)
+                    | StatementPlan::Write(_)
+                    | StatementPlan::Copy(_)
             )
         }) {
             out.fingerprint = Some(Arc::from(rewrite::fingerprint(sql)));
@@ -397,8 +403,19 @@ impl Encryption {
         } else {
             Vec::new()
         };
+        let statements = analysis.statements.len();
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
+                StatementPlan::Copy(plan) => {
+                    let current = SessionInfo {
+                        tenant: tenant.as_deref(),
+                        ..*session
+                    };
+                    let (sql, copy) = self.plan_copy(*plan, statements, &current)?;
+                    out.sql = Some(sql);
+                    out.copy = Some(copy);
+                    return Ok(out);
+                }
                 StatementPlan::SetTenant(change) => {
                     tenant = match &change.savepoint {
                         None => change.resolve(session.default_tenant),
@@ -926,7 +943,7 @@ impl DecryptBatch {
 }
 
 /// Encrypts one plaintext (text form) into a cell, and its blind index.
-fn seal_value(
+pub(crate) fn seal_value(
     key: &WriteKey,
     tenant: &str,
     table: &str,
@@ -956,7 +973,7 @@ fn bytea_literal(bytes: &[u8]) -> String {
     out
 }
 
-fn key_rejection(e: &KeyError, table: &str) -> Rejection {
+pub(crate) fn key_rejection(e: &KeyError, table: &str) -> Rejection {
     Rejection {
         sqlstate: e.sqlstate(),
         table: Some(table.to_owned()),

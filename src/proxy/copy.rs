@@ -336,6 +336,12 @@ impl CopyIn {
                 indexes.push(index);
             }
         }
+        if !plan.names_tenant() {
+            if !std::mem::take(&mut first) {
+                out.push(b'\t');
+            }
+            write_upstream_field(out, Some(tenant.as_bytes()));
+        }
         if !first {
             out.push(b'\t');
         }

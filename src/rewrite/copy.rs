@@ -52,7 +52,8 @@ pub struct CopyInPlan {
     /// The client's data format.
     pub options: CopyOptions,
     /// The COPY PostgreSQL receives (default text format; the kept client
-    /// columns, then the EDEK column, then the blind indexes).
+    /// columns, the tenant column when the client names none, then the EDEK
+    /// column, then the blind indexes).
     pub upstream_sql: String,
 }
 
@@ -188,12 +189,25 @@ fn plan_table_copy(
             options,
         ));
     }
+    // The EDEK and blind-index columns a client names (pg_dump names every
+    // column) are printed as NULL: a reader never sees them, and a restore
+    // through the proxy writes its own (docs/COPY.md).
+    let derived = |name: &str| {
+        name == table_policy.edek_column
+            || name
+                .strip_suffix("_bidx")
+                .and_then(|base| table_policy.columns.get(base))
+                .is_some_and(|c| c.search == SearchMode::Equality)
+    };
     let list = if names.is_empty() {
         "*".to_owned()
     } else {
         names
             .iter()
-            .map(|n| quote_ident(n))
+            .map(|n| match derived(n) {
+                true => format!("NULL AS {}", quote_ident(n)),
+                false => quote_ident(n),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -266,6 +280,10 @@ fn plan_copy_in(
             upstream.push(quote_ident(name));
         }
         roles.push(role);
+    }
+    if !roles.contains(&CopyFieldRole::Tenant) {
+        // Rows sealed for the session tenant are stored as that tenant's.
+        upstream.push(quote_ident(&table_policy.tenant_column));
     }
     upstream.push(quote_ident(&table_policy.edek_column));
     upstream.extend(indexes.iter().map(|n| quote_ident(n)));
@@ -386,7 +404,14 @@ fn copy_options(copy: &CopyStmt, names: &[String], table: &str) -> Result<CopyOp
                 escape_set = true;
                 out.escape = byte()?
             }
-            "force_quote" if to => out.force_quote = flags("FORCE_QUOTE")?,
+            "force_quote" if to => {
+                let star = matches!(
+                    element.arg.as_ref().and_then(|a| a.node.as_ref()),
+                    Some(NodeEnum::AStar(_))
+                );
+                out.force_quote_all = star && csv;
+                out.force_quote = flags("FORCE_QUOTE")?
+            }
             "force_not_null" if !to => out.force_not_null = flags("FORCE_NOT_NULL")?,
             "force_null" if !to => out.force_null = flags("FORCE_NULL")?,
             other => return Err(refuse(format!("COPY with option {}", other.to_uppercase()))),
@@ -507,6 +532,17 @@ mod tests {
         };
         assert!(
             out.select_sql.starts_with("SELECT ssn"),
+            "{}",
+            out.select_sql
+        );
+        // pg_dump names every column: the EDEK and blind index print NULL.
+        let sql = "COPY public.patients (id, tenant_id, ssn, ssn_bidx, birth_date, notes, cmk_edek) TO stdout;";
+        let Ok(CopyPlan::Out(out)) = plan(sql) else {
+            panic!("expected COPY TO");
+        };
+        assert!(
+            out.select_sql
+                .contains("NULL AS \"ssn_bidx\", \"birth_date\", \"notes\", NULL AS \"cmk_edek\""),
             "{}",
             out.select_sql
         );

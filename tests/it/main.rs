@@ -23,6 +23,7 @@ mod config_upstream;
 mod encryption_at_rest;
 mod encryption_attacks;
 mod encryption_aws;
+mod encryption_copy;
 mod encryption_extended;
 mod encryption_lineage;
 mod encryption_orm_saves;

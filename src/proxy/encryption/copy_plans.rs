@@ -1,12 +1,12 @@
 //! The COPY of a simple query, planned against the session: a COPY FROM
-//! needs a tenant for rows that name none, a COPY TO runs as a SELECT that
-//! the ordinary read analysis must accept.
+//! needs a tenant for rows that name none; a COPY TO runs as the SELECT the
+//! read analysis planned (rewrite/copy.rs).
 
 use std::sync::Arc;
 
 use super::{Encryption, SessionInfo};
 use crate::proxy::copy::CopyRewrite;
-use crate::rewrite::{self, CopyPlan, Rejection, StatementPlan, KM004};
+use crate::rewrite::{CopyPlan, Rejection, KM004};
 
 impl Encryption {
     /// The SQL sent upstream for a COPY, and what the session does with
@@ -46,26 +46,9 @@ impl Encryption {
                 }
                 Ok((plan.upstream_sql.clone(), CopyRewrite::In(Arc::new(plan))))
             }
+            // Its SELECT was planned by the read analysis already.
             CopyPlan::Out(plan) => {
-                let catalog = self.catalog();
-                let policy = self.policy();
-                let analysis = rewrite::analyze_in(
-                    catalog.analysis_policy(&policy),
-                    catalog.schema_facts(),
-                    &plan.select_sql,
-                    0,
-                )?;
-                let sql = match analysis.statements.as_slice() {
-                    [StatementPlan::Read | StatementPlan::Untouched] => plan.select_sql,
-                    [StatementPlan::ReadRowTenants(read)] => read.sql.clone(),
-                    _ => {
-                        return Err(Rejection::unsupported(
-                            "",
-                            None,
-                            "this COPY ... TO STDOUT query",
-                        ))
-                    }
-                };
+                let sql = plan.select_sql;
                 Ok((sql, CopyRewrite::Out(Arc::new(plan.options))))
             }
         }

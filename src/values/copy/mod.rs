@@ -36,6 +36,8 @@ pub struct CopyOptions {
     pub escape: u8,
     /// Per field: always quoted on output (CSV FORCE_QUOTE).
     pub force_quote: Vec<bool>,
+    /// Every field is quoted on output (CSV `FORCE_QUOTE *`).
+    pub force_quote_all: bool,
     /// Per field: an unquoted NULL string is a value (CSV FORCE_NOT_NULL).
     pub force_not_null: Vec<bool>,
     /// Per field: a quoted NULL string is NULL too (CSV FORCE_NULL).
@@ -57,6 +59,7 @@ impl CopyOptions {
             quote: b'"',
             escape: b'"',
             force_quote: vec![false; fields],
+            force_quote_all: false,
             force_not_null: vec![false; fields],
             force_null: vec![false; fields],
         }

@@ -48,7 +48,8 @@ pub fn write_client_row(out: &mut Vec<u8>, options: &CopyOptions, values: &[Opti
             Some(value) => match options.format {
                 CopyFormat::Text => text_field(out, options.delimiter, value),
                 CopyFormat::Csv => {
-                    let forced = options.force_quote.get(index) == Some(&true);
+                    let forced =
+                        options.force_quote_all || options.force_quote.get(index) == Some(&true);
                     csv_field(out, options, value, forced, single)
                 }
             },

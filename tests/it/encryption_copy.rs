@@ -543,3 +543,61 @@ async fn a_plaintext_dump_restored_through_the_proxy_is_encrypted_and_dumps_back
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Streams `rows` rows of about 1 KiB (a protected ssn, an unprotected
+/// payload) in 64 KiB CopyData messages whose cuts fall anywhere in a row.
+fn stream_rows(port: u16, rows: usize) -> Vec<BackendMessage> {
+    let mut s = session(port, Some("acme"));
+    raw::send(
+        &mut s,
+        &raw::query("COPY big (id, ssn, payload) FROM STDIN"),
+    );
+    let first = raw::read_message(&mut s).expect("answer to COPY");
+    assert_eq!(first.tag, b'G', "{:?}", first.field(b'M'));
+    let payload = "x".repeat(1000);
+    let mut buffer = Vec::with_capacity(1 << 17);
+    for id in 0..rows {
+        buffer.extend_from_slice(format!("{id}\t{:09}\t{payload}\n", id % 1000).as_bytes());
+        if buffer.len() >= 1 << 16 {
+            let cut = (1 << 16) - (id % 97);
+            raw::send(&mut s, &raw::message(b'd', &buffer[..cut]));
+            buffer.drain(..cut);
+        }
+    }
+    raw::send(&mut s, &raw::message(b'd', &buffer));
+    raw::send(&mut s, &raw::message(b'c', &[]));
+    raw::read_until_ready(&mut s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_200_mb_copy_streams_through_the_proxy_in_bounded_memory() {
+    let s = EncryptedSetup::start(
+        "CREATE TABLE big (id int, tenant_id text NOT NULL, ssn bytea, ssn_bidx bytea, \
+         payload text, cmk_edek jsonb)",
+        "public.big",
+        &["ssn: {type: text, search: equality}"],
+    )
+    .await;
+    // Warm up (keys approved, buffers at their working size) before the
+    // baseline.
+    ok(&stream_rows(s.proxy.port(), 1_000), "warm-up");
+    let before = s.proxy.hwm_kib();
+    let rows = 200_000;
+    let answer = stream_rows(s.proxy.port(), rows);
+    ok(&answer, "200 MB COPY");
+    assert_eq!(tag_of(&answer), Some(format!("COPY {rows}")));
+    let grown = s.proxy.hwm_kib().saturating_sub(before);
+    println!("proxy peak RSS before {before} KiB, growth {grown} KiB for ~200 MB");
+    assert!(
+        grown <= 64 * 1024,
+        "the proxy's peak RSS grew by {grown} KiB"
+    );
+    assert_eq!(
+        count(
+            &s.direct,
+            "SELECT count(*) FROM big WHERE substr(ssn, 1, 4) = '\\x434d4b01'::bytea"
+        )
+        .await,
+        rows as i64 + 1_000
+    );
+}

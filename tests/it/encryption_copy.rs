@@ -601,3 +601,17 @@ async fn a_200_mb_copy_streams_through_the_proxy_in_bounded_memory() {
         rows as i64 + 1_000
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn psycopg_cursor_copy_both_ways_through_the_proxy() {
+    let python = common::clients::repo().join(".venv/bin/python");
+    common::clients::require(&python, "Python venv (.venv with psycopg)");
+    let script = common::clients::repo().join("integration/python/copy.py");
+    let s = setup().await;
+    let (done, out, err) = run(Command::new(&python)
+        .arg(&script)
+        .arg(s.proxy.url("postgres", "", "app"))
+        .arg(s.pg.admin_url("app")));
+    assert!(done, "{out}{err}");
+    assert!(out.contains("psycopg copy ok"), "{out}{err}");
+}

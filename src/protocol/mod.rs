@@ -15,7 +15,7 @@ mod frame;
 pub mod messages;
 mod startup;
 
-pub use error::{error_code, error_field, ErrorResponse};
+pub use error::{edit_error_field, error_code, error_field, ErrorResponse};
 pub use frame::{FrameError, FrameHeader, HEADER_LEN};
 pub use startup::{
     rewrite_sasl_mechanisms, StartupError, StartupPacket, StartupParams, CANCEL_REQUEST_CODE,

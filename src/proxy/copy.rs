@@ -358,6 +358,24 @@ impl CopyIn {
     }
 }
 
+/// PostgreSQL's CONTEXT of an error in a COPY FROM (`COPY t, line 3,
+/// column c: "<the line or value>"`) without the quoted part, which is the
+/// proxy's upstream row (ciphertext, EDEK); every line before `: "` kept.
+pub(crate) fn copy_context_without_line(context: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(context.len());
+    for (index, line) in context.split(|b| *b == b'\n').enumerate() {
+        if index > 0 {
+            out.push(b'\n');
+        }
+        let quoted = line
+            .starts_with(b"COPY ")
+            .then(|| line.windows(3).position(|w| w == b": \""))
+            .flatten();
+        out.extend_from_slice(quoted.map_or(line, |at| &line[..at]));
+    }
+    out
+}
+
 /// The CopyInResponse the client gets: its own fields, text format.
 pub(crate) fn copy_in_response(fields: u16) -> BytesMut {
     let mut out = BytesMut::with_capacity(8 + 2 * usize::from(fields));
@@ -418,5 +436,19 @@ impl CopyOut {
         encode::copy_done(&mut out);
         encode::command_complete(&format!("COPY {}", self.rows), &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_context_without_line;
+
+    #[test]
+    fn postgresqls_copy_context_loses_the_quoted_upstream_line() {
+        let context = b"COPY patients, line 2, column tenant_id: \"\\\\x434d\"\nSQL statement \"x: \\\"y\\\"\"";
+        assert_eq!(
+            copy_context_without_line(context),
+            b"COPY patients, line 2, column tenant_id\nSQL statement \"x: \\\"y\\\"\"".to_vec()
+        );
     }
 }

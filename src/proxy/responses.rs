@@ -17,14 +17,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::copy::{copy_in_response, CopyOut, CopyResponse};
+use super::copy::{copy_context_without_line, copy_in_response, CopyOut, CopyResponse};
 use super::encryption::Encryption;
 use super::pending::{Expected, Portal, Shape, StatementKind};
 use super::relay::Interest;
 use super::results::{plan_rows, PlannedRows, ResultPlan};
 use super::state::{EndSettled, SessionState};
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
-use crate::protocol::{backend, error_code, ErrorResponse, HEADER_LEN};
+use crate::protocol::{backend, edit_error_field, error_code, ErrorResponse, HEADER_LEN};
 
 /// Backend tags not tied to a request: they may come at any time.
 const NOTICE: u8 = b'N';
@@ -289,8 +289,20 @@ impl ResponseTracker {
                 // implicit one included: `SET …; SELECT 1/0` keeps the old
                 // tenant on the server.
                 self.rolled_back = true;
+                let copy_in = matches!(
+                    self.front(state).and_then(Expected::copy).map(|c| &**c),
+                    Some(CopyResponse::In { .. })
+                );
                 match (self.on_error(state), copy_failure) {
                     (_, Some(failure)) => Step::Replace(failure.to_bytes()),
+                    // PostgreSQL quotes the line it received: the proxy's,
+                    // with the cells' ciphertext.
+                    (Step::Forward, None) if copy_in => {
+                        match edit_error_field(frame, b'W', copy_context_without_line) {
+                            Some(edited) => Step::Replace(edited),
+                            None => Step::Forward,
+                        }
+                    }
                     (step, None) => step,
                 }
             }

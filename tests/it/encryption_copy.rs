@@ -279,6 +279,13 @@ async fn a_bad_row_fails_the_whole_copy_with_its_line_and_stores_nothing() {
             "COPY patients, line 2, column tenant_id",
         ),
         (b"1\tnobody\t1\t\\N\tx\n", "KM00", "COPY patients, line 1"),
+        // An unprotected field is PostgreSQL's to read: its own error, its
+        // CONTEXT without the quoted upstream line (ciphertext).
+        (
+            b"1\tacme\t1\t\\N\tx\nabc\tacme\t2\t\\N\tx\n",
+            "22P02",
+            "COPY patients, line 2, column id",
+        ),
     ];
     for (data, code, context) in cases {
         let answer = copy_in(proxy, None, &sql, data, 4);

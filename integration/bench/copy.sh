@@ -132,6 +132,9 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 status_kib() { awk -v k="$1" '$1 == k { print $2 }' "/proc/$PROXY_PID/status"; }
+TICKS="$(getconf CLK_TCK)"
+# CPU seconds the proxy has used (user + system).
+proxy_cpu() { awk -v t="$TICKS" '{ printf "%.2f", ($14 + $15) / t }' "/proc/$PROXY_PID/stat"; }
 
 # ---- the data: one text-format file, rows cycling through the tenants ------------
 DATA="$WORK/items.tsv"
@@ -158,6 +161,7 @@ copy_once() { # port db -> seconds
 }
 
 RSS_BEFORE="$(status_kib VmRSS:)"
+CPU_BEFORE="$(proxy_cpu)"
 DIRECT=()
 PROXY=()
 for round in $(seq 1 "$ROUNDS"); do
@@ -168,6 +172,7 @@ for round in $(seq 1 "$ROUNDS"); do
         PROXY+=("$(copy_once "$PROXY_PORT" enc)")
         DIRECT+=("$(copy_once "$PG_PORT" plain)")
     fi
+    CPU_AFTER="$(proxy_cpu)"
     log "round $round: direct ${DIRECT[-1]} s, proxy ${PROXY[-1]} s"
 done
 PEAK="$(status_kib VmHWM:)"
@@ -187,4 +192,7 @@ STORED="$(admin enc -c "SELECT count(*) FROM items WHERE substr(ssn, 1, 4) = '\\
     done
     echo
     echo "proxy RSS before the COPYs: $((RSS_BEFORE / 1024)) MiB, peak (VmHWM) after: $((PEAK / 1024)) MiB, growth $(((PEAK - RSS_BEFORE) / 1024)) MiB"
+    awk -v c0="$CPU_BEFORE" -v c1="$CPU_AFTER" -v n="$ROWS" -v r="$ROUNDS" \
+        'BEGIN { printf "proxy CPU: %.2f s for %d rows (%.2f us/row)\n", c1 - c0, n * r, (c1 - c0) * 1e6 / (n * r) }'
+    awk -v p="${PROXY[*]}" -v n="$ROWS" 'BEGIN { split(p, a, " "); s = 0; for (i in a) s += a[i]; printf "proxy wall: %.2f s (%.2f us/row)\n", s, s * 1e6 / (n * length(a)) }' 
 } | tee "$RESULTS"

@@ -40,6 +40,7 @@ check() { # name, test command...
 check postgresql           test -x "$PG_BIN/initdb" -a -x "$PG_BIN/postgres"
 check postgresql-contrib   test -x /usr/bin/pgbench
 check pgbouncer            bash -c "test -x /usr/sbin/pgbouncer || command -v pgbouncer"
+check haproxy              bash -c "test -x /usr/sbin/haproxy || command -v haproxy"
 check softhsm2             test -f /usr/lib/softhsm/libsofthsm2.so -a -x /usr/bin/softhsm2-util
 check python3-pykmip       test -x /usr/bin/pykmip-server
 check libpostgresql-jdbc-java test -f "$JDBC_JAR"
@@ -107,7 +108,7 @@ fi
 
 # ---- Python venv ------------------------------------------------------------
 VENV="$REPO/.venv"
-PY_PKGS=("psycopg[binary]" "moto[server]" sqlalchemy pytest)
+PY_PKGS=("psycopg[binary]" "moto[server]" sqlalchemy pytest django)
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$VENV"
     step "python venv" "created $VENV"
@@ -115,10 +116,10 @@ else
     step "python venv" "ok ($VENV)"
 fi
 if "$VENV/bin/python" - <<'EOF' >/dev/null 2>&1
-import psycopg, psycopg_binary, moto, sqlalchemy, pytest, flask  # flask comes with moto[server]
+import psycopg, psycopg_binary, moto, sqlalchemy, pytest, django, flask  # flask comes with moto[server]
 EOF
 then
-    step "python packages" "ok (psycopg, moto, sqlalchemy, pytest)"
+    step "python packages" "ok (psycopg, moto, sqlalchemy, pytest, django)"
 else
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}"
     step "python packages" "installed ${PY_PKGS[*]}"

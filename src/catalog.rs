@@ -14,6 +14,7 @@ use crate::rewrite::SchemaFacts;
 pub mod adoption;
 pub mod envelope;
 pub mod schema_notify;
+pub mod search_index;
 
 use adoption::{Adoption, Phase};
 
@@ -191,6 +192,9 @@ enum TableState<'a> {
     Normal,
     /// Legacy plaintext, possibly with an adoption prepared.
     Legacy(Option<&'a Adoption>),
+    /// In the policy's format, with the transition view of `decrypt` made
+    /// beside it (not swapped in yet).
+    Leaving(&'a Adoption),
     /// Its name is the transition view's.
     Transition(&'a Adoption),
 }
@@ -213,10 +217,48 @@ fn table_state<'a>(
 ) -> TableState<'a> {
     match adoptions.get(name) {
         Some(adoption) if info.oid == adoption.view_oid => TableState::Transition(adoption),
+        Some(adoption) if adoption.phase == Phase::Leaving => TableState::Leaving(adoption),
         Some(adoption) if adoption.phase == Phase::Prepared => TableState::Legacy(Some(adoption)),
         _ if holds_legacy_plaintext(info, table_policy) => TableState::Legacy(None),
         _ => TableState::Normal,
     }
+}
+
+/// Searchable columns (`schema.table.column`) with a validated blind-index
+/// CHECK (`envelope::CheckKind::BlindIndex`): every value has its index.
+async fn indexed_columns(
+    client: &tokio_postgres::Client,
+    policy: &Policy,
+) -> Result<std::collections::HashSet<String>, CatalogError> {
+    use envelope::{blind_index_constraint_name, check_clause, CheckKind};
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, k.conname::text, pg_catalog.pg_get_constraintdef(k.oid) \
+             FROM pg_catalog.pg_constraint k \
+             JOIN pg_catalog.pg_class c ON c.oid = k.conrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE k.contype = 'c' AND k.convalidated AND k.conname LIKE 'cmk\\_bidx\\_%'",
+            &[],
+        )
+        .await?;
+    let found: BTreeSet<(String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let mut out = std::collections::HashSet::new();
+    for (table, table_policy) in &policy.tables {
+        for (column, column_policy) in &table_policy.columns {
+            let wanted = (
+                table.clone(),
+                blind_index_constraint_name(column),
+                check_clause(CheckKind::BlindIndex, column),
+            );
+            if column_policy.search == SearchMode::Equality && found.contains(&wanted) {
+                out.insert(format!("{table}.{column}"));
+            }
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn quote_ident(name: &str) -> String {
@@ -398,6 +440,20 @@ pub async fn load_map(
                 if let Some(view) = adoption.and_then(|a| by_oid.get(&a.view_oid)) {
                     map_relation(&mut map, &table, table_policy, view);
                     map.transition.insert(name.clone());
+                    map.facts.unindexed.insert(name.clone());
+                    map.awaiting_swap = true;
+                }
+            }
+            TableState::Leaving(adoption) => {
+                tracing::warn!(
+                    table = %name,
+                    "policy table about to leave the policy's format (cmk-proxy decrypt): its transition view is mapped before it takes the table's name"
+                );
+                // Served as usual; the view is known before the swap, so its
+                // rows are opened (and its legacy values served) from then.
+                if let Some(view) = by_oid.get(&adoption.view_oid) {
+                    map_relation(&mut map, &table, table_policy, view);
+                    map.transition.insert(name.clone());
                     map.awaiting_swap = true;
                 }
             }
@@ -408,6 +464,7 @@ pub async fn load_map(
                     "policy table in transition from legacy plaintext (cmk-proxy encrypt): legacy values are served until it finishes"
                 );
                 map.transition.insert(name.clone());
+                map.facts.unindexed.insert(name.clone());
                 // The real table, which takes the name back at the end.
                 if let Some(base) = by_oid.get(&adoption.base_oid) {
                     map_relation(&mut map, &table, table_policy, base);
@@ -441,6 +498,7 @@ pub async fn load_map(
             .entry(table)
             .or_insert_with(|| format!("{}: {}", problem.location, problem.message));
     }
+    map.facts.indexed_columns = indexed_columns(client, policy).await?;
     for (name, table_policy) in &policy.tables {
         let Some(info) = tables.get(name) else {
             continue;
@@ -726,10 +784,16 @@ pub async fn check_schema(
         let Some(info) = tables.get(name) else {
             continue;
         };
+        let state = table_state(name, info, table_policy, &adoptions);
+        let command = if matches!(state, TableState::Leaving(_)) {
+            "decrypt"
+        } else {
+            "encrypt"
+        };
         let fix = Some(format!(
-            "cmk-proxy encrypt --config <policy> --table {name}"
+            "cmk-proxy {command} --config <policy> --table {name}"
         ));
-        let message = match table_state(name, info, table_policy, &adoptions) {
+        let message = match state {
             TableState::Normal => continue,
             TableState::Legacy(None) => {
                 "holds legacy plaintext (no protected column is bytea, no EDEK column): served untouched until converted".to_owned()
@@ -737,8 +801,11 @@ pub async fn check_schema(
             TableState::Legacy(Some(_)) => {
                 "in transition from legacy plaintext (phase prepared: the transition view is not swapped in yet)".to_owned()
             }
+            TableState::Leaving(_) => {
+                "leaving the policy's format (cmk-proxy decrypt, phase leaving: the transition view is not swapped in yet)".to_owned()
+            }
             TableState::Transition(adoption) => format!(
-                "in transition from legacy plaintext (phase converting, real table {}, resume after {}): legacy values are still served",
+                "in transition between legacy plaintext and cells (phase converting, real table {}, resume after {}): legacy values are served beside cells until encrypt or decrypt finishes it",
                 adoption.base_name,
                 adoption
                     .resume_after

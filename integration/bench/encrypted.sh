@@ -29,7 +29,13 @@
 # CITUS (1: a Citus coordinator and two workers on loopback instead of one
 # PostgreSQL, items distributed by tenant_id, the read by tenant and primary
 # key, citus.enable_router_execution off and plan_cache_mode
-# force_custom_plan for the encrypted database as docs/SCALING-OUT.md says, and a third target straight to the coordinator).
+# force_custom_plan for the encrypted database as docs/SCALING-OUT.md says, and a third target straight to the coordinator),
+# WORKLOAD (insert: the insert-and-read transaction above; lookup: equality
+# lookups by a protected value through the blind index, docs/SEARCH.md — a
+# table of LOOKUP_ROWS (100000) rows over TENANTS tenants named 1..TENANTS,
+# each transaction one SELECT of a row by (tenant, mrn) with mrn a protected
+# int8 declared search: equality, against the same lookup on a plaintext
+# indexed column through PgBouncer; results in results-lookup-PROTOCOL.md).
 # Output: a table on stdout and integration/bench/results-encrypted.md.
 set -euo pipefail
 
@@ -47,9 +53,15 @@ PROFILE="${PROFILE:-0}"
 CITUS="${CITUS:-0}"
 METRICS="${METRICS:-0}"
 RELOADS="${RELOADS:-0}"
+WORKLOAD="${WORKLOAD:-insert}"
+LOOKUP_ROWS="${LOOKUP_ROWS:-100000}"
 PROFILE_OUT="$REPO/integration/bench/profile-encrypted.txt"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
-RESULTS="${RESULTS:-$REPO/integration/bench/results-encrypted.md}"
+case "$WORKLOAD" in
+    insert) RESULTS="${RESULTS:-$REPO/integration/bench/results-encrypted.md}"; TENANT_PREFIX=tenant_ ;;
+    lookup) RESULTS="${RESULTS:-$REPO/integration/bench/results-lookup-$PROTOCOL.md}"; TENANT_PREFIX="" ;;
+    *) echo "WORKLOAD must be insert or lookup" >&2; exit 1 ;;
+esac
 
 log() { printf '[bench-enc %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { printf '[bench-enc] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -184,12 +196,23 @@ if [ "$CITUS" = 1 ]; then
         admin "$db" -c "SELECT create_distributed_table('items', 'tenant_id')" >/dev/null
     done
 fi
+if [ "$WORKLOAD" = lookup ]; then
+    # The lookup table: mrn is the searchable protected value; the blind-index
+    # CHECK (docs/SEARCH.md) lets the proxy answer lookups on it, and both
+    # databases have the index a lookup needs.
+    admin enc -c "CREATE TABLE people (id bigserial PRIMARY KEY, tenant_id text NOT NULL,
+        note bytea, mrn bytea, mrn_bidx bytea, cmk_edek jsonb,
+        CONSTRAINT cmk_bidx_mrn CHECK ((mrn IS NULL) = (mrn_bidx IS NULL)))" \
+        -c "CREATE INDEX ON people (tenant_id, mrn_bidx)" >/dev/null
+    admin plain -c "CREATE TABLE people (id bigserial PRIMARY KEY, tenant_id text NOT NULL,
+        note text, mrn int8)" -c "CREATE INDEX ON people (tenant_id, mrn)" >/dev/null
+fi
 
 # ---- tenants: a local keyring with one master key each, and the policy ---------
 log "creating $TENANTS tenant keys (local keyring)"
 KEYRING="$WORK/keyring.json"
 for i in $(seq 1 "$TENANTS"); do
-    "$PROXY_BIN" keyring create "tenant_$i" --keyring "$KEYRING" >/dev/null
+    "$PROXY_BIN" keyring create "$TENANT_PREFIX$i" --keyring "$KEYRING" >/dev/null
 done
 AUDIT="$WORK/audit.jsonl"
 case "$WORKER_THREADS" in
@@ -216,10 +239,14 @@ tables:
       note: {type: text}
       score: {type: int4}
       birth_date: {type: date}
-tenants:
 EOF
+    if [ "$WORKLOAD" = lookup ]; then
+        printf '  public.people:\n    tenant_column: tenant_id\n    columns:\n'
+        printf '      note: {type: text}\n      mrn: {type: int8, search: equality}\n'
+    fi
+    echo "tenants:"
     for i in $(seq 1 "$TENANTS"); do
-        printf '  tenant_%d: {provider: local, key: tenant_%d}\n' "$i" "$i"
+        printf '  "%s%d": {provider: local, key: "%s%d"}\n' "$TENANT_PREFIX" "$i" "$TENANT_PREFIX" "$i"
     done
     if [ "$METRICS" = 1 ] || [ "$RELOADS" -gt 0 ]; then
         ADMIN_PORT="$(free_port)"
@@ -301,6 +328,30 @@ if [ "$PASSTHROUGH" = 1 ]; then
     wait_ready "$PLAIN_PROXY_PORT" plain "cmk-proxy (passthrough)"
 fi
 
+# ---- the lookup table's rows: the same LOOKUP_ROWS rows in both databases -------------
+# Row i belongs to tenant 1 + i % TENANTS and has mrn i; written through the
+# proxy into enc (sealed, blind index filled), directly into plain.
+if [ "$WORKLOAD" = lookup ]; then
+    log "loading $LOOKUP_ROWS rows into people (through cmk-proxy for enc, directly for plain)"
+    python3 - "$LOOKUP_ROWS" "$TENANTS" >"$WORK/people.sql" <<'PY'
+import sys
+rows, tenants = int(sys.argv[1]), int(sys.argv[2])
+for start in range(1, rows + 1, 1000):
+    values = ",".join(
+        f"('{1 + i % tenants}', 'patient {i} note lorem ipsum dolor sit amet consectetur', {i})"
+        for i in range(start, min(start + 1000, rows + 1)))
+    print(f"INSERT INTO people (tenant_id, note, mrn) VALUES {values};")
+PY
+    started="$(date +%s.%N)"
+    psql "host=127.0.0.1 port=$PROXY_PORT user=postgres dbname=enc" -XAtq -v ON_ERROR_STOP=1 -f "$WORK/people.sql" >/dev/null \
+        || die "loading people through cmk-proxy failed"
+    LOAD_SECONDS="$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')"
+    admin plain -f "$WORK/people.sql" >/dev/null
+    admin enc -c 'ANALYZE people' >/dev/null
+    admin plain -c 'ANALYZE people' >/dev/null
+    log "loaded in ${LOAD_SECONDS}s through cmk-proxy"
+fi
+
 # ---- the pgbench script -----------------------------------------------------------
 # A ~1 KiB note (ASCII, no quotes). In simple mode pgbench substitutes :vars
 # textually, also inside quotes, so the literals carry the tenant and values.
@@ -310,7 +361,16 @@ fi
 # constant literal there. That extra round trip is the same for both targets.
 FILLER="$(python3 -c "print(('lorem ipsum dolor sit amet consectetur adipiscing elit ' * 20)[:1010])")"
 SCRIPT="$WORK/items-$PROTOCOL.sql"
-if [ "$PROTOCOL" = simple ]; then
+if [ "$WORKLOAD" = lookup ]; then
+    # The tenant is a parameter (or literal) of the same WHERE: the lookup's
+    # blind index is computed under that tenant's key.
+    QUOTE="$([ "$PROTOCOL" = simple ] && echo "'" || true)"
+    cat >"$SCRIPT" <<EOF
+\\set i random(1, $LOOKUP_ROWS)
+\\set t 1 + :i % $TENANTS
+SELECT id, note FROM people WHERE tenant_id = $QUOTE:t$QUOTE AND mrn = :i;
+EOF
+elif [ "$PROTOCOL" = simple ]; then
     cat >"$SCRIPT" <<EOF
 \\set t random(1, $TENANTS)
 \\set s random(1, 1000000)
@@ -571,9 +631,13 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
 - PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}')$([ "$CITUS" = 1 ] && echo ", Citus $(admin plain -c "SELECT extversion FROM pg_extension WHERE extname = 'citus'") (coordinator + 2 workers on loopback, items distributed by tenant_id; PostgreSQL CPU counts the coordinator only)" || true), $("$PGBOUNCER" --version | head -1), $(pgbench --version | awk '{print "pgbench " $3}')
 - settings: BENCH_SECONDS=$BENCH_SECONDS ROUNDS=$ROUNDS CLIENTS=$CLIENTS THREADS=$THREADS TENANTS=$TENANTS APPROVAL_TTL=$APPROVAL_TTL PROTOCOL=$PROTOCOL WORKER_THREADS=$WORKER_THREADS
 - workload (\`pgbench -n -M $PROTOCOL -c $CLIENTS -j $THREADS -T $BENCH_SECONDS\`, one transaction =
-  INSERT of one row for a random tenant of $TENANTS with three protected columns — note text
+  $(if [ "$WORKLOAD" = lookup ]; then echo "one equality lookup by a protected value: \`SELECT id, note FROM people WHERE tenant_id = :t AND mrn = :i\`
+  for a random row of $LOOKUP_ROWS over $TENANTS tenants; through cmk-proxy mrn is a protected int8 declared
+  \`search: equality\` (the lookup runs on the blind index, the note is decrypted), through PgBouncer a plaintext
+  int8; both indexed on (tenant_id, mrn[_bidx]). Loading the $LOOKUP_ROWS rows through cmk-proxy took ${LOAD_SECONDS}s. The
+  KMS table below counts items (empty in this workload)"; else echo "INSERT of one row for a random tenant of $TENANTS with three protected columns — note text
   (${NOTE_BYTES} bytes), score int4, birth_date date — \`RETURNING id \\gset\`, then SELECT of that row by
-  primary key$([ "$PROTOCOL" = simple ] || echo "; in $PROTOCOL mode one extra \`SELECT … \\gset\` builds the tenant id and the date"))
+  primary key$([ "$PROTOCOL" = simple ] || echo "; in $PROTOCOL mode one extra \`SELECT … \\gset\` builds the tenant id and the date")"; fi))
 - targets alternate (${TARGETS[*]}) x ROUNDS; plain TCP, trust auth. cmk-proxy → database \`enc\`
   (protected columns bytea + \`cmk_edek\` jsonb, policy with $TENANTS tenants in a local keyring);
   PgBouncer (session mode) → database \`plain\` (same table, plaintext types)$([ "$PASSTHROUGH" = 1 ] && echo "; the diagnostic

@@ -571,6 +571,45 @@ public class Encrypted {
             }
         });
 
+        check("equality lookup on the searchable c_text through the blind index: tenant in WHERE, = ANY", () -> {
+            for (String tenant : new String[] {"acme", "globex"}) {
+                java.util.Map<Integer, String> stored = new java.util.TreeMap<>();
+                try (PreparedStatement ps = c.prepareStatement("SELECT id, c_text FROM records WHERE tenant_id = ?")) {
+                    ps.setString(1, tenant);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        while (rs.next()) stored.put(rs.getInt(1), rs.getString(2));
+                    }
+                }
+                java.util.List<String> texts = new java.util.ArrayList<>(new java.util.TreeSet<>(
+                    stored.values().stream().filter(Objects::nonNull).toList()));
+                for (String text : texts) {
+                    java.util.List<Integer> want = stored.entrySet().stream()
+                        .filter(e -> text.equals(e.getValue())).map(java.util.Map.Entry::getKey).toList();
+                    java.util.List<Integer> got = new java.util.ArrayList<>();
+                    try (PreparedStatement ps = c.prepareStatement(
+                            "SELECT id FROM records WHERE tenant_id = ? AND c_text = ? ORDER BY id")) {
+                        ps.setString(1, tenant);
+                        ps.setString(2, text);
+                        try (ResultSet rs = ps.executeQuery()) {
+                            while (rs.next()) got.add(rs.getInt(1));
+                        }
+                    }
+                    expect(got, want, tenant + ": c_text = ?");
+                }
+                java.util.List<Integer> got = new java.util.ArrayList<>();
+                try (PreparedStatement ps = c.prepareStatement(
+                        "SELECT id FROM records WHERE tenant_id = ? AND c_text = ANY(?) ORDER BY id")) {
+                    ps.setString(1, tenant);
+                    ps.setArray(2, c.createArrayOf("text", texts.toArray()));
+                    try (ResultSet rs = ps.executeQuery()) {
+                        while (rs.next()) got.add(rs.getInt(1));
+                    }
+                }
+                expect(got, stored.entrySet().stream().filter(e -> e.getValue() != null)
+                    .map(java.util.Map.Entry::getKey).toList(), tenant + ": c_text = ANY(?)");
+            }
+        });
+
         check("KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it", () -> {
             try (Connection c2 = proxy(null)) {
                 c2.setAutoCommit(false);

@@ -325,6 +325,22 @@ async function main() {
     expectEqual(r.rows, [{ n: 7 }], 'usable after KM003');
   });
 
+  await check('equality lookup on the searchable c_text through the blind index: tenant in WHERE, = ANY', async () => {
+    for (const tenant of ['acme', 'globex']) {
+      const stored = (await client.query('SELECT id, c_text FROM records WHERE tenant_id = $1', [tenant])).rows;
+      const texts = [...new Set(stored.filter((r) => r.c_text !== null).map((r) => r.c_text))].sort();
+      for (const text of texts) {
+        const want = stored.filter((r) => r.c_text === text).map((r) => r.id).sort((a, b) => a - b);
+        const got = (await client.query('SELECT id FROM records WHERE tenant_id = $1 AND c_text = $2 ORDER BY id', [tenant, text])).rows.map((r) => r.id);
+        expectEqual(got, want, `${tenant}: c_text = $2`);
+      }
+      const any = (await client.query('SELECT id FROM records WHERE tenant_id = $1 AND c_text = ANY($2) ORDER BY id', [tenant, texts])).rows.map((r) => r.id);
+      expectEqual(any, stored.filter((r) => r.c_text !== null).map((r) => r.id).sort((a, b) => a - b), `${tenant}: c_text = ANY($2)`);
+      const none = await client.query('SELECT count(*)::int AS n FROM records WHERE tenant_id = $1 AND c_text = $2', [tenant, 'no such value']);
+      expectEqual(none.rows, [{ n: 0 }], 'a value no row has');
+    }
+  });
+
   await check('KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it', async () => {
     await client.query('BEGIN');
     await client.query('INSERT INTO records (id, tenant_id, c_text) VALUES ($1, $2, $3)', [300, 'acme', 'half of the work']);

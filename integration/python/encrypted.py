@@ -307,6 +307,29 @@ def _():
     expect(conn.execute("SELECT count(*) FROM records WHERE id < %s", (50,)).fetchone(), (7,), "usable after KM003")
 
 
+@check("equality lookup on the searchable c_text through the blind index: tenant in WHERE, = ANY, pipeline, session tenant")
+def _():
+    for tenant in ("acme", "globex"):
+        stored = conn.execute("SELECT id, c_text FROM records WHERE tenant_id = %s", (tenant,)).fetchall()
+        texts = sorted({t for _, t in stored if t is not None})
+        for text in texts:
+            want = sorted(i for i, t in stored if t == text)
+            got = [r[0] for r in conn.execute(
+                "SELECT id FROM records WHERE tenant_id = %s AND c_text = %s ORDER BY id", (tenant, text))]
+            expect(got, want, f"{tenant}: c_text = %s")
+        got = [r[0] for r in conn.execute(
+            "SELECT id FROM records WHERE tenant_id = %s AND c_text = ANY(%s) ORDER BY id", (tenant, texts))]
+        expect(got, sorted(i for i, t in stored if t is not None), f"{tenant}: c_text = ANY(%s)")
+        expect(conn.execute("SELECT count(*) FROM records WHERE tenant_id = %s AND c_text = %s",
+                            (tenant, "no such value")).fetchone(), (0,), "a value no row has")
+    stored = conn.execute("SELECT id, c_text FROM records WHERE tenant_id = 'acme' AND c_text IS NOT NULL").fetchall()
+    with psycopg.connect(URL, autocommit=True, connect_timeout=20, options="-c cmk.tenant_id=acme") as c2:
+        with c2.pipeline():
+            cursors = [c2.execute("SELECT id FROM records WHERE c_text = %s ORDER BY id", (t,)) for _, t in stored]
+        for (i, t), cur in zip(stored, cursors):
+            expect(sorted(r[0] for r in cur.fetchall()), sorted(j for j, u in stored if u == t), "pipelined lookup")
+
+
 @check("KM003 inside a transaction fails the server transaction too: COMMIT keeps nothing of it")
 def _():
     with psycopg.connect(URL, connect_timeout=20) as c2:

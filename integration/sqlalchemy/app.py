@@ -187,6 +187,17 @@ def find_by_name(session: Session, name: str) -> list[Patient]:
     return list(session.scalars(stmt))
 
 
+def find_by_ssn(session: Session, ssn: str) -> Optional[Patient]:
+    """A lookup by a protected value: through cmk-proxy it runs on the
+    blind index of ssn under the tenant's key (docs/SEARCH.md)."""
+    return session.scalars(select(Patient).filter_by(tenant_id=_tenant(session), ssn=ssn)).one_or_none()
+
+
+def find_by_ssns(session: Session, ssns: list[str]) -> list[Patient]:
+    stmt = select(Patient).where(Patient.tenant_id == _tenant(session), Patient.ssn.in_(ssns)).order_by(Patient.id)
+    return list(session.scalars(stmt))
+
+
 def update_notes(session: Session, patient_id: int, notes: Optional[str]) -> Patient:
     patient = session.get(Patient, patient_id)
     if patient is None:

@@ -17,8 +17,11 @@ CREATE TABLE patients (
     allergies   bytea,
     last_visit  bytea,
     created_at  timestamptz NOT NULL DEFAULT now(),
-    cmk_edek    jsonb
+    cmk_edek    jsonb,
+    -- Every ssn has its blind index: lookups by ssn are answered (docs/SEARCH.md).
+    CONSTRAINT cmk_bidx_ssn CHECK ((ssn IS NULL) = (ssn_bidx IS NULL))
 );
+CREATE INDEX patients_ssn_lookup ON patients (tenant_id, ssn_bidx);
 
 CREATE TABLE appointments (
     id          serial PRIMARY KEY,

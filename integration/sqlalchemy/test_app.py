@@ -9,6 +9,8 @@ import pytest
 
 from app import (
     find_by_name,
+    find_by_ssn,
+    find_by_ssns,
     get_patient,
     import_patient,
     list_patients,
@@ -149,6 +151,21 @@ def test_delete_patient_cascades(factory):
 def test_invalid_tenant_ids_are_rejected(factory):
     with pytest.raises(ValueError):
         tenant_session(factory, "acme'; DROP TABLE patients; --")
+
+
+def test_find_patients_by_ssn(factory):
+    with tenant_session(factory, "acme") as s, s.begin():
+        register_patient(s, "Ada Lovelace", "123-45-6789", date(1815, 12, 10))
+        register_patient(s, "Charles Babbage", "123-45-6790", date(1791, 12, 26))
+    with tenant_session(factory, "globex") as s, s.begin():
+        register_patient(s, "Grace Hopper", "123-45-6789", date(1906, 12, 9))
+    with tenant_session(factory, "acme") as s, s.begin():
+        assert find_by_ssn(s, "123-45-6789").name == "Ada Lovelace"
+        assert find_by_ssn(s, "000-00-0000") is None
+        assert [p.name for p in find_by_ssns(s, ["123-45-6790", "123-45-6789", "555"])] == ["Ada Lovelace", "Charles Babbage"]
+    with tenant_session(factory, "globex") as s, s.begin():
+        assert find_by_ssn(s, "123-45-6789").name == "Grace Hopper"
+        assert find_by_ssn(s, "123-45-6790") is None
 
 
 def test_tenants_see_only_their_patients(factory):

@@ -31,6 +31,8 @@ pub enum SkipReason {
     Unavailable,
     /// A legacy value is not valid for the column's declared type.
     InvalidValue,
+    /// A cell fails its integrity check (`decrypt`): left sealed.
+    Damaged,
 }
 
 impl std::fmt::Display for SkipReason {
@@ -41,6 +43,7 @@ impl std::fmt::Display for SkipReason {
             Self::Revoked => "tenant's key is revoked (KM001)",
             Self::Unavailable => "tenant's KMS unavailable (KM002)",
             Self::InvalidValue => "a value is not valid for its declared type",
+            Self::Damaged => "a cell fails its integrity check (KM005)",
         })
     }
 }

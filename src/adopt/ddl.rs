@@ -11,6 +11,17 @@ use crate::rewrite::quote_literal;
 
 use super::shape::TableShape;
 
+/// Tells every proxy LISTENing on `cmk_schema_change` to reload its catalog
+/// when the step's transaction commits (without waiting for
+/// `server.catalog_refresh`, with or without `migrate`'s event trigger).
+fn notify(step: &str) -> String {
+    format!(
+        "NOTIFY {}, {}",
+        crate::catalog::schema_notify::CHANNEL,
+        quote_literal(step)
+    )
+}
+
 /// Name of the CHECK that proves no legacy value is left, before the
 /// legacy columns are dropped.
 pub const NO_PLAINTEXT_CHECK: &str = "cmk_adopt_no_plaintext";
@@ -139,18 +150,48 @@ pub fn prepare(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<Str
             is_envelope(&quote_ident(&shadow_column(column)))
         ));
     }
-    let columns = shown(shape, policy, &added);
-    let select: Vec<String> = columns
+    out.push(format!(
+        "CREATE VIEW {view} WITH (security_invoker = true) AS {}",
+        view_select(shape, policy, &added, &relation, true)
+    ));
+    out.extend(view_defaults_and_grants(shape, &view));
+    out.push(trigger_function(shape, policy, &added, &base, &names));
+    out.push(trigger(shape, &names, &view));
+    out.push(format!(
+        "INSERT INTO cmk.adoptions (table_name, phase, view_oid, base_oid, base_name) \
+         VALUES ({}, 'prepared', {}::regclass::oid, {}, {})",
+        quote_literal(table),
+        quote_literal(&view),
+        shape.oid,
+        quote_literal(&names.base)
+    ));
+    out.push(notify("cmk-proxy encrypt: prepare"));
+    out
+}
+
+/// The transition view's query over `relation`: every column in order,
+/// protected ones `merged` (cell or legacy text) when `merge`, else as they
+/// are (the view `decrypt` makes before the swap, over cells only).
+fn view_select(
+    shape: &TableShape,
+    policy: &TablePolicy,
+    added: &[String],
+    relation: &str,
+    merge: bool,
+) -> String {
+    let select: Vec<String> = shown(shape, policy, added)
         .iter()
         .map(|c| match c.protected {
-            Some(_) => format!("{} AS {}", merged(c.name), quote_ident(c.name)),
-            None => format!("b.{}", quote_ident(c.name)),
+            Some(_) if merge => format!("{} AS {}", merged(c.name), quote_ident(c.name)),
+            _ => format!("b.{}", quote_ident(c.name)),
         })
         .collect();
-    out.push(format!(
-        "CREATE VIEW {view} WITH (security_invoker = true) AS SELECT {} FROM {relation} AS b",
-        select.join(", ")
-    ));
+    format!("SELECT {} FROM {relation} AS b", select.join(", "))
+}
+
+/// The table's column defaults and DML grants, copied to the view.
+fn view_defaults_and_grants(shape: &TableShape, view: &str) -> Vec<String> {
+    let mut out = Vec::new();
     for column in &shape.columns {
         if let Some(default) = &column.default {
             if !column.generated {
@@ -161,12 +202,6 @@ pub fn prepare(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<Str
             }
         }
     }
-    out.push(trigger_function(shape, policy, &added, &base, &names));
-    out.push(format!(
-        "CREATE TRIGGER cmk_write INSTEAD OF INSERT OR UPDATE OR DELETE ON {view} \
-         FOR EACH ROW EXECUTE FUNCTION {}()",
-        shape.relation(&names.function)
-    ));
     for (grantee, privilege) in &shape.grants {
         let grantee = if grantee == "PUBLIC" {
             "PUBLIC".to_owned()
@@ -175,15 +210,16 @@ pub fn prepare(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<Str
         };
         out.push(format!("GRANT {privilege} ON {view} TO {grantee}"));
     }
-    out.push(format!(
-        "INSERT INTO cmk.adoptions (table_name, phase, view_oid, base_oid, base_name) \
-         VALUES ({}, 'prepared', {}::regclass::oid, {}, {})",
-        quote_literal(table),
-        quote_literal(&view),
-        shape.oid,
-        quote_literal(&names.base)
-    ));
     out
+}
+
+/// The INSTEAD OF trigger on the view.
+fn trigger(shape: &TableShape, names: &Names, view: &str) -> String {
+    format!(
+        "CREATE TRIGGER cmk_write INSTEAD OF INSERT OR UPDATE OR DELETE ON {view} \
+         FOR EACH ROW EXECUTE FUNCTION {}()",
+        shape.relation(&names.function)
+    )
 }
 
 /// The INSTEAD OF trigger of the view: writes go to the real table, cells
@@ -323,6 +359,7 @@ pub fn swap(table: &str, schema_shape: &TableShape) -> Vec<String> {
             "UPDATE cmk.adoptions SET phase = 'converting', updated_at = now() WHERE table_name = {}",
             quote_literal(table)
         ),
+        notify("cmk-proxy encrypt: swap"),
     ]
 }
 
@@ -374,6 +411,7 @@ pub fn finish(table: &str, schema: &str, name: &str, policy: &TablePolicy) -> Ve
         "DELETE FROM cmk.adoptions WHERE table_name = {}",
         quote_literal(table)
     ));
+    out.push(notify("cmk-proxy encrypt: finish"));
     out
 }
 
@@ -389,6 +427,155 @@ pub fn validate_envelopes(relation: &str, policy: &TablePolicy) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// The table as the transition sees it on the way back: the table in the
+/// policy's format (`shape`) with its protected columns of their declared
+/// (legacy) types, which `decrypt` adds back beside the cells.
+pub fn legacy_shape(shape: &TableShape, policy: &TablePolicy) -> TableShape {
+    let mut legacy = shape.clone();
+    for column in &mut legacy.columns {
+        if let Some(column_policy) = policy.columns.get(&column.name) {
+            column.type_name = column_policy.ty.sql_name().to_owned();
+        }
+    }
+    legacy
+}
+
+/// `decrypt`'s prepare: the transition view beside the table in its format,
+/// showing its columns as they are (cells), with the table's defaults and
+/// grants, and the `cmk.adoptions` row in phase `leaving`. Proxies map the
+/// view before it takes the table's name. Catalog changes only.
+pub fn prepare_leaving(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<String> {
+    let names = Names::of(&shape.name);
+    let relation = shape.relation(&shape.name);
+    let view = shape.relation(&names.transition_view);
+    let mut out = vec![format!(
+        "CREATE VIEW {view} WITH (security_invoker = true) AS {}",
+        view_select(shape, policy, &[], &relation, false)
+    )];
+    out.extend(view_defaults_and_grants(shape, &view));
+    out.push(format!(
+        "INSERT INTO cmk.adoptions (table_name, phase, view_oid, base_oid, base_name) \
+         VALUES ({}, 'leaving', {}::regclass::oid, {}, {})",
+        quote_literal(table),
+        quote_literal(&view),
+        shape.oid,
+        quote_literal(&names.base)
+    ));
+    out.push(notify("cmk-proxy decrypt: prepare"));
+    out
+}
+
+/// `decrypt`'s swap, into the same transition state as `encrypt`'s: the
+/// table steps aside, its cell columns take their shadow names (same
+/// attribute numbers, so the envelope CHECKs and every proxy's map follow
+/// them), legacy-typed columns are added (nullable, no default: catalog
+/// only), the view shows cell or legacy value and gets its trigger, then
+/// takes the table's name. `shape` is the table in its format.
+pub fn swap_leaving(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<String> {
+    let names = Names::of(&shape.name);
+    let base = shape.relation(&names.base);
+    let view = shape.relation(&names.transition_view);
+    let legacy = legacy_shape(shape, policy);
+    let mut out = vec![format!(
+        "ALTER TABLE {} RENAME TO {}",
+        shape.relation(&shape.name),
+        quote_ident(&names.base)
+    )];
+    for column in policy.columns.keys() {
+        out.push(format!(
+            "ALTER TABLE {base} RENAME COLUMN {} TO {}",
+            quote_ident(column),
+            quote_ident(&shadow_column(column))
+        ));
+    }
+    let adds: Vec<String> = policy
+        .columns
+        .iter()
+        .map(|(c, p)| format!("ADD COLUMN {} {}", quote_ident(c), p.ty.sql_name()))
+        .collect();
+    out.push(format!("ALTER TABLE {base} {}", adds.join(", ")));
+    out.push(format!(
+        "CREATE OR REPLACE VIEW {view} WITH (security_invoker = true) AS {}",
+        view_select(&legacy, policy, &[], &base, true)
+    ));
+    out.push(trigger_function(&legacy, policy, &[], &base, &names));
+    out.push(trigger(shape, &names, &view));
+    out.push(format!(
+        "ALTER VIEW {view} RENAME TO {}",
+        quote_ident(&shape.name)
+    ));
+    out.push(format!(
+        "UPDATE cmk.adoptions SET phase = 'converting', updated_at = now() WHERE table_name = {}",
+        quote_literal(table)
+    ));
+    out.push(notify("cmk-proxy decrypt: swap"));
+    out
+}
+
+/// The partial index that finds the cells left on the way back, so the
+/// finish checks them in milliseconds under its lock (built CONCURRENTLY).
+pub fn cells_left_index(base: &str, name: &str, policy: &TablePolicy, key: &[String]) -> String {
+    let left: Vec<String> = policy
+        .columns
+        .keys()
+        .map(|c| format!("{} IS NOT NULL", quote_ident(&shadow_column(c))))
+        .collect();
+    let key: Vec<String> = key.iter().map(|k| quote_ident(k)).collect();
+    format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {base} ({}) WHERE {}",
+        quote_ident(&cells_left_index_name(name)),
+        key.join(", "),
+        left.join(" OR ")
+    )
+}
+
+/// Name of the index of `cells_left_index`.
+pub fn cells_left_index_name(name: &str) -> String {
+    suffixed(name, "__cmk_cells_left")
+}
+
+/// `decrypt`'s finish (no cell left): the view and its function go, the
+/// real table takes its name back, the cell, EDEK and blind-index columns
+/// are dropped (catalog only), the adoption row goes. The table is then a
+/// legacy table: proxies pass its statements through.
+pub fn finish_leaving(table: &str, schema: &str, name: &str, policy: &TablePolicy) -> Vec<String> {
+    let names = Names::of(name);
+    let rel = |n: &str| format!("{}.{}", quote_ident(schema), quote_ident(n));
+    let relation = rel(name);
+    let mut drops: Vec<String> = policy
+        .columns
+        .keys()
+        .map(|c| format!("DROP COLUMN {}", quote_ident(&shadow_column(c))))
+        .collect();
+    for (column, column_policy) in &policy.columns {
+        if column_policy.search == SearchMode::Equality {
+            drops.push(format!(
+                "DROP COLUMN IF EXISTS {}",
+                quote_ident(&format!("{column}_bidx"))
+            ));
+        }
+    }
+    drops.push(format!(
+        "DROP COLUMN IF EXISTS {}",
+        quote_ident(&policy.edek_column)
+    ));
+    vec![
+        format!("DROP VIEW {relation}"),
+        format!("DROP FUNCTION {}()", rel(&names.function)),
+        format!(
+            "ALTER TABLE {} RENAME TO {}",
+            rel(&names.base),
+            quote_ident(name)
+        ),
+        format!("ALTER TABLE {relation} {}", drops.join(", ")),
+        format!(
+            "DELETE FROM cmk.adoptions WHERE table_name = {}",
+            quote_literal(table)
+        ),
+        notify("cmk-proxy decrypt: finish"),
+    ]
 }
 
 #[cfg(test)]

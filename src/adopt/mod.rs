@@ -1,11 +1,15 @@
 //! Adopting an existing database (docs/ADOPTING.md): `encrypt` turns a
 //! legacy plaintext table into the policy's format online, through a
-//! transition state recorded in `cmk.adoptions`. Owns the schema steps and
+//! transition state recorded in `cmk.adoptions`; `decrypt` takes it back
+//! through the same state. Owns the schema steps and
 //! the batch converter; uses keys (to seal) and the catalog (names, state),
 //! knows nothing of proxy sessions.
 
 pub mod convert;
 pub mod ddl;
+pub mod decrypt;
+pub mod open;
+pub mod position;
 pub mod progress;
 pub mod reencrypt;
 pub mod shape;
@@ -150,6 +154,11 @@ pub async fn encrypt(
             "{table}: the adoption record vanished (another encrypt finished it?)"
         )));
     };
+    if adoption.phase == Phase::Leaving {
+        return Err(AdoptError::Refused(format!(
+            "{table}: decrypt has prepared it to leave the policy's format (transition view not swapped in): run cmk-proxy decrypt to go on"
+        )));
+    }
     if adoption.phase == Phase::Prepared {
         wait_for_proxies(client, table, options.swap_after).await?;
         let shape = TableShape::read_oid(client, schema, name, adoption.base_oid, None).await?;
@@ -333,7 +342,7 @@ async fn wait_for_proxies(
     let left = swap_after.as_secs_f64() - since;
     if left > 0.0 {
         eprintln!(
-            "encrypt {table}: waiting {left:.0}s for proxies to load the transition view (server.catalog_refresh)"
+            "{table}: waiting {left:.0}s for proxies to load the transition view (server.catalog_refresh)"
         );
         tokio::time::sleep(Duration::from_secs_f64(left)).await;
     }

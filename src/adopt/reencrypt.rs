@@ -3,7 +3,9 @@
 //! online: batches by primary key, a compare-and-set per cell, so a value
 //! the application writes meanwhile is never overwritten. A row is done when
 //! every cell names the current DEK and its EDEK column is the current
-//! EDEK: a killed run started again only finds the rows left.
+//! EDEK. Its position (the last key of a committed batch) is recorded in
+//! `cmk.positions` in the batch's transaction: a run killed at any moment
+//! and started again goes on after it.
 
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -15,7 +17,7 @@ use crate::crypto::{peek_dek_id, CellAad};
 use crate::keys::KeyService;
 
 use super::shape::TableShape;
-use super::AdoptError;
+use super::{position, AdoptError};
 
 /// What a run did to one table.
 #[derive(Debug, Default)]
@@ -77,7 +79,8 @@ pub async fn reencrypt_table(
     let edek_json = write.edek_json.to_string();
     let width = shape.primary_key.len();
     let columns: Vec<&String> = table_policy.columns.keys().collect();
-    let mut resume: Option<Vec<String>> = None;
+    let task = position::task("reencrypt", table, Some(tenant));
+    let mut resume: Option<Vec<String>> = position::load(client, &task).await?;
     let mut outcome = TableOutcome::default();
     loop {
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
@@ -131,6 +134,7 @@ pub async fn reencrypt_table(
         update_params.push(&edek_json);
         let transaction = client.transaction().await?;
         transaction.execute(&update, &update_params).await?;
+        position::save(&transaction, &task, &last_key).await?;
         transaction.commit().await?;
         outcome.rows += rows.len() as u64;
         progress(rows.len() as u64);
@@ -139,6 +143,7 @@ pub async fn reencrypt_table(
         }
         resume = Some(last_key);
     }
+    position::clear(client, &task).await?;
     Ok(outcome)
 }
 

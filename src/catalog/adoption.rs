@@ -1,5 +1,5 @@
-//! Tables in transition from legacy plaintext (`cmk-proxy encrypt`,
-//! docs/ADOPTING.md): the rows of `cmk.adoptions`, and the names the
+//! Tables in transition between legacy plaintext and the policy's format
+//! (`cmk-proxy encrypt` and `decrypt`, docs/ADOPTING.md): the rows of `cmk.adoptions`, and the names the
 //! transition gives to a table's columns and relations. Reads the catalog;
 //! knows no keys and no sessions.
 
@@ -22,7 +22,12 @@ pub enum Phase {
     /// Shadow columns and the transition view exist; the table still has
     /// its name (the application writes plaintext to it).
     Prepared,
-    /// The view has the table's name: writes are sealed, rows convert.
+    /// `decrypt` made the transition view beside a table in the policy's
+    /// format; the table still has its name (cells, served as usual).
+    Leaving,
+    /// The view has the table's name: writes are sealed, rows convert
+    /// (legacy values to cells for `encrypt`, cells to legacy values for
+    /// `decrypt`); a table may rest here mixed (`decrypt --tenant`).
     Converting,
 }
 
@@ -67,6 +72,7 @@ pub async fn adoptions(
             let table: String = row.get(0);
             let phase = match row.get::<_, String>(1).as_str() {
                 "prepared" => Phase::Prepared,
+                "leaving" => Phase::Leaving,
                 _ => Phase::Converting,
             };
             let adoption = Adoption {

@@ -4,10 +4,15 @@
 //! dynamic SQL, rules, triggers, direct connections, a parser mistake).
 //! `migrate` adds it without a long lock (NOT VALID, then VALIDATE);
 //! `check-config --live` prints it; `serve` warns where it is missing.
+//!
+//! Beside it, on every `search: equality` column, the blind-index CHECK:
+//! a value has an index value and NULL has none. Validated, it proves that
+//! a lookup through the index finds every row PostgreSQL would find on the
+//! plaintext; the proxy answers lookups only on columns where it is.
 
 use std::fmt;
 
-use crate::config::{split_table_name, Policy, TableMode};
+use crate::config::{split_table_name, Policy, SearchMode, TableMode};
 
 use super::{qualified, quote_ident, CatalogError};
 
@@ -23,13 +28,25 @@ pub enum CheckState {
     NotValidated,
 }
 
-/// A protected column whose envelope CHECK is missing or not validated.
+/// Which rule a CHECK constraint states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Every cell of the protected column is NULL or an envelope.
+    Envelope,
+    /// A searchable column's value has a blind index, and NULL has none.
+    BlindIndex,
+}
+
+/// A protected column whose envelope (or blind-index) CHECK is missing or
+/// not validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeCheck {
     /// `schema.table`.
     pub table: String,
     /// The protected column.
     pub column: String,
+    /// The rule.
+    pub kind: CheckKind,
     /// Where it stands.
     pub state: CheckState,
 }
@@ -37,16 +54,19 @@ pub struct EnvelopeCheck {
 impl EnvelopeCheck {
     /// The constraint's name (PostgreSQL keeps 63 bytes of a name).
     pub fn name(&self) -> String {
-        constraint_name(&self.column)
+        match self.kind {
+            CheckKind::Envelope => constraint_name(&self.column),
+            CheckKind::BlindIndex => blind_index_constraint_name(&self.column),
+        }
     }
 
     /// `ALTER TABLE … ADD CONSTRAINT … NOT VALID`: a brief lock, no scan.
     pub fn add_sql(&self) -> String {
-        let column = quote_ident(&self.column);
         format!(
-            "ALTER TABLE {} ADD CONSTRAINT {} CHECK (substr({column}, 1, 4) = '\\x{ENVELOPE_PREFIX_HEX}'::bytea) NOT VALID;",
+            "ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID;",
             qualified(&self.table),
             quote_ident(&self.name()),
+            check_clause(self.kind, &self.column),
         )
     }
 
@@ -71,14 +91,47 @@ impl EnvelopeCheck {
 
 impl fmt::Display for EnvelopeCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.state {
-            CheckState::Missing => "has no CHECK constraint refusing non-envelope cells",
-            CheckState::NotValidated => {
+        let what = match (self.kind, self.state) {
+            (CheckKind::Envelope, CheckState::Missing) => {
+                "has no CHECK constraint refusing non-envelope cells"
+            }
+            (CheckKind::Envelope, CheckState::NotValidated) => {
                 "has its envelope CHECK constraint NOT VALID (rows written before it are unchecked)"
+            }
+            (CheckKind::BlindIndex, CheckState::Missing) => {
+                "has no CHECK constraint that every value has a blind index (equality lookups on it are refused)"
+            }
+            (CheckKind::BlindIndex, CheckState::NotValidated) => {
+                "has its blind-index CHECK constraint NOT VALID (equality lookups on it are refused until it is validated)"
             }
         };
         write!(f, "{}.{}: {what}", self.table, self.column)
     }
+}
+
+/// The CHECK clause of a rule on `column`; the blind-index one as
+/// PostgreSQL prints it back (`pg_get_constraintdef`), so the proxy can
+/// recognise it.
+pub(crate) fn check_clause(kind: CheckKind, column: &str) -> String {
+    let quoted = quote_ident(column);
+    match kind {
+        CheckKind::Envelope => {
+            format!("CHECK (substr({quoted}, 1, 4) = '\\x{ENVELOPE_PREFIX_HEX}'::bytea)")
+        }
+        CheckKind::BlindIndex => format!(
+            "CHECK ((({quoted} IS NULL) = ({} IS NULL)))",
+            quote_ident(&format!("{column}_bidx"))
+        ),
+    }
+}
+
+/// `cmk_bidx_<column>`, cut to PostgreSQL's 63-byte names.
+pub(crate) fn blind_index_constraint_name(column: &str) -> String {
+    let mut name = format!("cmk_bidx_{column}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
 }
 
 /// `cmk_envelope_<column>`, cut to PostgreSQL's 63-byte names.
@@ -106,31 +159,42 @@ pub async fn envelope_checks(
         let Some((schema, name)) = split_table_name(table) else {
             continue;
         };
-        for column in table_policy.columns.keys() {
-            let row = client
-                .query_opt(
-                    "SELECT (SELECT k.convalidated FROM pg_catalog.pg_constraint k \
-                             WHERE k.conrelid = c.oid AND k.contype = 'c' AND k.conname = $4) \
-                     FROM pg_catalog.pg_class c \
-                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped \
-                     WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 \
-                       AND c.relkind IN ('r', 'p') AND a.atttypid = 'pg_catalog.bytea'::regtype",
-                    &[&schema, &name, column, &constraint_name(column)],
-                )
-                .await?;
-            let state = match row.map(|r| r.get::<_, Option<bool>>(0)) {
-                // No such bytea column: the schema check reports it.
-                None => continue,
-                Some(Some(true)) => continue,
-                Some(Some(false)) => CheckState::NotValidated,
-                Some(None) => CheckState::Missing,
-            };
-            out.push(EnvelopeCheck {
-                table: table.clone(),
-                column: column.clone(),
-                state,
-            });
+        for (column, column_policy) in &table_policy.columns {
+            let mut kinds = vec![CheckKind::Envelope];
+            if column_policy.search == SearchMode::Equality {
+                kinds.push(CheckKind::BlindIndex);
+            }
+            for kind in kinds {
+                let constraint = match kind {
+                    CheckKind::Envelope => constraint_name(column),
+                    CheckKind::BlindIndex => blind_index_constraint_name(column),
+                };
+                let row = client
+                    .query_opt(
+                        "SELECT (SELECT k.convalidated FROM pg_catalog.pg_constraint k \
+                                 WHERE k.conrelid = c.oid AND k.contype = 'c' AND k.conname = $4) \
+                         FROM pg_catalog.pg_class c \
+                         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND NOT a.attisdropped \
+                         WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = $3 \
+                           AND c.relkind IN ('r', 'p') AND a.atttypid = 'pg_catalog.bytea'::regtype",
+                        &[&schema, &name, column, &constraint],
+                    )
+                    .await?;
+                let state = match row.map(|r| r.get::<_, Option<bool>>(0)) {
+                    // No such bytea column: the schema check reports it.
+                    None => continue,
+                    Some(Some(true)) => continue,
+                    Some(Some(false)) => CheckState::NotValidated,
+                    Some(None) => CheckState::Missing,
+                };
+                out.push(EnvelopeCheck {
+                    table: table.clone(),
+                    column: column.clone(),
+                    kind,
+                    state,
+                });
+            }
         }
     }
     Ok(out)
@@ -145,6 +209,7 @@ mod tests {
         let check = EnvelopeCheck {
             table: "public.patients".into(),
             column: "ssn".into(),
+            kind: CheckKind::Envelope,
             state: CheckState::Missing,
         };
         assert_eq!(

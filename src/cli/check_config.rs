@@ -31,6 +31,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         let client = crate::proxy::admin::connect(&policy).await?;
         let problems = crate::catalog::check_schema(&client, &policy).await?;
         let checks = crate::catalog::envelope::envelope_checks(&client, &policy).await?;
+        let indexes = crate::catalog::search_index::search_indexes(&client, &policy).await?;
         if !problems.is_empty() || !checks.is_empty() {
             eprintln!(
                 "{}: the live schema does not match the policy:",
@@ -44,8 +45,10 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
             for check in &checks {
                 eprintln!("  - {check}\n    fix: {}", check.fix());
             }
+            print_search_indexes(&indexes);
             return Ok(super::serve::EXIT_CONFIG);
         }
+        print_search_indexes(&indexes);
     }
     println!(
         "{}: valid ({} protected table(s), {} provider(s), upstream {}{})",
@@ -58,4 +61,30 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         if args.live { ", schema matches" } else { "" }
     );
     Ok(0)
+}
+
+/// The lookup index of every searchable column: which exist, and the DDL
+/// of the missing ones (a lookup without one scans the table).
+fn print_search_indexes(indexes: &[crate::catalog::search_index::SearchIndex]) {
+    if indexes.is_empty() {
+        return;
+    }
+    println!("Equality lookups (search: equality) use an index on (tenant column, <col>_bidx):");
+    for index in indexes {
+        match &index.existing {
+            Some(name) => println!("  {}.{}: index {name}", index.table, index.column),
+            None => {
+                println!(
+                    "  {}.{}: no index (lookups scan the table)",
+                    index.table, index.column
+                );
+                println!("    {}", index.create_sql());
+                println!(
+                    "    -- or, to make {} unique within each tenant:",
+                    index.column
+                );
+                println!("    -- {}", index.unique_sql());
+            }
+        }
+    }
 }

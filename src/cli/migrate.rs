@@ -3,7 +3,7 @@
 
 use tokio_postgres::error::SqlState;
 
-use crate::catalog::envelope::{envelope_checks, CheckState, EnvelopeCheck};
+use crate::catalog::envelope::{envelope_checks, CheckKind, CheckState, EnvelopeCheck};
 use crate::catalog::schema_notify;
 use crate::keys::{ddl_script, migrate, Registry, MIGRATIONS};
 
@@ -63,7 +63,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         }
         let checks = envelope_checks(&client, &policy).await?;
         println!(
-            "\n-- envelope CHECK constraints: {} to add or validate",
+            "\n-- envelope and blind-index CHECK constraints: {} to add or validate",
             checks.len()
         );
         for check in checks {
@@ -152,7 +152,7 @@ async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> 
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
-                Err(e) => anyhow::bail!("cannot add the envelope CHECK constraint: {e}"),
+                Err(e) => anyhow::bail!("cannot add the CHECK constraint {}: {e}", check.name()),
             }
         }
     }
@@ -160,10 +160,14 @@ async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> 
         .batch_execute(&format!("RESET lock_timeout; {}", check.validate_sql()))
         .await
         .map_err(|e| match e.code() {
+            Some(&SqlState::CHECK_VIOLATION) if check.kind == CheckKind::BlindIndex => anyhow::anyhow!(
+                "holds values without a blind index (written before the column was declared search: equality?): the constraint {} stays NOT VALID, so new writes are checked, and equality lookups on the column stay refused until every value has its index (seal the values again through the proxy), then run migrate again",
+                check.name()
+            ),
             Some(&SqlState::CHECK_VIOLATION) => anyhow::anyhow!(
                 "holds cells that are not envelopes (legacy plaintext?): the constraint {} stays NOT VALID, so new writes are checked; seal the old rows, then run migrate again",
                 check.name()
             ),
-            _ => anyhow::anyhow!("cannot validate the envelope CHECK constraint: {e}"),
+            _ => anyhow::anyhow!("cannot validate the CHECK constraint {}: {e}", check.name()),
         })
 }

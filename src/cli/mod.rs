@@ -2,6 +2,7 @@
 //! `Args` and a `run` that returns the process exit code.
 
 pub mod check_config;
+pub mod decrypt;
 pub mod decrypt_dump;
 #[cfg(feature = "dev")]
 pub mod dev;
@@ -62,6 +63,8 @@ pub enum Command {
     Keys(keys::Args),
     /// Encrypt a legacy plaintext table in place, online and resumable.
     Encrypt(encrypt::Args),
+    /// Decrypt a table back to plaintext in its legacy types, online and resumable.
+    Decrypt(decrypt::Args),
     /// Move a tenant's cells to its current data key (after keys rotate or rewrap).
     Reencrypt(reencrypt::Args),
     /// Re-wrap a tenant's EDEKs under a new key without touching ciphertext.
@@ -87,6 +90,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tenants(args) => tenants::run(args).await,
         Command::Keys(args) => keys::run(args).await,
         Command::Encrypt(args) => encrypt::run(args).await,
+        Command::Decrypt(args) => decrypt::run(args).await,
         Command::Reencrypt(args) => reencrypt::run(args).await,
         Command::Rewrap(args) => rewrap::run(args).await,
         Command::Reload(args) => reload::run(args),

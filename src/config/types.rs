@@ -504,6 +504,26 @@ impl DeclaredType {
         }
     }
 
+    /// PostgreSQL type OID of an array of the declared type.
+    pub fn array_oid(self) -> u32 {
+        match self {
+            Self::Text => 1009,
+            Self::Varchar => 1015,
+            Self::Int2 => 1005,
+            Self::Int4 => 1007,
+            Self::Int8 => 1016,
+            Self::Numeric => 1231,
+            Self::Float8 => 1022,
+            Self::Bool => 1000,
+            Self::Date => 1182,
+            Self::Timestamp => 1115,
+            Self::Timestamptz => 1185,
+            Self::Uuid => 2951,
+            Self::Jsonb => 3807,
+            Self::Bytea => 1001,
+        }
+    }
+
     /// The declared type with this PostgreSQL type OID, if it is one.
     pub fn from_oid(oid: u32) -> Option<Self> {
         use DeclaredType as T;

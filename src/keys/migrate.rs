@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_adoptions.sql",
         sql: include_str!("../../migrations/0002_adoptions.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_decrypt_positions.sql",
+        sql: include_str!("../../migrations/0003_decrypt_positions.sql"),
+    },
 ];
 
 /// Created before anything else so the applied versions can be read.

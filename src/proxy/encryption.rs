@@ -472,10 +472,31 @@ impl Encryption {
         session: &SessionInfo<'_>,
         params: &ClientParams<'_>,
     ) -> Result<String, Rejection> {
+        self.tenant_of(
+            source,
+            &plan.table,
+            &plan.tenant_column,
+            "a write to",
+            session,
+            params,
+        )
+    }
+
+    /// Resolves a statement's tenant (`what` the statement does to `table`),
+    /// refusing disagreements with the session (KM004).
+    fn tenant_of(
+        &self,
+        source: &TenantSource,
+        table: &str,
+        tenant_column: &str,
+        what: &str,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+    ) -> Result<String, Rejection> {
         let km004 = |message: String| Rejection {
             sqlstate: rewrite::KM004,
-            table: Some(plan.table.clone()),
-            column: Some(plan.tenant_column.clone()),
+            table: Some(table.to_owned()),
+            column: Some(tenant_column.to_owned()),
             message,
         };
         let named = match source {
@@ -483,8 +504,8 @@ impl Encryption {
             TenantSource::Session => {
                 return session.tenant.map(str::to_owned).ok_or_else(|| {
                     km004(format!(
-                        "cmk-proxy: cannot determine the tenant of a write to {}: set {} in the statement or SET {} first",
-                        plan.table, plan.tenant_column, self.policy().tenant.session_setting
+                        "cmk-proxy: cannot determine the tenant of {what} {table}: set {tenant_column} in the statement or SET {} first",
+                        self.policy().tenant.session_setting
                     ))
                 })
             }
@@ -492,17 +513,15 @@ impl Encryption {
                 Ok(Some(t)) if !t.is_empty() => t,
                 Ok(_) => {
                     return Err(km004(format!(
-                        "cmk-proxy: the tenant of a write to {} (parameter ${n}) is missing or NULL",
-                        plan.table
+                        "cmk-proxy: the tenant of {what} {table} (parameter ${n}) is missing or NULL"
                     )))
                 }
-                Err(e) => return Err(km004(format!("cmk-proxy: tenant of a write to {}: {e}", plan.table))),
+                Err(e) => return Err(km004(format!("cmk-proxy: tenant of {what} {table}: {e}"))),
             },
         };
         match session.tenant {
             Some(s) if s != named => Err(km004(format!(
-                "cmk-proxy: row tenant '{named}' of {} disagrees with the session tenant '{s}'",
-                plan.table
+                "cmk-proxy: tenant '{named}' of {what} {table} disagrees with the session tenant '{s}'"
             ))),
             _ => Ok(named),
         }
@@ -518,8 +537,26 @@ impl Encryption {
         params: &ClientParams<'_>,
     ) -> Result<Slots, Rejection> {
         let mut slots = Slots::default();
+        // Lookups first: a row's tenant may be the one a lookup pins (the
+        // WHERE of an UPDATE by a protected value names it by its slot).
+        for lookup in &plan.lookups {
+            self.index_lookup(lookup, session, params, &mut slots)
+                .await?;
+        }
         for row in &plan.rows {
-            let tenant = self.row_tenant(&row.tenant, plan, session, params)?;
+            let pinned = match row.tenant {
+                TenantSource::Param(n) if plan.lookups.iter().any(|l| l.tenant_param == n) => {
+                    match slots.get(n) {
+                        Some(Slot::Text(tenant)) => Some(tenant.to_string()),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let tenant = match pinned {
+                Some(tenant) => tenant,
+                None => self.row_tenant(&row.tenant, plan, session, params)?,
+            };
             if row.cells.is_empty() {
                 continue;
             }
@@ -577,7 +614,185 @@ impl Encryption {
             let tenant = session.tenant.unwrap_or_default();
             slots.insert(n, Slot::Text(Arc::from(tenant)));
         }
+        if let Some(unnest) = &plan.unnest {
+            self.seal_unnest(plan, unnest, session, params, &mut slots)
+                .await?;
+        }
+        for &n in &plan.cleared {
+            slots.insert(n, Slot::Null);
+        }
         Ok(slots)
+    }
+
+    /// Seals the arrays of an UNNEST insert: row `i` (element `i` of every
+    /// array, NULL past an array's end, as UNNEST pads) is sealed under the
+    /// tenant of element `i` of the tenant array.
+    async fn seal_unnest(
+        &self,
+        plan: &WritePlan,
+        unnest: &rewrite::UnnestPlan,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+        slots: &mut Slots,
+    ) -> Result<(), Rejection> {
+        let array = |source: &rewrite::ArraySource, column: &str| {
+            let elements = match source {
+                rewrite::ArraySource::Literal(text) => values::parse_text_array(text).map(Some),
+                rewrite::ArraySource::Param(n) => params.array(*n),
+            };
+            // A NULL array unnests to no rows.
+            elements
+                .map(Option::unwrap_or_default)
+                .map_err(|e| invalid_value(&plan.table, column, &e))
+        };
+        let tenants = array(&unnest.tenants, &plan.tenant_column)?;
+        let columns = unnest
+            .cells
+            .iter()
+            .map(|c| array(&c.source, &c.column))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rows = columns.iter().map(Vec::len).fold(tenants.len(), usize::max);
+        let mut keys: HashMap<String, (WriteKey, Option<Arc<crypto::BlindIndexKey>>)> =
+            HashMap::new();
+        let mut cells: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::with_capacity(rows); columns.len()];
+        let mut indexes: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::with_capacity(rows); columns.len()];
+        let mut edeks: Vec<Option<Arc<str>>> = Vec::with_capacity(rows);
+        for row in 0..rows {
+            let named = tenants.get(row).cloned().flatten();
+            let source = match named {
+                Some(tenant) if !tenant.is_empty() => TenantSource::Literal(tenant),
+                _ => {
+                    return Err(Rejection {
+                        sqlstate: rewrite::KM004,
+                        table: Some(plan.table.clone()),
+                        column: Some(plan.tenant_column.clone()),
+                        message: format!(
+                            "cmk-proxy: row {} of an UNNEST insert into {} has no tenant",
+                            row + 1,
+                            plan.table
+                        ),
+                    })
+                }
+            };
+            let tenant = self.row_tenant(&source, plan, session, params)?;
+            if !keys.contains_key(&tenant) {
+                let key = self
+                    .keys
+                    .write_key(&tenant)
+                    .await
+                    .map_err(|e| key_rejection(&e, &plan.table))?;
+                let index = if unnest.cells.iter().any(|c| c.bidx_param.is_some()) {
+                    Some(
+                        self.keys
+                            .blind_index_key(&tenant)
+                            .await
+                            .map_err(|e| key_rejection(&e, &plan.table))?,
+                    )
+                } else {
+                    None
+                };
+                keys.insert(tenant.clone(), (key, index));
+            }
+            let Some((key, index)) = keys.get(&tenant) else {
+                continue;
+            };
+            for (c, spec) in unnest.cells.iter().enumerate() {
+                let value = columns[c].get(row).cloned().flatten();
+                let (cell, bidx) = match value {
+                    Some(text) => seal_value(
+                        key,
+                        &tenant,
+                        &plan.table,
+                        &spec.column,
+                        spec.ty,
+                        text.as_bytes(),
+                        spec.bidx_param.and(index.as_deref()),
+                    )
+                    .map(|(cell, bidx)| (Some(cell), bidx))
+                    .map_err(|e| invalid_value(&plan.table, &spec.column, &e))?,
+                    None => (None, None),
+                };
+                cells[c].push(cell);
+                indexes[c].push(bidx);
+            }
+            edeks.push(Some(key.edek_json.clone()));
+        }
+        for (c, spec) in unnest.cells.iter().enumerate() {
+            slots.insert(
+                spec.target_param,
+                Slot::Text(Arc::from(values::bytea_array_text(&cells[c]))),
+            );
+            if let Some(n) = spec.bidx_param {
+                slots.insert(
+                    n,
+                    Slot::Text(Arc::from(values::bytea_array_text(&indexes[c]))),
+                );
+            }
+        }
+        let edeks: Vec<Option<&str>> = edeks.iter().map(|e| e.as_deref()).collect();
+        slots.insert(
+            unnest.edek_param,
+            Slot::Text(Arc::from(values::quoted_array_text(&edeks))),
+        );
+        Ok(())
+    }
+
+    /// Computes the blind index of every value an equality lookup compares
+    /// with, under its tenant's index key, and the tenant that pins it.
+    async fn index_lookup(
+        &self,
+        lookup: &rewrite::Lookup,
+        session: &SessionInfo<'_>,
+        params: &ClientParams<'_>,
+        slots: &mut Slots,
+    ) -> Result<(), Rejection> {
+        let tenant = self.tenant_of(
+            &lookup.tenant,
+            &lookup.table,
+            &lookup.tenant_column,
+            "an equality lookup on",
+            session,
+            params,
+        )?;
+        let key = self
+            .keys
+            .blind_index_key(&tenant)
+            .await
+            .map_err(|e| key_rejection(&e, &lookup.table))?;
+        let invalid = |e: values::ValueError| invalid_value(&lookup.table, &lookup.column, &e);
+        let index = |text: &str| -> Result<Vec<u8>, Rejection> {
+            let canonical = values::canonical_text(lookup.ty, text.as_bytes()).map_err(invalid)?;
+            Ok(crypto::blind_index(&key, canonical.as_bytes()).to_vec())
+        };
+        for slot in &lookup.values {
+            let value = match &slot.value {
+                rewrite::LookupValue::Literal(text) => text.clone(),
+                rewrite::LookupValue::Param(n) => {
+                    params.text(*n, Some(lookup.ty)).map_err(invalid)?
+                }
+                rewrite::LookupValue::ArrayParam(n) => {
+                    let value = match params.array(*n).map_err(invalid)? {
+                        Some(elements) => {
+                            let indexes = elements
+                                .iter()
+                                .map(|e| e.as_deref().map(index).transpose())
+                                .collect::<Result<Vec<_>, _>>()?;
+                            Slot::Text(Arc::from(values::bytea_array_text(&indexes)))
+                        }
+                        None => Slot::Null,
+                    };
+                    slots.insert(slot.index_param, value);
+                    continue;
+                }
+            };
+            let value = match value {
+                Some(text) => Slot::Bytes(index(&text)?),
+                None => Slot::Null,
+            };
+            slots.insert(slot.index_param, value);
+        }
+        slots.insert(lookup.tenant_param, Slot::Text(Arc::from(tenant.as_str())));
+        Ok(())
     }
 
     async fn encrypt_literals(
@@ -888,6 +1103,34 @@ impl ClientParams<'_> {
                 }),
             };
         values::from_binary(wire_type, value).map(Some)
+    }
+
+    /// The elements of array parameter `$n` (1-based); `None` for NULL.
+    fn array(&self, n: usize) -> Result<Option<Vec<Option<String>>>, values::ValueError> {
+        let not_bound = values::ValueError {
+            ty: "array",
+            reason: "a parameter that was not bound",
+        };
+        let (bind, index) = match self {
+            ClientParams::Bind { bind, .. } => (bind, n.checked_sub(1).ok_or(not_bound.clone())?),
+            _ => {
+                return match self.text(n, None)? {
+                    Some(text) => values::parse_text_array(&text).map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        let Some(value) = bind.params.get(index).ok_or(not_bound)? else {
+            return Ok(None);
+        };
+        if format_of(&bind.param_formats, index) == 0 {
+            let text = std::str::from_utf8(value).map_err(|_| values::ValueError {
+                ty: "array",
+                reason: "not valid UTF-8",
+            })?;
+            return values::parse_text_array(text).map(Some);
+        }
+        values::parse_binary_array(value).map(Some)
     }
 }
 

@@ -1150,6 +1150,30 @@ fn plan_sql(
                     plan.presented.push((n - 1, shown));
                 }
             }
+            for lookup in &write.lookups {
+                for slot in &lookup.values {
+                    let (n, oid) = match slot.value {
+                        rewrite::LookupValue::Param(n) => (n, lookup.ty.oid()),
+                        rewrite::LookupValue::ArrayParam(n) => (n, lookup.ty.array_oid()),
+                        rewrite::LookupValue::Literal(_) => continue,
+                    };
+                    let declared = param_types.get(n - 1).copied().unwrap_or(0);
+                    plan.presented
+                        .push((n - 1, if declared == 0 { oid } else { declared }));
+                }
+            }
+            for cells in write.unnest.iter().flat_map(|u| &u.cells) {
+                if let rewrite::ArraySource::Param(n) = cells.source {
+                    let declared = param_types.get(n - 1).copied().unwrap_or(0);
+                    let shown = if declared == 0 {
+                        cells.ty.array_oid()
+                    } else {
+                        declared
+                    };
+                    plan.presented.push((n - 1, shown));
+                }
+            }
+            plan.hidden_results = write.hidden_results;
             write.declare_proxy_params(&mut types);
             plan.rewritten = Some((write.statement.to_string(), types));
             plan.fingerprint = Arc::from(rewrite::fingerprint(query));

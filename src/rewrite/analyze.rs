@@ -169,6 +169,13 @@ pub struct SchemaFacts {
     /// than a parameter (an interval with fields or precision, a domain):
     /// their simple-query writes keep their literals in the SQL text.
     pub literal_sensitive: std::collections::HashSet<String>,
+    /// Policy tables whose rows may lack a blind index (in transition from
+    /// legacy plaintext): equality lookups on them are not answered.
+    pub unindexed: std::collections::HashSet<String>,
+    /// Searchable columns (`schema.table.column`) whose every value has its
+    /// blind index, as a validated CHECK constraint proves: the only ones
+    /// equality lookups are answered on.
+    pub indexed_columns: std::collections::HashSet<String>,
 }
 
 /// What the analysis protects: the policy tables and the views over them.
@@ -177,6 +184,8 @@ pub(super) struct Scope<'a> {
     pub(super) views: &'a HashMap<String, Vec<String>>,
     pub(super) view_tenants: &'a HashMap<String, String>,
     pub(super) children: &'a HashMap<String, String>,
+    pub(super) unindexed: &'a std::collections::HashSet<String>,
+    pub(super) indexed_columns: &'a std::collections::HashSet<String>,
     unwritable: &'a HashMap<String, String>,
 }
 
@@ -187,6 +196,8 @@ impl<'a> Scope<'a> {
             views: &facts.views,
             view_tenants: &facts.view_tenants,
             children: &facts.children,
+            unindexed: &facts.unindexed,
+            indexed_columns: &facts.indexed_columns,
             unwritable: &facts.unwritable,
         }
     }
@@ -205,6 +216,18 @@ pub fn analyze_in(
     facts: &SchemaFacts,
     sql: &str,
     client_params: usize,
+) -> Result<Analysis, Rejection> {
+    analyze_with(policy, facts, sql, client_params, true)
+}
+
+/// [`analyze_in`]; `lookups`: equality lookups on searchable columns are
+/// rewritten to the blind index first (off for the rewritten SQL itself).
+fn analyze_with(
+    policy: &Policy,
+    facts: &SchemaFacts,
+    sql: &str,
+    client_params: usize,
+    lookups: bool,
 ) -> Result<Analysis, Rejection> {
     // No early return for a policy without tables: while every policy
     // table is legacy (docs/ADOPTING.md) the analysis still counts the
@@ -318,6 +341,11 @@ pub fn analyze_in(
     if let Some(reading) = &reading {
         disagreement(&scope, reading, &statements, sql)?;
     }
+    if lookups {
+        if let Some(analysis) = analyze_lookups(policy, facts, &scope, &statements, params)? {
+            return Ok(analysis);
+        }
+    }
     let mut plans: Vec<StatementPlan> = statements
         .iter()
         .map(|s| plan_statement(&scope, s.clone(), params))
@@ -352,7 +380,7 @@ pub fn analyze_in(
                 if attached.is_empty() || !matches!(plan, StatementPlan::Read) {
                     continue;
                 }
-                let sql = statements
+                let statement = statements
                     .get(index)
                     .and_then(|s| super::row_tenant::with_row_tenants(s, &attached))
                     .ok_or_else(|| {
@@ -363,7 +391,8 @@ pub fn analyze_in(
                         )
                     })?;
                 *plan = StatementPlan::ReadRowTenants(Box::new(super::row_tenant::RowTenantRead {
-                    sql,
+                    sql: statement.to_string(),
+                    statement,
                     hidden: attached.len(),
                 }));
             }
@@ -408,6 +437,92 @@ pub fn analyze_in(
         statements: plans,
         client_params: params,
     })
+}
+
+/// The analysis of `statements` with their equality lookups on searchable
+/// columns rewritten to the blind index (`None`: there are none). The
+/// rewritten SQL is analysed like any other; each statement with lookups
+/// becomes a plan whose proxy placeholders the session fills.
+fn analyze_lookups(
+    policy: &Policy,
+    facts: &SchemaFacts,
+    scope: &Scope<'_>,
+    statements: &[Statement],
+    params: usize,
+) -> Result<Option<Analysis>, Rejection> {
+    let mut next = params + 1;
+    let mut rewritten = statements.to_vec();
+    let mut found = Vec::with_capacity(statements.len());
+    for statement in &mut rewritten {
+        found.push(super::lookup::rewrite_lookups(scope, statement, &mut next)?);
+    }
+    if found.iter().all(super::lookup::Lookups::is_empty) {
+        return Ok(None);
+    }
+    let total = next - 1;
+    let sql: Vec<String> = rewritten.iter().map(ToString::to_string).collect();
+    let inner = analyze_with(policy, facts, &sql.join("; "), total, false)?;
+    if inner.statements.len() != found.len() {
+        return Err(Rejection::unsupported(
+            "",
+            None,
+            "an equality lookup cmk-proxy cannot plan",
+        ));
+    }
+    let plans = inner
+        .statements
+        .into_iter()
+        .zip(rewritten)
+        .zip(found)
+        .map(|((plan, statement), lookups)| with_lookups(plan, statement, lookups, total - params))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Analysis {
+        statements: plans,
+        client_params: params,
+    }))
+}
+
+/// `plan` (of the rewritten `statement`) with its lookups: a read becomes a
+/// plan with placeholders of the proxy's, like a write without rows.
+fn with_lookups(
+    plan: StatementPlan,
+    statement: Statement,
+    lookups: super::lookup::Lookups,
+    added: usize,
+) -> Result<StatementPlan, Rejection> {
+    let Some(first) = lookups.lookups.first() else {
+        return Ok(plan);
+    };
+    let read = |statement: Statement, hidden_results: usize| WritePlan {
+        table: first.table.clone(),
+        tenant_column: first.tenant_column.clone(),
+        rows: Vec::new(),
+        tenant_pin_param: None,
+        extra_params: added,
+        statement,
+        lookups: lookups.lookups.clone(),
+        cleared: lookups.cleared.clone(),
+        hidden_results,
+        unnest: None,
+    };
+    match plan {
+        StatementPlan::Read => Ok(StatementPlan::Write(Box::new(read(statement, 0)))),
+        StatementPlan::ReadRowTenants(rows) => Ok(StatementPlan::Write(Box::new(read(
+            rows.statement,
+            rows.hidden,
+        )))),
+        StatementPlan::Write(mut write) => {
+            write.extra_params += added;
+            write.lookups = lookups.lookups;
+            write.cleared = lookups.cleared;
+            Ok(StatementPlan::Write(write))
+        }
+        _ => Err(Rejection::unsupported(
+            &first.table,
+            Some(&first.column),
+            "an equality lookup in this kind of statement",
+        )),
+    }
 }
 
 fn max_placeholder(statements: &[Statement]) -> usize {
@@ -1230,7 +1345,17 @@ fn find_protected_use(
 ) -> Result<(), Rejection> {
     let columns = protected_columns(scope, tables);
     let mut hit: Option<(String, String)> = None;
+    // `col IS [NOT] NULL` reveals null-ness, visible anyway.
+    let mut null_tested: Vec<*const Expr> = Vec::new();
     let _ = visit_expressions(statement, |expr| {
+        if let Expr::IsNull(inner) | Expr::IsNotNull(inner) = expr {
+            if column_name(inner).is_some() {
+                null_tested.push(&**inner);
+            }
+        }
+        if null_tested.contains(&(expr as *const Expr)) {
+            return ControlFlow::Continue(());
+        }
         if let Some(name) = column_name(expr) {
             if let Some((table, column)) = columns.iter().find(|(_, c)| *c == name) {
                 hit = Some((table.to_string(), column.to_string()));

@@ -15,6 +15,7 @@ mod gate;
 mod lexer;
 mod lineage;
 mod literals;
+mod lookup;
 mod names;
 mod pg_reading;
 mod render;
@@ -22,6 +23,7 @@ mod row_tenant;
 mod set_config;
 mod sql_prepare;
 mod write;
+mod write_unnest;
 
 pub use analyze::{
     analyze, analyze_in, nonstandard_strings_refusal, Analysis, SavepointOp, SchemaFacts,
@@ -33,11 +35,13 @@ pub use fingerprint::fingerprint;
 pub use flux::schema_flux;
 pub use gate::parse_statements;
 pub use literals::{parameterize, Literal, Parameterized, SqlTemplate};
+pub use lookup::{Lookup, LookupSlot, LookupValue};
 pub use names::{ident_name, mentions_policy_table};
 pub use render::{quote_literal, render_with_literals};
 pub use row_tenant::{RowTenantRead, ROW_TENANT_COLUMN};
 pub use sql_prepare::{sql_prepare_ops, SqlPrepareOp};
-pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan};
+pub use write::{CellSlot, RowPlan, TenantSource, ValueSource, WritePlan, BYTEA_ARRAY_OID};
+pub use write_unnest::{ArrayCells, ArraySource, UnnestPlan};
 
 /// A statement the proxy refuses, with what the client is told.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,6 +12,8 @@ use super::lineage::RowTenantColumn;
 pub struct RowTenantRead {
     /// The statement as sent.
     pub sql: String,
+    /// The same, parsed.
+    pub statement: Statement,
     /// How many columns were added.
     pub hidden: usize,
 }
@@ -25,7 +27,7 @@ pub const ROW_TENANT_COLUMN: &str = "cmk$row_tenant";
 pub(super) fn with_row_tenants(
     statement: &Statement,
     attached: &[RowTenantColumn],
-) -> Option<String> {
+) -> Option<Statement> {
     let mut statement = statement.clone();
     let items = match &mut statement {
         Statement::Query(query) => {
@@ -54,5 +56,5 @@ pub(super) fn with_row_tenants(
             alias: Ident::with_quote('"', ROW_TENANT_COLUMN),
         });
     }
-    Some(statement.to_string())
+    Some(statement)
 }

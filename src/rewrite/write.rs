@@ -9,7 +9,9 @@ use sqlparser::ast::{
     TableAliasColumnDef, TableFactor, Value,
 };
 
+use super::lookup::{Lookup, LookupValue};
 use super::names::{ident_name, last_name};
+use super::write_unnest::{UnnestPlan, JSONB_ARRAY_OID};
 use super::{Rejection, KM004};
 use crate::config::{DeclaredType, SearchMode, TablePolicy};
 
@@ -75,6 +77,15 @@ pub struct WritePlan {
     pub extra_params: usize,
     /// The rewritten statement.
     pub statement: Statement,
+    /// Equality lookups through the blind index (their placeholders are
+    /// among the proxy's own).
+    pub lookups: Vec<Lookup>,
+    /// Client parameters the lookups replaced: bound as NULL.
+    pub cleared: Vec<usize>,
+    /// Result columns the proxy added after the client's (row tenants).
+    pub hidden_results: usize,
+    /// An `INSERT … SELECT * FROM UNNEST(…)`: arrays instead of rows.
+    pub unnest: Option<UnnestPlan>,
 }
 
 impl WritePlan {
@@ -98,8 +109,33 @@ impl WritePlan {
                 declare(n, DeclaredType::Jsonb.oid());
             }
         }
+        for lookup in &self.lookups {
+            for slot in &lookup.values {
+                let oid = match slot.value {
+                    LookupValue::ArrayParam(_) => BYTEA_ARRAY_OID,
+                    _ => DeclaredType::Bytea.oid(),
+                };
+                declare(slot.index_param, oid);
+            }
+        }
+        if let Some(unnest) = &self.unnest {
+            for cells in &unnest.cells {
+                declare(cells.target_param, BYTEA_ARRAY_OID);
+                if let Some(n) = cells.bidx_param {
+                    declare(n, BYTEA_ARRAY_OID);
+                }
+            }
+            declare(unnest.edek_param, JSONB_ARRAY_OID);
+        }
+        // Unused in the SQL now: a type for the server, which gets NULL.
+        for &n in &self.cleared {
+            declare(n, DeclaredType::Bytea.oid());
+        }
     }
 }
+
+/// OID of `bytea[]`.
+pub const BYTEA_ARRAY_OID: u32 = 1001;
 
 /// Allocates placeholder numbers after the client's own.
 pub(crate) struct Placeholders {
@@ -114,11 +150,16 @@ impl Placeholders {
             added: 0,
         }
     }
-    fn take(&mut self) -> (usize, Expr) {
+    pub(crate) fn take(&mut self) -> (usize, Expr) {
         let n = self.next;
         self.next += 1;
         self.added += 1;
         (n, placeholder(n))
+    }
+
+    /// Placeholders taken so far.
+    pub(crate) fn added(&self) -> usize {
+        self.added
     }
 }
 
@@ -142,7 +183,7 @@ pub(crate) fn placeholder_number(expr: &Expr) -> Option<usize> {
 }
 
 /// A literal's text form, or `None` for NULL, `Err` for other expressions.
-enum Operand {
+pub(super) enum Operand {
     Null,
     Literal(String),
     Param(usize),
@@ -150,7 +191,7 @@ enum Operand {
     Other,
 }
 
-fn operand(expr: &Expr) -> Operand {
+pub(super) fn operand(expr: &Expr) -> Operand {
     match expr {
         Expr::Value(v) => match &v.value {
             Value::Null => Operand::Null,
@@ -445,6 +486,11 @@ pub(crate) fn plan_insert(
         }
         return Ok(None);
     }
+    if let Some(plan) =
+        super::write_unnest::plan_unnest_insert(table, policy, insert, &columns, client_params)?
+    {
+        return Ok(Some(plan));
+    }
     let tenant_index = columns.iter().position(|c| *c == policy.tenant_column);
     let Some(source) = insert.source.as_mut() else {
         return Err(Rejection::unsupported(
@@ -629,6 +675,10 @@ pub(crate) fn plan_insert(
         tenant_pin_param: tenant_pin.map(|(n, _)| n),
         extra_params: slots.added,
         statement,
+        lookups: Vec::new(),
+        cleared: Vec::new(),
+        hidden_results: 0,
+        unnest: None,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))
@@ -1046,6 +1096,10 @@ pub(crate) fn plan_update(
         tenant_pin_param,
         extra_params: slots.added,
         statement,
+        lookups: Vec::new(),
+        cleared: Vec::new(),
+        hidden_results: 0,
+        unnest: None,
     };
     check_parameter_uses(&plan)?;
     Ok(Some(plan))

@@ -4,11 +4,13 @@
 //! (for clients that bind parameters or read results in binary).
 //! Knows PostgreSQL type formats; knows nothing of keys, SQL or sockets.
 
+mod array;
 mod binary;
 mod canonical;
 pub mod copy;
 mod jsonb;
 
+pub use array::{bytea_array_text, parse_binary_array, parse_text_array, quoted_array_text};
 pub use binary::{from_binary, to_binary};
 pub use canonical::{canonical_text, parse_bytea};
 

@@ -14,7 +14,7 @@ use crate::common::encryption::{keyring, rows, EncryptedSetup};
 use crate::common::{self, run_cmk_proxy};
 
 /// The legacy table: plaintext columns of their own types.
-const LEGACY: &str = "CREATE TABLE patients (
+pub(crate) const LEGACY: &str = "CREATE TABLE patients (
     id bigserial PRIMARY KEY,
     tenant_id text NOT NULL,
     ssn text,
@@ -29,18 +29,18 @@ SELECT (ARRAY['acme', 'globex', 'initech'])[1 + i % 3],
        i % 5
 FROM generate_series(1, 3000) AS i;";
 
-const COLUMNS: &[&str] = &[
+pub(crate) const COLUMNS: &[&str] = &[
     "ssn: {type: text}",
     "birth_date: {type: date}",
     "notes: {type: text}",
 ];
 
 /// A catalog refresh of 1 s, so the swap waits 3 s.
-const SERVER: &str = "server:\n  catalog_refresh: 1s\n";
+pub(crate) const SERVER: &str = "server:\n  catalog_refresh: 1s\n";
 
 /// Every row as text (simple query), by id: read directly before, and
 /// through the proxy (which opens the cells) after.
-async fn snapshot(client: &tokio_postgres::Client) -> HashMap<i64, Vec<Option<String>>> {
+pub(crate) async fn snapshot(client: &tokio_postgres::Client) -> HashMap<i64, Vec<Option<String>>> {
     rows(
         client,
         "SELECT id, tenant_id, ssn, birth_date, notes, visits FROM patients ORDER BY id",
@@ -69,7 +69,7 @@ fn run_encrypt(setup: &EncryptedSetup, extra: &[&str]) -> Output {
         .expect("run cmk-proxy encrypt")
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -79,10 +79,10 @@ fn text(out: &Output) -> String {
 
 /// What the application last wrote to one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Written {
-    ssn: Option<String>,
-    notes: Option<String>,
-    visits: i32,
+pub(crate) struct Written {
+    pub(crate) ssn: Option<String>,
+    pub(crate) notes: Option<String>,
+    pub(crate) visits: i32,
 }
 
 /// An application writing and reading through the proxy until `stop`:
@@ -91,7 +91,7 @@ struct Written {
 /// wrote last per row, and how many statements failed (refused at the
 /// swap's instant; a failed write is known to the application, never
 /// lost silently).
-async fn application(
+pub(crate) async fn application(
     app: tokio_postgres::Client,
     tenant: &'static str,
     stop: Arc<AtomicBool>,

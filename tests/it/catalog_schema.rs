@@ -71,9 +71,16 @@ async fn check_config_live_reports_each_mismatch_with_fixing_ddl() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("fix: "))
         .collect();
-    assert_eq!(fixes.len(), 2, "{stderr}");
+    // Two envelope CHECKs, and the blind-index CHECK of searchable ssn.
+    assert_eq!(fixes.len(), 3, "{stderr}");
     assert!(
-        stderr.contains("public.patients.ssn: has no CHECK constraint"),
+        stderr.contains("public.patients.ssn: has no CHECK constraint refusing"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "public.patients.ssn: has no CHECK constraint that every value has a blind index"
+        ),
         "{stderr}"
     );
     for fix in fixes {

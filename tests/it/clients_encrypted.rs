@@ -33,7 +33,7 @@ const RECORDS_SCHEMA: &str = "CREATE TABLE records (\
     c_text bytea, c_text_bidx bytea, c_varchar bytea, c_int2 bytea, c_int4 bytea, \
     c_int8 bytea, c_numeric bytea, c_float8 bytea, c_bool bytea, c_date bytea, \
     c_timestamp bytea, c_timestamptz bytea, c_uuid bytea, c_jsonb bytea, c_bytea bytea, \
-    cmk_edek jsonb); \
+    cmk_edek jsonb, CONSTRAINT cmk_bidx_c_text CHECK ((c_text IS NULL) = (c_text_bidx IS NULL))); \
     GRANT ALL ON records TO scram_user";
 
 /// Protected columns of `records` and their declared types.
@@ -302,4 +302,96 @@ fn sqlalchemy_app_tests_pass_through_the_proxy_with_the_encrypted_schema() {
     assert_eq!(fields[0], fields[1], "every ssn is an envelope: {at_rest}");
     assert_eq!(fields[0], fields[2], "every row has an EDEK: {at_rest}");
     assert_eq!(fields[3], "f", "no plaintext at rest: {at_rest}");
+}
+
+/// The Django project's table, plaintext (directly) and encrypted (through
+/// the proxy): ssn is searchable, notes protected.
+const DJANGO_PLAIN: &str = "CREATE TABLE patients (id serial PRIMARY KEY, \
+    tenant_id text NOT NULL, name text NOT NULL, ssn text NOT NULL, notes text); \
+    GRANT ALL ON patients TO scram_user; GRANT ALL ON SEQUENCE patients_id_seq TO scram_user";
+const DJANGO_ENCRYPTED: &str = "CREATE TABLE patients (id serial PRIMARY KEY, \
+    tenant_id text NOT NULL, name text NOT NULL, ssn bytea NOT NULL, ssn_bidx bytea, \
+    notes bytea, cmk_edek jsonb, \
+    CONSTRAINT cmk_bidx_ssn CHECK ((ssn IS NULL) = (ssn_bidx IS NULL))); \
+    CREATE INDEX ON patients (tenant_id, ssn_bidx); \
+    GRANT ALL ON patients TO scram_user; GRANT ALL ON SEQUENCE patients_id_seq TO scram_user";
+const DJANGO_TABLES: &[(&str, &[(&str, &str)])] = &[(
+    "public.patients",
+    &[
+        ("ssn", "{type: text, search: equality}"),
+        ("notes", "{type: text}"),
+    ],
+)];
+
+/// The steps of the Django scenario's transcript.
+fn transcript(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("{\"step\""))
+        .collect()
+}
+
+/// Issue 16, point 3: a real Django project (psycopg 3 backend) creates,
+/// gets, filters, save()s, update()s, bulk_creates (and upserts), looks up
+/// by the searchable ssn, and deletes; directly against PostgreSQL with the
+/// plaintext schema and through the proxy with the encrypted one, its
+/// transcript is the same, and nothing it wrote is plaintext at rest.
+#[test]
+fn a_django_app_works_unchanged_through_the_proxy() {
+    let python = repo().join(".venv/bin/python");
+    require(&python, "Python venv (.venv with psycopg)");
+    let dir = repo().join("integration/django");
+    let found = Command::new(&python)
+        .args(["-c", "import django, psycopg"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "django missing in .venv: run scripts/install-deps.sh"
+    );
+
+    let pg = common::pg();
+    pg.psql("app", DJANGO_PLAIN)
+        .unwrap_or_else(|e| panic!("create plaintext schema: {e}"));
+    let ca = pg.ca_cert_path().expect("PostgreSQL with TLS").to_owned();
+    let env = [
+        (
+            "DATABASE_URL",
+            format!(
+                "{}?sslmode=verify-full",
+                pg.url("scram_user", "scram_pw", "app")
+            ),
+        ),
+        ("PGSSLROOTCERT", ca.display().to_string()),
+    ];
+    let direct = run_client_program(
+        &ClientRun {
+            program: &python,
+            args: &["scenario.py"],
+            cwd: &dir,
+            env: &env,
+        },
+        String::new,
+    );
+
+    let e = Encrypted::start(DJANGO_ENCRYPTED, DJANGO_TABLES);
+    let proxied = e.run(&python, &["scenario.py"], &dir);
+    assert_eq!(transcript(&direct).len(), 18, "{direct}");
+    assert_eq!(transcript(&proxied), transcript(&direct));
+    let at_rest = e.direct(
+        "SELECT count(*), count(*) FILTER (WHERE substr(ssn, 1, 4) = '\\x434d4b01'::bytea \
+             AND ssn_bidx IS NOT NULL AND cmk_edek IS NOT NULL), \
+         coalesce(bool_or(position(convert_to('123-45-', 'UTF8') IN ssn) > 0 \
+             OR position(convert_to('penicillin', 'UTF8') IN coalesce(notes, ''::bytea)) > 0), false) \
+         FROM patients",
+    );
+    let fields: Vec<&str> = at_rest.trim().split('|').collect();
+    assert_eq!(fields.len(), 3, "{at_rest}");
+    assert_ne!(fields[0], "0", "{at_rest}");
+    assert_eq!(
+        fields[0], fields[1],
+        "every ssn sealed and indexed: {at_rest}"
+    );
+    assert_eq!(fields[2], "f", "no plaintext at rest: {at_rest}");
 }

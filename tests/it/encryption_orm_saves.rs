@@ -132,3 +132,102 @@ async fn an_entity_save_that_sets_the_tenant_column_updates_only_that_tenants_ro
         2
     );
 }
+
+/// Django's `bulk_create` (and bulk loaders binding arrays) insert with
+/// `SELECT * FROM UNNEST(arrays…)`: each protected array is sealed element
+/// by element under its row's tenant, with binary array parameters too.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unnest_insert_seals_every_element_under_its_rows_tenant() {
+    let setup = EncryptedSetup::start(SCHEMA, "public.patients", COLUMNS).await;
+    let app = setup.app().await;
+    let insert = "INSERT INTO patients (id, tenant_id, ssn, notes) \
+        SELECT * FROM UNNEST($1::int[], $2::text[], $3::text[], $4::text[])";
+    let ids = vec![1i32, 2, 3];
+    let tenants = vec!["acme", "globex", "acme"];
+    let ssns = vec![Some("111-11-1111"), Some("222-22-2222"), None];
+    let notes = vec![Some("a \"quoted\", {braced} note"), None];
+    let n = app
+        .execute(insert, &[&ids, &tenants, &ssns, &notes])
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(
+        rows(
+            &app,
+            "SELECT id, tenant_id, ssn, notes FROM patients ORDER BY id"
+        )
+        .await,
+        vec![
+            vec![
+                Some("1".into()),
+                Some("acme".into()),
+                Some("111-11-1111".into()),
+                Some("a \"quoted\", {braced} note".into())
+            ],
+            vec![
+                Some("2".into()),
+                Some("globex".into()),
+                Some("222-22-2222".into()),
+                None
+            ],
+            vec![Some("3".into()), Some("acme".into()), None, None],
+        ]
+    );
+    assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 0);
+    // Each row is sealed under its own tenant: its EDEK is that tenant's.
+    assert_eq!(
+        count(
+            &setup.direct,
+            "SELECT count(DISTINCT cmk_edek::text) FROM patients WHERE ssn IS NOT NULL"
+        )
+        .await,
+        2
+    );
+    // Simple protocol, array literals (Django with client-side binding).
+    app.batch_execute(
+        "INSERT INTO patients (id, tenant_id, ssn, notes) SELECT * FROM UNNEST(('{4,5}')::int[], \
+         ('{acme,globex}')::varchar[], ('{444-44-4444,555-55-5555}')::varchar[], ('{x,NULL}')::text[])",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(&setup.direct, "SELECT count(*) FROM patients").await,
+        5
+    );
+    assert_eq!(count(&setup.direct, PLAINTEXT_AT_REST).await, 0);
+    // A row without a tenant, or of another tenant than the session's, is
+    // KM004 and nothing of the statement is stored.
+    let err = app
+        .execute(
+            insert,
+            &[
+                &vec![6i32, 7],
+                &vec![Some("acme"), None],
+                &vec!["6", "7"],
+                &vec!["n", "n"],
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM004"), "{err}");
+    app.batch_execute("SET cmk.tenant_id = 'acme'")
+        .await
+        .unwrap();
+    let err = app
+        .execute(
+            insert,
+            &[
+                &vec![6i32, 7],
+                &vec!["acme", "globex"],
+                &vec!["6", "7"],
+                &vec!["n", "n"],
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(common::sqlstate(&err).as_deref(), Some("KM004"), "{err}");
+    assert_eq!(
+        count(&setup.direct, "SELECT count(*) FROM patients").await,
+        5
+    );
+}

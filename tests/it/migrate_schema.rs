@@ -45,7 +45,13 @@ async fn migrate_twice_is_a_no_op_the_second_time() {
         .collect();
     assert_eq!(
         tables,
-        ["adoptions", "data_keys", "schema_version", "tenants"]
+        [
+            "adoptions",
+            "data_keys",
+            "positions",
+            "schema_version",
+            "tenants"
+        ]
     );
 }
 
@@ -113,7 +119,7 @@ async fn migrate_cli_applies_then_reports_up_to_date_and_print_shows_ddl() {
     let printed = admin(&env.pg, "printed").await;
     printed.batch_execute(&ddl).await.unwrap();
     printed.batch_execute(&ddl).await.unwrap();
-    assert_eq!(version_rows(&printed).await, vec![(1, 1), (2, 1)]);
+    assert_eq!(version_rows(&printed).await, vec![(1, 1), (2, 1), (3, 1)]);
     let (code, _, err) = run(&["migrate", "--upstream", "mysql://x"]);
     assert_eq!(code, Some(2), "{err}");
 }

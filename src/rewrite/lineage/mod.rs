@@ -445,6 +445,15 @@ impl Walk<'_, '_> {
                                 Resolved::WholeRow(origin) => refuse(origin, WHOLE_ROW),
                             };
                         }
+                        // `col IS [NOT] NULL`: null-ness is visible anyway
+                        // (a NULL value is a NULL cell).
+                        "NullTest" if is_bare_column(field(body, "arg")) => {
+                            let reference = kind(field(body, "arg")).map(|(_, r)| r);
+                            return match reference.map(|r| self.resolve(r)) {
+                                Some(Resolved::WholeRow(origin)) => refuse(origin, WHOLE_ROW),
+                                _ => Ok(()),
+                            };
+                        }
                         "SubLink" => return self.sublink(body),
                         "SelectStmt" => {
                             let columns = self.query(body)?;
@@ -486,6 +495,10 @@ impl Walk<'_, '_> {
             _ => Ok(()),
         }
     }
+}
+
+fn is_bare_column(node: &Value) -> bool {
+    matches!(kind(node), Some(("ColumnRef", _)))
 }
 
 /// `count(*)` or `count(col)`: reveals no more than null-ness, which is

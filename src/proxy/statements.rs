@@ -197,8 +197,9 @@ pub struct ClientStatements {
     recent: RecentParses<ParsePlan>,
     /// The session's SQL-level prepared statements.
     sql_prepared: SqlPrepared,
-    /// A COPY FROM STDIN into a policy table in progress.
-    copy_in: Option<CopyIn>,
+    /// A COPY FROM STDIN into a policy table in progress (boxed: every
+    /// idle session carries this struct in its future).
+    copy_in: Option<Box<CopyIn>>,
 }
 
 impl ClientStatements {
@@ -1516,7 +1517,7 @@ async fn simple_query(
     query: SimpleQuery<'_>,
     is_prepared: impl Fn(&str) -> bool,
     sql_prepared: &mut SqlPrepared,
-    copy_in: &mut Option<CopyIn>,
+    copy_in: &mut Option<Box<CopyIn>>,
 ) -> BytesMut {
     let SimpleQuery {
         frame,
@@ -1574,7 +1575,7 @@ async fn simple_query(
                 CopyRewrite::In(plan) => {
                     let max_row = encryption.policy().server.max_message_size;
                     let (copy, response) = CopyIn::start(plan.clone(), tenant.clone(), max_row);
-                    *copy_in = Some(copy);
+                    *copy_in = Some(Box::new(copy));
                     response
                 }
                 CopyRewrite::Out(options) => Arc::new(CopyResponse::Out(options.clone())),

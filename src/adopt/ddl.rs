@@ -4,7 +4,7 @@
 //! VALIDATEs, which take locks that let reads and writes go on.
 
 use crate::catalog::adoption::shadow_column;
-use crate::catalog::envelope::{constraint_name, ENVELOPE_PREFIX_HEX};
+use crate::catalog::envelope::{blind_index_constraint_name, constraint_name, ENVELOPE_PREFIX_HEX};
 use crate::catalog::quote_ident;
 use crate::config::{SearchMode, TablePolicy};
 use crate::rewrite::quote_literal;
@@ -148,6 +148,16 @@ pub fn prepare(table: &str, shape: &TableShape, policy: &TablePolicy) -> Vec<Str
             "ALTER TABLE {relation} ADD CONSTRAINT {} CHECK ({}) NOT VALID",
             quote_ident(&constraint_name(column)),
             is_envelope(&quote_ident(&shadow_column(column)))
+        ));
+    }
+    // Every cell gets its blind index: lookups are answered once the table
+    // is in its format and this is validated (docs/SEARCH.md).
+    for column in searchable(policy) {
+        out.push(format!(
+            "ALTER TABLE {relation} ADD CONSTRAINT {} CHECK (({} IS NULL) = ({} IS NULL)) NOT VALID",
+            quote_ident(&blind_index_constraint_name(column)),
+            quote_ident(&shadow_column(column)),
+            quote_ident(&format!("{column}_bidx"))
         ));
     }
     out.push(format!(
@@ -415,18 +425,29 @@ pub fn finish(table: &str, schema: &str, name: &str, policy: &TablePolicy) -> Ve
     out
 }
 
-/// VALIDATE of the envelope CHECKs once the table is in its format.
+/// VALIDATE of the envelope (and blind-index) CHECKs once the table is in
+/// its format.
 pub fn validate_envelopes(relation: &str, policy: &TablePolicy) -> Vec<String> {
-    policy
-        .columns
-        .keys()
-        .map(|c| {
+    let envelopes = policy.columns.keys().map(|c| constraint_name(c));
+    let indexes = searchable(policy).map(blind_index_constraint_name);
+    envelopes
+        .chain(indexes)
+        .map(|name| {
             format!(
                 "ALTER TABLE {relation} VALIDATE CONSTRAINT {}",
-                quote_ident(&constraint_name(c))
+                quote_ident(&name)
             )
         })
         .collect()
+}
+
+/// The policy's `search: equality` columns.
+fn searchable(policy: &TablePolicy) -> impl Iterator<Item = &str> {
+    policy
+        .columns
+        .iter()
+        .filter(|(_, p)| p.search == crate::config::SearchMode::Equality)
+        .map(|(c, _)| c.as_str())
 }
 
 /// The table as the transition sees it on the way back: the table in the
@@ -483,6 +504,14 @@ pub fn swap_leaving(table: &str, shape: &TableShape, policy: &TablePolicy) -> Ve
         shape.relation(&shape.name),
         quote_ident(&names.base)
     )];
+    // Cells are emptied on the way back while their blind indexes stay
+    // until the finish drops them (lookups are refused meanwhile).
+    for column in searchable(policy) {
+        out.push(format!(
+            "ALTER TABLE {base} DROP CONSTRAINT IF EXISTS {}",
+            quote_ident(&blind_index_constraint_name(column))
+        ));
+    }
     for column in policy.columns.keys() {
         out.push(format!(
             "ALTER TABLE {base} RENAME COLUMN {} TO {}",

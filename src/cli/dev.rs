@@ -26,6 +26,11 @@ pub struct Args {
     /// Exit after the demo (encrypt, decrypt, revoke) instead of serving on.
     #[arg(long)]
     pub exit_after_demo: bool,
+    /// Once the demo is done, write `DATABASE_URL` (through the proxy),
+    /// `DIRECT_URL` (PostgreSQL itself) and `KEYRING` to this file as shell
+    /// assignments, for the README's tutorial (`. ./FILE`).
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
 }
 
 /// Runs the subcommand.
@@ -146,6 +151,13 @@ async fn serve(pg: &LocalPostgres, args: &Args, shutdown: CancellationToken) -> 
         server.await.context("proxy task failed")??;
         return demo_result;
     }
+    if let Some(path) = &args.env_file {
+        write_env_file(path, &url, &pg.admin_url("app"), &keyring)?;
+        println!(
+            "\nwrote {} (DATABASE_URL, DIRECT_URL, KEYRING)",
+            path.display()
+        );
+    }
     println!();
     println!("the proxy keeps serving DATABASE_URL={url}");
     println!("try: psql \"{url}\" -c \"SELECT * FROM patients\"    (Ctrl-C to stop)");
@@ -154,6 +166,30 @@ async fn serve(pg: &LocalPostgres, args: &Args, shutdown: CancellationToken) -> 
         keyring.display()
     );
     server.await.context("proxy task failed")??;
+    Ok(())
+}
+
+/// Writes the demo's addresses as shell assignments, atomically (temp file,
+/// rename), so whoever waits for the file never reads half of it.
+fn write_env_file(
+    path: &std::path::Path,
+    url: &str,
+    direct_url: &str,
+    keyring: &std::path::Path,
+) -> anyhow::Result<()> {
+    let text = format!(
+        "DATABASE_URL='{url}'\nDIRECT_URL='{direct_url}'\nKEYRING='{}'\n",
+        keyring.display()
+    );
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    let mut file = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    file.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Hardening of the serving process, which holds every approved DEK in
 //! memory: no core dump and no same-user ptrace (`PR_SET_DUMPABLE` 0,
 //! `RLIMIT_CORE` 0), and all of its memory locked against swapping where
-//! RLIMIT_MEMLOCK allows it (see README, "Security").
+//! RLIMIT_MEMLOCK allows it (docs/KEYS.md, "Keys in the serving process").
 
 use nix::sys::mman::{mlockall, MlockAllFlags};
 use nix::sys::prctl;

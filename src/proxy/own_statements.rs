@@ -12,7 +12,7 @@
 //! when new, else by an empty unnamed Parse, and the client's Binds and
 //! Describes of its unnamed statement name the proxy's. Directly against
 //! PostgreSQL, pgbench's encrypted-workload script costs the server about
-//! half the CPU per transaction when prepared (README, benchmark).
+//! half the CPU per transaction when prepared (docs/BENCHMARKS.md).
 //!
 //! Names start with [`NAME_PREFIX`]; clients may not use them. A statement
 //! is used again only once its ParseComplete arrived. Names are never used

@@ -21,7 +21,7 @@ use crate::config::Policy;
 /// handed to them. A session stays on its thread, and the threads never
 /// wake each other to look for work as a work-stealing runtime's do: the
 /// encrypted benchmark's proxy CPU per transaction went from 74 µs there to
-/// 61 µs (README, benchmark section).
+/// 61 µs (docs/BENCHMARKS.md).
 struct SessionWorkers {
     workers: Vec<Worker>,
 }

@@ -222,7 +222,7 @@ pub fn analyze_in(
 
 /// [`analyze_in`]; `lookups`: equality lookups on searchable columns are
 /// rewritten to the blind index first (off for the rewritten SQL itself).
-fn analyze_with(
+pub(super) fn analyze_with(
     policy: &Policy,
     facts: &SchemaFacts,
     sql: &str,
@@ -342,7 +342,9 @@ fn analyze_with(
         disagreement(&scope, reading, &statements, sql)?;
     }
     if lookups {
-        if let Some(analysis) = analyze_lookups(policy, facts, &scope, &statements, params)? {
+        if let Some(analysis) =
+            super::lookup::analyze_lookups(policy, facts, &scope, &statements, params)?
+        {
             return Ok(analysis);
         }
     }
@@ -437,92 +439,6 @@ fn analyze_with(
         statements: plans,
         client_params: params,
     })
-}
-
-/// The analysis of `statements` with their equality lookups on searchable
-/// columns rewritten to the blind index (`None`: there are none). The
-/// rewritten SQL is analysed like any other; each statement with lookups
-/// becomes a plan whose proxy placeholders the session fills.
-fn analyze_lookups(
-    policy: &Policy,
-    facts: &SchemaFacts,
-    scope: &Scope<'_>,
-    statements: &[Statement],
-    params: usize,
-) -> Result<Option<Analysis>, Rejection> {
-    let mut next = params + 1;
-    let mut rewritten = statements.to_vec();
-    let mut found = Vec::with_capacity(statements.len());
-    for statement in &mut rewritten {
-        found.push(super::lookup::rewrite_lookups(scope, statement, &mut next)?);
-    }
-    if found.iter().all(super::lookup::Lookups::is_empty) {
-        return Ok(None);
-    }
-    let total = next - 1;
-    let sql: Vec<String> = rewritten.iter().map(ToString::to_string).collect();
-    let inner = analyze_with(policy, facts, &sql.join("; "), total, false)?;
-    if inner.statements.len() != found.len() {
-        return Err(Rejection::unsupported(
-            "",
-            None,
-            "an equality lookup cmk-proxy cannot plan",
-        ));
-    }
-    let plans = inner
-        .statements
-        .into_iter()
-        .zip(rewritten)
-        .zip(found)
-        .map(|((plan, statement), lookups)| with_lookups(plan, statement, lookups, total - params))
-        .collect::<Result<_, _>>()?;
-    Ok(Some(Analysis {
-        statements: plans,
-        client_params: params,
-    }))
-}
-
-/// `plan` (of the rewritten `statement`) with its lookups: a read becomes a
-/// plan with placeholders of the proxy's, like a write without rows.
-fn with_lookups(
-    plan: StatementPlan,
-    statement: Statement,
-    lookups: super::lookup::Lookups,
-    added: usize,
-) -> Result<StatementPlan, Rejection> {
-    let Some(first) = lookups.lookups.first() else {
-        return Ok(plan);
-    };
-    let read = |statement: Statement, hidden_results: usize| WritePlan {
-        table: first.table.clone(),
-        tenant_column: first.tenant_column.clone(),
-        rows: Vec::new(),
-        tenant_pin_param: None,
-        extra_params: added,
-        statement,
-        lookups: lookups.lookups.clone(),
-        cleared: lookups.cleared.clone(),
-        hidden_results,
-        unnest: None,
-    };
-    match plan {
-        StatementPlan::Read => Ok(StatementPlan::Write(Box::new(read(statement, 0)))),
-        StatementPlan::ReadRowTenants(rows) => Ok(StatementPlan::Write(Box::new(read(
-            rows.statement,
-            rows.hidden,
-        )))),
-        StatementPlan::Write(mut write) => {
-            write.extra_params += added;
-            write.lookups = lookups.lookups;
-            write.cleared = lookups.cleared;
-            Ok(StatementPlan::Write(write))
-        }
-        _ => Err(Rejection::unsupported(
-            &first.table,
-            Some(&first.column),
-            "an equality lookup in this kind of statement",
-        )),
-    }
 }
 
 fn max_placeholder(statements: &[Statement]) -> usize {

@@ -17,11 +17,11 @@ use sqlparser::ast::{
     Statement, TableFactor, TableWithJoins, UpdateTableFromKind, VisitMut, VisitorMut,
 };
 
-use super::analyze::Scope;
+use super::analyze::{Analysis, SchemaFacts, Scope, StatementPlan};
 use super::names::{ident_name, policy_table};
-use super::write::{operand, placeholder, Operand, TenantSource};
+use super::write::{operand, placeholder, Operand, TenantSource, WritePlan};
 use super::Rejection;
-use crate::config::{DeclaredType, SearchMode, TableMode, TablePolicy};
+use crate::config::{DeclaredType, Policy, SearchMode, TableMode, TablePolicy};
 
 /// Where a searched value comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -676,6 +676,92 @@ fn bytea_array(expr: Expr) -> Expr {
             None,
         )),
         format: None,
+    }
+}
+
+/// The analysis of `statements` with their equality lookups on searchable
+/// columns rewritten to the blind index (`None`: there are none). The
+/// rewritten SQL is analysed like any other; each statement with lookups
+/// becomes a plan whose proxy placeholders the session fills.
+pub(super) fn analyze_lookups(
+    policy: &Policy,
+    facts: &SchemaFacts,
+    scope: &Scope<'_>,
+    statements: &[Statement],
+    params: usize,
+) -> Result<Option<Analysis>, Rejection> {
+    let mut next = params + 1;
+    let mut rewritten = statements.to_vec();
+    let mut found = Vec::with_capacity(statements.len());
+    for statement in &mut rewritten {
+        found.push(rewrite_lookups(scope, statement, &mut next)?);
+    }
+    if found.iter().all(Lookups::is_empty) {
+        return Ok(None);
+    }
+    let total = next - 1;
+    let sql: Vec<String> = rewritten.iter().map(ToString::to_string).collect();
+    let inner = super::analyze::analyze_with(policy, facts, &sql.join("; "), total, false)?;
+    if inner.statements.len() != found.len() {
+        return Err(Rejection::unsupported(
+            "",
+            None,
+            "an equality lookup cmk-proxy cannot plan",
+        ));
+    }
+    let plans = inner
+        .statements
+        .into_iter()
+        .zip(rewritten)
+        .zip(found)
+        .map(|((plan, statement), lookups)| with_lookups(plan, statement, lookups, total - params))
+        .collect::<Result<_, _>>()?;
+    Ok(Some(Analysis {
+        statements: plans,
+        client_params: params,
+    }))
+}
+
+/// `plan` (of the rewritten `statement`) with its lookups: a read becomes a
+/// plan with placeholders of the proxy's, like a write without rows.
+fn with_lookups(
+    plan: StatementPlan,
+    statement: Statement,
+    lookups: Lookups,
+    added: usize,
+) -> Result<StatementPlan, Rejection> {
+    let Some(first) = lookups.lookups.first() else {
+        return Ok(plan);
+    };
+    let read = |statement: Statement, hidden_results: usize| WritePlan {
+        table: first.table.clone(),
+        tenant_column: first.tenant_column.clone(),
+        rows: Vec::new(),
+        tenant_pin_param: None,
+        extra_params: added,
+        statement,
+        lookups: lookups.lookups.clone(),
+        cleared: lookups.cleared.clone(),
+        hidden_results,
+        unnest: None,
+    };
+    match plan {
+        StatementPlan::Read => Ok(StatementPlan::Write(Box::new(read(statement, 0)))),
+        StatementPlan::ReadRowTenants(rows) => Ok(StatementPlan::Write(Box::new(read(
+            rows.statement,
+            rows.hidden,
+        )))),
+        StatementPlan::Write(mut write) => {
+            write.extra_params += added;
+            write.lookups = lookups.lookups;
+            write.cleared = lookups.cleared;
+            Ok(StatementPlan::Write(write))
+        }
+        _ => Err(Rejection::unsupported(
+            &first.table,
+            Some(&first.column),
+            "an equality lookup in this kind of statement",
+        )),
     }
 }
 

@@ -450,6 +450,7 @@ async fn encrypt_takes_a_table_left_mixed_by_decrypt_tenant_back_to_the_format()
             "notes bytea",
             "ssn bytea",
             "cmk_edek jsonb",
+            "ssn_bidx bytea",
         ]
         .map(str::to_owned)
     );

@@ -30,7 +30,7 @@ SELECT (ARRAY['acme', 'globex', 'initech'])[1 + i % 3],
 FROM generate_series(1, 3000) AS i;";
 
 pub(crate) const COLUMNS: &[&str] = &[
-    "ssn: {type: text}",
+    "ssn: {type: text, search: equality}",
     "birth_date: {type: date}",
     "notes: {type: text}",
 ];
@@ -402,6 +402,7 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
             "notes bytea",
             "ssn bytea",
             "cmk_edek jsonb",
+            "ssn_bidx bytea",
         ]
         .map(str::to_owned)
     );
@@ -423,6 +424,17 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
         .unwrap()
         .get(0);
     assert_eq!(validated, 3);
+    let indexed: i64 = setup
+        .direct
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'patients'::regclass \
+             AND conname = 'cmk_bidx_ssn' AND convalidated",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(indexed, 1, "every ssn has its blind index");
     assert_eq!(
         rows(&setup.direct, "SELECT count(*) FROM cmk.adoptions").await,
         vec![vec![Some("0".to_owned())]]
@@ -437,6 +449,31 @@ async fn encrypt_converts_a_legacy_table_online_resumes_after_sigkill_and_finish
         if !written.contains_key(id) {
             assert_eq!(now.get(id), Some(row), "row {id} after the end");
         }
+    }
+    // Lookups by the searchable ssn are answered on the converted table.
+    let mut untouched: Vec<i64> = before
+        .keys()
+        .filter(|id| !written.contains_key(id))
+        .copied()
+        .collect();
+    untouched.sort_unstable();
+    for id in untouched.iter().take(5) {
+        let row = app
+            .query_one("SELECT tenant_id, ssn FROM patients WHERE id = $1", &[id])
+            .await
+            .unwrap();
+        let (tenant, ssn): (String, String) = (row.get(0), row.get(1));
+        let found: Vec<i64> = app
+            .query(
+                "SELECT id FROM patients WHERE tenant_id = $1 AND ssn = $2",
+                &[&tenant, &ssn],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(found, vec![*id], "lookup of row {id}'s ssn");
     }
     // A non-envelope cell is KM005 again.
     setup

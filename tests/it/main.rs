@@ -21,6 +21,7 @@ mod clients_encrypted;
 mod config_errors;
 mod config_flags;
 mod config_upstream;
+mod docs_tutorial;
 mod encryption_at_rest;
 mod encryption_attacks;
 mod encryption_aws;

@@ -3,7 +3,7 @@
 //! carrying PostgreSQL's own `*_send` bytes), read back as text and as
 //! binary, must equal what PostgreSQL returns for the same value of the
 //! plain type. Values the proxy cannot yet read as PostgreSQL does are
-//! listed in the README, not here.
+//! listed in docs/CONFIGURATION.md (declared types), not here.
 
 use crate::common;
 

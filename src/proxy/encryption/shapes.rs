@@ -23,7 +23,8 @@ use std::sync::Arc;
 use sqlparser::ast::Statement;
 
 use super::plan_cache::PlanCache;
-use super::{BoundQuery, ClientParams, Encryption, QueryRewrite, SessionInfo, Slot, Slots};
+use super::sealing::{ClientParams, Slot, Slots};
+use super::{BoundQuery, Encryption, QueryRewrite, SessionInfo};
 use crate::catalog::CatalogMap;
 use crate::config::DeclaredType;
 use crate::rewrite::{

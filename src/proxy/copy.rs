@@ -4,6 +4,7 @@
 //! COPY on a bad row; the server direction rewrites the Copy responses and
 //! turns the decrypted rows of a COPY TO into the client's format.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -68,10 +69,14 @@ pub(crate) struct CopyIn {
     /// The proxy failed the COPY: the client's data is dropped until its
     /// CopyDone or CopyFail.
     failed: bool,
-    /// The tenant's keys of the row before (rows of one tenant in a row
-    /// ask the key service once per message, not per row).
-    keys: Option<(String, crate::keys::WriteKey, Option<Arc<BlindIndexKey>>)>,
+    /// The keys of the tenants met in the current message: the key service
+    /// is asked once per tenant and message, not per row.
+    keys: HashMap<String, TenantKeys>,
 }
+
+/// A tenant's current write key, and its blind-index key when the COPY
+/// writes a blind index.
+type TenantKeys = (crate::keys::WriteKey, Option<Arc<BlindIndexKey>>);
 
 /// A row that cannot be stored.
 struct RowFailure {
@@ -119,7 +124,7 @@ impl CopyIn {
             response: response.clone(),
             session_tenant,
             failed: false,
-            keys: None,
+            keys: HashMap::new(),
         };
         (copy, response)
     }
@@ -139,7 +144,7 @@ impl CopyIn {
         }
         // Keys are looked up again for every message: a revocation or a
         // new DEK epoch takes effect within the COPY.
-        self.keys = None;
+        self.keys.clear();
         let mut rows = Vec::with_capacity(body.len() + body.len() / 2);
         let result = match tag {
             b'd' => {
@@ -243,8 +248,7 @@ impl CopyIn {
     ) -> Result<(), RowFailure> {
         let tenant = self.row_tenant()?;
         let plan = self.plan.clone();
-        let fresh = matches!(&self.keys, Some((t, _, _)) if *t == tenant);
-        if !fresh {
+        if !self.keys.contains_key(&tenant) {
             let keys = encryption.keys();
             let key = keys
                 .write_key(&tenant)
@@ -267,9 +271,9 @@ impl CopyIn {
                 ),
                 false => None,
             };
-            self.keys = Some((tenant.clone(), key, index_key));
+            self.keys.insert(tenant.clone(), (key, index_key));
         }
-        let Some((_, key, index_key)) = &self.keys else {
+        let Some((key, index_key)) = self.keys.get(&tenant) else {
             return Err(RowFailure::from(CopyError::new(
                 "XX000",
                 "no key".to_owned(),

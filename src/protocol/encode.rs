@@ -98,6 +98,46 @@ pub fn parse_raw_name(name: &[u8], sql: &str, out: &mut BytesMut) {
     out.put_i16(0);
 }
 
+/// Appends a CopyData (`d`, either direction) carrying `data`.
+pub fn copy_data(data: &[u8], out: &mut BytesMut) {
+    frame(b'd', data, out);
+}
+
+/// Appends a CopyDone (`c`, either direction).
+pub fn copy_done(out: &mut BytesMut) {
+    frame(b'c', &[], out);
+}
+
+/// Appends a CopyFail (`f`) with `message`.
+pub fn copy_fail(message: &str, out: &mut BytesMut) {
+    let text: Vec<u8> = message.bytes().filter(|b| *b != 0).collect();
+    out.reserve(text.len() + 6);
+    out.put_u8(b'f');
+    out.put_u32(length(text.len() + 1));
+    out.extend_from_slice(&text);
+    out.put_u8(0);
+}
+
+/// Appends a CopyInResponse (`G`) or CopyOutResponse (`H`) of `columns`
+/// text-format columns (text and CSV both travel as format 0).
+pub fn copy_response(tag: u8, columns: u16, out: &mut BytesMut) {
+    out.put_u8(tag);
+    out.put_u32(length(1 + 2 + 2 * usize::from(columns)));
+    out.put_u8(0);
+    out.put_u16(columns);
+    for _ in 0..columns {
+        out.put_i16(0);
+    }
+}
+
+/// Appends a CommandComplete (`C`) with `tag`.
+pub fn command_complete(tag: &str, out: &mut BytesMut) {
+    out.put_u8(b'C');
+    out.put_u32(length(tag.len() + 1));
+    out.extend_from_slice(tag.as_bytes());
+    out.put_u8(0);
+}
+
 /// An Authentication request (`R`) with its `code` and `data`.
 pub fn authentication(code: u32, data: &[u8]) -> BytesMut {
     let mut out = BytesMut::with_capacity(9 + data.len());
@@ -154,6 +194,21 @@ mod tests {
         let mut out = BytesMut::new();
         build(&mut out);
         out.to_vec()
+    }
+
+    #[test]
+    fn copy_messages_are_the_bytes_of_the_protocol() {
+        assert_eq!(built(|o| copy_data(b"a\n", o)), b"d\0\0\0\x06a\n");
+        assert_eq!(built(copy_done), b"c\0\0\0\x04");
+        assert_eq!(built(|o| copy_fail("no", o)), b"f\0\0\0\x07no\0");
+        assert_eq!(
+            built(|o| copy_response(b'G', 2, o)),
+            b"G\0\0\0\x0b\0\0\x02\0\0\0\0"
+        );
+        assert_eq!(
+            built(|o| command_complete("COPY 3", o)),
+            b"C\0\0\0\x0bCOPY 3\0"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct ErrorResponse<'a> {
     pub detail: Option<&'a str>,
     /// Optional hint line.
     pub hint: Option<&'a str>,
+    /// Optional context (`CONTEXT: COPY t, line 3`).
+    pub context: Option<&'a str>,
 }
 
 impl<'a> ErrorResponse<'a> {
@@ -26,6 +28,7 @@ impl<'a> ErrorResponse<'a> {
             message,
             detail: None,
             hint: None,
+            context: None,
         }
     }
 
@@ -57,6 +60,9 @@ impl<'a> ErrorResponse<'a> {
         }
         if let Some(hint) = self.hint {
             field(b'H', hint);
+        }
+        if let Some(context) = self.context {
+            field(b'W', context);
         }
         out.put_u8(0);
         let len = (out.len() - start - 1) as u32;
@@ -92,9 +98,68 @@ pub fn error_field(body: &[u8], kind: u8) -> Option<&str> {
     None
 }
 
+/// An ErrorResponse/NoticeResponse `frame` with field `kind` replaced by
+/// `edit` of it (`None` when the frame has no such field or is malformed).
+pub fn edit_error_field(
+    frame: &[u8],
+    kind: u8,
+    edit: impl Fn(&[u8]) -> Vec<u8>,
+) -> Option<BytesMut> {
+    let (&tag, rest) = frame.split_first()?;
+    let mut body = rest.get(4..)?;
+    let mut fields = Vec::new();
+    let mut found = false;
+    while let Some((&k, tail)) = body.split_first() {
+        if k == 0 {
+            break;
+        }
+        let end = tail.iter().position(|b| *b == 0)?;
+        let value = &tail[..end];
+        if k == kind {
+            found = true;
+            let mut edited = edit(value);
+            edited.retain(|b| *b != 0);
+            fields.push((k, edited));
+        } else {
+            fields.push((k, value.to_vec()));
+        }
+        body = &tail[end + 1..];
+    }
+    if !found {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(frame.len());
+    out.put_u8(tag);
+    out.put_u32(0);
+    for (k, value) in fields {
+        out.put_u8(k);
+        out.extend_from_slice(&value);
+        out.put_u8(0);
+    }
+    out.put_u8(0);
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_field_is_edited_and_the_rest_kept() {
+        let frame = ErrorResponse {
+            context: Some("COPY t, line 1: \"x\""),
+            ..ErrorResponse::error("23502", "null value")
+        }
+        .to_bytes();
+        let edited = edit_error_field(&frame, b'W', |w| w[..13].to_vec()).unwrap();
+        assert_eq!(error_field(&edited[5..], b'W'), Some("COPY t, line "));
+        assert_eq!(error_field(&edited[5..], b'C'), Some("23502"));
+        let len = u32::from_be_bytes([edited[1], edited[2], edited[3], edited[4]]) as usize;
+        assert_eq!(len + 1, edited.len());
+        assert!(edit_error_field(&frame, b'D', |d| d.to_vec()).is_none());
+    }
 
     #[test]
     fn encodes_fields_and_length() {

@@ -15,7 +15,7 @@ mod frame;
 pub mod messages;
 mod startup;
 
-pub use error::{error_code, error_field, ErrorResponse};
+pub use error::{edit_error_field, error_code, error_field, ErrorResponse};
 pub use frame::{FrameError, FrameHeader, HEADER_LEN};
 pub use startup::{
     rewrite_sasl_mechanisms, StartupError, StartupPacket, StartupParams, CANCEL_REQUEST_CODE,
@@ -68,6 +68,12 @@ pub mod frontend {
     pub const CLOSE: u8 = b'C';
     /// FunctionCall (`F`).
     pub const FUNCTION_CALL: u8 = b'F';
+    /// CopyData (`d`).
+    pub const COPY_DATA: u8 = b'd';
+    /// CopyDone (`c`).
+    pub const COPY_DONE: u8 = b'c';
+    /// CopyFail (`f`).
+    pub const COPY_FAIL: u8 = b'f';
 }
 
 /// SQLSTATE codes the proxy itself raises.

@@ -20,9 +20,11 @@ use crate::ops::metrics::{metrics, OutcomeLabel, SqlstateLabel};
 use crate::rewrite::{self, quote_literal, Rejection, StatementPlan, TenantChange};
 use plans::ParsePlan;
 
+mod copy_plans;
 mod plan_cache;
 pub(crate) mod plans;
 mod sealing;
+pub(crate) use sealing::seal_value;
 mod shapes;
 
 /// How often the catalog is reloaded while a transition view is about to
@@ -72,6 +74,8 @@ pub struct QueryRewrite {
     /// Run the query as a prepared statement with these parameters
     /// instead (takes precedence over `sql`).
     pub bound: Option<BoundQuery>,
+    /// The query is a COPY the proxy takes part in (docs/COPY.md).
+    pub copy: Option<super::copy::CopyRewrite>,
 }
 
 /// A simple query's write as a prepared statement: the client's literals
@@ -377,7 +381,10 @@ impl Encryption {
         if analysis.statements.iter().any(|s| {
             matches!(
                 s,
-                StatementPlan::Read | StatementPlan::ReadRowTenants(_) | StatementPlan::Write(_)
+                StatementPlan::Read
+                    | StatementPlan::ReadRowTenants(_)
+                    | StatementPlan::Write(_)
+                    | StatementPlan::Copy(_)
             )
         }) {
             out.fingerprint = Some(Arc::from(rewrite::fingerprint(sql)));
@@ -391,8 +398,19 @@ impl Encryption {
         } else {
             Vec::new()
         };
+        let statements = analysis.statements.len();
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
+                StatementPlan::Copy(plan) => {
+                    let current = SessionInfo {
+                        tenant: tenant.as_deref(),
+                        ..*session
+                    };
+                    let (sql, copy) = self.plan_copy(*plan, statements, &current)?;
+                    out.sql = Some(sql);
+                    out.copy = Some(copy);
+                    return Ok(out);
+                }
                 StatementPlan::SetTenant(change) => {
                     tenant = match &change.savepoint {
                         None => change.resolve(session.default_tenant),
@@ -624,7 +642,7 @@ impl DecryptBatch {
     }
 }
 
-fn key_rejection(e: &KeyError, table: &str) -> Rejection {
+pub(crate) fn key_rejection(e: &KeyError, table: &str) -> Rejection {
     Rejection {
         sqlstate: e.sqlstate(),
         table: Some(table.to_owned()),

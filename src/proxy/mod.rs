@@ -5,6 +5,7 @@
 pub mod admin;
 mod auth;
 mod context;
+mod copy;
 pub mod encryption;
 mod own_statements;
 mod pending;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
+use super::copy::CopyResponse;
 use super::encryption::plans::ParsePlan;
 pub(crate) use super::encryption::plans::StatementKind;
 use super::results::{PlannedRows, RowPlanMemo};
@@ -167,6 +168,8 @@ pub(crate) enum Expected {
         /// `own_statements`): the ParseComplete, BindComplete, NoData and
         /// CloseComplete the client did not ask for are dropped.
         run_as: Option<u64>,
+        /// A COPY the proxy takes part in (see `copy`).
+        copy: Option<Arc<CopyResponse>>,
     },
     /// ParseComplete, or the error that replaces it. `retires`: the Parse
     /// replaces a rewritten write (see `SessionState::retirements`).
@@ -208,6 +211,7 @@ impl Expected {
             fingerprint: Arc::from(""),
             refresh: false,
             run_as: None,
+            copy: None,
         }
     }
 
@@ -228,6 +232,14 @@ impl Expected {
     pub(crate) fn run_as(&self) -> Option<u64> {
         match self {
             Self::Query { run_as, .. } => *run_as,
+            _ => None,
+        }
+    }
+
+    /// The COPY of a simple query the proxy takes part in.
+    pub(crate) fn copy(&self) -> Option<&Arc<CopyResponse>> {
+        match self {
+            Self::Query { copy, .. } => copy.as_ref(),
             _ => None,
         }
     }

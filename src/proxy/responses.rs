@@ -17,13 +17,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::copy::{copy_context_without_line, copy_in_response, CopyOut, CopyResponse};
 use super::encryption::Encryption;
 use super::pending::{Expected, Portal, Shape, StatementKind};
 use super::relay::Interest;
 use super::results::{plan_rows, PlannedRows, ResultPlan};
 use super::state::{EndSettled, SessionState};
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
-use crate::protocol::{backend, error_code, ErrorResponse, HEADER_LEN};
+use crate::protocol::{backend, edit_error_field, error_code, ErrorResponse, HEADER_LEN};
 
 /// Backend tags not tied to a request: they may come at any time.
 const NOTICE: u8 = b'N';
@@ -79,6 +80,8 @@ pub struct ResponseTracker {
     /// The last transaction end of this cycle was a ROLLBACK (undoes tenant
     /// changes).
     rolled_back: bool,
+    /// The SELECT being answered stands for a client's COPY TO.
+    copy_out: Option<CopyOut>,
 }
 
 /// Records the outcome of a Parse or Close that retires a rewritten write;
@@ -188,9 +191,11 @@ impl ResponseTracker {
             }
             // The tag tells whether a tenant change was rolled back.
             backend::COMMAND_COMPLETE if state.tenant_change_pending() => Interest::Rewrite,
+            backend::COMMAND_COMPLETE if self.copy_out.is_some() => Interest::Rewrite,
+            backend::COPY_IN_RESPONSE => Interest::Rewrite,
             backend::DATA_ROW => {
                 self.resolve(encryption);
-                if self.plan.is_some() {
+                if self.plan.is_some() || self.copy_out.is_some() {
                     Interest::Rewrite
                 } else {
                     Interest::Header
@@ -250,7 +255,24 @@ impl ResponseTracker {
         let dropping = self.dropping(state) && !injected_failed;
         let step = match (tag, frame) {
             (backend::READY_FOR_QUERY, Some(frame)) => return self.on_ready(frame, state),
+            (backend::COPY_IN_RESPONSE, Some(_)) => {
+                match self.front(state).and_then(Expected::copy) {
+                    Some(copy) => match &**copy {
+                        CopyResponse::In { fields, .. } => Step::Replace(copy_in_response(*fields)),
+                        CopyResponse::Out(_) => Step::Forward,
+                    },
+                    None => Step::Forward,
+                }
+            }
             (backend::ERROR_RESPONSE, Some(frame)) => {
+                self.copy_out = None;
+                // The answer to the proxy's CopyFail: the row's error.
+                let copy_failure = match self.front(state).and_then(Expected::copy).map(|c| &**c) {
+                    Some(CopyResponse::In { failure, .. }) => {
+                        failure.lock().ok().and_then(|mut f| f.take())
+                    }
+                    _ => None,
+                };
                 let binding_own = match self.front(state) {
                     Some(Expected::Bind { own, .. }) => *own,
                     _ => None,
@@ -267,7 +289,22 @@ impl ResponseTracker {
                 // implicit one included: `SET …; SELECT 1/0` keeps the old
                 // tenant on the server.
                 self.rolled_back = true;
-                self.on_error(state)
+                let copy_in = matches!(
+                    self.front(state).and_then(Expected::copy).map(|c| &**c),
+                    Some(CopyResponse::In { .. })
+                );
+                match (self.on_error(state), copy_failure) {
+                    (_, Some(failure)) => Step::Replace(failure.to_bytes()),
+                    // PostgreSQL quotes the line it received: the proxy's,
+                    // with the cells' ciphertext.
+                    (Step::Forward, None) if copy_in => {
+                        match edit_error_field(frame, b'W', copy_context_without_line) {
+                            Some(edited) => Step::Replace(edited),
+                            None => Step::Forward,
+                        }
+                    }
+                    (step, None) => step,
+                }
             }
             (backend::ROW_DESCRIPTION, Some(frame)) => self.on_row_description(frame, encryption),
             (PARAMETER_DESCRIPTION, Some(frame)) => self.on_parameter_description(frame),
@@ -276,6 +313,7 @@ impl ResponseTracker {
                 match &self.plan {
                     Some(plan) if plan.failed => Step::Drop,
                     Some(_) if !dropping => Step::Decrypt,
+                    None if self.copy_out.is_some() && !dropping => Step::Decrypt,
                     _ => Step::Forward,
                 }
             }
@@ -308,7 +346,10 @@ impl ResponseTracker {
                     }
                     _ => {}
                 }
-                self.end_result(state, encryption)
+                match (self.end_result(state, encryption), self.copy_out.take()) {
+                    (Step::Forward, Some(copy)) => Step::Replace(copy.end()),
+                    (step, _) => step,
+                }
             }
             (PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE, _) => {
                 if let Some(entry) = self.pop(state) {
@@ -348,6 +389,7 @@ impl ResponseTracker {
         self.plan = None;
         self.resolved = false;
         self.skipping = false;
+        self.copy_out = None;
         // Out of any transaction: tenant changes are final (or undone).
         let rolled_back = std::mem::take(&mut self.rolled_back);
         let cycle = state
@@ -420,12 +462,22 @@ impl ResponseTracker {
         let guard = encryption.policy();
         let policy: &crate::config::Policy = &guard;
         let planned = match self.queue.front() {
-            Some(Expected::Query { fingerprint, .. }) => {
+            Some(Expected::Query {
+                fingerprint, copy, ..
+            }) => {
                 let planned = plan_rows(frame, None, None, &catalog, policy);
                 self.plan = planned.as_ref().ok().and_then(|p| {
                     let layout = p.layout.clone()?;
                     Some(ResultPlan::new(layout, fingerprint))
                 });
+                if let (Some(CopyResponse::Out(options)), Ok(planned)) = (copy.as_deref(), &planned)
+                {
+                    // The client asked for a COPY: its rows follow as such.
+                    let shown = planned.shown.as_deref().unwrap_or(frame);
+                    let (copy_out, start) = CopyOut::start(options.clone(), shown);
+                    self.copy_out = Some(copy_out);
+                    return Step::Replace(start);
+                }
                 planned.map(Arc::new)
             }
             Some(Expected::DescribeStatement(_)) => {
@@ -542,17 +594,24 @@ impl ResponseTracker {
         state: &SessionState,
     ) -> BytesMut {
         let Some(plan) = self.plan.as_mut() else {
-            return BytesMut::from(frame);
+            return match self.copy_out.as_mut() {
+                Some(copy) => copy.row(BytesMut::from(frame)),
+                None => BytesMut::from(frame),
+            };
         };
         if plan.failed {
             return BytesMut::new();
         }
         let tenant = state.tenant();
         match plan.decrypt_row(frame, encryption, tenant.as_deref()).await {
-            Ok(out) => out,
+            Ok(out) => match self.copy_out.as_mut() {
+                Some(copy) => copy.row(out),
+                None => out,
+            },
             Err((code, message, out)) => {
                 self.failure = Some((code, message));
                 self.skipping = true;
+                self.copy_out = None;
                 out
             }
         }

@@ -280,6 +280,7 @@ async fn run_session(
         refresh_catalog: AtomicBool::new(false),
         schema_flux: Default::default(),
         nonstandard_strings: AtomicBool::new(false),
+        other_client_encoding: AtomicBool::new(false),
         retirements: Mutex::new(Default::default()),
         own_statements: Mutex::new(Default::default()),
         extended_open: AtomicBool::new(false),
@@ -440,6 +441,11 @@ impl Inspector for ClientInspector<'_> {
             | frontend::DESCRIBE
             | frontend::EXECUTE
             | frontend::CLOSE => Interest::Rewrite,
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+                if self.statements.in_copy() =>
+            {
+                Interest::Rewrite
+            }
             _ => Interest::Header,
         }
     }
@@ -709,9 +715,18 @@ impl Inspector for ServerInspector<'_> {
             }
             backend::PARAMETER_STATUS => {
                 let mut fields = body.split(|b| *b == 0);
-                if fields.next() == Some(b"standard_conforming_strings") {
-                    let off = fields.next() != Some(b"on");
-                    self.state.nonstandard_strings.store(off, Ordering::Release);
+                match fields.next() {
+                    Some(b"standard_conforming_strings") => {
+                        let off = fields.next() != Some(b"on");
+                        self.state.nonstandard_strings.store(off, Ordering::Release);
+                    }
+                    Some(b"client_encoding") => {
+                        let other = fields.next() != Some(b"UTF8");
+                        self.state
+                            .other_client_encoding
+                            .store(other, Ordering::Release);
+                    }
+                    _ => {}
                 }
             }
             backend::READY_FOR_QUERY => {

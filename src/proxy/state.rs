@@ -121,6 +121,9 @@ pub(crate) struct SessionState {
     /// The server reported `standard_conforming_strings = off`: a backslash
     /// in a string literal then escapes, which the proxy's parser does not.
     pub(crate) nonstandard_strings: AtomicBool,
+    /// The server reported a `client_encoding` other than UTF8: the proxy
+    /// cannot read COPY data (docs/COPY.md).
+    pub(crate) other_client_encoding: AtomicBool,
     /// A DDL statement was parsed (extended protocol): the next Sync's
     /// ReadyForQuery reloads the catalog.
     pub(crate) refresh_catalog: AtomicBool,
@@ -397,6 +400,12 @@ impl SessionState {
 
     pub(crate) fn is_poisoned(&self) -> bool {
         self.poison.is_set()
+    }
+
+    /// The session's client_encoding is not UTF8.
+    pub(crate) fn client_encoding_not_utf8(&self) -> bool {
+        self.other_client_encoding
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn is_idle(&self) -> bool {

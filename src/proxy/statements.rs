@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 
+use super::copy::{CopyIn, CopyResponse, CopyRewrite};
 use super::encryption::plans::ParsePlan;
 use super::encryption::{rejection_query, BoundQuery, Encryption, SessionInfo};
 use super::own_statements::{
@@ -111,6 +112,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         fingerprint: Arc::from(""),
         refresh: false,
         run_as: None,
+        copy: None,
     });
     Some(query_message(&rejection_query(&rejection)))
 }
@@ -195,6 +197,9 @@ pub struct ClientStatements {
     recent: RecentParses<ParsePlan>,
     /// The session's SQL-level prepared statements.
     sql_prepared: SqlPrepared,
+    /// A COPY FROM STDIN into a policy table in progress (boxed: every
+    /// idle session carries this struct in its future).
+    copy_in: Option<Box<CopyIn>>,
 }
 
 impl ClientStatements {
@@ -207,6 +212,16 @@ impl ClientStatements {
         state: &SessionState,
     ) -> ClientStep {
         let body = frame.get(HEADER_LEN..).unwrap_or_default();
+        match frame.first().copied() {
+            Some(frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL)
+                if self.copy_in.is_some() =>
+            {
+                return ClientStep::Async;
+            }
+            // Anything else ends the client's COPY mode (the server ended
+            // it, or the client broke the protocol: the server says so).
+            _ => self.copy_in = None,
+        }
         match frame.first().copied() {
             Some(frontend::QUERY) => {
                 // PostgreSQL drops the unnamed statement at every simple query.
@@ -350,6 +365,12 @@ impl ClientStatements {
         ClientStep::Replace(out)
     }
 
+    /// A COPY FROM into a policy table is in progress: its CopyData,
+    /// CopyDone and CopyFail are the proxy's.
+    pub fn in_copy(&self) -> bool {
+        self.copy_in.is_some()
+    }
+
     /// Handles a message `on_frame` left for async work; returns the bytes
     /// to send instead of it.
     pub async fn finish(
@@ -365,7 +386,24 @@ impl ClientStatements {
                     self.statements.contains_key(name) || self.retired.contains_key(name)
                 };
                 let sql_prepared = &mut self.sql_prepared;
-                simple_query(frame, body, encryption, state, executes, sql_prepared).await
+                let copy_in = &mut self.copy_in;
+                let query = SimpleQuery {
+                    frame,
+                    body,
+                    encryption,
+                    state,
+                };
+                simple_query(query, executes, sql_prepared, copy_in).await
+            }
+            Some(frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL) => {
+                let Some(copy) = self.copy_in.as_mut() else {
+                    return BytesMut::from(frame);
+                };
+                let (out, over) = copy.on_message(frame, encryption).await;
+                if over {
+                    self.copy_in = None;
+                }
+                out
             }
             Some(frontend::BIND) => self.encrypt_bind(frame, body, encryption, state).await,
             _ => BytesMut::from(frame),
@@ -1076,6 +1114,13 @@ fn plan_sql(
         return Ok(plan);
     };
     match statement {
+        StatementPlan::Copy(_) => {
+            return Err(Rejection::unsupported(
+                "",
+                None,
+                "COPY on a protected table through the extended protocol (use a simple query)",
+            ))
+        }
         StatementPlan::Untouched | StatementPlan::Ddl => {}
         StatementPlan::Read => plan.fingerprint = Arc::from(rewrite::fingerprint(query)),
         StatementPlan::ReadRowTenants(read) => {
@@ -1457,17 +1502,29 @@ fn unreadable_sql_refusal(sql: &[u8], encryption: &Encryption) -> Option<Rejecti
     }
 }
 
+/// A simple query as the client sent it.
+struct SimpleQuery<'a> {
+    frame: &'a [u8],
+    body: &'a [u8],
+    encryption: &'a Encryption,
+    state: &'a SessionState,
+}
+
 /// A simple query: planned, its protected values encrypted, or replaced by
 /// a query that raises the refusal at the server. A write planned by its
 /// shape runs as the proxy's own prepared statement.
 async fn simple_query(
-    frame: &[u8],
-    body: &[u8],
-    encryption: &Encryption,
-    state: &SessionState,
+    query: SimpleQuery<'_>,
     is_prepared: impl Fn(&str) -> bool,
     sql_prepared: &mut SqlPrepared,
+    copy_in: &mut Option<Box<CopyIn>>,
 ) -> BytesMut {
+    let SimpleQuery {
+        frame,
+        body,
+        encryption,
+        state,
+    } = query;
     let tenant = state.tenant();
     let info = state.session_info(tenant.as_deref());
     let Some(sql) = cstr(body) else {
@@ -1501,9 +1558,28 @@ async fn simple_query(
             follow_schema_flux(sql, rewrite.ddl, cycle, encryption, state)?;
             Ok(rewrite)
         });
+    let rewritten = rewritten.and_then(|rewrite| {
+        if rewrite.copy.is_some() && state.client_encoding_not_utf8() {
+            return Err(Rejection::unsupported(
+                "",
+                None,
+                "COPY with a client_encoding other than UTF8",
+            ));
+        }
+        Ok(rewrite)
+    });
     match rewritten {
         Ok(rewrite) => {
             sql_prepared.follow(sql, words);
+            let copy = rewrite.copy.as_ref().map(|copy| match copy {
+                CopyRewrite::In(plan) => {
+                    let max_row = encryption.policy().server.max_message_size;
+                    let (copy, response) = CopyIn::start(plan.clone(), tenant.clone(), max_row);
+                    *copy_in = Some(Box::new(copy));
+                    response
+                }
+                CopyRewrite::Out(options) => Arc::new(CopyResponse::Out(options.clone())),
+            });
             for change in rewrite.tenant_changes {
                 state.change_tenant(change, false);
             }
@@ -1521,6 +1597,7 @@ async fn simple_query(
                 fingerprint: rewrite.fingerprint.unwrap_or_else(|| Arc::from("")),
                 refresh: rewrite.ddl,
                 run_as: run.as_ref().map(|r| r.number),
+                copy,
             });
             if let (Some(bound), Some(run)) = (&rewrite.bound, &run) {
                 // Its Sync ends a skip-to-Sync at the server, as the

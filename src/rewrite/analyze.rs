@@ -41,6 +41,9 @@ pub enum StatementPlan {
     /// `SET [SESSION|LOCAL] <tenant setting> = 'x'`, `RESET`, `DISCARD ALL`,
     /// `SELECT set_config('<tenant setting>', 'x', false|true)`.
     SetTenant(TenantChange),
+    /// COPY of a policy table or of a query over protected data
+    /// (docs/COPY.md).
+    Copy(Box<super::copy::CopyPlan>),
     /// `SELECT set_config('<tenant setting>', $n, false|true)`: the tenant
     /// is the value bound to parameter `param` (1-based).
     SetTenantParam {
@@ -240,6 +243,12 @@ pub(super) fn analyze_with(
                 None,
                 &format!("SQL nested deeper than {MAX_DEPTH} levels"),
             ));
+        }
+        if let Some(copy) = super::copy::copy_of(&scope, facts, reading) {
+            return copy.map(|plan| Analysis {
+                statements: vec![StatementPlan::Copy(Box::new(plan))],
+                client_params,
+            });
         }
         if !(0..reading.len()).any(|i| needs_the_proxy(&scope, reading, i, sql)) {
             return Ok(Analysis {
@@ -904,7 +913,13 @@ fn plan_statement(
     } = &statement
     {
         if let Some((table, _)) = policy_table(policy, table_name) {
-            return Err(Rejection::unsupported(table, None, "COPY"));
+            // A COPY alone in its query string is planned from PostgreSQL's
+            // reading (rewrite/copy.rs); one among others is refused.
+            return Err(Rejection::unsupported(
+                table,
+                None,
+                "COPY in a query string with other statements",
+            ));
         }
     }
     if matches!(
@@ -1036,7 +1051,11 @@ fn plan_statement(
     match &statement {
         Statement::Copy { .. } => {
             let table = tables.iter().next().cloned().unwrap_or_default();
-            Err(Rejection::unsupported(&table, None, "COPY"))
+            Err(Rejection::unsupported(
+                &table,
+                None,
+                "COPY in a query string with other statements",
+            ))
         }
         Statement::Insert(insert) => {
             let target = match &insert.table {

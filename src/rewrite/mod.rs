@@ -7,6 +7,7 @@
 
 mod analyze;
 mod bindable;
+mod copy;
 mod ddl;
 mod fingerprint;
 mod flux;
@@ -29,6 +30,7 @@ pub use analyze::{
     StatementPlan, TenantChange,
 };
 pub use bindable::{literal_param_type, negation_types_otherwise, typed_placeholders};
+pub use copy::{CopyFieldRole, CopyInPlan, CopyOutPlan, CopyPlan};
 pub use fingerprint::fingerprint;
 pub use flux::schema_flux;
 pub use gate::parse_statements;

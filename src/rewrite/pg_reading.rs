@@ -21,7 +21,7 @@ pub(crate) enum StatementClass {
     Plain,
     /// Changes the schema: the catalog map is reloaded after it.
     Ddl,
-    /// `SHOW`: reads a setting, touches no data, whatever it names.
+    /// `SHOW`, `LOCK`: touches no data, whatever it names.
     Show,
     /// A statement the proxy follows or inspects whatever it names:
     /// transaction control and savepoints, SET/RESET, DISCARD, PREPARE,
@@ -202,7 +202,9 @@ fn class_of(statement: &RawStmt) -> StatementClass {
         | NodeEnum::AlterEnumStmt(_)
         | NodeEnum::DropOwnedStmt(_)
         | NodeEnum::ReassignOwnedStmt(_) => StatementClass::Ddl,
-        NodeEnum::VariableShowStmt(_) => StatementClass::Show,
+        // LOCK TABLE (pg_dump locks every table it dumps) reads and
+        // writes nothing: it passes like SHOW, whatever it names.
+        NodeEnum::VariableShowStmt(_) | NodeEnum::LockStmt(_) => StatementClass::Show,
         _ => StatementClass::Plain,
     }
 }

@@ -50,6 +50,9 @@ pub(super) fn set_config_plan(
     if written > seen {
         unknown_name = true;
     }
+    if unknown_name && names_one_other_setting(statement, &setting) {
+        unknown_name = false;
+    }
     if unknown_name {
         return Err(Rejection {
             sqlstate: KM003,
@@ -73,6 +76,65 @@ pub(super) fn set_config_plan(
                 "cmk-proxy: set_config of {setting} is supported only as SELECT set_config('{setting}', '<tenant>' or $1, false|true) and nothing else in the statement (the proxy must know the tenant): use that form or SET {setting}"
             ),
         }),
+    }
+}
+
+/// `SELECT set_config(name, '…', false|true) FROM [pg_catalog.]pg_settings
+/// WHERE name = '<setting>'` for a setting other than the tenant's: how
+/// pg_dump sets `restrict_nonsystem_relation_kind`. Its name column can
+/// only be the one setting the WHERE names.
+fn names_one_other_setting(statement: &Statement, tenant_setting: &str) -> bool {
+    let Statement::Query(query) = statement else {
+        return false;
+    };
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return false;
+    };
+    if query.with.is_some() || select.from.len() != 1 || !select.from[0].joins.is_empty() {
+        return false;
+    }
+    let sqlparser::ast::TableFactor::Table {
+        name, args: None, ..
+    } = &select.from[0].relation
+    else {
+        return false;
+    };
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .filter_map(|p| p.as_ident().map(ident_name))
+        .collect();
+    if !matches!(parts.as_slice(), [t] | [_, t] if t == "pg_settings")
+        || parts.len() == 2 && parts[0] != "pg_catalog"
+    {
+        return false;
+    }
+    let args = match select.projection.as_slice() {
+        [SelectItem::UnnamedExpr(expr)] | [SelectItem::ExprWithAlias { expr, .. }] => {
+            set_config_args(expr)
+        }
+        _ => None,
+    };
+    let name_column = |e: &Expr| matches!(e, Expr::Identifier(i) if ident_name(i) == "name");
+    let Some([first, _, _]) = args else {
+        return false;
+    };
+    if !argument(first).is_some_and(name_column) {
+        return false;
+    }
+    match &select.selection {
+        Some(Expr::BinaryOp {
+            left,
+            op: sqlparser::ast::BinaryOperator::Eq,
+            right,
+        }) if name_column(left) => match right.as_ref() {
+            Expr::Value(v) => matches!(
+                &v.value,
+                Value::SingleQuotedString(other) if other.to_lowercase() != tenant_setting
+            ),
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -168,5 +230,34 @@ fn literal_text(arg: Option<&FunctionArg>) -> Option<&str> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::parse_policy;
+    use crate::rewrite::{analyze, StatementPlan, KM003};
+
+    #[test]
+    fn pg_dumps_set_config_of_one_named_setting_passes_and_the_tenants_does_not() {
+        let policy = parse_policy("tenant:\n  session_setting: cmk.tenant_id\n", "test").unwrap();
+        let dump = "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings \
+                    WHERE name = 'restrict_nonsystem_relation_kind'";
+        let analysis = analyze(&policy, dump, 0).unwrap();
+        assert!(matches!(
+            analysis.statements[..],
+            [StatementPlan::Untouched]
+        ));
+        for sql in [
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'cmk.tenant_id'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name LIKE 'cmk%'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings",
+        ] {
+            assert_eq!(
+                analyze(&policy, sql, 0).unwrap_err().sqlstate,
+                KM003,
+                "{sql}"
+            );
+        }
     }
 }

@@ -129,13 +129,10 @@ fn conditions_and_expressions_on_protected_columns_are_refused_with_km003() {
 
 #[test]
 fn copy_insert_select_and_unparseable_sql_on_protected_tables_are_refused() {
+    // COPY forms the proxy cannot take part in (see rewrite/copy.rs).
     assert_eq!(rejection("COPY patients FROM STDIN").sqlstate, KM003);
     assert_eq!(
-        rejection("COPY public.patients (notes) TO STDOUT").sqlstate,
-        KM003
-    );
-    assert_eq!(
-        rejection("COPY (SELECT notes FROM patients) TO STDOUT").sqlstate,
+        rejection("COPY public.patients (notes) TO '/tmp/x'").sqlstate,
         KM003
     );
     let r = rejection("INSERT INTO patients (tenant_id, ssn) SELECT tenant_id, ssn FROM old");

@@ -7,6 +7,7 @@
 mod array;
 mod binary;
 mod canonical;
+pub mod copy;
 mod jsonb;
 
 pub use array::{bytea_array_text, parse_binary_array, parse_text_array, quoted_array_text};

@@ -159,7 +159,9 @@ async fn unsupported_statements_are_refused_with_km003_and_the_connection_stays_
         "SELECT id FROM patients WHERE notes LIKE 'x%'",
         "SELECT id FROM patients ORDER BY birth_date",
         "SELECT upper(notes) FROM patients",
-        "COPY patients TO STDOUT",
+        // COPY works (encryption_copy.rs); without a column list, COPY
+        // FROM is refused before the client is asked for data.
+        "COPY patients FROM STDIN",
         "INSERT INTO patients (tenant_id, notes) SELECT tenant_id, notes FROM patients",
     ];
     assert_refused(&app, &unsupported, "KM003", "public.patients").await;

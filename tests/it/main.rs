@@ -25,6 +25,7 @@ mod docs_tutorial;
 mod encryption_at_rest;
 mod encryption_attacks;
 mod encryption_aws;
+mod encryption_copy;
 mod encryption_extended;
 mod encryption_lineage;
 mod encryption_orm_saves;

@@ -346,6 +346,7 @@ impl Encryption {
                 None => ShapePlan::Unshared,
             },
             StatementPlan::Ddl
+            | StatementPlan::Copy(_)
             | StatementPlan::SetTenant(_)
             | StatementPlan::SetTenantParam { .. } => ShapePlan::Unshared,
         }

@@ -36,6 +36,9 @@
 # each transaction one SELECT of a row by (tenant, mrn) with mrn a protected
 # int8 declared search: equality, against the same lookup on a plaintext
 # indexed column through PgBouncer; results in results-lookup-PROTOCOL.md).
+# COMPARE_BIN (a second cmk-proxy binary, e.g. a build of an older commit:
+# it serves the same encrypted database as a fourth target, its rounds
+# alternating with the others, for an A/B of two versions in one run),
 # Output: a table on stdout and integration/bench/results-encrypted.md.
 set -euo pipefail
 
@@ -283,6 +286,20 @@ BOUNCER_PID=$!
 PIDS+=("$BOUNCER_PID")
 wait_ready "$BOUNCER_PORT" plain pgbouncer
 
+# ---- the binary to compare with, in front of enc (started first: an older
+# binary must find the registry schema it knows) -------------------------------
+if [ -n "${COMPARE_BIN:-}" ]; then
+    [ -x "$COMPARE_BIN" ] || die "no binary at COMPARE_BIN=$COMPARE_BIN"
+    COMPARE_PORT="$(free_port)"
+    # Its own audit file: the KMS calls counted below are this build's.
+    sed "s|$AUDIT|$WORK/audit-compare.jsonl|" "$WORK/policy.yaml" >"$WORK/policy-compare.yaml"
+    RUST_LOG=warn "$COMPARE_BIN" serve --config "$WORK/policy-compare.yaml" --listen "127.0.0.1:$COMPARE_PORT" \
+        >"$WORK/proxy-compare.log" 2>&1 &
+    COMPARE_PID=$!
+    PIDS+=("$COMPARE_PID")
+    wait_ready "$COMPARE_PORT" enc "cmk-proxy (COMPARE_BIN)"
+fi
+
 # ---- cmk-proxy in front of enc ----------------------------------------------------
 PROXY_PORT="$(free_port)"
 RUST_LOG=warn "$PROXY_BIN" serve --config "$WORK/policy.yaml" --listen "127.0.0.1:$PROXY_PORT" \
@@ -393,10 +410,10 @@ fi
 NOTE_BYTES="$(awk '/^INSERT/ {print}' "$SCRIPT" | python3 -c "import sys,re; l=sys.stdin.read(); m=re.findall(r\"'([^']*lorem[^']*)'\", l); print(len(m[0]) if m else 0)")"
 
 # ---- rounds, alternating -----------------------------------------------------------
-declare -A PORT=([pgbouncer]="$BOUNCER_PORT" [cmk-proxy]="$PROXY_PORT" [cmk-proxy-plain]="${PLAIN_PROXY_PORT:-}" [direct]="$PG_PORT")
-declare -A DB=([pgbouncer]=plain [cmk-proxy]=enc [cmk-proxy-plain]=plain [direct]=plain)
+declare -A PORT=([pgbouncer]="$BOUNCER_PORT" [cmk-proxy]="$PROXY_PORT" [cmk-proxy-plain]="${PLAIN_PROXY_PORT:-}" [direct]="$PG_PORT" [compare]="${COMPARE_PORT:-}")
+declare -A DB=([pgbouncer]=plain [cmk-proxy]=enc [cmk-proxy-plain]=plain [direct]=plain [compare]=enc)
 # The direct target has no hop: its "hop CPU" is this shell's (about zero).
-declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-proxy-plain]="${PLAIN_PROXY_PID:-}" [direct]="$$")
+declare -A HOP_PID=([pgbouncer]="$BOUNCER_PID" [cmk-proxy]="$PROXY_PID" [cmk-proxy-plain]="${PLAIN_PROXY_PID:-}" [direct]="$$" [compare]="${COMPARE_PID:-}")
 declare -A HOP_TICKS HOP_XACTS
 # CPU time (user + system, clock ticks) used so far by a process.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -414,6 +431,7 @@ pg_ticks() {
 declare -A PG_TICKS
 CLK_TCK="$(getconf CLK_TCK)"
 TARGETS=(pgbouncer cmk-proxy)
+[ -n "${COMPARE_BIN:-}" ] && TARGETS+=(compare)
 [ "$PASSTHROUGH" = 1 ] && TARGETS+=(cmk-proxy-plain)
 [ "$CITUS" = 1 ] && TARGETS+=(direct)
 PERF_PID=""
@@ -546,6 +564,16 @@ if [ "$CITUS" = 1 ]; then
 | coordinator directly (no hop) | plaintext (text, int4, date) | $TPS_D | $(echo ${TPS_ALL[direct]} | tr ' ' '/') | $N_D | $P50_D | $P99_D | - | $(pg_cpu direct) |"
     PLAIN_RATIOS="$PLAIN_RATIOS
 | tps ratio cmk-proxy / coordinator directly | $(ratio "$TPS_P" "$TPS_D") | | |"
+fi
+if [ -n "${COMPARE_BIN:-}" ]; then
+    # shellcheck disable=SC2086
+    TPS_C="$(median ${TPS_ALL[compare]})"
+    read -r N_C P50_C P99_C <<<"$(percentiles compare)"
+    PLAIN_ROW="$PLAIN_ROW
+| cmk-proxy, COMPARE_BIN (\`${COMPARE_BIN}\`) | encrypted (bytea + cmk_edek) | $TPS_C | $(echo ${TPS_ALL[compare]} | tr ' ' '/') | $N_C | $P50_C | $P99_C | $(hop_cpu compare) | $(pg_cpu compare) |"
+    PLAIN_RATIOS="$PLAIN_RATIOS
+| tps ratio cmk-proxy / COMPARE_BIN (this build against the other) | $(ratio "$TPS_P" "$TPS_C") | | |
+| tps ratio COMPARE_BIN / PgBouncer | $(ratio "$TPS_C" "$TPS_B") | | |"
 fi
 RATIO="$(ratio "$TPS_P" "$TPS_B")"
 ADD50="$(awk -v a="$P50_P" -v b="$P50_B" 'BEGIN { printf "%+.3f", a - b }')"

@@ -115,23 +115,8 @@ impl Encryption {
             if row.cells.is_empty() {
                 continue;
             }
-            let key = self
-                .keys
-                .write_key(&tenant)
-                .await
-                .map_err(|e| key_rejection(&e, &plan.table))?;
-            // The index key is the tenant's, not the epoch's: equality
-            // search keeps finding rows written before a rotation.
-            let index_key = if row.cells.iter().any(|c| c.bidx_param.is_some()) {
-                Some(
-                    self.keys
-                        .blind_index_key(&tenant)
-                        .await
-                        .map_err(|e| key_rejection(&e, &plan.table))?,
-                )
-            } else {
-                None
-            };
+            let indexed = row.cells.iter().any(|c| c.bidx_param.is_some());
+            let (key, index_key) = self.write_keys(&tenant, &plan.table, indexed).await?;
             for cell in &row.cells {
                 let text = match &cell.value {
                     ValueSource::Literal(text) => Some(text.clone()),
@@ -177,6 +162,32 @@ impl Encryption {
             slots.insert(n, Slot::Null);
         }
         Ok(slots)
+    }
+
+    /// The tenant's current write key, and its blind-index key when
+    /// `indexed`. The index key is the tenant's, not the epoch's: equality
+    /// search keeps finding rows written before a rotation.
+    async fn write_keys(
+        &self,
+        tenant: &str,
+        table: &str,
+        indexed: bool,
+    ) -> Result<(WriteKey, Option<Arc<crypto::BlindIndexKey>>), Rejection> {
+        let key = self
+            .keys
+            .write_key(tenant)
+            .await
+            .map_err(|e| key_rejection(&e, table))?;
+        let index = match indexed {
+            true => Some(
+                self.keys
+                    .blind_index_key(tenant)
+                    .await
+                    .map_err(|e| key_rejection(&e, table))?,
+            ),
+            false => None,
+        };
+        Ok((key, index))
     }
 
     /// Seals the arrays of an UNNEST insert: row `i` (element `i` of every
@@ -231,22 +242,9 @@ impl Encryption {
             };
             let tenant = self.row_tenant(&source, plan, session, params)?;
             if !keys.contains_key(&tenant) {
-                let key = self
-                    .keys
-                    .write_key(&tenant)
-                    .await
-                    .map_err(|e| key_rejection(&e, &plan.table))?;
-                let index = if unnest.cells.iter().any(|c| c.bidx_param.is_some()) {
-                    Some(
-                        self.keys
-                            .blind_index_key(&tenant)
-                            .await
-                            .map_err(|e| key_rejection(&e, &plan.table))?,
-                    )
-                } else {
-                    None
-                };
-                keys.insert(tenant.clone(), (key, index));
+                let indexed = unnest.cells.iter().any(|c| c.bidx_param.is_some());
+                let found = self.write_keys(&tenant, &plan.table, indexed).await?;
+                keys.insert(tenant.clone(), found);
             }
             let Some((key, index)) = keys.get(&tenant) else {
                 continue;

@@ -61,7 +61,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
 const DEMO_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS patients (\
     id serial PRIMARY KEY, tenant_id text NOT NULL, ssn bytea, ssn_bidx bytea, \
-    birth_date bytea, notes bytea, cmk_edek jsonb); TRUNCATE patients RESTART IDENTITY; \
+    birth_date bytea, notes bytea, cmk_edek jsonb, \
+    CONSTRAINT cmk_envelope_ssn CHECK (substr(ssn, 1, 4) = '\\x434d4b01'::bytea), \
+    CONSTRAINT cmk_envelope_birth_date CHECK (substr(birth_date, 1, 4) = '\\x434d4b01'::bytea), \
+    CONSTRAINT cmk_envelope_notes CHECK (substr(notes, 1, 4) = '\\x434d4b01'::bytea), \
+    CONSTRAINT cmk_bidx_ssn CHECK ((ssn IS NULL) = (ssn_bidx IS NULL))); \
+    CREATE INDEX IF NOT EXISTS patients_ssn_bidx_lookup ON patients (tenant_id, ssn_bidx); \
+    TRUNCATE patients RESTART IDENTITY; \
     GRANT ALL ON patients TO PUBLIC; GRANT ALL ON SEQUENCE patients_id_seq TO PUBLIC";
 
 /// The embedded demo policy: local keyring, two tenants, one protected table.

@@ -13,13 +13,14 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Array, BinaryOperator, CastKind, DataType, Expr, FromTable, Ident, Query, Select, SetExpr,
-    Statement, TableFactor, TableWithJoins, UpdateTableFromKind, VisitMut, VisitorMut,
+    Array, BinaryOperator, DataType, Expr, FromTable, Ident, Query, Select, SetExpr, Statement,
+    TableFactor, TableWithJoins, UpdateTableFromKind, VisitMut, VisitorMut,
 };
 
 use super::analyze::{Analysis, SchemaFacts, Scope, StatementPlan};
 use super::names::{ident_name, policy_table};
-use super::write::{operand, placeholder, Operand, TenantSource, WritePlan};
+use super::write::{bytea_cast, operand, placeholder, Operand, TenantSource, WritePlan};
+use super::write_unnest::array_cast;
 use super::Rejection;
 use crate::config::{DeclaredType, Policy, SearchMode, TableMode, TablePolicy};
 
@@ -319,7 +320,7 @@ impl<'p> Rewriter<'_, '_, 'p> {
                         let compared = Expr::BinaryOp {
                             left: Box::new(index_column(&relations[index], &column)),
                             op,
-                            right: Box::new(bytea(placeholder(lookup.values[0].index_param))),
+                            right: Box::new(bytea_cast(placeholder(lookup.values[0].index_param))),
                         };
                         self.pinned(lookup, &relations[index], compared)
                     }
@@ -355,7 +356,7 @@ impl<'p> Rewriter<'_, '_, 'p> {
                     list: lookup
                         .values
                         .iter()
-                        .map(|slot| bytea(placeholder(slot.index_param)))
+                        .map(|slot| bytea_cast(placeholder(slot.index_param)))
                         .collect(),
                     negated,
                 };
@@ -387,14 +388,17 @@ impl<'p> Rewriter<'_, '_, 'p> {
                     [LookupSlot {
                         value: LookupValue::ArrayParam(_),
                         index_param,
-                    }] => bytea_array(placeholder(*index_param)),
-                    slots => bytea_array(Expr::Array(Array {
-                        elem: slots
-                            .iter()
-                            .map(|slot| bytea(placeholder(slot.index_param)))
-                            .collect(),
-                        named: true,
-                    })),
+                    }] => array_cast(placeholder(*index_param), DataType::Bytea),
+                    slots => array_cast(
+                        Expr::Array(Array {
+                            elem: slots
+                                .iter()
+                                .map(|slot| bytea_cast(placeholder(slot.index_param)))
+                                .collect(),
+                            named: true,
+                        }),
+                        DataType::Bytea,
+                    ),
                 };
                 let compared = Expr::AnyOp {
                     left: Box::new(index_column(&relations[index], &column)),
@@ -656,27 +660,6 @@ fn qualified(relation: &Relation<'_>, column: &str) -> Expr {
 /// The blind-index column of `column`.
 fn index_column(relation: &Relation<'_>, column: &str) -> Expr {
     qualified(relation, &format!("{column}_bidx"))
-}
-
-fn bytea(expr: Expr) -> Expr {
-    Expr::Cast {
-        kind: CastKind::DoubleColon,
-        expr: Box::new(expr),
-        data_type: DataType::Bytea,
-        format: None,
-    }
-}
-
-fn bytea_array(expr: Expr) -> Expr {
-    Expr::Cast {
-        kind: CastKind::DoubleColon,
-        expr: Box::new(expr),
-        data_type: DataType::Array(sqlparser::ast::ArrayElemTypeDef::SquareBracket(
-            Box::new(DataType::Bytea),
-            None,
-        )),
-        format: None,
-    }
 }
 
 /// The analysis of `statements` with their equality lookups on searchable

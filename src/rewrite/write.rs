@@ -223,7 +223,7 @@ pub(super) fn operand(expr: &Expr) -> Operand {
     }
 }
 
-fn bytea_cast(expr: Expr) -> Expr {
+pub(super) fn bytea_cast(expr: Expr) -> Expr {
     Expr::Cast {
         kind: CastKind::DoubleColon,
         expr: Box::new(expr),

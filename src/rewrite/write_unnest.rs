@@ -194,7 +194,8 @@ fn array_source(expr: &Expr) -> Option<ArraySource> {
     }
 }
 
-fn array_cast(expr: Expr, element: DataType) -> Expr {
+/// `expr::element[]`.
+pub(super) fn array_cast(expr: Expr, element: DataType) -> Expr {
     Expr::Cast {
         kind: CastKind::DoubleColon,
         expr: Box::new(expr),

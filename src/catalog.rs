@@ -59,6 +59,9 @@ pub struct CatalogMap {
     analysis_policy: Option<AnalysisPolicy>,
     /// A table's transition view is about to take its name.
     awaiting_swap: bool,
+    /// The database is a Citus coordinator: the RowDescription of an
+    /// execution may name no column origins (see `traces_by_statement`).
+    citus: bool,
 }
 
 /// Two maps are equal when statements planned with one plan alike with the
@@ -71,6 +74,7 @@ impl PartialEq for CatalogMap {
             && self.legacy == other.legacy
             && self.transition == other.transition
             && self.awaiting_swap == other.awaiting_swap
+            && self.citus == other.citus
     }
 }
 
@@ -111,6 +115,15 @@ impl CatalogMap {
     /// table as the view's soon after the swap.
     pub fn awaiting_swap(&self) -> bool {
         self.awaiting_swap
+    }
+
+    /// Results must be traced through a Describe of their statement:
+    /// Citus answers a router (single-shard) execution with a
+    /// RowDescription whose columns name no table (its planner rebuilds the
+    /// target list), while the statement's own description, made from the
+    /// analysed query before planning, names them.
+    pub fn traces_by_statement(&self) -> bool {
+        self.citus
     }
 
     /// The policy statements are analysed against: `full` without the
@@ -536,11 +549,11 @@ pub async fn load_map(
     Ok(map)
 }
 
-/// Citus answers a router (single-shard) query with a RowDescription whose
-/// columns name no table (it rebuilds the target list of its plan), so the
-/// protected columns in it cannot be traced and their cells are refused
-/// (KM003). With `citus.enable_router_execution = off` Citus plans such
-/// queries like multi-shard ones, whose columns name the distributed table.
+/// With `citus.enable_router_execution = off` (the stopgap of earlier
+/// releases, no longer needed: results are traced by their statement)
+/// Citus sends parameterized queries to every shard, and 13.2 crashes a
+/// backend running a generic plan unless `plan_cache_mode` is
+/// `force_custom_plan`.
 async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result<(), CatalogError> {
     let row = client
         .query_one(
@@ -551,15 +564,15 @@ async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result
         .await?;
     let router: Option<String> = row.get(0);
     let plan_cache: String = row.get(1);
-    match router.as_deref() {
-        Some("on") => tracing::warn!(
-            "Citus router execution is on: single-shard results of protected columns cannot be traced and are refused (KM003); set citus.enable_router_execution = off for the database (docs/SCALING-OUT.md)"
-        ),
-        // Citus 13.2 crashes the backend on a generic plan in that mode.
-        Some("off") if plan_cache != "force_custom_plan" => tracing::warn!(
-            "citus.enable_router_execution is off but plan_cache_mode is {plan_cache}: Citus crashes a backend running a generic plan (the sixth execution of a prepared statement); set plan_cache_mode = force_custom_plan for the database (docs/SCALING-OUT.md)"
-        ),
-        _ => {}
+    if router.as_deref() == Some("off") {
+        tracing::warn!(
+            "citus.enable_router_execution is off: no longer needed (cmk-proxy traces router results through their statement) and it sends every parameterized query to all shards; reset it (docs/SCALING-OUT.md)"
+        );
+        if plan_cache != "force_custom_plan" {
+            tracing::warn!(
+                "citus.enable_router_execution is off but plan_cache_mode is {plan_cache}: Citus crashes a backend running a generic plan (the sixth execution of a prepared statement); set plan_cache_mode = force_custom_plan or reset citus.enable_router_execution (docs/SCALING-OUT.md)"
+            );
+        }
     }
     Ok(())
 }
@@ -630,7 +643,7 @@ async fn map_children(
 /// like those naming a partition (its cells would be written or read
 /// unseen, e.g. on a coordinator that holds shards). Citus's results for a
 /// distributed table never name a shard; router results name no table at
-/// all (see `warn_of_citus_router_results`).
+/// all (see [`CatalogMap::traces_by_statement`]).
 async fn refuse_citus_shards(
     client: &tokio_postgres::Client,
     map: &mut CatalogMap,
@@ -645,6 +658,7 @@ async fn refuse_citus_shards(
     if !citus {
         return Ok(());
     }
+    map.citus = true;
     let tables: Vec<u32> = map.table_oids.values().copied().collect();
     let rows = client
         .query(

@@ -28,8 +28,9 @@
 # encrypted round; the run fails if pgbench reports a failed transaction),
 # CITUS (1: a Citus coordinator and two workers on loopback instead of one
 # PostgreSQL, items distributed by tenant_id, the read by tenant and primary
-# key, citus.enable_router_execution off and plan_cache_mode
-# force_custom_plan for the encrypted database as docs/SCALING-OUT.md says, and a third target straight to the coordinator),
+# key, Citus's defaults (router execution on: the proxy traces router
+# results through their statement, docs/SCALING-OUT.md), and a third target
+# straight to the coordinator),
 # WORKLOAD (insert: the insert-and-read transaction above; lookup: equality
 # lookups by a protected value through the blind index, docs/SEARCH.md — a
 # table of LOOKUP_ROWS (100000) rows over TENANTS tenants named 1..TENANTS,
@@ -181,9 +182,6 @@ if [ "$CITUS" = 1 ]; then
             admin "$db" -c "SELECT citus_add_node('127.0.0.1', $port)" >/dev/null
         done
     done
-    # Router results carry no column origins; see docs/SCALING-OUT.md.
-    admin enc -c 'ALTER DATABASE enc SET citus.enable_router_execution = off' \
-        -c 'ALTER DATABASE enc SET plan_cache_mode = force_custom_plan' >/dev/null
     KEY="PRIMARY KEY (tenant_id, id)"
 else
     KEY="PRIMARY KEY (id)"

@@ -76,6 +76,11 @@ pub struct QueryRewrite {
     pub bound: Option<BoundQuery>,
     /// The query is a COPY the proxy takes part in (docs/COPY.md).
     pub copy: Option<super::copy::CopyRewrite>,
+    /// The query is one read or write of protected tables, whose rows may
+    /// carry protected columns: where an execution's RowDescription does
+    /// not name their origins (see `CatalogMap::traces_by_statement`), it
+    /// runs as the unnamed statement, described before it runs.
+    pub one_statement: bool,
 }
 
 /// A simple query's write as a prepared statement: the client's literals
@@ -399,6 +404,7 @@ impl Encryption {
             Vec::new()
         };
         let statements = analysis.statements.len();
+        out.one_statement = statements == 1 && out.fingerprint.is_some();
         for (index, plan) in analysis.statements.into_iter().enumerate() {
             match plan {
                 StatementPlan::Copy(plan) => {

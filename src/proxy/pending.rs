@@ -168,6 +168,11 @@ pub(crate) enum Expected {
         /// `own_statements`): the ParseComplete, BindComplete, NoData and
         /// CloseComplete the client did not ask for are dropped.
         run_as: Option<u64>,
+        /// Sent as Parse, Describe of the statement, Bind, Execute and
+        /// Sync (of the proxy's statement, or of the unnamed one): the
+        /// ParseComplete, ParameterDescription, BindComplete, NoData and
+        /// CloseComplete the client did not ask for are dropped.
+        extended: bool,
         /// A COPY the proxy takes part in (see `copy`).
         copy: Option<Arc<CopyResponse>>,
     },
@@ -190,6 +195,10 @@ pub(crate) enum Expected {
     },
     /// ParameterDescription and RowDescription/NoData of a statement.
     DescribeStatement(Arc<PreparedStatement>),
+    /// The same, for a Describe the proxy slipped in before a Bind to
+    /// learn the statement's column origins (see
+    /// `CatalogMap::traces_by_statement`): stored, never shown.
+    StatementOrigins(Arc<PreparedStatement>),
     /// RowDescription/NoData of a portal; `swallow`: injected by the proxy.
     DescribePortal { portal: Arc<Portal>, swallow: bool },
     /// The rows of an Execute, up to CommandComplete, EmptyQueryResponse
@@ -211,6 +220,7 @@ impl Expected {
             fingerprint: Arc::from(""),
             refresh: false,
             run_as: None,
+            extended: false,
             copy: None,
         }
     }
@@ -236,6 +246,12 @@ impl Expected {
         }
     }
 
+    /// The simple query being answered was sent as extended-protocol
+    /// messages whose extra answers the client must not see.
+    pub(crate) fn extended(&self) -> bool {
+        matches!(self, Self::Query { extended: true, .. })
+    }
+
     /// The COPY of a simple query the proxy takes part in.
     pub(crate) fn copy(&self) -> Option<&Arc<CopyResponse>> {
         match self {
@@ -251,6 +267,7 @@ impl Expected {
             Self::Query { swallow: true, .. }
                 | Self::Parse { swallow: true, .. }
                 | Self::DescribePortal { swallow: true, .. }
+                | Self::StatementOrigins(_)
                 | Self::Close { swallow: true, .. }
         )
     }

@@ -19,9 +19,9 @@ use bytes::{Bytes, BytesMut};
 
 use super::copy::{copy_context_without_line, copy_in_response, CopyOut, CopyResponse};
 use super::encryption::Encryption;
-use super::pending::{Expected, Portal, Shape, StatementKind};
+use super::pending::{Expected, Portal, PreparedStatement, Shape, StatementKind};
 use super::relay::Interest;
-use super::results::{plan_rows, PlannedRows, ResultPlan};
+use super::results::{plan_rows, with_statement_origins, PlannedRows, ResultPlan};
 use super::state::{EndSettled, SessionState};
 use crate::protocol::messages::{decode_parameter_description, encode_parameter_description};
 use crate::protocol::{backend, edit_error_field, error_code, ErrorResponse, HEADER_LEN};
@@ -170,6 +170,12 @@ impl ResponseTracker {
         self.front(state).and_then(Expected::run_as)
     }
 
+    /// The simple query being answered was sent as extended-protocol
+    /// messages (see `Expected::Query::extended`).
+    fn answering_extended(&mut self, state: &SessionState) -> bool {
+        self.front(state).is_some_and(Expected::extended)
+    }
+
     fn dropping(&mut self, state: &SessionState) -> bool {
         self.skipping || self.front(state).is_some_and(Expected::swallowed)
     }
@@ -185,7 +191,7 @@ impl ResponseTracker {
             | PARAMETER_DESCRIPTION => Interest::Rewrite,
             _ if self.dropping(state) => Interest::Rewrite,
             PARSE_COMPLETE | BIND_COMPLETE | NO_DATA | CLOSE_COMPLETE
-                if self.answering_own_statement(state).is_some() =>
+                if self.answering_extended(state) =>
             {
                 Interest::Rewrite
             }
@@ -232,14 +238,15 @@ impl ResponseTracker {
         if matches!(
             tag,
             PARSE_COMPLETE | BIND_COMPLETE | NO_DATA | CLOSE_COMPLETE
-        ) {
+        ) && self.answering_extended(state)
+        {
+            // Answers to the messages a simple query was run as.
             if let Some(number) = self.answering_own_statement(state) {
-                // Answers to the messages a simple query was run as.
                 if tag == PARSE_COMPLETE {
                     state.own_statements(|own| own.parsed(number));
                 }
-                return Step::Drop;
             }
+            return Step::Drop;
         }
         // The server's error to a Describe the proxy slipped in before the
         // client's Execute is the error of that Execute (skipped with it);
@@ -251,6 +258,7 @@ impl ResponseTracker {
                 self.front(state),
                 Some(Expected::DescribePortal { swallow: true, .. })
                     | Some(Expected::Parse { swallow: true, .. })
+                    | Some(Expected::StatementOrigins(_))
             );
         let dropping = self.dropping(state) && !injected_failed;
         let step = match (tag, frame) {
@@ -484,10 +492,17 @@ impl ResponseTracker {
                 self.remember_shape(Some(frame));
                 plan_rows(frame, None, None, &catalog, policy).map(Arc::new)
             }
+            Some(Expected::StatementOrigins(_)) => {
+                self.remember_shape(Some(frame));
+                return Step::Drop;
+            }
             Some(Expected::DescribePortal { portal, .. }) => {
-                // A portal's columns are shown in the formats its client asked for.
+                // A portal's columns are shown in the formats its client
+                // asked for, with the origins its statement's description
+                // names where the portal's names none.
+                let traced = traced_by_statement(frame, &portal.statement);
                 let planned = portal.statement.row_plans.plan(
-                    frame,
+                    traced.as_deref().unwrap_or(frame),
                     None,
                     Some(&portal.client_formats),
                     &catalog,
@@ -522,7 +537,7 @@ impl ResponseTracker {
     fn remember_shape(&mut self, rows: Option<&[u8]>) {
         let shape = || rows.map_or(Shape::NoData, |f| Shape::Rows(Bytes::copy_from_slice(f)));
         match self.queue.front() {
-            Some(Expected::DescribeStatement(statement)) => {
+            Some(Expected::DescribeStatement(statement) | Expected::StatementOrigins(statement)) => {
                 if let Ok(mut slot) = statement.shape.lock() {
                     *slot = Some(shape());
                 }
@@ -542,8 +557,13 @@ impl ResponseTracker {
     /// ParameterDescription: the client sees its own parameters only, with
     /// the declared plaintext type for protected ones.
     fn on_parameter_description(&mut self, frame: &[u8]) -> Step {
-        let Some(Expected::DescribeStatement(statement)) = self.queue.front() else {
-            return Step::Forward;
+        let statement = match self.queue.front() {
+            Some(Expected::DescribeStatement(statement)) => statement,
+            // The proxy's Describe, of its own or the unnamed statement.
+            Some(Expected::StatementOrigins(_) | Expected::Query { extended: true, .. }) => {
+                return Step::Drop
+            }
+            _ => return Step::Forward,
         };
         let Ok(mut oids) = decode_parameter_description(&frame[HEADER_LEN..]) else {
             return Step::Forward;
@@ -636,6 +656,16 @@ impl ResponseTracker {
         self.ready_out
             .take()
             .unwrap_or_else(|| BytesMut::from(frame))
+    }
+}
+
+/// A portal's RowDescription with the origins its statement's description
+/// names (see [`with_statement_origins`]), when it lacks some.
+fn traced_by_statement(frame: &[u8], statement: &PreparedStatement) -> Option<Bytes> {
+    let shape = statement.shape.lock().ok()?;
+    match shape.as_ref()? {
+        Shape::Rows(described) => with_statement_origins(frame, described),
+        Shape::NoData => None,
     }
 }
 

@@ -54,6 +54,46 @@ struct RowTenantField {
     type_oid: u32,
 }
 
+/// `frame` (a RowDescription) with the column origins (table OID, column
+/// number) that `described`, the description of its statement, names for
+/// fields that name none: Citus rebuilds the target list of a router
+/// query's plan without them, while PostgreSQL describes the statement
+/// from the analysed query. A field is taken over only when its name and
+/// type agree. `None`: nothing to take over.
+pub fn with_statement_origins(frame: &[u8], described: &[u8]) -> Option<Bytes> {
+    let fields = decode_row_description(frame.get(HEADER_LEN..)?).ok()?;
+    if fields.iter().all(|f| f.table_oid != 0) {
+        return None;
+    }
+    let origins = decode_row_description(described.get(HEADER_LEN..)?).ok()?;
+    if origins.len() != fields.len() {
+        return None;
+    }
+    let mut changed = false;
+    let merged: Vec<Field<'_>> = fields
+        .iter()
+        .zip(&origins)
+        .map(|(field, origin)| {
+            let take = field.table_oid == 0
+                && origin.table_oid != 0
+                && field.name == origin.name
+                && field.type_oid == origin.type_oid;
+            changed |= take;
+            Field {
+                table_oid: if take { origin.table_oid } else { field.table_oid },
+                column: if take { origin.column } else { field.column },
+                ..field.clone()
+            }
+        })
+        .collect();
+    if !changed {
+        return None;
+    }
+    let mut out = BytesMut::with_capacity(frame.len());
+    encode_row_description(&merged, &mut out);
+    Some(out.freeze())
+}
+
 /// What the rows of a result set need: planned once per RowDescription
 /// (and formats), shared by every execution with the same one.
 #[derive(Debug)]

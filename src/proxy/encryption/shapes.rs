@@ -210,6 +210,7 @@ impl Encryption {
             ShapePlan::Unshared => None,
             ShapePlan::AsWritten { fingerprint } => Some(Ok(QueryRewrite {
                 fingerprint: fingerprint.clone(),
+                one_statement: fingerprint.is_some(),
                 ..QueryRewrite::default()
             })),
             ShapePlan::Read {
@@ -223,6 +224,7 @@ impl Encryption {
                 Some(Ok(QueryRewrite {
                     sql: Some(rewritten),
                     fingerprint: Some(fingerprint.clone()),
+                    one_statement: true,
                     ..QueryRewrite::default()
                 }))
             }
@@ -265,6 +267,7 @@ impl Encryption {
                 Some(Ok(QueryRewrite {
                     sql: Some(rewritten),
                     fingerprint: Some(fingerprint.clone()),
+                    one_statement: true,
                     ..QueryRewrite::default()
                 }))
             }

@@ -7,6 +7,10 @@ use super::*;
 /// as the proxy's statement `run`: closing the statements it forgot and
 /// parsing it when new, then binding the unnamed portal (results in text),
 /// describing its rows if it returns any, executing it, and one Sync.
+/// The rows are described by the statement, not the portal: the
+/// statement's description names the columns' origins even where the
+/// execution's does not (Citus router queries), and with text results the
+/// two are otherwise the same.
 pub(super) fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> BytesMut {
     let name = statement_name(run.number);
     let values: usize = bound.values.iter().flatten().map(|v| v.len() + 4).sum();
@@ -32,8 +36,34 @@ pub(super) fn bound_query_messages(bound: &BoundQuery, run: &StatementUse) -> By
     }
     .encode(&mut out);
     if bound.returns_rows {
-        describe_portal(&mut out, "");
+        describe_statement(&mut out, &name);
     }
+    encode::execute("", 0, &mut out);
+    encode::sync(&mut out);
+    out
+}
+
+/// The extended-protocol messages that run `sql` as a simple query would,
+/// as the unnamed statement described before it runs (see
+/// `QueryRewrite::one_statement`): Parse, Describe of the statement, Bind
+/// (no parameters, results in text), Execute and Sync.
+pub(super) fn described_query_messages(sql: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(sql.len() + 64);
+    Parse {
+        name: "",
+        query: sql,
+        param_types: Vec::new(),
+    }
+    .encode(&mut out);
+    describe_statement(&mut out, "");
+    Bind {
+        portal: "",
+        statement: "",
+        param_formats: Vec::new(),
+        params: Vec::new(),
+        result_formats: Vec::new(),
+    }
+    .encode(&mut out);
     encode::execute("", 0, &mut out);
     encode::sync(&mut out);
     out
@@ -75,6 +105,7 @@ pub fn poison_query(state: &SessionState) -> Option<BytesMut> {
         fingerprint: Arc::from(""),
         refresh: false,
         run_as: None,
+        extended: false,
         copy: None,
     });
     Some(query_message(&rejection_query(&rejection)))
@@ -121,4 +152,30 @@ pub(super) fn wire_formats(
         }
     }
     Some(formats)
+}
+
+/// Where executions do not name their columns' origins (see
+/// `CatalogMap::traces_by_statement`), a statement on protected tables
+/// that nobody described yet is described before a Bind of it (`name`: the
+/// statement as the server knows it), so that its rows can be traced; the
+/// answer is kept, never shown. Returns whether the Describe went into `out`.
+pub(super) fn describe_for_origins(
+    statement: &Arc<PreparedStatement>,
+    name: &str,
+    encryption: &Encryption,
+    state: &SessionState,
+    out: &mut BytesMut,
+) -> bool {
+    if statement.fingerprint.is_empty()
+        || statement.described.load(Ordering::Acquire)
+        || !encryption.catalog().traces_by_statement()
+    {
+        return false;
+    }
+    statement.described.store(true, Ordering::Release);
+    state
+        .pending
+        .push(Expected::StatementOrigins(statement.clone()));
+    describe_statement(out, name);
+    true
 }

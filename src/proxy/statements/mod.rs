@@ -241,13 +241,15 @@ impl ClientStatements {
             Ok(own) => own,
             Err(rejection) => return refuse_bind_after(out, encryption, state, rejection),
         };
+        let server_name = own.as_ref().map_or(bind.statement, |(_, name)| name.as_str());
+        let described = describe_for_origins(&statement, server_name, encryption, state, &mut out);
         let wire = wire_formats(&statement, &bind.result_formats, encryption);
         self.bind_portal(&bind, statement.clone(), wire.clone());
         state.pending.push(Expected::Bind {
             refusal: None,
             own: own.as_ref().map(|(number, _)| *number),
         });
-        if own.is_none() && wire.is_none() {
+        if own.is_none() && wire.is_none() && !described {
             return ClientStep::Forward;
         }
         out.reserve(frame.len() + 64);
@@ -754,6 +756,7 @@ impl ClientStatements {
                 let name = own
                     .as_ref()
                     .map_or(bind.statement, |(_, name)| name.as_str());
+                describe_for_origins(&statement, name, encryption, state, &mut out);
                 let encrypted = encryption
                     .encrypt_bind(
                         &bind,

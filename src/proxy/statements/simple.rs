@@ -93,11 +93,19 @@ pub(super) async fn simple_query(
             });
             // The catalog is reloaded at this query's own ReadyForQuery,
             // not at one still on its way for an earlier query.
+            // Where executions do not name their columns' origins, one
+            // statement runs described (a COPY TO as its SELECT; a COPY
+            // FROM stays a simple query).
+            let described = rewrite.one_statement
+                && run.is_none()
+                && !matches!(copy.as_deref(), Some(CopyResponse::In { .. }))
+                && encryption.catalog().traces_by_statement();
             state.pending.push(Expected::Query {
                 swallow: false,
                 fingerprint: rewrite.fingerprint.unwrap_or_else(|| Arc::from("")),
                 refresh: rewrite.ddl,
                 run_as: run.as_ref().map(|r| r.number),
+                extended: run.is_some() || described,
                 copy,
             });
             if let (Some(bound), Some(run)) = (&rewrite.bound, &run) {
@@ -105,6 +113,10 @@ pub(super) async fn simple_query(
                 // client's own do.
                 state.syncs.fetch_add(1, Ordering::AcqRel);
                 return bound_query_messages(bound, run);
+            }
+            if described {
+                state.syncs.fetch_add(1, Ordering::AcqRel);
+                return described_query_messages(rewrite.sql.as_deref().unwrap_or(sql));
             }
             rewrite
                 .sql

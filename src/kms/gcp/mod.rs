@@ -196,7 +196,7 @@ impl GcpKmsProvider {
                     .to_vec(),
             );
             if status == 401 && attempt == 0 {
-                self.tokens.forget().await;
+                self.tokens.forget(&token).await;
                 continue;
             }
             if (200..300).contains(&status) {

@@ -23,6 +23,8 @@ pub const SCOPE: &str = "https://www.googleapis.com/auth/cloudkms";
 pub const METADATA_HOST: &str = "metadata.google.internal";
 /// A token is fetched again after this share of its `expires_in`.
 const LIFETIME_SHARE: f64 = 0.8;
+/// Longest `expires_in` believed (Google's access tokens live one hour).
+const MAX_LIFETIME_SECS: u64 = 24 * 3600;
 /// Lifetime asked for in the JWT assertion (Google's maximum).
 const ASSERTION_LIFETIME_SECS: u64 = 3600;
 
@@ -137,7 +139,8 @@ impl TokenSource {
             GcpCredentials::ServiceAccountFile(path) => exchange(http, path, key_ref).await?,
             GcpCredentials::MetadataServer { host } => metadata(http, host, key_ref).await?,
         };
-        let lifetime = Duration::from_secs_f64(answer.expires_in as f64 * LIFETIME_SHARE);
+        let believed = answer.expires_in.min(MAX_LIFETIME_SECS);
+        let lifetime = Duration::from_secs_f64(believed as f64 * LIFETIME_SHARE);
         let token = Zeroizing::new(answer.access_token.clone());
         *cached = Some(CachedToken {
             token: token.clone(),
@@ -146,9 +149,13 @@ impl TokenSource {
         Ok(token)
     }
 
-    /// Drops the cached token (the API answered 401 with it).
-    pub async fn forget(&self) {
-        *self.cached.lock().await = None;
+    /// Drops the cached token if it is still `refused` (the API answered
+    /// 401 with it; a token fetched meanwhile by another call is kept).
+    pub async fn forget(&self, refused: &str) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|c| c.token.as_str() == refused) {
+            *cached = None;
+        }
     }
 }
 

@@ -273,6 +273,15 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
                     fix(path);
                 }
             }
+            ProviderConfig::GcpKms {
+                credentials_file,
+                ca,
+                ..
+            } => {
+                for path in [credentials_file, ca].into_iter().flatten() {
+                    fix(path);
+                }
+            }
             _ => {}
         }
     }

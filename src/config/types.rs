@@ -279,6 +279,17 @@ pub enum ProviderConfig {
         /// Auth mount path (default `approle` / `kubernetes`).
         auth_mount: Option<String>,
     },
+    /// Google Cloud KMS; a tenant's key ref is its CryptoKey's name
+    /// `projects/P/locations/L/keyRings/R/cryptoKeys/K`.
+    GcpKms {
+        /// Service-account JSON key file (default: GOOGLE_APPLICATION_CREDENTIALS,
+        /// else the metadata server).
+        credentials_file: Option<PathBuf>,
+        /// API endpoint (default `https://cloudkms.googleapis.com`).
+        endpoint: Option<String>,
+        /// CA certificate (PEM) of the endpoint's TLS certificate.
+        ca: Option<PathBuf>,
+    },
 }
 
 /// Audit configuration (DESIGN section 8).

@@ -1,9 +1,10 @@
 //! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
-//! PKCS#11 tokens, KMIP servers, Vault Transit.
+//! PKCS#11 tokens, KMIP servers, Vault Transit, Google Cloud KMS.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
+pub mod gcp;
 pub mod kmip;
 pub mod local;
 pub mod pkcs11;
@@ -16,6 +17,7 @@ use crate::config::{KeysConfig, ProviderConfig};
 use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
+pub use gcp::{GcpCredentials, GcpKmsProvider, GcpKmsSettings};
 pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
 pub use pkcs11::{PinSource, Pkcs11Provider};
@@ -37,7 +39,7 @@ pub struct KeyContext<'a> {
 
 impl KeyContext<'_> {
     /// AEAD associated data for providers that seal DEKs themselves
-    /// (PKCS#11, KMIP, Vault Transit): the provider's `label`, then the
+    /// (PKCS#11, KMIP, Vault Transit, Cloud KMS): the provider's `label`, then the
     /// tenant id length-prefixed (so no two contexts encode alike), then the
     /// DEK id's 16 bytes.
     pub fn associated_data(&self, label: &[u8]) -> Result<Vec<u8>, KmsError> {
@@ -214,6 +216,9 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
             })?),
             vault @ ProviderConfig::VaultTransit { .. } => {
                 Arc::new(VaultTransitProvider::new(vault::settings(name, vault)?)?)
+            }
+            gcp @ ProviderConfig::GcpKms { .. } => {
+                Arc::new(GcpKmsProvider::new(gcp::settings(name, gcp)?)?)
             }
         };
         providers.insert(name.clone(), built);

@@ -7,20 +7,16 @@
 //! Recorded API behaviour, not a live Vault.
 #![allow(dead_code)]
 
-use rustls::pki_types::pem::PemObject;
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+
+use super::https_fake::{reply, HttpsFake, Reply, Served};
 
 /// The token the server accepts without a login.
 pub const TOKEN: &str = "s.cmk-proxy-test-token";
@@ -29,10 +25,7 @@ pub const ROLE_ID: &str = "cmk-proxy-role";
 pub const SECRET_ID: &str = "cmk-proxy-secret";
 
 fn fixture(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/it/fixtures/vault-transit")
-        .join(name);
-    serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture JSON")
+    super::https_fake::fixture("vault-transit", name)
 }
 
 /// What the whole server does instead of answering normally.
@@ -68,92 +61,52 @@ struct State {
 /// A running fake Vault (stops with the test's runtime).
 pub struct FakeVault {
     state: Arc<Mutex<State>>,
-    address: String,
-    dir: tempfile::TempDir,
+    server: HttpsFake,
 }
 
 impl FakeVault {
     /// Starts the server on a free 127.0.0.1 port with a fresh CA.
     pub async fn start() -> FakeVault {
-        let dir = tempfile::tempdir().unwrap();
-        let files = cmk_proxy::localpg::write_ca_and_server_cert(dir.path(), &["127.0.0.1"])
-            .expect("certificates");
-        std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
-        std::fs::write(dir.path().join("secret-id"), format!("{SECRET_ID}\n")).unwrap();
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!(
-            "https://127.0.0.1:{}",
-            listener.local_addr().unwrap().port()
-        );
         let state = Arc::new(Mutex::new(State {
             tokens: vec![TOKEN.to_owned()],
             ..State::default()
         }));
         let shared = state.clone();
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(answer(&state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-        });
-        FakeVault {
-            state,
-            address,
-            dir,
-        }
+        let server = HttpsFake::start(move |req| {
+            let state = shared.clone();
+            async move { answer(&state, req).await }
+        })
+        .await;
+        std::fs::write(server.dir().join("token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(server.dir().join("secret-id"), format!("{SECRET_ID}\n")).unwrap();
+        FakeVault { state, server }
     }
 
     /// `https://127.0.0.1:PORT`.
     pub fn address(&self) -> &str {
-        &self.address
+        self.server.address()
     }
 
     /// The CA certificate of the server's TLS certificate.
     pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
+        self.server.ca()
     }
 
     /// A file holding the accepted token.
     pub fn token_file(&self) -> PathBuf {
-        self.dir.path().join("token")
+        self.server.dir().join("token")
     }
 
     /// A file holding the AppRole secret id.
     pub fn secret_id_file(&self) -> PathBuf {
-        self.dir.path().join("secret-id")
+        self.server.dir().join("secret-id")
     }
 
     /// A `keys.providers` entry for this server with token auth.
     pub fn provider_yaml(&self) -> String {
         format!(
             "{{kind: vault-transit, address: \"{}\", ca: \"{}\", token_file: \"{}\"}}",
-            self.address,
+            self.address(),
             self.ca().display(),
             self.token_file().display()
         )
@@ -219,29 +172,11 @@ impl FakeVault {
     }
 }
 
-fn reply(status: u16, body: Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
-async fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let token = req
-        .headers()
-        .get("x-vault-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body: Value = req
-        .into_body()
-        .collect()
-        .await
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b.to_bytes()).ok())
-        .unwrap_or(Value::Null);
+async fn answer(state: &Mutex<State>, req: Served) -> Reply {
+    let method = req.method.clone();
+    let path = req.path.clone();
+    let token = req.header("x-vault-token").map(str::to_owned);
+    let body = req.json();
     let fault = state.lock().unwrap().fault;
     match fault {
         Some(Fault::Forbidden) => return reply(403, fixture("error_403.json")),

@@ -1,9 +1,10 @@
 //! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
-//! PKCS#11 tokens, KMIP servers, Vault Transit.
+//! PKCS#11 tokens, KMIP servers, Vault Transit, Azure Key Vault.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
+pub mod azure;
 pub mod kmip;
 pub mod local;
 pub mod pkcs11;
@@ -16,6 +17,7 @@ use crate::config::{KeysConfig, ProviderConfig};
 use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
+pub use azure::{AzureKeyVaultProvider, AzureSettings};
 pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
 pub use pkcs11::{PinSource, Pkcs11Provider};
@@ -214,6 +216,9 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
             })?),
             vault @ ProviderConfig::VaultTransit { .. } => {
                 Arc::new(VaultTransitProvider::new(vault::settings(name, vault)?)?)
+            }
+            azure @ ProviderConfig::AzureKeyVault { .. } => {
+                Arc::new(AzureKeyVaultProvider::new(azure::settings(name, azure)?)?)
             }
         };
         providers.insert(name.clone(), built);

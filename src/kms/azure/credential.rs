@@ -20,6 +20,8 @@ pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com";
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
 /// A token is fetched again after this share of its lifetime.
 const LIFETIME_SHARE: f64 = 0.8;
+/// Longest lifetime believed from a token answer (Entra's are 1-24 h).
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const CLIENT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// Where the client secret is.
@@ -196,12 +198,21 @@ struct Cached {
     renew_at: Instant,
 }
 
+/// The tokens of each scope, and the last failed request of each.
+#[derive(Default)]
+struct Tokens {
+    cached: HashMap<String, Cached>,
+    /// When a token request last failed, and why: callers that were
+    /// waiting for it share its failure instead of each waiting a deadline.
+    failed: HashMap<String, (Instant, String)>,
+}
+
 /// Gets and caches tokens for one provider.
 pub struct Credential {
     http: reqwest::Client,
     auth: AzureAuth,
     authority: String,
-    tokens: Mutex<HashMap<String, Cached>>,
+    tokens: Mutex<Tokens>,
 }
 
 fn read_secret(what: &str, path: &Path) -> Result<Zeroizing<String>, KmsError> {
@@ -255,32 +266,68 @@ impl Credential {
             http,
             auth,
             authority: authority.trim_end_matches('/').to_owned(),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Tokens::default()),
         }
     }
 
-    /// A token for `scope`, from the cache or fetched.
+    /// A token for `scope`, from the cache or fetched. One request at a
+    /// time per provider; a caller that waited while a request failed gets
+    /// that failure at once, so a silent endpoint costs one deadline, not
+    /// one per waiting caller.
     pub async fn token(&self, scope: &str, key_ref: &str) -> Result<Zeroizing<String>, KmsError> {
+        let asked_at = Instant::now();
         let mut tokens = self.tokens.lock().await;
-        if let Some(cached) = tokens.get(scope) {
+        if let Some(cached) = tokens.cached.get(scope) {
             if Instant::now() < cached.renew_at {
                 return Ok(cached.token.clone());
             }
         }
-        let (token, lifetime) = self.fetch(scope, key_ref).await?;
-        tokens.insert(
-            scope.to_owned(),
-            Cached {
-                token: token.clone(),
-                renew_at: Instant::now() + lifetime.mul_f64(LIFETIME_SHARE),
-            },
-        );
-        Ok(token)
+        if let Some((at, detail)) = tokens.failed.get(scope) {
+            if *at >= asked_at {
+                return Err(KmsError::Transient {
+                    key_ref: key_ref.to_owned(),
+                    detail: detail.clone(),
+                });
+            }
+        }
+        match self.fetch(scope, key_ref).await {
+            Ok((token, lifetime)) => {
+                let now = Instant::now();
+                let renew_at = now
+                    .checked_add(lifetime.min(MAX_LIFETIME).mul_f64(LIFETIME_SHARE))
+                    .unwrap_or(now);
+                tokens.failed.remove(scope);
+                tokens.cached.insert(
+                    scope.to_owned(),
+                    Cached {
+                        token: token.clone(),
+                        renew_at,
+                    },
+                );
+                Ok(token)
+            }
+            Err(e) => {
+                if let KmsError::Transient { detail, .. } = &e {
+                    tokens
+                        .failed
+                        .insert(scope.to_owned(), (Instant::now(), detail.clone()));
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// Drops the cached token of `scope` (after Key Vault answered 401).
-    pub async fn forget(&self, scope: &str) {
-        self.tokens.lock().await.remove(scope);
+    /// Drops the cached token of `scope` if it is still `refused` (Key
+    /// Vault answered 401 with it; a token fetched meanwhile is kept).
+    pub async fn forget(&self, scope: &str, refused: &str) {
+        let mut tokens = self.tokens.lock().await;
+        if tokens
+            .cached
+            .get(scope)
+            .is_some_and(|c| c.token.as_str() == refused)
+        {
+            tokens.cached.remove(scope);
+        }
     }
 
     async fn fetch(
@@ -358,12 +405,7 @@ impl Credential {
         };
         let resp = request.send().await.map_err(|e| failed(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = Zeroizing::new(
-            resp.bytes()
-                .await
-                .map_err(|e| failed(e.to_string()))?
-                .to_vec(),
-        );
+        let body = super::read_answer(resp).await.map_err(failed)?;
         let mut answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let token = match answer["access_token"].take() {
             Value::String(t) if status == 200 && !t.is_empty() => Zeroizing::new(t),

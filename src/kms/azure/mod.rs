@@ -30,6 +30,28 @@ use edek::{AzureEdek, WrapAlgorithm, AAD_LABEL, KEK_LEN};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest answer read from Key Vault or a token endpoint.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// Reads an answer's body, at most `MAX_ANSWER` bytes, into memory that is
+/// wiped when dropped (unwrap answers and tokens are secret).
+async fn read_answer(mut resp: reqwest::Response) -> Result<Zeroizing<Vec<u8>>, String> {
+    let expected = resp
+        .content_length()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0);
+    if expected > MAX_ANSWER {
+        return Err(format!("answer of {expected} bytes"));
+    }
+    let mut body = Zeroizing::new(Vec::with_capacity(expected));
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if body.len().saturating_add(chunk.len()) > MAX_ANSWER {
+            return Err(format!("answer over {MAX_ANSWER} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
 
 /// Everything the provider needs, resolved from the policy and environment.
 #[derive(Debug, Clone)]
@@ -88,6 +110,13 @@ pub fn settings_with_env(
         .clone()
         .or_else(|| env("AZURE_AUTHORITY_HOST").filter(|a| !a.is_empty()))
         .unwrap_or_else(|| DEFAULT_AUTHORITY.to_owned());
+    if let Some(bad) = allowed_hosts.iter().find(|h| {
+        h.is_empty() || h.contains(['/', '@', '?', '#']) || h.contains(char::is_whitespace)
+    }) {
+        return Err(KmsError::Config(format!(
+            "azure-key-vault provider '{name}': allowed_hosts entry '{bad}' is not host[:port]"
+        )));
+    }
     if !authority.starts_with("https://") {
         return Err(KmsError::Config(format!(
             "azure-key-vault provider '{name}': authority {authority} is not https"
@@ -190,6 +219,21 @@ fn status_outcome(
             },
         }),
     }
+}
+
+/// The JSON of a `wrapkey`/`unwrapkey` request, `{"alg", "value"}`, built
+/// in wiped memory (the value may be the plaintext KEK). Neither field needs
+/// escaping: the algorithm is a fixed name, the value base64url.
+fn wrap_request(alg: WrapAlgorithm, value: &[u8]) -> Zeroizing<Vec<u8>> {
+    let encoded = Zeroizing::new(B64URL.encode(value));
+    Zeroizing::new(
+        format!(
+            "{{\"alg\":\"{}\",\"value\":\"{}\"}}",
+            alg.name(),
+            encoded.as_str()
+        )
+        .into_bytes(),
+    )
 }
 
 fn unix_now() -> i64 {
@@ -296,7 +340,7 @@ impl AzureKeyVaultProvider {
         key: &KeyRef,
         op: Operation,
         url: &str,
-        body: Option<&Value>,
+        body: Option<&Zeroizing<Vec<u8>>>,
     ) -> Result<Value, KmsError> {
         let transient = |detail: String| KmsError::Transient {
             key_ref: key_ref.to_owned(),
@@ -305,7 +349,11 @@ impl AzureKeyVaultProvider {
         for attempt in 0..2 {
             let token = self.credential.token(&key.scope, key_ref).await?;
             let mut req = match body {
-                Some(body) => self.http.post(url).json(body),
+                Some(body) => self
+                    .http
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.to_vec()),
                 None => self.http.get(url),
             };
             req = req.bearer_auth(token.as_str());
@@ -316,15 +364,10 @@ impl AzureKeyVaultProvider {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let bytes = Zeroizing::new(
-                resp.bytes()
-                    .await
-                    .map_err(|e| transient(e.to_string()))?
-                    .to_vec(),
-            );
+            let bytes = read_answer(resp).await.map_err(transient)?;
             let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if status == 401 {
-                self.credential.forget(&key.scope).await;
+                self.credential.forget(&key.scope, token.as_str()).await;
                 if attempt == 0 {
                     continue;
                 }
@@ -383,10 +426,7 @@ impl KeyProvider for AzureKeyVaultProvider {
         let key = self.parse_ref(key_ref)?;
         let usable = self.require_usable(key_ref, &key).await?;
         let kek = edek::new_kek();
-        let body = json!({
-            "alg": usable.alg.name(),
-            "value": B64URL.encode(kek.as_ref()),
-        });
+        let body = wrap_request(usable.alg, kek.as_ref());
         let mut value = self
             .call(
                 key_ref,
@@ -441,10 +481,7 @@ impl KeyProvider for AzureKeyVaultProvider {
             .ok_or_else(|| bad("EDEK wrapped under another key"))?;
         // The tenant's current decision about the key, then the version that wrapped.
         self.require_usable(key_ref, &key).await?;
-        let body = json!({
-            "alg": parsed.alg.name(),
-            "value": B64URL.encode(parsed.wrapped_kek),
-        });
+        let body = wrap_request(parsed.alg, parsed.wrapped_kek);
         let mut value = self
             .call(
                 key_ref,

@@ -282,6 +282,19 @@ fn resolve_relative_paths(policy: &mut Policy, base: &Path) {
                     fix(path);
                 }
             }
+            ProviderConfig::AzureKeyVault {
+                ca,
+                client_secret_file,
+                federated_token_file,
+                ..
+            } => {
+                for path in [ca, client_secret_file, federated_token_file]
+                    .into_iter()
+                    .flatten()
+                {
+                    fix(path);
+                }
+            }
             _ => {}
         }
     }

@@ -290,6 +290,37 @@ pub enum ProviderConfig {
         /// CA certificate (PEM) of the endpoint's TLS certificate.
         ca: Option<PathBuf>,
     },
+    /// Azure Key Vault or Managed HSM; a tenant's key ref is its key's URL,
+    /// `https://VAULT.vault.azure.net/keys/NAME[/VERSION]`.
+    AzureKeyVault {
+        /// `client-secret`, `workload-identity` or `managed-identity`
+        /// (default: the first whose credentials are present, in that order).
+        auth: Option<String>,
+        /// Directory (tenant) id of the vendor's app (else `AZURE_TENANT_ID`).
+        tenant_id: Option<String>,
+        /// Application (client) id (else `AZURE_CLIENT_ID`); for managed
+        /// identity, picks a user-assigned identity.
+        client_id: Option<String>,
+        /// File holding the client secret (else `AZURE_CLIENT_SECRET`).
+        client_secret_file: Option<PathBuf>,
+        /// Federated token file of workload identity (else
+        /// `AZURE_FEDERATED_TOKEN_FILE`).
+        federated_token_file: Option<PathBuf>,
+        /// Microsoft Entra authority (else `AZURE_AUTHORITY_HOST`, else
+        /// `https://login.microsoftonline.com`).
+        authority_host: Option<String>,
+        /// Managed identity token URL (default: the IMDS endpoint, or App
+        /// Service's `IDENTITY_ENDPOINT`).
+        identity_endpoint: Option<String>,
+        /// `host[:port]`s accepted in key refs besides Azure's own vault
+        /// domains: a private endpoint's name or a test server.
+        #[serde(default)]
+        allowed_hosts: Vec<String>,
+        /// Token scope for `allowed_hosts` (default `https://vault.azure.net/.default`).
+        scope: Option<String>,
+        /// CA certificate (PEM) trusted besides the built-in public roots.
+        ca: Option<PathBuf>,
+    },
 }
 
 /// Audit configuration (DESIGN section 8).

@@ -1,9 +1,11 @@
 //! The `KeyProvider` trait and its providers: local keyring, AWS KMS,
-//! PKCS#11 tokens, KMIP servers, Vault Transit, Google Cloud KMS.
+//! PKCS#11 tokens, KMIP servers, Vault Transit, Google Cloud KMS,
+//! Azure Key Vault.
 //! A provider wraps and unwraps DEKs under a tenant's master key and says
 //! whether that key is still enabled; it caches nothing and knows no SQL.
 
 pub mod aws;
+pub mod azure;
 pub mod gcp;
 pub mod kmip;
 pub mod local;
@@ -17,6 +19,7 @@ use crate::config::{KeysConfig, ProviderConfig};
 use crate::crypto::Dek;
 
 pub use aws::AwsKmsProvider;
+pub use azure::{AzureKeyVaultProvider, AzureSettings};
 pub use gcp::{GcpCredentials, GcpKmsProvider, GcpKmsSettings};
 pub use kmip::{KmipProvider, KmipSettings};
 pub use local::{Keyring, KeyringEntry, KeyringState, LocalProvider};
@@ -219,6 +222,9 @@ pub async fn build_providers(cfg: &KeysConfig) -> Result<Providers, KmsError> {
             }
             gcp @ ProviderConfig::GcpKms { .. } => {
                 Arc::new(GcpKmsProvider::new(gcp::settings(name, gcp)?)?)
+            }
+            azure @ ProviderConfig::AzureKeyVault { .. } => {
+                Arc::new(AzureKeyVaultProvider::new(azure::settings(name, azure)?)?)
             }
         };
         providers.insert(name.clone(), built);

@@ -206,7 +206,11 @@ async fn gcp_401_fetches_one_new_token_and_the_call_succeeds() {
     for result in futures_util::future::join_all(calls).await {
         result.expect("a new token after the 401");
     }
-    assert_eq!(gcp.token_fetches(), 2, "16 calls refused at once fetch one token");
+    assert_eq!(
+        gcp.token_fetches(),
+        2,
+        "16 calls refused at once fetch one token"
+    );
 
     // A 401 to every token: one new token, then a transient error, no loop.
     gcp.set_fault(Some(Fault::Unauthenticated));

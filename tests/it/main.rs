@@ -38,6 +38,7 @@ mod fuzz_inputs;
 mod keys_approval;
 mod keys_registry;
 mod kms_aws;
+mod kms_azure;
 mod kms_gcp;
 mod kms_kmip;
 mod kms_local;

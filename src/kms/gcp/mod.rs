@@ -275,7 +275,9 @@ fn crypto_key_name(key_ref: &str) -> Result<&str, KmsError> {
             .step_by(2)
             .eq(["projects", "locations", "keyRings", "cryptoKeys"].iter())
         && parts.iter().skip(1).step_by(2).all(|id| {
-            id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            // Key ring and key ids may start with `-` or `_`; a segment of
+            // dots only would walk the URL's path.
+            id.bytes().any(|b| b != b'.')
                 && id
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))

@@ -1,4 +1,5 @@
-//! The plumbing of the recorded-API fakes (`vault_fake`, `gcp_fake`): an
+//! The plumbing of the recorded-API fakes (`vault_fake`, `gcp_fake`,
+//! `azure_fake`): an
 //! HTTPS server on a free 127.0.0.1 port with a fresh CA
 //! (`cmk_proxy::localpg::write_ca_and_server_cert`), or a plain HTTP one,
 //! handing each whole request to the fake's `answer` function; and the
@@ -22,6 +23,8 @@ pub struct Served {
     pub method: Method,
     /// The path without the query.
     pub path: String,
+    /// The raw query string (empty when none).
+    pub query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
 }
@@ -36,15 +39,34 @@ impl Served {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The value of `name` in the query string or a form body.
+    pub fn param(&self, name: &str) -> Option<String> {
+        let query = url::form_urlencoded::parse(self.query.as_bytes());
+        let form = url::form_urlencoded::parse(&self.body);
+        query
+            .chain(form)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    }
 }
 
 pub type Reply = Response<Full<Bytes>>;
 
 /// A JSON reply with `status`.
 pub fn reply(status: u16, body: Value) -> Reply {
-    Response::builder()
+    reply_with(status, body, &[])
+}
+
+/// A JSON reply with `status` and extra headers.
+pub fn reply_with(status: u16, body: Value, headers: &[(&str, &str)]) -> Reply {
+    let mut builder = Response::builder()
         .status(status)
-        .header("content-type", "application/json")
+        .header("content-type", "application/json; charset=utf-8");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap()
 }
@@ -114,6 +136,11 @@ impl HttpsFake {
         &self.address
     }
 
+    /// `127.0.0.1:PORT`.
+    pub fn authority(&self) -> &str {
+        self.address.trim_start_matches("https://")
+    }
+
     /// The CA certificate of the server's TLS certificate.
     pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.crt")
@@ -162,6 +189,7 @@ where
             let served = Served {
                 method: parts.method,
                 path: parts.uri.path().to_owned(),
+                query: parts.uri.query().unwrap_or("").to_owned(),
                 headers: parts.headers,
                 body,
             };

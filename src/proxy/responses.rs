@@ -537,7 +537,9 @@ impl ResponseTracker {
     fn remember_shape(&mut self, rows: Option<&[u8]>) {
         let shape = || rows.map_or(Shape::NoData, |f| Shape::Rows(Bytes::copy_from_slice(f)));
         match self.queue.front() {
-            Some(Expected::DescribeStatement(statement) | Expected::StatementOrigins(statement)) => {
+            Some(
+                Expected::DescribeStatement(statement) | Expected::StatementOrigins(statement),
+            ) => {
                 if let Ok(mut slot) = statement.shape.lock() {
                     *slot = Some(shape());
                 }

@@ -80,7 +80,11 @@ pub fn with_statement_origins(frame: &[u8], described: &[u8]) -> Option<Bytes> {
                 && field.type_oid == origin.type_oid;
             changed |= take;
             Field {
-                table_oid: if take { origin.table_oid } else { field.table_oid },
+                table_oid: if take {
+                    origin.table_oid
+                } else {
+                    field.table_oid
+                },
                 column: if take { origin.column } else { field.column },
                 ..field.clone()
             }

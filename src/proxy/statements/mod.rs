@@ -241,7 +241,9 @@ impl ClientStatements {
             Ok(own) => own,
             Err(rejection) => return refuse_bind_after(out, encryption, state, rejection),
         };
-        let server_name = own.as_ref().map_or(bind.statement, |(_, name)| name.as_str());
+        let server_name = own
+            .as_ref()
+            .map_or(bind.statement, |(_, name)| name.as_str());
         let described = describe_for_origins(&statement, server_name, encryption, state, &mut out);
         let wire = wire_formats(&statement, &bind.result_formats, encryption);
         self.bind_portal(&bind, statement.clone(), wire.clone());

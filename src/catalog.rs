@@ -179,7 +179,7 @@ impl fmt::Display for SchemaProblem {
 
 /// Reading the catalog failed.
 #[derive(Debug, thiserror::Error)]
-#[error("reading the schema of the policy tables: {0}")]
+#[error("reading the schema of the policy tables: {}", crate::pg_error::text(.0))]
 pub struct CatalogError(#[from] tokio_postgres::Error);
 
 /// One attribute of a policy table.

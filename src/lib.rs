@@ -13,6 +13,7 @@ pub mod kms;
 #[cfg(feature = "dev")]
 pub mod localpg;
 pub mod ops;
+pub mod pg_error;
 pub mod protocol;
 pub mod proxy;
 pub mod rewrite;

@@ -121,8 +121,7 @@ async fn install_schema_notify(client: &tokio_postgres::Client) {
              is seen by the proxies within server.catalog_refresh; a superuser can run \
              `cmk-proxy migrate --print` and install it",
             schema_notify::TRIGGER,
-            e.as_db_error()
-                .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+            crate::pg_error::text(&e)
         ),
     }
 }
@@ -143,8 +142,12 @@ async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> 
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let sql = format!("SET lock_timeout = '{LOCK_TIMEOUT}'; {}", check.add_sql());
-            match client.batch_execute(&sql).await {
+            // Two statements, not one string: Citus refuses a multi-statement
+            // string that it would have to send on to the shards.
+            client
+                .batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
+                .await?;
+            match client.batch_execute(&check.add_sql()).await {
                 Ok(()) => break,
                 Err(e)
                     if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
@@ -152,12 +155,17 @@ async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> 
                 {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
-                Err(e) => anyhow::bail!("cannot add the CHECK constraint {}: {e}", check.name()),
+                Err(e) => anyhow::bail!(
+                    "cannot add the CHECK constraint {}: {}",
+                    check.name(),
+                    crate::pg_error::text(&e)
+                ),
             }
         }
     }
+    client.batch_execute("RESET lock_timeout").await?;
     client
-        .batch_execute(&format!("RESET lock_timeout; {}", check.validate_sql()))
+        .batch_execute(&check.validate_sql())
         .await
         .map_err(|e| match e.code() {
             Some(&SqlState::CHECK_VIOLATION) if check.kind == CheckKind::BlindIndex => anyhow::anyhow!(
@@ -168,6 +176,10 @@ async fn apply_check(client: &tokio_postgres::Client, check: &EnvelopeCheck) -> 
                 "holds cells that are not envelopes (legacy plaintext?): the constraint {} stays NOT VALID, so new writes are checked; seal the old rows, then run migrate again",
                 check.name()
             ),
-            _ => anyhow::anyhow!("cannot validate the CHECK constraint {}: {e}", check.name()),
+            _ => anyhow::anyhow!(
+                "cannot validate the CHECK constraint {}: {}",
+                check.name(),
+                crate::pg_error::text(&e)
+            ),
         })
 }

@@ -18,7 +18,7 @@ pub enum VerifierError {
     #[error(transparent)]
     Admin(#[from] KeyError),
     /// The query failed (e.g. permission denied on pg_authid).
-    #[error("verifier query failed: {0}")]
+    #[error("verifier query failed: {}", crate::pg_error::text(.0))]
     Query(tokio_postgres::Error),
     /// The role has no password or is unknown.
     #[error("role has no SCRAM verifier")]

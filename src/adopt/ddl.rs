@@ -14,6 +14,12 @@ use super::shape::TableShape;
 /// Tells every proxy LISTENing on `cmk_schema_change` to reload its catalog
 /// when the step's transaction commits (without waiting for
 /// `server.catalog_refresh`, with or without `migrate`'s event trigger).
+/// Citus: the DDL that follows stays on the coordinator (in the step's
+/// transaction).
+const CITUS_LOCAL_DDL: &str = "SET LOCAL citus.enable_ddl_propagation = off";
+/// Citus: DDL reaches the workers again.
+const CITUS_PROPAGATED_DDL: &str = "SET LOCAL citus.enable_ddl_propagation = on";
+
 fn notify(step: &str) -> String {
     format!(
         "NOTIFY {}, {}",
@@ -201,17 +207,26 @@ fn view_select(
 
 /// The table's column defaults and DML grants, copied to the view.
 fn view_defaults_and_grants(shape: &TableShape, view: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    for column in &shape.columns {
-        if let Some(default) = &column.default {
-            if !column.generated {
-                out.push(format!(
-                    "ALTER VIEW {view} ALTER COLUMN {} SET DEFAULT {default}",
-                    quote_ident(&column.name)
-                ));
-            }
-        }
+    let mut defaults: Vec<String> = shape
+        .columns
+        .iter()
+        .filter(|c| !c.generated)
+        .filter_map(|c| {
+            let default = c.default.as_ref()?;
+            Some(format!(
+                "ALTER VIEW {view} ALTER COLUMN {} SET DEFAULT {default}",
+                quote_ident(&c.name)
+            ))
+        })
+        .collect();
+    // Citus propagates the view to its workers but refuses view defaults
+    // there: they are set on the coordinator only, where the application's
+    // statements are planned.
+    if shape.distributed && !defaults.is_empty() {
+        defaults.insert(0, CITUS_LOCAL_DDL.to_owned());
+        defaults.push(CITUS_PROPAGATED_DDL.to_owned());
     }
+    let mut out = defaults;
     for (grantee, privilege) in &shape.grants {
         let grantee = if grantee == "PUBLIC" {
             "PUBLIC".to_owned()
@@ -252,33 +267,34 @@ fn trigger_function(
     let mut insert_columns = Vec::new();
     let mut insert_values = Vec::new();
     let mut sets = Vec::new();
-    for c in &writable {
+    // A written value is split into cell or legacy value in PL/pgSQL, not in
+    // the INSERT or UPDATE: Citus evaluates the functions of a statement on a
+    // distributed table before running it, whatever CASE guards them.
+    let mut split = Vec::new();
+    let mut declare = Vec::new();
+    for (i, c) in writable.iter().enumerate() {
         let unchanged = format!("NEW.{0} IS NOT DISTINCT FROM OLD.{0}", q(c.name));
         match c.protected {
             Some(ty) => {
                 let shadow = q(&shadow_column(c.name));
-                insert_columns.push(shadow.clone());
-                insert_values.push(format!(
-                    "CASE WHEN {} THEN NEW.{} END",
+                declare.push(format!("cmk_new_cell{i} bytea; cmk_new_legacy{i} {ty};"));
+                split.push(format!(
+                    "cmk_new_cell{i} := CASE WHEN {0} THEN NEW.{1} END; \
+                     cmk_new_legacy{i} := CASE WHEN NOT ({0}) THEN {2} END;",
                     envelope_new(c.name),
-                    q(c.name)
-                ));
-                insert_columns.push(q(c.name));
-                insert_values.push(format!(
-                    "CASE WHEN NOT ({}) THEN {} END",
-                    envelope_new(c.name),
-                    legacy_new(c.name, ty)
-                ));
-                sets.push(format!(
-                    "{shadow} = CASE WHEN {unchanged} THEN b.{shadow} WHEN {} THEN NEW.{} END",
-                    envelope_new(c.name),
-                    q(c.name)
-                ));
-                sets.push(format!(
-                    "{0} = CASE WHEN {unchanged} THEN b.{0} WHEN NEW.{0} IS NULL OR {1} THEN NULL ELSE {2} END",
                     q(c.name),
-                    envelope_new(c.name),
                     legacy_new(c.name, ty)
+                ));
+                insert_columns.push(shadow.clone());
+                insert_values.push(format!("cmk_new_cell{i}"));
+                insert_columns.push(q(c.name));
+                insert_values.push(format!("cmk_new_legacy{i}"));
+                sets.push(format!(
+                    "{shadow} = CASE WHEN {unchanged} THEN b.{shadow} ELSE cmk_new_cell{i} END"
+                ));
+                sets.push(format!(
+                    "{0} = CASE WHEN {unchanged} THEN b.{0} ELSE cmk_new_legacy{i} END",
+                    q(c.name)
                 ));
             }
             None if c.name == policy.edek_column => {
@@ -300,17 +316,30 @@ fn trigger_function(
             }
         }
     }
-    let returning: Vec<String> = columns
-        .iter()
-        .map(|c| match c.protected {
-            Some(_) => merged(c.name),
-            None => format!("b.{}", q(c.name)),
-        })
-        .collect();
-    let into: Vec<String> = columns
-        .iter()
-        .map(|c| format!("NEW.{}", q(c.name)))
-        .collect();
+    // The row written is read back raw and merged in PL/pgSQL: Citus allows
+    // no STABLE function (convert_to) in the RETURNING of a distributed table.
+    let mut returning = Vec::new();
+    let mut into = Vec::new();
+    let mut merge = Vec::new();
+    for (i, c) in columns.iter().enumerate() {
+        match c.protected {
+            Some(ty) => {
+                returning.push(format!("b.{}", q(&shadow_column(c.name))));
+                returning.push(format!("b.{}", q(c.name)));
+                into.push(format!("cmk_cell{i}"));
+                into.push(format!("cmk_legacy{i}"));
+                declare.push(format!("cmk_cell{i} bytea; cmk_legacy{i} {ty};"));
+                merge.push(format!(
+                    "NEW.{} := coalesce(cmk_cell{i}, convert_to(cmk_legacy{i}::text, 'UTF8'));",
+                    q(c.name)
+                ));
+            }
+            None => {
+                returning.push(format!("b.{}", q(c.name)));
+                into.push(format!("NEW.{}", q(c.name)));
+            }
+        }
+    }
     let key: Vec<String> = shape
         .primary_key
         .iter()
@@ -323,15 +352,20 @@ fn trigger_function(
     };
     format!(
         "CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $cmk$\n\
+         DECLARE {declare}\n\
          BEGIN\n\
          IF TG_OP = 'INSERT' THEN\n\
+           {split}\n\
            INSERT INTO {base} AS b ({insert_columns}){overriding} VALUES ({insert_values})\n\
              RETURNING {returning} INTO {into};\n\
+           {merge}\n\
            RETURN NEW;\n\
          ELSIF TG_OP = 'UPDATE' THEN\n\
+           {split}\n\
            UPDATE {base} AS b SET {sets} WHERE {key}\n\
              RETURNING {returning} INTO {into};\n\
            IF NOT FOUND THEN RETURN NULL; END IF;\n\
+           {merge}\n\
            RETURN NEW;\n\
          ELSE\n\
            DELETE FROM {base} AS b WHERE {key};\n\
@@ -345,6 +379,9 @@ fn trigger_function(
         insert_values = insert_values.join(", "),
         returning = returning.join(", "),
         into = into.join(", "),
+        declare = declare.join(" "),
+        split = split.join(" "),
+        merge = merge.join(" "),
         sets = sets.join(", "),
         key = key.join(" AND "),
     )

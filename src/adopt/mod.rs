@@ -34,7 +34,7 @@ pub enum AdoptError {
     #[error("{0}")]
     Refused(String),
     /// PostgreSQL failed.
-    #[error("database: {0}")]
+    #[error("database: {}", crate::pg_error::text(.0))]
     Db(#[from] tokio_postgres::Error),
     /// The key registry failed.
     #[error("key registry: {0}")]
@@ -51,6 +51,12 @@ pub enum AdoptError {
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 /// SQLSTATE undefined_object (a constraint that does not exist).
 const UNDEFINED_OBJECT: &str = "42704";
+/// On Citus (a no-op elsewhere): the step's DDL reaches the shards over one
+/// connection per node, so a function or view command may follow a table
+/// command in the same transaction, as Citus requires.
+const CITUS_SEQUENTIAL: &str =
+    "SELECT set_config('citus.multi_shard_modify_mode', 'sequential', true) \
+     WHERE current_setting('citus.multi_shard_modify_mode', true) IS NOT NULL";
 /// Tries of one DDL step before giving up.
 const DDL_TRIES: usize = 30;
 /// Passes over the table while rows of tenants with keys are left (rows
@@ -370,6 +376,7 @@ pub async fn run_locked(
         transaction
             .batch_execute("SET LOCAL lock_timeout = '1s'")
             .await?;
+        transaction.batch_execute(CITUS_SEQUENTIAL).await?;
         let mut failed = None;
         for statement in statements {
             if let Err(e) = transaction.batch_execute(statement).await {

@@ -39,6 +39,9 @@ pub struct TableShape {
     pub dependent_views: Vec<String>,
     /// (grantee or PUBLIC, privilege) of the table's DML grants.
     pub grants: Vec<(String, String)>,
+    /// A Citus distributed or reference table: DDL on it reaches every
+    /// shard, and Citus refuses some of it on views (see `ddl`).
+    pub distributed: bool,
 }
 
 impl TableShape {
@@ -147,6 +150,21 @@ impl TableShape {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        let distributed = client
+            .query_one(
+                "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get::<_, bool>(0)
+            && client
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition \
+                     WHERE logicalrelid = $1::oid::regclass)",
+                    &[&oid],
+                )
+                .await?
+                .get::<_, bool>(0);
         Ok(TableShape {
             schema: schema.to_owned(),
             name: name.to_owned(),
@@ -155,6 +173,7 @@ impl TableShape {
             primary_key,
             dependent_views,
             grants,
+            distributed,
         })
     }
 

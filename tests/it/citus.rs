@@ -4,11 +4,10 @@
 //! X.509 v1 certificate Citus makes, and the proxy uses its default upstream
 //! mode. Ciphertext at rest is proven on the workers' shards directly.
 //!
-//! Citus answers router (single-shard) queries with a RowDescription whose
-//! columns carry no table OID; the proxy can only decrypt what it can trace,
-//! so the cluster runs with `citus.enable_router_execution = off` for the
-//! `app` database (docs/scaling-out.md), and a test shows that a router
-//! result is refused, never shown as ciphertext, without it.
+//! Citus runs with its defaults: router (single-shard) queries are answered
+//! with a RowDescription whose columns carry no table OID, and the proxy
+//! traces them through a Describe of their statement (docs/SCALING-OUT.md);
+//! what it cannot trace is refused, never shown as ciphertext.
 
 use crate::common;
 
@@ -21,20 +20,14 @@ use common::encryption::{keyring, poll_until, refused, rows, EncryptedSetup};
 use common::{connect, run_cmk_proxy, server_sees_tls, sqlstate};
 use tokio_postgres::Client;
 
-const COLUMNS: &[&str] = &["ssn: {type: text}", "notes: {type: text}"];
+const COLUMNS: &[&str] = &["ssn: {type: text, search: equality}", "notes: {type: text}"];
 
 const SCHEMA: &str = "\
-    CREATE TABLE patients (id bigserial, tenant_id text NOT NULL, ssn bytea, notes bytea, \
+    CREATE TABLE patients (id bigserial, tenant_id text NOT NULL, ssn bytea, ssn_bidx bytea, notes bytea, \
         cmk_edek jsonb, PRIMARY KEY (tenant_id, id)); \
     SELECT create_distributed_table('patients', 'tenant_id'); \
     CREATE TABLE settings (id int PRIMARY KEY, tenant_id text NOT NULL, secret bytea, cmk_edek jsonb); \
     SELECT create_reference_table('settings');";
-
-/// The settings docs/SCALING-OUT.md asks for: router results carry no
-/// column origins, and Citus 13.2 crashes a backend running a generic plan
-/// with router execution off (the sixth execution of a prepared statement).
-const ROUTER_OFF: &str = "ALTER DATABASE app SET citus.enable_router_execution = off; \
-    ALTER DATABASE app SET plan_cache_mode = force_custom_plan";
 
 /// The reference table's policy, appended to the `tables:` map.
 const SETTINGS: &str =
@@ -63,12 +56,12 @@ struct CitusSetup {
     workers: Vec<LocalPostgres>,
 }
 
-async fn setup(router_execution: bool) -> Option<CitusSetup> {
-    setup_with(router_execution, false).await
+async fn setup() -> Option<CitusSetup> {
+    setup_with(false).await
 }
 
 /// With `coordinator_shards`, the coordinator holds shards too.
-async fn setup_with(router_execution: bool, coordinator_shards: bool) -> Option<CitusSetup> {
+async fn setup_with(coordinator_shards: bool) -> Option<CitusSetup> {
     let LocalCitus {
         coordinator,
         workers,
@@ -81,9 +74,6 @@ async fn setup_with(router_execution: bool, coordinator_shards: bool) -> Option<
         ));
     }
     schema.push_str(SCHEMA);
-    if !router_execution {
-        schema.push_str(&format!(" {ROUTER_OFF};"));
-    }
     let s = EncryptedSetup::start_on(
         coordinator,
         &schema,
@@ -147,7 +137,7 @@ async fn notes_of(app: &Client, tenant: &str) -> Vec<Option<String>> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_and_reads_on_a_table_distributed_by_tenant() {
-    let Some(CitusSetup { s, workers }) = setup(false).await else {
+    let Some(CitusSetup { s, workers }) = setup().await else {
         return;
     };
     let app = s.app().await;
@@ -225,7 +215,7 @@ async fn writes_and_reads_on_a_table_distributed_by_tenant() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn update_is_pinned_and_revocation_and_the_tenant_guard_hold() {
-    let Some(CitusSetup { s, workers }) = setup(false).await else {
+    let Some(CitusSetup { s, workers }) = setup().await else {
         return;
     };
     let app = s.app().await;
@@ -283,7 +273,7 @@ async fn update_is_pinned_and_revocation_and_the_tenant_guard_hold() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_reference_table_with_a_protected_column_is_sealed_on_every_worker() {
-    let Some(CitusSetup { s, workers }) = setup(false).await else {
+    let Some(CitusSetup { s, workers }) = setup().await else {
         return;
     };
     let app = s.app().await;
@@ -303,52 +293,229 @@ async fn a_reference_table_with_a_protected_column_is_sealed_on_every_worker() {
     all_sealed(&cells, "settings.secret on the workers");
 }
 
-/// Without the setting, Citus answers a router query with columns that
-/// carry no table OID: the proxy cannot trace them and refuses the
-/// envelope (KM003) rather than show ciphertext or guess.
+/// Reads and RETURNING through psycopg 3 (libpq): a query with parameters
+/// is sent as Parse, Bind, Describe of the portal and Execute, and from its
+/// sixth run as a prepared statement that is never described: the proxy
+/// describes the statement itself.
+const PSYCOPG_SCRIPT: &str = r#"
+import json, sys, psycopg
+out = {}
+with psycopg.connect(sys.argv[1], autocommit=True) as c:
+    read = "SELECT notes FROM patients WHERE tenant_id = %s ORDER BY id"
+    out["text"] = [c.execute(read, ("acme",)).fetchall() for _ in range(8)]
+    cur = c.cursor(binary=True)
+    out["binary"] = [cur.execute(read, ("globex",)).fetchall() for _ in range(8)]
+    out["returning"] = c.execute(
+        "INSERT INTO patients (tenant_id, notes) VALUES (%s, %s) RETURNING notes",
+        ("acme", "p1")).fetchone()
+print(json.dumps(out))
+"#;
+
+/// Citus answers router (single-shard) queries — a tenant's rows, a
+/// reference table, RETURNING — with columns that name no table. The
+/// proxy traces them through a Describe of their statement, in both
+/// protocols, whether the client describes the statement, the portal or
+/// nothing; what cannot be traced that way stays refused.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_untraceable_router_result_is_refused_not_shown() {
-    let Some(CitusSetup { s, workers }) = setup(true).await else {
+async fn router_results_are_traced_through_their_statement() {
+    let Some(CitusSetup { s, workers }) = setup().await else {
         return;
     };
-    let app = s.app().await;
-    rows(
-        &app,
-        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'a'), ('globex', 'g')",
-    )
-    .await;
-    // Multi-shard reads carry the distributed table's OID: decrypted.
-    assert_eq!(rows(&app, "SELECT notes FROM patients").await.len(), 2);
-    let (code, message) =
-        refused(&app, "SELECT notes FROM patients WHERE tenant_id = 'acme'").await;
-    assert_eq!(code, "KM003", "{message}");
-    // RETURNING of a protected column is untraceable on Citus in any mode.
-    let (code, message) = refused(
-        &app,
-        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'r') RETURNING notes",
-    )
-    .await;
-    assert_eq!(code, "KM003", "{message}");
-    let stored: i64 = s
+    let router: String = s
         .direct
         .query_one(
-            "SELECT count(*) FROM patients WHERE tenant_id = 'acme'",
+            "SELECT current_setting('citus.enable_router_execution')",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    // The refusal is of the result: the (sealed) row was written in
-    // autocommit before it (a known limit, docs/SCALING-OUT.md).
-    assert_eq!(stored, 2);
+    assert_eq!(router, "on", "Citus's default");
+    let app = s.app().await;
+    // RETURNING, simple protocol (run as the proxy's statement) and extended.
+    let returned = rows(
+        &app,
+        "INSERT INTO patients (tenant_id, notes) VALUES ('acme', 'a1') RETURNING notes",
+    )
+    .await;
+    assert_eq!(returned, [[Some("a1".to_owned())]]);
+    let returned = app
+        .query_one(
+            "INSERT INTO patients (tenant_id, notes) VALUES ($1, $2) RETURNING notes, tenant_id",
+            &[&"globex", &"g1"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(returned.get::<_, String>(0), "g1");
+    let updated = rows(
+        &app,
+        "UPDATE patients SET notes = 'a2' WHERE tenant_id = 'acme' RETURNING notes",
+    )
+    .await;
+    assert_eq!(updated, [[Some("a2".to_owned())]]);
+    // A router read without RETURNING of the rows' tenant in the result.
+    assert_eq!(notes_of(&app, "acme").await, [Some("a2".to_owned())]);
+    let explain = rows(
+        &s.direct,
+        "EXPLAIN SELECT notes FROM patients WHERE tenant_id = 'acme'",
+    )
+    .await;
+    assert!(
+        format!("{explain:?}").contains("Task Count: 1"),
+        "a router query: {explain:?}"
+    );
+
+    // psycopg: portals described, then prepared statements never described.
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} (scripts/install-deps.sh)",
+        python.display()
+    );
+    let output = std::process::Command::new(&python)
+        .args(["-c", PSYCOPG_SCRIPT, &s.proxy.url("postgres", "", "app")])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    for run in out["text"].as_array().unwrap() {
+        assert_eq!(run, &serde_json::json!([["a2"]]));
+    }
+    for run in out["binary"].as_array().unwrap() {
+        assert_eq!(run, &serde_json::json!([["g1"]]));
+    }
+    assert_eq!(out["returning"], serde_json::json!(["p1"]));
+
+    // Untraceable: a function (created directly) that returns the cells.
+    s.direct
+        .batch_execute(
+            "CREATE FUNCTION acme_notes() RETURNS SETOF bytea LANGUAGE sql AS \
+             $$SELECT notes FROM patients WHERE tenant_id = 'acme'$$",
+        )
+        .await
+        .unwrap();
+    let (code, message) = refused(&app, "SELECT acme_notes()").await;
+    assert_eq!(code, "KM003", "{message}");
     all_sealed(
         &shard_cells(&workers, "patients", "notes").await,
-        "after the refused RETURNING",
+        "after router writes",
     );
+}
+
+/// COPY in and out through psycopg 3 (simple protocol, as psql's `\copy`).
+const COPY_SCRIPT: &str = r#"
+import json, sys, psycopg
+out = {}
+with psycopg.connect(sys.argv[1], autocommit=True) as c:
+    with c.cursor().copy("COPY patients (tenant_id, ssn, notes) FROM STDIN") as copy:
+        copy.write_row(("acme", "777-77-7777", "c1"))
+        copy.write_row(("globex", "888-88-8888", "c2"))
+    query = "COPY (SELECT ssn, notes FROM patients WHERE tenant_id = 'acme' ORDER BY id) TO STDOUT"
+    with c.cursor().copy(query) as copy:
+        out["acme"] = [list(row) for row in copy.rows()]
+print(json.dumps(out))
+"#;
+
+/// `migrate` puts the envelope and blind-index CHECKs on the distributed
+/// table and Citus puts them on every shard, so a worker itself refuses
+/// plaintext written straight into a shard; equality lookups through the
+/// blind index and COPY in and out work on the distributed table.
+#[tokio::test(flavor = "multi_thread")]
+async fn checks_on_every_shard_and_lookups_and_copy_work() {
+    let Some(CitusSetup { s, workers }) = setup().await else {
+        return;
+    };
+    cli(&["migrate"], &s.proxy.config_path());
+    for worker in &workers {
+        let (client, _h) = connect(&worker.admin_url("app")).await;
+        client
+            .batch_execute("SET citus.override_table_visibility = off")
+            .await
+            .unwrap();
+        let shards = client
+            .query(
+                "SELECT c.relname::text, count(con.oid) FILTER (WHERE con.convalidated) \
+                 FROM pg_class c LEFT JOIN pg_constraint con ON con.conrelid = c.oid \
+                     AND con.contype = 'c' AND con.conname ~ '^cmk_(envelope|bidx)_' \
+                 WHERE c.relkind = 'r' AND c.relname ~ '^patients_[0-9]+$' GROUP BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(!shards.is_empty(), "no shard on the worker");
+        for shard in &shards {
+            // ssn and notes envelopes, ssn's blind index.
+            assert_eq!(shard.get::<_, i64>(1), 3, "{}", shard.get::<_, String>(0));
+        }
+        let shard: String = shards[0].get(0);
+        let err = client
+            .execute(
+                &format!("INSERT INTO {shard} (id, tenant_id, notes) VALUES (-1, 'acme', 'plain')"),
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err).as_deref(), Some("23514"), "{err}");
+    }
+
+    let app = s.app().await;
+    rows(
+        &app,
+        "INSERT INTO patients (tenant_id, ssn, notes) VALUES ('acme', '111-11-1111', 'a1'), \
+         ('globex', '111-11-1111', 'g1'), ('acme', '222-22-2222', 'a2')",
+    )
+    .await;
+    // The proxy answers lookups once it has seen migrate's blind-index CHECK.
+    let lookup = "SELECT notes FROM patients WHERE tenant_id = 'acme' AND ssn = '111-11-1111'";
+    poll_until(false, || app.simple_query(lookup)).await;
+    assert_eq!(rows(&app, lookup).await, [[Some("a1".to_owned())]]);
+    let found = app
+        .query(
+            "SELECT notes FROM patients WHERE ssn = $1 AND tenant_id = $2",
+            &[&"111-11-1111", &"globex"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].get::<_, String>(0), "g1");
+    rows(&app, "SET cmk.tenant_id = 'acme'").await;
+    let both = rows(
+        &app,
+        "SELECT notes FROM patients WHERE ssn IN ('111-11-1111', '222-22-2222') ORDER BY id",
+    )
+    .await;
+    assert_eq!(both, [[Some("a1".to_owned())], [Some("a2".to_owned())]]);
+
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let output = std::process::Command::new(&python)
+        .args(["-c", COPY_SCRIPT, &s.proxy.url("postgres", "", "app")])
+        .output()
+        .unwrap();
     assert!(
-        s.proxy.log_text().contains("citus.enable_router_execution"),
+        output.status.success(),
         "{}",
-        s.proxy.log_text()
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        out["acme"],
+        serde_json::json!([
+            ["111-11-1111", "a1"],
+            ["222-22-2222", "a2"],
+            ["777-77-7777", "c1"]
+        ])
+    );
+    all_sealed(
+        &shard_cells(&workers, "patients", "ssn").await,
+        "patients.ssn after COPY",
+    );
+    all_sealed(
+        &shard_cells(&workers, "patients", "notes").await,
+        "patients.notes after COPY",
     );
 }
 
@@ -365,7 +532,7 @@ fn cli(args: &[&str], config: &Path) -> String {
 /// take effect on the serving proxy.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_registry_lives_on_the_coordinator_and_rotation_and_disable_work_while_serving() {
-    let Some(CitusSetup { s, workers }) = setup(false).await else {
+    let Some(CitusSetup { s, workers }) = setup().await else {
         return;
     };
     let app = s.app().await;
@@ -438,7 +605,7 @@ async fn the_registry_lives_on_the_coordinator_and_rotation_and_disable_work_whi
 /// protected column, or read cells, unseen by the proxy.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shard_named_directly_is_refused() {
-    let Some(CitusSetup { s, workers: _w }) = setup_with(false, true).await else {
+    let Some(CitusSetup { s, workers: _w }) = setup_with(true).await else {
         return;
     };
     s.direct
@@ -479,4 +646,91 @@ async fn a_shard_named_directly_is_refused() {
     )
     .await;
     assert_eq!(notes_of(&app, "acme").await, [Some("ok".into())]);
+}
+
+/// A legacy plaintext table, distributed by its tenant column.
+const LEGACY: &str = "\
+    CREATE TABLE patients (id bigserial, tenant_id text NOT NULL, ssn text, notes text, \
+        PRIMARY KEY (tenant_id, id)); \
+    SELECT create_distributed_table('patients', 'tenant_id'); \
+    INSERT INTO patients (tenant_id, ssn, notes) \
+    SELECT (ARRAY['acme', 'globex'])[1 + i % 2], 'ssn-' || i, 'note ' || i \
+    FROM generate_series(1, 400) AS i;";
+
+/// `cmk-proxy encrypt` converts a legacy distributed table while the
+/// application writes through the proxy: every shard ends up sealed, every
+/// row reads back as it was written, lookups work on the converted table.
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_converts_a_legacy_distributed_table_online() {
+    let Some(LocalCitus {
+        coordinator,
+        workers,
+    }) = cluster()
+    else {
+        return;
+    };
+    let s = EncryptedSetup::start_on(
+        coordinator,
+        LEGACY,
+        "public.patients",
+        COLUMNS,
+        "",
+        "",
+        "server:\n  catalog_refresh: 1s\n",
+    )
+    .await;
+    let app = s.app().await;
+    assert_eq!(
+        notes_of(&app, "acme").await.len(),
+        200,
+        "legacy rows served"
+    );
+
+    let writer = s.app().await;
+    let writing = tokio::spawn(async move {
+        let mut written = 0u32;
+        for i in 0..60 {
+            writer
+                .simple_query(&format!(
+                    "INSERT INTO patients (tenant_id, ssn, notes) VALUES ('acme', 'new-{i}', 'written {i}')"
+                ))
+                .await
+                .expect("a write during encrypt");
+            written += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        written
+    });
+    let config = s.proxy.config_path();
+    let (ok, text) = run_cmk_proxy([
+        "encrypt",
+        "--config",
+        config.to_str().unwrap_or_default(),
+        "--table",
+        "public.patients",
+        "--batch-size",
+        "50",
+    ]);
+    assert!(ok, "encrypt: {text}");
+    let written = writing.await.expect("writer");
+
+    all_sealed(
+        &shard_cells(&workers, "patients", "ssn").await,
+        "ssn after encrypt",
+    );
+    all_sealed(
+        &shard_cells(&workers, "patients", "notes").await,
+        "notes after encrypt",
+    );
+    let acme = notes_of(&app, "acme").await;
+    assert_eq!(acme.len(), 200 + written as usize);
+    assert_eq!(acme[0].as_deref(), Some("note 2"));
+    assert!(acme.contains(&Some("written 0".to_owned())));
+    let globex = notes_of(&app, "globex").await;
+    assert_eq!(globex.len(), 200);
+    assert_eq!(globex[0].as_deref(), Some("note 1"));
+
+    let lookup = "SELECT notes FROM patients WHERE tenant_id = 'acme' AND ssn = 'new-3'";
+    poll_until(false, || app.simple_query(lookup)).await;
+    assert_eq!(rows(&app, lookup).await, [[Some("written 3".to_owned())]]);
 }

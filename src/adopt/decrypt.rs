@@ -348,6 +348,7 @@ async fn finish(
         transaction
             .batch_execute("SET LOCAL lock_timeout = '1s'")
             .await?;
+        transaction.batch_execute(super::CITUS_SEQUENTIAL).await?;
         let locked = transaction
             .batch_execute(&format!(
                 "LOCK TABLE {}, {relation} IN ACCESS EXCLUSIVE MODE",

@@ -54,7 +54,7 @@ const UNDEFINED_OBJECT: &str = "42704";
 /// On Citus (a no-op elsewhere): the step's DDL reaches the shards over one
 /// connection per node, so a function or view command may follow a table
 /// command in the same transaction, as Citus requires.
-const CITUS_SEQUENTIAL: &str =
+pub(crate) const CITUS_SEQUENTIAL: &str =
     "SELECT set_config('citus.multi_shard_modify_mode', 'sequential', true) \
      WHERE current_setting('citus.multi_shard_modify_mode', true) IS NOT NULL";
 /// Tries of one DDL step before giving up.

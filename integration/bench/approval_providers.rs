@@ -7,6 +7,14 @@
 //! Run: `cargo bench --bench approval_providers` (TENANTS, default 1000;
 //! CONCURRENCY, default 16 tenants approved at once; PROVIDERS, default
 //! `pkcs11,kmip`).
+//!
+//! With `HOLD_KEYS=DIR` it measures nothing: it starts the one provider
+//! PROVIDERS names, creates TENANTS keys, writes `DIR/provider.yaml` (the
+//! `keys.providers` entry), `DIR/tenants.yaml` (one `PREFIXi: {provider,
+//! key}` line per tenant, PREFIX from TENANT_PREFIX, i from 1) and
+//! `DIR/env` (what the proxy's environment needs), then `DIR/ready`, and
+//! keeps the token or server alive until its stdin closes. The encrypted
+//! benchmark runs on it with `PROVIDER=pkcs11|kmip`.
 
 #[path = "../../tests/it/support/pykmip.rs"]
 mod pykmip;
@@ -130,9 +138,58 @@ fn report(
     }
 }
 
+/// The `HOLD_KEYS` mode (see the module documentation).
+fn hold_keys(dir: &std::path::Path, which: &str, tenants: usize) {
+    let prefix = std::env::var("TENANT_PREFIX").unwrap_or_default();
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    };
+    let tenant_lines = |keys: &[String]| -> String {
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| format!("\"{prefix}{}\": {{provider: {which}, key: \"{key}\"}}\n", i + 1))
+            .collect()
+    };
+    // Both live until the end of this function.
+    let mut _hsm = None;
+    let mut _kmip = None;
+    match which {
+        "pkcs11" => {
+            let hsm = softhsm::SoftHsm::start();
+            let labels: Vec<String> = (1..=tenants).map(|i| format!("key-{i}")).collect();
+            for l in &labels {
+                hsm.create_key(l);
+            }
+            write("provider.yaml", hsm.provider_yaml());
+            write("tenants.yaml", tenant_lines(&labels));
+            let conf = std::env::var("SOFTHSM2_CONF").unwrap_or_default();
+            write("env", format!("SOFTHSM2_CONF={conf}\n"));
+            _hsm = Some(hsm);
+        }
+        "kmip" => {
+            let kmip = pykmip::PyKmip::start();
+            let uids = kmip.create_keys(tenants);
+            write("provider.yaml", kmip.provider_yaml());
+            write("tenants.yaml", tenant_lines(&uids));
+            write("env", String::new());
+            _kmip = Some(kmip);
+        }
+        other => panic!("HOLD_KEYS: PROVIDERS must be pkcs11 or kmip, not {other}"),
+    }
+    write("ready", String::new());
+    // Until the benchmark closes our stdin.
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is read from argv.
     let tenants = env_or("TENANTS", 1000);
+    if let Some(dir) = std::env::var_os("HOLD_KEYS") {
+        let which = std::env::var("PROVIDERS").unwrap_or_default();
+        hold_keys(std::path::Path::new(&dir), &which, tenants);
+        return;
+    }
     let concurrency = env_or("CONCURRENCY", 16).max(1);
     let which = std::env::var("PROVIDERS").unwrap_or_else(|_| "pkcs11,kmip".into());
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -37,6 +37,10 @@
 # each transaction one SELECT of a row by (tenant, mrn) with mrn a protected
 # int8 declared search: equality, against the same lookup on a plaintext
 # indexed column through PgBouncer; results in results-lookup-PROTOCOL.md).
+# PROVIDER (local: every tenant's key in a local keyring; pkcs11 or kmip: in a
+# real SoftHSM2 token or PyKMIP server started for the run, one key per tenant,
+# made and held by `cargo bench --profile dev --bench approval_providers` in its
+# HOLD_KEYS mode, so approvals and re-approvals go to a real key manager),
 # COMPARE_BIN (a second cmk-proxy binary, e.g. a build of an older commit:
 # it serves the same encrypted database as a fourth target, its rounds
 # alternating with the others, for an A/B of two versions in one run),
@@ -52,6 +56,7 @@ TENANTS="${TENANTS:-100}"
 APPROVAL_TTL="${APPROVAL_TTL:-20s}"
 WORKER_THREADS="${WORKER_THREADS:-1}"
 PROTOCOL="${PROTOCOL:-simple}"
+PROVIDER="${PROVIDER:-local}"
 PASSTHROUGH="${PASSTHROUGH:-1}"
 PROFILE="${PROFILE:-0}"
 CITUS="${CITUS:-0}"
@@ -105,6 +110,8 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     set +e
+    # The key holder (PROVIDER) ends when its stdin closes.
+    exec 9>&- 2>/dev/null
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     for node in pg w1 w2; do
@@ -215,6 +222,39 @@ KEYRING="$WORK/keyring.json"
 for i in $(seq 1 "$TENANTS"); do
     "$PROXY_BIN" keyring create "$TENANT_PREFIX$i" --keyring "$KEYRING" >/dev/null
 done
+PROVIDER_LINE=""
+PROVIDER_DESC="a local keyring"
+case "$PROVIDER" in
+    local) ;;
+    pkcs11 | kmip)
+        log "creating $TENANTS tenant keys in $PROVIDER (approval_providers HOLD_KEYS)"
+        KEYS_DIR="$WORK/keys"
+        mkdir -p "$KEYS_DIR"
+        mkfifo "$WORK/keys.stdin"
+        (cd "$REPO" && HOLD_KEYS="$KEYS_DIR" PROVIDERS="$PROVIDER" TENANTS="$TENANTS" \
+            TENANT_PREFIX="$TENANT_PREFIX" cargo bench --profile dev --bench approval_providers \
+            <"$WORK/keys.stdin" >"$WORK/keys.log" 2>&1) &
+        KEYS_PID=$!
+        exec 9>"$WORK/keys.stdin"
+        for _ in $(seq 1 1200); do
+            [ -f "$KEYS_DIR/ready" ] && break
+            kill -0 "$KEYS_PID" 2>/dev/null || die "key holder failed: $(tail -20 "$WORK/keys.log")"
+            sleep 0.5
+        done
+        [ -f "$KEYS_DIR/ready" ] || die "key holder not ready in 600 s: $(tail -20 "$WORK/keys.log")"
+        set -a
+        # shellcheck disable=SC1091
+        . "$KEYS_DIR/env"
+        set +a
+        PROVIDER_LINE="    $PROVIDER: $(cat "$KEYS_DIR/provider.yaml")"
+        if [ "$PROVIDER" = pkcs11 ]; then
+            PROVIDER_DESC="a SoftHSM2 token over PKCS#11"
+        else
+            PROVIDER_DESC="a PyKMIP server over KMIP"
+        fi
+        ;;
+    *) die "PROVIDER must be local, pkcs11 or kmip" ;;
+esac
 AUDIT="$WORK/audit.jsonl"
 case "$WORKER_THREADS" in
     auto) SERVER_SETTINGS="server: {}" ;;
@@ -231,6 +271,7 @@ keys:
   approval_ttl: $APPROVAL_TTL
   providers:
     local: {kind: local, path: $KEYRING}
+${PROVIDER_LINE}
 audit:
   sink: {kind: file, path: $AUDIT}
 tables:
@@ -246,9 +287,13 @@ EOF
         printf '      note: {type: text}\n      mrn: {type: int8, search: equality}\n'
     fi
     echo "tenants:"
-    for i in $(seq 1 "$TENANTS"); do
-        printf '  "%s%d": {provider: local, key: "%s%d"}\n' "$TENANT_PREFIX" "$i" "$TENANT_PREFIX" "$i"
-    done
+    if [ "$PROVIDER" = local ]; then
+        for i in $(seq 1 "$TENANTS"); do
+            printf '  "%s%d": {provider: local, key: "%s%d"}\n' "$TENANT_PREFIX" "$i" "$TENANT_PREFIX" "$i"
+        done
+    else
+        sed 's/^/  /' "$KEYS_DIR/tenants.yaml"
+    fi
     if [ "$METRICS" = 1 ] || [ "$RELOADS" -gt 0 ]; then
         ADMIN_PORT="$(free_port)"
         printf 'admin: {listen: 127.0.0.1:%d}\n' "$ADMIN_PORT"
@@ -665,7 +710,7 @@ REPORT="# cmk-proxy encrypted multi-tenant benchmark — latest run
   (${NOTE_BYTES} bytes), score int4, birth_date date — \`RETURNING id \\gset\`, then SELECT of that row by
   primary key$([ "$PROTOCOL" = simple ] || echo "; in $PROTOCOL mode one extra \`SELECT … \\gset\` builds the tenant id and the date")"; fi))
 - targets alternate (${TARGETS[*]}) x ROUNDS; plain TCP, trust auth. cmk-proxy → database \`enc\`
-  (protected columns bytea + \`cmk_edek\` jsonb, policy with $TENANTS tenants in a local keyring);
+  (protected columns bytea + \`cmk_edek\` jsonb, policy with $TENANTS tenants, keys in $PROVIDER_DESC);
   PgBouncer (session mode) → database \`plain\` (same table, plaintext types)$([ "$PASSTHROUGH" = 1 ] && echo "; the diagnostic
   target is a second cmk-proxy without policy tables (pure relay) → database \`plain\`" || true).
 - latency: every transaction from pgbench \`-l\` logs, all rounds of a target pooled. Hop CPU: user + system

@@ -147,7 +147,12 @@ fn hold_keys(dir: &std::path::Path, which: &str, tenants: usize) {
     let tenant_lines = |keys: &[String]| -> String {
         keys.iter()
             .enumerate()
-            .map(|(i, key)| format!("\"{prefix}{}\": {{provider: {which}, key: \"{key}\"}}\n", i + 1))
+            .map(|(i, key)| {
+                format!(
+                    "\"{prefix}{}\": {{provider: {which}, key: \"{key}\"}}\n",
+                    i + 1
+                )
+            })
             .collect()
     };
     // Both live until the end of this function.

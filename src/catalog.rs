@@ -5,18 +5,22 @@
 //! sessions and no keys.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::sync::Arc;
 
 use crate::config::{split_table_name, DeclaredType, Policy, SearchMode, TablePolicy};
 use crate::rewrite::SchemaFacts;
 
 pub mod adoption;
+mod citus;
 pub mod envelope;
+mod problems;
 pub mod schema_notify;
 pub mod search_index;
 
 use adoption::{Adoption, Phase};
+use citus::{refuse_citus_shards, warn_of_citus_router_results};
+use problems::schema_problems;
+pub use problems::{check_schema, SchemaProblem};
 
 /// What a protected table column is for the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,27 +159,6 @@ impl PartialEq for AnalysisPolicy {
 }
 
 impl Eq for AnalysisPolicy {}
-
-/// A mismatch between the policy and the live schema.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SchemaProblem {
-    /// `schema.table` or `schema.table.column`.
-    pub location: String,
-    /// What is wrong.
-    pub message: String,
-    /// DDL that fixes it, when there is one.
-    pub fix: Option<String>,
-}
-
-impl fmt::Display for SchemaProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.location, self.message)?;
-        if let Some(fix) = &self.fix {
-            write!(f, "\n    fix: {fix}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Reading the catalog failed.
 #[derive(Debug, thiserror::Error)]
@@ -549,34 +532,6 @@ pub async fn load_map(
     Ok(map)
 }
 
-/// With `citus.enable_router_execution = off` (the stopgap of earlier
-/// releases, no longer needed: results are traced by their statement)
-/// Citus sends parameterized queries to every shard, and 13.2 crashes a
-/// backend running a generic plan unless `plan_cache_mode` is
-/// `force_custom_plan`.
-async fn warn_of_citus_router_results(client: &tokio_postgres::Client) -> Result<(), CatalogError> {
-    let row = client
-        .query_one(
-            "SELECT current_setting('citus.enable_router_execution', true), \
-                    current_setting('plan_cache_mode')",
-            &[],
-        )
-        .await?;
-    let router: Option<String> = row.get(0);
-    let plan_cache: String = row.get(1);
-    if router.as_deref() == Some("off") {
-        tracing::warn!(
-            "citus.enable_router_execution is off: no longer needed (cmk-proxy traces router results through their statement) and it sends every parameterized query to all shards; reset it (docs/SCALING-OUT.md)"
-        );
-        if plan_cache != "force_custom_plan" {
-            tracing::warn!(
-                "citus.enable_router_execution is off but plan_cache_mode is {plan_cache}: Citus crashes a backend running a generic plan (the sixth execution of a prepared statement); set plan_cache_mode = force_custom_plan or reset citus.enable_router_execution (docs/SCALING-OUT.md)"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Partitions and inheritance children of policy tables, at any depth:
 /// statements naming a child directly are refused (its cells would be
 /// written or read unseen). Their columns are mapped by name to the policy
@@ -636,46 +591,6 @@ async fn map_children(
         }
     }
     Ok(children)
-}
-
-/// The shards of policy tables that Citus distributes (or replicates), from
-/// its metadata on the coordinator: statements naming a shard are refused
-/// like those naming a partition (its cells would be written or read
-/// unseen, e.g. on a coordinator that holds shards). Citus's results for a
-/// distributed table never name a shard; router results name no table at
-/// all (see [`CatalogMap::traces_by_statement`]).
-async fn refuse_citus_shards(
-    client: &tokio_postgres::Client,
-    map: &mut CatalogMap,
-) -> Result<(), CatalogError> {
-    let citus: bool = client
-        .query_one(
-            "SELECT to_regclass('pg_catalog.pg_dist_shard') IS NOT NULL",
-            &[],
-        )
-        .await?
-        .get(0);
-    if !citus {
-        return Ok(());
-    }
-    map.citus = true;
-    let tables: Vec<u32> = map.table_oids.values().copied().collect();
-    let rows = client
-        .query(
-            "SELECT n.nspname || '.' || (parse_ident(shard_name(s.logicalrelid, s.shardid)))[ \
-                    cardinality(parse_ident(shard_name(s.logicalrelid, s.shardid)))], \
-                    n.nspname || '.' || c.relname \
-             FROM pg_catalog.pg_dist_shard s \
-             JOIN pg_catalog.pg_class c ON c.oid = s.logicalrelid \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE s.logicalrelid::oid = ANY($1::oid[])",
-            &[&tables],
-        )
-        .await?;
-    for row in rows {
-        map.facts.children.insert(row.get(0), row.get(1));
-    }
-    Ok(())
 }
 
 /// Views over policy tables (or their children) at any depth that
@@ -784,147 +699,6 @@ async fn map_views(
         }
     }
     refuse_unmapped_views(client, map, &bases, &described).await
-}
-
-/// Compares the policy with the live schema; every problem comes with the
-/// DDL that fixes it where one exists.
-pub async fn check_schema(
-    client: &tokio_postgres::Client,
-    policy: &Policy,
-) -> Result<Vec<SchemaProblem>, CatalogError> {
-    let (adoptions, mut tables, _) = read_policy_tables(client, policy).await?;
-    let mut problems = Vec::new();
-    for (name, table_policy) in &policy.tables {
-        let Some(info) = tables.get(name) else {
-            continue;
-        };
-        let state = table_state(name, info, table_policy, &adoptions);
-        let command = if matches!(state, TableState::Leaving(_)) {
-            "decrypt"
-        } else {
-            "encrypt"
-        };
-        let fix = Some(format!(
-            "cmk-proxy {command} --config <policy> --table {name}"
-        ));
-        let message = match state {
-            TableState::Normal => continue,
-            TableState::Legacy(None) => {
-                "holds legacy plaintext (no protected column is bytea, no EDEK column): served untouched until converted".to_owned()
-            }
-            TableState::Legacy(Some(_)) => {
-                "in transition from legacy plaintext (phase prepared: the transition view is not swapped in yet)".to_owned()
-            }
-            TableState::Leaving(_) => {
-                "leaving the policy's format (cmk-proxy decrypt, phase leaving: the transition view is not swapped in yet)".to_owned()
-            }
-            TableState::Transition(adoption) => format!(
-                "in transition between legacy plaintext and cells (phase converting, real table {}, resume after {}): legacy values are served beside cells until encrypt or decrypt finishes it",
-                adoption.base_name,
-                adoption
-                    .resume_after
-                    .as_ref()
-                    .map_or("the start".to_owned(), |key| key.join(","))
-            ),
-        };
-        problems.push(SchemaProblem {
-            location: name.clone(),
-            message,
-            fix,
-        });
-    }
-    let mut analysed = policy.clone();
-    analysed.tables.retain(|name, table_policy| {
-        tables.get(name).is_none_or(|info| {
-            !matches!(
-                table_state(name, info, table_policy, &adoptions),
-                TableState::Legacy(_)
-            )
-        })
-    });
-    tables.retain(|name, _| analysed.tables.contains_key(name));
-    problems.extend(schema_problems(&analysed, &tables));
-    Ok(problems)
-}
-
-fn schema_problems(policy: &Policy, tables: &HashMap<String, TableInfo>) -> Vec<SchemaProblem> {
-    let mut problems = Vec::new();
-    for (name, table_policy) in &policy.tables {
-        let Some(info) = tables.get(name) else {
-            problems.push(SchemaProblem {
-                location: name.clone(),
-                message: "table does not exist (or is not a plain or partitioned table)".to_owned(),
-                fix: None,
-            });
-            continue;
-        };
-        let table = qualified(name);
-        let mut expect = |column: &str, wanted: &str, why: &str, add_extra: Option<String>| {
-            let location = format!("{name}.{column}");
-            let col = quote_ident(column);
-            match info.attrs.get(column) {
-                None => problems.push(SchemaProblem {
-                    location,
-                    message: format!("column does not exist ({why})"),
-                    fix: Some(format!(
-                        "ALTER TABLE {table} ADD COLUMN {col} {wanted};{}",
-                        add_extra.map(|e| format!(" {e}")).unwrap_or_default()
-                    )),
-                }),
-                Some(attr) if attr.type_name != wanted => problems.push(SchemaProblem {
-                    location,
-                    message: format!("stored as {}, must be {wanted} ({why})", attr.type_name),
-                    fix: Some(if wanted == "bytea" {
-                        // Existing values become legacy plaintext cells: serve
-                        // them with `mode: migrating` until re-encrypted.
-                        format!(
-                            "ALTER TABLE {table} ALTER COLUMN {col} TYPE bytea USING convert_to({col}::text, 'UTF8');"
-                        )
-                    } else {
-                        format!("ALTER TABLE {table} ALTER COLUMN {col} TYPE {wanted} USING {col}::{wanted};")
-                    }),
-                }),
-                Some(attr) if attr.has_default && wanted == "bytea" => problems.push(SchemaProblem {
-                    location,
-                    message: "has a DEFAULT, which would store a value the proxy never encrypted".to_owned(),
-                    fix: Some(format!("ALTER TABLE {table} ALTER COLUMN {col} DROP DEFAULT;")),
-                }),
-                Some(_) => {}
-            }
-        };
-        for (column, column_policy) in &table_policy.columns {
-            expect(
-                column,
-                "bytea",
-                "protected columns hold encrypted cells",
-                None,
-            );
-            if column_policy.search == SearchMode::Equality {
-                let bidx = format!("{column}_bidx");
-                let index = format!("CREATE INDEX ON {table} ({});", quote_ident(&bidx));
-                expect(
-                    &bidx,
-                    "bytea",
-                    "blind index for search: equality",
-                    Some(index),
-                );
-            }
-        }
-        expect(
-            &table_policy.edek_column,
-            "jsonb",
-            "the EDEK column holds {dek_id: wrapped key}",
-            None,
-        );
-        if !info.attrs.contains_key(&table_policy.tenant_column) {
-            problems.push(SchemaProblem {
-                location: format!("{name}.{}", table_policy.tenant_column),
-                message: "tenant column does not exist".to_owned(),
-                fix: None,
-            });
-        }
-    }
-    problems
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 
 use super::gate::{
-    disagreement, has_unicode_escape, needs_the_proxy, parse_bounded, MAX_CALL_NESTING,
+    disagreement, has_unicode_escape, needs_the_proxy, parse_bounded, with_plain_comparisons,
+    MAX_CALL_NESTING,
 };
 use super::names::{
     ambiguous_table, ident_name, keys_named, last_name, mentioned_key, mentions_policy_table,
@@ -286,7 +287,9 @@ pub(super) fn analyze_with(
     let parsed = match &reading {
         // SQL that PostgreSQL's grammar rejects is read by the fallback
         // below, which refuses whatever may touch protected data.
-        Some(_) => parse_bounded(sql),
+        Some(_) => parse_bounded(sql).or_else(|()| {
+            with_plain_comparisons(sql).map_or(Err(()), |plain| parse_bounded(&plain))
+        }),
         None => Err(()),
     };
     let statements = match parsed {

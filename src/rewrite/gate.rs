@@ -31,6 +31,52 @@ pub(super) fn parse_bounded(sql: &str) -> Result<Vec<Statement>, ()> {
         .map_err(|_| ())
 }
 
+/// Comparison operators whose `OPERATOR(pg_catalog.op)` form before
+/// `ANY`/`ALL`/`SOME` sqlparser cannot read (pg_dump writes it).
+const QUALIFIED_COMPARISONS: [&str; 6] = ["=", "<>", "<", ">", "<=", ">="];
+
+/// `sql` with every `OPERATOR(pg_catalog.op) ANY|ALL|SOME (…)` of a
+/// comparison written `op ANY|ALL|SOME (…)`, for sqlparser, which reads only
+/// the latter (`pg_dump -t` asks `relkind OPERATOR(pg_catalog.=) ANY
+/// (array[…])`). `None`: there is none. Tokens come from the one lexer, so
+/// nothing inside a string or comment is touched; the disagreement check
+/// compares operators without their `pg_catalog` qualifier.
+pub(super) fn with_plain_comparisons(sql: &str) -> Option<String> {
+    let tokens = super::lexer::tokens(sql)?;
+    let text = |i: usize| tokens.get(i).map(|t| &sql[t.range.clone()]);
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < tokens.len() {
+        let qualified = text(i).is_some_and(|w| w.eq_ignore_ascii_case("operator"))
+            && text(i + 1) == Some("(")
+            && text(i + 2).is_some_and(|w| w.eq_ignore_ascii_case("pg_catalog"))
+            && text(i + 3) == Some(".")
+            && text(i + 4).is_some_and(|op| QUALIFIED_COMPARISONS.contains(&op))
+            && text(i + 5) == Some(")")
+            && text(i + 6).is_some_and(|w| {
+                ["any", "all", "some"]
+                    .iter()
+                    .any(|k| w.eq_ignore_ascii_case(k))
+            });
+        if qualified {
+            out.push_str(&sql[copied..tokens[i].range.start]);
+            out.push(' ');
+            out.push_str(text(i + 4).unwrap_or("="));
+            out.push(' ');
+            copied = tokens[i + 5].range.end;
+            i += 6;
+        } else {
+            i += 1;
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.push_str(&sql[copied..]);
+    Some(out)
+}
+
 /// Deepest nesting of calls (`f(`, `ROW(`, `IN (`) sqlparser is given: its
 /// time doubles with each level (a millisecond at 10, seconds at 20).
 pub(super) const MAX_CALL_NESTING: usize = 10;

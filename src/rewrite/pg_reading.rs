@@ -136,11 +136,38 @@ impl PgReading {
     }
 }
 
-/// A statement's parse tree as JSON without positions in the text.
+/// A statement's parse tree as JSON without positions in the text, and
+/// with operators named without a `pg_catalog.` qualifier (sqlparser is
+/// given `OPERATOR(pg_catalog.=) ANY` as `= ANY`, see
+/// `gate::with_plain_comparisons`; which columns and relations a statement
+/// touches does not depend on it).
 fn tree(statement: &RawStmt) -> Option<Value> {
     let mut value = serde_json::to_value(statement.stmt.as_deref()?).ok()?;
     strip_positions(&mut value);
+    unqualify_operators(&mut value);
     Some(value)
+}
+
+/// Drops `pg_catalog` from the operator names of expressions (`AExpr`).
+fn unqualify_operators(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            if let Some(Value::Array(name)) = map
+                .get_mut("AExpr")
+                .and_then(|e| e.as_object_mut())
+                .and_then(|e| e.get_mut("name"))
+            {
+                let qualified = name.len() == 2
+                    && name[0].pointer("/node/String/sval") == Some(&Value::from("pg_catalog"));
+                if qualified {
+                    name.remove(0);
+                }
+            }
+            map.values_mut().for_each(unqualify_operators);
+        }
+        Value::Array(items) => items.iter_mut().for_each(unqualify_operators),
+        _ => {}
+    }
 }
 
 /// Removes every field that says where in the text a node stood.

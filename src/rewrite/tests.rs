@@ -1221,3 +1221,35 @@ fn an_upsert_that_sets_the_tenant_from_excluded_keeps_rows_with_their_tenant() {
         "moving a row to another tenant",
     );
 }
+
+#[test]
+fn pg_dumps_qualified_comparisons_are_read_as_postgresql_reads_them() {
+    // `pg_dump -t patients` finds the table with this query.
+    let lookup = "SELECT c.oid FROM pg_catalog.pg_class c \
+        LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+        WHERE c.relkind OPERATOR(pg_catalog.=) ANY (array['r', 'S', 'v', 'm', 'f', 'p']) \
+        AND c.relname OPERATOR(pg_catalog.~) '^(patients)$' COLLATE pg_catalog.default \
+        AND pg_catalog.pg_table_is_visible(c.oid)";
+    let analysis = analyze(&policy(), lookup, 0).expect("pg_dump's table lookup");
+    assert!(matches!(
+        analysis.statements.as_slice(),
+        [StatementPlan::Untouched]
+    ));
+    // Only tokens are rewritten for sqlparser, never strings or comments.
+    assert_eq!(
+        super::gate::with_plain_comparisons(
+            "SELECT 'OPERATOR(pg_catalog.=) ANY' /* OPERATOR(pg_catalog.<) ALL */ WHERE a OPERATOR(pg_catalog.<>) ALL ($1)"
+        )
+        .as_deref(),
+        Some("SELECT 'OPERATOR(pg_catalog.=) ANY' /* OPERATOR(pg_catalog.<) ALL */ WHERE a  <>  ALL ($1)")
+    );
+    assert_eq!(
+        super::gate::with_plain_comparisons("SELECT a OPERATOR(public.=) ANY ($1)"),
+        None
+    );
+    // On a protected column it is still a condition on it.
+    refused_saying(
+        "SELECT id FROM patients WHERE birth_date OPERATOR(pg_catalog.=) ANY (array['2000-01-01'::date])",
+        "condition",
+    );
+}

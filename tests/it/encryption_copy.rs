@@ -621,3 +621,49 @@ async fn psycopg_cursor_copy_both_ways_through_the_proxy() {
     assert!(done, "{out}{err}");
     assert!(out.contains("psycopg copy ok"), "{out}{err}");
 }
+
+/// tokio-postgres's `copy_in`/`copy_out` run COPY through the extended
+/// protocol: on a table without protected columns the encrypting proxy
+/// passes them through and the session goes on; on the protected table
+/// they are refused (KM003) before any row is sent, and nothing is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn extended_protocol_copy_passes_on_plain_tables_and_is_refused_on_protected_ones() {
+    use futures_util::{SinkExt, TryStreamExt};
+    let s = setup().await;
+    let app = s.app().await;
+    let sink = app
+        .copy_in("COPY plain (id, tenant_id, ssn) FROM STDIN")
+        .await
+        .expect("extended COPY into an unprotected table");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"1\tacme\t111\n2\tglobex\t222\n"))
+        .await
+        .expect("rows");
+    assert_eq!(sink.finish().await.expect("copy done"), 2);
+    let chunks: Vec<bytes::Bytes> = app
+        .copy_out("COPY (SELECT id, ssn FROM plain ORDER BY id) TO STDOUT")
+        .await
+        .expect("extended COPY out")
+        .try_collect()
+        .await
+        .expect("rows out");
+    let out: Vec<u8> = chunks.concat();
+    assert_eq!(out, b"1\t111\n2\t222\n");
+    // The session goes on, in both protocols.
+    assert_eq!(count(&app, "SELECT count(*) FROM plain").await, 2);
+    let n: i64 = app
+        .query_one("SELECT count(*) FROM plain WHERE id = $1", &[&1i32])
+        .await
+        .expect("extended query after COPY")
+        .get(0);
+    assert_eq!(n, 1);
+
+    let refused = app
+        .copy_in::<_, bytes::Bytes>(&*format!("COPY patients ({FIELDS}) FROM STDIN"))
+        .await
+        .err()
+        .expect("extended COPY into a protected table is refused");
+    assert_eq!(refused.code().map(|c| c.code()), Some("KM003"), "{refused}");
+    assert_eq!(count(&s.direct, "SELECT count(*) FROM patients").await, 0);
+    assert_eq!(count(&app, "SELECT count(*) FROM plain").await, 2);
+}

@@ -126,7 +126,11 @@ async fn postgres_restarted_under_encrypted_load_and_new_sessions_encrypt_again(
             .unwrap_or_default(),
     );
     assert!(!codes.is_empty(), "the restart went unnoticed");
-    let allowed = ["57P01", "08006", "08001", "57P03", "closed"];
+    // KM002: the key registry lives in the PostgreSQL that went away; with
+    // the test's 1 s approval_ttl a tenant's approval can lapse while the
+    // server is down (a slow restart on a loaded machine), and the proxy
+    // then fails closed with KM002, "try again", rather than write unchecked.
+    let allowed = ["57P01", "08006", "08001", "57P03", "closed", "KM002"];
     assert!(
         codes.iter().all(|c| allowed.contains(&c.as_str())),
         "sessions saw other errors than the server going away: {codes:?}"

@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod azure;
 pub mod gcp;
+mod http;
 pub mod kmip;
 pub mod local;
 pub mod pkcs11;

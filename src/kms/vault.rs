@@ -18,10 +18,6 @@ use super::{DenialReason, Edek, KeyContext, KeyProvider, KmsError};
 use crate::config::ProviderConfig;
 use crate::crypto::Dek;
 
-/// TCP connect timeout: an unreachable Vault is a fast `Transient`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// A login token is renewed by a new login after this share of its lease.
 const LEASE_SHARE: f64 = 0.8;
 /// Separates this provider's AAD from any other use of the tenant's key.
@@ -181,16 +177,7 @@ fn answer_error(status: u16, body: &Value) -> String {
 impl VaultTransitProvider {
     /// Builds the HTTP client; logs in on first use.
     pub fn new(settings: VaultSettings) -> Result<VaultTransitProvider, KmsError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
-        if let Some(ca) = &settings.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| KmsError::Config(format!("vault ca {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| KmsError::Config(format!("vault ca {}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
+        let builder = super::http::client_builder("vault", settings.ca.as_deref())?;
         if let VaultAuth::Token { file: None } = &settings.auth {
             if std::env::var_os("VAULT_TOKEN").is_none() {
                 return Err(KmsError::Config(

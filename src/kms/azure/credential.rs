@@ -405,7 +405,7 @@ impl Credential {
         };
         let resp = request.send().await.map_err(|e| failed(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = super::read_answer(resp).await.map_err(failed)?;
+        let body = crate::kms::http::read_answer(resp).await.map_err(failed)?;
         let mut answer: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let token = match answer["access_token"].take() {
             Value::String(t) if status == 200 && !t.is_empty() => Zeroizing::new(t),

@@ -10,7 +10,7 @@ mod edek;
 mod key_ref;
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
@@ -25,33 +25,6 @@ use crate::config::ProviderConfig;
 use crate::crypto::Dek;
 use credential::{Credential, DEFAULT_AUTHORITY};
 use edek::{AzureEdek, WrapAlgorithm, AAD_LABEL, KEK_LEN};
-
-/// TCP connect timeout: an unreachable vault is a fast `Transient`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest answer read from Key Vault or a token endpoint.
-const MAX_ANSWER: usize = 1 << 20;
-
-/// Reads an answer's body, at most `MAX_ANSWER` bytes, into memory that is
-/// wiped when dropped (unwrap answers and tokens are secret).
-async fn read_answer(mut resp: reqwest::Response) -> Result<Zeroizing<Vec<u8>>, String> {
-    let expected = resp
-        .content_length()
-        .and_then(|n| usize::try_from(n).ok())
-        .unwrap_or(0);
-    if expected > MAX_ANSWER {
-        return Err(format!("answer of {expected} bytes"));
-    }
-    let mut body = Zeroizing::new(Vec::with_capacity(expected));
-    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
-        if body.len().saturating_add(chunk.len()) > MAX_ANSWER {
-            return Err(format!("answer over {MAX_ANSWER} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
 
 /// Everything the provider needs, resolved from the policy and environment.
 #[derive(Debug, Clone)]
@@ -304,17 +277,8 @@ fn key_state(
 impl AzureKeyVaultProvider {
     /// Builds the HTTP client; tokens are fetched on first use.
     pub fn new(settings: AzureSettings) -> Result<AzureKeyVaultProvider, KmsError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &settings.ca {
-            let bad = |e: String| KmsError::Config(format!("azure ca {}: {e}", ca.display()));
-            let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        let http = builder
+        let http = super::http::client_builder("azure", settings.ca.as_deref())?
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| KmsError::Config(format!("azure http client: {e}")))?;
         Ok(AzureKeyVaultProvider {
@@ -364,7 +328,7 @@ impl AzureKeyVaultProvider {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let bytes = read_answer(resp).await.map_err(transient)?;
+            let bytes = super::http::read_answer(resp).await.map_err(transient)?;
             let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if status == 401 {
                 self.credential.forget(&key.scope, token.as_str()).await;

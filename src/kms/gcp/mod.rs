@@ -10,7 +10,6 @@
 pub mod token;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -26,10 +25,6 @@ use crate::crypto::Dek;
 
 /// The public endpoint of the API.
 pub const DEFAULT_ENDPOINT: &str = "https://cloudkms.googleapis.com";
-/// TCP connect timeout: an unreachable endpoint is a fast `Transient`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of one request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Separates this provider's AAD from any other use of the tenant's key.
 const AAD_LABEL: &[u8] = b"cmk-proxy/gcp-kms/v1";
 /// Prefix of this provider's EDEKs: `gcp-kms:<version id>:<base64 ciphertext>`.
@@ -140,16 +135,7 @@ struct DecryptResponse {
 impl GcpKmsProvider {
     /// Builds the HTTP client; fetches a token on first use.
     pub fn new(settings: GcpKmsSettings) -> Result<GcpKmsProvider, KmsError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
-        if let Some(ca) = &settings.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| KmsError::Config(format!("gcp-kms ca {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| KmsError::Config(format!("gcp-kms ca {}: {e}", ca.display())))?;
-            builder = builder.add_root_certificate(cert);
-        }
+        let builder = super::http::client_builder("gcp-kms", settings.ca.as_deref())?;
         let endpoint = settings.endpoint.trim_end_matches('/').to_owned();
         if url::Url::parse(&endpoint).map(|u| u.scheme() != "https") != Ok(false) {
             return Err(KmsError::Config(format!(
@@ -189,12 +175,7 @@ impl GcpKmsProvider {
             req = req.bearer_auth(token.as_str());
             let resp = req.send().await.map_err(|e| transient(e.to_string()))?;
             let status = resp.status().as_u16();
-            let bytes = Zeroizing::new(
-                resp.bytes()
-                    .await
-                    .map_err(|e| transient(e.to_string()))?
-                    .to_vec(),
-            );
+            let bytes = super::http::read_answer(resp).await.map_err(transient)?;
             if status == 401 && attempt == 0 {
                 self.tokens.forget(&token).await;
                 continue;

@@ -240,12 +240,9 @@ async fn read_answer(
         .await
         .map_err(|e| transient(key_ref, format!("{what}: {e}")))?;
     let status = resp.status().as_u16();
-    let body = Zeroizing::new(
-        resp.bytes()
-            .await
-            .map_err(|e| transient(key_ref, format!("{what}: {e}")))?
-            .to_vec(),
-    );
+    let body = crate::kms::http::read_answer(resp)
+        .await
+        .map_err(|e| transient(key_ref, format!("{what}: {e}")))?;
     if status != 200 {
         // OAuth errors: {"error": "invalid_grant", "error_description": …}.
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
